@@ -1,0 +1,665 @@
+//! `nightshift`: run, validate and inspect nightly Iceberg pipelines.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use nightshift::client;
+use nightshift::embedded::{EmbeddedOptions, embedded_catalog, prepare_warehouse, run_embedded};
+use nightshift::output::{self, EXIT_FAILED, EXIT_INVALID};
+use nightshift::progress::StageBars;
+use nightshift_cluster::ClusterConfig;
+use nightshift_coordinator::{JobError, JobEvent, JobOptions, validate_job};
+use nightshift_core::ids::JobId;
+use nightshift_core::redact::RedactingWriter;
+use nightshift_spec::{ResolvedSpec, load_spec, parse_param_arg};
+
+/// Nightly batch pipelines that publish Apache Iceberg tables.
+///
+/// A pipeline is a TOML spec plus SQL: sources to read, a transform, a target table. Each
+/// run is a job that commits exactly one Iceberg snapshot, or nothing if anything fails.
+///
+/// Start with:
+///   nightshift example-data examples/data
+///   nightshift run examples/daily_revenue/pipeline.toml
+#[derive(Parser)]
+#[command(name = "nightshift", version, verbatim_doc_comment)]
+struct Cli {
+    /// More log output on stderr (-v info, -vv debug). RUST_LOG overrides it.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a pipeline on this machine (embedded mode: no servers needed).
+    ///
+    /// The result is committed to the Iceberg table named in [target] as one snapshot whose
+    /// summary records the job id, the pipeline and its parameters. Running again with the
+    /// same --job-id does nothing: the table's history shows the job is committed.
+    ///
+    /// Exit codes: 0 succeeded, 1 the job failed while running, 2 the spec, a source, the
+    /// SQL or the target is invalid (nothing ran). Nothing is committed unless it exits 0.
+    Run(RunArgs),
+    /// Check a pipeline without writing anything: parse the spec, find the sources, check
+    /// their schema contracts, plan the SQL and print the stages and the output schema.
+    Validate(CommonArgs),
+    /// Run the coordinator of a cluster: takes job submissions from RabbitMQ, schedules their
+    /// tasks on workers, commits each job as one Iceberg snapshot. Safe to restart mid-job.
+    Coordinator {
+        /// Cluster configuration (TOML; NIGHTSHIFT_* environment variables override it).
+        #[arg(long, env = "NIGHTSHIFT_CONFIG")]
+        config: PathBuf,
+        /// Jobs run at once.
+        #[arg(long, default_value_t = 4)]
+        max_jobs: usize,
+        /// Serve the gRPC job API (JobService, health, reflection) on this address.
+        #[arg(long, env = "NIGHTSHIFT_LISTEN", value_name = "ADDR")]
+        listen: Option<std::net::SocketAddr>,
+        /// File with the API's bearer tokens, one per line (e.g. a mounted Kubernetes Secret).
+        /// NIGHTSHIFT_API_TOKENS (comma-separated) also works.
+        #[arg(long, value_name = "FILE")]
+        tokens_file: Option<PathBuf>,
+        /// Serve the API without authentication (local testing only).
+        #[arg(long)]
+        no_auth: bool,
+        /// Serve the API over TLS with this certificate (PEM) and --tls-key.
+        #[arg(long, requires = "tls_key", value_name = "PEM")]
+        tls_cert: Option<PathBuf>,
+        /// The TLS private key (PEM).
+        #[arg(long, requires = "tls_cert", value_name = "PEM")]
+        tls_key: Option<PathBuf>,
+        /// Require client certificates signed by this CA (mutual TLS).
+        #[arg(long, requires = "tls_cert", value_name = "PEM")]
+        tls_client_ca: Option<PathBuf>,
+    },
+    /// Submit a pipeline to a coordinator's job API. Prints the job id; with --wait, follows
+    /// the job and exits 0 succeeded, 1 failed, 2 rejected, 3 cancelled.
+    Submit(SubmitArgs),
+    /// Print a job's state.
+    Status {
+        #[command(flatten)]
+        api: ApiArgs,
+        job_id: String,
+    },
+    /// Follow a job until it ends (exit codes as for submit --wait).
+    Watch {
+        #[command(flatten)]
+        api: ApiArgs,
+        job_id: String,
+    },
+    /// Cancel a job: its tasks stop, nothing is committed.
+    Cancel {
+        #[command(flatten)]
+        api: ApiArgs,
+        job_id: String,
+    },
+    /// List jobs, newest first.
+    Jobs {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Only this pipeline's jobs.
+        #[arg(long)]
+        pipeline: Option<String>,
+    },
+    /// Run a cluster worker: takes tasks from RabbitMQ, runs them, writes to object storage.
+    /// Start as many as you like; stop or kill them at any time.
+    Worker {
+        #[arg(long, env = "NIGHTSHIFT_CONFIG")]
+        config: PathBuf,
+        /// Worker name in logs and task results (default: host name and process id).
+        #[arg(long)]
+        id: Option<String>,
+    },
+    /// Generate TPC-H example data (orders, lineitem, customer, nation, region).
+    ExampleData {
+        /// Directory to write into.
+        dir: PathBuf,
+        /// TPC-H scale factor: 0.01 is 15,000 orders and 60,000 line items.
+        #[arg(long, default_value_t = 0.01)]
+        scale: f64,
+        /// Files per table for orders and lineitem.
+        #[arg(long, default_value_t = 4)]
+        parts: usize,
+    },
+}
+
+#[derive(Args)]
+struct CommonArgs {
+    /// The pipeline spec (TOML).
+    pipeline: PathBuf,
+    /// Warehouse directory; the SQLite catalog is <warehouse>/catalog.db.
+    #[arg(long, env = "NIGHTSHIFT_WAREHOUSE", default_value = "warehouse")]
+    warehouse: PathBuf,
+    /// Override a [params] value, e.g. --param run_date=2024-03-01. Repeatable.
+    #[arg(long = "param", value_name = "KEY=VALUE", value_parser = parse_param_arg)]
+    params: Vec<(String, String)>,
+    /// Input bytes per scan task (default 64 MiB; [execution] target_task_bytes).
+    #[arg(long, value_name = "BYTES")]
+    target_task_bytes: Option<u64>,
+    /// Tasks per stage, overriding the size-based default.
+    #[arg(long)]
+    partitions: Option<usize>,
+}
+
+#[derive(Args)]
+struct ApiArgs {
+    /// The coordinator's job API (https:// for TLS). The bearer token comes from
+    /// NIGHTSHIFT_TOKEN or the file named by NIGHTSHIFT_TOKEN_FILE; for TLS, the CA from
+    /// NIGHTSHIFT_CA_CERT and, for mutual TLS, NIGHTSHIFT_CLIENT_CERT / NIGHTSHIFT_CLIENT_KEY.
+    #[arg(
+        long,
+        env = "NIGHTSHIFT_SERVER",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    server: String,
+}
+
+#[derive(Args)]
+struct SubmitArgs {
+    #[command(flatten)]
+    api: ApiArgs,
+    /// The pipeline spec (TOML); the SQL file it names is sent along.
+    pipeline: PathBuf,
+    #[arg(long = "param", value_name = "KEY=VALUE", value_parser = parse_param_arg)]
+    params: Vec<(String, String)>,
+    /// Retries with the same key return the same job instead of starting another.
+    #[arg(long)]
+    idempotency_key: Option<String>,
+    /// Follow the job until it ends.
+    #[arg(long)]
+    wait: bool,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// In-process workers.
+    #[arg(long, default_value_t = default_workers())]
+    workers: usize,
+    /// Job id; a job id already committed to the table is not run again. Default: new id.
+    #[arg(long)]
+    job_id: Option<String>,
+    /// Output format on stdout.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+    output: OutputFormat,
+    /// Submit the job to the cluster described by this configuration instead of running it
+    /// here, and wait for its outcome.
+    #[arg(long, value_name = "CONFIG")]
+    cluster: Option<PathBuf>,
+    /// With --cluster: how long to wait for the outcome, in seconds.
+    #[arg(long, default_value_t = 3600)]
+    wait_secs: u64,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum OutputFormat {
+    /// Aligned text for people.
+    Text,
+    /// One JSON object for scripts.
+    Json,
+}
+
+fn default_workers() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.verbose);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    runtime.block_on(async {
+        match cli.command {
+            Command::Run(args) => run(args).await,
+            Command::Validate(args) => validate(args).await,
+            Command::ExampleData { dir, scale, parts } => example_data(&dir, scale, parts),
+            Command::Coordinator {
+                config,
+                max_jobs,
+                listen,
+                tokens_file,
+                no_auth,
+                tls_cert,
+                tls_key,
+                tls_client_ca,
+            } => {
+                let tls = tls_cert.zip(tls_key).map(|(cert, key)| {
+                    nightshift_coordinator::api::TlsFiles {
+                        cert,
+                        key,
+                        client_ca: tls_client_ca,
+                    }
+                });
+                coordinator(&config, max_jobs, listen, tokens_file, no_auth, tls).await
+            }
+            Command::Submit(args) => submit(args).await,
+            Command::Status { api, job_id } => status(&api, &job_id).await,
+            Command::Watch { api, job_id } => watch(&api, &job_id).await,
+            Command::Cancel { api, job_id } => cancel(&api, &job_id).await,
+            Command::Jobs { api, pipeline } => jobs(&api, pipeline).await,
+            Command::Worker { config, id } => worker(&config, id).await,
+        }
+    })
+}
+
+fn init_tracing(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(|| RedactingWriter(std::io::stderr()))
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false)
+        .init();
+}
+
+fn load(args: &CommonArgs) -> Result<ResolvedSpec, ExitCode> {
+    load_spec(&args.pipeline, &args.params).map_err(|e| {
+        eprintln!("error: {e}");
+        ExitCode::from(EXIT_INVALID)
+    })
+}
+
+fn job_options(args: &CommonArgs, job_id: JobId, workers: usize) -> JobOptions {
+    JobOptions {
+        job_id,
+        workers,
+        target_task_bytes: args.target_task_bytes,
+        partitions: args.partitions,
+        max_task_attempts: None,
+    }
+}
+
+async fn run(args: RunArgs) -> ExitCode {
+    let spec = match load(&args.common) {
+        Ok(spec) => spec,
+        Err(code) => return code,
+    };
+    let job_id = match args
+        .job_id
+        .as_deref()
+        .map(JobId::parse)
+        .unwrap_or_else(|| Ok(JobId::generate()))
+    {
+        Ok(id) => id,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_INVALID);
+        }
+    };
+    if let Some(config) = &args.cluster {
+        return run_on_cluster(config, &args, &job_id).await;
+    }
+    let options = job_options(&args.common, job_id.clone(), args.workers);
+    let embedded = EmbeddedOptions {
+        warehouse: args.common.warehouse.clone(),
+        workers: args.workers,
+    };
+    let progress = StageBars::new(std::io::stderr().is_terminal());
+    let on_event = |event: JobEvent| progress.on_event(event);
+    let result = run_embedded(&spec, &embedded, &options, &on_event).await;
+    progress.finish();
+    match (result, args.output) {
+        (Ok(report), OutputFormat::Text) => {
+            print!("{}", output::report_text(&report));
+            ExitCode::SUCCESS
+        }
+        (Ok(report), OutputFormat::Json) => {
+            println!("{}", output::report_json(&report));
+            ExitCode::SUCCESS
+        }
+        (Err(e), format) => {
+            if matches!(format, OutputFormat::Json) {
+                println!("{}", output::error_json(job_id.as_str(), &e));
+            }
+            eprintln!("error: job {job_id} failed, nothing was committed: {e}");
+            ExitCode::from(output::exit_code(&e))
+        }
+    }
+}
+
+fn load_cluster_config(path: &std::path::Path) -> Result<ClusterConfig, ExitCode> {
+    ClusterConfig::load(path).map_err(|e| {
+        eprintln!("error: {e}");
+        ExitCode::from(EXIT_INVALID)
+    })
+}
+
+async fn run_on_cluster(config: &std::path::Path, args: &RunArgs, job_id: &JobId) -> ExitCode {
+    let config = match load_cluster_config(config) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let outcome = nightshift::cluster::submit_and_wait(
+        &config,
+        &args.common.pipeline,
+        job_id,
+        args.common.params.clone(),
+        std::time::Duration::from_secs(args.wait_secs),
+    )
+    .await;
+    let outcome = match outcome {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_FAILED);
+        }
+    };
+    let succeeded = outcome["status"] == "succeeded";
+    match args.output {
+        OutputFormat::Json => println!("{outcome}"),
+        OutputFormat::Text if succeeded => {
+            match serde_json::from_value::<nightshift_coordinator::JobReport>(outcome.clone()) {
+                Ok(report) => print!("{}", output::report_text(&report)),
+                Err(_) => println!("{outcome}"),
+            }
+        }
+        OutputFormat::Text => {}
+    }
+    if succeeded {
+        return ExitCode::SUCCESS;
+    }
+    eprintln!(
+        "error: job {job_id} failed, nothing was committed: {}",
+        outcome["error"].as_str().unwrap_or("unknown error")
+    );
+    ExitCode::from(if outcome["kind"] == "invalid" {
+        EXIT_INVALID
+    } else {
+        EXIT_FAILED
+    })
+}
+
+async fn coordinator(
+    config: &std::path::Path,
+    max_jobs: usize,
+    listen: Option<std::net::SocketAddr>,
+    tokens_file: Option<PathBuf>,
+    no_auth: bool,
+    tls: Option<nightshift_coordinator::api::TlsFiles>,
+) -> ExitCode {
+    let config = match load_cluster_config(config) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let api = match listen {
+        None => None,
+        Some(listen) => {
+            let mut tokens: Vec<String> = std::env::var("NIGHTSHIFT_API_TOKENS")
+                .unwrap_or_default()
+                .split(',')
+                .map(|t| t.trim().to_string())
+                .filter(|t| !t.is_empty())
+                .collect();
+            if let Some(file) = &tokens_file {
+                match std::fs::read_to_string(file) {
+                    Ok(text) => tokens.extend(
+                        text.lines()
+                            .map(str::trim)
+                            .filter(|t| !t.is_empty())
+                            .map(String::from),
+                    ),
+                    Err(e) => {
+                        eprintln!("error: cannot read {}: {e}", file.display());
+                        return ExitCode::from(EXIT_INVALID);
+                    }
+                }
+            }
+            if tokens.is_empty() && !no_auth {
+                eprintln!(
+                    "error: the job API needs bearer tokens (--tokens-file or NIGHTSHIFT_API_TOKENS); \
+                     --no-auth serves it without authentication"
+                );
+                return ExitCode::from(EXIT_INVALID);
+            }
+            Some(nightshift_coordinator::service::ApiOptions {
+                listen,
+                tokens,
+                tls,
+            })
+        }
+    };
+    match nightshift_coordinator::service::serve(&config, max_jobs, api).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: coordinator stopped: {e}");
+            ExitCode::from(EXIT_FAILED)
+        }
+    }
+}
+
+async fn worker(config: &std::path::Path, id: Option<String>) -> ExitCode {
+    let config = match load_cluster_config(config) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let id = id.unwrap_or_else(|| format!("worker-{}", std::process::id()));
+    match nightshift::cluster::run_worker(&config, &id).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: worker {id} stopped: {e}");
+            ExitCode::from(EXIT_FAILED)
+        }
+    }
+}
+
+async fn api_client(api: &ApiArgs) -> Result<client::ApiClient, ExitCode> {
+    let token = client::token_from_env().map_err(|e| {
+        eprintln!("error: {e}");
+        ExitCode::from(EXIT_INVALID)
+    })?;
+    client::connect(&api.server, token).await.map_err(|e| {
+        eprintln!("error: {e}");
+        ExitCode::from(EXIT_FAILED)
+    })
+}
+
+fn rpc_error(status: tonic::Status) -> ExitCode {
+    eprintln!("error: {} ({:?})", status.message(), status.code());
+    ExitCode::from(match status.code() {
+        tonic::Code::InvalidArgument
+        | tonic::Code::ResourceExhausted
+        | tonic::Code::PermissionDenied
+        | tonic::Code::Unauthenticated => EXIT_INVALID,
+        _ => EXIT_FAILED,
+    })
+}
+
+async fn submit(args: SubmitArgs) -> ExitCode {
+    let request = match client::submit_request(
+        &args.pipeline,
+        args.params.clone(),
+        args.idempotency_key.clone(),
+    ) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_INVALID);
+        }
+    };
+    let mut api = match api_client(&args.api).await {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let response = match api.submit_job(request).await {
+        Ok(r) => r.into_inner(),
+        Err(status) => return rpc_error(status),
+    };
+    println!("{}", response.job_id);
+    if args.wait {
+        return follow(&mut api, &response.job_id).await;
+    }
+    ExitCode::SUCCESS
+}
+
+async fn follow(api: &mut client::ApiClient, job_id: &str) -> ExitCode {
+    let mut stream = match api.watch_job(client::get(job_id)).await {
+        Ok(s) => s.into_inner(),
+        Err(status) => return rpc_error(status),
+    };
+    // On a terminal: a bar per stage; otherwise one line per change, for scheduler logs.
+    let terminal = std::io::stderr().is_terminal();
+    let bars = StageBars::new(terminal);
+    let mut last = None;
+    loop {
+        match stream.message().await {
+            Ok(Some(job)) => {
+                if terminal {
+                    bars.on_job(&job);
+                } else {
+                    eprintln!("{}", client::describe(&job));
+                }
+                last = Some(job);
+            }
+            Ok(None) => break,
+            Err(status) => {
+                bars.finish();
+                return rpc_error(status);
+            }
+        }
+    }
+    bars.finish();
+    if let (true, Some(job)) = (terminal, &last) {
+        eprintln!("{}", client::describe(job));
+    }
+    match last.as_ref().and_then(client::exit_code) {
+        Some(code) => ExitCode::from(code),
+        None => ExitCode::from(EXIT_FAILED),
+    }
+}
+
+async fn status(api: &ApiArgs, job_id: &str) -> ExitCode {
+    let mut api = match api_client(api).await {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    match api.get_job(client::get(job_id)).await {
+        Ok(job) => {
+            println!("{}", client::describe(job.get_ref()));
+            ExitCode::SUCCESS
+        }
+        Err(status) => rpc_error(status),
+    }
+}
+
+async fn watch(api: &ApiArgs, job_id: &str) -> ExitCode {
+    match api_client(api).await {
+        Ok(mut c) => follow(&mut c, job_id).await,
+        Err(code) => code,
+    }
+}
+
+async fn cancel(api: &ApiArgs, job_id: &str) -> ExitCode {
+    let mut api = match api_client(api).await {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    match api.cancel_job(client::get(job_id)).await {
+        Ok(job) => {
+            println!("{}", client::describe(job.get_ref()));
+            ExitCode::SUCCESS
+        }
+        Err(status) => rpc_error(status),
+    }
+}
+
+async fn jobs(api: &ApiArgs, pipeline: Option<String>) -> ExitCode {
+    let mut api = match api_client(api).await {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    match api.list_jobs(client::list(pipeline)).await {
+        Ok(list) => {
+            for job in &list.get_ref().jobs {
+                println!("{}", client::describe(job));
+            }
+            ExitCode::SUCCESS
+        }
+        Err(status) => rpc_error(status),
+    }
+}
+
+async fn validate(args: CommonArgs) -> ExitCode {
+    let spec = match load(&args) {
+        Ok(spec) => spec,
+        Err(code) => return code,
+    };
+    let options = job_options(&args, JobId::generate(), default_workers());
+    // Compare with an existing table only if the catalog exists: validate writes nothing.
+    let catalog_db = args.warehouse.join("catalog.db");
+    let catalog = if catalog_db.exists() {
+        match prepare_warehouse(&args.warehouse).and_then(|w| embedded_catalog(&w)) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(EXIT_INVALID);
+            }
+        }
+    } else {
+        None
+    };
+    match validate_job(&spec, &options, catalog.as_ref()).await {
+        Ok(report) => {
+            println!("pipeline {} is valid", spec.spec.pipeline.name);
+            println!("\nsources:");
+            for s in &report.sources {
+                println!(
+                    "  {:<16} {:<8} {} file(s), {}  {}",
+                    s.name,
+                    s.format.to_string(),
+                    s.files,
+                    output::human_bytes(s.bytes),
+                    s.location
+                );
+            }
+            println!(
+                "\ntarget {} ({} partitions per stage), output schema:",
+                spec.spec.target.table, report.partitions
+            );
+            for field in report.output_schema.fields() {
+                println!("  {:<24} {}", field.name(), field.data_type());
+            }
+            println!("\nplan:\n{}", report.plan.describe());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(match e {
+                JobError::Invalid(_) => EXIT_INVALID,
+                _ => EXIT_FAILED,
+            })
+        }
+    }
+}
+
+fn example_data(dir: &std::path::Path, scale: f64, parts: usize) -> ExitCode {
+    match nightshift::example_data::generate(dir, scale, parts) {
+        Ok(data) => {
+            println!(
+                "wrote {} orders, {} line items, {} customers in {} files under {}",
+                data.orders,
+                data.lineitems,
+                data.customers,
+                data.files,
+                dir.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(EXIT_FAILED)
+        }
+    }
+}

@@ -1,0 +1,169 @@
+//! The CLI side of the job API: `submit`, `status`, `watch`, `cancel`, `jobs`.
+
+use std::path::Path;
+
+use nightshift_cluster::submission::JobSubmission;
+use nightshift_proto::v1::job_service_client::JobServiceClient;
+use nightshift_proto::v1::{GetJobRequest, Job, JobState, ListJobsRequest, SubmitJobRequest};
+use tonic::metadata::MetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+use tonic::{Request, Status};
+
+/// Exit code of a cancelled job (0 succeeded, 1 failed, 2 rejected/invalid).
+pub const EXIT_CANCELLED: u8 = 3;
+
+/// Adds the bearer token to each request.
+type AddToken = Box<dyn FnMut(Request<()>) -> Result<Request<()>, Status> + Send>;
+type Authenticated = InterceptedService<Channel, AddToken>;
+
+/// A job API client that sends a bearer token.
+pub type ApiClient = JobServiceClient<Authenticated>;
+
+/// A connected client that sends `token` (if any) as a bearer token.
+pub async fn connect(server: &str, token: Option<String>) -> Result<ApiClient, String> {
+    let mut endpoint = Channel::from_shared(server.to_string())
+        .map_err(|e| format!("bad server address `{server}`: {e}"))?;
+    if server.starts_with("https://") {
+        endpoint = endpoint
+            .tls_config(tls_from_env()?)
+            .map_err(|e| format!("TLS settings: {e}"))?;
+    }
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| format!("cannot reach {server}: {e}"))?;
+    let header: Option<MetadataValue<_>> = match token {
+        Some(t) => Some(
+            format!("Bearer {t}")
+                .parse()
+                .map_err(|_| "the token has characters not allowed in a header".to_string())?,
+        ),
+        None => None,
+    };
+    let interceptor: AddToken = Box::new(move |mut request: Request<()>| {
+        if let Some(h) = &header {
+            request.metadata_mut().insert("authorization", h.clone());
+        }
+        Ok(request)
+    });
+    Ok(JobServiceClient::with_interceptor(channel, interceptor))
+}
+
+/// TLS settings from `NIGHTSHIFT_CA_CERT` and (mutual TLS) `NIGHTSHIFT_CLIENT_CERT` /
+/// `NIGHTSHIFT_CLIENT_KEY`, all PEM files.
+fn tls_from_env() -> Result<tonic::transport::ClientTlsConfig, String> {
+    let read = |var: &str| -> Result<Option<Vec<u8>>, String> {
+        match std::env::var(var) {
+            Ok(path) => std::fs::read(&path)
+                .map(Some)
+                .map_err(|e| format!("{var}={path}: {e}")),
+            Err(_) => Ok(None),
+        }
+    };
+    let mut config = tonic::transport::ClientTlsConfig::new();
+    if let Some(ca) = read("NIGHTSHIFT_CA_CERT")? {
+        config = config.ca_certificate(tonic::transport::Certificate::from_pem(ca));
+    }
+    if let (Some(cert), Some(key)) = (
+        read("NIGHTSHIFT_CLIENT_CERT")?,
+        read("NIGHTSHIFT_CLIENT_KEY")?,
+    ) {
+        config = config.identity(tonic::transport::Identity::from_pem(cert, key));
+    }
+    Ok(config)
+}
+
+/// The token from `NIGHTSHIFT_TOKEN`, else from the file named by `NIGHTSHIFT_TOKEN_FILE`.
+pub fn token_from_env() -> Result<Option<String>, String> {
+    if let Ok(token) = std::env::var("NIGHTSHIFT_TOKEN") {
+        return Ok(Some(token.trim().to_string()));
+    }
+    match std::env::var("NIGHTSHIFT_TOKEN_FILE") {
+        Ok(path) => std::fs::read_to_string(&path)
+            .map(|t| Some(t.trim().to_string()))
+            .map_err(|e| format!("cannot read token file {path}: {e}")),
+        Err(_) => Ok(None),
+    }
+}
+
+/// The request for submitting `spec`.
+pub fn submit_request(
+    spec: &Path,
+    params: Vec<(String, String)>,
+    idempotency_key: Option<String>,
+) -> Result<SubmitJobRequest, String> {
+    let submission = JobSubmission::from_spec_file("", spec, params)
+        .map_err(|e| format!("cannot read {}: {e}", spec.display()))?;
+    Ok(SubmitJobRequest {
+        spec: submission.spec,
+        files: submission.files.into_iter().collect(),
+        params: submission.params.into_iter().collect(),
+        idempotency_key: idempotency_key.unwrap_or_default(),
+    })
+}
+
+pub fn get(job_id: &str) -> GetJobRequest {
+    GetJobRequest {
+        job_id: job_id.to_string(),
+    }
+}
+
+pub fn list(pipeline: Option<String>) -> ListJobsRequest {
+    ListJobsRequest {
+        pipeline: pipeline.unwrap_or_default(),
+        ..Default::default()
+    }
+}
+
+pub fn state_name(job: &Job) -> &'static str {
+    match JobState::try_from(job.state).unwrap_or(JobState::Unspecified) {
+        JobState::Unspecified => "unknown",
+        JobState::Queued => "queued",
+        JobState::Running => "running",
+        JobState::Committing => "committing",
+        JobState::Succeeded => "succeeded",
+        JobState::Failed => "failed",
+        JobState::Cancelled => "cancelled",
+    }
+}
+
+/// One line describing a job.
+pub fn describe(job: &Job) -> String {
+    let mut line = format!(
+        "{}  {:<10} {}  tasks {}/{}",
+        job.job_id,
+        state_name(job),
+        job.pipeline,
+        job.tasks_done,
+        job.tasks_total
+    );
+    if !job.stages.is_empty() {
+        let stages: Vec<String> = job
+            .stages
+            .iter()
+            .map(|s| format!("{}:{}/{}", s.stage, s.tasks_done, s.tasks_total))
+            .collect();
+        line.push_str(&format!("  stages [{}]", stages.join(" ")));
+    }
+    if job.snapshot_id != 0 {
+        line.push_str(&format!(
+            "  snapshot {}  rows {}",
+            job.snapshot_id, job.rows
+        ));
+    }
+    if !job.error.is_empty() {
+        line.push_str(&format!("  error: {}", job.error));
+    }
+    line
+}
+
+/// The exit code a scheduler sees for a finished job; `None` while it runs.
+pub fn exit_code(job: &Job) -> Option<u8> {
+    match JobState::try_from(job.state).unwrap_or(JobState::Unspecified) {
+        JobState::Succeeded => Some(0),
+        JobState::Failed => Some(1),
+        JobState::Cancelled => Some(EXIT_CANCELLED),
+        _ => None,
+    }
+}

@@ -1,0 +1,78 @@
+//! The embedded mode: a coordinator and N workers in one process, sharing an in-process
+//! queue and state store, writing to a local warehouse with a SQLite catalog.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use nightshift_coordinator::{JobEnv, JobError, JobEvent, JobOptions, JobReport, run_job};
+use nightshift_core::CoreError;
+use nightshift_core::storage::Location;
+use nightshift_core::table::CatalogConfig;
+use nightshift_core::transport::memory::{MemoryQueue, MemoryState};
+use nightshift_spec::ResolvedSpec;
+use nightshift_worker::Worker;
+
+/// Where the scratch space of embedded jobs lives inside the warehouse.
+pub const SCRATCH_DIR: &str = ".nightshift/jobs";
+
+/// The embedded environment's settings.
+#[derive(Debug, Clone)]
+pub struct EmbeddedOptions {
+    pub warehouse: PathBuf,
+    pub workers: usize,
+}
+
+/// The warehouse as a location, created if missing. An unwritable warehouse is reported
+/// before any work starts.
+pub fn prepare_warehouse(dir: &Path) -> Result<Location, CoreError> {
+    let cwd = std::env::current_dir().map_err(|e| CoreError::io("current directory", e))?;
+    let location = Location::parse(&dir.display().to_string(), &cwd)?;
+    let path = location.local_path().expect("a parsed local path");
+    std::fs::create_dir_all(&path)
+        .map_err(|e| CoreError::io(format!("cannot create warehouse {}", path.display()), e))?;
+    let probe = path.join(".nightshift-write-test");
+    std::fs::write(&probe, b"")
+        .and_then(|_| std::fs::remove_file(&probe))
+        .map_err(|e| CoreError::io(format!("warehouse {} is not writable", path.display()), e))?;
+    Ok(location)
+}
+
+/// Catalog settings of the embedded warehouse at `dir`.
+pub fn embedded_catalog(warehouse: &Location) -> Result<CatalogConfig, CoreError> {
+    CatalogConfig::embedded(warehouse)
+}
+
+/// Runs `spec` with `options.workers` in-process workers.
+pub async fn run_embedded(
+    spec: &ResolvedSpec,
+    embedded: &EmbeddedOptions,
+    options: &JobOptions,
+    on_event: &(dyn Fn(JobEvent) + Send + Sync),
+) -> Result<JobReport, JobError> {
+    let warehouse = prepare_warehouse(&embedded.warehouse)?;
+    let queue = Arc::new(MemoryQueue::default());
+    let state = Arc::new(MemoryState::default());
+    let workers: Vec<_> = (0..embedded.workers.max(1))
+        .map(|i| {
+            let worker = Worker::new(format!("embedded-{i}"), queue.clone(), state.clone());
+            tokio::spawn(async move { worker.run().await })
+        })
+        .collect();
+    let env = JobEnv {
+        queue: queue.clone(),
+        state,
+        catalog: embedded_catalog(&warehouse)?,
+        scratch: warehouse.join(SCRATCH_DIR),
+        lease_ttl: nightshift_coordinator::job::DEFAULT_LEASE_TTL,
+    };
+    let result = run_job(&env, spec, options, on_event).await;
+    queue.close();
+    for worker in workers {
+        match worker.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "worker stopped with an error"),
+            Err(e) => tracing::warn!(error = %e, "worker panicked"),
+        }
+    }
+    result
+}

@@ -1,0 +1,15 @@
+//! The `nightshift` command and the embedded mode it runs by default.
+//!
+//! - [`embedded`] runs a whole job in one process: in-process queue and state, local
+//!   warehouse, SQLite catalog — the same coordinator and worker code as a cluster.
+//! - [`cluster`] runs the coordinator and worker processes and submits jobs to them.
+//! - [`example_data`] generates the TPC-H tables the examples read.
+//! - [`output`] prints job reports for people and scripts.
+//! - [`progress`] draws a progress bar per stage on a terminal.
+
+pub mod client;
+pub mod cluster;
+pub mod embedded;
+pub mod example_data;
+pub mod output;
+pub mod progress;

@@ -1,0 +1,17 @@
+//! The cluster's transports and configuration.
+//!
+//! - [`config`]: the cluster configuration file with environment overrides.
+//! - [`rabbitmq`]: the [`TaskQueue`](nightshift_core::transport::TaskQueue) on RabbitMQ
+//!   (durable quorum queues, publisher confirms, manual acks, delivery limit, dead letters,
+//!   reconnection).
+//! - [`redis_state`]: the [`StateStore`](nightshift_core::transport::StateStore) on Redis.
+//! - [`submission`]: the job-submission message the coordinator consumes.
+
+pub mod config;
+pub mod rabbitmq;
+pub mod redis_state;
+pub mod submission;
+
+pub use config::ClusterConfig;
+pub use rabbitmq::RabbitQueue;
+pub use redis_state::RedisState;

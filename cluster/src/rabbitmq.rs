@@ -1,0 +1,583 @@
+//! The task queue on RabbitMQ.
+//!
+//! Topology (names under the configured prefix `<p>`):
+//! - `<p>.tasks`: durable quorum queue of `TaskDefinition`s, with a delivery limit and
+//!   `<p>.dlx` as dead-letter exchange: a task whose worker dies every time is parked in
+//!   `<p>.dead` instead of looping;
+//! - `<p>.results.<job>`: durable quorum queue of one job's `TaskResult`s, deleted when the
+//!   job ends (durable, so a restarted coordinator finds results published while it was away);
+//! - `<p>.jobs`: durable quorum queue of job submissions for the coordinator.
+//!
+//! Every publish waits for the broker's confirm; every consumer acks manually. Workers
+//! consume with a bounded prefetch.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
+    BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
+    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer, ExchangeKind};
+use nightshift_core::error::{CoreError, Result};
+use nightshift_core::ids::JobId;
+use nightshift_core::transport::{Delivery, TaskQueue};
+use nightshift_proto::v1;
+use prost::Message;
+use tokio::sync::{Mutex, RwLock};
+use tracing::{debug, info, warn};
+
+use crate::config::{RabbitSection, redact_url};
+
+fn amqp_err(e: lapin::Error) -> CoreError {
+    CoreError::Transport(format!("rabbitmq: {e}"))
+}
+
+/// Header naming the job of a task message; dead letters are routed by it.
+const JOB_HEADER: &str = "nightshift-job";
+
+/// How long a client keeps trying to reach a broker that went away (or is not up yet when
+/// the process starts).
+const RECONNECT_FOR: Duration = Duration::from_secs(120);
+
+/// How long one connection attempt may take: a broker that accepts TCP but never finishes
+/// the AMQP handshake (still booting, app stopped) must not hang a process silently.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One connection with its publish (confirming) and consume channels.
+struct Link {
+    generation: u64,
+    _connection: Connection,
+    publish: Channel,
+    consume: Channel,
+}
+
+/// A consumer and the connection generation it belongs to.
+type Slot = Mutex<Option<(u64, Consumer)>>;
+
+/// The RabbitMQ task queue. It reconnects by itself when the broker restarts: publishes are
+/// retried on the new connection and consumers are recreated; a delivery of the old
+/// connection cannot be acked any more and is delivered again by the broker, which the
+/// first-result-wins rule makes harmless.
+pub struct RabbitQueue {
+    config: RabbitSection,
+    link: RwLock<Arc<Link>>,
+    tasks: Slot,
+    jobs: Slot,
+    results: Mutex<HashMap<JobId, Arc<Slot>>>,
+}
+
+impl RabbitQueue {
+    /// Connects and declares the shared topology.
+    pub async fn connect(config: &RabbitSection) -> Result<Self> {
+        let url = redact_url(&config.url);
+        info!(url = %url, "connecting to rabbitmq");
+        let deadline = tokio::time::Instant::now() + RECONNECT_FOR;
+        let link = loop {
+            match Self::open_link(config, 1).await {
+                Ok(link) => break link,
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    warn!(url = %url, error = %e, "rabbitmq not reachable yet; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        let queue = RabbitQueue {
+            config: config.clone(),
+            link: RwLock::new(Arc::new(link)),
+            tasks: Mutex::new(None),
+            jobs: Mutex::new(None),
+            results: Mutex::new(HashMap::new()),
+        };
+        let link = queue.link().await;
+        queue.declare_topology(&link).await?;
+        Ok(queue)
+    }
+
+    async fn open_link(config: &RabbitSection, generation: u64) -> Result<Link> {
+        let connection = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            Connection::connect(&config.url, ConnectionProperties::default()),
+        )
+        .await
+        .map_err(|_| {
+            CoreError::Transport(format!(
+                "rabbitmq: no AMQP handshake from {} within {CONNECT_TIMEOUT:?}",
+                redact_url(&config.url)
+            ))
+        })?
+        .map_err(amqp_err)?;
+        let publish = connection.create_channel().await.map_err(amqp_err)?;
+        publish
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(amqp_err)?;
+        let consume = connection.create_channel().await.map_err(amqp_err)?;
+        consume
+            .basic_qos(config.prefetch.max(1), BasicQosOptions::default())
+            .await
+            .map_err(amqp_err)?;
+        Ok(Link {
+            generation,
+            _connection: connection,
+            publish,
+            consume,
+        })
+    }
+
+    async fn link(&self) -> Arc<Link> {
+        self.link.read().await.clone()
+    }
+
+    /// Replaces the connection of generation `broken` (once, whoever notices first), trying
+    /// for [`RECONNECT_FOR`].
+    async fn reconnect(&self, broken: u64) -> Result<Arc<Link>> {
+        let mut link = self.link.write().await;
+        if link.generation != broken {
+            return Ok(link.clone());
+        }
+        let deadline = tokio::time::Instant::now() + RECONNECT_FOR;
+        loop {
+            match Self::open_link(&self.config, broken + 1).await {
+                Ok(new) => {
+                    let new = Arc::new(new);
+                    self.declare_topology(&new).await?;
+                    info!(generation = new.generation, "reconnected to rabbitmq");
+                    *link = new.clone();
+                    return Ok(new);
+                }
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    warn!(error = %e, "rabbitmq unreachable; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn name(&self, suffix: &str) -> String {
+        format!("{}.{suffix}", self.config.prefix)
+    }
+
+    pub fn tasks_queue(&self) -> String {
+        self.name("tasks")
+    }
+
+    pub fn dead_queue(&self) -> String {
+        self.name("dead")
+    }
+
+    pub fn jobs_queue(&self) -> String {
+        self.name("jobs")
+    }
+
+    fn results_queue(&self, job: &JobId) -> String {
+        self.name(&format!("results.{job}"))
+    }
+
+    fn dead_letter_exchange(&self) -> String {
+        self.name("dead-letters")
+    }
+
+    async fn declare_topology(&self, link: &Link) -> Result<()> {
+        let dlx = self.dead_letter_exchange();
+        link.publish
+            .exchange_declare(
+                ShortString::from(dlx.as_str()),
+                ExchangeKind::Headers,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(amqp_err)?;
+        declare_queue(link, &self.dead_queue(), FieldTable::default()).await?;
+        // Every dead letter is kept in `<p>.dead` for inspection...
+        bind_headers(link, &self.dead_queue(), &dlx, None).await?;
+        let mut args = FieldTable::default();
+        args.insert(
+            ShortString::from("x-delivery-limit"),
+            AMQPValue::LongInt(self.config.delivery_limit as i32),
+        );
+        args.insert(
+            ShortString::from("x-dead-letter-exchange"),
+            AMQPValue::LongString(dlx.as_str().into()),
+        );
+        declare_queue(link, &self.tasks_queue(), args).await?;
+        declare_queue(link, &self.jobs_queue(), FieldTable::default()).await
+    }
+
+    /// Publishes a persistent message to `queue` and waits for the broker's confirm,
+    /// reconnecting if the broker went away.
+    pub async fn publish_to(&self, queue: &str, payload: &[u8]) -> Result<()> {
+        self.publish_with(queue, payload, None).await
+    }
+
+    async fn publish_with(&self, queue: &str, payload: &[u8], job: Option<&str>) -> Result<()> {
+        loop {
+            let link = self.link().await;
+            match publish(&link, queue, payload, job).await {
+                Ok(()) => return Ok(()),
+                Err(e) if !link.publish.status().connected() => {
+                    warn!(error = %e, queue, "publish failed; reconnecting");
+                    self.reconnect(link.generation).await?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// The next message of `queue` from the consumer in `slot`, (re)creating the consumer
+    /// on the current connection and reconnecting when the broker went away.
+    async fn next_from(&self, slot: &Slot, queue: &str) -> Result<Option<Box<dyn Delivery>>> {
+        let mut slot = slot.lock().await;
+        loop {
+            let link = self.link().await;
+            if slot
+                .as_ref()
+                .is_none_or(|(generation, _)| *generation != link.generation)
+            {
+                match consume(&link, queue).await {
+                    Ok(consumer) => *slot = Some((link.generation, consumer)),
+                    Err(e) if !link.consume.status().connected() => {
+                        warn!(error = %e, queue, "consume failed; reconnecting");
+                        self.reconnect(link.generation).await?;
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            let (generation, consumer) = slot.as_mut().expect("created above");
+            match consumer.next().await {
+                Some(Ok(delivery)) => {
+                    let delivery = RabbitDelivery(delivery);
+                    if delivery.is_dead_letter() {
+                        return Ok(Some(Box::new(delivery.into_failure())));
+                    }
+                    return Ok(Some(Box::new(delivery)));
+                }
+                Some(Err(e)) => {
+                    warn!(error = %e, queue, "consumer failed; reconnecting");
+                    let broken = *generation;
+                    *slot = None;
+                    self.reconnect(broken).await?;
+                }
+                None if link.consume.status().connected() => return Ok(None),
+                None => {
+                    let broken = *generation;
+                    *slot = None;
+                    self.reconnect(broken).await?;
+                }
+            }
+        }
+    }
+
+    /// The next job submission (coordinator side).
+    pub async fn next_job(&self) -> Result<Option<Box<dyn Delivery>>> {
+        self.next_from(&self.jobs, &self.jobs_queue()).await
+    }
+
+    /// Messages waiting in `queue` (for tests and autoscaling).
+    pub async fn queue_depth(&self, queue: &str) -> Result<u32> {
+        let link = self.link().await;
+        let q = link
+            .publish
+            .queue_declare(
+                ShortString::from(queue),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(amqp_err)?;
+        Ok(q.message_count())
+    }
+}
+
+/// Declares a durable quorum queue with `args`.
+async fn declare_queue(link: &Link, name: &str, mut args: FieldTable) -> Result<()> {
+    args.insert(
+        ShortString::from("x-queue-type"),
+        AMQPValue::LongString("quorum".into()),
+    );
+    link.publish
+        .queue_declare(
+            ShortString::from(name),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            args,
+        )
+        .await
+        .map_err(amqp_err)?;
+    Ok(())
+}
+
+/// Binds `queue` to the headers exchange `exchange`: messages of `job` only, or all.
+async fn bind_headers(link: &Link, queue: &str, exchange: &str, job: Option<&str>) -> Result<()> {
+    let mut args = FieldTable::default();
+    args.insert(
+        ShortString::from("x-match"),
+        AMQPValue::LongString("all".into()),
+    );
+    if let Some(job) = job {
+        args.insert(
+            ShortString::from(JOB_HEADER),
+            AMQPValue::LongString(job.into()),
+        );
+    }
+    link.publish
+        .queue_bind(
+            ShortString::from(queue),
+            ShortString::from(exchange),
+            ShortString::from(""),
+            QueueBindOptions::default(),
+            args,
+        )
+        .await
+        .map_err(amqp_err)
+}
+
+async fn publish(link: &Link, queue: &str, payload: &[u8], job: Option<&str>) -> Result<()> {
+    let mut properties = BasicProperties::default().with_delivery_mode(2);
+    if let Some(job) = job {
+        let mut headers = FieldTable::default();
+        headers.insert(
+            ShortString::from(JOB_HEADER),
+            AMQPValue::LongString(job.into()),
+        );
+        properties = properties.with_headers(headers);
+    }
+    let confirm = link
+        .publish
+        .basic_publish(
+            ShortString::from(""),
+            ShortString::from(queue),
+            BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            },
+            payload,
+            properties,
+        )
+        .await
+        .map_err(amqp_err)?
+        .await
+        .map_err(amqp_err)?;
+    if confirm.is_nack() {
+        return Err(CoreError::Transport(format!(
+            "rabbitmq refused a message for {queue}"
+        )));
+    }
+    Ok(())
+}
+
+async fn consume(link: &Link, queue: &str) -> Result<Consumer> {
+    link.consume
+        .basic_consume(
+            ShortString::from(queue),
+            ShortString::from(""),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(amqp_err)
+}
+
+/// One message owned by this consumer until acked or nacked.
+struct RabbitDelivery(lapin::message::Delivery);
+
+/// A dead-lettered task that reached its job's result queue, presented to the coordinator
+/// as the task's failure.
+struct DeadLetter {
+    delivery: RabbitDelivery,
+    failure: Vec<u8>,
+}
+
+impl RabbitDelivery {
+    fn is_dead_letter(&self) -> bool {
+        self.0
+            .properties
+            .headers()
+            .as_ref()
+            .is_some_and(|h| h.inner().contains_key("x-death"))
+    }
+
+    /// The failure result standing for a dead-lettered task.
+    fn into_failure(self) -> DeadLetter {
+        let task = v1::TaskDefinition::decode(self.0.data.as_slice()).unwrap_or_default();
+        let result = v1::TaskResult {
+            protocol_version: nightshift_proto::PROTOCOL_VERSION,
+            job_id: task.job_id,
+            stage_id: task.stage_id,
+            partition: task.partition,
+            attempt: task.attempt,
+            outcome: Some(v1::task_result::Outcome::Failed(v1::TaskFailed {
+                message: "poison task: every worker that took it died before reporting; \
+                          dead-lettered after the queue's delivery limit"
+                    .into(),
+                retryable: false,
+            })),
+            ..Default::default()
+        };
+        DeadLetter {
+            delivery: self,
+            failure: result.encode_to_vec(),
+        }
+    }
+}
+
+#[async_trait]
+impl Delivery for DeadLetter {
+    fn payload(&self) -> &[u8] {
+        &self.failure
+    }
+
+    fn redeliveries(&self) -> u32 {
+        self.delivery.redeliveries()
+    }
+
+    async fn ack(self: Box<Self>) -> Result<()> {
+        Box::new(self.delivery).ack().await
+    }
+
+    async fn nack(self: Box<Self>, requeue: bool) -> Result<()> {
+        Box::new(self.delivery).nack(requeue).await
+    }
+}
+
+#[async_trait]
+impl Delivery for RabbitDelivery {
+    fn payload(&self) -> &[u8] {
+        &self.0.data
+    }
+
+    fn redeliveries(&self) -> u32 {
+        let count = self
+            .0
+            .properties
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get("x-delivery-count").cloned());
+        match count {
+            Some(AMQPValue::LongLongInt(n)) => n as u32,
+            Some(AMQPValue::LongInt(n)) => n as u32,
+            _ => u32::from(self.0.redelivered),
+        }
+    }
+
+    async fn ack(self: Box<Self>) -> Result<()> {
+        self.0
+            .acker
+            .ack(BasicAckOptions::default())
+            .await
+            .map_err(amqp_err)?;
+        Ok(())
+    }
+
+    async fn nack(self: Box<Self>, requeue: bool) -> Result<()> {
+        self.0
+            .acker
+            .nack(BasicNackOptions {
+                requeue,
+                ..Default::default()
+            })
+            .await
+            .map_err(amqp_err)?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl TaskQueue for RabbitQueue {
+    async fn publish_task(&self, task: Bytes) -> Result<()> {
+        let job = v1::TaskDefinition::decode(task.as_ref())
+            .map(|t| t.job_id)
+            .map_err(|e| CoreError::Protocol(format!("task message: {e}")))?;
+        self.publish_with(&self.tasks_queue(), &task, Some(&job))
+            .await
+    }
+
+    async fn next_task(&self) -> Result<Option<Box<dyn Delivery>>> {
+        self.next_from(&self.tasks, &self.tasks_queue()).await
+    }
+
+    async fn open_results(&self, job: &JobId) -> Result<()> {
+        loop {
+            let link = self.link().await;
+            let queue = self.results_queue(job);
+            let declared = match declare_queue(&link, &queue, FieldTable::default()).await {
+                // ...and a job's dead tasks also reach its result queue, as failures.
+                Ok(()) => {
+                    bind_headers(
+                        &link,
+                        &queue,
+                        &self.dead_letter_exchange(),
+                        Some(job.as_str()),
+                    )
+                    .await
+                }
+                Err(e) => Err(e),
+            };
+            match declared {
+                Ok(()) => return Ok(()),
+                Err(_) if !link.publish.status().connected() => {
+                    self.reconnect(link.generation).await?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn publish_result(&self, job: &JobId, result: Bytes) -> Result<()> {
+        self.publish_to(&self.results_queue(job), &result).await
+    }
+
+    async fn next_result(&self, job: &JobId) -> Result<Option<Box<dyn Delivery>>> {
+        let slot = self
+            .results
+            .lock()
+            .await
+            .entry(job.clone())
+            .or_insert_with(|| Arc::new(Mutex::new(None)))
+            .clone();
+        self.next_from(&slot, &self.results_queue(job)).await
+    }
+
+    async fn close_results(&self, job: &JobId) -> Result<()> {
+        let link = self.link().await;
+        // Cancel our consumer before deleting its queue: a deletion racing the implicit
+        // cancel of a dropped consumer makes the broker close the connection.
+        if let Some(slot) = self.results.lock().await.remove(job)
+            && let Some((generation, consumer)) = slot.lock().await.take()
+            && generation == link.generation
+        {
+            link.consume
+                .basic_cancel(consumer.tag(), BasicCancelOptions::default())
+                .await
+                .map_err(amqp_err)?;
+        }
+        let name = self.results_queue(job);
+        debug!(queue = %name, "deleting result queue");
+        link.publish
+            .queue_delete(
+                ShortString::from(name.as_str()),
+                QueueDeleteOptions::default(),
+            )
+            .await
+            .map_err(amqp_err)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,436 @@
+//! The gRPC job API (`nightshift.v1.JobService`), served by the coordinator process next to
+//! its submission consumer. Jobs are submitted to the same RabbitMQ submission queue
+//! `nightshift run --cluster` uses; their records live in Redis.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::Stream;
+use nightshift_cluster::submission::JobSubmission;
+use nightshift_cluster::{RabbitQueue, RedisState};
+use nightshift_core::access::AccessPolicy;
+use nightshift_core::ids::JobId;
+use nightshift_core::redact::redact;
+use nightshift_core::table::CatalogConfig;
+use nightshift_core::transport::StateStore;
+use nightshift_proto::v1::job_service_server::{JobService, JobServiceServer};
+use nightshift_proto::v1::{
+    GetJobRequest, Job, JobState, ListJobsRequest, ListJobsResponse, StageProgress,
+    SubmitJobRequest, SubmitJobResponse,
+};
+use tonic::{Request, Response, Status};
+
+use crate::job::{JobError, JobOptions, validate_job};
+use tracing::info;
+
+/// Largest spec plus SQL files accepted in one submission.
+pub const MAX_SUBMISSION_BYTES: usize = 1 << 20;
+
+/// The JobService implementation.
+#[derive(Clone)]
+pub struct JobApi {
+    queue: Arc<RabbitQueue>,
+    state: Arc<RedisState>,
+    access: Arc<AccessPolicy>,
+    catalog: CatalogConfig,
+}
+
+impl JobApi {
+    pub fn new(
+        queue: Arc<RabbitQueue>,
+        state: Arc<RedisState>,
+        access: Arc<AccessPolicy>,
+        catalog: CatalogConfig,
+    ) -> Self {
+        JobApi {
+            queue,
+            state,
+            access,
+            catalog,
+        }
+    }
+
+    async fn job(&self, id: &str) -> Result<Job, Status> {
+        let job = JobId::parse(id).map_err(Status::invalid_argument)?;
+        let record = self.state.job_record(&job).await.map_err(internal)?;
+        if record.is_empty() {
+            return Err(Status::not_found(format!("no job {id}")));
+        }
+        Ok(job_from_record(id, &record))
+    }
+}
+
+fn internal(e: impl std::fmt::Display) -> Status {
+    Status::internal(e.to_string())
+}
+
+/// Builds the API message from a Redis job record (and its final report, if any).
+fn job_from_record(id: &str, record: &HashMap<String, String>) -> Job {
+    let field = |k: &str| record.get(k).cloned().unwrap_or_default();
+    let number = |k: &str| field(k).parse::<u64>().unwrap_or(0);
+    let report: serde_json::Value = serde_json::from_str(&field("report")).unwrap_or_default();
+    let state = match (field("state").as_str(), report["kind"].as_str()) {
+        (_, Some("cancelled")) => JobState::Cancelled,
+        ("failed", _) if field("detail") == "cancelled" => JobState::Cancelled,
+        ("queued", _) => JobState::Queued,
+        ("running", _) => JobState::Running,
+        ("committing", _) => JobState::Committing,
+        ("succeeded", _) => JobState::Succeeded,
+        ("failed", _) => JobState::Failed,
+        _ => JobState::Unspecified,
+    };
+    // The outcome is stored once cleanup is done; until then the job is still ending.
+    let state = match (state, report["status"].as_str()) {
+        (JobState::Succeeded | JobState::Failed, None) => JobState::Committing,
+        (JobState::Cancelled, None) => JobState::Running,
+        (s, _) => s,
+    };
+    Job {
+        job_id: id.to_string(),
+        pipeline: field("pipeline"),
+        state: state as i32,
+        tasks_done: number("tasks_done"),
+        tasks_total: number("tasks_total"),
+        rows: report["rows"].as_u64().unwrap_or(0),
+        bytes: report["bytes"].as_u64().unwrap_or(0),
+        snapshot_id: report["snapshot_id"].as_i64().unwrap_or(0),
+        error: report["error"].as_str().unwrap_or_default().to_string(),
+        submitted_at_ms: field("submitted_at").parse().unwrap_or(0),
+        stages: serde_json::from_str::<Vec<crate::StageCount>>(&field("stages"))
+            .unwrap_or_default()
+            .into_iter()
+            .map(|s| StageProgress {
+                stage: s.stage,
+                tasks_done: s.done as u64,
+                tasks_total: s.total as u64,
+            })
+            .collect(),
+    }
+}
+
+fn is_terminal(job: &Job) -> bool {
+    matches!(
+        JobState::try_from(job.state),
+        Ok(JobState::Succeeded | JobState::Failed | JobState::Cancelled)
+    )
+}
+
+type JobStream = Pin<Box<dyn Stream<Item = Result<Job, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl JobService for JobApi {
+    async fn submit_job(
+        &self,
+        request: Request<SubmitJobRequest>,
+    ) -> Result<Response<SubmitJobResponse>, Status> {
+        let request = request.into_inner();
+        let size = request.spec.len() + request.files.values().map(String::len).sum::<usize>();
+        if size > MAX_SUBMISSION_BYTES {
+            return Err(Status::resource_exhausted(format!(
+                "the spec and its files are {size} bytes; at most {MAX_SUBMISSION_BYTES} are accepted"
+            )));
+        }
+        let params: Vec<(String, String)> = request.params.into_iter().collect();
+        let submission = JobSubmission {
+            job_id: String::new(),
+            spec: request.spec,
+            files: request.files.into_iter().collect(),
+            params: params.clone(),
+        };
+        // Reject a spec that does not parse before anything is queued.
+        let dir = tempfile::tempdir().map_err(internal)?;
+        let path = submission
+            .materialize(dir.path())
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let spec = nightshift_spec::load_spec(&path, &params)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        self.access
+            .check(&spec)
+            .map_err(|e| Status::permission_denied(e.to_string()))?;
+        // The same checks as `nightshift validate`: sources found, contracts hold, the SQL
+        // plans, the result fits the target table. Nothing is written.
+        let options = JobOptions {
+            job_id: JobId::generate(),
+            workers: 1,
+            target_task_bytes: None,
+            partitions: None,
+            max_task_attempts: None,
+        };
+        match validate_job(&spec, &options, Some(&self.catalog)).await {
+            Ok(_) => {}
+            Err(JobError::Invalid(e)) => {
+                return Err(Status::invalid_argument(redact(&e.to_string())));
+            }
+            Err(e) => return Err(Status::unavailable(redact(&e.to_string()))),
+        }
+        let job = JobId::generate();
+        if !request.idempotency_key.is_empty() {
+            let bound = self
+                .state
+                .bind_idempotency_key(&request.idempotency_key, &job)
+                .await
+                .map_err(internal)?;
+            if bound != job.as_str() {
+                return Ok(Response::new(SubmitJobResponse {
+                    job_id: bound,
+                    created: false,
+                }));
+            }
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        self.state
+            .register_job(&job, &spec.spec.pipeline.name, now)
+            .await
+            .map_err(internal)?;
+        let submission = JobSubmission {
+            job_id: job.to_string(),
+            ..submission
+        };
+        let payload = serde_json::to_vec(&submission).map_err(internal)?;
+        self.queue
+            .publish_to(&self.queue.jobs_queue(), &payload)
+            .await
+            .map_err(internal)?;
+        info!(job_id = %job, pipeline = %spec.spec.pipeline.name, "job submitted");
+        Ok(Response::new(SubmitJobResponse {
+            job_id: job.to_string(),
+            created: true,
+        }))
+    }
+
+    async fn get_job(&self, request: Request<GetJobRequest>) -> Result<Response<Job>, Status> {
+        Ok(Response::new(self.job(&request.into_inner().job_id).await?))
+    }
+
+    type WatchJobStream = JobStream;
+
+    async fn watch_job(
+        &self,
+        request: Request<GetJobRequest>,
+    ) -> Result<Response<Self::WatchJobStream>, Status> {
+        let id = request.into_inner().job_id;
+        let first = self.job(&id).await?;
+        let api = self.clone();
+        let stream = async_stream_of_changes(api, id, first);
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn cancel_job(&self, request: Request<GetJobRequest>) -> Result<Response<Job>, Status> {
+        let id = request.into_inner().job_id;
+        let job = self.job(&id).await?;
+        if !is_terminal(&job) {
+            let job_id = JobId::parse(&id).map_err(Status::invalid_argument)?;
+            self.state.request_cancel(&job_id).await.map_err(internal)?;
+            info!(job_id = %id, "cancel requested");
+        }
+        Ok(Response::new(self.job(&id).await?))
+    }
+
+    async fn list_jobs(
+        &self,
+        request: Request<ListJobsRequest>,
+    ) -> Result<Response<ListJobsResponse>, Status> {
+        let request = request.into_inner();
+        let page_size = if request.page_size == 0 {
+            50
+        } else {
+            request.page_size.min(500)
+        } as usize;
+        let mut offset: usize = if request.page_token.is_empty() {
+            0
+        } else {
+            request
+                .page_token
+                .parse()
+                .map_err(|_| Status::invalid_argument("bad page_token"))?
+        };
+        let mut jobs = Vec::new();
+        // Scan in batches until the page is full or the list ends.
+        loop {
+            let ids = self
+                .state
+                .list_jobs(offset, page_size)
+                .await
+                .map_err(internal)?;
+            if ids.is_empty() {
+                offset = 0;
+                break;
+            }
+            for id in ids {
+                offset += 1;
+                let job = self.job(&id).await?;
+                let pipeline_ok = request.pipeline.is_empty() || job.pipeline == request.pipeline;
+                let state_ok = request.state == 0 || job.state == request.state;
+                if pipeline_ok && state_ok {
+                    jobs.push(job);
+                    if jobs.len() == page_size {
+                        break;
+                    }
+                }
+            }
+            if jobs.len() == page_size {
+                break;
+            }
+        }
+        Ok(Response::new(ListJobsResponse {
+            jobs,
+            next_page_token: if offset == 0 {
+                String::new()
+            } else {
+                offset.to_string()
+            },
+        }))
+    }
+}
+
+/// The job each time it changes (polled every 200 ms), ending with its final state.
+fn async_stream_of_changes(
+    api: JobApi,
+    id: String,
+    first: Job,
+) -> impl Stream<Item = Result<Job, Status>> {
+    futures::stream::unfold(
+        (Some(first), None::<Job>, false),
+        move |(pending, last, done)| {
+            let id = id.clone();
+            let api = api.clone();
+            async move {
+                if done {
+                    return None;
+                }
+                let mut current = pending;
+                loop {
+                    if let Some(job) = current.take()
+                        && last.as_ref() != Some(&job)
+                    {
+                        let end = is_terminal(&job);
+                        return Some((Ok(job.clone()), (None, Some(job), end)));
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    match api.job(&id).await {
+                        Ok(job) => current = Some(job),
+                        Err(status) => return Some((Err(status), (None, last, true))),
+                    }
+                }
+            }
+        },
+    )
+}
+
+/// Checks `authorization: Bearer <token>` against the configured tokens in constant time.
+#[derive(Clone)]
+pub struct TokenAuth {
+    tokens: Arc<Vec<String>>,
+}
+
+impl TokenAuth {
+    pub fn new(tokens: Vec<String>) -> Self {
+        TokenAuth {
+            tokens: Arc::new(tokens.into_iter().filter(|t| !t.is_empty()).collect()),
+        }
+    }
+
+    fn check(&self, request: &Request<()>) -> Result<(), Status> {
+        let presented = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or_else(|| Status::unauthenticated("missing bearer token: set NIGHTSHIFT_TOKEN"))?;
+        if self
+            .tokens
+            .iter()
+            .any(|t| constant_time_eq(t.as_bytes(), presented.as_bytes()))
+        {
+            Ok(())
+        } else {
+            Err(Status::unauthenticated("invalid bearer token"))
+        }
+    }
+}
+
+/// Compares without an early exit, so the time taken does not tell how much matched.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// PEM files for serving the API over TLS; with `client_ca`, clients must present a
+/// certificate it signed (mutual TLS).
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+    pub client_ca: Option<std::path::PathBuf>,
+}
+
+impl TlsFiles {
+    fn server_config(&self) -> std::io::Result<tonic::transport::ServerTlsConfig> {
+        let identity = tonic::transport::Identity::from_pem(
+            std::fs::read(&self.cert)?,
+            std::fs::read(&self.key)?,
+        );
+        let mut config = tonic::transport::ServerTlsConfig::new().identity(identity);
+        if let Some(ca) = &self.client_ca {
+            config =
+                config.client_ca_root(tonic::transport::Certificate::from_pem(std::fs::read(ca)?));
+        }
+        Ok(config)
+    }
+}
+
+/// Serves the job API, gRPC health and reflection on `addr` until the process ends, over
+/// TLS when `tls` is given.
+pub async fn serve_api(
+    addr: SocketAddr,
+    api: JobApi,
+    auth: TokenAuth,
+    tls: Option<TlsFiles>,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<JobServiceServer<JobApi>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(nightshift_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .expect("reflection descriptors");
+    let service = tonic::service::interceptor::InterceptedService::new(
+        JobServiceServer::new(api).max_decoding_message_size(MAX_SUBMISSION_BYTES + 64 * 1024),
+        move |request: Request<()>| {
+            auth.check(&request)?;
+            Ok(request)
+        },
+    );
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = &tls {
+        server = server.tls_config(tls.server_config()?)?;
+    }
+    let mutual = tls.as_ref().is_some_and(|t| t.client_ca.is_some());
+    info!(%addr, tls = tls.is_some(), mutual_tls = mutual, "job API listening");
+    server
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(service)
+        .serve(addr)
+        .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn constant_time_eq_compares_whole_tokens() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secret", b"secreT"));
+        assert!(!constant_time_eq(b"secret", b"secret2"));
+    }
+}

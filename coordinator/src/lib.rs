@@ -1,0 +1,19 @@
+//! The coordinator: turns a pipeline spec into a job, schedules the job's tasks on a
+//! [`TaskQueue`](nightshift_core::transport::TaskQueue), and commits the result as one
+//! Iceberg snapshot.
+//!
+//! - [`job`] drives one job from spec to snapshot.
+//! - [`scheduler`] tracks stages and task attempts and decides what to publish next.
+//! - [`cleanup`] removes what a job wrote but did not commit.
+
+pub mod api;
+pub mod cleanup;
+pub mod job;
+pub mod scheduler;
+pub mod service;
+
+pub use job::{
+    JobEnv, JobError, JobEvent, JobOptions, JobReport, ValidationReport, outcome_json, run_job,
+    validate_job,
+};
+pub use scheduler::StageCount;

@@ -1,0 +1,219 @@
+//! The coordinator process: consumes job submissions from RabbitMQ and runs each as a job.
+//!
+//! A submission is acked only when its job has ended (succeeded or failed, with the outcome
+//! stored in Redis). A coordinator killed mid-job leaves the submission unacked, so the broker
+//! hands it to the next coordinator, which runs the job again under the same id: the Iceberg
+//! history stops a second commit and the task outputs recorded in Redis are reused.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use nightshift_cluster::submission::JobSubmission;
+use nightshift_cluster::{ClusterConfig, RabbitQueue, RedisState};
+use nightshift_core::CoreError;
+use nightshift_core::access::AccessPolicy;
+use nightshift_core::ids::JobId;
+use nightshift_core::transport::Delivery;
+use nightshift_spec::load_spec;
+use tokio::sync::{Mutex, Semaphore};
+use tracing::{error, info, warn};
+
+use crate::job::{JobEnv, JobError, JobOptions, outcome_json, run_job};
+
+/// Tasks done, total, and per stage.
+type Progress = (usize, usize, Vec<crate::StageCount>);
+
+/// Submissions by job id of the jobs this coordinator is running.
+type RunningJobs = HashMap<String, Vec<Box<dyn Delivery>>>;
+
+/// Where and how the job API listens.
+pub struct ApiOptions {
+    pub listen: std::net::SocketAddr,
+    /// Accepted bearer tokens; empty disables authentication.
+    pub tokens: Vec<String>,
+    pub tls: Option<crate::api::TlsFiles>,
+}
+
+/// Runs jobs from the submission queue until the queue closes. At most `max_jobs` at once.
+/// With `api`, also serves the gRPC job API.
+pub async fn serve(
+    config: &ClusterConfig,
+    max_jobs: usize,
+    api: Option<ApiOptions>,
+) -> Result<(), CoreError> {
+    let (catalog, scratch) = config
+        .install()
+        .map_err(|e| CoreError::Transport(e.to_string()))?;
+    let access = Arc::new(
+        config
+            .access
+            .policy()
+            .map_err(|e| CoreError::Transport(e.to_string()))?,
+    );
+    if !access.restricts_locations() {
+        warn!(
+            "[access] locations is empty: submitted pipelines may read any location this coordinator can"
+        );
+    }
+    let queue = Arc::new(RabbitQueue::connect(&config.rabbitmq).await?);
+    let state = Arc::new(RedisState::connect(&config.redis.url, &config.redis.prefix).await?);
+    let env = JobEnv {
+        queue: queue.clone(),
+        state: state.clone(),
+        catalog,
+        scratch,
+        lease_ttl: config.redis.lease_ttl(),
+    };
+    if let Some(api) = api {
+        let service = crate::api::JobApi::new(
+            queue.clone(),
+            state.clone(),
+            access.clone(),
+            env.catalog.clone(),
+        );
+        let auth = crate::api::TokenAuth::new(api.tokens);
+        tokio::spawn(async move {
+            if let Err(e) = crate::api::serve_api(api.listen, service, auth, api.tls).await {
+                error!(error = %e, "job API stopped");
+            }
+        });
+    }
+    info!(jobs_queue = %queue.jobs_queue(), max_jobs, "coordinator ready");
+    spawn_sweeper(
+        env.scratch.clone(),
+        state.clone(),
+        config.storage.scratch_ttl(),
+    );
+    let slots = Arc::new(Semaphore::new(max_jobs.max(1)));
+    // Submissions of running jobs, acked when the job ends. A broker restart redelivers the
+    // submission of a job this coordinator is still running; it joins the list instead of
+    // starting the job twice.
+    let running: Arc<Mutex<RunningJobs>> = Arc::default();
+    loop {
+        let permit = slots.clone().acquire_owned().await.expect("semaphore open");
+        let Some(delivery) = queue.next_job().await? else {
+            info!("submission queue closed; coordinator stopping");
+            return Ok(());
+        };
+        let submission: JobSubmission = match serde_json::from_slice(delivery.payload()) {
+            Ok(s) => s,
+            Err(e) => {
+                error!(error = %e, "undecodable job submission dead-lettered");
+                delivery.nack(false).await?;
+                continue;
+            }
+        };
+        {
+            let mut running = running.lock().await;
+            if let Some(deliveries) = running.get_mut(&submission.job_id) {
+                info!(job_id = %submission.job_id, "job already running here; submission joins it");
+                deliveries.push(delivery);
+                continue;
+            }
+            running.insert(submission.job_id.clone(), vec![delivery]);
+        }
+        let env = env.clone();
+        let state = state.clone();
+        let running = running.clone();
+        let access = access.clone();
+        tokio::spawn(async move {
+            let job_id = submission.job_id.clone();
+            let outcome = run_submission(&env, &state, &access, submission).await;
+            let json = outcome_json(&job_id, outcome.as_ref()).to_string();
+            if let Ok(job) = JobId::parse(&job_id)
+                && let Err(e) = state.set_report(&job, &json).await
+            {
+                warn!(job_id, error = %e, "cannot store the job outcome");
+            }
+            let deliveries = running.lock().await.remove(&job_id).unwrap_or_default();
+            for delivery in deliveries {
+                if let Err(e) = delivery.ack().await {
+                    warn!(job_id, error = %e, "cannot ack the submission");
+                }
+            }
+            drop(permit);
+        });
+    }
+}
+
+async fn run_submission(
+    env: &JobEnv,
+    state: &Arc<RedisState>,
+    access: &AccessPolicy,
+    submission: JobSubmission,
+) -> Result<crate::JobReport, JobError> {
+    let job_id =
+        JobId::parse(&submission.job_id).map_err(|e| JobError::Invalid(CoreError::Protocol(e)))?;
+    let dir = tempfile::tempdir().map_err(|e| JobError::Internal(CoreError::io("temp dir", e)))?;
+    let path = submission
+        .materialize(dir.path())
+        .map_err(|e| JobError::Invalid(CoreError::io("submitted spec", e)))?;
+    let spec = load_spec(&path, &submission.params).map_err(|e| JobError::Invalid(e.into()))?;
+    access
+        .check(&spec)
+        .map_err(|e| JobError::Invalid(e.into()))?;
+    let options = JobOptions {
+        job_id,
+        workers: 1,
+        target_task_bytes: None,
+        partitions: None,
+        max_task_attempts: None,
+    };
+    info!(job_id = %options.job_id, pipeline = %spec.spec.pipeline.name, "job accepted");
+    // Progress goes to Redis from one writer task, latest value first, so a slow write never
+    // holds up the job and writes never land out of order.
+    let (progress_tx, mut progress_rx) = tokio::sync::watch::channel(None::<Progress>);
+    let job = options.job_id.clone();
+    let progress_state = state.clone();
+    tokio::spawn(async move {
+        while progress_rx.changed().await.is_ok() {
+            let latest = progress_rx.borrow_and_update().clone();
+            if let Some((done, total, stages)) = latest {
+                let stages = serde_json::to_string(&stages).unwrap_or_default();
+                if let Err(e) = progress_state
+                    .set_progress(&job, done, total, &stages)
+                    .await
+                {
+                    warn!(job_id = %job, error = %e, "cannot record progress");
+                }
+            }
+        }
+    });
+    let on_event = move |event: crate::JobEvent| {
+        let progress = match event {
+            crate::JobEvent::Planned { tasks, stages } => Some((0, tasks, stages)),
+            crate::JobEvent::TaskFinished {
+                done,
+                total,
+                stages,
+                ..
+            } => Some((done, total, stages)),
+            crate::JobEvent::Committing { .. } => None,
+        };
+        if progress.is_some() {
+            let _ = progress_tx.send(progress);
+        }
+    };
+    run_job(env, &spec, &options, &on_event).await
+}
+
+/// Sweeps abandoned job scratch now and then every hour.
+fn spawn_sweeper(
+    scratch: nightshift_core::storage::Location,
+    state: Arc<RedisState>,
+    ttl: std::time::Duration,
+) {
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(std::time::Duration::from_secs(3600));
+        loop {
+            every.tick().await;
+            match crate::cleanup::sweep_scratch(&scratch, state.as_ref(), ttl).await {
+                Ok(swept) if !swept.is_empty() => {
+                    info!(jobs = ?swept, "swept abandoned job scratch")
+                }
+                Ok(_) => {}
+                Err(e) => warn!(error = %e, "scratch sweep failed"),
+            }
+        }
+    });
+}

@@ -1,0 +1,26 @@
+//! The Nightshift engine, shared by the coordinator, the workers and the embedded mode.
+//!
+//! - [`access`] limits what a submitted pipeline may read and write.
+//! - [`planner`] turns a pipeline's SQL into Ballista query stages.
+//! - [`shuffle`] moves stage outputs through object storage; [`codec`] serializes stage plans.
+//! - [`task`] runs one partition of one stage on a worker.
+//! - [`table`] creates Iceberg tables, writes data files and commits snapshots.
+//! - [`redact`] masks credentials in logs, job records and snapshot summaries.
+//! - [`transport`] holds the seams (task queue, state store) and their in-process versions.
+
+pub mod access;
+pub mod codec;
+pub mod error;
+pub mod ids;
+pub mod planner;
+pub mod redact;
+pub mod session;
+pub mod shuffle;
+pub mod sources;
+pub mod storage;
+pub mod table;
+pub mod task;
+pub mod transport;
+
+pub use error::{CoreError, Result};
+pub use ids::{JobId, StageId, TaskKey};

@@ -1,0 +1,547 @@
+//! Registers a spec's `[[source]]` tables in a DataFusion session and checks their schema
+//! contracts before any task runs.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use datafusion::datasource::file_format::parquet::ParquetFormat;
+use datafusion::datasource::listing::{
+    ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
+};
+use datafusion::datasource::{MemTable, TableProvider};
+use datafusion::execution::FunctionRegistry;
+use datafusion::logical_expr::{ScalarUDF, col, lit};
+use datafusion::prelude::{CsvReadOptions, JsonReadOptions, ParquetReadOptions, SessionContext};
+use futures::TryStreamExt;
+use iceberg::Catalog;
+use nightshift_spec::{ColumnContract, ResolvedSpec, SourceFormat, SourceSpec};
+
+use crate::error::{CoreError, Result};
+use crate::session::REQUIRE_NOT_NULL_UDF;
+use crate::storage::{Location, list_objects};
+
+/// What was found for one source.
+#[derive(Debug, Clone)]
+pub struct SourceSummary {
+    pub name: String,
+    pub format: SourceFormat,
+    /// Where it was read from, as the user would recognise it.
+    pub location: String,
+    pub files: usize,
+    pub bytes: u64,
+    pub schema: SchemaRef,
+}
+
+const CSV_OPTIONS: &[&str] = &[
+    "header",
+    "delimiter",
+    "quote",
+    "escape",
+    "null_value",
+    "file_extension",
+];
+const JSON_OPTIONS: &[&str] = &["file_extension"];
+const PARQUET_OPTIONS: &[&str] = &["file_extension"];
+
+/// Registers every source of `spec` in `ctx` as a table named after the source. `catalog`
+/// holds the tables of `format = "iceberg"` sources.
+pub async fn register_sources(
+    ctx: &SessionContext,
+    spec: &ResolvedSpec,
+    catalog: Option<&dyn Catalog>,
+) -> Result<Vec<SourceSummary>> {
+    let mut summaries = Vec::with_capacity(spec.spec.source.len());
+    for source in &spec.spec.source {
+        let contract = spec
+            .contracts
+            .get(&source.name)
+            .map(Vec::as_slice)
+            .unwrap_or(&[]);
+        let summary = match source.format {
+            SourceFormat::Iceberg => register_iceberg(ctx, source, contract, catalog).await?,
+            _ => register_source(ctx, source, contract, &spec.base_dir).await?,
+        };
+        summaries.push(summary);
+    }
+    Ok(summaries)
+}
+
+/// An Iceberg source is read as the Parquet data files of its current snapshot, with the
+/// table's schema. Tables with delete files are refused rather than read wrongly.
+async fn register_iceberg(
+    ctx: &SessionContext,
+    source: &SourceSpec,
+    contract: &[ColumnContract],
+    catalog: Option<&dyn Catalog>,
+) -> Result<SourceSummary> {
+    let source_err = |message: String| CoreError::Source {
+        source_name: source.name.clone(),
+        message,
+    };
+    let name = source.table.as_deref().unwrap_or_default();
+    let catalog = catalog.ok_or_else(|| source_err("iceberg sources need the catalog".into()))?;
+    let ident = crate::table::parse_table_ident(name)?;
+    if !catalog.table_exists(&ident).await? {
+        return Err(source_err(format!(
+            "table `{name}` does not exist in the catalog"
+        )));
+    }
+    let table = catalog.load_table(&ident).await?;
+    let arrow_schema = iceberg::arrow::schema_to_arrow_schema(table.metadata().current_schema())?;
+    let schema = Arc::new(Schema::new(
+        arrow_schema
+            .fields()
+            .iter()
+            .map(|f| Field::new(f.name(), f.data_type().clone(), f.is_nullable()))
+            .collect::<Vec<_>>(),
+    ));
+    let location = Location::parse(table.metadata().location(), Path::new("/"))?;
+    check_contract(source, &location, &schema, contract)?;
+    let mut files = Vec::new();
+    let mut bytes = 0;
+    if table.metadata().current_snapshot().is_some() {
+        let tasks: Vec<_> = table
+            .scan()
+            .build()?
+            .plan_files()
+            .await?
+            .try_collect()
+            .await?;
+        for task in tasks {
+            if !task.deletes.is_empty() {
+                return Err(source_err(format!(
+                    "table `{name}` has delete files, which Nightshift does not read yet"
+                )));
+            }
+            bytes += task.file_size_in_bytes;
+            let file = Location::parse(&task.data_file_path, Path::new("/"))?;
+            files.push(ListingTableUrl::parse(file.url().as_str())?);
+        }
+    }
+    let provider: Arc<dyn TableProvider> = if files.is_empty() {
+        Arc::new(MemTable::try_new(schema.clone(), vec![vec![]])?)
+    } else {
+        let options =
+            ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension("");
+        let config = ListingTableConfig::new_with_multi_paths(files.clone())
+            .with_listing_options(options)
+            .with_schema(schema.clone());
+        Arc::new(ListingTable::try_new(config)?)
+    };
+    let raw_name = format!("__nightshift_raw_{}", source.name);
+    ctx.register_table(raw_name.as_str(), provider)?;
+    register_view(ctx, source, &raw_name, &schema, contract, &location).await?;
+    Ok(SourceSummary {
+        name: source.name.clone(),
+        format: source.format,
+        location: format!("{name} ({location})"),
+        files: files.len(),
+        bytes,
+        schema,
+    })
+}
+
+async fn register_source(
+    ctx: &SessionContext,
+    source: &SourceSpec,
+    contract: &[ColumnContract],
+    base_dir: &Path,
+) -> Result<SourceSummary> {
+    let source_err = |message: String| CoreError::Source {
+        source_name: source.name.clone(),
+        message,
+    };
+    let location_text = source.location.as_deref().unwrap_or_default();
+    check_options(source)?;
+    let location = Location::parse(location_text, base_dir)?;
+    let (files, bytes) = find_files(&location)
+        .await
+        .map_err(|e| source_err(format!("cannot list {location}: {e}")))?;
+    if files == 0 {
+        return Err(source_err(format!(
+            "no files found at {location} (from location = \"{location_text}\")"
+        )));
+    }
+    let raw_name = format!("__nightshift_raw_{}", source.name);
+    let table_path = listing_path(&location);
+    register_raw(ctx, source, &raw_name, &table_path, None).await?;
+    let raw_schema = ctx.table_provider(raw_name.as_str()).await?.schema();
+    let schema = match source.format {
+        SourceFormat::Parquet => {
+            check_contract(source, &location, &raw_schema, contract)?;
+            raw_schema
+        }
+        _ if contract.is_empty() => raw_schema,
+        _ => {
+            let with_contract = apply_contract(source, &location, &raw_schema, contract)?;
+            ctx.deregister_table(raw_name.as_str())?;
+            register_raw(ctx, source, &raw_name, &table_path, Some(&with_contract)).await?;
+            Arc::new(with_contract)
+        }
+    };
+    register_view(ctx, source, &raw_name, &schema, contract, &location).await?;
+    Ok(SourceSummary {
+        name: source.name.clone(),
+        format: source.format,
+        location: location.to_string(),
+        files,
+        bytes,
+        schema,
+    })
+}
+
+fn check_options(source: &SourceSpec) -> Result<()> {
+    let allowed = match source.format {
+        SourceFormat::Csv => CSV_OPTIONS,
+        SourceFormat::Json => JSON_OPTIONS,
+        SourceFormat::Parquet | SourceFormat::Iceberg => PARQUET_OPTIONS,
+    };
+    for key in source.options.keys() {
+        if !allowed.contains(&key.as_str()) {
+            return Err(CoreError::Source {
+                source_name: source.name.clone(),
+                message: format!(
+                    "unknown {} option `{key}`; known options: {}",
+                    source.format,
+                    allowed.join(", ")
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Counts the files (and their bytes) a location names: a file, a directory or a glob.
+async fn find_files(location: &Location) -> Result<(usize, u64)> {
+    if let Some(path) = location.local_path() {
+        let text = path.display().to_string();
+        if text.contains(['*', '?', '[']) {
+            let mut files = 0;
+            let mut bytes = 0;
+            let paths = glob::glob(&text).map_err(|e| {
+                CoreError::io(
+                    format!("bad glob {text}: {e}"),
+                    std::io::ErrorKind::InvalidInput.into(),
+                )
+            })?;
+            for entry in paths.flatten() {
+                if let Ok(meta) = std::fs::metadata(&entry)
+                    && meta.is_file()
+                {
+                    files += 1;
+                    bytes += meta.len();
+                }
+            }
+            return Ok((files, bytes));
+        }
+        return match std::fs::metadata(&path) {
+            Ok(meta) if meta.is_file() => Ok((1, meta.len())),
+            Ok(_) => {
+                let listed = list_objects(location).await?;
+                let visible = listed
+                    .iter()
+                    .filter(|(l, _)| !is_hidden(l.url().path()))
+                    .collect::<Vec<_>>();
+                Ok((visible.len(), visible.iter().map(|(_, s)| s).sum()))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok((0, 0)),
+            Err(e) => Err(CoreError::io(format!("read {}", path.display()), e)),
+        };
+    }
+    let listed = list_objects(location).await?;
+    Ok((listed.len(), listed.iter().map(|(_, s)| s).sum()))
+}
+
+fn is_hidden(path: &str) -> bool {
+    path.rsplit('/')
+        .next()
+        .is_some_and(|name| name.starts_with('.') || name.starts_with('_'))
+}
+
+/// DataFusion takes globs on plain local paths and URLs elsewhere; directories need a
+/// trailing slash.
+fn listing_path(location: &Location) -> String {
+    match location.local_path() {
+        Some(path) if path.is_dir() => format!("{}/", path.display()),
+        Some(path) => path.display().to_string(),
+        None => location.as_url_string(),
+    }
+}
+
+fn file_extension<'a>(source: &'a SourceSpec, table_path: &'a str, default: &'a str) -> &'a str {
+    if let Some(ext) = source.options.get("file_extension") {
+        return ext;
+    }
+    // A single named file is read whatever its extension.
+    if !table_path.ends_with('/') && !table_path.contains(['*', '?']) {
+        return "";
+    }
+    default
+}
+
+async fn register_raw(
+    ctx: &SessionContext,
+    source: &SourceSpec,
+    raw_name: &str,
+    table_path: &str,
+    schema: Option<&Schema>,
+) -> Result<()> {
+    let registered = match source.format {
+        SourceFormat::Parquet => {
+            let options = ParquetReadOptions::default()
+                .file_extension(file_extension(source, table_path, ".parquet"));
+            ctx.register_parquet(raw_name, table_path, options).await
+        }
+        SourceFormat::Csv => {
+            let byte_option = |key: &str| -> Result<Option<u8>> {
+                match source.options.get(key) {
+                    None => Ok(None),
+                    Some(v) if v.len() == 1 => Ok(Some(v.as_bytes()[0])),
+                    Some(v) if v == "\\t" => Ok(Some(b'\t')),
+                    Some(v) => Err(CoreError::Source {
+                        source_name: source.name.clone(),
+                        message: format!("csv option `{key}` must be one character, got `{v}`"),
+                    }),
+                }
+            };
+            let header = match source.options.get("header").map(String::as_str) {
+                None | Some("true") => true,
+                Some("false") => false,
+                Some(other) => {
+                    return Err(CoreError::Source {
+                        source_name: source.name.clone(),
+                        message: format!(
+                            "csv option `header` must be true or false, got `{other}`"
+                        ),
+                    });
+                }
+            };
+            let mut options = CsvReadOptions::new()
+                .has_header(header)
+                // Keeps each CSV file in one task, so line numbers in errors are the file's.
+                .newlines_in_values(true)
+                .file_extension(file_extension(source, table_path, ".csv"))
+                .null_regex(source.options.get("null_value").map(|v| regex_escape(v)));
+            if let Some(d) = byte_option("delimiter")? {
+                options = options.delimiter(d);
+            }
+            if let Some(q) = byte_option("quote")? {
+                options = options.quote(q);
+            }
+            if let Some(e) = byte_option("escape")? {
+                options = options.escape(e);
+            }
+            if let Some(schema) = schema {
+                options = options.schema(schema);
+            }
+            ctx.register_csv(raw_name, table_path, options).await
+        }
+        SourceFormat::Json => {
+            let mut options = JsonReadOptions::default()
+                .file_extension(file_extension(source, table_path, ".json"));
+            if let Some(schema) = schema {
+                options = options.schema(schema);
+            }
+            ctx.register_json(raw_name, table_path, options).await
+        }
+        SourceFormat::Iceberg => unreachable!("iceberg sources are registered by register_iceberg"),
+    };
+    registered.map_err(|e| {
+        let message = match source.format {
+            SourceFormat::Parquet => find_bad_parquet(table_path),
+            _ => None,
+        }
+        .unwrap_or_else(|| {
+            format!(
+                "cannot read {table_path}: {}",
+                crate::task::clean_message(&e.to_string())
+            )
+        });
+        CoreError::Source {
+            source_name: source.name.clone(),
+            message,
+        }
+    })
+}
+
+/// Names the first local file under `table_path` that is not readable Parquet, so the error
+/// says which file of a directory or glob is broken.
+fn find_bad_parquet(table_path: &str) -> Option<String> {
+    let pattern = if table_path.ends_with('/') {
+        format!("{table_path}**/*")
+    } else {
+        table_path.to_string()
+    };
+    let mut files: Vec<_> = glob::glob(&pattern)
+        .ok()?
+        .flatten()
+        .filter(|p| p.is_file())
+        .collect();
+    files.sort();
+    files.into_iter().find_map(|path| {
+        let file = std::fs::File::open(&path).ok()?;
+        match parquet::file::reader::SerializedFileReader::new(file) {
+            Ok(_) => None,
+            Err(e) => Some(format!(
+                "{} is not a valid Parquet file: {e}",
+                path.display()
+            )),
+        }
+    })
+}
+
+fn regex_escape(value: &str) -> String {
+    let mut out = String::from("^");
+    for c in value.chars() {
+        if "\\.+*?()|[]{}^$".contains(c) {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('$');
+    out
+}
+
+/// Parquet carries its own types: every contract column must exist with a matching type.
+fn check_contract(
+    source: &SourceSpec,
+    location: &Location,
+    schema: &Schema,
+    contract: &[ColumnContract],
+) -> Result<()> {
+    for column in contract {
+        let field = find_field(source, location, schema, column)?;
+        if !types_match(field.data_type(), &column.data_type) {
+            return Err(contract_error(
+                source,
+                location,
+                &column.name,
+                format!(
+                    "the contract says `{}` but the data has {}",
+                    column.declared,
+                    field.data_type()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// CSV and JSON are read with the contract's types for the columns it names.
+fn apply_contract(
+    source: &SourceSpec,
+    location: &Location,
+    inferred: &Schema,
+    contract: &[ColumnContract],
+) -> Result<Schema> {
+    for column in contract {
+        find_field(source, location, inferred, column)?;
+    }
+    let fields = inferred
+        .fields()
+        .iter()
+        .map(
+            |field| match contract.iter().find(|c| c.name == *field.name()) {
+                Some(c) => Arc::new(Field::new(field.name(), c.data_type.clone(), true)),
+                None => field.clone(),
+            },
+        )
+        .collect::<Vec<_>>();
+    Ok(Schema::new(fields))
+}
+
+fn find_field<'a>(
+    source: &SourceSpec,
+    location: &Location,
+    schema: &'a Schema,
+    column: &ColumnContract,
+) -> Result<&'a Field> {
+    schema
+        .fields()
+        .iter()
+        .find(|f| f.name() == &column.name)
+        .map(|f| f.as_ref())
+        .ok_or_else(|| {
+            let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+            contract_error(
+                source,
+                location,
+                &column.name,
+                format!(
+                    "named in the contract but missing from the data; its columns are: {}",
+                    names.join(", ")
+                ),
+            )
+        })
+}
+
+fn contract_error(
+    source: &SourceSpec,
+    location: &Location,
+    column: &str,
+    message: String,
+) -> CoreError {
+    CoreError::Contract {
+        source_name: source.name.clone(),
+        location: location.to_string(),
+        column: column.to_string(),
+        message,
+    }
+}
+
+/// Types are equal up to string encoding, timestamp unit and UTC spelling.
+fn types_match(actual: &DataType, declared: &DataType) -> bool {
+    fn canonical(t: &DataType) -> DataType {
+        match t {
+            DataType::Utf8View | DataType::LargeUtf8 => DataType::Utf8,
+            DataType::BinaryView | DataType::LargeBinary => DataType::Binary,
+            DataType::Timestamp(_, None) => DataType::Timestamp(TimeUnit::Microsecond, None),
+            DataType::Timestamp(_, Some(_)) => {
+                DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
+            }
+            other => other.clone(),
+        }
+    }
+    canonical(actual) == canonical(declared)
+}
+
+/// Registers the table the SQL sees: the raw table, with `not null` columns checked.
+async fn register_view(
+    ctx: &SessionContext,
+    source: &SourceSpec,
+    raw_name: &str,
+    schema: &Schema,
+    contract: &[ColumnContract],
+    _location: &Location,
+) -> Result<()> {
+    let raw = ctx.table_provider(raw_name).await?;
+    let required: Vec<&ColumnContract> = contract.iter().filter(|c| !c.nullable).collect();
+    if required.is_empty() {
+        ctx.register_table(source.name.as_str(), raw)?;
+        return Ok(());
+    }
+    let udf: Arc<ScalarUDF> = ctx.udf(REQUIRE_NOT_NULL_UDF)?;
+    let exprs = schema
+        .fields()
+        .iter()
+        .map(|field| {
+            let name = field.name();
+            match required.iter().find(|c| &c.name == name) {
+                Some(c) => udf
+                    .call(vec![
+                        col(format!("\"{name}\"")),
+                        lit(format!(
+                            "source `{}`: column `{name}` is declared `{}` but holds nulls",
+                            source.name, c.declared
+                        )),
+                    ])
+                    .alias(name),
+                None => col(format!("\"{name}\"")),
+            }
+        })
+        .collect::<Vec<_>>();
+    let view = ctx.table(raw_name).await?.select(exprs)?.into_view();
+    ctx.register_table(source.name.as_str(), view)?;
+    Ok(())
+}

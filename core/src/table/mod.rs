@@ -1,0 +1,15 @@
+//! The Iceberg side: the catalog, table creation from a result schema, data-file writing on
+//! workers and the one-snapshot-per-job commit on the coordinator.
+
+pub mod catalog;
+pub mod commit;
+pub mod schema;
+pub mod writer;
+
+pub use catalog::{CatalogConfig, Secret, open_catalog};
+pub use commit::{
+    CommitOutcome, JOB_ID_PROPERTY, PIPELINE_PROPERTY, check_compatible, commit_job_snapshot,
+    ensure_table, find_job_snapshot, parse_table_ident, target_layout, with_table_types_for_nulls,
+};
+pub use schema::iceberg_schema_for;
+pub use writer::{TableWriteSummary, write_data_files};

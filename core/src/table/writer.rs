@@ -1,0 +1,207 @@
+//! Worker side of a table write: run one partition of the final stage and write Iceberg data
+//! files for it. The files are not visible to readers until the coordinator commits them.
+
+use std::sync::Arc;
+
+use datafusion::arrow::array::{ArrayRef, RecordBatch};
+use datafusion::arrow::compute::cast;
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::execution::TaskContext;
+use datafusion::physical_plan::ExecutionPlan;
+use futures::StreamExt;
+use iceberg::arrow::{FieldMatchMode, RecordBatchPartitionSplitter, schema_to_arrow_schema};
+use iceberg::spec::{
+    DataFile, DataFileFormat, FormatVersion, PartitionSpec, Schema, serialize_data_file_to_json,
+};
+use iceberg::writer::base_writer::data_file_writer::DataFileWriterBuilder;
+use iceberg::writer::file_writer::ParquetWriterBuilder;
+use iceberg::writer::file_writer::location_generator::{
+    DefaultFileNameGenerator, DefaultLocationGenerator,
+};
+use iceberg::writer::file_writer::rolling_writer::RollingFileWriterBuilder;
+use iceberg::writer::partitioning::PartitioningWriter;
+use iceberg::writer::partitioning::fanout_writer::FanoutWriter;
+use iceberg::writer::partitioning::unpartitioned_writer::UnpartitionedWriter;
+use nightshift_proto::v1::TableOutput;
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::properties::WriterProperties;
+
+use crate::error::{CoreError, Result};
+
+/// What a final-stage task wrote.
+#[derive(Debug, Clone)]
+pub struct TableWriteSummary {
+    /// Data files, serialized with `serialize_data_file_to_json`.
+    pub data_files_json: Vec<String>,
+    pub rows: u64,
+    pub bytes: u64,
+}
+
+/// Decoded table description from a task.
+struct TableTarget {
+    schema: Arc<Schema>,
+    spec: Arc<PartitionSpec>,
+    format_version: FormatVersion,
+    arrow_schema: SchemaRef,
+}
+
+impl TableTarget {
+    fn from_task(out: &TableOutput) -> Result<Self> {
+        let bad =
+            |what: &str, e: serde_json::Error| CoreError::Protocol(format!("task {what}: {e}"));
+        let schema: Schema =
+            serde_json::from_str(&out.schema_json).map_err(|e| bad("schema", e))?;
+        let spec: PartitionSpec =
+            serde_json::from_str(&out.partition_spec_json).map_err(|e| bad("partition spec", e))?;
+        let format_version = match out.format_version {
+            1 => FormatVersion::V1,
+            3 => FormatVersion::V3,
+            _ => FormatVersion::V2,
+        };
+        let arrow_schema = Arc::new(schema_to_arrow_schema(&schema)?);
+        Ok(TableTarget {
+            schema: Arc::new(schema),
+            spec: Arc::new(spec),
+            format_version,
+            arrow_schema,
+        })
+    }
+}
+
+type Builder =
+    DataFileWriterBuilder<ParquetWriterBuilder, DefaultLocationGenerator, DefaultFileNameGenerator>;
+
+/// Either writer kind, as iceberg-datafusion's private `TaskWriter` does.
+enum PartitionedWriter {
+    Unpartitioned(Box<UnpartitionedWriter<Builder>>),
+    Fanout(
+        Box<FanoutWriter<Builder>>,
+        Box<RecordBatchPartitionSplitter>,
+    ),
+}
+
+impl PartitionedWriter {
+    async fn write(&mut self, batch: RecordBatch) -> iceberg::Result<()> {
+        match self {
+            PartitionedWriter::Unpartitioned(w) => w.write(batch).await,
+            PartitionedWriter::Fanout(w, splitter) => {
+                for (key, part) in splitter.split(&batch)? {
+                    w.write(key, part).await?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    async fn close(self) -> iceberg::Result<Vec<DataFile>> {
+        match self {
+            PartitionedWriter::Unpartitioned(w) => w.close().await,
+            PartitionedWriter::Fanout(w, _) => w.close().await,
+        }
+    }
+}
+
+/// Runs partition `partition` of `input` and writes its rows as data files named
+/// `<file_prefix>-<n>.parquet` under the table's data location.
+pub async fn write_data_files(
+    input: Arc<dyn ExecutionPlan>,
+    partition: usize,
+    out: &TableOutput,
+    file_prefix: String,
+    ctx: Arc<TaskContext>,
+) -> Result<TableWriteSummary> {
+    let target = TableTarget::from_task(out)?;
+    let mut writer = new_writer(&target, out, file_prefix)?;
+    let mut stream = input.execute(partition, ctx)?;
+    let mut rows = 0u64;
+    while let Some(batch) = stream.next().await {
+        let batch = conform_batch(&batch?, &target.arrow_schema)?;
+        if batch.num_rows() == 0 {
+            continue;
+        }
+        rows += batch.num_rows() as u64;
+        writer.write(batch).await?;
+    }
+    let files = writer.close().await?;
+    let partition_type = target.spec.partition_type(&target.schema)?;
+    let bytes = files.iter().map(DataFile::file_size_in_bytes).sum();
+    let data_files_json = files
+        .into_iter()
+        .map(|f| serialize_data_file_to_json(f, &partition_type, target.format_version))
+        .collect::<iceberg::Result<Vec<_>>>()?;
+    Ok(TableWriteSummary {
+        data_files_json,
+        rows,
+        bytes,
+    })
+}
+
+fn new_writer(
+    target: &TableTarget,
+    out: &TableOutput,
+    file_prefix: String,
+) -> Result<PartitionedWriter> {
+    let props = WriterProperties::builder()
+        .set_compression(Compression::ZSTD(ZstdLevel::default()))
+        .build();
+    let parquet = ParquetWriterBuilder::new_with_match_mode(
+        props,
+        target.schema.clone(),
+        FieldMatchMode::Name,
+    );
+    let rolling = RollingFileWriterBuilder::new(
+        parquet,
+        out.target_file_size_bytes.max(1 << 20) as usize,
+        crate::storage::iceberg_file_io(&out.data_location),
+        DefaultLocationGenerator::with_data_location(out.data_location.clone()),
+        DefaultFileNameGenerator::new(file_prefix, None, DataFileFormat::Parquet),
+    );
+    let builder = DataFileWriterBuilder::new(rolling);
+    Ok(if target.spec.is_unpartitioned() {
+        PartitionedWriter::Unpartitioned(Box::new(UnpartitionedWriter::new(builder)))
+    } else {
+        let splitter = RecordBatchPartitionSplitter::try_new_with_computed_values(
+            target.schema.clone(),
+            target.spec.clone(),
+        )?;
+        PartitionedWriter::Fanout(Box::new(FanoutWriter::new(builder)), Box::new(splitter))
+    })
+}
+
+/// Reorders and casts a result batch to the table's Arrow schema, matching columns by name.
+pub fn conform_batch(batch: &RecordBatch, target: &SchemaRef) -> Result<RecordBatch> {
+    let columns = target
+        .fields()
+        .iter()
+        .map(|field| {
+            let (index, _) = batch
+                .schema()
+                .column_with_name(field.name())
+                .ok_or_else(|| CoreError::Task {
+                    message: format!(
+                        "result has no column `{}` required by the table",
+                        field.name()
+                    ),
+                    retryable: false,
+                })?;
+            let column = batch.column(index);
+            if column.data_type() == field.data_type() {
+                Ok(column.clone())
+            } else {
+                cast(column, field.data_type()).map_err(|e| CoreError::Task {
+                    message: format!(
+                        "column `{}`: cannot convert {} to the table's {}: {e}",
+                        field.name(),
+                        column.data_type(),
+                        field.data_type()
+                    ),
+                    retryable: false,
+                })
+            }
+        })
+        .collect::<Result<Vec<ArrayRef>>>()?;
+    RecordBatch::try_new(target.clone(), columns).map_err(|e| CoreError::Task {
+        message: format!("result does not fit the table schema: {e}"),
+        retryable: false,
+    })
+}

@@ -1,0 +1,262 @@
+//! Running one task on a worker: decode the stage plan, run the partition, write its output
+//! (shuffle object or Iceberg data files) and describe the outcome as a `TaskResult`.
+//!
+//! Architecture invariant: a task attempt writes only under paths unique to that attempt,
+//! so two runs of one task (a retry, a duplicate delivery) never mix their files.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use ballista_core::execution_plans::{ShuffleWriter, ShuffleWriterExec, SortShuffleWriterExec};
+use datafusion::datasource::physical_plan::FileScanConfig;
+use datafusion::datasource::source::DataSourceExec;
+use datafusion::execution::TaskContext;
+use datafusion::physical_plan::{ExecutionPlan, Partitioning};
+use datafusion::prelude::SessionContext;
+use nightshift_proto::PROTOCOL_VERSION;
+use nightshift_proto::v1::{self, task_definition, task_result};
+use tracing::{Instrument, info_span};
+
+use crate::codec::decode_plan;
+use crate::error::{CoreError, Result};
+use crate::shuffle::write_shuffle_output;
+use crate::storage::Location;
+use crate::table::write_data_files;
+
+/// Prefix of every data file a job writes, so files of a failed job can be found and removed.
+pub fn data_file_prefix(job_id: &str, stage: u32, partition: u32, attempt: u32) -> String {
+    format!(
+        "{job_id}-s{stage}-p{partition}-a{attempt}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    )
+}
+
+/// Runs `task` and always returns a result; failures are described, not raised.
+pub async fn run_task(
+    task: &v1::TaskDefinition,
+    session: &SessionContext,
+    worker_id: &str,
+) -> v1::TaskResult {
+    let span = info_span!(
+        "task",
+        job_id = %task.job_id,
+        stage = task.stage_id,
+        task = task.partition,
+        attempt = task.attempt,
+    );
+    let started = Instant::now();
+    let outcome = execute(task, session).instrument(span).await;
+    let mut result = v1::TaskResult {
+        protocol_version: PROTOCOL_VERSION,
+        job_id: task.job_id.clone(),
+        stage_id: task.stage_id,
+        partition: task.partition,
+        attempt: task.attempt,
+        worker_id: worker_id.to_string(),
+        elapsed_ms: started.elapsed().as_millis() as u64,
+        ..Default::default()
+    };
+    match outcome {
+        Ok((rows, bytes, outcome)) => {
+            result.rows = rows;
+            result.bytes = bytes;
+            result.outcome = Some(outcome);
+        }
+        Err((e, inputs, columns)) => {
+            let mut message = name_csv_column(&clean_message(&e.to_string()), &columns);
+            if !inputs.is_empty() {
+                message = format!("{message} (reading {})", inputs.join(", "));
+            }
+            result.outcome = Some(task_result::Outcome::Failed(v1::TaskFailed {
+                message,
+                retryable: e.is_retryable(),
+            }));
+        }
+    }
+    result
+}
+
+type Executed = (u64, u64, task_result::Outcome);
+/// A task error with the files and the column names of the scan it was reading.
+type Failure = (CoreError, Vec<String>, Vec<String>);
+
+async fn execute(
+    task: &v1::TaskDefinition,
+    session: &SessionContext,
+) -> std::result::Result<Executed, Failure> {
+    if task.protocol_version != PROTOCOL_VERSION {
+        return Err((
+            CoreError::Protocol(format!(
+                "task has protocol version {}, this worker speaks {PROTOCOL_VERSION}; run workers of the coordinator's build",
+                task.protocol_version
+            )),
+            vec![],
+            vec![],
+        ));
+    }
+    let ctx = session.task_ctx();
+    let (input, partitioning) =
+        decode_stage(&task.stage_plan, &ctx).map_err(|e| (e, vec![], vec![]))?;
+    let partition = task.partition as usize;
+    let (inputs, columns) = scan_context(&input, partition);
+    let run = async {
+        match &task.output {
+            Some(task_definition::Output::Shuffle(out)) => {
+                let dir = Location::parse(&out.prefix, std::path::Path::new("/"))?.join(&format!(
+                    "map-{}/attempt-{}-{}",
+                    task.partition,
+                    task.attempt,
+                    &uuid::Uuid::new_v4().simple().to_string()[..8]
+                ));
+                let written =
+                    write_shuffle_output(input, partition, partitioning, &dir, ctx).await?;
+                let segments = written.segments.iter().map(Into::into).collect();
+                Ok((
+                    written.rows,
+                    written.bytes,
+                    task_result::Outcome::Shuffle(v1::ShuffleWritten { segments }),
+                ))
+            }
+            Some(task_definition::Output::Table(out)) => {
+                let prefix =
+                    data_file_prefix(&task.job_id, task.stage_id, task.partition, task.attempt);
+                let written = write_data_files(input, partition, out, prefix, ctx).await?;
+                Ok((
+                    written.rows,
+                    written.bytes,
+                    task_result::Outcome::Files(v1::FilesWritten {
+                        data_files_json: written.data_files_json,
+                    }),
+                ))
+            }
+            None => Err(CoreError::Protocol("task has no output".into())),
+        }
+    };
+    run.await.map_err(|e| (e, inputs, columns))
+}
+
+/// Decodes a stage plan and splits it into the plan to run and its shuffle partitioning.
+fn decode_stage(
+    bytes: &[u8],
+    ctx: &TaskContext,
+) -> Result<(Arc<dyn ExecutionPlan>, Option<Partitioning>)> {
+    let plan = decode_plan(bytes, ctx)?;
+    let writer: &dyn ShuffleWriter =
+        if let Some(w) = plan.as_any().downcast_ref::<ShuffleWriterExec>() {
+            w
+        } else if let Some(w) = plan.as_any().downcast_ref::<SortShuffleWriterExec>() {
+            w
+        } else {
+            return Err(CoreError::Protocol(format!(
+                "stage plan root is {}, expected a shuffle writer",
+                plan.name()
+            )));
+        };
+    let input = writer.children()[0].clone();
+    Ok((input, writer.shuffle_output_partitioning().cloned()))
+}
+
+/// The files that partition `partition` of the plan's scans read, and the columns of the
+/// first scan, for error messages.
+fn scan_context(plan: &Arc<dyn ExecutionPlan>, partition: usize) -> (Vec<String>, Vec<String>) {
+    let mut files = Vec::new();
+    let mut columns = Vec::new();
+    collect_scan_context(plan, partition, &mut files, &mut columns);
+    files.sort();
+    files.dedup();
+    (files, columns)
+}
+
+fn collect_scan_context(
+    plan: &Arc<dyn ExecutionPlan>,
+    partition: usize,
+    out: &mut Vec<String>,
+    columns: &mut Vec<String>,
+) {
+    if let Some(source) = plan.as_any().downcast_ref::<DataSourceExec>()
+        && let Some(config) = source
+            .data_source()
+            .as_any()
+            .downcast_ref::<FileScanConfig>()
+        && let Some(group) = config.file_groups.get(partition)
+    {
+        if columns.is_empty() {
+            columns.extend(
+                config
+                    .file_schema()
+                    .fields()
+                    .iter()
+                    .map(|f| f.name().clone()),
+            );
+        }
+        for file in group.files() {
+            let name = format!("/{}", file.object_meta.location);
+            out.push(match &file.range {
+                Some(r) => format!("{name} bytes {}..{}", r.start, r.end),
+                None => name,
+            });
+        }
+    }
+    for child in plan.children() {
+        collect_scan_context(child, partition, out, columns);
+    }
+}
+
+/// Arrow's CSV reader reports "for column 3 at line 7": a 0-based column index and a 1-based
+/// record number that does not count the header. Say which column and what the number means.
+fn name_csv_column(message: &str, columns: &[String]) -> String {
+    let Some(start) = message.find("for column ") else {
+        return message.to_string();
+    };
+    let rest = &message[start + "for column ".len()..];
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    let Ok(index) = digits.parse::<usize>() else {
+        return message.to_string();
+    };
+    let after = &rest[digits.len()..];
+    let Some(line_rest) = after.strip_prefix(" at line ") else {
+        return message.to_string();
+    };
+    let line: String = line_rest.chars().take_while(char::is_ascii_digit).collect();
+    let column = columns
+        .get(index)
+        .map_or_else(|| format!("#{}", index + 1), |name| format!("`{name}`"));
+    format!(
+        "{}for column {column} at record {line} (header not counted){}",
+        &message[..start],
+        &line_rest[line.len()..]
+    )
+}
+
+/// Strips DataFusion's nested "External error: Execution error:" prefixes and the trailing
+/// backtrace hint so a message reads as one sentence.
+pub fn clean_message(message: &str) -> String {
+    const PREFIXES: &[&str] = &[
+        "External error: ",
+        "Execution error: ",
+        "Arrow error: ",
+        "Parser error: ",
+        "Error during planning: ",
+        "Schema error: ",
+        "Context(",
+        "Object Store error: ",
+        "Shared(",
+    ];
+    let mut text = message.trim();
+    loop {
+        let before = text;
+        for p in PREFIXES {
+            if let Some(rest) = text.strip_prefix(p) {
+                text = rest.trim_start();
+            }
+        }
+        if before == text {
+            break;
+        }
+    }
+    text.split("\n\nbacktrace")
+        .next()
+        .unwrap_or(text)
+        .trim()
+        .to_string()
+}

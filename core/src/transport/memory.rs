@@ -1,0 +1,224 @@
+//! In-process transports for the embedded mode and tests.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+
+use async_channel::{Receiver, Sender};
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use super::{Delivery, JobState, StateStore, TaskQueue};
+use crate::error::{CoreError, Result};
+use crate::ids::{JobId, TaskKey};
+
+/// A message and how many times it was delivered before.
+type Message = (Bytes, u32);
+type Channel = (Sender<Message>, Receiver<Message>);
+
+/// A task queue over in-process channels. Nacked messages go to the back of the queue.
+#[derive(Debug)]
+pub struct MemoryQueue {
+    tasks: Channel,
+    results: Mutex<HashMap<JobId, Channel>>,
+}
+
+impl Default for MemoryQueue {
+    fn default() -> Self {
+        MemoryQueue {
+            tasks: async_channel::unbounded(),
+            results: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl MemoryQueue {
+    /// Closes every channel: consumers see `None` once drained.
+    pub fn close(&self) {
+        self.tasks.0.close();
+        for (sender, _) in self.results.lock().expect("queue lock").values() {
+            sender.close();
+        }
+    }
+
+    fn results_of(&self, job: &JobId) -> Channel {
+        self.results
+            .lock()
+            .expect("queue lock")
+            .entry(job.clone())
+            .or_insert_with(async_channel::unbounded)
+            .clone()
+    }
+
+    /// Tasks waiting for a worker.
+    pub fn pending_tasks(&self) -> usize {
+        self.tasks.1.len()
+    }
+}
+
+struct MemoryDelivery {
+    payload: Bytes,
+    redeliveries: u32,
+    requeue_to: Sender<(Bytes, u32)>,
+}
+
+#[async_trait]
+impl Delivery for MemoryDelivery {
+    fn payload(&self) -> &[u8] {
+        &self.payload
+    }
+
+    fn redeliveries(&self) -> u32 {
+        self.redeliveries
+    }
+
+    async fn ack(self: Box<Self>) -> Result<()> {
+        Ok(())
+    }
+
+    async fn nack(self: Box<Self>, requeue: bool) -> Result<()> {
+        if requeue {
+            send(&self.requeue_to, self.payload, self.redeliveries + 1).await?;
+        }
+        Ok(())
+    }
+}
+
+async fn send(to: &Sender<(Bytes, u32)>, payload: Bytes, redeliveries: u32) -> Result<()> {
+    to.send((payload, redeliveries))
+        .await
+        .map_err(|_| CoreError::Transport("in-process queue is closed".into()))
+}
+
+async fn receive(
+    from: &Receiver<(Bytes, u32)>,
+    requeue_to: &Sender<(Bytes, u32)>,
+) -> Option<Box<dyn Delivery>> {
+    let (payload, redeliveries) = from.recv().await.ok()?;
+    Some(Box::new(MemoryDelivery {
+        payload,
+        redeliveries,
+        requeue_to: requeue_to.clone(),
+    }))
+}
+
+#[async_trait]
+impl TaskQueue for MemoryQueue {
+    async fn publish_task(&self, task: Bytes) -> Result<()> {
+        send(&self.tasks.0, task, 0).await
+    }
+
+    async fn next_task(&self) -> Result<Option<Box<dyn Delivery>>> {
+        Ok(receive(&self.tasks.1, &self.tasks.0).await)
+    }
+
+    async fn open_results(&self, job: &JobId) -> Result<()> {
+        self.results_of(job);
+        Ok(())
+    }
+
+    async fn publish_result(&self, job: &JobId, result: Bytes) -> Result<()> {
+        send(&self.results_of(job).0, result, 0).await
+    }
+
+    async fn next_result(&self, job: &JobId) -> Result<Option<Box<dyn Delivery>>> {
+        let (sender, receiver) = self.results_of(job);
+        Ok(receive(&receiver, &sender).await)
+    }
+
+    async fn close_results(&self, job: &JobId) -> Result<()> {
+        if let Some((sender, _)) = self.results.lock().expect("queue lock").remove(job) {
+            sender.close();
+        }
+        Ok(())
+    }
+}
+
+/// Job and task state in a mutex-guarded map.
+#[derive(Debug, Default)]
+pub struct MemoryState {
+    jobs: Mutex<HashMap<JobId, (JobState, String)>>,
+    outputs: Mutex<HashMap<JobId, BTreeMap<TaskKey, Bytes>>>,
+    leases: Mutex<HashMap<(JobId, TaskKey), (u32, std::time::Instant)>>,
+    cancelled: Mutex<std::collections::HashSet<JobId>>,
+}
+
+#[async_trait]
+impl StateStore for MemoryState {
+    async fn set_job_state(&self, job: &JobId, state: JobState, detail: &str) -> Result<()> {
+        self.jobs
+            .lock()
+            .expect("state lock")
+            .insert(job.clone(), (state, detail.to_string()));
+        Ok(())
+    }
+
+    async fn job_state(&self, job: &JobId) -> Result<Option<(JobState, String)>> {
+        Ok(self.jobs.lock().expect("state lock").get(job).cloned())
+    }
+
+    async fn claim_task_output(&self, job: &JobId, task: TaskKey, result: Bytes) -> Result<bool> {
+        let mut outputs = self.outputs.lock().expect("state lock");
+        let job_outputs = outputs.entry(job.clone()).or_default();
+        if job_outputs.contains_key(&task) {
+            return Ok(false);
+        }
+        job_outputs.insert(task, result);
+        Ok(true)
+    }
+
+    async fn task_outputs(&self, job: &JobId) -> Result<Vec<(TaskKey, Bytes)>> {
+        Ok(self
+            .outputs
+            .lock()
+            .expect("state lock")
+            .get(job)
+            .map(|m| m.iter().map(|(k, v)| (*k, v.clone())).collect())
+            .unwrap_or_default())
+    }
+
+    async fn clear_task_outputs(&self, job: &JobId) -> Result<()> {
+        self.outputs.lock().expect("state lock").remove(job);
+        self.leases
+            .lock()
+            .expect("state lock")
+            .retain(|(j, _), _| j != job);
+        Ok(())
+    }
+
+    async fn renew_lease(
+        &self,
+        job: &JobId,
+        task: TaskKey,
+        attempt: u32,
+        _worker: &str,
+        ttl: std::time::Duration,
+    ) -> Result<()> {
+        self.leases.lock().expect("state lock").insert(
+            (job.clone(), task),
+            (attempt, std::time::Instant::now() + ttl),
+        );
+        Ok(())
+    }
+
+    async fn request_cancel(&self, job: &JobId) -> Result<()> {
+        self.cancelled
+            .lock()
+            .expect("state lock")
+            .insert(job.clone());
+        Ok(())
+    }
+
+    async fn cancel_requested(&self, job: &JobId) -> Result<bool> {
+        Ok(self.cancelled.lock().expect("state lock").contains(job))
+    }
+
+    async fn lease(&self, job: &JobId, task: TaskKey) -> Result<Option<u32>> {
+        Ok(self
+            .leases
+            .lock()
+            .expect("state lock")
+            .get(&(job.clone(), task))
+            .filter(|(_, until)| *until > std::time::Instant::now())
+            .map(|(attempt, _)| *attempt))
+    }
+}

@@ -1,0 +1,83 @@
+//! Transport seams between the coordinator and the workers.
+//!
+//! [`TaskQueue`] carries task definitions to workers and results back; [`StateStore`] keeps
+//! job state and the first-result-wins record of task outputs. The embedded mode uses the
+//! in-process versions in [`memory`]; the cluster mode plugs in RabbitMQ and Redis behind
+//! the same traits without touching planner, task or commit code.
+
+pub mod memory;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use crate::error::Result;
+use crate::ids::{JobId, TaskKey};
+
+/// One message taken from a queue. It stays owned by the consumer until acked or nacked.
+#[async_trait]
+pub trait Delivery: Send {
+    fn payload(&self) -> &[u8];
+    /// How many times this message was delivered before (0 on first delivery).
+    fn redeliveries(&self) -> u32;
+    /// Done with the message. Architecture invariant: a worker acks a task only after its
+    /// output is durable and its result is published.
+    async fn ack(self: Box<Self>) -> Result<()>;
+    /// Give the message back (`requeue`) or drop it.
+    async fn nack(self: Box<Self>, requeue: bool) -> Result<()>;
+}
+
+/// Tasks to workers, results back to the coordinator, one result channel per job.
+#[async_trait]
+pub trait TaskQueue: Send + Sync {
+    async fn publish_task(&self, task: Bytes) -> Result<()>;
+    /// The next task, or `None` once the queue is closed.
+    async fn next_task(&self) -> Result<Option<Box<dyn Delivery>>>;
+    /// Creates the result channel of `job` if it does not exist (a restarted coordinator
+    /// finds the results published while it was away).
+    async fn open_results(&self, job: &JobId) -> Result<()>;
+    async fn publish_result(&self, job: &JobId, result: Bytes) -> Result<()>;
+    /// The next result of `job`, or `None` once the queue is closed.
+    async fn next_result(&self, job: &JobId) -> Result<Option<Box<dyn Delivery>>>;
+    /// Deletes the result channel of a finished job.
+    async fn close_results(&self, job: &JobId) -> Result<()>;
+}
+
+/// Where a job is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    Running,
+    Committing,
+    Succeeded,
+    Failed,
+}
+
+/// Job and task state.
+#[async_trait]
+pub trait StateStore: Send + Sync {
+    async fn set_job_state(&self, job: &JobId, state: JobState, detail: &str) -> Result<()>;
+    async fn job_state(&self, job: &JobId) -> Result<Option<(JobState, String)>>;
+    /// Records `result` as the output of `task` unless another attempt's is recorded already.
+    /// Returns whether this one won; a loser's output must be discarded.
+    async fn claim_task_output(&self, job: &JobId, task: TaskKey, result: Bytes) -> Result<bool>;
+    /// Every recorded task output of `job`.
+    async fn task_outputs(&self, job: &JobId) -> Result<Vec<(TaskKey, Bytes)>>;
+    /// Forgets everything about `job` except its final state.
+    async fn clear_task_outputs(&self, job: &JobId) -> Result<()>;
+    /// Records that `worker` runs `attempt` of `task` for the next `ttl`; renewed by the
+    /// worker's heartbeat while the task runs.
+    async fn renew_lease(
+        &self,
+        job: &JobId,
+        task: TaskKey,
+        attempt: u32,
+        worker: &str,
+        ttl: std::time::Duration,
+    ) -> Result<()>;
+    /// The attempt holding a live lease on `task`, if any.
+    async fn lease(&self, job: &JobId, task: TaskKey) -> Result<Option<u32>>;
+    /// Asks the coordinator running `job` to stop it.
+    async fn request_cancel(&self, job: &JobId) -> Result<()>;
+    /// Whether someone asked to stop `job`.
+    async fn cancel_requested(&self, job: &JobId) -> Result<bool>;
+}

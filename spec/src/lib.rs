@@ -1,0 +1,124 @@
+//! The pipeline spec: what a nightly job reads, how it transforms it, where it publishes.
+//!
+//! A spec is a TOML file checked into version control next to its SQL. [`load_spec`] parses it
+//! (rejecting unknown keys with a "did you mean" hint), applies `--param` overrides, substitutes
+//! `${param}` references and returns a [`ResolvedSpec`] that the planner consumes.
+
+mod contract;
+mod error;
+mod model;
+mod params;
+mod partition;
+mod suggest;
+
+pub use contract::{ColumnContract, parse_column_type};
+pub use error::SpecError;
+pub use model::{
+    ExecutionSection, PipelineSection, SourceFormat, SourceSpec, Spec, TargetSpec, TransformSpec,
+    WriteMode,
+};
+pub use params::substitute_params;
+pub use partition::{PartitionField, PartitionTransform};
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// A spec with parameters applied and every relative path made absolute.
+#[derive(Debug, Clone)]
+pub struct ResolvedSpec {
+    /// The spec file it was loaded from.
+    pub path: PathBuf,
+    /// Directory of the spec file; relative source locations resolve against it.
+    pub base_dir: PathBuf,
+    /// The spec with `${param}` references substituted.
+    pub spec: Spec,
+    /// The transform SQL, read from `sql_file` when given, parameters substituted.
+    pub sql: String,
+    /// Effective parameters: spec defaults overridden by the command line.
+    pub params: BTreeMap<String, String>,
+    /// Source schema contracts, parsed.
+    pub contracts: BTreeMap<String, Vec<ColumnContract>>,
+    /// Target partition fields, parsed.
+    pub partition_by: Vec<PartitionField>,
+}
+
+/// Reads, parses and resolves the spec at `path` with `overrides` (from `--param k=v`).
+pub fn load_spec(path: &Path, overrides: &[(String, String)]) -> Result<ResolvedSpec, SpecError> {
+    let text = std::fs::read_to_string(path).map_err(|source| SpecError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let parent = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let base_dir = std::path::absolute(parent).map_err(|source| SpecError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    resolve_spec_text(&text, path, &base_dir, overrides)
+}
+
+/// Parses and resolves spec `text`; `path` is only used in messages.
+pub fn resolve_spec_text(
+    text: &str,
+    path: &Path,
+    base_dir: &Path,
+    overrides: &[(String, String)],
+) -> Result<ResolvedSpec, SpecError> {
+    let spec = model::parse(text, path)?;
+    let params = params::effective_params(&spec.params, overrides)?;
+    let sql_text = match (&spec.transform.sql, &spec.transform.sql_file) {
+        (Some(sql), None) => sql.clone(),
+        (None, Some(file)) => {
+            let sql_path = base_dir.join(file);
+            std::fs::read_to_string(&sql_path).map_err(|source| SpecError::Read {
+                path: sql_path,
+                source,
+            })?
+        }
+        (Some(_), Some(_)) => {
+            return Err(SpecError::invalid(
+                path,
+                "[transform] has both `sql` and `sql_file`; keep one",
+            ));
+        }
+        (None, None) => {
+            return Err(SpecError::invalid(
+                path,
+                "[transform] needs `sql = \"...\"` or `sql_file = \"transform.sql\"`",
+            ));
+        }
+    };
+    let sql = substitute_params(&sql_text, &params, "[transform] sql")?;
+    let spec = model::substitute(spec, &params)?;
+    model::check(&spec, path)?;
+    let mut contracts = BTreeMap::new();
+    for source in &spec.source {
+        let parsed = contract::parse_contract(&source.name, &source.schema)?;
+        contracts.insert(source.name.clone(), parsed);
+    }
+    let partition_by = spec
+        .target
+        .partition_by
+        .iter()
+        .map(|p| partition::parse_partition_field(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(ResolvedSpec {
+        path: path.to_path_buf(),
+        base_dir: base_dir.to_path_buf(),
+        spec,
+        sql,
+        params,
+        contracts,
+        partition_by,
+    })
+}
+
+/// Parses `k=v` as given to `--param`.
+pub fn parse_param_arg(arg: &str) -> Result<(String, String), String> {
+    match arg.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.to_string())),
+        _ => Err(format!("expected KEY=VALUE, got `{arg}`")),
+    }
+}

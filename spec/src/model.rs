@@ -1,0 +1,330 @@
+//! The TOML model of a pipeline spec, its parsing and its consistency checks.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::error::SpecError;
+use crate::params::substitute_params;
+use crate::suggest;
+
+/// A whole pipeline spec file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Spec {
+    /// `[pipeline]`: who and what.
+    pub pipeline: PipelineSection,
+    /// `[params]`: parameter defaults, overridden with `--param k=v`, used as `${k}`.
+    #[serde(default)]
+    pub params: BTreeMap<String, String>,
+    /// `[[source]]`: tables the SQL reads.
+    #[serde(default)]
+    pub source: Vec<SourceSpec>,
+    /// `[transform]`: the SQL producing the target rows.
+    pub transform: TransformSpec,
+    /// `[target]`: the Iceberg table the result is published to.
+    pub target: TargetSpec,
+    /// `[execution]`: optional tuning.
+    #[serde(default)]
+    pub execution: ExecutionSection,
+}
+
+/// `[pipeline]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineSection {
+    /// Pipeline name; recorded in every snapshot it commits.
+    pub name: String,
+    #[serde(default)]
+    pub description: Option<String>,
+    #[serde(default)]
+    pub owner: Option<String>,
+}
+
+/// Source file formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceFormat {
+    Parquet,
+    Csv,
+    Json,
+    Iceberg,
+}
+
+impl std::fmt::Display for SourceFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SourceFormat::Parquet => "parquet",
+            SourceFormat::Csv => "csv",
+            SourceFormat::Json => "json",
+            SourceFormat::Iceberg => "iceberg",
+        })
+    }
+}
+
+/// `[[source]]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceSpec {
+    /// Table name the SQL uses.
+    pub name: String,
+    pub format: SourceFormat,
+    /// File, directory, glob, `file://` or `s3://` URL. Not used for `iceberg`.
+    #[serde(default)]
+    pub location: Option<String>,
+    /// For `format = "iceberg"`: `namespace.table` in the pipeline's catalog.
+    #[serde(default)]
+    pub table: Option<String>,
+    /// Reader options, e.g. csv `header`, `delimiter`, `quote`, `null_value`.
+    #[serde(default)]
+    pub options: BTreeMap<String, String>,
+    /// Schema contract: `column = "bigint not null"`. CSV and JSON are read with it.
+    #[serde(default)]
+    pub schema: BTreeMap<String, String>,
+}
+
+/// `[transform]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransformSpec {
+    #[serde(default)]
+    pub sql: Option<String>,
+    /// Path to a `.sql` file, relative to the spec.
+    #[serde(default)]
+    pub sql_file: Option<String>,
+}
+
+/// How the result is published.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WriteMode {
+    /// Add the result as new data files (the default).
+    #[default]
+    Append,
+    /// Replace the table content with the result.
+    Overwrite,
+}
+
+/// `[target]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetSpec {
+    /// `namespace.table`.
+    pub table: String,
+    #[serde(default)]
+    pub mode: WriteMode,
+    /// Iceberg partition transforms: `day(ts)`, `identity(region)`, `bucket(16, id)`, ...
+    #[serde(default)]
+    pub partition_by: Vec<String>,
+    /// Table properties set when the table is created.
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+}
+
+/// `[execution]`: tuning with sane defaults.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecutionSection {
+    /// Input bytes per scan task (default 64 MiB).
+    #[serde(default)]
+    pub target_task_bytes: Option<u64>,
+    /// Partitions of each shuffle (default: 2 × workers, at least 4).
+    #[serde(default)]
+    pub shuffle_partitions: Option<usize>,
+    /// Attempts per task before the job fails (default 3).
+    #[serde(default)]
+    pub max_task_attempts: Option<u32>,
+    /// A join side smaller than this is broadcast instead of shuffled (Ballista's
+    /// `broadcast_join_threshold_bytes`; 0 always shuffles both sides).
+    #[serde(default)]
+    pub broadcast_join_threshold_bytes: Option<u64>,
+}
+
+/// Keys allowed in each table, for "did you mean" hints.
+const SECTION_KEYS: &[(&str, &[&str])] = &[
+    (
+        "",
+        &[
+            "pipeline",
+            "params",
+            "source",
+            "transform",
+            "target",
+            "execution",
+        ],
+    ),
+    ("pipeline", &["name", "description", "owner"]),
+    (
+        "source",
+        &["name", "format", "location", "table", "options", "schema"],
+    ),
+    ("transform", &["sql", "sql_file"]),
+    ("target", &["table", "mode", "partition_by", "properties"]),
+    (
+        "execution",
+        &[
+            "target_task_bytes",
+            "shuffle_partitions",
+            "max_task_attempts",
+            "broadcast_join_threshold_bytes",
+        ],
+    ),
+];
+
+pub(crate) fn parse(text: &str, path: &Path) -> Result<Spec, SpecError> {
+    toml::from_str::<Spec>(text).map_err(|e| SpecError::Parse {
+        path: path.to_path_buf(),
+        message: describe_toml_error(&e, text),
+    })
+}
+
+/// Turns a toml/serde error into one line naming the key and the line, with a hint.
+fn describe_toml_error(err: &toml::de::Error, text: &str) -> String {
+    let message = err.message().trim().to_string();
+    let line = err
+        .span()
+        .map(|span| text[..span.start.min(text.len())].matches('\n').count() + 1);
+    let at = line.map(|l| format!("line {l}: ")).unwrap_or_default();
+    let hint = unknown_field_hint(&message).unwrap_or_default();
+    format!("{at}{message}{hint}")
+}
+
+/// For "unknown field `x`, expected one of ..." finds the closest allowed key.
+fn unknown_field_hint(message: &str) -> Option<String> {
+    let rest = message.strip_prefix("unknown field `")?;
+    let field = &rest[..rest.find('`')?];
+    let all = SECTION_KEYS
+        .iter()
+        .flat_map(|(_, keys)| keys.iter().copied());
+    let hint = suggest::hint(field, all);
+    (!hint.is_empty()).then_some(hint)
+}
+
+/// Substitutes `${param}` in every location and table name.
+pub(crate) fn substitute(
+    mut spec: Spec,
+    params: &BTreeMap<String, String>,
+) -> Result<Spec, SpecError> {
+    for source in &mut spec.source {
+        let ctx = format!("source `{}`", source.name);
+        if let Some(loc) = &source.location {
+            source.location = Some(substitute_params(loc, params, &ctx)?);
+        }
+        if let Some(table) = &source.table {
+            source.table = Some(substitute_params(table, params, &ctx)?);
+        }
+        for value in source.options.values_mut() {
+            *value = substitute_params(value, params, &ctx)?;
+        }
+    }
+    spec.target.table = substitute_params(&spec.target.table, params, "[target] table")?;
+    Ok(spec)
+}
+
+/// Checks that do not need to touch any file: names, required keys per format.
+pub(crate) fn check(spec: &Spec, path: &Path) -> Result<(), SpecError> {
+    if spec.pipeline.name.trim().is_empty() {
+        return Err(SpecError::invalid(path, "[pipeline] name is empty"));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for source in &spec.source {
+        if !is_identifier(&source.name) {
+            return Err(SpecError::invalid(
+                path,
+                format!(
+                    "source name `{}` is not a SQL identifier (letters, digits, _)",
+                    source.name
+                ),
+            ));
+        }
+        if !seen.insert(source.name.to_lowercase()) {
+            return Err(SpecError::invalid(
+                path,
+                format!("source `{}` is defined twice", source.name),
+            ));
+        }
+        match (source.format, &source.location, &source.table) {
+            (SourceFormat::Iceberg, _, None) => {
+                return Err(SpecError::invalid(
+                    path,
+                    format!(
+                        "source `{}`: format = \"iceberg\" needs table = \"namespace.table\"",
+                        source.name
+                    ),
+                ));
+            }
+            (SourceFormat::Iceberg, _, Some(_)) => {}
+            (_, None, _) => {
+                return Err(SpecError::invalid(
+                    path,
+                    format!(
+                        "source `{}`: format = \"{}\" needs location = \"path, glob or URL\"",
+                        source.name, source.format
+                    ),
+                ));
+            }
+            _ => {}
+        }
+    }
+    let parts: Vec<&str> = spec.target.table.split('.').collect();
+    if parts.len() < 2 || parts.iter().any(|p| !is_identifier(p)) {
+        return Err(SpecError::invalid(
+            path,
+            format!(
+                "[target] table `{}` must be `namespace.table` (letters, digits, _)",
+                spec.target.table
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn is_identifier(s: &str) -> bool {
+    let mut chars = s.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_err(text: &str) -> String {
+        parse(text, Path::new("p.toml")).unwrap_err().to_string()
+    }
+
+    const MINIMAL: &str = r#"
+[pipeline]
+name = "p"
+[transform]
+sql = "select 1"
+[target]
+table = "ns.t"
+"#;
+
+    #[test]
+    fn minimal_spec_parses() {
+        let spec = parse(MINIMAL, Path::new("p.toml")).unwrap();
+        assert_eq!(spec.target.mode, WriteMode::Append);
+        assert!(spec.source.is_empty());
+    }
+
+    #[test]
+    fn unknown_key_names_line_and_suggests() {
+        let text = MINIMAL.replace("table = \"ns.t\"", "table = \"ns.t\"\npartiton_by = []");
+        let msg = parse_err(&text);
+        assert!(msg.contains("p.toml: line 8"), "{msg}");
+        assert!(msg.contains("unknown field `partiton_by`"), "{msg}");
+        assert!(msg.contains("did you mean `partition_by`?"), "{msg}");
+    }
+
+    #[test]
+    fn bad_format_is_rejected() {
+        let text = format!(
+            "{MINIMAL}\n[[source]]\nname = \"a\"\nformat = \"xlsx\"\nlocation = \"a.xlsx\"\n"
+        );
+        let msg = parse_err(&text);
+        assert!(msg.contains("unknown variant `xlsx`"), "{msg}");
+    }
+}

@@ -1,0 +1,132 @@
+//! Partition transforms of the target table: `day(ts)`, `identity(region)`, `bucket(16, id)`.
+
+use crate::error::SpecError;
+
+/// An Iceberg partition transform.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PartitionTransform {
+    Identity,
+    Year,
+    Month,
+    Day,
+    Hour,
+    Bucket(u32),
+    Truncate(u32),
+}
+
+/// One `partition_by` entry: a transform applied to a source column of the result.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionField {
+    pub column: String,
+    pub transform: PartitionTransform,
+}
+
+impl PartitionField {
+    /// The partition field name, as Iceberg's Java library names it (`ts_day`, `id_bucket`).
+    pub fn field_name(&self) -> String {
+        let suffix = match self.transform {
+            PartitionTransform::Identity => return self.column.clone(),
+            PartitionTransform::Year => "year",
+            PartitionTransform::Month => "month",
+            PartitionTransform::Day => "day",
+            PartitionTransform::Hour => "hour",
+            PartitionTransform::Bucket(_) => "bucket",
+            PartitionTransform::Truncate(_) => "trunc",
+        };
+        format!("{}_{suffix}", self.column)
+    }
+}
+
+const KNOWN: &str = "identity(col), year(col), month(col), day(col), hour(col), \
+                     bucket(N, col), truncate(W, col)";
+
+pub(crate) fn parse_partition_field(entry: &str) -> Result<PartitionField, SpecError> {
+    let err = |message: String| SpecError::Partition {
+        entry: entry.to_string(),
+        message,
+    };
+    let text = entry.trim();
+    let Some(open) = text.find('(') else {
+        return if is_column(text) {
+            Ok(PartitionField {
+                column: text.to_string(),
+                transform: PartitionTransform::Identity,
+            })
+        } else {
+            Err(err(format!("expected one of {KNOWN}")))
+        };
+    };
+    let name = text[..open].trim().to_ascii_lowercase();
+    let args = text[open + 1..]
+        .strip_suffix(')')
+        .ok_or_else(|| err("missing closing `)`".into()))?;
+    let args: Vec<&str> = args.split(',').map(str::trim).collect();
+    let one_column = |args: &[&str]| match args {
+        [col] if is_column(col) => Ok(col.to_string()),
+        _ => Err(err(format!("`{name}` takes one column name"))),
+    };
+    let width_and_column = |args: &[&str]| match args {
+        [n, col] if is_column(col) => n
+            .parse::<u32>()
+            .ok()
+            .filter(|n| *n > 0)
+            .map(|n| (n, col.to_string()))
+            .ok_or_else(|| err(format!("`{name}` needs a positive whole number, got `{n}`"))),
+        _ => Err(err(format!("`{name}` takes (N, column)"))),
+    };
+    let (transform, column) = match name.as_str() {
+        "identity" => (PartitionTransform::Identity, one_column(&args)?),
+        "year" | "years" => (PartitionTransform::Year, one_column(&args)?),
+        "month" | "months" => (PartitionTransform::Month, one_column(&args)?),
+        "day" | "days" => (PartitionTransform::Day, one_column(&args)?),
+        "hour" | "hours" => (PartitionTransform::Hour, one_column(&args)?),
+        "bucket" => {
+            let (n, col) = width_and_column(&args)?;
+            (PartitionTransform::Bucket(n), col)
+        }
+        "truncate" => {
+            let (n, col) = width_and_column(&args)?;
+            (PartitionTransform::Truncate(n), col)
+        }
+        other => {
+            return Err(err(format!(
+                "unknown transform `{other}`; expected one of {KNOWN}"
+            )));
+        }
+    };
+    Ok(PartitionField { column, transform })
+}
+
+fn is_column(s: &str) -> bool {
+    !s.is_empty() && s.chars().all(|c| c.is_alphanumeric() || c == '_')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_transforms() {
+        let f = parse_partition_field("day(order_ts)").unwrap();
+        assert_eq!(f.transform, PartitionTransform::Day);
+        assert_eq!(f.field_name(), "order_ts_day");
+        let f = parse_partition_field("bucket(16, id)").unwrap();
+        assert_eq!(f.transform, PartitionTransform::Bucket(16));
+        assert_eq!(
+            parse_partition_field("region").unwrap().field_name(),
+            "region"
+        );
+    }
+
+    #[test]
+    fn rejects_unknown_transform() {
+        let err = parse_partition_field("weekday(ts)")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown transform `weekday`"), "{err}");
+        let err = parse_partition_field("bucket(x, id)")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("positive whole number"), "{err}");
+    }
+}

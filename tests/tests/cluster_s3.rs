@@ -1,0 +1,84 @@
+//! Cluster mode on S3 (a private SeaweedFS) with its Iceberg REST catalog, and with the SQL
+//! catalog on PostgreSQL: the same content as DataFusion on one node, read back by PyIceberg
+//! and DuckDB over S3, scratch deleted.
+
+use nightshift_tests::cluster::{ClusterSandbox, ClusterStorage, Seaweed, uuid_like};
+use nightshift_tests::{RefSource, assert_matches_reference, snapshot_count};
+
+const SQL: &str = "SELECT o.o_orderpriority AS priority, c.c_mktsegment AS segment, COUNT(*) AS orders, \
+     SUM(o.o_totalprice) AS total, MIN(o.o_orderdate) AS first_order \
+     FROM orders o JOIN customer c ON c.c_custkey = o.o_custkey GROUP BY 1, 2";
+
+async fn run_on(storage: ClusterStorage, seaweed: &Seaweed) {
+    let cluster = ClusterSandbox::start(storage, 3, &[]);
+    cluster.sandbox.tpch();
+    let data = cluster.sandbox.path("data");
+    cluster.sandbox.spec(&format!(
+        r#"[pipeline]
+name = "s3_test"
+
+[[source]]
+name = "orders"
+format = "parquet"
+location = "{data}/orders/"
+
+[[source]]
+name = "customer"
+format = "parquet"
+location = "{data}/customer.parquet"
+
+[transform]
+sql = "{SQL}"
+
+[target]
+table = "tests.priorities"
+partition_by = ["identity(segment)"]
+
+[execution]
+shuffle_partitions = 3
+broadcast_join_threshold_bytes = 0
+"#,
+        data = data.display()
+    ));
+    let outcome = cluster.submit("s3-job", &[]);
+    assert_eq!(
+        outcome["status"],
+        "succeeded",
+        "{outcome}\n{}",
+        cluster.logs()
+    );
+    let reference = cluster
+        .sandbox
+        .reference(
+            SQL,
+            &[
+                RefSource::Parquet("orders", "data/orders/"),
+                RefSource::Parquet("customer", "data/customer.parquet"),
+            ],
+        )
+        .await;
+    let read = cluster.read_table("tests.priorities", Some(&reference));
+    assert_eq!(snapshot_count(&read), 1, "{read:#}");
+    assert_matches_reference(&read);
+    assert!(
+        seaweed.list("_scratch/").is_empty(),
+        "scratch left: {:?}",
+        seaweed.list("_scratch/")
+    );
+    let again = cluster.submit("s3-job", &[]);
+    assert_eq!(again["already_committed"], true, "{again}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_with_rest_catalog() {
+    let seaweed = Seaweed::start();
+    run_on(seaweed.with_rest_catalog(), &seaweed).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_with_postgres_sql_catalog() {
+    let seaweed = Seaweed::start();
+    let name = format!("s3pg{}", &uuid_like()[..8]);
+    run_on(seaweed.with_postgres_catalog(&name), &seaweed).await;
+    assert!(!seaweed.list("warehouse/tests/priorities/data/").is_empty());
+}

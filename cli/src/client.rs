@@ -17,6 +17,45 @@ pub const EXIT_CANCELLED: u8 = 3;
 type AddToken = Box<dyn FnMut(Request<()>) -> Result<Request<()>, Status> + Send>;
 type Authenticated = InterceptedService<Channel, AddToken>;
 
+/// An error and its causes, `outer: inner: innermost` ("transport error" alone says little).
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// What a failure below gRPC (no status from the server itself) most likely means. A
+/// plain-text client talking to a TLS server sees an HTTP/2 or transport error; a TLS client
+/// without the certificate a mutual-TLS server requires sees its connection closed.
+pub fn transport_hint(status: &Status, server: &str) -> Option<&'static str> {
+    let message = status.message();
+    let below_grpc = [
+        "h2 protocol error",
+        "transport error",
+        "operation was canceled",
+        "connection reset",
+        "broken pipe",
+    ]
+    .iter()
+    .any(|m| message.contains(m));
+    if !below_grpc {
+        None
+    } else if server.starts_with("https://") {
+        Some(
+            "the connection failed below gRPC: if the server requires mutual TLS, set NIGHTSHIFT_CLIENT_CERT and NIGHTSHIFT_CLIENT_KEY",
+        )
+    } else {
+        Some(
+            "the connection failed below gRPC: if the server serves TLS, use an https:// address (and NIGHTSHIFT_CA_CERT)",
+        )
+    }
+}
+
 /// A job API client that sends a bearer token.
 pub type ApiClient = JobServiceClient<Authenticated>;
 
@@ -25,6 +64,7 @@ pub async fn connect(server: &str, token: Option<String>) -> Result<ApiClient, S
     let mut endpoint = Channel::from_shared(server.to_string())
         .map_err(|e| format!("bad server address `{server}`: {e}"))?;
     if server.starts_with("https://") {
+        nightshift_coordinator::api::install_rustls_provider();
         endpoint = endpoint
             .tls_config(tls_from_env()?)
             .map_err(|e| format!("TLS settings: {e}"))?;
@@ -32,7 +72,7 @@ pub async fn connect(server: &str, token: Option<String>) -> Result<ApiClient, S
     let channel = endpoint
         .connect()
         .await
-        .map_err(|e| format!("cannot reach {server}: {e}"))?;
+        .map_err(|e| format!("cannot reach {server}: {}", with_causes(&e)))?;
     let header: Option<MetadataValue<_>> = match token {
         Some(t) => Some(
             format!("Bearer {t}")
@@ -87,19 +127,31 @@ pub fn token_from_env() -> Result<Option<String>, String> {
     }
 }
 
-/// The request for submitting `spec`.
+/// The request for submitting `spec`: a local file, sent with the SQL file it names, or a
+/// URL (`s3://…`) the coordinator reads itself.
 pub fn submit_request(
-    spec: &Path,
+    spec: &str,
     params: Vec<(String, String)>,
     idempotency_key: Option<String>,
 ) -> Result<SubmitJobRequest, String> {
-    let submission = JobSubmission::from_spec_file("", spec, params)
-        .map_err(|e| format!("cannot read {}: {e}", spec.display()))?;
+    let idempotency_key = idempotency_key.unwrap_or_default();
+    if spec.contains("://") {
+        return Ok(SubmitJobRequest {
+            spec_uri: spec.to_string(),
+            params: params.into_iter().collect(),
+            idempotency_key,
+            ..Default::default()
+        });
+    }
+    let path = Path::new(spec);
+    let submission = JobSubmission::from_spec_file("", path, params)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     Ok(SubmitJobRequest {
         spec: submission.spec,
         files: submission.files.into_iter().collect(),
         params: submission.params.into_iter().collect(),
-        idempotency_key: idempotency_key.unwrap_or_default(),
+        idempotency_key,
+        spec_uri: String::new(),
     })
 }
 
@@ -109,10 +161,41 @@ pub fn get(job_id: &str) -> GetJobRequest {
     }
 }
 
-pub fn list(pipeline: Option<String>) -> ListJobsRequest {
+/// A job state to list by (`nightshift jobs --state`).
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum StateFilter {
+    Queued,
+    Running,
+    Committing,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl From<StateFilter> for JobState {
+    fn from(state: StateFilter) -> Self {
+        match state {
+            StateFilter::Queued => JobState::Queued,
+            StateFilter::Running => JobState::Running,
+            StateFilter::Committing => JobState::Committing,
+            StateFilter::Succeeded => JobState::Succeeded,
+            StateFilter::Failed => JobState::Failed,
+            StateFilter::Cancelled => JobState::Cancelled,
+        }
+    }
+}
+
+pub fn list(
+    pipeline: Option<String>,
+    state: Option<StateFilter>,
+    limit: u32,
+    page_token: Option<String>,
+) -> ListJobsRequest {
     ListJobsRequest {
         pipeline: pipeline.unwrap_or_default(),
-        ..Default::default()
+        state: state.map_or(JobState::Unspecified, JobState::from) as i32,
+        page_size: limit,
+        page_token: page_token.unwrap_or_default(),
     }
 }
 

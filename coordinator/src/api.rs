@@ -3,6 +3,7 @@
 //! `nightshift run --cluster` uses; their records live in Redis.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -24,6 +25,7 @@ use nightshift_proto::v1::{
 use tonic::{Request, Response, Status};
 
 use crate::job::{JobError, JobOptions, validate_job};
+use crate::spec_ref::{SpecRefError, read_spec};
 use tracing::info;
 
 /// Largest spec plus SQL files accepted in one submission.
@@ -126,7 +128,27 @@ impl JobService for JobApi {
         &self,
         request: Request<SubmitJobRequest>,
     ) -> Result<Response<SubmitJobResponse>, Status> {
-        let request = request.into_inner();
+        let mut request = request.into_inner();
+        let by_reference = !request.spec_uri.is_empty();
+        if by_reference {
+            if !request.spec.is_empty() || !request.files.is_empty() {
+                return Err(Status::invalid_argument(
+                    "give either spec (with files) or spec_uri, not both",
+                ));
+            }
+            let (spec, files) = read_spec(&request.spec_uri, &self.access, MAX_SUBMISSION_BYTES)
+                .await
+                .map_err(|e| match &e {
+                    SpecRefError::Access(_) => Status::permission_denied(e.to_string()),
+                    SpecRefError::TooLarge { .. } => Status::resource_exhausted(e.to_string()),
+                    SpecRefError::Read { .. } if !e.is_not_found() => {
+                        Status::unavailable(redact(&e.to_string()))
+                    }
+                    _ => Status::invalid_argument(e.to_string()),
+                })?;
+            request.spec = spec;
+            request.files = files.into_iter().collect();
+        }
         let size = request.spec.len() + request.files.values().map(String::len).sum::<usize>();
         if size > MAX_SUBMISSION_BYTES {
             return Err(Status::resource_exhausted(format!(
@@ -147,6 +169,19 @@ impl JobService for JobApi {
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let spec = nightshift_spec::load_spec(&path, &params)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if by_reference
+            && let Some(source) = spec.spec.source.iter().find(|s| {
+                s.location
+                    .as_deref()
+                    .is_some_and(|l| !l.contains("://") && !l.starts_with('/'))
+            })
+        {
+            return Err(Status::invalid_argument(format!(
+                "source `{}`: location `{}` is relative; a spec submitted by spec_uri must name absolute locations (s3://bucket/path)",
+                source.name,
+                source.location.as_deref().unwrap_or_default()
+            )));
+        }
         self.access
             .check(&spec)
             .map_err(|e| Status::permission_denied(e.to_string()))?;
@@ -372,35 +407,48 @@ pub struct TlsFiles {
 }
 
 impl TlsFiles {
-    fn server_config(&self) -> std::io::Result<tonic::transport::ServerTlsConfig> {
-        let identity = tonic::transport::Identity::from_pem(
-            std::fs::read(&self.cert)?,
-            std::fs::read(&self.key)?,
-        );
+    fn server_config(&self) -> Result<tonic::transport::ServerTlsConfig, String> {
+        let read = |path: &std::path::Path| {
+            std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+        };
+        let identity = tonic::transport::Identity::from_pem(read(&self.cert)?, read(&self.key)?);
         let mut config = tonic::transport::ServerTlsConfig::new().identity(identity);
         if let Some(ca) = &self.client_ca {
-            config =
-                config.client_ca_root(tonic::transport::Certificate::from_pem(std::fs::read(ca)?));
+            config = config.client_ca_root(tonic::transport::Certificate::from_pem(read(ca)?));
         }
         Ok(config)
     }
 }
 
-/// Serves the job API, gRPC health and reflection on `addr` until the process ends, over
-/// TLS when `tls` is given.
-pub async fn serve_api(
+/// Selects rustls' ring backend for the whole process. Several dependencies enable rustls
+/// with different backends, so rustls cannot pick one itself; a second call does nothing.
+pub fn install_rustls_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// The job API server, bound and configured, not yet serving.
+pub type ApiServer = Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>>;
+
+/// Binds `addr` and prepares the job API, gRPC health and reflection, over TLS when `tls` is
+/// given. Errors in the address, certificates or keys surface here, at start, rather than
+/// when the first client connects. The returned future serves until the process ends.
+pub async fn bind_api(
     addr: SocketAddr,
     api: JobApi,
     auth: TokenAuth,
     tls: Option<TlsFiles>,
-) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+) -> Result<ApiServer, Box<dyn std::error::Error + Send + Sync>> {
+    install_rustls_provider();
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<JobServiceServer<JobApi>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(nightshift_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .expect("reflection descriptors");
+    // Both reflection versions: grpcurl and older tools still ask v1alpha.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(nightshift_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
     let service = tonic::service::interceptor::InterceptedService::new(
         JobServiceServer::new(api).max_decoding_message_size(MAX_SUBMISSION_BYTES + 64 * 1024),
         move |request: Request<()>| {
@@ -410,17 +458,22 @@ pub async fn serve_api(
     );
     let mut server = tonic::transport::Server::builder();
     if let Some(tls) = &tls {
-        server = server.tls_config(tls.server_config()?)?;
+        let config = tls.server_config().map_err(|e| format!("TLS: {e}"))?;
+        server = server.tls_config(config)?;
     }
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
     let mutual = tls.as_ref().is_some_and(|t| t.client_ca.is_some());
     info!(%addr, tls = tls.is_some(), mutual_tls = mutual, "job API listening");
-    server
+    let router = server
         .add_service(health_service)
-        .add_service(reflection)
-        .add_service(service)
-        .serve(addr)
-        .await?;
-    Ok(())
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(service);
+    Ok(Box::pin(router.serve_with_incoming(
+        tonic::transport::server::TcpIncoming::from(listener),
+    )))
 }
 
 #[cfg(test)]

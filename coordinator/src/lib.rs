@@ -5,12 +5,14 @@
 //! - [`job`] drives one job from spec to snapshot.
 //! - [`scheduler`] tracks stages and task attempts and decides what to publish next.
 //! - [`cleanup`] removes what a job wrote but did not commit.
+//! - [`api`] serves the gRPC job API; [`spec_ref`] reads specs submitted by reference.
 
 pub mod api;
 pub mod cleanup;
 pub mod job;
 pub mod scheduler;
 pub mod service;
+pub mod spec_ref;
 
 pub use job::{
     JobEnv, JobError, JobEvent, JobOptions, JobReport, ValidationReport, outcome_json, run_job,

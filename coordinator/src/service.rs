@@ -64,6 +64,7 @@ pub async fn serve(
         scratch,
         lease_ttl: config.redis.lease_ttl(),
     };
+    let mut api_server = None;
     if let Some(api) = api {
         let service = crate::api::JobApi::new(
             queue.clone(),
@@ -72,11 +73,10 @@ pub async fn serve(
             env.catalog.clone(),
         );
         let auth = crate::api::TokenAuth::new(api.tokens);
-        tokio::spawn(async move {
-            if let Err(e) = crate::api::serve_api(api.listen, service, auth, api.tls).await {
-                error!(error = %e, "job API stopped");
-            }
-        });
+        let server = crate::api::bind_api(api.listen, service, auth, api.tls)
+            .await
+            .map_err(|e| CoreError::Transport(format!("job API: {e}")))?;
+        api_server = Some(tokio::spawn(server));
     }
     info!(jobs_queue = %queue.jobs_queue(), max_jobs, "coordinator ready");
     spawn_sweeper(
@@ -91,7 +91,24 @@ pub async fn serve(
     let running: Arc<Mutex<RunningJobs>> = Arc::default();
     loop {
         let permit = slots.clone().acquire_owned().await.expect("semaphore open");
-        let Some(delivery) = queue.next_job().await? else {
+        // A coordinator whose API died must not go on looking healthy: it stops, and its
+        // supervisor (Kubernetes) restarts it.
+        let next = match api_server.as_mut() {
+            Some(server) => tokio::select! {
+                next = queue.next_job() => next,
+                ended = server => {
+                    let why = match ended {
+                        Ok(Ok(())) => "it ended".to_string(),
+                        Ok(Err(e)) => e.to_string(),
+                        Err(e) => e.to_string(),
+                    };
+                    error!(error = %why, "job API stopped; coordinator stopping");
+                    return Err(CoreError::Transport(format!("job API stopped: {why}")));
+                }
+            },
+            None => queue.next_job().await,
+        };
+        let Some(delivery) = next? else {
             info!("submission queue closed; coordinator stopping");
             return Ok(());
         };

@@ -29,6 +29,8 @@ pub enum AccessError {
         location: String,
         allowed: String,
     },
+    #[error("the spec at {location} is outside the allowed locations ({allowed})")]
+    SpecLocation { location: String, allowed: String },
     #[error("{role} table `{table}` is outside the allowed tables ({allowed})")]
     Table {
         role: &'static str,
@@ -105,6 +107,28 @@ impl AccessPolicy {
         Ok(())
     }
 
+    /// Checks where a spec submitted by reference is read from.
+    pub fn check_spec_location(&self, location: &Location) -> Result<(), AccessError> {
+        if self.inside(location) {
+            Ok(())
+        } else {
+            Err(AccessError::SpecLocation {
+                location: location.as_url_string(),
+                allowed: self.locations.join(", "),
+            })
+        }
+    }
+
+    fn inside(&self, location: &Location) -> bool {
+        if self.locations.is_empty() {
+            return true;
+        }
+        let url = normalized(location);
+        self.locations
+            .iter()
+            .any(|prefix| url.starts_with(prefix.as_str()) || format!("{url}/") == *prefix)
+    }
+
     fn check_location(
         &self,
         source_name: &str,
@@ -120,12 +144,11 @@ impl AccessPolicy {
             allowed: self.locations.join(", "),
         };
         let location = Location::parse(text, &spec.base_dir).map_err(|_| outside())?;
-        let url = normalized(&location);
-        let inside = self
-            .locations
-            .iter()
-            .any(|prefix| url.starts_with(prefix.as_str()) || format!("{url}/") == *prefix);
-        if inside { Ok(()) } else { Err(outside()) }
+        if self.inside(&location) {
+            Ok(())
+        } else {
+            Err(outside())
+        }
     }
 
     fn check_table(&self, role: &'static str, table: &str) -> Result<(), AccessError> {
@@ -266,6 +289,28 @@ mod tests {
         assert_eq!(
             AccessPolicy::new(&["data/".to_string()], &[]).unwrap_err(),
             AccessError::BadPrefix("data/".to_string())
+        );
+    }
+
+    #[test]
+    fn a_spec_by_reference_must_lie_under_an_allowed_location() {
+        let at = |url: &str| Location::parse(url, Path::new("/")).unwrap();
+        assert_eq!(
+            policy().check_spec_location(&at("s3://lake/raw/pipelines/daily.toml")),
+            Ok(())
+        );
+        let err = policy()
+            .check_spec_location(&at("s3://lake/raw/../secret/daily.toml"))
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("the spec at s3://lake/secret/daily.toml is outside"),
+            "{err}"
+        );
+        assert!(
+            policy()
+                .check_spec_location(&at("file:///etc/nightshift/coordinator.toml"))
+                .is_err()
         );
     }
 }

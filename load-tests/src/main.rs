@@ -41,18 +41,26 @@ struct Args {
     redis: String,
 }
 
-/// Latencies of one kind of call.
-#[derive(Default)]
-struct Latencies(Vec<Duration>);
+/// Latencies of one kind of call, in microseconds (3 significant digits).
+struct Latencies(hdrhistogram::Histogram<u64>);
+
+impl Default for Latencies {
+    fn default() -> Self {
+        Latencies(hdrhistogram::Histogram::new(3).expect("3 significant digits is valid"))
+    }
+}
 
 impl Latencies {
-    fn percentile(&mut self, p: f64) -> Duration {
-        if self.0.is_empty() {
-            return Duration::ZERO;
-        }
-        self.0.sort_unstable();
-        let rank = ((p / 100.0) * self.0.len() as f64).ceil() as usize;
-        self.0[rank.clamp(1, self.0.len()) - 1]
+    fn record(&mut self, d: Duration) {
+        self.0.saturating_record(d.as_micros() as u64);
+    }
+
+    fn calls(&self) -> usize {
+        self.0.len() as usize
+    }
+
+    fn percentile(&self, p: f64) -> Duration {
+        Duration::from_micros(self.0.value_at_quantile(p / 100.0))
     }
 }
 
@@ -258,11 +266,13 @@ where
     let mut latencies: Vec<Latencies> = (0..kinds).map(|_| Latencies::default()).collect();
     for handle in handles {
         for (kind, times) in handle.await??.into_iter().enumerate() {
-            latencies[kind].0.extend(times);
+            for t in times {
+                latencies[kind].record(t);
+            }
         }
     }
     Ok(Phase {
-        calls: latencies[0].0.len(),
+        calls: latencies[0].calls(),
         elapsed: started.elapsed(),
         latencies,
     })
@@ -316,7 +326,7 @@ async fn main() -> Result<()> {
         .await?;
         let spec = coordinator.spec.clone();
         let api = api.into_iter().enumerate().collect::<Vec<_>>();
-        let mut rounds = phase(
+        let rounds = phase(
             api,
             args.seconds,
             args.max_calls,
@@ -338,7 +348,7 @@ async fn main() -> Result<()> {
             },
         )
         .await?;
-        let mut hc = baseline.latencies.into_iter().next().expect("one kind");
+        let hc = baseline.latencies.into_iter().next().expect("one kind");
         let hc_p50 = hc.percentile(50.0);
         let (submit_p50, submit_p99) = (
             rounds.latencies[0].percentile(50.0),

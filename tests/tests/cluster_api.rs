@@ -79,7 +79,7 @@ async fn submit_watch_status_and_list() {
 async fn fifty_concurrent_submits_with_one_key_make_one_job() {
     let cluster = start(1, &[]);
     let request = nightshift::client::submit_request(
-        &cluster.sandbox.path("pipeline.toml"),
+        cluster.sandbox.path("pipeline.toml").to_str().unwrap(),
         vec![],
         Some("nightly-2024-01-01".into()),
     )
@@ -114,9 +114,12 @@ async fn fifty_concurrent_submits_with_one_key_make_one_job() {
 async fn cancel_mid_job_commits_nothing_and_drains_the_queue() {
     let cluster = start(1, &[("NIGHTSHIFT_TEST_TASK_DELAY_MS", "1500")]);
     let mut client = cluster.api_client().await;
-    let request =
-        nightshift::client::submit_request(&cluster.sandbox.path("pipeline.toml"), vec![], None)
-            .unwrap();
+    let request = nightshift::client::submit_request(
+        cluster.sandbox.path("pipeline.toml").to_str().unwrap(),
+        vec![],
+        None,
+    )
+    .unwrap();
     let job_id = client
         .submit_job(request)
         .await
@@ -364,16 +367,19 @@ async fn tls_and_mutual_tls() {
     }
     // A plain-text client against the TLS server fails.
     let plain = cluster.api_command_to(&cluster.api_url(), &["jobs"], &[]);
-    assert!(
-        !plain.status.success(),
-        "plain text must not work against TLS"
-    );
+    let stderr = String::from_utf8_lossy(&plain.stderr);
+    assert_eq!(plain.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("use an https:// address"), "{stderr}");
     // TLS without a client certificate fails when mutual TLS is required.
     let no_client_cert = cluster.api_command_to(&https, &["jobs"], &tls_env[..1]);
-    assert!(
-        !no_client_cert.status.success(),
-        "mutual TLS must require a client certificate"
-    );
+    let stderr = String::from_utf8_lossy(&no_client_cert.stderr);
+    assert!(!no_client_cert.status.success(), "{stderr}");
+    assert!(stderr.contains("NIGHTSHIFT_CLIENT_CERT"), "{stderr}");
+    // A TLS client that does not trust the server's certificate refuses it.
+    let untrusted = cluster.api_command_to(&https, &["jobs"], &[]);
+    let stderr = String::from_utf8_lossy(&untrusted.stderr);
+    assert!(!untrusted.status.success(), "{stderr}");
+    assert!(stderr.contains("cannot reach"), "{stderr}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -528,5 +534,93 @@ async fn wait_until_done(
         }
         assert!(std::time::Instant::now() < deadline, "{job:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spec_in_object_storage_is_submitted_by_reference() {
+    let data_dir = tempfile::tempdir().unwrap();
+    let lake = data_dir.path().display().to_string();
+    let cluster = start(2, &[("NIGHTSHIFT_ALLOWED_LOCATIONS", &lake)]);
+    // The spec and its SQL file live under an allowed location, with absolute source URLs.
+    let data = cluster.sandbox.path("data");
+    let copied = data_dir.path().join("orders");
+    std::fs::create_dir_all(&copied).unwrap();
+    for entry in std::fs::read_dir(data.join("orders")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), copied.join(entry.file_name())).unwrap();
+    }
+    let pipelines = data_dir.path().join("pipelines");
+    std::fs::create_dir_all(pipelines.join("sql")).unwrap();
+    let by_reference = spec(data_dir.path()).replace(
+        "sql = \"SELECT o_orderpriority AS priority, COUNT(*) AS n FROM orders GROUP BY 1\"",
+        "sql_file = \"sql/priorities.sql\"",
+    );
+    std::fs::write(pipelines.join("daily.toml"), &by_reference).unwrap();
+    std::fs::write(
+        pipelines.join("sql/priorities.sql"),
+        "SELECT o_orderpriority AS priority, COUNT(*) AS n FROM orders GROUP BY 1",
+    )
+    .unwrap();
+    let uri = format!("file://{lake}/pipelines/daily.toml");
+    let out = cluster.api_command(&["submit", &uri, "--wait"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        cluster.logs()
+    );
+    let read = cluster.read_table("tests.api", None);
+    assert_eq!(snapshot_count(&read), 1, "{read:#}");
+    assert_eq!(
+        read["snapshots"][0]["summary"]["nightshift.job-id"],
+        stdout(&out).as_str()
+    );
+
+    // What a reference may not do.
+    std::fs::write(
+        pipelines.join("relative.toml"),
+        by_reference.replace(&format!("{lake}/orders/"), "orders/"),
+    )
+    .unwrap();
+    let mut client = cluster.api_client().await;
+    let spec_dir = cluster.sandbox.path("pipeline.toml");
+    let cases = [
+        (
+            format!("file://{}", spec_dir.display()),
+            tonic::Code::PermissionDenied,
+            "is outside the allowed locations".to_string(),
+        ),
+        (
+            format!("file://{lake}/pipelines/missing.toml"),
+            tonic::Code::InvalidArgument,
+            format!("cannot read file://{lake}/pipelines/missing.toml"),
+        ),
+        (
+            format!("file://{lake}/pipelines/relative.toml"),
+            tonic::Code::InvalidArgument,
+            "source `orders`: location `orders/` is relative".to_string(),
+        ),
+        (
+            "pipelines/daily.toml".to_string(),
+            tonic::Code::InvalidArgument,
+            "is not a URL".to_string(),
+        ),
+    ];
+    for (spec_uri, code, expected) in cases {
+        let status = client
+            .submit_job(SubmitJobRequest {
+                spec_uri: spec_uri.clone(),
+                ..Default::default()
+            })
+            .await
+            .expect_err(&spec_uri);
+        assert_eq!(status.code(), code, "{spec_uri}: {status:?}");
+        assert!(
+            status.message().contains(&expected),
+            "{spec_uri}: {}",
+            status.message()
+        );
     }
 }

@@ -13,6 +13,7 @@ use nightshift_cluster::ClusterConfig;
 use nightshift_coordinator::{JobError, JobEvent, JobOptions, validate_job};
 use nightshift_core::ids::JobId;
 use nightshift_core::redact::RedactingWriter;
+use nightshift_proto::v1::ListJobsRequest;
 use nightshift_spec::{ResolvedSpec, load_spec, parse_param_arg};
 
 /// Nightly batch pipelines that publish Apache Iceberg tables.
@@ -104,6 +105,15 @@ enum Command {
         /// Only this pipeline's jobs.
         #[arg(long)]
         pipeline: Option<String>,
+        /// Only jobs in this state.
+        #[arg(long, value_enum)]
+        state: Option<client::StateFilter>,
+        /// At most this many jobs.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        /// Continue a listing: the token the previous page printed.
+        #[arg(long)]
+        page_token: Option<String>,
     },
     /// Run a cluster worker: takes tasks from RabbitMQ, runs them, writes to object storage.
     /// Start as many as you like; stop or kill them at any time.
@@ -162,8 +172,10 @@ struct ApiArgs {
 struct SubmitArgs {
     #[command(flatten)]
     api: ApiArgs,
-    /// The pipeline spec (TOML); the SQL file it names is sent along.
-    pipeline: PathBuf,
+    /// The pipeline spec: a local TOML file (the SQL file it names is sent along), or a URL
+    /// such as s3://lake/pipelines/daily.toml that the coordinator reads itself (it must lie
+    /// under the coordinator's allowed locations, and its sources must be absolute URLs).
+    pipeline: String,
     #[arg(long = "param", value_name = "KEY=VALUE", value_parser = parse_param_arg)]
     params: Vec<(String, String)>,
     /// Retries with the same key return the same job instead of starting another.
@@ -243,7 +255,13 @@ fn main() -> ExitCode {
             Command::Status { api, job_id } => status(&api, &job_id).await,
             Command::Watch { api, job_id } => watch(&api, &job_id).await,
             Command::Cancel { api, job_id } => cancel(&api, &job_id).await,
-            Command::Jobs { api, pipeline } => jobs(&api, pipeline).await,
+            Command::Jobs {
+                api,
+                pipeline,
+                state,
+                limit,
+                page_token,
+            } => jobs(&api, client::list(pipeline, state, limit, page_token)).await,
             Command::Worker { config, id } => worker(&config, id).await,
         }
     })
@@ -455,7 +473,11 @@ async fn worker(config: &std::path::Path, id: Option<String>) -> ExitCode {
     }
 }
 
+/// The server this invocation talks to, for hints on transport errors.
+static SERVER: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
 async fn api_client(api: &ApiArgs) -> Result<client::ApiClient, ExitCode> {
+    let _ = SERVER.set(api.server.clone());
     let token = client::token_from_env().map_err(|e| {
         eprintln!("error: {e}");
         ExitCode::from(EXIT_INVALID)
@@ -468,6 +490,10 @@ async fn api_client(api: &ApiArgs) -> Result<client::ApiClient, ExitCode> {
 
 fn rpc_error(status: tonic::Status) -> ExitCode {
     eprintln!("error: {} ({:?})", status.message(), status.code());
+    let server = SERVER.get().map_or("", String::as_str);
+    if let Some(hint) = client::transport_hint(&status, server) {
+        eprintln!("hint: {hint}");
+    }
     ExitCode::from(match status.code() {
         tonic::Code::InvalidArgument
         | tonic::Code::ResourceExhausted
@@ -575,15 +601,19 @@ async fn cancel(api: &ApiArgs, job_id: &str) -> ExitCode {
     }
 }
 
-async fn jobs(api: &ApiArgs, pipeline: Option<String>) -> ExitCode {
+async fn jobs(api: &ApiArgs, request: ListJobsRequest) -> ExitCode {
     let mut api = match api_client(api).await {
         Ok(c) => c,
         Err(code) => return code,
     };
-    match api.list_jobs(client::list(pipeline)).await {
+    match api.list_jobs(request).await {
         Ok(list) => {
-            for job in &list.get_ref().jobs {
+            let list = list.into_inner();
+            for job in &list.jobs {
                 println!("{}", client::describe(job));
+            }
+            if !list.next_page_token.is_empty() {
+                eprintln!("more jobs: --page-token {}", list.next_page_token);
             }
             ExitCode::SUCCESS
         }

@@ -1,0 +1,169 @@
+//! Specs submitted by reference (`SubmitJobRequest.spec_uri`): the coordinator reads the spec,
+//! and the `sql_file` it names, from object storage once, when the job is submitted. From then
+//! on the job carries the text it read, so a spec rewritten later does not change a queued job.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use nightshift_core::access::{AccessError, AccessPolicy};
+use nightshift_core::storage::Location;
+use object_store::ObjectStoreExt;
+
+/// Why a referenced spec could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum SpecRefError {
+    #[error("spec_uri `{0}` is not a URL; give one such as s3://bucket/pipelines/daily.toml")]
+    NotAUrl(String),
+    #[error(transparent)]
+    Access(#[from] AccessError),
+    #[error("cannot read {location}: {message}")]
+    Read {
+        location: String,
+        message: String,
+        not_found: bool,
+    },
+    #[error("{location} is {size} bytes; at most {limit} are accepted")]
+    TooLarge {
+        location: String,
+        size: u64,
+        limit: usize,
+    },
+    #[error("{0} is not UTF-8 text")]
+    NotText(String),
+    #[error("[transform] sql_file `{0}` must be a path below the spec's directory")]
+    SqlFileEscapes(String),
+}
+
+impl SpecRefError {
+    /// A missing or unreadable object is the caller's mistake, not the server's.
+    pub fn is_not_found(&self) -> bool {
+        matches!(
+            self,
+            SpecRefError::Read {
+                not_found: true,
+                ..
+            }
+        )
+    }
+}
+
+/// The spec text and its SQL files, read from `uri` after checking it against `access`.
+/// `limit` bounds the spec and its files together.
+pub async fn read_spec(
+    uri: &str,
+    access: &AccessPolicy,
+    limit: usize,
+) -> Result<(String, BTreeMap<String, String>), SpecRefError> {
+    if !uri.contains("://") {
+        return Err(SpecRefError::NotAUrl(uri.to_string()));
+    }
+    let spec_location =
+        Location::parse(uri, Path::new("/")).map_err(|_| SpecRefError::NotAUrl(uri.to_string()))?;
+    access.check_spec_location(&spec_location)?;
+    let spec = read_text(&spec_location, limit).await?;
+    let mut files = BTreeMap::new();
+    if let Some(sql_file) = sql_file_of(&spec) {
+        if sql_file.contains("..") || sql_file.starts_with('/') || sql_file.contains("://") {
+            return Err(SpecRefError::SqlFileEscapes(sql_file));
+        }
+        let url = spec_location
+            .url()
+            .join(&sql_file)
+            .map_err(|_| SpecRefError::SqlFileEscapes(sql_file.clone()))?;
+        let location = Location::from_url(url);
+        access.check_spec_location(&location)?;
+        let text = read_text(&location, limit.saturating_sub(spec.len())).await?;
+        files.insert(sql_file, text);
+    }
+    Ok((spec, files))
+}
+
+/// `[transform] sql_file`, if the spec names one (a spec that does not parse is reported
+/// later, with the spec loader's errors).
+fn sql_file_of(spec: &str) -> Option<String> {
+    let value = spec.parse::<toml::Table>().ok()?;
+    Some(
+        value
+            .get("transform")?
+            .get("sql_file")?
+            .as_str()?
+            .to_string(),
+    )
+}
+
+async fn read_text(location: &Location, limit: usize) -> Result<String, SpecRefError> {
+    let name = location.as_url_string();
+    let read_error = |e: &dyn std::fmt::Display, not_found: bool| SpecRefError::Read {
+        location: name.clone(),
+        message: e.to_string(),
+        not_found,
+    };
+    let (store, key) = location.store().map_err(|e| read_error(&e, false))?;
+    let object = store.get(&key).await.map_err(|e| {
+        let not_found = matches!(e, object_store::Error::NotFound { .. });
+        read_error(&e, not_found)
+    })?;
+    if object.meta.size > limit as u64 {
+        return Err(SpecRefError::TooLarge {
+            location: name,
+            size: object.meta.size,
+            limit,
+        });
+    }
+    let bytes = object.bytes().await.map_err(|e| read_error(&e, false))?;
+    String::from_utf8(bytes.to_vec()).map_err(|_| SpecRefError::NotText(name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn local(dir: &Path) -> AccessPolicy {
+        AccessPolicy::new(&[dir.display().to_string()], &[]).unwrap()
+    }
+
+    #[tokio::test]
+    async fn reads_the_spec_and_its_sql_file() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("sql")).unwrap();
+        let spec = "[pipeline]\nname = \"p\"\n[transform]\nsql_file = \"sql/t.sql\"\n";
+        std::fs::write(dir.path().join("p.toml"), spec).unwrap();
+        std::fs::write(dir.path().join("sql/t.sql"), "SELECT 1").unwrap();
+        let uri = format!("file://{}/p.toml", dir.path().display());
+        let (text, files) = read_spec(&uri, &local(dir.path()), 1 << 20).await.unwrap();
+        assert_eq!(text, spec);
+        assert_eq!(files["sql/t.sql"], "SELECT 1");
+    }
+
+    #[tokio::test]
+    async fn refuses_what_it_should_not_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = local(&dir.path().join("allowed"));
+        let uri = format!("file://{}/p.toml", dir.path().display());
+        let err = read_spec(&uri, &policy, 1 << 20).await.unwrap_err();
+        assert!(matches!(err, SpecRefError::Access(_)), "{err}");
+
+        let err = read_spec("pipelines/p.toml", &policy, 1 << 20)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, SpecRefError::NotAUrl(_)), "{err}");
+
+        std::fs::create_dir_all(dir.path().join("allowed")).unwrap();
+        let spec = "[transform]\nsql_file = \"../secret.sql\"\n";
+        std::fs::write(dir.path().join("allowed/p.toml"), spec).unwrap();
+        let uri = format!("file://{}/allowed/p.toml", dir.path().display());
+        let err = read_spec(&uri, &policy, 1 << 20).await.unwrap_err();
+        assert!(matches!(err, SpecRefError::SqlFileEscapes(_)), "{err}");
+
+        let err = read_spec(&uri, &policy, 10).await.unwrap_err();
+        assert!(
+            err.to_string().ends_with("at most 10 are accepted"),
+            "{err}"
+        );
+
+        let missing = format!("file://{}/allowed/none.toml", dir.path().display());
+        let err = read_spec(&missing, &policy, 1 << 20).await.unwrap_err();
+        assert!(err.is_not_found(), "{err}");
+        assert!(err.to_string().contains("none.toml"), "{err}");
+    }
+}

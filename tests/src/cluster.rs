@@ -69,6 +69,8 @@ pub struct ClusterSandbox {
     pub api_token: String,
     /// Extra `nightshift coordinator` arguments (e.g. TLS files), used from the next start.
     pub coordinator_args: Vec<String>,
+    /// The AMQP URL the processes use (this sandbox's vhost, or a private node).
+    pub rabbitmq_url: String,
     /// The vhost of this sandbox on the machine's broker, deleted on drop.
     vhost: Option<String>,
 }
@@ -167,6 +169,7 @@ impl ClusterSandbox {
             api_addr: format!("127.0.0.1:{}", free_port()),
             api_token: format!("token-{}", uuid_like()),
             coordinator_args: Vec::new(),
+            rabbitmq_url: rabbitmq_url.clone(),
             vhost,
         };
         cluster.start_coordinator();

@@ -363,7 +363,7 @@ async fn tasks_delivered_twice_write_no_duplicate_rows() {
     let out = std::process::Command::new(nightshift_tests::python())
         .arg(script)
         .args([
-            "amqp://guest:guest@127.0.0.1:5672/%2f",
+            &cluster.rabbitmq_url,
             &format!("{}.tasks", cluster.prefix),
             "5",
             "30",

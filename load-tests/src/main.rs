@@ -44,9 +44,17 @@ struct Args {
 /// Latencies of one kind of call, in microseconds (3 significant digits).
 struct Latencies(hdrhistogram::Histogram<u64>);
 
+/// Longest latency the histograms hold (µs); a longer call is recorded as this.
+const MAX_LATENCY_MICROS: u64 = 600_000_000;
+
 impl Default for Latencies {
     fn default() -> Self {
-        Latencies(hdrhistogram::Histogram::new(3).expect("3 significant digits is valid"))
+        // Fixed bounds: `saturating_record` clamps to the current bounds instead of growing
+        // an auto-resizing histogram, which would record every call above ~2 ms as ~2 ms.
+        Latencies(
+            hdrhistogram::Histogram::new_with_bounds(1, MAX_LATENCY_MICROS, 3)
+                .expect("1 µs to 10 min at 3 significant digits is valid"),
+        )
     }
 }
 

@@ -12,12 +12,6 @@ use nightshift_core::storage::{Location, delete_objects, list_objects, list_obje
 use nightshift_core::transport::{JobState, StateStore};
 use tracing::{debug, warn};
 
-/// The file path inside a serialized iceberg `DataFile`.
-pub fn data_file_path(json: &str) -> Option<String> {
-    let value: serde_json::Value = serde_json::from_str(json).ok()?;
-    value.get("file_path")?.as_str().map(str::to_string)
-}
-
 /// Deletes the job's scratch directory (shuffle outputs of every attempt).
 pub async fn delete_scratch(scratch: &Location, job: &JobId) {
     let dir = scratch.join(job.as_str());

@@ -17,17 +17,18 @@ use nightshift_core::shuffle::resolve_shuffles;
 use nightshift_core::sources::{SourceSummary, register_sources};
 use nightshift_core::storage::Location;
 use nightshift_core::table::{
-    CatalogConfig, PIPELINE_PROPERTY, check_compatible, commit_job_snapshot, ensure_table,
-    find_job_snapshot, open_catalog, parse_table_ident, target_layout, with_table_types_for_nulls,
+    CatalogConfig, CommitOutcome, JobCommit, PIPELINE_PROPERTY, check_compatible,
+    commit_job_snapshot, committed_before, ensure_table, find_job_snapshot, open_catalog,
+    parse_table_ident, target_layout, with_table_types_for_nulls,
 };
 use nightshift_core::transport::{JobState, StateStore, TaskQueue};
 use nightshift_proto::PROTOCOL_VERSION;
 use nightshift_proto::v1::{self, task_definition, task_result::Outcome};
-use nightshift_spec::{ResolvedSpec, WriteMode};
+use nightshift_spec::ResolvedSpec;
 use prost::Message;
 use tracing::{Instrument, info, info_span, warn};
 
-use crate::cleanup::{data_file_path, delete_scratch, sweep_job_data_files};
+use crate::cleanup::{delete_scratch, sweep_job_data_files};
 use crate::scheduler::{StageCount, StageTracker};
 
 /// Default input bytes per scan task.
@@ -183,12 +184,6 @@ async fn plan(
     options: &JobOptions,
     catalog: Option<&dyn iceberg::Catalog>,
 ) -> Result<Planned, JobError> {
-    if spec.spec.target.mode == WriteMode::Overwrite {
-        return Err(JobError::Invalid(CoreError::Target {
-            table: spec.spec.target.table.clone(),
-            message: "mode = \"overwrite\" is not implemented yet; use mode = \"append\"".into(),
-        }));
-    }
     let session = new_session(SessionOptions::default());
     let sources = register_sources(&session, spec, catalog).await?;
     let partitions = choose_partitions(spec, options, &sources);
@@ -414,16 +409,13 @@ async fn run_job_inner(
             env.state
                 .set_job_state(job, JobState::Committing, "")
                 .await?;
-            let committed = commit(&catalog, &ident, job, spec, &files).await;
+            let committed = commit(&catalog, &env.catalog, &ident, job, spec, &files).await;
             match committed {
-                Ok(snapshot) => {
-                    report.snapshot_id = snapshot.map(|(id, _)| id);
-                    report.already_committed = snapshot.is_some_and(|(_, again)| again);
-                    let keep: HashSet<String> = if report.already_committed {
-                        HashSet::new()
-                    } else {
-                        files.iter().filter_map(|f| data_file_path(f)).collect()
-                    };
+                Ok(outcome) => {
+                    report.snapshot_id = outcome.as_ref().map(|o| o.snapshot_id);
+                    report.already_committed =
+                        outcome.as_ref().is_some_and(|o| o.already_committed);
+                    let keep = outcome.map(|o| o.committed_files).unwrap_or_default();
                     sweep_job_data_files(&data_dir, job, &keep).await?;
                     Ok(())
                 }
@@ -451,7 +443,9 @@ async fn run_job_inner(
             env.state
                 .set_job_state(job, JobState::Failed, &e.to_string())
                 .await?;
-            if let Err(sweep) = sweep_job_data_files(&data_dir, job, &HashSet::new()).await {
+            // Files of this job id that another coordinator committed meanwhile stay.
+            let keep = files_committed_elsewhere(catalog.as_ref(), &ident, job).await;
+            if let Err(sweep) = sweep_job_data_files(&data_dir, job, &keep).await {
                 warn!(error = %sweep, "cannot delete the failed job's data files");
             }
             if !existed {
@@ -462,19 +456,16 @@ async fn run_job_inner(
     }
 }
 
-/// Commits the job's files, or nothing for an empty result. Returns the snapshot id and
-/// whether it was committed by an earlier run.
+/// Commits the job's files (appended, or replacing the table's rows), or nothing for an empty
+/// result.
 async fn commit(
     catalog: &Arc<dyn iceberg::Catalog>,
+    config: &CatalogConfig,
     ident: &iceberg::TableIdent,
     job: &JobId,
     spec: &ResolvedSpec,
     files: &[String],
-) -> Result<Option<(i64, bool)>, CoreError> {
-    if files.is_empty() {
-        info!("the result is empty; nothing to commit");
-        return Ok(None);
-    }
+) -> Result<Option<CommitOutcome>, CoreError> {
     let mut summary = HashMap::new();
     summary.insert(
         PIPELINE_PROPERTY.to_string(),
@@ -485,13 +476,42 @@ async fn commit(
         let value = if is_secret_name(k) { MASK } else { v.as_str() };
         summary.insert(format!("nightshift.param.{k}"), value.to_string());
     }
-    let outcome = commit_job_snapshot(catalog.as_ref(), ident, job, files, summary).await?;
-    info!(
-        snapshot_id = outcome.snapshot_id,
-        again = outcome.already_committed,
-        "committed"
-    );
-    Ok(Some((outcome.snapshot_id, outcome.already_committed)))
+    let commit = JobCommit {
+        job,
+        mode: spec.spec.target.mode,
+        data_files_json: files,
+        summary,
+    };
+    let outcome = commit_job_snapshot(catalog.as_ref(), config, ident, commit).await?;
+    match &outcome {
+        Some(o) => info!(
+            snapshot_id = o.snapshot_id,
+            again = o.already_committed,
+            mode = ?spec.spec.target.mode,
+            "committed"
+        ),
+        None => info!("the result is empty; nothing to commit"),
+    }
+    Ok(outcome)
+}
+
+/// The data files of `job`'s snapshot, when the table has one although this run failed (the
+/// same job id committed by another coordinator): a failed run must not delete them.
+async fn files_committed_elsewhere(
+    catalog: &dyn iceberg::Catalog,
+    ident: &iceberg::TableIdent,
+    job: &JobId,
+) -> HashSet<String> {
+    let Ok(table) = catalog.load_table(ident).await else {
+        return HashSet::new();
+    };
+    match committed_before(&table, job).await {
+        Ok(outcome) => outcome.map(|o| o.committed_files).unwrap_or_default(),
+        Err(e) => {
+            warn!(error = %e, "cannot read the table's history; keeping nothing");
+            HashSet::new()
+        }
+    }
 }
 
 /// A table this job created and never committed to is dropped, so a failed first run
@@ -511,7 +531,8 @@ async fn drop_if_empty(catalog: &dyn iceberg::Catalog, ident: &iceberg::TableIde
     }
 }
 
-fn table_output(table: &iceberg::table::Table) -> Result<v1::TableOutput, CoreError> {
+/// What a final-stage task needs to write data files for `table`.
+pub fn table_output(table: &iceberg::table::Table) -> Result<v1::TableOutput, CoreError> {
     let metadata = table.metadata();
     let json = |v: serde_json::Result<String>| {
         v.map_err(|e| CoreError::Protocol(format!("cannot serialize table metadata: {e}")))

@@ -44,6 +44,11 @@ pub enum CoreError {
     #[error("iceberg: {0}")]
     Iceberg(#[from] iceberg::Error),
 
+    /// The catalog refused or failed a request Nightshift made itself (not through
+    /// iceberg-rust), e.g. a REST commit.
+    #[error("catalog: {0}")]
+    Catalog(String),
+
     #[error(transparent)]
     DataFusion(#[from] DataFusionError),
 

@@ -78,7 +78,7 @@ def read_pyiceberg(table):
     rows = [tuple(r[c] for c in columns) for r in arrow.to_pylist()]
     snapshots = [
         {"snapshot_id": s.snapshot_id, "summary": dict(s.summary.additional_properties) if s.summary else {},
-         "operation": str(s.summary.operation) if s.summary else None}
+         "operation": s.summary.operation.value if s.summary else None}
         for s in table.metadata.snapshots
     ]
     return summarize(columns, rows), snapshots

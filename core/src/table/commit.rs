@@ -1,19 +1,25 @@
-//! Creating the target table and committing a job's data files as one snapshot.
+//! Committing a job's data files as one snapshot, exactly once.
 //!
 //! Architecture invariant: only the coordinator commits, once per job. The snapshot summary
 //! carries `nightshift.job-id`; a job whose id is already in the table's history is never
-//! committed again, so the table itself is the record of what was published.
+//! committed again, so the table itself is the record of what was published. The check is
+//! part of every commit attempt, not only a look before it: each attempt builds on a table
+//! loaded with the job absent and swaps only if `main` still points where it did.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
 
-use datafusion::arrow::datatypes::Schema as ArrowSchema;
-use iceberg::spec::{DataFile, Transform, UnboundPartitionSpec, deserialize_data_file_from_json};
+use iceberg::spec::{DataFile, ManifestStatus, deserialize_data_file_from_json};
 use iceberg::table::Table;
 use iceberg::transaction::{ApplyTransactionAction, Transaction};
-use iceberg::{Catalog, TableCreation, TableIdent};
-use nightshift_spec::{PartitionField, PartitionTransform};
+use iceberg::{Catalog, TableIdent};
+use nightshift_spec::WriteMode;
+use tracing::{info, warn};
 
-use super::schema::iceberg_schema_for;
+use super::catalog::CatalogConfig;
+use super::job_guard::{JobGuardCatalog, is_already_committed};
+use super::overwrite::produce_overwrite;
+use super::swap::{SwapError, swap_table_metadata};
 use crate::error::{CoreError, Result};
 use crate::ids::JobId;
 
@@ -22,12 +28,30 @@ pub const JOB_ID_PROPERTY: &str = "nightshift.job-id";
 /// Snapshot summary key holding the pipeline name.
 pub const PIPELINE_PROPERTY: &str = "nightshift.pipeline";
 
+/// Attempts at an overwrite swap before the job fails (each one after a conflict with
+/// another writer or an unknown outcome).
+const MAX_SWAP_ATTEMPTS: u32 = 8;
+
+/// What a job publishes.
+#[derive(Debug)]
+pub struct JobCommit<'a> {
+    pub job: &'a JobId,
+    pub mode: WriteMode,
+    /// The final stage's data files, serialized by the workers that wrote them.
+    pub data_files_json: &'a [String],
+    /// Snapshot summary properties (pipeline, params); the job id is added.
+    pub summary: HashMap<String, String>,
+}
+
 /// The result of [`commit_job_snapshot`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CommitOutcome {
     pub snapshot_id: i64,
-    /// True when the job had been committed before and nothing new was written.
+    /// True when the job had been committed before (by an earlier run, or by another
+    /// coordinator meanwhile) and nothing new was written.
     pub already_committed: bool,
+    /// Paths of the data files the job's snapshot added: they must survive any cleanup.
+    pub committed_files: HashSet<String>,
 }
 
 /// `ns.table` (or `a.b.table`) as an Iceberg identifier.
@@ -49,237 +73,195 @@ pub fn find_job_snapshot(table: &Table, job: &JobId) -> Option<i64> {
         .map(|s| s.snapshot_id())
 }
 
-/// Loads the target table, or creates it (and its namespace) from the result schema and the
-/// spec's partition fields. An existing table must accept the result's columns.
-pub async fn ensure_table(
-    catalog: &dyn Catalog,
-    ident: &TableIdent,
-    result_schema: &ArrowSchema,
-    partition_by: &[PartitionField],
-    properties: &HashMap<String, String>,
-) -> Result<Table> {
-    let name = ident.to_string();
-    if catalog.table_exists(ident).await? {
-        let table = catalog.load_table(ident).await?;
-        let result_schema = with_table_types_for_nulls(&table, result_schema)?;
-        let (wanted, _) = target_layout(&name, &result_schema, partition_by)?;
-        check_compatible(&name, &table, &wanted, partition_by)?;
-        return Ok(table);
-    }
-    let (wanted, spec) = target_layout(&name, result_schema, partition_by)?;
-    let namespace = ident.namespace();
-    if !catalog.namespace_exists(namespace).await? {
-        catalog.create_namespace(namespace, HashMap::new()).await?;
-    }
-    let creation = TableCreation::builder()
-        .name(ident.name().to_string())
-        .schema(wanted)
-        .partition_spec(spec)
-        .properties(properties.clone())
-        .build();
-    match catalog.create_table(namespace, creation).await {
-        Ok(table) => Ok(table),
-        // Another job created it first.
-        Err(e) if e.kind() == iceberg::ErrorKind::TableAlreadyExists => {
-            Ok(catalog.load_table(ident).await?)
-        }
-        Err(e) => Err(e.into()),
-    }
-}
-
-/// A result column of type Null (e.g. from a header-only CSV) takes the type of the table's
-/// column of that name: NULL fits any column.
-pub fn with_table_types_for_nulls(table: &Table, result: &ArrowSchema) -> Result<ArrowSchema> {
-    let table_arrow = iceberg::arrow::schema_to_arrow_schema(table.metadata().current_schema())?;
-    let fields = result
-        .fields()
-        .iter()
-        .map(
-            |f| match (f.data_type(), table_arrow.field_with_name(f.name())) {
-                (datafusion::arrow::datatypes::DataType::Null, Ok(existing)) => {
-                    std::sync::Arc::new(datafusion::arrow::datatypes::Field::new(
-                        f.name(),
-                        existing.data_type().clone(),
-                        true,
-                    ))
-                }
-                _ => f.clone(),
-            },
-        )
-        .collect::<Vec<_>>();
-    Ok(ArrowSchema::new(fields))
-}
-
-/// The schema and partition spec a table created from `result_schema` gets. Binding the spec
-/// now turns a transform that does not fit its column into a clear error.
-pub fn target_layout(
-    name: &str,
-    result_schema: &ArrowSchema,
-    partition_by: &[PartitionField],
-) -> Result<(iceberg::spec::Schema, UnboundPartitionSpec)> {
-    let schema = iceberg_schema_for(name, result_schema)?;
-    let spec = unbound_partition_spec(name, &schema, partition_by)?;
-    spec.clone()
-        .bind(std::sync::Arc::new(schema.clone()))
-        .map_err(|e| CoreError::Target {
-            table: name.to_string(),
-            message: format!(
-                "partition_by does not fit the result columns: {}",
-                e.message()
-            ),
-        })?;
-    Ok((schema, spec))
-}
-
-fn unbound_partition_spec(
-    table: &str,
-    schema: &iceberg::spec::Schema,
-    partition_by: &[PartitionField],
-) -> Result<UnboundPartitionSpec> {
-    let mut builder = UnboundPartitionSpec::builder();
-    for field in partition_by {
-        let source = schema.field_by_name(&field.column).ok_or_else(|| {
-            let columns: Vec<_> = schema.as_struct().fields().iter().map(|f| f.name.as_str()).collect();
-            CoreError::Target {
-                table: table.to_string(),
-                message: format!(
-                    "partition_by names column `{}` which the result does not have; result columns: {}",
-                    field.column,
-                    columns.join(", ")
-                ),
-            }
-        })?;
-        builder = builder.add_partition_field(
-            source.id,
-            field.field_name(),
-            to_iceberg(field.transform),
-        )?;
-    }
-    Ok(builder.build())
-}
-
-fn to_iceberg(t: PartitionTransform) -> Transform {
-    match t {
-        PartitionTransform::Identity => Transform::Identity,
-        PartitionTransform::Year => Transform::Year,
-        PartitionTransform::Month => Transform::Month,
-        PartitionTransform::Day => Transform::Day,
-        PartitionTransform::Hour => Transform::Hour,
-        PartitionTransform::Bucket(n) => Transform::Bucket(n),
-        PartitionTransform::Truncate(w) => Transform::Truncate(w),
-    }
-}
-
-/// An existing table must have every result column with the same type, and the partitioning
-/// the spec asks for.
-pub fn check_compatible(
-    name: &str,
-    table: &Table,
-    wanted: &iceberg::spec::Schema,
-    partition_by: &[PartitionField],
-) -> Result<()> {
-    let current = table.metadata().current_schema();
-    let target_err = |message: String| CoreError::Target {
-        table: name.to_string(),
-        message,
-    };
-    for field in wanted.as_struct().fields() {
-        let Some(existing) = current.field_by_name(&field.name) else {
-            return Err(target_err(format!(
-                "the result has column `{}` which the existing table lacks",
-                field.name
-            )));
-        };
-        if existing.field_type != field.field_type {
-            return Err(target_err(format!(
-                "column `{}` is {} in the table but {} in the result",
-                field.name, existing.field_type, field.field_type
-            )));
-        }
-    }
-    for field in current.as_struct().fields() {
-        if wanted.field_by_name(&field.name).is_none() {
-            return Err(target_err(format!(
-                "the table has column `{}` which the result lacks",
-                field.name
-            )));
-        }
-    }
-    let spec = table.metadata().default_partition_spec();
-    let existing: Vec<(String, Transform)> = spec
-        .fields()
-        .iter()
-        .map(|f| {
-            let column = current
-                .name_by_field_id(f.source_id)
-                .unwrap_or_default()
-                .to_string();
-            (column, f.transform)
-        })
-        .collect();
-    let requested: Vec<(String, Transform)> = partition_by
-        .iter()
-        .map(|f| (f.column.clone(), to_iceberg(f.transform)))
-        .collect();
-    if existing != requested {
-        return Err(target_err(format!(
-            "the table is partitioned by {} but the spec asks for {}",
-            describe_partitioning(&existing),
-            describe_partitioning(&requested)
-        )));
-    }
-    Ok(())
-}
-
-fn describe_partitioning(fields: &[(String, Transform)]) -> String {
-    if fields.is_empty() {
-        return "nothing (unpartitioned)".into();
-    }
-    fields
-        .iter()
-        .map(|(c, t)| format!("{t}({c})"))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-/// Commits `data_files_json` as one append snapshot tagged with `job`, unless the table's
-/// history shows the job committed already.
+/// Commits the job's files as one snapshot tagged with its id: an append, or for
+/// [`WriteMode::Overwrite`] a snapshot that replaces every row of the table. Returns `None`
+/// when there is nothing to commit (an empty append, an empty overwrite of an empty table).
+/// A job already in the table's history is not committed again.
 pub async fn commit_job_snapshot(
     catalog: &dyn Catalog,
+    config: &CatalogConfig,
     ident: &TableIdent,
-    job: &JobId,
-    data_files_json: &[String],
-    mut summary: HashMap<String, String>,
-) -> Result<CommitOutcome> {
+    commit: JobCommit<'_>,
+) -> Result<Option<CommitOutcome>> {
+    let JobCommit {
+        job,
+        mode,
+        data_files_json,
+        mut summary,
+    } = commit;
     let table = catalog.load_table(ident).await?;
-    if let Some(snapshot_id) = find_job_snapshot(&table, job) {
-        return Ok(CommitOutcome {
-            snapshot_id,
-            already_committed: true,
-        });
+    if let Some(outcome) = committed_before(&table, job).await? {
+        return Ok(Some(outcome));
     }
+    let files = decode_data_files(&table, data_files_json)?;
+    summary.insert(JOB_ID_PROPERTY.to_string(), job.to_string());
+    let nothing_to_replace = table.metadata().current_snapshot().is_none();
+    match mode {
+        WriteMode::Append | WriteMode::Overwrite if files.is_empty() && nothing_to_replace => {
+            Ok(None)
+        }
+        WriteMode::Append if files.is_empty() => Ok(None),
+        WriteMode::Append => append(catalog, table, job, files, summary).await.map(Some),
+        WriteMode::Overwrite => overwrite(catalog, config, ident, job, files, summary)
+            .await
+            .map(Some),
+    }
+}
+
+/// The outcome of an earlier commit of `job`, if the table's history has one.
+pub async fn committed_before(table: &Table, job: &JobId) -> Result<Option<CommitOutcome>> {
+    let Some(snapshot_id) = find_job_snapshot(table, job) else {
+        return Ok(None);
+    };
+    Ok(Some(CommitOutcome {
+        snapshot_id,
+        already_committed: true,
+        committed_files: files_added_by(table, snapshot_id).await?,
+    }))
+}
+
+/// Paths of the data files `snapshot_id` added.
+async fn files_added_by(table: &Table, snapshot_id: i64) -> Result<HashSet<String>> {
+    let Some(snapshot) = table.metadata().snapshot_by_id(snapshot_id) else {
+        return Ok(HashSet::new());
+    };
+    let list = table.manifest_list_reader(snapshot).load().await?;
+    let mut files = HashSet::new();
+    for manifest_file in list
+        .entries()
+        .iter()
+        .filter(|m| m.added_snapshot_id == snapshot_id && m.has_added_files())
+    {
+        let manifest = manifest_file.load_manifest(table.file_io()).await?;
+        files.extend(
+            manifest
+                .entries()
+                .iter()
+                .filter(|e| e.status() == ManifestStatus::Added)
+                .map(|e| e.file_path().to_string()),
+        );
+    }
+    Ok(files)
+}
+
+fn decode_data_files(table: &Table, data_files_json: &[String]) -> Result<Vec<DataFile>> {
     let metadata = table.metadata();
     let schema = metadata.current_schema();
     let spec = metadata.default_partition_spec();
     let partition_type = spec.partition_type(schema)?;
-    let files = data_files_json
+    Ok(data_files_json
         .iter()
         .map(|json| deserialize_data_file_from_json(json, spec.spec_id(), &partition_type, schema))
-        .collect::<iceberg::Result<Vec<DataFile>>>()?;
-    summary.insert(JOB_ID_PROPERTY.to_string(), job.to_string());
+        .collect::<iceberg::Result<Vec<DataFile>>>()?)
+}
+
+/// iceberg-rust's fast append. Its commit reloads and re-applies on conflicts; the guard makes
+/// every reload refuse a table whose history already holds the job.
+async fn append(
+    catalog: &dyn Catalog,
+    table: Table,
+    job: &JobId,
+    files: Vec<DataFile>,
+    summary: HashMap<String, String>,
+) -> Result<CommitOutcome> {
+    let ident = table.identifier().clone();
+    let committed_files = files.iter().map(|f| f.file_path().to_string()).collect();
     let tx = Transaction::new(&table);
     let tx = tx
         .fast_append()
         .add_data_files(files)
         .set_snapshot_properties(summary)
         .apply(tx)?;
-    let table = tx.commit(catalog).await?;
-    let snapshot_id = find_job_snapshot(&table, job).ok_or_else(|| CoreError::Target {
+    let guard = JobGuardCatalog::new(catalog, ident.clone(), job.clone());
+    match tx.commit(&guard).await {
+        Ok(table) => Ok(CommitOutcome {
+            snapshot_id: job_snapshot_after_commit(&table, job)?,
+            already_committed: false,
+            committed_files,
+        }),
+        Err(e) => {
+            // The guard stopped a retry (another coordinator committed the job), or the
+            // commit failed in a way that may still have landed: the history answers.
+            let Ok(table) = catalog.load_table(&ident).await else {
+                return Err(e.into());
+            };
+            match find_job_snapshot(&table, job) {
+                Some(snapshot_id) if !is_already_committed(&e) => {
+                    warn!(error = %e, "the commit reported an error but landed");
+                    Ok(CommitOutcome {
+                        snapshot_id,
+                        already_committed: false,
+                        committed_files,
+                    })
+                }
+                Some(_) => Ok(committed_before(&table, job).await?.expect("job snapshot")),
+                None => Err(e.into()),
+            }
+        }
+    }
+}
+
+/// Our own overwrite snapshot, swapped in the catalog; on a conflict or an unknown outcome
+/// the table is reloaded, the history checked for the job, and the snapshot built again.
+async fn overwrite(
+    catalog: &dyn Catalog,
+    config: &CatalogConfig,
+    ident: &TableIdent,
+    job: &JobId,
+    files: Vec<DataFile>,
+    summary: HashMap<String, String>,
+) -> Result<CommitOutcome> {
+    let committed_files: HashSet<String> =
+        files.iter().map(|f| f.file_path().to_string()).collect();
+    let mut unknown = false;
+    let mut last_error = String::new();
+    for attempt in 1..=MAX_SWAP_ATTEMPTS {
+        let table = catalog.load_table(ident).await?;
+        if let Some(snapshot_id) = find_job_snapshot(&table, job) {
+            if unknown {
+                // Our own swap whose answer was lost did land.
+                return Ok(CommitOutcome {
+                    snapshot_id,
+                    already_committed: false,
+                    committed_files,
+                });
+            }
+            return Ok(committed_before(&table, job).await?.expect("job snapshot"));
+        }
+        let produced = produce_overwrite(&table, files.clone(), summary.clone()).await?;
+        match swap_table_metadata(config, &table, produced.updates, produced.requirements).await {
+            Ok(()) => {
+                return Ok(CommitOutcome {
+                    snapshot_id: produced.snapshot_id,
+                    already_committed: false,
+                    committed_files,
+                });
+            }
+            Err(SwapError::Conflict(message)) => {
+                info!(attempt, %message, "overwrite conflicted with another commit; retrying");
+                for path in &produced.written {
+                    let _ = table.file_io().delete(path).await;
+                }
+                last_error = message;
+            }
+            Err(SwapError::Unknown(message)) => {
+                warn!(attempt, %message, "overwrite outcome unknown; checking the table");
+                unknown = true;
+                last_error = message;
+            }
+            Err(SwapError::Failed(e)) => return Err(e),
+        }
+        tokio::time::sleep(Duration::from_millis(100 << attempt.min(6))).await;
+    }
+    Err(CoreError::Target {
         table: ident.to_string(),
+        message: format!("overwrite did not land after {MAX_SWAP_ATTEMPTS} attempts: {last_error}"),
+    })
+}
+
+fn job_snapshot_after_commit(table: &Table, job: &JobId) -> Result<i64> {
+    find_job_snapshot(table, job).ok_or_else(|| CoreError::Target {
+        table: table.identifier().to_string(),
         message: "commit succeeded but the new snapshot is not in the table history".into(),
-    })?;
-    Ok(CommitOutcome {
-        snapshot_id,
-        already_committed: false,
     })
 }

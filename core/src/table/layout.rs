@@ -1,0 +1,206 @@
+//! The target table's layout: created from the result schema and the spec's partition
+//! fields, or checked against an existing table.
+
+use std::collections::HashMap;
+
+use datafusion::arrow::datatypes::Schema as ArrowSchema;
+use iceberg::spec::{Transform, UnboundPartitionSpec};
+use iceberg::table::Table;
+use iceberg::{Catalog, TableCreation, TableIdent};
+use nightshift_spec::{PartitionField, PartitionTransform};
+
+use super::schema::iceberg_schema_for;
+use crate::error::{CoreError, Result};
+
+/// Loads the target table, or creates it (and its namespace) from the result schema and the
+/// spec's partition fields. An existing table must accept the result's columns.
+pub async fn ensure_table(
+    catalog: &dyn Catalog,
+    ident: &TableIdent,
+    result_schema: &ArrowSchema,
+    partition_by: &[PartitionField],
+    properties: &HashMap<String, String>,
+) -> Result<Table> {
+    let name = ident.to_string();
+    if catalog.table_exists(ident).await? {
+        let table = catalog.load_table(ident).await?;
+        let result_schema = with_table_types_for_nulls(&table, result_schema)?;
+        let (wanted, _) = target_layout(&name, &result_schema, partition_by)?;
+        check_compatible(&name, &table, &wanted, partition_by)?;
+        return Ok(table);
+    }
+    let (wanted, spec) = target_layout(&name, result_schema, partition_by)?;
+    let namespace = ident.namespace();
+    if !catalog.namespace_exists(namespace).await? {
+        catalog.create_namespace(namespace, HashMap::new()).await?;
+    }
+    let creation = TableCreation::builder()
+        .name(ident.name().to_string())
+        .schema(wanted)
+        .partition_spec(spec)
+        .properties(properties.clone())
+        .build();
+    match catalog.create_table(namespace, creation).await {
+        Ok(table) => Ok(table),
+        // Another job created it first.
+        Err(e) if e.kind() == iceberg::ErrorKind::TableAlreadyExists => {
+            Ok(catalog.load_table(ident).await?)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// A result column of type Null (e.g. from a header-only CSV) takes the type of the table's
+/// column of that name: NULL fits any column.
+pub fn with_table_types_for_nulls(table: &Table, result: &ArrowSchema) -> Result<ArrowSchema> {
+    let table_arrow = iceberg::arrow::schema_to_arrow_schema(table.metadata().current_schema())?;
+    let fields = result
+        .fields()
+        .iter()
+        .map(
+            |f| match (f.data_type(), table_arrow.field_with_name(f.name())) {
+                (datafusion::arrow::datatypes::DataType::Null, Ok(existing)) => {
+                    std::sync::Arc::new(datafusion::arrow::datatypes::Field::new(
+                        f.name(),
+                        existing.data_type().clone(),
+                        true,
+                    ))
+                }
+                _ => f.clone(),
+            },
+        )
+        .collect::<Vec<_>>();
+    Ok(ArrowSchema::new(fields))
+}
+
+/// The schema and partition spec a table created from `result_schema` gets. Binding the spec
+/// now turns a transform that does not fit its column into a clear error.
+pub fn target_layout(
+    name: &str,
+    result_schema: &ArrowSchema,
+    partition_by: &[PartitionField],
+) -> Result<(iceberg::spec::Schema, UnboundPartitionSpec)> {
+    let schema = iceberg_schema_for(name, result_schema)?;
+    let spec = unbound_partition_spec(name, &schema, partition_by)?;
+    spec.clone()
+        .bind(std::sync::Arc::new(schema.clone()))
+        .map_err(|e| CoreError::Target {
+            table: name.to_string(),
+            message: format!(
+                "partition_by does not fit the result columns: {}",
+                e.message()
+            ),
+        })?;
+    Ok((schema, spec))
+}
+
+fn unbound_partition_spec(
+    table: &str,
+    schema: &iceberg::spec::Schema,
+    partition_by: &[PartitionField],
+) -> Result<UnboundPartitionSpec> {
+    let mut builder = UnboundPartitionSpec::builder();
+    for field in partition_by {
+        let source = schema.field_by_name(&field.column).ok_or_else(|| {
+            let columns: Vec<_> = schema.as_struct().fields().iter().map(|f| f.name.as_str()).collect();
+            CoreError::Target {
+                table: table.to_string(),
+                message: format!(
+                    "partition_by names column `{}` which the result does not have; result columns: {}",
+                    field.column,
+                    columns.join(", ")
+                ),
+            }
+        })?;
+        builder = builder.add_partition_field(
+            source.id,
+            field.field_name(),
+            to_iceberg(field.transform),
+        )?;
+    }
+    Ok(builder.build())
+}
+
+fn to_iceberg(t: PartitionTransform) -> Transform {
+    match t {
+        PartitionTransform::Identity => Transform::Identity,
+        PartitionTransform::Year => Transform::Year,
+        PartitionTransform::Month => Transform::Month,
+        PartitionTransform::Day => Transform::Day,
+        PartitionTransform::Hour => Transform::Hour,
+        PartitionTransform::Bucket(n) => Transform::Bucket(n),
+        PartitionTransform::Truncate(w) => Transform::Truncate(w),
+    }
+}
+
+/// An existing table must have every result column with the same type, and the partitioning
+/// the spec asks for.
+pub fn check_compatible(
+    name: &str,
+    table: &Table,
+    wanted: &iceberg::spec::Schema,
+    partition_by: &[PartitionField],
+) -> Result<()> {
+    let current = table.metadata().current_schema();
+    let target_err = |message: String| CoreError::Target {
+        table: name.to_string(),
+        message,
+    };
+    for field in wanted.as_struct().fields() {
+        let Some(existing) = current.field_by_name(&field.name) else {
+            return Err(target_err(format!(
+                "the result has column `{}` which the existing table lacks",
+                field.name
+            )));
+        };
+        if existing.field_type != field.field_type {
+            return Err(target_err(format!(
+                "column `{}` is {} in the table but {} in the result",
+                field.name, existing.field_type, field.field_type
+            )));
+        }
+    }
+    for field in current.as_struct().fields() {
+        if wanted.field_by_name(&field.name).is_none() {
+            return Err(target_err(format!(
+                "the table has column `{}` which the result lacks",
+                field.name
+            )));
+        }
+    }
+    let spec = table.metadata().default_partition_spec();
+    let existing: Vec<(String, Transform)> = spec
+        .fields()
+        .iter()
+        .map(|f| {
+            let column = current
+                .name_by_field_id(f.source_id)
+                .unwrap_or_default()
+                .to_string();
+            (column, f.transform)
+        })
+        .collect();
+    let requested: Vec<(String, Transform)> = partition_by
+        .iter()
+        .map(|f| (f.column.clone(), to_iceberg(f.transform)))
+        .collect();
+    if existing != requested {
+        return Err(target_err(format!(
+            "the table is partitioned by {} but the spec asks for {}",
+            describe_partitioning(&existing),
+            describe_partitioning(&requested)
+        )));
+    }
+    Ok(())
+}
+
+fn describe_partitioning(fields: &[(String, Transform)]) -> String {
+    if fields.is_empty() {
+        return "nothing (unpartitioned)".into();
+    }
+    fields
+        .iter()
+        .map(|(c, t)| format!("{t}({c})"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}

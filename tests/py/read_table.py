@@ -1,8 +1,8 @@
 """Reads an Iceberg table written by Nightshift with PyIceberg and with DuckDB.
 
 Prints one JSON object: for each reader the row count and a checksum of the rows, each row
-canonicalised the same way (so equal checksums mean equal content), the number of snapshots
-and their summaries. With --reference FILE.parquet it also checksums that file (the rows
+canonicalised the same way (so equal checksums mean equal content), and the snapshots, oldest
+first, with their operations and summaries. With --reference FILE.parquet it also checksums that file (the rows
 DataFusion computed directly on the sources), so the caller compares all three.
 
 Usage: read_table.py --warehouse DIR --table ns.name [--reference ref.parquet]
@@ -79,7 +79,8 @@ def read_pyiceberg(table):
     snapshots = [
         {"snapshot_id": s.snapshot_id, "summary": dict(s.summary.additional_properties) if s.summary else {},
          "operation": s.summary.operation.value if s.summary else None}
-        for s in table.metadata.snapshots
+        # Oldest first: metadata files list snapshots in no particular order.
+        for s in sorted(table.metadata.snapshots, key=lambda s: (s.sequence_number or 0, s.timestamp_ms))
     ]
     return summarize(columns, rows), snapshots
 

@@ -1,6 +1,7 @@
 //! Cluster mode on S3 (a private SeaweedFS) with its Iceberg REST catalog, and with the SQL
 //! catalog on PostgreSQL: the same content as DataFusion on one node, read back by PyIceberg
-//! and DuckDB over S3, scratch deleted.
+//! and DuckDB over S3, scratch deleted; then an overwrite of the same table through each
+//! catalog.
 
 use nightshift_tests::cluster::{ClusterSandbox, ClusterStorage, Seaweed, uuid_like};
 use nightshift_tests::{RefSource, assert_matches_reference, snapshot_count};
@@ -8,6 +9,11 @@ use nightshift_tests::{RefSource, assert_matches_reference, snapshot_count};
 const SQL: &str = "SELECT o.o_orderpriority AS priority, c.c_mktsegment AS segment, COUNT(*) AS orders, \
      SUM(o.o_totalprice) AS total, MIN(o.o_orderdate) AS first_order \
      FROM orders o JOIN customer c ON c.c_custkey = o.o_custkey GROUP BY 1, 2";
+
+/// The same query limited to one priority, for the overwrite.
+const SQL_URGENT_ONLY: &str = "SELECT o.o_orderpriority AS priority, c.c_mktsegment AS segment, COUNT(*) AS orders, \
+     SUM(o.o_totalprice) AS total, MIN(o.o_orderdate) AS first_order \
+     FROM orders o JOIN customer c ON c.c_custkey = o.o_custkey WHERE o.o_orderpriority = '1-URGENT' GROUP BY 1, 2";
 
 async fn run_on(storage: ClusterStorage, seaweed: &Seaweed) {
     let cluster = ClusterSandbox::start(storage, 3, &[]);
@@ -66,6 +72,38 @@ broadcast_join_threshold_bytes = 0
         seaweed.list("_scratch/")
     );
     let again = cluster.submit("s3-job", &[]);
+    assert_eq!(again["already_committed"], true, "{again}");
+
+    // The same table overwritten with a smaller result: our own snapshot and catalog swap
+    // (a REST commit or the SQL compare-and-swap) on S3.
+    let spec = std::fs::read_to_string(cluster.sandbox.path("pipeline.toml")).unwrap();
+    cluster.sandbox.spec(
+        &spec
+            .replace(SQL, SQL_URGENT_ONLY)
+            .replace("[target]\n", "[target]\nmode = \"overwrite\"\n"),
+    );
+    let outcome = cluster.submit("s3-overwrite", &[]);
+    assert_eq!(
+        outcome["status"],
+        "succeeded",
+        "{outcome}\n{}",
+        cluster.logs()
+    );
+    let reference = cluster
+        .sandbox
+        .reference(
+            SQL_URGENT_ONLY,
+            &[
+                RefSource::Parquet("orders", "data/orders/"),
+                RefSource::Parquet("customer", "data/customer.parquet"),
+            ],
+        )
+        .await;
+    let read = cluster.read_table("tests.priorities", Some(&reference));
+    assert_eq!(snapshot_count(&read), 2, "{read:#}");
+    assert_eq!(read["snapshots"][1]["operation"], "overwrite", "{read:#}");
+    assert!(assert_matches_reference(&read) > 0);
+    let again = cluster.submit("s3-overwrite", &[]);
     assert_eq!(again["already_committed"], true, "{again}");
 }
 

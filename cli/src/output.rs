@@ -28,11 +28,18 @@ pub fn report_text(report: &JobReport) -> String {
         (Some(id), false) => id.to_string(),
         (None, _) => "none (the result was empty; nothing committed)".into(),
     };
+    let table = match report.mode.as_str() {
+        "overwrite" => format!(
+            "{} (overwritten: the result replaced every row)",
+            report.table
+        ),
+        _ => report.table.clone(),
+    };
     format!(
         "job {} succeeded\n  pipeline  {}\n  table     {}\n  snapshot  {}\n  rows      {}\n  files     {} ({})\n  stages    {} ({} tasks)\n  duration  {:.1} s\n",
         report.job_id,
         report.pipeline,
-        report.table,
+        table,
         snapshot,
         report.rows,
         report.files,

@@ -68,6 +68,7 @@ fn run_prints_json_and_reruns_are_idempotent() {
     assert_eq!(report["job_id"], "job-1");
     assert_eq!(report["rows"], 2);
     assert_eq!(report["already_committed"], false);
+    assert_eq!(report["mode"], "append");
     assert!(report["snapshot_id"].is_i64());
     assert!(
         dir.path().join("warehouse/catalog.db").exists(),
@@ -89,7 +90,7 @@ fn text_output_names_snapshot_rows_files() {
     let text = stdout(&out);
     for needle in [
         "succeeded",
-        "table     tests.cli",
+        "table     tests.cli\n",
         "snapshot  ",
         "rows      3",
         "files     ",
@@ -97,6 +98,18 @@ fn text_output_names_snapshot_rows_files() {
     ] {
         assert!(text.contains(needle), "missing `{needle}` in:\n{text}");
     }
+
+    // An overwrite says so.
+    let spec = SPEC.replace("[target]\n", "[target]\nmode = \"overwrite\"\n");
+    std::fs::write(dir.path().join("pipeline.toml"), spec).unwrap();
+    let out = nightshift(dir.path(), &["run", "pipeline.toml", "--param", "min_id=3"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(
+        text.contains("table     tests.cli (overwritten: the result replaced every row)"),
+        "{text}"
+    );
+    assert!(text.contains("rows      1"), "{text}");
 }
 
 #[test]

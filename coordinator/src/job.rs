@@ -91,6 +91,9 @@ pub struct JobReport {
     pub job_id: String,
     pub pipeline: String,
     pub table: String,
+    /// How the result was published: `append` or `overwrite` (every earlier row replaced).
+    #[serde(default)]
+    pub mode: String,
     /// The snapshot holding the job's rows; `None` when the result was empty.
     pub snapshot_id: Option<i64>,
     /// The job had been committed by an earlier run; nothing was done this time.
@@ -305,6 +308,7 @@ async fn run_job_inner(
         job_id: job.to_string(),
         pipeline: spec.spec.pipeline.name.clone(),
         table: table_name.clone(),
+        mode: spec.spec.target.mode.to_string(),
         snapshot_id: None,
         already_committed: false,
         rows: 0,

@@ -106,6 +106,15 @@ pub enum WriteMode {
     Overwrite,
 }
 
+impl std::fmt::Display for WriteMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            WriteMode::Append => "append",
+            WriteMode::Overwrite => "overwrite",
+        })
+    }
+}
+
 /// `[target]`
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -15,6 +15,24 @@ const SQL_URGENT_ONLY: &str = "SELECT o.o_orderpriority AS priority, c.c_mktsegm
      SUM(o.o_totalprice) AS total, MIN(o.o_orderdate) AS first_order \
      FROM orders o JOIN customer c ON c.c_custkey = o.o_custkey WHERE o.o_orderpriority = '1-URGENT' GROUP BY 1, 2";
 
+/// Submits the sandbox's spec as `job_id`, expects success, and reads the table back with
+/// `sql` run by DataFusion on the sources as the reference.
+async fn submit_and_read(cluster: &ClusterSandbox, job_id: &str, sql: &str) -> serde_json::Value {
+    let outcome = cluster.submit(job_id, &[]);
+    assert_eq!(
+        outcome["status"],
+        "succeeded",
+        "{outcome}\n{}",
+        cluster.logs()
+    );
+    let sources = [
+        RefSource::Parquet("orders", "data/orders/"),
+        RefSource::Parquet("customer", "data/customer.parquet"),
+    ];
+    let reference = cluster.sandbox.reference(sql, &sources).await;
+    cluster.read_table("tests.priorities", Some(&reference))
+}
+
 async fn run_on(storage: ClusterStorage, seaweed: &Seaweed) {
     let cluster = ClusterSandbox::start(storage, 3, &[]);
     cluster.sandbox.tpch();
@@ -46,24 +64,7 @@ broadcast_join_threshold_bytes = 0
 "#,
         data = data.display()
     ));
-    let outcome = cluster.submit("s3-job", &[]);
-    assert_eq!(
-        outcome["status"],
-        "succeeded",
-        "{outcome}\n{}",
-        cluster.logs()
-    );
-    let reference = cluster
-        .sandbox
-        .reference(
-            SQL,
-            &[
-                RefSource::Parquet("orders", "data/orders/"),
-                RefSource::Parquet("customer", "data/customer.parquet"),
-            ],
-        )
-        .await;
-    let read = cluster.read_table("tests.priorities", Some(&reference));
+    let read = submit_and_read(&cluster, "s3-job", SQL).await;
     assert_eq!(snapshot_count(&read), 1, "{read:#}");
     assert_matches_reference(&read);
     assert!(
@@ -82,24 +83,7 @@ broadcast_join_threshold_bytes = 0
             .replace(SQL, SQL_URGENT_ONLY)
             .replace("[target]\n", "[target]\nmode = \"overwrite\"\n"),
     );
-    let outcome = cluster.submit("s3-overwrite", &[]);
-    assert_eq!(
-        outcome["status"],
-        "succeeded",
-        "{outcome}\n{}",
-        cluster.logs()
-    );
-    let reference = cluster
-        .sandbox
-        .reference(
-            SQL_URGENT_ONLY,
-            &[
-                RefSource::Parquet("orders", "data/orders/"),
-                RefSource::Parquet("customer", "data/customer.parquet"),
-            ],
-        )
-        .await;
-    let read = cluster.read_table("tests.priorities", Some(&reference));
+    let read = submit_and_read(&cluster, "s3-overwrite", SQL_URGENT_ONLY).await;
     assert_eq!(snapshot_count(&read), 2, "{read:#}");
     assert_eq!(read["snapshots"][1]["operation"], "overwrite", "{read:#}");
     assert!(assert_matches_reference(&read) > 0);

@@ -17,7 +17,7 @@ use nightshift_spec::WriteMode;
 use tracing::{info, warn};
 
 use super::catalog::CatalogConfig;
-use super::job_guard::{JobGuardCatalog, is_already_committed};
+use super::job_guard::JobGuardCatalog;
 use super::overwrite::produce_overwrite;
 use super::swap::{SwapError, swap_table_metadata};
 use crate::error::{CoreError, Result};
@@ -185,20 +185,31 @@ async fn append(
             let Ok(table) = catalog.load_table(&ident).await else {
                 return Err(e.into());
             };
-            match find_job_snapshot(&table, job) {
-                Some(snapshot_id) if !is_already_committed(&e) => {
-                    warn!(error = %e, "the commit reported an error but landed");
-                    Ok(CommitOutcome {
-                        snapshot_id,
-                        already_committed: false,
-                        committed_files,
-                    })
+            match landed(&table, job, &committed_files).await? {
+                Some(outcome) => {
+                    if !outcome.already_committed {
+                        warn!(error = %e, "the commit reported an error but landed");
+                    }
+                    Ok(outcome)
                 }
-                Some(_) => Ok(committed_before(&table, job).await?.expect("job snapshot")),
                 None => Err(e.into()),
             }
         }
     }
+}
+
+/// The job's snapshot, if the table has one, with the files it really holds; it counts as
+/// this commit's own when it holds exactly `ours` (data file names are unique per attempt).
+async fn landed(
+    table: &Table,
+    job: &JobId,
+    ours: &HashSet<String>,
+) -> Result<Option<CommitOutcome>> {
+    let mut outcome = committed_before(table, job).await?;
+    if let Some(outcome) = &mut outcome {
+        outcome.already_committed = outcome.committed_files != *ours;
+    }
+    Ok(outcome)
 }
 
 /// Our own overwrite snapshot, swapped in the catalog; on a conflict or an unknown outcome
@@ -213,20 +224,12 @@ async fn overwrite(
 ) -> Result<CommitOutcome> {
     let committed_files: HashSet<String> =
         files.iter().map(|f| f.file_path().to_string()).collect();
-    let mut unknown = false;
     let mut last_error = String::new();
     for attempt in 1..=MAX_SWAP_ATTEMPTS {
         let table = catalog.load_table(ident).await?;
-        if let Some(snapshot_id) = find_job_snapshot(&table, job) {
-            if unknown {
-                // Our own swap whose answer was lost did land.
-                return Ok(CommitOutcome {
-                    snapshot_id,
-                    already_committed: false,
-                    committed_files,
-                });
-            }
-            return Ok(committed_before(&table, job).await?.expect("job snapshot"));
+        // Committed by another coordinator, or by our own swap whose answer was lost.
+        if let Some(outcome) = landed(&table, job, &committed_files).await? {
+            return Ok(outcome);
         }
         let produced = produce_overwrite(&table, files.clone(), summary.clone()).await?;
         match swap_table_metadata(config, &table, produced.updates, produced.requirements).await {
@@ -246,7 +249,6 @@ async fn overwrite(
             }
             Err(SwapError::Unknown(message)) => {
                 warn!(attempt, %message, "overwrite outcome unknown; checking the table");
-                unknown = true;
                 last_error = message;
             }
             Err(SwapError::Failed(e)) => return Err(e),

@@ -35,13 +35,6 @@ impl<'a> JobGuardCatalog<'a> {
     }
 }
 
-/// Whether `err` is the guard's refusal: the job was committed meanwhile.
-pub fn is_already_committed(err: &Error) -> bool {
-    err.kind() == ErrorKind::PreconditionFailed && err.message().starts_with(ALREADY_COMMITTED)
-}
-
-const ALREADY_COMMITTED: &str = "job already committed";
-
 #[async_trait]
 impl Catalog for JobGuardCatalog<'_> {
     async fn load_table(&self, table: &TableIdent) -> Result<Table> {
@@ -52,7 +45,7 @@ impl Catalog for JobGuardCatalog<'_> {
             return Err(Error::new(
                 ErrorKind::PreconditionFailed,
                 format!(
-                    "{ALREADY_COMMITTED}: job {} is snapshot {snapshot} of {table}",
+                    "job already committed: job {} is snapshot {snapshot} of {table}",
                     self.job
                 ),
             ));

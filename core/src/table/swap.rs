@@ -76,6 +76,8 @@ async fn swap_sql(
     updates: Vec<TableUpdate>,
     requirements: Vec<TableRequirement>,
 ) -> std::result::Result<(), SwapError> {
+    // The compare-and-swap below lands only if the catalog still points at `table`'s
+    // metadata, so checking the requirements on it is checking them on the current table.
     for requirement in &requirements {
         requirement
             .check(Some(table.metadata()))

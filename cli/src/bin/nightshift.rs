@@ -655,8 +655,8 @@ async fn validate(args: CommonArgs) -> ExitCode {
                 );
             }
             println!(
-                "\ntarget {} ({} partitions per stage), output schema:",
-                spec.spec.target.table, report.partitions
+                "\ntarget {} (mode {}, {} partitions per stage), output schema:",
+                spec.spec.target.table, spec.spec.target.mode, report.partitions
             );
             for field in report.output_schema.fields() {
                 println!("  {:<24} {}", field.name(), field.data_type());

@@ -491,7 +491,7 @@ async fn commit(
         Some(o) => info!(
             snapshot_id = o.snapshot_id,
             again = o.already_committed,
-            mode = ?spec.spec.target.mode,
+            mode = %spec.spec.target.mode,
             "committed"
         ),
         None => info!("the result is empty; nothing to commit"),

@@ -194,7 +194,7 @@ pub(crate) fn collect_files(root: &Path, dir: &Path, out: &mut Vec<String>) {
 }
 
 /// `tests/py/read_table.py --table TABLE [--reference FILE]`; callers add the catalog.
-pub(crate) fn reader_command(table: &str, reference: Option<&Path>) -> Command {
+pub fn reader_command(table: &str, reference: Option<&Path>) -> Command {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("py/read_table.py");
     let mut cmd = Command::new(python());
     cmd.arg(script).arg("--table").arg(table);
@@ -205,7 +205,7 @@ pub(crate) fn reader_command(table: &str, reference: Option<&Path>) -> Command {
 }
 
 /// Runs the reader script and parses its JSON.
-pub(crate) fn run_reader(mut cmd: Command) -> Value {
+pub fn run_reader(mut cmd: Command) -> Value {
     let out = cmd
         .output()
         .expect("run python3 (scripts/test installs pyiceberg and duckdb)");

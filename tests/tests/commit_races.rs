@@ -17,8 +17,8 @@ use nightshift_core::table::{
     open_catalog, parse_table_ident, write_data_files,
 };
 use nightshift_spec::{PartitionField, PartitionTransform, WriteMode};
-use nightshift_tests::Sandbox;
 use nightshift_tests::cluster::uuid_like;
+use nightshift_tests::{Sandbox, reader_command, run_reader};
 
 const TABLE: &str = "races.events";
 
@@ -152,22 +152,15 @@ impl Racing {
     fn read(&self) -> serde_json::Value {
         match &self.postgres {
             Some(name) => {
-                let mut cmd = std::process::Command::new(nightshift_tests::python());
-                cmd.arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("py/read_table.py"))
-                    .args(["--table", TABLE, "--catalog-name", name])
+                let mut cmd = reader_command(TABLE, None);
+                cmd.args(["--catalog-name", name])
                     .args([
                         "--catalog-uri",
                         "postgresql+psycopg2://root@127.0.0.1:5432/test",
                     ])
                     .arg("--catalog-warehouse")
                     .arg(self.sandbox.warehouse());
-                let out = cmd.output().expect("read_table.py");
-                assert!(
-                    out.status.success(),
-                    "{}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
-                serde_json::from_slice(&out.stdout).unwrap()
+                run_reader(cmd)
             }
             None => self.sandbox.read_table(TABLE, None),
         }

@@ -96,11 +96,10 @@ pub async fn commit_job_snapshot(
     let files = decode_data_files(&table, data_files_json)?;
     summary.insert(JOB_ID_PROPERTY.to_string(), job.to_string());
     let nothing_to_replace = table.metadata().current_snapshot().is_none();
+    if files.is_empty() && (mode == WriteMode::Append || nothing_to_replace) {
+        return Ok(None);
+    }
     match mode {
-        WriteMode::Append | WriteMode::Overwrite if files.is_empty() && nothing_to_replace => {
-            Ok(None)
-        }
-        WriteMode::Append if files.is_empty() => Ok(None),
         WriteMode::Append => append(catalog, table, job, files, summary).await.map(Some),
         WriteMode::Overwrite => overwrite(catalog, config, ident, job, files, summary)
             .await

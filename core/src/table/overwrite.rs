@@ -165,7 +165,7 @@ impl<'a> Producer<'a> {
             .with_sequence_number(self.sequence_number)
             .with_summary(summary)
             .with_schema_id(metadata.current_schema_id())
-            .with_timestamp_ms(chrono_now_ms());
+            .with_timestamp_ms(now_ms());
         let snapshot = match next_row_id {
             Some(next) => snapshot
                 .with_row_range(first_row_id, next - first_row_id)
@@ -301,7 +301,7 @@ fn unique_snapshot_id(table: &Table) -> i64 {
     }
 }
 
-fn chrono_now_ms() -> i64 {
+fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)

@@ -216,10 +216,7 @@ impl<'a> Producer<'a> {
             );
         }
         for ((spec_id, _), files) in removed {
-            let spec = metadata
-                .partition_spec_by_id(*spec_id)
-                .unwrap_or_else(|| metadata.default_partition_spec())
-                .clone();
+            let spec = self.partition_spec(*spec_id);
             for file in files {
                 collector.remove_file(&file.data_file, schema.clone(), spec.clone());
             }
@@ -254,6 +251,15 @@ impl<'a> Producer<'a> {
         }
     }
 
+    /// The partition spec a manifest was written with (the default one if it is gone).
+    fn partition_spec(&self, spec_id: i32) -> iceberg::spec::PartitionSpecRef {
+        let metadata = self.table.metadata();
+        metadata
+            .partition_spec_by_id(spec_id)
+            .unwrap_or_else(|| metadata.default_partition_spec())
+            .clone()
+    }
+
     fn manifest_writer(
         &self,
         spec_id: i32,
@@ -269,11 +275,7 @@ impl<'a> Producer<'a> {
             DataFileFormat::Avro
         );
         written.push(path.clone());
-        let spec = metadata
-            .partition_spec_by_id(spec_id)
-            .unwrap_or_else(|| metadata.default_partition_spec())
-            .as_ref()
-            .clone();
+        let spec = self.partition_spec(spec_id).as_ref().clone();
         let builder = ManifestWriterBuilder::new(
             self.table.file_io().new_output(&path)?,
             Some(self.snapshot_id),

@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use nightshift_coordinator::cleanup::run_late_sweeps;
 use nightshift_coordinator::{JobEnv, JobError, JobEvent, JobOptions, JobReport, run_job};
 use nightshift_core::CoreError;
 use nightshift_core::storage::Location;
@@ -58,13 +59,12 @@ pub async fn run_embedded(
             tokio::spawn(async move { worker.run().await })
         })
         .collect();
-    let env = JobEnv {
-        queue: queue.clone(),
+    let env = JobEnv::new(
+        queue.clone(),
         state,
-        catalog: embedded_catalog(&warehouse)?,
-        scratch: warehouse.join(SCRATCH_DIR),
-        lease_ttl: nightshift_coordinator::job::DEFAULT_LEASE_TTL,
-    };
+        embedded_catalog(&warehouse)?,
+        warehouse.join(SCRATCH_DIR),
+    );
     let result = run_job(&env, spec, options, on_event).await;
     queue.close();
     for worker in workers {
@@ -73,6 +73,10 @@ pub async fn run_embedded(
             Ok(Err(e)) => tracing::warn!(error = %e, "worker stopped with an error"),
             Err(e) => tracing::warn!(error = %e, "worker panicked"),
         }
+    }
+    // Every worker has stopped, so nothing writes any more: the late sweep can run now.
+    if let Err(e) = run_late_sweeps(&env, i64::MAX).await {
+        tracing::warn!(error = %e, "late sweep failed");
     }
     result
 }

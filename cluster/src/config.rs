@@ -118,11 +118,19 @@ pub struct StorageSection {
     /// the coordinator's sweeper (default 24).
     #[serde(default)]
     pub scratch_ttl_hours: Option<u64>,
+    /// Seconds after a job ends when its unreferenced data files and scratch are swept once
+    /// more, for task attempts that were still writing when it ended (default 15).
+    #[serde(default)]
+    pub late_sweep_secs: Option<u64>,
 }
 
 impl StorageSection {
     pub fn scratch_ttl(&self) -> std::time::Duration {
         std::time::Duration::from_secs(self.scratch_ttl_hours.unwrap_or(24) * 3600)
+    }
+
+    pub fn late_sweep_after(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.late_sweep_secs.unwrap_or(15).max(1))
     }
 }
 

@@ -24,7 +24,10 @@ use lapin::options::{
     QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer, ExchangeKind};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Consumer,
+    ExchangeKind,
+};
 use nightshift_core::error::{CoreError, Result};
 use nightshift_core::ids::JobId;
 use nightshift_core::transport::{Delivery, TaskQueue};
@@ -376,12 +379,16 @@ async fn publish(link: &Link, queue: &str, payload: &[u8], job: Option<&str>) ->
         .map_err(amqp_err)?
         .await
         .map_err(amqp_err)?;
-    if confirm.is_nack() {
-        return Err(CoreError::Transport(format!(
+    match confirm {
+        Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
+        // A mandatory publish that no queue took comes back as a return, then an ack.
+        Confirmation::Ack(Some(_)) => Err(CoreError::Unroutable {
+            queue: queue.to_string(),
+        }),
+        Confirmation::Nack(_) => Err(CoreError::Transport(format!(
             "rabbitmq refused a message for {queue}"
-        )));
+        ))),
     }
-    Ok(())
 }
 
 async fn consume(link: &Link, queue: &str) -> Result<Consumer> {

@@ -3,7 +3,12 @@
 //! Keys (all under the configured prefix):
 //! - `<p>:job:<id>` hash: `state`, `detail`, `report` (JSON of the final report);
 //! - `<p>:out:<id>` hash: `<stage>:<partition>` → the winning `TaskResult` (set with HSETNX,
-//!   so the first result of a task wins even with two coordinators or duplicate results).
+//!   so the first result of a task wins even with two coordinators or duplicate results);
+//! - `<p>:att:<id>` hash: `<stage>:<partition>` → the last attempt number handed out (HINCRBY);
+//! - `<p>:owner:<id>`: the coordinator running the job (SET NX PX, renewed while it runs);
+//! - `<p>:lease:<id>:<stage>:<partition>`: the attempt running a task (SET PX by its worker);
+//! - `<p>:sweeps` sorted set of job ids by due time, `<p>:sweep-table` hash job → table: the
+//!   late sweeps of ended jobs.
 //!
 //! Redis is not the record of what was committed (the Iceberg table is), so losing it
 //! (FLUSHALL) can only make a job run its tasks again, never commit twice.
@@ -81,6 +86,22 @@ impl RedisState {
         format!("{}:out:{job}", self.prefix)
     }
 
+    fn attempts_key(&self, job: &JobId) -> String {
+        format!("{}:att:{job}", self.prefix)
+    }
+
+    fn owner_key(&self, job: &JobId) -> String {
+        format!("{}:owner:{job}", self.prefix)
+    }
+
+    fn sweeps_key(&self) -> String {
+        format!("{}:sweeps", self.prefix)
+    }
+
+    fn sweep_tables_key(&self) -> String {
+        format!("{}:sweep-table", self.prefix)
+    }
+
     /// Stores the final report of a job (JSON) next to its state.
     /// Stored redacted: anyone with the API's read access sees job records.
     pub async fn set_report(&self, job: &JobId, report: &str) -> Result<()> {
@@ -124,7 +145,7 @@ impl RedisState {
                 &[
                     ("pipeline", pipeline.to_string()),
                     ("submitted_at", submitted_at_ms.to_string()),
-                    ("state", "queued".to_string()),
+                    ("state", JobState::Queued.as_str().to_string()),
                 ],
             )
             .zadd(self.jobs_key(), job.as_str(), submitted_at_ms)
@@ -192,25 +213,6 @@ impl RedisState {
     }
 }
 
-fn state_name(state: JobState) -> &'static str {
-    match state {
-        JobState::Running => "running",
-        JobState::Committing => "committing",
-        JobState::Succeeded => "succeeded",
-        JobState::Failed => "failed",
-    }
-}
-
-fn parse_state(name: &str) -> Option<JobState> {
-    Some(match name {
-        "running" => JobState::Running,
-        "committing" => JobState::Committing,
-        "succeeded" => JobState::Succeeded,
-        "failed" => JobState::Failed,
-        _ => return None,
-    })
-}
-
 #[async_trait]
 impl StateStore for RedisState {
     async fn set_job_state(&self, job: &JobId, state: JobState, detail: &str) -> Result<()> {
@@ -218,7 +220,7 @@ impl StateStore for RedisState {
         conn.hset_multiple::<_, _, _, ()>(
             self.job_key(job),
             &[
-                ("state", state_name(state)),
+                ("state", state.as_str()),
                 ("detail", redact(detail).as_ref()),
             ],
         )
@@ -237,7 +239,7 @@ impl StateStore for RedisState {
             .map_err(redis_err)?;
         Ok(state
             .as_deref()
-            .and_then(parse_state)
+            .and_then(JobState::parse)
             .map(|s| (s, detail.unwrap_or_default())))
     }
 
@@ -272,7 +274,108 @@ impl StateStore for RedisState {
 
     async fn clear_task_outputs(&self, job: &JobId) -> Result<()> {
         let mut conn = self.conn.clone();
-        conn.del::<_, ()>(self.outputs_key(job))
+        conn.del::<_, ()>(&[self.outputs_key(job), self.attempts_key(job)])
+            .await
+            .map_err(redis_err)
+    }
+
+    async fn next_attempts(&self, job: &JobId, tasks: &[TaskKey]) -> Result<Vec<u32>> {
+        if tasks.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut conn = self.conn.clone();
+        let key = self.attempts_key(job);
+        let mut pipe = redis::pipe();
+        for task in tasks {
+            pipe.hincr(&key, format!("{}:{}", task.stage, task.partition), 1);
+        }
+        pipe.query_async(&mut conn).await.map_err(redis_err)
+    }
+
+    async fn acquire_job(
+        &self,
+        job: &JobId,
+        owner: &str,
+        ttl: std::time::Duration,
+    ) -> Result<bool> {
+        // Take the key when free, or extend it when it is already ours, in one step.
+        const ACQUIRE: &str = r"
+            local holder = redis.call('GET', KEYS[1])
+            if holder == false or holder == ARGV[1] then
+                redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+                return 1
+            end
+            return 0";
+        let mut conn = self.conn.clone();
+        let taken: i32 = redis::Script::new(ACQUIRE)
+            .key(self.owner_key(job))
+            .arg(owner)
+            .arg(ttl.as_millis().max(1) as u64)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(redis_err)?;
+        Ok(taken == 1)
+    }
+
+    async fn release_job(&self, job: &JobId, owner: &str) -> Result<()> {
+        const RELEASE: &str = r"
+            if redis.call('GET', KEYS[1]) == ARGV[1] then
+                return redis.call('DEL', KEYS[1])
+            end
+            return 0";
+        let mut conn = self.conn.clone();
+        redis::Script::new(RELEASE)
+            .key(self.owner_key(job))
+            .arg(owner)
+            .invoke_async::<i32>(&mut conn)
+            .await
+            .map_err(redis_err)?;
+        Ok(())
+    }
+
+    async fn schedule_sweep(&self, job: &JobId, table: &str, due_ms: i64) -> Result<()> {
+        let mut conn = self.conn.clone();
+        redis::pipe()
+            .atomic()
+            .hset(self.sweep_tables_key(), job.as_str(), table)
+            .zadd(self.sweeps_key(), job.as_str(), due_ms)
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(redis_err)
+    }
+
+    async fn due_sweeps(&self, now_ms: i64) -> Result<Vec<(JobId, String)>> {
+        let mut conn = self.conn.clone();
+        let due: Vec<String> = conn
+            .zrangebyscore(self.sweeps_key(), "-inf", now_ms)
+            .await
+            .map_err(redis_err)?;
+        let mut out = Vec::new();
+        for id in due {
+            let table: Option<String> = conn
+                .hget(self.sweep_tables_key(), &id)
+                .await
+                .map_err(redis_err)?;
+            match (JobId::parse(&id), table) {
+                (Ok(job), Some(table)) => out.push((job, table)),
+                _ => {
+                    warn!(job_id = %id, "malformed sweep record dropped");
+                    conn.zrem::<_, _, ()>(self.sweeps_key(), &id)
+                        .await
+                        .map_err(redis_err)?;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn sweep_done(&self, job: &JobId) -> Result<()> {
+        let mut conn = self.conn.clone();
+        redis::pipe()
+            .atomic()
+            .zrem(self.sweeps_key(), job.as_str())
+            .hdel(self.sweep_tables_key(), job.as_str())
+            .query_async::<()>(&mut conn)
             .await
             .map_err(redis_err)
     }

@@ -16,7 +16,7 @@ use nightshift_core::access::AccessPolicy;
 use nightshift_core::ids::JobId;
 use nightshift_core::redact::redact;
 use nightshift_core::table::CatalogConfig;
-use nightshift_core::transport::StateStore;
+use nightshift_core::transport::{JobState as DomainState, StateStore};
 use nightshift_proto::v1::job_service_server::{JobService, JobServiceServer};
 use nightshift_proto::v1::{
     GetJobRequest, Job, JobState, ListJobsRequest, ListJobsResponse, StageProgress,
@@ -74,16 +74,7 @@ fn job_from_record(id: &str, record: &HashMap<String, String>) -> Job {
     let field = |k: &str| record.get(k).cloned().unwrap_or_default();
     let number = |k: &str| field(k).parse::<u64>().unwrap_or(0);
     let report: serde_json::Value = serde_json::from_str(&field("report")).unwrap_or_default();
-    let state = match (field("state").as_str(), report["kind"].as_str()) {
-        (_, Some("cancelled")) => JobState::Cancelled,
-        ("failed", _) if field("detail") == "cancelled" => JobState::Cancelled,
-        ("queued", _) => JobState::Queued,
-        ("running", _) => JobState::Running,
-        ("committing", _) => JobState::Committing,
-        ("succeeded", _) => JobState::Succeeded,
-        ("failed", _) => JobState::Failed,
-        _ => JobState::Unspecified,
-    };
+    let state = DomainState::parse(&field("state")).map_or(JobState::Unspecified, api_state);
     // The outcome is stored once cleanup is done; until then the job is still ending.
     let state = match (state, report["status"].as_str()) {
         (JobState::Succeeded | JobState::Failed, None) => JobState::Committing,
@@ -110,6 +101,18 @@ fn job_from_record(id: &str, record: &HashMap<String, String>) -> Job {
                 tasks_total: s.total as u64,
             })
             .collect(),
+    }
+}
+
+/// The API's name for a job state.
+fn api_state(state: DomainState) -> JobState {
+    match state {
+        DomainState::Queued => JobState::Queued,
+        DomainState::Running => JobState::Running,
+        DomainState::Committing => JobState::Committing,
+        DomainState::Succeeded => JobState::Succeeded,
+        DomainState::Failed => JobState::Failed,
+        DomainState::Cancelled => JobState::Cancelled,
     }
 }
 

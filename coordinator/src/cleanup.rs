@@ -1,47 +1,141 @@
-//! Removing what a job wrote but did not commit: shuffle objects, data files of losing or
-//! failed attempts, and — for a failed job — every data file it wrote.
+//! Removing what jobs wrote but did not commit: data files of losing, failed or late task
+//! attempts, and shuffle objects.
+//!
+//! Architecture invariant: every deletion of data files goes through [`sweep_job_files`],
+//! which deletes a file only when (1) its name parses ([`names`]) as written by exactly this
+//! job — never by prefix, so `etl` never touches `etl-sales`'s files — and (2) no snapshot of
+//! the table references it, current or historical, whoever committed it
+//! ([`TableReferences`], read after the listing). Only the coordinator owning the job sweeps
+//! it, so no other coordinator can be committing the same job's files meanwhile.
 
-use std::collections::HashSet;
-
-use nightshift_core::Result;
-use nightshift_core::ids::JobId;
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
 
+use iceberg::{Catalog, TableIdent};
+use nightshift_core::Result;
+use nightshift_core::ids::JobId;
+use nightshift_core::names::{self, parse_data_file_name};
 use nightshift_core::storage::{Location, delete_objects, list_objects, list_objects_meta};
-use nightshift_core::transport::{JobState, StateStore};
-use tracing::{debug, warn};
+use nightshift_core::table::{TableReferences, open_catalog, parse_table_ident};
+use nightshift_core::transport::StateStore;
+use tracing::{debug, info, warn};
+
+use crate::job::JobEnv;
+
+/// What one sweep of a job's data files did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Swept {
+    /// Unreferenced files of the job, deleted.
+    pub deleted: usize,
+    /// Files of the job that a snapshot references, kept.
+    pub kept: usize,
+}
+
+/// The files among `listed` to delete: written by `job` (by their parsed names) and
+/// referenced by no snapshot.
+pub fn unreferenced_job_files<'a>(
+    listed: &'a [Location],
+    job: &JobId,
+    references: &TableReferences,
+) -> Vec<&'a Location> {
+    listed
+        .iter()
+        .filter(|location| {
+            let path = location.url().path();
+            parse_data_file_name(path).is_some_and(|name| name.attempt.job == *job)
+                && !references.references(path)
+        })
+        .collect()
+}
+
+/// Deletes the data files `job` wrote into `ident` that no snapshot of it references.
+pub async fn sweep_job_files(
+    catalog: &dyn Catalog,
+    ident: &TableIdent,
+    job: &JobId,
+) -> Result<Swept> {
+    if !catalog.table_exists(ident).await? {
+        return Ok(Swept::default());
+    }
+    let table = catalog.load_table(ident).await?;
+    let data_dir = Location::parse(
+        &format!("{}/data", table.metadata().location()),
+        std::path::Path::new("/"),
+    )?;
+    let listed: Vec<Location> = list_objects(&data_dir)
+        .await?
+        .into_iter()
+        .map(|(location, _)| location)
+        .filter(|location| {
+            parse_data_file_name(location.url().path()).is_some_and(|n| n.attempt.job == *job)
+        })
+        .collect();
+    if listed.is_empty() {
+        return Ok(Swept::default());
+    }
+    // References are read after the listing: a file listed above and committed before this
+    // load is seen as referenced.
+    let table = catalog.load_table(ident).await?;
+    let references = TableReferences::load(&table).await?;
+    let doomed: Vec<Location> = unreferenced_job_files(&listed, job, &references)
+        .into_iter()
+        .cloned()
+        .collect();
+    delete_objects(&doomed).await?;
+    let swept = Swept {
+        deleted: doomed.len(),
+        kept: listed.len() - doomed.len(),
+    };
+    debug!(deleted = swept.deleted, kept = swept.kept, table = %ident, "swept the job's data files");
+    Ok(swept)
+}
 
 /// Deletes the job's scratch directory (shuffle outputs of every attempt).
 pub async fn delete_scratch(scratch: &Location, job: &JobId) {
-    let dir = scratch.join(job.as_str());
+    let dir = scratch.join(names::job_scratch_dir(job));
     match dir.delete_recursive().await {
         Ok(_) => debug!(%dir, "deleted job scratch"),
         Err(e) => warn!(%dir, error = %e, "cannot delete job scratch; the sweeper will retry"),
     }
 }
 
-/// Deletes every data file under `data_dir` that `job` wrote and that is not in `keep`.
-/// Files are found by name (`<job-id>-s<stage>-p<partition>-a<attempt>-…`), so files of an
-/// attempt that never reported are found too.
-pub async fn sweep_job_data_files(
-    data_dir: &Location,
-    job: &JobId,
-    keep: &HashSet<String>,
-) -> Result<usize> {
-    let prefix = format!("{}-s", job.as_str());
-    let listed = list_objects(data_dir).await?;
-    let doomed: Vec<Location> = listed
-        .into_iter()
-        .map(|(loc, _)| loc)
-        .filter(|loc| {
-            let path = loc.url().path();
-            let name = path.rsplit('/').next().unwrap_or_default();
-            name.starts_with(&prefix) && !keep.contains(&loc.to_iceberg_string())
-        })
-        .collect();
-    delete_objects(&doomed).await?;
-    Ok(doomed.len())
+/// Runs the late sweeps due by `now_ms`: each ended job's unreferenced data files and its
+/// scratch, once more, for task attempts that were still writing when the job ended. A job
+/// owned by a running coordinator (it was submitted again) is left for later.
+pub async fn run_late_sweeps(env: &JobEnv, now_ms: i64) -> Result<Vec<JobId>> {
+    let due = env.state.due_sweeps(now_ms).await?;
+    if due.is_empty() {
+        return Ok(Vec::new());
+    }
+    let catalog = open_catalog(&env.catalog).await?;
+    let ttl = crate::job::ownership_ttl(env.lease_ttl);
+    let mut done = Vec::new();
+    for (job, table) in due {
+        if !env.state.acquire_job(&job, &env.owner, ttl).await? {
+            continue;
+        }
+        // The job has ended: no run of it may adopt a winner whose files are swept now.
+        let swept = match (
+            env.state.clear_task_outputs(&job).await,
+            parse_table_ident(&table),
+        ) {
+            (Ok(()), Ok(ident)) => sweep_job_files(catalog.as_ref(), &ident, &job).await,
+            (Err(e), _) | (_, Err(e)) => Err(e),
+        };
+        match swept {
+            Ok(swept) => {
+                delete_scratch(&env.scratch, &job).await;
+                env.state.sweep_done(&job).await?;
+                if swept.deleted > 0 {
+                    info!(job_id = %job, deleted = swept.deleted, "late sweep removed files of attempts that outlived the job");
+                }
+                done.push(job.clone());
+            }
+            Err(e) => warn!(job_id = %job, error = %e, "late sweep failed; retrying later"),
+        }
+        env.state.release_job(&job, &env.owner).await?;
+    }
+    Ok(done)
 }
 
 /// The sweeper: deletes the scratch directories of jobs that are not running and whose newest
@@ -52,19 +146,15 @@ pub async fn sweep_scratch(
     state: &dyn StateStore,
     ttl: Duration,
 ) -> Result<Vec<String>> {
-    let prefix = scratch.url().path().trim_end_matches('/').to_string();
-    let mut newest: HashMap<String, SystemTime> = HashMap::new();
+    let root = scratch.url().path().trim_end_matches('/').to_string();
+    let mut newest: HashMap<JobId, SystemTime> = HashMap::new();
     for (location, meta) in list_objects_meta(scratch).await? {
-        let path = location.url().path().to_string();
-        let Some(job) = path
-            .strip_prefix(&prefix)
-            .and_then(|rest| rest.trim_start_matches('/').split('/').next())
-            .filter(|j| !j.is_empty())
-        else {
+        let path = location.url().path();
+        let Some(job) = path.strip_prefix(&root).and_then(names::scratch_owner) else {
             continue;
         };
         let modified: SystemTime = meta.last_modified.into();
-        let entry = newest.entry(job.to_string()).or_insert(modified);
+        let entry = newest.entry(job).or_insert(modified);
         *entry = (*entry).max(modified);
     }
     let now = SystemTime::now();
@@ -73,22 +163,73 @@ pub async fn sweep_scratch(
         if now.duration_since(modified).unwrap_or_default() < ttl {
             continue;
         }
-        if let Ok(id) = JobId::parse(&job)
-            && matches!(
-                state.job_state(&id).await,
-                Ok(Some((JobState::Running | JobState::Committing, _)))
-            )
-        {
+        if matches!(
+            state.job_state(&job).await,
+            Ok(Some((state, _))) if !state.is_terminal()
+        ) {
             continue;
         }
-        let dir = scratch.join(&job);
+        let dir = scratch.join(names::job_scratch_dir(&job));
         match dir.delete_recursive().await {
             Ok(_) => {
                 debug!(%dir, "swept scratch of an abandoned job");
-                swept.push(job);
+                swept.push(job.to_string());
             }
             Err(e) => warn!(%dir, error = %e, "cannot sweep scratch"),
         }
     }
     Ok(swept)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nightshift_core::names::{AttemptId, DataFileName};
+
+    fn file(job: &str, stage: u32) -> String {
+        let name = DataFileName {
+            attempt: AttemptId::new(JobId::parse(job).unwrap(), stage, 0, 1),
+            sequence: 0,
+        };
+        format!("/w/ns/t/data/day=2024-01-01/{name}")
+    }
+
+    fn at(path: &str) -> Location {
+        Location::parse(path, std::path::Path::new("/")).unwrap()
+    }
+
+    #[test]
+    fn only_the_jobs_own_unreferenced_files_are_deleted() {
+        let ours_committed = file("etl", 2);
+        let ours_loser = file("etl", 2);
+        let longer_id = file("etl-sales-2024", 1);
+        let tricky_id = file("etl-s1-p0-a1-deadbeef", 1);
+        let foreign = "/w/ns/t/data/00000-0-5b6a7980-00001.parquet".to_string();
+        let listed: Vec<Location> = [
+            &ours_committed,
+            &ours_loser,
+            &longer_id,
+            &tricky_id,
+            &foreign,
+        ]
+        .into_iter()
+        .map(|p| at(p))
+        .collect();
+        let mut references = TableReferences::default();
+        references.insert(&ours_committed);
+        let doomed = unreferenced_job_files(&listed, &JobId::parse("etl").unwrap(), &references);
+        assert_eq!(doomed, vec![&listed[1]]);
+    }
+
+    #[test]
+    fn a_referenced_file_is_kept_whatever_its_name_says() {
+        let ours = file("daily", 1);
+        let listed = vec![at(&ours)];
+        let mut references = TableReferences::default();
+        references.insert(&format!("file://{ours}"));
+        assert!(
+            unreferenced_job_files(&listed, &JobId::parse("daily").unwrap(), &references)
+                .is_empty()
+        );
+    }
 }

@@ -58,11 +58,9 @@ pub async fn serve(
     let queue = Arc::new(RabbitQueue::connect(&config.rabbitmq).await?);
     let state = Arc::new(RedisState::connect(&config.redis.url, &config.redis.prefix).await?);
     let env = JobEnv {
-        queue: queue.clone(),
-        state: state.clone(),
-        catalog,
-        scratch,
         lease_ttl: config.redis.lease_ttl(),
+        late_sweep_after: config.storage.late_sweep_after(),
+        ..JobEnv::new(queue.clone(), state.clone(), catalog, scratch)
     };
     let mut api_server = None;
     if let Some(api) = api {
@@ -79,11 +77,7 @@ pub async fn serve(
         api_server = Some(tokio::spawn(server));
     }
     info!(jobs_queue = %queue.jobs_queue(), max_jobs, "coordinator ready");
-    spawn_sweeper(
-        env.scratch.clone(),
-        state.clone(),
-        config.storage.scratch_ttl(),
-    );
+    spawn_sweepers(env.clone(), state.clone(), config.storage.scratch_ttl());
     let slots = Arc::new(Semaphore::new(max_jobs.max(1)));
     // Submissions of running jobs, acked when the job ends. A broker restart redelivers the
     // submission of a job this coordinator is still running; it joins the list instead of
@@ -214,17 +208,24 @@ async fn run_submission(
     run_job(env, &spec, &options, &on_event).await
 }
 
-/// Sweeps abandoned job scratch now and then every hour.
-fn spawn_sweeper(
-    scratch: nightshift_core::storage::Location,
-    state: Arc<RedisState>,
-    ttl: std::time::Duration,
-) {
+/// Late sweeps every few seconds; abandoned job scratch now and then every hour.
+fn spawn_sweepers(env: JobEnv, state: Arc<RedisState>, scratch_ttl: std::time::Duration) {
+    let late = env.clone();
+    tokio::spawn(async move {
+        let every = (late.late_sweep_after / 3).max(std::time::Duration::from_secs(1));
+        let mut every = tokio::time::interval(every);
+        loop {
+            every.tick().await;
+            if let Err(e) = crate::cleanup::run_late_sweeps(&late, crate::job::now_ms()).await {
+                warn!(error = %e, "late sweep failed");
+            }
+        }
+    });
     tokio::spawn(async move {
         let mut every = tokio::time::interval(std::time::Duration::from_secs(3600));
         loop {
             every.tick().await;
-            match crate::cleanup::sweep_scratch(&scratch, state.as_ref(), ttl).await {
+            match crate::cleanup::sweep_scratch(&env.scratch, state.as_ref(), scratch_ttl).await {
                 Ok(swept) if !swept.is_empty() => {
                     info!(jobs = ?swept, "swept abandoned job scratch")
                 }

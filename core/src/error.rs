@@ -61,6 +61,11 @@ pub enum CoreError {
     #[error("transport: {0}")]
     Transport(String),
 
+    /// The broker took the message but no queue did (a `mandatory` publish returned): for a
+    /// task result, the job's result queue is gone because the job has ended.
+    #[error("transport: no queue named {queue} took the message")]
+    Unroutable { queue: String },
+
     #[error("protocol: {0}")]
     Protocol(String),
 

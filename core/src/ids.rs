@@ -14,18 +14,20 @@ impl JobId {
         JobId(uuid::Uuid::now_v7().to_string())
     }
 
-    /// Accepts a caller-chosen id (`--job-id`); it becomes part of object paths, so only
-    /// letters, digits, `-`, `_` and `.` are allowed.
+    /// Accepts a caller-chosen id (`--job-id`). It becomes one segment of object paths, so
+    /// only letters, digits, `-`, `_` and `.` are allowed, and it may not start with `.`
+    /// (`.` and `..` would name the scratch root or its parent).
     pub fn parse(s: &str) -> Result<Self, String> {
         let ok = !s.is_empty()
             && s.len() <= 128
+            && !s.starts_with('.')
             && s.chars()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
         if ok {
             Ok(JobId(s.to_string()))
         } else {
             Err(format!(
-                "job id `{s}` must be 1-128 characters of letters, digits, `-`, `_` or `.`"
+                "job id `{s}` must be 1-128 characters of letters, digits, `-`, `_` or `.`, not starting with `.`"
             ))
         }
     }
@@ -61,5 +63,32 @@ pub struct TaskKey {
 impl fmt::Display for TaskKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "stage {} partition {}", self.stage, self.partition)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::JobId;
+
+    #[test]
+    fn job_ids_are_one_safe_path_segment() {
+        for ok in ["etl", "etl-sales-2024", "a.b", "a..b", "x_1", "-s1", "9"] {
+            assert!(JobId::parse(ok).is_ok(), "{ok}");
+        }
+        let long = "x".repeat(129);
+        for bad in [
+            "",
+            ".",
+            "..",
+            "...",
+            ".hidden",
+            "a/b",
+            "a b",
+            "é",
+            "a%2F",
+            long.as_str(),
+        ] {
+            assert!(JobId::parse(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -3,6 +3,7 @@
 //! - [`access`] limits what a submitted pipeline may read and write.
 //! - [`planner`] turns a pipeline's SQL into Ballista query stages.
 //! - [`shuffle`] moves stage outputs through object storage; [`codec`] serializes stage plans.
+//! - [`names`] builds and parses every object name the engine writes.
 //! - [`task`] runs one partition of one stage on a worker.
 //! - [`table`] creates Iceberg tables, writes data files and commits snapshots.
 //! - [`redact`] masks credentials in logs, job records and snapshot summaries.
@@ -12,6 +13,7 @@ pub mod access;
 pub mod codec;
 pub mod error;
 pub mod ids;
+pub mod names;
 pub mod planner;
 pub mod redact;
 pub mod session;

@@ -322,7 +322,12 @@ async fn register_raw(
                 // Keeps each CSV file in one task, so line numbers in errors are the file's.
                 .newlines_in_values(true)
                 .file_extension(file_extension(source, table_path, ".csv"))
-                .null_regex(source.options.get("null_value").map(|v| regex_escape(v)));
+                .null_regex(
+                    source
+                        .options
+                        .get("null_value")
+                        .map(|v| null_value_regex(v)),
+                );
             if let Some(d) = byte_option("delimiter")? {
                 options = options.delimiter(d);
             }
@@ -350,6 +355,7 @@ async fn register_raw(
     registered.map_err(|e| {
         let message = match source.format {
             SourceFormat::Parquet => find_bad_parquet(table_path),
+            SourceFormat::Json => find_bad_json(table_path),
             _ => None,
         }
         .unwrap_or_else(|| {
@@ -365,21 +371,28 @@ async fn register_raw(
     })
 }
 
-/// Names the first local file under `table_path` that is not readable Parquet, so the error
-/// says which file of a directory or glob is broken.
-fn find_bad_parquet(table_path: &str) -> Option<String> {
+/// The local files under `table_path` (a file, a directory or a glob), sorted.
+fn local_files(table_path: &str) -> Vec<std::path::PathBuf> {
     let pattern = if table_path.ends_with('/') {
         format!("{table_path}**/*")
     } else {
         table_path.to_string()
     };
-    let mut files: Vec<_> = glob::glob(&pattern)
-        .ok()?
+    let Ok(paths) = glob::glob(&pattern) else {
+        return Vec::new();
+    };
+    let mut files: Vec<_> = paths
         .flatten()
-        .filter(|p| p.is_file())
+        .filter(|p| p.is_file() && !is_hidden(&p.display().to_string()))
         .collect();
     files.sort();
-    files.into_iter().find_map(|path| {
+    files
+}
+
+/// Names the first local file under `table_path` that is not readable Parquet, so the error
+/// says which file of a directory or glob is broken.
+fn find_bad_parquet(table_path: &str) -> Option<String> {
+    local_files(table_path).into_iter().find_map(|path| {
         let file = std::fs::File::open(&path).ok()?;
         match parquet::file::reader::SerializedFileReader::new(file) {
             Ok(_) => None,
@@ -391,16 +404,35 @@ fn find_bad_parquet(table_path: &str) -> Option<String> {
     })
 }
 
-fn regex_escape(value: &str) -> String {
-    let mut out = String::from("^");
-    for c in value.chars() {
-        if "\\.+*?()|[]{}^$".contains(c) {
-            out.push('\\');
+/// Names the first local file and line under `table_path` that is not a JSON value
+/// (newline-delimited JSON: one value per line, blank lines allowed).
+fn find_bad_json(table_path: &str) -> Option<String> {
+    use std::io::BufRead;
+    local_files(table_path).into_iter().find_map(|path| {
+        let file = std::fs::File::open(&path).ok()?;
+        for (index, line) in std::io::BufReader::new(file).lines().enumerate() {
+            let line = match line {
+                Ok(line) => line,
+                Err(e) => return Some(format!("{} line {}: {e}", path.display(), index + 1)),
+            };
+            if line.trim().is_empty() {
+                continue;
+            }
+            if let Err(e) = serde_json::from_str::<serde_json::Value>(&line) {
+                return Some(format!(
+                    "{} line {}: not valid JSON: {e}",
+                    path.display(),
+                    index + 1
+                ));
+            }
         }
-        out.push(c);
-    }
-    out.push('$');
-    out
+        None
+    })
+}
+
+/// An exact-match pattern for a CSV `null_value`.
+fn null_value_regex(value: &str) -> String {
+    format!("^{}$", regex::escape(value))
 }
 
 /// Parquet carries its own types: every contract column must exist with a matching type.

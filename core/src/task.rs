@@ -19,17 +19,11 @@ use tracing::{Instrument, info_span};
 
 use crate::codec::decode_plan;
 use crate::error::{CoreError, Result};
+use crate::ids::JobId;
+use crate::names::AttemptId;
 use crate::shuffle::write_shuffle_output;
 use crate::storage::Location;
 use crate::table::write_data_files;
-
-/// Prefix of every data file a job writes, so files of a failed job can be found and removed.
-pub fn data_file_prefix(job_id: &str, stage: u32, partition: u32, attempt: u32) -> String {
-    format!(
-        "{job_id}-s{stage}-p{partition}-a{attempt}-{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..8]
-    )
-}
 
 /// Runs `task` and always returns a result; failures are described, not raised.
 pub async fn run_task(
@@ -94,6 +88,8 @@ async fn execute(
             vec![],
         ));
     }
+    let job = JobId::parse(&task.job_id).map_err(|e| (CoreError::Protocol(e), vec![], vec![]))?;
+    let attempt = AttemptId::new(job, task.stage_id, task.partition, task.attempt);
     let ctx = session.task_ctx();
     let (input, partitioning) =
         decode_stage(&task.stage_plan, &ctx).map_err(|e| (e, vec![], vec![]))?;
@@ -102,12 +98,8 @@ async fn execute(
     let run = async {
         match &task.output {
             Some(task_definition::Output::Shuffle(out)) => {
-                let dir = Location::parse(&out.prefix, std::path::Path::new("/"))?.join(&format!(
-                    "map-{}/attempt-{}-{}",
-                    task.partition,
-                    task.attempt,
-                    &uuid::Uuid::new_v4().simple().to_string()[..8]
-                ));
+                let dir = Location::parse(&out.prefix, std::path::Path::new("/"))?
+                    .join(&attempt.shuffle_dir());
                 let written =
                     write_shuffle_output(input, partition, partitioning, &dir, ctx).await?;
                 let segments = written.segments.iter().map(Into::into).collect();
@@ -118,8 +110,7 @@ async fn execute(
                 ))
             }
             Some(task_definition::Output::Table(out)) => {
-                let prefix =
-                    data_file_prefix(&task.job_id, task.stage_id, task.partition, task.attempt);
+                let prefix = attempt.data_file_prefix();
                 let written = write_data_files(input, partition, out, prefix, ctx).await?;
                 Ok((
                     written.rows,
@@ -133,6 +124,34 @@ async fn execute(
         }
     };
     run.await.map_err(|e| (e, inputs, columns))
+}
+
+/// Deletes what a task attempt wrote (its shuffle object or its data files), for an attempt
+/// whose result will never be taken. Returns how many objects were deleted.
+pub async fn discard_output(result: &v1::TaskResult) -> Result<usize> {
+    let paths: Vec<String> = match &result.outcome {
+        Some(task_result::Outcome::Shuffle(written)) => {
+            let mut paths: Vec<String> = written.segments.iter().map(|s| s.path.clone()).collect();
+            paths.sort();
+            paths.dedup();
+            paths
+        }
+        Some(task_result::Outcome::Files(files)) => files
+            .data_files_json
+            .iter()
+            .filter_map(|json| {
+                let value: serde_json::Value = serde_json::from_str(json).ok()?;
+                value.get("file_path")?.as_str().map(str::to_string)
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    let locations = paths
+        .iter()
+        .map(|p| Location::parse(p, std::path::Path::new("/")))
+        .collect::<Result<Vec<_>>>()?;
+    crate::storage::delete_objects(&locations).await?;
+    Ok(locations.len())
 }
 
 /// Decodes a stage plan and splits it into the plan to run and its shuffle partitioning.

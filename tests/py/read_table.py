@@ -5,6 +5,12 @@ canonicalised the same way (so equal checksums mean equal content), and the snap
 first, with their operations and summaries. With --reference FILE.parquet it also checksums that file (the rows
 DataFusion computed directly on the sources), so the caller compares all three.
 
+With --every-snapshot it also reads each snapshot (time travel) with both readers; with
+--references it lists the name of every file any snapshot references (manifest lists,
+manifests, data and delete files), read by PyIceberg; --rollback-to ID first rolls the table
+back to that snapshot, --set-current ID makes any snapshot current (PyIceberg's
+manage_snapshots).
+
 Usage: read_table.py --warehouse DIR --table ns.name [--reference ref.parquet]
        read_table.py --catalog-uri postgresql+psycopg2://... --catalog-name N --table ns.name
        read_table.py --rest-uri http://... --s3-endpoint http://... --table ns.name
@@ -85,7 +91,7 @@ def read_pyiceberg(table):
     return summarize(columns, rows), snapshots
 
 
-def read_duckdb(table, args):
+def duckdb_connection(args):
     import duckdb
     import duckdb_extensions
 
@@ -99,6 +105,42 @@ def read_duckdb(table, args):
             "CREATE SECRET (TYPE S3, KEY_ID ?, SECRET ?, ENDPOINT ?, URL_STYLE 'path', USE_SSL false, REGION 'us-east-1')",
             [os.environ.get("AWS_ACCESS_KEY_ID", ""), os.environ.get("AWS_SECRET_ACCESS_KEY", ""), endpoint],
         )
+    return con
+
+
+def read_every_snapshot(table, args):
+    """Each snapshot as PyIceberg and DuckDB read it, oldest first."""
+    con = duckdb_connection(args)
+    out = []
+    for s in sorted(table.metadata.snapshots, key=lambda s: (s.sequence_number or 0, s.timestamp_ms)):
+        arrow = table.scan(snapshot_id=s.snapshot_id).to_arrow()
+        columns = arrow.column_names
+        py = summarize(columns, [tuple(r[c] for c in columns) for r in arrow.to_pylist()])
+        cursor = con.execute(
+            "SELECT * FROM iceberg_scan(?, snapshot_from_id => ?)",
+            [table.metadata_location, s.snapshot_id],
+        )
+        dd = summarize([d[0] for d in cursor.description], cursor.fetchall())
+        out.append({"snapshot_id": s.snapshot_id, "pyiceberg": py, "duckdb": dd})
+    return out
+
+
+def referenced_files(table):
+    """Names of every file any snapshot references, whatever the manifest entry's status."""
+
+    io = table.io
+    names = set()
+    for s in table.metadata.snapshots:
+        names.add(s.manifest_list.rsplit("/", 1)[-1])
+        for manifest in s.manifests(io):
+            names.add(manifest.manifest_path.rsplit("/", 1)[-1])
+            for entry in manifest.fetch_manifest_entry(io, discard_deleted=False):
+                names.add(entry.data_file.file_path.rsplit("/", 1)[-1])
+    return sorted(names)
+
+
+def read_duckdb(table, args):
+    con = duckdb_connection(args)
     cursor = con.execute("SELECT * FROM iceberg_scan(?)", [table.metadata_location])
     columns = [d[0] for d in cursor.description]
     return summarize(columns, cursor.fetchall())
@@ -123,13 +165,27 @@ def main():
     parser.add_argument("--catalog-warehouse")
     parser.add_argument("--rest-uri")
     parser.add_argument("--s3-endpoint")
+    parser.add_argument("--every-snapshot", action="store_true")
+    parser.add_argument("--references", action="store_true")
+    parser.add_argument("--rollback-to", type=int)
+    parser.add_argument("--set-current", type=int)
     args = parser.parse_args()
     catalog = open_catalog(args)
     out = {"exists": catalog.table_exists(args.table)}
     if out["exists"]:
         table = catalog.load_table(args.table)
+        if args.rollback_to is not None:
+            table.manage_snapshots().rollback_to_snapshot(args.rollback_to).commit()
+            table = catalog.load_table(args.table)
+        if args.set_current is not None:
+            table.manage_snapshots().set_current_snapshot(args.set_current).commit()
+            table = catalog.load_table(args.table)
         out["pyiceberg"], out["snapshots"] = read_pyiceberg(table)
         out["duckdb"] = read_duckdb(table, args) if out["snapshots"] else None
+        if args.every_snapshot:
+            out["by_snapshot"] = read_every_snapshot(table, args)
+        if args.references:
+            out["references"] = referenced_files(table)
     if args.reference:
         out["reference"] = read_reference(args.reference)
     json.dump(out, sys.stdout)

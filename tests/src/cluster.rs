@@ -30,7 +30,7 @@ pub enum ClusterStorage {
 /// How to start a [`ClusterSandbox`].
 pub struct ClusterOptions<'a> {
     pub workers: usize,
-    /// Passed to every process (e.g. `NIGHTSHIFT_TEST_TASK_DELAY_MS`).
+    /// Passed to every process (e.g. `FAILPOINTS=worker-task-delay=return(700)`).
     pub env: &'a [(&'a str, &'a str)],
     /// A broker of the test's own; `None` is the machine's broker, in a vhost of the
     /// sandbox's own that is deleted with it.
@@ -78,7 +78,7 @@ pub struct ClusterSandbox {
 impl ClusterSandbox {
     /// Writes the cluster configuration and starts a coordinator and `workers` workers on the
     /// machine's RabbitMQ and Redis. `env` is passed to every process (e.g.
-    /// `NIGHTSHIFT_TEST_TASK_DELAY_MS`).
+    /// `FAILPOINTS=worker-task-delay=return(700)`).
     pub fn start(storage: ClusterStorage, workers: usize, env: &[(&str, &str)]) -> Self {
         Self::start_with(
             storage,
@@ -341,7 +341,18 @@ impl ClusterSandbox {
 
     /// What PyIceberg and DuckDB read from `table` in this cluster's catalog.
     pub fn read_table(&self, table: &str, reference: Option<&std::path::Path>) -> Value {
+        self.read_table_with(table, reference, &[])
+    }
+
+    /// [`read_table`](Self::read_table) with more reader arguments (`--references`, …).
+    pub fn read_table_with(
+        &self,
+        table: &str,
+        reference: Option<&std::path::Path>,
+        extra: &[&str],
+    ) -> Value {
         let mut cmd = crate::reader_command(table, reference);
+        cmd.args(extra);
         cmd.arg("--catalog-name").arg(&self.prefix);
         match &self.storage {
             ClusterStorage::LocalWithPostgres => {
@@ -390,6 +401,52 @@ impl ClusterSandbox {
                 );
         }
         crate::run_reader(cmd)
+    }
+
+    /// Whether the coordinator process is running.
+    pub fn coordinator_running(&mut self) -> bool {
+        match self.coordinator.as_mut() {
+            Some(child) => child.try_wait().ok().flatten().is_none(),
+            None => false,
+        }
+    }
+
+    /// Indexes of the worker processes still running.
+    pub fn running_workers(&mut self) -> Vec<usize> {
+        (0..self.workers.len())
+            .filter(|i| !self.worker_exited(*i))
+            .collect()
+    }
+
+    /// Reaps an exited coordinator, so a new one can start.
+    pub fn reap_coordinator(&mut self) {
+        if !self.coordinator_running() {
+            self.kill_coordinator();
+        }
+    }
+
+    /// Waits until the data files in the table directory are exactly those the snapshots of
+    /// `table` reference (PyIceberg's view) and the scratch directory is empty, for at most
+    /// `timeout`. Returns what was left over when it gave up (empty: clean).
+    pub fn wait_until_clean(&self, table: &str, timeout: Duration) -> Vec<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let read = self.read_table_with(table, None, &["--references"]);
+            let files = self.sandbox.data_files();
+            let mut left: Vec<String> = crate::unreferenced(&files, &read)
+                .into_iter()
+                .cloned()
+                .collect();
+            left.extend(
+                self.scratch_files()
+                    .into_iter()
+                    .map(|f| format!("scratch/{f}")),
+            );
+            if left.is_empty() || Instant::now() >= deadline {
+                return left;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
     }
 
     /// Files left under the scratch directory (local storage only).

@@ -146,8 +146,14 @@ impl Sandbox {
 
     /// What PyIceberg and DuckDB read from `table` (and the reference file, if given).
     pub fn read_table(&self, table: &str, reference: Option<&Path>) -> Value {
+        self.read_table_with(table, reference, &[])
+    }
+
+    /// [`read_table`](Self::read_table) with more reader arguments (`--every-snapshot`,
+    /// `--references`, `--rollback-to ID`).
+    pub fn read_table_with(&self, table: &str, reference: Option<&Path>, extra: &[&str]) -> Value {
         let mut cmd = reader_command(table, reference);
-        cmd.arg("--warehouse").arg(self.warehouse());
+        cmd.arg("--warehouse").arg(self.warehouse()).args(extra);
         run_reader(cmd)
     }
 
@@ -268,4 +274,19 @@ pub fn assert_matches_reference(read: &Value) -> u64 {
 /// Number of snapshots of a table as PyIceberg sees it (0 if the table does not exist).
 pub fn snapshot_count(read: &Value) -> usize {
     read["snapshots"].as_array().map_or(0, Vec::len)
+}
+
+/// The data files among `files` (paths of any form) that no snapshot references, by the
+/// reader's `--references` list (PyIceberg's view, independent of Nightshift's code).
+pub fn unreferenced<'a>(files: &'a [String], read: &Value) -> Vec<&'a String> {
+    let references: std::collections::HashSet<&str> = read["references"]
+        .as_array()
+        .expect("read with --references")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    files
+        .iter()
+        .filter(|f| !references.contains(f.rsplit('/').next().unwrap_or(f)))
+        .collect()
 }

@@ -340,3 +340,18 @@ async fn empty_input_commits_nothing_and_succeeds() {
     assert_eq!(report.snapshot_id, None, "{report:?}");
     assert_eq!(sandbox.warehouse_files(), before);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_json_names_the_file_and_line() {
+    let (sandbox, before) = with_committed_table().await;
+    sandbox.write(
+        "data/json_bad/a.json",
+        "{\"id\": 1, \"city\": \"Zürich\", \"amount\": 10.5}\n",
+    );
+    sandbox.write(
+        "data/json_bad/b.json",
+        "{\"id\": 2, \"city\": \"Lyon\", \"amount\": 3.0}\n{\"id\": 3, \"city\": \n{\"id\": 4}\n",
+    );
+    sandbox.spec(&spec("data/json_bad/", "json", "", "SELECT * FROM src", ""));
+    assert_fails_cleanly(&sandbox, &before, &["b.json line 2", "not valid JSON"]).await;
+}

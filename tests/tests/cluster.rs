@@ -107,7 +107,7 @@ async fn coordinator_and_three_workers_commit_one_snapshot() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_killed_mid_task_is_replaced_without_duplicates() {
-    let mut cluster = start(1, &[("NIGHTSHIFT_TEST_TASK_DELAY_MS", "1500")]);
+    let mut cluster = start(1, &[("FAILPOINTS", "worker-task-delay=return(1500)")]);
     let mut client = cluster.submit_in_background("job-kill-worker");
     assert!(
         cluster.wait_for_task_start(0, Duration::from_secs(30)),
@@ -124,7 +124,7 @@ async fn worker_killed_mid_task_is_replaced_without_duplicates() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn coordinator_killed_mid_job_resumes_and_commits_once() {
-    let mut cluster = start(2, &[("NIGHTSHIFT_TEST_TASK_DELAY_MS", "700")]);
+    let mut cluster = start(2, &[("FAILPOINTS", "worker-task-delay=return(700)")]);
     let mut client = cluster.submit_in_background("job-kill-coordinator");
     // Stage 3 starts once stages 1 and 2 are complete, i.e. their outputs are in Redis.
     wait_for_stage(&cluster, 3);
@@ -197,7 +197,7 @@ async fn rabbitmq_restart_mid_job_reconnects_and_completes() {
         ClusterStorage::LocalWithPostgres,
         ClusterOptions {
             workers: 2,
-            env: &[("NIGHTSHIFT_TEST_TASK_DELAY_MS", "700")],
+            env: &[("FAILPOINTS", "worker-task-delay=return(700)")],
             rabbitmq_url: Some(rabbit.url()),
             ..ClusterOptions::default()
         },
@@ -222,7 +222,7 @@ async fn redis_flushall_mid_job_never_commits_twice_or_partially() {
         ClusterStorage::LocalWithPostgres,
         ClusterOptions {
             workers: 2,
-            env: &[("NIGHTSHIFT_TEST_TASK_DELAY_MS", "700")],
+            env: &[("FAILPOINTS", "worker-task-delay=return(700)")],
             redis_url: redis.url(),
             ..ClusterOptions::default()
         },
@@ -255,7 +255,7 @@ async fn poison_task_is_dead_lettered_and_fails_the_job() {
         ClusterStorage::LocalWithPostgres,
         ClusterOptions {
             workers: 3,
-            env: &[("NIGHTSHIFT_TEST_CRASH_ON_STAGE", "2")],
+            env: &[("FAILPOINTS", "worker-crash-on-stage=return(2)")],
             delivery_limit: 1,
             ..ClusterOptions::default()
         },
@@ -289,7 +289,7 @@ async fn poison_task_is_dead_lettered_and_fails_the_job() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_scale_up_and_down_during_a_job() {
-    let mut cluster = start(1, &[("NIGHTSHIFT_TEST_TASK_DELAY_MS", "400")]);
+    let mut cluster = start(1, &[("FAILPOINTS", "worker-task-delay=return(400)")]);
     let mut client = cluster.submit_in_background("job-scale");
     assert!(
         cluster.wait_for_task_start(0, Duration::from_secs(30)),
@@ -402,7 +402,7 @@ async fn frozen_worker_loses_its_lease_and_the_task_runs_elsewhere() {
         ClusterStorage::LocalWithPostgres,
         ClusterOptions {
             workers: 1,
-            env: &[("NIGHTSHIFT_TEST_TASK_DELAY_MS", "2500")],
+            env: &[("FAILPOINTS", "worker-task-delay=return(2500)")],
             lease_secs: 2,
             ..ClusterOptions::default()
         },
@@ -433,5 +433,32 @@ fn assert_succeeded(cluster: &ClusterSandbox, outcome: &serde_json::Value) {
         "succeeded",
         "{outcome}\n{}",
         cluster.logs()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_for_an_ended_job_is_returned_not_lost() {
+    // A job's result queue is deleted when the job ends: a late result must come back as
+    // unroutable (the worker then deletes what the task wrote), not count as delivered.
+    let cluster = ClusterSandbox::start(ClusterStorage::LocalWithPostgres, 0, &[]);
+    let config = nightshift_cluster::ClusterConfig::load(&cluster.config).unwrap();
+    let queue = nightshift_cluster::RabbitQueue::connect(&config.rabbitmq)
+        .await
+        .unwrap();
+    let job = nightshift_core::ids::JobId::parse("ended-job").unwrap();
+    use nightshift_core::transport::TaskQueue;
+    queue.open_results(&job).await.unwrap();
+    queue
+        .publish_result(&job, bytes::Bytes::from_static(b"r1"))
+        .await
+        .expect("the queue exists");
+    queue.close_results(&job).await.unwrap();
+    let err = queue
+        .publish_result(&job, bytes::Bytes::from_static(b"r2"))
+        .await
+        .expect_err("the queue is gone");
+    assert!(
+        matches!(err, nightshift_core::CoreError::Unroutable { .. }),
+        "{err}"
     );
 }

@@ -112,7 +112,7 @@ async fn fifty_concurrent_submits_with_one_key_make_one_job() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_mid_job_commits_nothing_and_drains_the_queue() {
-    let cluster = start(1, &[("NIGHTSHIFT_TEST_TASK_DELAY_MS", "1500")]);
+    let cluster = start(1, &[("FAILPOINTS", "worker-task-delay=return(1500)")]);
     let mut client = cluster.api_client().await;
     let request = nightshift::client::submit_request(
         cluster.sandbox.path("pipeline.toml").to_str().unwrap(),

@@ -11,6 +11,7 @@ use arrow::array::{
 use async_trait::async_trait;
 use bytes::Bytes;
 use nightshift::embedded::{EmbeddedOptions, SCRATCH_DIR, embedded_catalog, prepare_warehouse};
+use nightshift_coordinator::cleanup::run_late_sweeps;
 use nightshift_coordinator::{JobEnv, JobEvent, JobOptions, run_job};
 use nightshift_core::ids::JobId;
 use nightshift_core::transport::memory::{MemoryQueue, MemoryState};
@@ -201,13 +202,12 @@ async fn duplicate_task_deliveries_write_no_duplicate_rows() {
             tokio::spawn(async move { worker.run().await })
         })
         .collect();
-    let env = JobEnv {
-        queue: queue.clone(),
+    let env = JobEnv::new(
+        queue.clone(),
         state,
-        catalog: embedded_catalog(&warehouse).unwrap(),
-        scratch: warehouse.join(SCRATCH_DIR),
-        lease_ttl: nightshift_coordinator::job::DEFAULT_LEASE_TTL,
-    };
+        embedded_catalog(&warehouse).unwrap(),
+        warehouse.join(SCRATCH_DIR),
+    );
     let options = JobOptions {
         job_id: JobId::generate(),
         workers: 3,
@@ -233,9 +233,16 @@ async fn duplicate_task_deliveries_write_no_duplicate_rows() {
         .unwrap()
         .parse()
         .unwrap();
-    // Data files of losing duplicates that finished before the commit were swept; any that
-    // finished after it are not referenced by the table either.
-    assert!(sandbox.data_files().len() >= committed);
+    // Data files of losing duplicates that finished before the commit were swept; those
+    // that finished after it were deleted by their workers (the job had ended) or by the
+    // late sweep: the table directory holds exactly the committed files.
+    run_late_sweeps(&env, i64::MAX).await.unwrap();
+    assert_eq!(
+        sandbox.data_files().len(),
+        committed,
+        "{:#?}",
+        sandbox.data_files()
+    );
 }
 
 fn typed_batch() -> RecordBatch {

@@ -11,10 +11,11 @@ use datafusion::execution::TaskContext;
 use iceberg::Catalog;
 use nightshift_coordinator::job::table_output;
 use nightshift_core::ids::JobId;
+use nightshift_core::names::AttemptId;
 use nightshift_core::storage::Location;
 use nightshift_core::table::{
-    CatalogConfig, CommitOutcome, JobCommit, commit_job_snapshot, ensure_table, find_job_snapshot,
-    open_catalog, parse_table_ident, write_data_files,
+    CatalogConfig, CommitOutcome, JobCommit, WrittenWith, commit_job_snapshot, ensure_table,
+    find_job_snapshot, open_catalog, parse_table_ident, write_data_files,
 };
 use nightshift_spec::{PartitionField, PartitionTransform, WriteMode};
 use nightshift_tests::cluster::uuid_like;
@@ -93,7 +94,7 @@ impl Racing {
         .unwrap();
         let input =
             MemorySourceConfig::try_new_exec(&[vec![batch]], Arc::new(schema()), None).unwrap();
-        let prefix = format!("{job}-s1-p0-a{attempt}-{}", &uuid_like()[..8]);
+        let prefix = AttemptId::new(job.clone(), 1, 0, attempt).data_file_prefix();
         write_data_files(input, 0, &out, prefix, Arc::new(TaskContext::default()))
             .await
             .expect("write data files")
@@ -106,6 +107,8 @@ impl Racing {
         commits: Vec<(JobId, Vec<String>)>,
         mode: WriteMode,
     ) -> Vec<CommitOutcome> {
+        let table = self.catalog.load_table(&self.ident).await.unwrap();
+        let written_with = WrittenWith::current(&table);
         let handles: Vec<_> = commits
             .into_iter()
             .map(|(job, files)| {
@@ -119,6 +122,7 @@ impl Racing {
                         job: &job,
                         mode,
                         data_files_json: &files,
+                        written_with,
                         summary: Default::default(),
                     };
                     commit_job_snapshot(catalog.as_ref(), &config, &ident, commit).await
@@ -247,4 +251,50 @@ async fn one_overwriting_job_lands_once_postgres() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_overwrites_of_different_jobs_all_land_postgres() {
     different_jobs_all_land(Racing::postgres().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_are_committed_with_the_partition_spec_they_were_written_with() {
+    let racing = Racing::sqlite().await;
+    let job = JobId::parse("written-before-evolution").unwrap();
+    let files = racing.write(&job, 1, 0..30).await;
+    let table = racing.catalog.load_table(&racing.ident).await.unwrap();
+    let written_with = WrittenWith::current(&table);
+    // Another engine evolves the table's partition spec while the job runs.
+    let warehouse = racing.sandbox.warehouse();
+    let evolve = format!(
+        "from pyiceberg.catalog.sql import SqlCatalog\n\
+         c = SqlCatalog('nightshift', uri='sqlite:///{w}/catalog.db', warehouse='{w}')\n\
+         t = c.load_table('{TABLE}')\n\
+         with t.update_spec() as u:\n    u.add_identity('id')\n",
+        w = warehouse.display()
+    );
+    let status = std::process::Command::new(nightshift_tests::python())
+        .args(["-c", &evolve])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let table = racing.catalog.load_table(&racing.ident).await.unwrap();
+    assert_ne!(
+        table.metadata().default_partition_spec_id(),
+        written_with.partition_spec_id
+    );
+    let commit = JobCommit {
+        job: &job,
+        mode: WriteMode::Overwrite,
+        data_files_json: &files,
+        written_with,
+        summary: Default::default(),
+    };
+    commit_job_snapshot(
+        racing.catalog.as_ref(),
+        &racing.config,
+        &racing.ident,
+        commit,
+    )
+    .await
+    .expect("committed with the spec the files were written with");
+    let read = racing.read();
+    assert_eq!(read["pyiceberg"]["rows"], 30, "{read:#}");
+    assert_eq!(read["duckdb"]["rows"], 30, "{read:#}");
 }

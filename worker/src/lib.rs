@@ -7,11 +7,11 @@
 use std::sync::Arc;
 
 use datafusion::prelude::SessionContext;
-use nightshift_core::Result;
 use nightshift_core::ids::{JobId, StageId, TaskKey};
 use nightshift_core::session::{SessionOptions, new_session};
-use nightshift_core::task::run_task;
-use nightshift_core::transport::{JobState, StateStore, TaskQueue};
+use nightshift_core::task::{discard_output, run_task};
+use nightshift_core::transport::{StateStore, TaskQueue};
+use nightshift_core::{CoreError, Result};
 use nightshift_proto::PROTOCOL_VERSION;
 use nightshift_proto::v1::{self, task_result};
 use prost::Message;
@@ -76,18 +76,79 @@ impl Worker {
                 }
             };
             let result = self.run_one(&task).await;
-            match JobId::parse(&task.job_id) {
-                Ok(job) => {
-                    self.queue
-                        .publish_result(&job, result.encode_to_vec().into())
-                        .await?
-                }
-                Err(e) => warn!(worker = %self.id, error = %e, "task with a bad job id dropped"),
-            }
+            self.report(&task, result).await?;
             delivery.ack().await?;
         }
         debug!(worker = %self.id, "task queue closed; worker stopping");
         Ok(())
+    }
+
+    /// Publishes a task's result. If the job has ended (or is committing) meanwhile, no
+    /// coordinator takes the output any more: what the task wrote is deleted here (it can
+    /// never be part of the job's snapshot, whose winners were all taken before it
+    /// committed), and a failure saying so is reported instead, so a coordinator draining
+    /// the job's running tasks stops waiting for this one.
+    async fn report(&self, task: &v1::TaskDefinition, mut result: v1::TaskResult) -> Result<()> {
+        let Ok(job) = JobId::parse(&task.job_id) else {
+            warn!(worker = %self.id, job_id = %task.job_id, "task with a bad job id dropped");
+            return Ok(());
+        };
+        let wrote = matches!(
+            result.outcome,
+            Some(task_result::Outcome::Shuffle(_) | task_result::Outcome::Files(_))
+        );
+        if wrote && self.job_refuses_output(&job).await {
+            let why = "the job ended while the task ran";
+            self.discard(task, &result, why).await;
+            result.outcome = Some(task_result::Outcome::Failed(v1::TaskFailed {
+                message: format!("{why}; its output was deleted"),
+                // Should a coordinator still want this task, it runs it again.
+                retryable: true,
+            }));
+        }
+        match self
+            .queue
+            .publish_result(&job, result.encode_to_vec().into())
+            .await
+        {
+            Ok(()) => {
+                // A worker killed between publishing and acking: the broker delivers the
+                // task again, and it runs twice.
+                #[cfg(feature = "failpoints")]
+                if fail::eval("worker-crash-after-publish", |_| ()).is_some() {
+                    tracing::error!(worker = %self.id, "failpoint worker-crash-after-publish: aborting");
+                    std::process::abort();
+                }
+                Ok(())
+            }
+            // The job's result queue is gone: the job has ended.
+            Err(CoreError::Unroutable { .. }) => {
+                self.discard(task, &result, "the job's result queue is gone")
+                    .await;
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn discard(&self, task: &v1::TaskDefinition, result: &v1::TaskResult, why: &str) {
+        match discard_output(result).await {
+            Ok(deleted) => info!(
+                worker = %self.id,
+                job_id = %task.job_id,
+                stage = task.stage_id,
+                task = task.partition,
+                attempt = task.attempt,
+                deleted,
+                "{why}; the task's output was deleted"
+            ),
+            Err(e) => warn!(
+                worker = %self.id,
+                job_id = %task.job_id,
+                error = %e,
+                "{why}; cannot delete the task's output (the job's late sweep will)"
+            ),
+        }
     }
 
     async fn run_one(&self, task: &v1::TaskDefinition) -> v1::TaskResult {
@@ -99,8 +160,12 @@ impl Worker {
             attempt = task.attempt,
             "task started"
         );
-        if test_crash_stage() == Some(task.stage_id) {
-            tracing::error!(worker = %self.id, stage = task.stage_id, "NIGHTSHIFT_TEST_CRASH_ON_STAGE: aborting");
+        #[cfg(feature = "failpoints")]
+        if fail::eval("worker-crash-on-stage", |stage| {
+            stage.as_deref() == Some(&task.stage_id.to_string())
+        }) == Some(true)
+        {
+            tracing::error!(worker = %self.id, stage = task.stage_id, "failpoint worker-crash-on-stage: aborting");
             std::process::abort();
         }
         let result = tokio::select! {
@@ -142,10 +207,17 @@ impl Worker {
     }
 
     async fn run_one_inner(&self, task: &v1::TaskDefinition) -> v1::TaskResult {
-        if let Some(delay) = test_task_delay() {
-            tokio::time::sleep(delay).await;
+        #[cfg(feature = "failpoints")]
+        if let Some(Some(ms)) =
+            fail::eval("worker-task-delay", |ms| ms.and_then(|ms| ms.parse().ok()))
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
         }
-        if self.job_has_ended(&task.job_id).await {
+        let ended = match JobId::parse(&task.job_id) {
+            Ok(job) => self.job_refuses_output(&job).await,
+            Err(_) => false,
+        };
+        if ended {
             debug!(job_id = %task.job_id, stage = task.stage_id, task = task.partition, "job has ended; task skipped");
             return v1::TaskResult {
                 protocol_version: PROTOCOL_VERSION,
@@ -164,31 +236,14 @@ impl Worker {
         run_task(task, &self.session, &self.id).await
     }
 
-    /// A task of a job that has failed (or succeeded, for a duplicate delivery) is not run.
-    async fn job_has_ended(&self, job_id: &str) -> bool {
-        let Ok(job) = JobId::parse(job_id) else {
-            return false;
-        };
+    /// Whether the job has ended or is committing: a task of it is not run (it is a
+    /// duplicate or the job failed), and the output of a task that was running is not
+    /// reported. An unreachable state store answers no: the result is published, and the
+    /// coordinator sorts it out.
+    async fn job_refuses_output(&self, job: &JobId) -> bool {
         matches!(
-            self.state.job_state(&job).await,
-            Ok(Some((JobState::Failed | JobState::Succeeded, _)))
+            self.state.job_state(job).await,
+            Ok(Some((state, _))) if state.refuses_task_output()
         )
     }
-}
-
-/// Fault injection for tests: `NIGHTSHIFT_TEST_TASK_DELAY_MS` slows every task down, so a
-/// test can kill a worker or the coordinator while tasks are running.
-fn test_task_delay() -> Option<std::time::Duration> {
-    std::env::var("NIGHTSHIFT_TEST_TASK_DELAY_MS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .map(std::time::Duration::from_millis)
-}
-
-/// Fault injection for tests: `NIGHTSHIFT_TEST_CRASH_ON_STAGE=N` makes the worker process
-/// die (abort) when it takes a task of stage N, like an out-of-memory kill would.
-fn test_crash_stage() -> Option<u32> {
-    std::env::var("NIGHTSHIFT_TEST_CRASH_ON_STAGE")
-        .ok()
-        .and_then(|v| v.parse().ok())
 }

@@ -223,6 +223,9 @@ fn default_workers() -> usize {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.verbose);
+    // Test builds only: failpoints named in `FAILPOINTS` (e.g. `worker-task-delay=return(1500)`).
+    #[cfg(feature = "failpoints")]
+    let _failpoints = fail::FailScenario::setup();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

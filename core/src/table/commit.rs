@@ -19,6 +19,7 @@ use tracing::{info, warn};
 use super::catalog::CatalogConfig;
 use super::job_guard::JobGuardCatalog;
 use super::overwrite::produce_overwrite;
+use super::references::TableReferences;
 use super::swap::{SwapError, swap_table_metadata};
 use crate::error::{CoreError, Result};
 use crate::ids::JobId;
@@ -39,8 +40,29 @@ pub struct JobCommit<'a> {
     pub mode: WriteMode,
     /// The final stage's data files, serialized by the workers that wrote them.
     pub data_files_json: &'a [String],
+    /// The schema and partition spec the workers wrote them with (the table's when the job
+    /// planned): the files are read back with these, not with whatever is current now.
+    pub written_with: WrittenWith,
     /// Snapshot summary properties (pipeline, params); the job id is added.
     pub summary: HashMap<String, String>,
+}
+
+/// Which schema and partition spec data files were written with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WrittenWith {
+    pub schema_id: i32,
+    pub partition_spec_id: i32,
+}
+
+impl WrittenWith {
+    /// The table's current schema and default spec: what tasks planned now will write with.
+    pub fn current(table: &Table) -> Self {
+        let metadata = table.metadata();
+        WrittenWith {
+            schema_id: metadata.current_schema_id(),
+            partition_spec_id: metadata.default_partition_spec_id(),
+        }
+    }
 }
 
 /// The result of [`commit_job_snapshot`].
@@ -87,13 +109,14 @@ pub async fn commit_job_snapshot(
         job,
         mode,
         data_files_json,
+        written_with,
         mut summary,
     } = commit;
     let table = catalog.load_table(ident).await?;
     if let Some(outcome) = committed_before(&table, job).await? {
         return Ok(Some(outcome));
     }
-    let files = decode_data_files(&table, data_files_json)?;
+    let files = decode_data_files(&table, data_files_json, written_with)?;
     summary.insert(JOB_ID_PROPERTY.to_string(), job.to_string());
     let nothing_to_replace = table.metadata().current_snapshot().is_none();
     if files.is_empty() && (mode == WriteMode::Append || nothing_to_replace) {
@@ -101,9 +124,17 @@ pub async fn commit_job_snapshot(
     }
     match mode {
         WriteMode::Append => append(catalog, table, job, files, summary).await.map(Some),
-        WriteMode::Overwrite => overwrite(catalog, config, ident, job, files, summary)
-            .await
-            .map(Some),
+        WriteMode::Overwrite => overwrite(
+            catalog,
+            config,
+            ident,
+            job,
+            files,
+            written_with.partition_spec_id,
+            summary,
+        )
+        .await
+        .map(Some),
     }
 }
 
@@ -143,10 +174,22 @@ async fn files_added_by(table: &Table, snapshot_id: i64) -> Result<HashSet<Strin
     Ok(files)
 }
 
-fn decode_data_files(table: &Table, data_files_json: &[String]) -> Result<Vec<DataFile>> {
+fn decode_data_files(
+    table: &Table,
+    data_files_json: &[String],
+    written_with: WrittenWith,
+) -> Result<Vec<DataFile>> {
     let metadata = table.metadata();
-    let schema = metadata.current_schema();
-    let spec = metadata.default_partition_spec();
+    let missing = |what: &str, id: i32| CoreError::Target {
+        table: table.identifier().to_string(),
+        message: format!("the {what} {id} the job wrote with is no longer in the table"),
+    };
+    let schema = metadata
+        .schema_by_id(written_with.schema_id)
+        .ok_or_else(|| missing("schema", written_with.schema_id))?;
+    let spec = metadata
+        .partition_spec_by_id(written_with.partition_spec_id)
+        .ok_or_else(|| missing("partition spec", written_with.partition_spec_id))?;
     let partition_type = spec.partition_type(schema)?;
     Ok(data_files_json
         .iter()
@@ -213,51 +256,92 @@ async fn landed(
 
 /// Our own overwrite snapshot, swapped in the catalog; on a conflict or an unknown outcome
 /// the table is reloaded, the history checked for the job, and the snapshot built again.
+/// Manifests written for an attempt that did not land are deleted: at once after a
+/// conflict or a refusal, and after the loop for an unknown outcome, once the reloaded table
+/// shows they are not referenced.
 async fn overwrite(
     catalog: &dyn Catalog,
     config: &CatalogConfig,
     ident: &TableIdent,
     job: &JobId,
     files: Vec<DataFile>,
+    spec_id: i32,
     summary: HashMap<String, String>,
 ) -> Result<CommitOutcome> {
     let committed_files: HashSet<String> =
         files.iter().map(|f| f.file_path().to_string()).collect();
     let mut last_error = String::new();
+    let mut unknown: Vec<String> = Vec::new();
+    let mut outcome = None;
     for attempt in 1..=MAX_SWAP_ATTEMPTS {
         let table = catalog.load_table(ident).await?;
         // Committed by another coordinator, or by our own swap whose answer was lost.
-        if let Some(outcome) = landed(&table, job, &committed_files).await? {
-            return Ok(outcome);
+        if let Some(landed) = landed(&table, job, &committed_files).await? {
+            outcome = Some(Ok(landed));
+            break;
         }
-        let produced = produce_overwrite(&table, files.clone(), summary.clone()).await?;
+        let produced = produce_overwrite(&table, files.clone(), spec_id, summary.clone()).await?;
         match swap_table_metadata(config, &table, produced.updates, produced.requirements).await {
             Ok(()) => {
-                return Ok(CommitOutcome {
+                outcome = Some(Ok(CommitOutcome {
                     snapshot_id: produced.snapshot_id,
                     already_committed: false,
-                    committed_files,
-                });
+                    committed_files: committed_files.clone(),
+                }));
+                break;
             }
             Err(SwapError::Conflict(message)) => {
                 info!(attempt, %message, "overwrite conflicted with another commit; retrying");
-                for path in &produced.written {
-                    let _ = table.file_io().delete(path).await;
-                }
+                delete_written(&table, &produced.written).await;
                 last_error = message;
             }
             Err(SwapError::Unknown(message)) => {
                 warn!(attempt, %message, "overwrite outcome unknown; checking the table");
+                unknown.extend(produced.written);
                 last_error = message;
             }
-            Err(SwapError::Failed(e)) => return Err(e),
+            Err(SwapError::Failed(e)) => {
+                delete_written(&table, &produced.written).await;
+                outcome = Some(Err(e));
+                break;
+            }
         }
         tokio::time::sleep(Duration::from_millis(100 << attempt.min(6))).await;
     }
-    Err(CoreError::Target {
-        table: ident.to_string(),
-        message: format!("overwrite did not land after {MAX_SWAP_ATTEMPTS} attempts: {last_error}"),
+    if !unknown.is_empty()
+        && let Ok(table) = catalog.load_table(ident).await
+    {
+        match TableReferences::load(&table).await {
+            Ok(references) => {
+                let unreferenced: Vec<String> = unknown
+                    .into_iter()
+                    .filter(|path| !references.references(path))
+                    .collect();
+                delete_written(&table, &unreferenced).await;
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot read the table's references; manifests of unknown swaps stay")
+            }
+        }
+    }
+    outcome.unwrap_or_else(|| {
+        Err(CoreError::Target {
+            table: ident.to_string(),
+            message: format!(
+                "overwrite did not land after {MAX_SWAP_ATTEMPTS} attempts: {last_error}"
+            ),
+        })
     })
+}
+
+/// Deletes manifests and manifest lists of a snapshot that did not land (never referenced:
+/// the catalog refused the swap that would have referenced them).
+async fn delete_written(table: &Table, written: &[String]) {
+    for path in written {
+        if let Err(e) = table.file_io().delete(path).await {
+            warn!(path, error = %e, "cannot delete a manifest of an overwrite that did not land");
+        }
+    }
 }
 
 fn job_snapshot_after_commit(table: &Table, job: &JobId) -> Result<i64> {

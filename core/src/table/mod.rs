@@ -6,15 +6,17 @@ pub mod commit;
 pub mod job_guard;
 pub mod layout;
 pub mod overwrite;
+pub mod references;
 pub mod schema;
 pub mod swap;
 pub mod writer;
 
 pub use catalog::{CatalogConfig, Secret, open_catalog};
 pub use commit::{
-    CommitOutcome, JOB_ID_PROPERTY, JobCommit, PIPELINE_PROPERTY, commit_job_snapshot,
+    CommitOutcome, JOB_ID_PROPERTY, JobCommit, PIPELINE_PROPERTY, WrittenWith, commit_job_snapshot,
     committed_before, find_job_snapshot, parse_table_ident,
 };
 pub use layout::{check_compatible, ensure_table, target_layout, with_table_types_for_nulls};
+pub use references::TableReferences;
 pub use schema::iceberg_schema_for;
 pub use writer::{TableWriteSummary, write_data_files};

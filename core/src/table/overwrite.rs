@@ -14,15 +14,16 @@
 use std::collections::{BTreeMap, HashMap};
 
 use iceberg::spec::{
-    DataFile, DataFileFormat, FormatVersion, MAIN_BRANCH, ManifestContentType, ManifestFile,
-    ManifestListWriter, ManifestWriter, ManifestWriterBuilder, Operation, Snapshot,
-    SnapshotReference, SnapshotRetention, SnapshotSummaryCollector, Summary,
+    DataFile, FormatVersion, MAIN_BRANCH, ManifestContentType, ManifestFile, ManifestListWriter,
+    ManifestWriter, ManifestWriterBuilder, Operation, Snapshot, SnapshotReference,
+    SnapshotRetention, SnapshotSummaryCollector, Summary,
 };
 use iceberg::table::Table;
 use iceberg::{TableRequirement, TableUpdate};
 use uuid::Uuid;
 
 use crate::error::Result;
+use crate::names;
 
 /// A snapshot written to storage but not yet in the catalog.
 #[derive(Debug)]
@@ -42,15 +43,19 @@ struct LiveFile {
 }
 
 /// Builds the snapshot that replaces all of `table`'s rows with `added` (none: the table is
-/// emptied). `properties` go into the snapshot summary.
+/// emptied), which were written with partition spec `added_spec_id`. `properties` go into
+/// the snapshot summary.
 pub async fn produce_overwrite(
     table: &Table,
     added: Vec<DataFile>,
+    added_spec_id: i32,
     properties: HashMap<String, String>,
 ) -> Result<ProducedSnapshot> {
     let producer = Producer::new(table);
     let removed = producer.live_files().await?;
-    producer.produce(added, removed, properties).await
+    producer
+        .produce(added, added_spec_id, removed, properties)
+        .await
 }
 
 struct Producer<'a> {
@@ -97,15 +102,16 @@ impl<'a> Producer<'a> {
     async fn produce(
         self,
         added: Vec<DataFile>,
+        added_spec_id: i32,
         removed: BTreeMap<(i32, bool), Vec<LiveFile>>,
         properties: HashMap<String, String>,
     ) -> Result<ProducedSnapshot> {
         let metadata = self.table.metadata();
-        let summary = self.summary(&added, &removed, properties);
+        let summary = self.summary((&added, added_spec_id), &removed, properties);
         let mut written = Vec::new();
         let mut manifests: Vec<ManifestFile> = Vec::new();
         if !added.is_empty() {
-            let spec_id = metadata.default_partition_spec_id();
+            let spec_id = added_spec_id;
             let mut writer = self.manifest_writer(spec_id, false, manifests.len(), &mut written)?;
             for file in added {
                 writer.add_file(file, self.sequence_number)?;
@@ -125,13 +131,8 @@ impl<'a> Producer<'a> {
             manifests.push(writer.write_manifest_file().await?);
         }
 
-        let list_path = format!(
-            "{}/metadata/snap-{}-0-{}.{}",
-            metadata.location(),
-            self.snapshot_id,
-            self.commit_uuid,
-            DataFileFormat::Avro
-        );
+        let list_path =
+            names::manifest_list_path(metadata.location(), self.snapshot_id, &self.commit_uuid);
         written.push(list_path.clone());
         let out = self
             .table
@@ -201,19 +202,16 @@ impl<'a> Producer<'a> {
     /// full overwrite the added files are all there is.
     fn summary(
         &self,
-        added: &[DataFile],
+        (added, added_spec_id): (&[DataFile], i32),
         removed: &BTreeMap<(i32, bool), Vec<LiveFile>>,
         properties: HashMap<String, String>,
     ) -> Summary {
         let metadata = self.table.metadata();
         let schema = metadata.current_schema().clone();
         let mut collector = SnapshotSummaryCollector::default();
+        let added_spec = self.partition_spec(added_spec_id);
         for file in added {
-            collector.add_file(
-                file,
-                schema.clone(),
-                metadata.default_partition_spec().clone(),
-            );
+            collector.add_file(file, schema.clone(), added_spec.clone());
         }
         for ((spec_id, _), files) in removed {
             let spec = self.partition_spec(*spec_id);
@@ -268,12 +266,7 @@ impl<'a> Producer<'a> {
         written: &mut Vec<String>,
     ) -> Result<ManifestWriter> {
         let metadata = self.table.metadata();
-        let path = format!(
-            "{}/metadata/{}-m{counter}.{}",
-            metadata.location(),
-            self.commit_uuid,
-            DataFileFormat::Avro
-        );
+        let path = names::manifest_path(metadata.location(), &self.commit_uuid, counter);
         written.push(path.clone());
         let spec = self.partition_spec(spec_id).as_ref().clone();
         let builder = ManifestWriterBuilder::new(

@@ -20,6 +20,9 @@ type Channel = (Sender<Message>, Receiver<Message>);
 pub struct MemoryQueue {
     tasks: Channel,
     results: Mutex<HashMap<JobId, Channel>>,
+    /// Jobs whose result channel was closed: a result published for them is returned, as
+    /// RabbitMQ returns a message for a deleted queue.
+    closed: Mutex<std::collections::HashSet<JobId>>,
 }
 
 impl Default for MemoryQueue {
@@ -27,6 +30,7 @@ impl Default for MemoryQueue {
         MemoryQueue {
             tasks: async_channel::unbounded(),
             results: Mutex::new(HashMap::new()),
+            closed: Mutex::new(std::collections::HashSet::new()),
         }
     }
 }
@@ -112,11 +116,17 @@ impl TaskQueue for MemoryQueue {
     }
 
     async fn open_results(&self, job: &JobId) -> Result<()> {
+        self.closed.lock().expect("queue lock").remove(job);
         self.results_of(job);
         Ok(())
     }
 
     async fn publish_result(&self, job: &JobId, result: Bytes) -> Result<()> {
+        if self.closed.lock().expect("queue lock").contains(job) {
+            return Err(CoreError::Unroutable {
+                queue: format!("results of {job}"),
+            });
+        }
         send(&self.results_of(job).0, result, 0).await
     }
 
@@ -126,6 +136,7 @@ impl TaskQueue for MemoryQueue {
     }
 
     async fn close_results(&self, job: &JobId) -> Result<()> {
+        self.closed.lock().expect("queue lock").insert(job.clone());
         if let Some((sender, _)) = self.results.lock().expect("queue lock").remove(job) {
             sender.close();
         }
@@ -140,6 +151,9 @@ pub struct MemoryState {
     outputs: Mutex<HashMap<JobId, BTreeMap<TaskKey, Bytes>>>,
     leases: Mutex<HashMap<(JobId, TaskKey), (u32, std::time::Instant)>>,
     cancelled: Mutex<std::collections::HashSet<JobId>>,
+    attempts: Mutex<HashMap<(JobId, TaskKey), u32>>,
+    owners: Mutex<HashMap<JobId, (String, std::time::Instant)>>,
+    sweeps: Mutex<HashMap<JobId, (String, i64)>>,
 }
 
 #[async_trait]
@@ -182,6 +196,10 @@ impl StateStore for MemoryState {
             .lock()
             .expect("state lock")
             .retain(|(j, _), _| j != job);
+        self.attempts
+            .lock()
+            .expect("state lock")
+            .retain(|(j, _), _| j != job);
         Ok(())
     }
 
@@ -197,6 +215,67 @@ impl StateStore for MemoryState {
             (job.clone(), task),
             (attempt, std::time::Instant::now() + ttl),
         );
+        Ok(())
+    }
+
+    async fn next_attempts(&self, job: &JobId, tasks: &[TaskKey]) -> Result<Vec<u32>> {
+        let mut attempts = self.attempts.lock().expect("state lock");
+        Ok(tasks
+            .iter()
+            .map(|task| {
+                let n = attempts.entry((job.clone(), *task)).or_default();
+                *n += 1;
+                *n
+            })
+            .collect())
+    }
+
+    async fn acquire_job(
+        &self,
+        job: &JobId,
+        owner: &str,
+        ttl: std::time::Duration,
+    ) -> Result<bool> {
+        let now = std::time::Instant::now();
+        let mut owners = self.owners.lock().expect("state lock");
+        let free = owners
+            .get(job)
+            .is_none_or(|(holder, until)| holder == owner || *until <= now);
+        if free {
+            owners.insert(job.clone(), (owner.to_string(), now + ttl));
+        }
+        Ok(free)
+    }
+
+    async fn release_job(&self, job: &JobId, owner: &str) -> Result<()> {
+        let mut owners = self.owners.lock().expect("state lock");
+        if owners.get(job).is_some_and(|(holder, _)| holder == owner) {
+            owners.remove(job);
+        }
+        Ok(())
+    }
+
+    async fn schedule_sweep(&self, job: &JobId, table: &str, due_ms: i64) -> Result<()> {
+        self.sweeps
+            .lock()
+            .expect("state lock")
+            .insert(job.clone(), (table.to_string(), due_ms));
+        Ok(())
+    }
+
+    async fn due_sweeps(&self, now_ms: i64) -> Result<Vec<(JobId, String)>> {
+        Ok(self
+            .sweeps
+            .lock()
+            .expect("state lock")
+            .iter()
+            .filter(|(_, (_, due))| *due <= now_ms)
+            .map(|(job, (table, _))| (job.clone(), table.clone()))
+            .collect())
+    }
+
+    async fn sweep_done(&self, job: &JobId) -> Result<()> {
+        self.sweeps.lock().expect("state lock").remove(job);
         Ok(())
     }
 

@@ -42,14 +42,66 @@ pub trait TaskQueue: Send + Sync {
     async fn close_results(&self, job: &JobId) -> Result<()>;
 }
 
-/// Where a job is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+/// Where a job is in its life: the one domain type, stored by the [`StateStore`] and
+/// converted to the API's enum only at the API edge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum JobState {
+    /// Accepted by the API, not yet taken by a coordinator.
+    Queued,
     Running,
+    /// Every task is done; the snapshot is being committed.
     Committing,
     Succeeded,
     Failed,
+    Cancelled,
+}
+
+impl JobState {
+    pub const ALL: [JobState; 6] = [
+        JobState::Queued,
+        JobState::Running,
+        JobState::Committing,
+        JobState::Succeeded,
+        JobState::Failed,
+        JobState::Cancelled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Committing => "committing",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<JobState> {
+        JobState::ALL.into_iter().find(|s| s.as_str() == name)
+    }
+
+    /// The job has ended; nothing will change it again.
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            JobState::Succeeded | JobState::Failed | JobState::Cancelled
+        )
+    }
+
+    /// A task output reported in this state can never be part of the job's snapshot: the
+    /// coordinator has taken every winner (committing) or the job has ended. A worker that
+    /// finishes a task in such a state deletes what it wrote instead of reporting it.
+    pub fn refuses_task_output(self) -> bool {
+        self == JobState::Committing || self.is_terminal()
+    }
+}
+
+impl std::fmt::Display for JobState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// Job and task state.
@@ -76,6 +128,22 @@ pub trait StateStore: Send + Sync {
     ) -> Result<()>;
     /// The attempt holding a live lease on `task`, if any.
     async fn lease(&self, job: &JobId, task: TaskKey) -> Result<Option<u32>>;
+    /// The next attempt number of each of `tasks`, from a counter that survives coordinator
+    /// restarts: a result can always be told apart from a later attempt's.
+    async fn next_attempts(&self, job: &JobId, tasks: &[TaskKey]) -> Result<Vec<u32>>;
+    /// Makes `owner` the one coordinator running `job` for `ttl` (taken when free or already
+    /// ours, renewed by calling again). Returns whether `owner` holds it.
+    async fn acquire_job(&self, job: &JobId, owner: &str, ttl: std::time::Duration)
+    -> Result<bool>;
+    /// Gives up `owner`'s hold on `job` (no-op if another owner holds it).
+    async fn release_job(&self, job: &JobId, owner: &str) -> Result<()>;
+    /// Records that `job`'s files in `table` are to be swept again at `due_ms` (Unix
+    /// milliseconds), for late writers that outlived the job.
+    async fn schedule_sweep(&self, job: &JobId, table: &str, due_ms: i64) -> Result<()>;
+    /// Sweeps due at `now_ms`: (job, table).
+    async fn due_sweeps(&self, now_ms: i64) -> Result<Vec<(JobId, String)>>;
+    /// Forgets a sweep once done.
+    async fn sweep_done(&self, job: &JobId) -> Result<()>;
     /// Asks the coordinator running `job` to stop it.
     async fn request_cancel(&self, job: &JobId) -> Result<()>;
     /// Whether someone asked to stop `job`.

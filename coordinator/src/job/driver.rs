@@ -1,0 +1,406 @@
+//! A job as explicit phases — plan, run stages, commit — that all end in [`JobRun::finish`],
+//! the one place where a job's outcome is recorded and its leftovers are cleaned up.
+//!
+//! The phases return an [`Ended`]; nothing after a commit can turn it into an error, so a job
+//! whose snapshot landed is reported as succeeded even when its cleanup fails (the late sweep
+//! retries the cleanup). A job found committed by an earlier run ends through the same path.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use iceberg::{Catalog, TableIdent};
+use nightshift_core::CoreError;
+use nightshift_core::ids::JobId;
+use nightshift_core::redact::{MASK, is_secret_name};
+use nightshift_core::storage::Location;
+use nightshift_core::table::{
+    CommitOutcome, JobCommit, PIPELINE_PROPERTY, WrittenWith, commit_job_snapshot, ensure_table,
+    find_job_snapshot, open_catalog, parse_table_ident,
+};
+use nightshift_core::transport::JobState;
+use nightshift_spec::ResolvedSpec;
+use tracing::{Instrument, info, info_span, warn};
+
+use super::ownership::Ownership;
+use super::stages::StageRunner;
+use super::{
+    DEFAULT_MAX_TASK_ATTEMPTS, JobEnv, JobError, JobEvent, JobOptions, JobReport, plan,
+    table_output,
+};
+use crate::cleanup::{delete_scratch, sweep_job_files};
+use crate::scheduler::{StageCount, StageTracker};
+
+/// How a job's phases ended.
+#[derive(Debug)]
+enum Ended {
+    /// The job's snapshot is in the table: committed now, or found there (an earlier run of
+    /// the job, or another coordinator).
+    Committed(CommitOutcome),
+    /// Every task succeeded and there was nothing to commit (an empty append).
+    Empty,
+    Failed(JobError),
+}
+
+/// Runs one job to the end: exactly one snapshot on success, nothing on failure.
+pub async fn run_job(
+    env: &JobEnv,
+    spec: &ResolvedSpec,
+    options: &JobOptions,
+    on_event: &(dyn Fn(JobEvent) + Send + Sync),
+) -> Result<JobReport, JobError> {
+    let span = info_span!("job", job_id = %options.job_id, pipeline = %spec.spec.pipeline.name);
+    async {
+        // Each run holds the job under a token of its own, so not even this coordinator's
+        // late sweeper (which sweeps as `env.owner`) can take a job while a run of it is on.
+        let run_owner = format!("{}/run-{}", env.owner, uuid::Uuid::now_v7());
+        let ownership = Ownership::acquire(
+            env.state.clone(),
+            &options.job_id,
+            &run_owner,
+            ownership_ttl(env.lease_ttl),
+        )
+        .await?;
+        let mut run = JobRun::new(env, spec, options, &ownership);
+        let ended = run.phases(on_event).await;
+        let result = run.finish(ended).await;
+        ownership.release().await;
+        result
+    }
+    .instrument(span)
+    .await
+}
+
+/// How long a coordinator's hold on a job lasts unless renewed: a restarted coordinator
+/// waits at most this long for the job its predecessor held.
+pub fn ownership_ttl(lease_ttl: Duration) -> Duration {
+    (lease_ttl / 3).max(Duration::from_secs(2))
+}
+
+/// One run of a job: what the phases learn and the finish path needs.
+struct JobRun<'a> {
+    env: &'a JobEnv,
+    spec: &'a ResolvedSpec,
+    options: &'a JobOptions,
+    ownership: &'a Ownership,
+    started: Instant,
+    report: JobReport,
+    /// The catalog and target, once opened: what cleanup needs.
+    catalog: Option<Arc<dyn Catalog>>,
+    ident: Option<TableIdent>,
+    /// The job created the target table (a failed first run drops it again).
+    created_table: bool,
+}
+
+impl<'a> JobRun<'a> {
+    fn new(
+        env: &'a JobEnv,
+        spec: &'a ResolvedSpec,
+        options: &'a JobOptions,
+        ownership: &'a Ownership,
+    ) -> Self {
+        JobRun {
+            env,
+            spec,
+            options,
+            ownership,
+            started: Instant::now(),
+            report: JobReport {
+                job_id: options.job_id.to_string(),
+                pipeline: spec.spec.pipeline.name.clone(),
+                table: spec.spec.target.table.clone(),
+                mode: spec.spec.target.mode.to_string(),
+                snapshot_id: None,
+                already_committed: false,
+                rows: 0,
+                files: 0,
+                bytes: 0,
+                stages: 0,
+                tasks: 0,
+                duration_ms: 0,
+            },
+            catalog: None,
+            ident: None,
+            created_table: false,
+        }
+    }
+
+    fn job(&self) -> &'a JobId {
+        &self.options.job_id
+    }
+
+    async fn phases(&mut self, on_event: &(dyn Fn(JobEvent) + Send + Sync)) -> Ended {
+        match self.plan_run_commit(on_event).await {
+            Ok(ended) => ended,
+            Err(e) => Ended::Failed(e),
+        }
+    }
+
+    /// Plan → run stages → commit. Every `?` here comes before the commit or is the commit's
+    /// own error (which has already checked whether the snapshot landed after all).
+    async fn plan_run_commit(
+        &mut self,
+        on_event: &(dyn Fn(JobEvent) + Send + Sync),
+    ) -> Result<Ended, JobError> {
+        let ident = parse_table_ident(&self.spec.spec.target.table)?;
+        let catalog = open_catalog(&self.env.catalog).await?;
+        self.ident = Some(ident.clone());
+        self.catalog = Some(catalog.clone());
+
+        // The table's history is the record of what was committed: a job id found there is done.
+        let existed = catalog
+            .table_exists(&ident)
+            .await
+            .map_err(CoreError::from)?;
+        if existed {
+            let table = catalog.load_table(&ident).await.map_err(CoreError::from)?;
+            if let Some(snapshot_id) = find_job_snapshot(&table, self.job()) {
+                info!(snapshot_id, "job was committed before; nothing to do");
+                return Ok(Ended::Committed(CommitOutcome {
+                    snapshot_id,
+                    already_committed: true,
+                    committed_files: Default::default(),
+                }));
+            }
+        }
+
+        let planned = plan(self.spec, self.options, Some(catalog.as_ref())).await?;
+        let job_plan = planned.plan;
+        self.report.stages = job_plan.stages.len();
+        self.report.tasks = job_plan.total_tasks();
+        info!(
+            stages = self.report.stages,
+            tasks = self.report.tasks,
+            partitions = planned.partitions,
+            "planned"
+        );
+        on_event(JobEvent::Planned {
+            stages: job_plan
+                .stages
+                .iter()
+                .map(|s| StageCount {
+                    stage: s.id.0,
+                    done: 0,
+                    total: s.tasks,
+                })
+                .collect(),
+            tasks: self.report.tasks,
+        });
+
+        let properties: HashMap<String, String> = self
+            .spec
+            .spec
+            .target
+            .properties
+            .clone()
+            .into_iter()
+            .collect();
+        let table = ensure_table(
+            catalog.as_ref(),
+            &ident,
+            &job_plan.output_schema,
+            &self.spec.partition_by,
+            &properties,
+        )
+        .await?;
+        self.created_table = !existed;
+        let written_with = WrittenWith::current(&table);
+
+        self.record_state(JobState::Running, "").await;
+        self.env.queue.open_results(self.job()).await?;
+        let max_attempts = self
+            .options
+            .max_task_attempts
+            .or(self.spec.spec.execution.max_task_attempts)
+            .unwrap_or(DEFAULT_MAX_TASK_ATTEMPTS);
+        let mut stages = StageRunner::new(
+            self.env,
+            self.job(),
+            self.ownership,
+            table_output(&table)?,
+            StageTracker::new(&job_plan, max_attempts),
+        );
+        stages.run(on_event).await?;
+
+        let files = stages.tracker.committed_files();
+        self.report.rows = stages.tracker.final_rows();
+        self.report.bytes = stages.tracker.final_bytes();
+        self.report.files = files.len();
+        on_event(JobEvent::Committing { files: files.len() });
+        self.record_state(JobState::Committing, "").await;
+        if !self.ownership.still_held().await {
+            return Err(Ownership::lost_error());
+        }
+        fail::fail_point!("coordinator-before-commit", |_| {
+            Err(JobError::Internal(CoreError::Transport(
+                "failpoint coordinator-before-commit".into(),
+            )))
+        });
+        let outcome = self
+            .commit(catalog.as_ref(), &ident, &files, written_with)
+            .await?;
+        fail::fail_point!("coordinator-after-commit", |_| {
+            tracing::error!("failpoint coordinator-after-commit: aborting");
+            std::process::abort()
+        });
+        Ok(match outcome {
+            Some(outcome) => Ended::Committed(outcome),
+            None => Ended::Empty,
+        })
+    }
+
+    /// Commits the job's files (appended, or replacing the table's rows), or nothing for an
+    /// empty result.
+    async fn commit(
+        &self,
+        catalog: &dyn Catalog,
+        ident: &TableIdent,
+        files: &[String],
+        written_with: WrittenWith,
+    ) -> Result<Option<CommitOutcome>, CoreError> {
+        let mut summary = HashMap::new();
+        summary.insert(
+            PIPELINE_PROPERTY.to_string(),
+            self.spec.spec.pipeline.name.clone(),
+        );
+        for (k, v) in &self.spec.params {
+            // Whoever reads the table reads its snapshot summaries.
+            let value = if is_secret_name(k) { MASK } else { v.as_str() };
+            summary.insert(format!("nightshift.param.{k}"), value.to_string());
+        }
+        let commit = JobCommit {
+            job: self.job(),
+            mode: self.spec.spec.target.mode,
+            data_files_json: files,
+            written_with,
+            summary,
+        };
+        let outcome = commit_job_snapshot(catalog, &self.env.catalog, ident, commit).await?;
+        match &outcome {
+            Some(o) => info!(
+                snapshot_id = o.snapshot_id,
+                again = o.already_committed,
+                mode = %self.spec.spec.target.mode,
+                "committed"
+            ),
+            None => info!("the result is empty; nothing to commit"),
+        }
+        Ok(outcome)
+    }
+
+    /// The one way a job ends: record the outcome, then clean up, whatever happened. Cleanup
+    /// failures are logged, never returned: they cannot undo a commit, and the late sweep
+    /// scheduled here tries again.
+    async fn finish(mut self, ended: Ended) -> Result<JobReport, JobError> {
+        self.report.duration_ms = self.started.elapsed().as_millis() as u64;
+        let (state, result) = match ended {
+            Ended::Committed(outcome) => {
+                self.report.snapshot_id = Some(outcome.snapshot_id);
+                self.report.already_committed = outcome.already_committed;
+                (JobState::Succeeded, Ok(()))
+            }
+            Ended::Empty => (JobState::Succeeded, Ok(())),
+            Ended::Failed(JobError::Cancelled) => (JobState::Cancelled, Err(JobError::Cancelled)),
+            Ended::Failed(e) => (JobState::Failed, Err(e)),
+        };
+        if !self.ownership.still_held().await {
+            warn!("another coordinator took over this job; it records the outcome and cleans up");
+            return result.map(|()| self.report);
+        }
+        let detail = result
+            .as_ref()
+            .err()
+            .map(ToString::to_string)
+            .unwrap_or_default();
+        // First, so workers stop reporting and discard what they still write.
+        self.record_state(state, &detail).await;
+        self.clean_up(state).await;
+        match result {
+            Ok(()) => {
+                info!(snapshot_id = ?self.report.snapshot_id, rows = self.report.rows, files = self.report.files, "job succeeded");
+                Ok(self.report)
+            }
+            Err(e) => {
+                info!(error = %e, "job ended without a commit");
+                Err(e)
+            }
+        }
+    }
+
+    /// Removes the job's unreferenced data files and scratch, drops a table it created and
+    /// left empty, forgets its task state, and schedules the late sweep.
+    async fn clean_up(&self, state: JobState) {
+        let job = self.job();
+        // Forget the winners before sweeping: a later run of this job id must never adopt a
+        // winner whose files the sweep deletes. If that fails, the files wait for the late
+        // sweep.
+        let forgotten = self.env.state.clear_task_outputs(job).await;
+        if let Err(e) = &forgotten {
+            warn!(error = %e, "cannot forget the job's task outputs; its files wait for the late sweep");
+        }
+        if let (Ok(()), Some(catalog), Some(ident)) = (&forgotten, &self.catalog, &self.ident) {
+            if let Err(e) = sweep_job_files(catalog.as_ref(), ident, job).await {
+                warn!(error = %e, "cannot sweep the job's data files; the late sweep retries");
+            }
+            if state != JobState::Succeeded && self.created_table {
+                drop_if_empty(catalog.as_ref(), ident).await;
+            }
+        }
+        delete_scratch(&self.env.scratch, job).await;
+        if let Err(e) = self.env.queue.close_results(job).await {
+            warn!(error = %e, "cannot delete the job's result queue");
+        }
+        self.schedule_late_sweep().await;
+    }
+
+    async fn schedule_late_sweep(&self) {
+        let job = self.job();
+        let due = now_ms() + self.env.late_sweep_after.as_millis() as i64;
+        if let Err(e) = self
+            .env
+            .state
+            .schedule_sweep(job, &self.spec.spec.target.table, due)
+            .await
+        {
+            warn!(error = %e, "cannot schedule the job's late sweep");
+        }
+    }
+
+    /// Records the job's state; a state store that is briefly unreachable does not stop the
+    /// job (workers and the API read the state as a hint).
+    async fn record_state(&self, state: JobState, detail: &str) {
+        if let Err(e) = self
+            .env
+            .state
+            .set_job_state(self.job(), state, detail)
+            .await
+        {
+            warn!(%state, error = %e, "cannot record the job state");
+        }
+    }
+}
+
+/// A table the job created and never committed to is dropped, so a failed first run leaves
+/// the catalog as it found it.
+async fn drop_if_empty(catalog: &dyn Catalog, ident: &TableIdent) {
+    let Ok(table) = catalog.load_table(ident).await else {
+        return;
+    };
+    if table.metadata().snapshots().len() > 0 {
+        return;
+    }
+    if let Err(e) = catalog.drop_table(ident).await {
+        warn!(table = %ident, error = %e, "cannot drop the table created by the failed job");
+    } else if let Ok(dir) = Location::parse(table.metadata().location(), std::path::Path::new("/"))
+    {
+        // No snapshot, so nothing in it is referenced.
+        let _ = dir.delete_recursive().await;
+    }
+}
+
+/// Unix time in milliseconds.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}

@@ -1,0 +1,333 @@
+//! Driving one job: plan, schedule tasks stage by stage, commit one snapshot, clean up.
+//!
+//! - [`driver`] runs a job as phases (plan → run stages → commit) that all end in one
+//!   finish path, which records the outcome and cleans up, whatever happened;
+//! - [`stages`] publishes tasks and acts on results and leases (the decisions themselves
+//!   are the pure [`StageTracker`](crate::scheduler::StageTracker));
+//! - [`ownership`] makes one coordinator at a time run a job.
+
+mod driver;
+mod ownership;
+mod stages;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::prelude::SessionContext;
+use nightshift_core::CoreError;
+use nightshift_core::ids::JobId;
+use nightshift_core::planner::{JobPlan, plan_job};
+use nightshift_core::redact::redact;
+use nightshift_core::session::{SessionOptions, new_session};
+use nightshift_core::sources::{SourceSummary, register_sources};
+use nightshift_core::storage::Location;
+use nightshift_core::table::{
+    CatalogConfig, check_compatible, open_catalog, parse_table_ident, target_layout,
+    with_table_types_for_nulls,
+};
+use nightshift_core::transport::{StateStore, TaskQueue};
+use nightshift_proto::v1;
+use nightshift_spec::ResolvedSpec;
+
+pub use driver::{now_ms, ownership_ttl, run_job};
+
+use crate::scheduler::StageCount;
+
+/// Default input bytes per scan task.
+pub const DEFAULT_TARGET_TASK_BYTES: u64 = 64 << 20;
+/// Default attempts per task.
+pub const DEFAULT_MAX_TASK_ATTEMPTS: u32 = 3;
+/// Ballista's setting for broadcast joins.
+const BROADCAST_THRESHOLD_KEY: &str = "ballista.optimizer.broadcast_join_threshold_bytes";
+/// Most partitions a stage is split into by default.
+const MAX_DEFAULT_PARTITIONS: usize = 256;
+
+/// Where a job runs: transports, catalog and scratch space.
+#[derive(Clone)]
+pub struct JobEnv {
+    pub queue: Arc<dyn TaskQueue>,
+    pub state: Arc<dyn StateStore>,
+    pub catalog: CatalogConfig,
+    /// Shuffle objects go under `<scratch>/<job-id>/`.
+    pub scratch: Location,
+    /// A running task whose lease is not renewed for this long is run again elsewhere.
+    pub lease_ttl: Duration,
+    /// This coordinator (unique per process): its runs own jobs as `<owner>/run-<uuid>`, its
+    /// late sweeper as `<owner>`.
+    pub owner: String,
+    /// How long after a job ends its files are swept once more, for task attempts that were
+    /// still writing when it ended.
+    pub late_sweep_after: Duration,
+}
+
+impl JobEnv {
+    /// An environment with default lease and sweep timings and a fresh owner id.
+    pub fn new(
+        queue: Arc<dyn TaskQueue>,
+        state: Arc<dyn StateStore>,
+        catalog: CatalogConfig,
+        scratch: Location,
+    ) -> Self {
+        JobEnv {
+            queue,
+            state,
+            catalog,
+            scratch,
+            lease_ttl: DEFAULT_LEASE_TTL,
+            owner: format!("coordinator-{}", uuid::Uuid::now_v7()),
+            late_sweep_after: DEFAULT_LATE_SWEEP_AFTER,
+        }
+    }
+}
+
+/// Default task lease: workers renew every third of it.
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(30);
+/// Default delay of the late sweep after a job ends.
+pub const DEFAULT_LATE_SWEEP_AFTER: Duration = Duration::from_secs(15);
+
+/// Knobs of one run.
+#[derive(Debug, Clone)]
+pub struct JobOptions {
+    pub job_id: JobId,
+    /// Workers that will run tasks; the default partition count is at least this.
+    pub workers: usize,
+    pub target_task_bytes: Option<u64>,
+    pub partitions: Option<usize>,
+    pub max_task_attempts: Option<u32>,
+}
+
+/// Progress notifications, for progress bars and logs.
+#[derive(Debug, Clone)]
+pub enum JobEvent {
+    Planned {
+        /// Every stage with 0 tasks done.
+        stages: Vec<StageCount>,
+        tasks: usize,
+    },
+    TaskFinished {
+        done: usize,
+        total: usize,
+        rows: u64,
+        stages: Vec<StageCount>,
+    },
+    Committing {
+        files: usize,
+    },
+}
+
+/// What a finished job did.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct JobReport {
+    pub job_id: String,
+    pub pipeline: String,
+    pub table: String,
+    /// How the result was published: `append` or `overwrite` (every earlier row replaced).
+    #[serde(default)]
+    pub mode: String,
+    /// The snapshot holding the job's rows; `None` when the result was empty.
+    pub snapshot_id: Option<i64>,
+    /// The job had been committed by an earlier run; nothing was done this time.
+    pub already_committed: bool,
+    pub rows: u64,
+    pub files: usize,
+    pub bytes: u64,
+    pub stages: usize,
+    pub tasks: usize,
+    pub duration_ms: u64,
+}
+
+/// Why a job failed. Nothing was committed.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    /// The spec, a source, the SQL or the target is wrong; no task ran.
+    #[error("{0}")]
+    Invalid(CoreError),
+    /// A task failed for good.
+    #[error("stage {stage} task {partition} failed after {attempts} attempt(s): {message}")]
+    TaskFailed {
+        stage: u32,
+        partition: u32,
+        attempts: u32,
+        message: String,
+    },
+    /// Infrastructure: catalog, storage or transport.
+    #[error("{0}")]
+    Internal(CoreError),
+    /// Someone cancelled the job.
+    #[error("cancelled")]
+    Cancelled,
+}
+
+impl From<CoreError> for JobError {
+    fn from(e: CoreError) -> Self {
+        match e {
+            CoreError::Spec(_)
+            | CoreError::Source { .. }
+            | CoreError::Contract { .. }
+            | CoreError::Sql(_)
+            | CoreError::Access(_)
+            | CoreError::Target { .. } => JobError::Invalid(e),
+            other => JobError::Internal(other),
+        }
+    }
+}
+
+/// A job's outcome as one JSON object: `{"status": "succeeded", ...report}` or
+/// `{"status": "failed", "job_id", "kind", "error"}`. The CLI prints it and the cluster
+/// coordinator stores it for `nightshift run --cluster`.
+pub fn outcome_json(job_id: &str, outcome: Result<&JobReport, &JobError>) -> serde_json::Value {
+    match outcome {
+        Ok(report) => {
+            let mut value = serde_json::to_value(report).expect("report serializes");
+            value["status"] = serde_json::json!("succeeded");
+            value
+        }
+        Err(error) => serde_json::json!({
+            "status": "failed",
+            "job_id": job_id,
+            "kind": match error {
+                JobError::Invalid(_) => "invalid",
+                JobError::TaskFailed { .. } => "task_failed",
+                JobError::Internal(_) => "internal",
+                JobError::Cancelled => "cancelled",
+            },
+            "error": redact(&error.to_string()),
+        }),
+    }
+}
+
+/// What `nightshift validate` prints.
+#[derive(Debug)]
+pub struct ValidationReport {
+    pub sources: Vec<SourceSummary>,
+    pub output_schema: SchemaRef,
+    pub plan: JobPlan,
+    pub partitions: usize,
+}
+
+/// Everything a job needs before its first task: a session with the sources, and the plan.
+struct Planned {
+    plan: JobPlan,
+    sources: Vec<SourceSummary>,
+    partitions: usize,
+}
+
+async fn plan(
+    spec: &ResolvedSpec,
+    options: &JobOptions,
+    catalog: Option<&dyn iceberg::Catalog>,
+) -> Result<Planned, JobError> {
+    let session = new_session(SessionOptions::default());
+    let sources = register_sources(&session, spec, catalog).await?;
+    let partitions = choose_partitions(spec, options, &sources);
+    set_partitions(&session, partitions);
+    if let Some(bytes) = spec.spec.execution.broadcast_join_threshold_bytes {
+        session
+            .state_ref()
+            .write()
+            .config_mut()
+            .options_mut()
+            .set(BROADCAST_THRESHOLD_KEY, &bytes.to_string())
+            .map_err(|e| JobError::Internal(e.into()))?;
+    }
+    let plan = plan_job(&session, &options.job_id, &spec.sql).await?;
+    Ok(Planned {
+        plan,
+        sources,
+        partitions,
+    })
+}
+
+fn choose_partitions(
+    spec: &ResolvedSpec,
+    options: &JobOptions,
+    sources: &[SourceSummary],
+) -> usize {
+    if let Some(p) = options
+        .partitions
+        .or(spec.spec.execution.shuffle_partitions)
+    {
+        return p.max(1);
+    }
+    let task_bytes = options
+        .target_task_bytes
+        .or(spec.spec.execution.target_task_bytes)
+        .unwrap_or(DEFAULT_TARGET_TASK_BYTES)
+        .max(1);
+    let input: u64 = sources.iter().map(|s| s.bytes).sum();
+    let by_size = input.div_ceil(task_bytes) as usize;
+    by_size.clamp(1, MAX_DEFAULT_PARTITIONS)
+}
+
+fn set_partitions(session: &SessionContext, partitions: usize) {
+    session
+        .state_ref()
+        .write()
+        .config_mut()
+        .options_mut()
+        .execution
+        .target_partitions = partitions;
+}
+
+/// Parses, resolves sources, checks contracts, plans and checks the target; writes nothing.
+pub async fn validate_job(
+    spec: &ResolvedSpec,
+    options: &JobOptions,
+    catalog: Option<&CatalogConfig>,
+) -> Result<ValidationReport, JobError> {
+    let table = &spec.spec.target.table;
+    let catalog = match catalog {
+        Some(config) => Some(open_catalog(config).await?),
+        None => None,
+    };
+    let planned = plan(spec, options, catalog.as_deref()).await?;
+    let mut existing = None;
+    if let Some(catalog) = &catalog {
+        let ident = parse_table_ident(table)?;
+        if catalog
+            .table_exists(&ident)
+            .await
+            .map_err(CoreError::from)?
+        {
+            existing = Some(catalog.load_table(&ident).await.map_err(CoreError::from)?);
+        }
+    }
+    match existing {
+        Some(existing) => {
+            let result = with_table_types_for_nulls(&existing, &planned.plan.output_schema)?;
+            let (schema, _) = target_layout(table, &result, &spec.partition_by)?;
+            check_compatible(table, &existing, &schema, &spec.partition_by)?;
+        }
+        None => {
+            target_layout(table, &planned.plan.output_schema, &spec.partition_by)?;
+        }
+    }
+    Ok(ValidationReport {
+        sources: planned.sources,
+        output_schema: planned.plan.output_schema.clone(),
+        partitions: planned.partitions,
+        plan: planned.plan,
+    })
+}
+
+/// What a final-stage task needs to write data files for `table`.
+pub fn table_output(table: &iceberg::table::Table) -> Result<v1::TableOutput, CoreError> {
+    let metadata = table.metadata();
+    let json = |v: serde_json::Result<String>| {
+        v.map_err(|e| CoreError::Protocol(format!("cannot serialize table metadata: {e}")))
+    };
+    Ok(v1::TableOutput {
+        data_location: format!("{}/data", metadata.location()),
+        schema_json: json(serde_json::to_string(metadata.current_schema().as_ref()))?,
+        partition_spec_json: json(serde_json::to_string(
+            metadata.default_partition_spec().as_ref(),
+        ))?,
+        format_version: metadata.format_version() as u32,
+        target_file_size_bytes: metadata
+            .properties()
+            .get("write.target-file-size-bytes")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(512 << 20),
+    })
+}

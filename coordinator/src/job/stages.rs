@@ -1,0 +1,328 @@
+//! The scheduling loop of one job: publish the tasks of ready stages, act on each result and
+//! on expired leases, until every stage is complete or a task fails for good. Every decision
+//! is the [`StageTracker`]'s; this module does the I/O around them.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use nightshift_core::CoreError;
+use nightshift_core::codec::encode_plan;
+use nightshift_core::ids::{JobId, StageId, TaskKey};
+use nightshift_core::names::stage_scratch_dir;
+use nightshift_core::shuffle::resolve_shuffles;
+use nightshift_core::transport::JobState;
+use nightshift_proto::PROTOCOL_VERSION;
+use nightshift_proto::v1::{self, task_definition};
+use prost::Message;
+use tracing::{debug, info, warn};
+
+use super::ownership::Ownership;
+use super::{JobEnv, JobError, JobEvent};
+use crate::scheduler::{LeaseVerdict, ResultVerdict, StageTracker, TaskFailure, task_key};
+
+/// The loop's state: the tracker and what it needs to publish tasks.
+pub(super) struct StageRunner<'a> {
+    pub env: &'a JobEnv,
+    pub job: &'a JobId,
+    pub ownership: &'a Ownership,
+    pub table_output: v1::TableOutput,
+    pub tracker: StageTracker,
+    /// Serialized plan of each started stage (retries publish it again).
+    stage_plans: BTreeMap<StageId, Bytes>,
+}
+
+impl<'a> StageRunner<'a> {
+    pub fn new(
+        env: &'a JobEnv,
+        job: &'a JobId,
+        ownership: &'a Ownership,
+        table_output: v1::TableOutput,
+        tracker: StageTracker,
+    ) -> Self {
+        StageRunner {
+            env,
+            job,
+            ownership,
+            table_output,
+            tracker,
+            stage_plans: BTreeMap::new(),
+        }
+    }
+
+    /// Runs every stage to completion. On a task failure or a cancel, waits for the attempts
+    /// still running (bounded), so that what they write is cleaned up with the rest.
+    pub async fn run(
+        &mut self,
+        on_event: &(dyn Fn(JobEvent) + Send + Sync),
+    ) -> Result<(), JobError> {
+        self.adopt_recorded_winners().await?;
+        loop {
+            self.start_ready_stages().await?;
+            if self.tracker.all_complete() {
+                return Ok(());
+            }
+            if self.ownership.lost() {
+                return Err(Ownership::lost_error());
+            }
+            if self.env.state.cancel_requested(self.job).await? {
+                info!(running = self.tracker.outstanding(), "job cancelled");
+                return Err(self.drain(JobError::Cancelled).await);
+            }
+            let failure = match self.next_result().await? {
+                Some(result) => self.handle_result(result, on_event).await?,
+                None => self.check_leases().await?,
+            };
+            if let Some(failure) = failure {
+                let error = JobError::TaskFailed {
+                    stage: failure.key.stage.0,
+                    partition: failure.key.partition,
+                    attempts: failure.attempts,
+                    message: failure.message,
+                };
+                info!(error = %error, running = self.tracker.outstanding(), "job failing");
+                return Err(self.drain(error).await);
+            }
+        }
+    }
+
+    /// Winners recorded in the state store by an earlier run of this job (a coordinator
+    /// that restarted): those tasks are not run again.
+    async fn adopt_recorded_winners(&mut self) -> Result<(), JobError> {
+        let recorded = self.env.state.task_outputs(self.job).await?;
+        let mut adopted = 0;
+        for (key, bytes) in recorded {
+            match v1::TaskResult::decode(bytes.as_ref()) {
+                Ok(result) => {
+                    self.tracker.record_win(key, result);
+                    adopted += 1;
+                }
+                Err(e) => {
+                    warn!(%key, error = %e, "undecodable recorded output; the task runs again")
+                }
+            }
+        }
+        if adopted > 0 {
+            info!(
+                tasks = adopted,
+                "resuming: task outputs recorded by an earlier run are reused"
+            );
+        }
+        Ok(())
+    }
+
+    /// Starts every ready stage; a stage completed from recorded winners makes its
+    /// dependents ready at once.
+    async fn start_ready_stages(&mut self) -> Result<(), JobError> {
+        loop {
+            let ready = self.tracker.ready();
+            if ready.is_empty() {
+                return Ok(());
+            }
+            for id in ready {
+                self.start_stage(id).await?;
+            }
+        }
+    }
+
+    async fn start_stage(&mut self, id: StageId) -> Result<(), JobError> {
+        let outputs = self.tracker.outputs();
+        let stage = self
+            .tracker
+            .stages()
+            .iter()
+            .find(|s| s.stage.id == id)
+            .expect("ready stage exists");
+        let plan: Arc<dyn datafusion::physical_plan::ExecutionPlan> = stage.stage.plan.clone();
+        let tasks = stage.stage.tasks;
+        let resolved = resolve_shuffles(plan, &outputs)?;
+        let bytes = encode_plan(resolved).map_err(CoreError::from)?;
+        info!(stage = %id, tasks, plan_bytes = bytes.len(), "stage started");
+        self.stage_plans.insert(id, bytes);
+        let to_run = self.tracker.start(id);
+        self.publish(&to_run).await
+    }
+
+    /// Publishes a new attempt of each task in `keys`.
+    async fn publish(&mut self, keys: &[TaskKey]) -> Result<(), JobError> {
+        let stored = self.env.state.next_attempts(self.job, keys).await?;
+        for (key, stored) in keys.iter().zip(stored) {
+            let attempt = self.tracker.next_attempt(*key, stored);
+            let task = self.task_definition(*key, attempt);
+            self.env
+                .queue
+                .publish_task(task.encode_to_vec().into())
+                .await?;
+            self.tracker.record_published(*key, attempt);
+        }
+        Ok(())
+    }
+
+    fn task_definition(&self, key: TaskKey, attempt: u32) -> v1::TaskDefinition {
+        let output = if self.tracker.is_final(key.stage) {
+            task_definition::Output::Table(self.table_output.clone())
+        } else {
+            task_definition::Output::Shuffle(v1::ShuffleOutput {
+                prefix: self
+                    .env
+                    .scratch
+                    .join(&stage_scratch_dir(self.job, key.stage.0))
+                    .as_url_string(),
+            })
+        };
+        v1::TaskDefinition {
+            protocol_version: PROTOCOL_VERSION,
+            job_id: self.job.to_string(),
+            stage_id: key.stage.0,
+            partition: key.partition,
+            attempt,
+            stage_plan: self.stage_plans[&key.stage].to_vec(),
+            output: Some(output),
+        }
+    }
+
+    /// The next result of this job, or `None` when none came within a third of the lease
+    /// (time to look at the leases).
+    async fn next_result(&self) -> Result<Option<v1::TaskResult>, JobError> {
+        let wait = self.env.lease_ttl / 3;
+        let Ok(next) = tokio::time::timeout(wait, self.env.queue.next_result(self.job)).await
+        else {
+            return Ok(None);
+        };
+        let Some(delivery) = next? else {
+            return Err(JobError::Internal(CoreError::Transport(
+                "result queue closed".into(),
+            )));
+        };
+        let decoded = v1::TaskResult::decode(delivery.payload());
+        delivery.ack().await?;
+        match decoded {
+            Ok(result) if result.job_id == self.job.as_str() => Ok(Some(result)),
+            Ok(result) => {
+                warn!(other_job = %result.job_id, "result of another job; ignored");
+                Ok(None)
+            }
+            Err(e) => {
+                warn!(error = %e, "undecodable result; ignored");
+                Ok(None)
+            }
+        }
+    }
+
+    /// Acts on one result; returns the failure that fails the job, if it does.
+    async fn handle_result(
+        &mut self,
+        result: v1::TaskResult,
+        on_event: &(dyn Fn(JobEvent) + Send + Sync),
+    ) -> Result<Option<TaskFailure>, JobError> {
+        let key = task_key(&result);
+        match self.tracker.on_result(&result) {
+            ResultVerdict::Claim => {
+                let won = self
+                    .env
+                    .state
+                    .claim_task_output(self.job, key, result.encode_to_vec().into())
+                    .await?;
+                if won {
+                    self.tracker.record_win(key, result);
+                } else if let Some(stored) = self.stored_winner(key).await? {
+                    // Another run of this job recorded a winner first: that one counts.
+                    debug!(%key, attempt = result.attempt, "result lost to a recorded winner");
+                    self.tracker.record_win(key, stored);
+                }
+                let (done, total) = self.tracker.progress();
+                on_event(JobEvent::TaskFinished {
+                    done,
+                    total,
+                    rows: self.tracker.final_rows(),
+                    stages: self.tracker.stage_counts(),
+                });
+            }
+            ResultVerdict::Lost => {
+                debug!(%key, attempt = result.attempt, "duplicate result lost; its output is swept")
+            }
+            ResultVerdict::Retry => {
+                warn!(%key, attempt = result.attempt, "task failed; retrying");
+                self.publish(&[key]).await?;
+            }
+            ResultVerdict::Fail(failure) => return Ok(Some(failure)),
+            ResultVerdict::Ignore => {
+                debug!(%key, attempt = result.attempt, "result of a superseded attempt ignored")
+            }
+        }
+        Ok(None)
+    }
+
+    async fn stored_winner(&self, key: TaskKey) -> Result<Option<v1::TaskResult>, JobError> {
+        let outputs = self.env.state.task_outputs(self.job).await?;
+        Ok(outputs
+            .into_iter()
+            .find(|(k, _)| *k == key)
+            .and_then(|(_, bytes)| v1::TaskResult::decode(bytes.as_ref()).ok()))
+    }
+
+    /// A running task whose attempt was seen holding its lease and whose lease has expired
+    /// lost its worker (killed, frozen, partitioned away): run it again, counting a failure.
+    async fn check_leases(&mut self) -> Result<Option<TaskFailure>, JobError> {
+        for key in self.tracker.running() {
+            let lease = self.env.state.lease(self.job, key).await?;
+            match self.tracker.on_lease(key, lease) {
+                None => {}
+                Some(LeaseVerdict::Retry) => {
+                    warn!(%key, "task lease expired; running the task again");
+                    self.publish(&[key]).await?;
+                }
+                Some(LeaseVerdict::Fail(failure)) => return Ok(Some(failure)),
+            }
+        }
+        Ok(None)
+    }
+
+    /// Marks the job ending, so workers skip its queued tasks and discard late output, then
+    /// waits for the attempts still outstanding: until each has reported, lost its lease, or
+    /// nothing has happened for a whole lease. What a straggler writes after that is removed
+    /// by the job's late sweep. Returns `error`.
+    async fn drain(&mut self, error: JobError) -> JobError {
+        let state = match error {
+            JobError::Cancelled => JobState::Cancelled,
+            _ => JobState::Failed,
+        };
+        if let Err(e) = self
+            .env
+            .state
+            .set_job_state(self.job, state, &error.to_string())
+            .await
+        {
+            warn!(error = %e, "cannot record the job's end before draining");
+        }
+        let mut quiet_since = Instant::now();
+        while self.tracker.outstanding() > 0 && quiet_since.elapsed() < self.env.lease_ttl {
+            match self.next_result().await {
+                Ok(Some(result)) => {
+                    self.tracker.on_result(&result);
+                    quiet_since = Instant::now();
+                }
+                Ok(None) => {
+                    for key in self.tracker.running() {
+                        if let Ok(lease) = self.env.state.lease(self.job, key).await {
+                            // Verdicts are moot now; an expired lease just stops the wait.
+                            let _ = self.tracker.on_lease(key, lease);
+                        }
+                    }
+                }
+                Err(e) => {
+                    warn!(error = %e, "cannot wait for running tasks");
+                    break;
+                }
+            }
+        }
+        if self.tracker.outstanding() > 0 {
+            info!(
+                running = self.tracker.outstanding(),
+                "tasks still running; the late sweep removes what they write"
+            );
+        }
+        error
+    }
+}

@@ -1,0 +1,94 @@
+//! What a table's snapshots reference: the one answer every cleanup asks before deleting.
+//!
+//! Architecture invariant: no cleanup deletes a file that any snapshot of the table
+//! references, current or historical, whoever wrote it. [`TableReferences`] holds every
+//! data and delete file named by any manifest of any snapshot (whatever the entry's status),
+//! plus the manifests and manifest lists themselves.
+//!
+//! Files are compared by their last path segment. The engine's data-file and manifest names
+//! are unique (job, attempt, random nonce; commit UUIDs), so a name is as good as the whole
+//! path for what we write, and a segment cannot be spelled two ways (`/w/t` and `file:///w/t`,
+//! or a partition directory percent-encoded by one writer and not another): a comparison by
+//! whole paths could take a referenced file for an unreferenced one; this one can only keep
+//! more than it must.
+
+use std::collections::HashSet;
+
+use iceberg::table::Table;
+
+use crate::error::Result;
+
+/// Every file the snapshots of one table reference, by name.
+#[derive(Debug, Default, Clone)]
+pub struct TableReferences {
+    names: HashSet<String>,
+}
+
+impl TableReferences {
+    /// Reads every snapshot's manifest list and every manifest they name (each manifest once).
+    pub async fn load(table: &Table) -> Result<Self> {
+        let mut references = TableReferences::default();
+        let mut manifests_seen = HashSet::new();
+        let metadata = table.metadata();
+        for snapshot in metadata.snapshots() {
+            references.insert(snapshot.manifest_list());
+            let list = table.manifest_list_reader(snapshot).load().await?;
+            for manifest_file in list.entries() {
+                if !manifests_seen.insert(manifest_file.manifest_path.clone()) {
+                    continue;
+                }
+                references.insert(&manifest_file.manifest_path);
+                let manifest = manifest_file.load_manifest(table.file_io()).await?;
+                for entry in manifest.entries() {
+                    references.insert(entry.file_path());
+                }
+            }
+        }
+        Ok(references)
+    }
+
+    /// Adds a referenced path (for tests and for files about to be committed).
+    pub fn insert(&mut self, path: &str) {
+        self.names.insert(file_name(path).to_string());
+    }
+
+    /// Whether a file at `path` (any spelling: plain path or URL) is referenced.
+    pub fn references(&self, path: &str) -> bool {
+        self.names.contains(file_name(path).as_ref())
+    }
+
+    pub fn len(&self) -> usize {
+        self.names.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.names.is_empty()
+    }
+}
+
+/// The last segment of a path or URL, percent-decoded.
+fn file_name(path: &str) -> std::borrow::Cow<'_, str> {
+    let last = path.rsplit('/').next().unwrap_or(path);
+    percent_encoding::percent_decode_str(last).decode_utf8_lossy()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spellings_of_one_file_are_one_reference() {
+        let mut refs = TableReferences::default();
+        refs.insert("/w/ns/t/data/day=2024-01-01/etl-s1-p0-a1-deadbeef-00000.parquet");
+        for same in [
+            "file:///w/ns/t/data/day=2024-01-01/etl-s1-p0-a1-deadbeef-00000.parquet",
+            "s3://b/w/ns/t/data/day%3D2024-01-01/etl-s1-p0-a1-deadbeef-00000.parquet",
+            "etl-s1-p0-a1-deadbeef-00000.parquet",
+            "/w/ns/t/data/etl-s1-p0-a1-deadbeef%2D00000.parquet",
+        ] {
+            assert!(refs.references(same), "{same}");
+        }
+        assert!(!refs.references("/w/ns/t/data/etl-s1-p0-a1-deadbeef-00001.parquet"));
+        assert!(!refs.references("/w/ns/t/data/etl-s1-p0-a1-deadbeee-00000.parquet"));
+    }
+}

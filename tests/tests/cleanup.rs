@@ -1,0 +1,339 @@
+//! Cleanup never loses committed data: job ids that share a prefix, files that only the
+//! history references, rollbacks, failed jobs; and a job always ends through one finish path
+//! (a commit stands when cleanup fails, a job found committed ends succeeded, a cancel is
+//! recorded as cancelled).
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use nightshift::embedded::{SCRATCH_DIR, embedded_catalog, prepare_warehouse};
+use nightshift_coordinator::{JobEnv, JobError, JobOptions, run_job};
+use nightshift_core::ids::{JobId, TaskKey};
+use nightshift_core::transport::memory::{MemoryQueue, MemoryState};
+use nightshift_core::transport::{JobState, StateStore};
+use nightshift_core::{CoreError, Result};
+use nightshift_tests::{Sandbox, snapshot_count, unreferenced};
+use nightshift_worker::Worker;
+use serde_json::Value;
+
+const TABLE: &str = "tests.sales";
+
+fn spec(mode: &str, files: &str) -> String {
+    format!(
+        r#"[pipeline]
+name = "sales"
+
+[[source]]
+name = "sales"
+format = "csv"
+location = "{files}"
+[source.schema]
+id = "bigint not null"
+
+[transform]
+sql = "SELECT id, region, amount FROM sales"
+
+[target]
+table = "{TABLE}"
+mode = "{mode}"
+partition_by = ["identity(region)"]
+"#
+    )
+}
+
+/// `files` CSV files of `rows` rows each under `dir`, ids from `first`.
+fn write_sales(sandbox: &Sandbox, dir: &str, files: usize, rows: usize, first: usize) {
+    for f in 0..files {
+        let mut csv = String::from("id,region,amount\n");
+        for r in 0..rows {
+            let id = first + f * rows + r;
+            csv.push_str(&format!("{id},région-{},{}.5\n", id % 3, id % 7));
+        }
+        sandbox.write(&format!("{dir}/part-{f}.csv"), csv);
+    }
+}
+
+async fn run(
+    sandbox: &Sandbox,
+    job: &str,
+) -> std::result::Result<nightshift_coordinator::JobReport, JobError> {
+    sandbox.run(2, Some(3), Some(job)).await
+}
+
+/// Reads the table with every snapshot and the references; asserts both readers agree on
+/// every snapshot and that every data file in the warehouse is referenced.
+fn read_all(sandbox: &Sandbox, extra: &[&str]) -> Value {
+    let mut args = vec!["--every-snapshot", "--references"];
+    args.extend_from_slice(extra);
+    let read = sandbox.read_table_with(TABLE, None, &args);
+    for snapshot in read["by_snapshot"].as_array().expect("snapshots") {
+        assert_eq!(
+            snapshot["pyiceberg"]["checksum"], snapshot["duckdb"]["checksum"],
+            "readers disagree on a snapshot: {read:#}"
+        );
+    }
+    let files = sandbox.data_files();
+    assert_eq!(
+        unreferenced(&files, &read),
+        Vec::<&String>::new(),
+        "data files no snapshot references"
+    );
+    read
+}
+
+fn rows_by_snapshot(read: &Value) -> Vec<u64> {
+    read["by_snapshot"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["pyiceberg"]["rows"].as_u64().unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_ids_that_share_a_prefix_keep_each_others_files() {
+    let sandbox = Sandbox::new();
+    write_sales(&sandbox, "data/sales", 3, 20, 0);
+    sandbox.spec(&spec("append", "data/sales/*.csv"));
+    // `etl` is a prefix of `etl-sales-2024`, whose files start with `etl-s1-…`; the third id
+    // even contains a whole data-file name tail.
+    for (i, job) in ["etl-sales-2024", "etl", "etl-s1-p0-a1-deadbeef"]
+        .into_iter()
+        .enumerate()
+    {
+        let report = run(&sandbox, job)
+            .await
+            .unwrap_or_else(|e| panic!("{job}: {e}"));
+        assert_eq!(report.rows, 60, "{job}");
+        let read = read_all(&sandbox, &[]);
+        assert_eq!(snapshot_count(&read), i + 1);
+        assert_eq!(read["pyiceberg"]["rows"], 60 * (i as u64 + 1), "{read:#}");
+        assert_eq!(read["duckdb"]["rows"], 60 * (i as u64 + 1), "{read:#}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cleanup_keeps_every_file_any_snapshot_references() {
+    let sandbox = Sandbox::new();
+    write_sales(&sandbox, "data/day1", 3, 10, 0);
+    write_sales(&sandbox, "data/day2", 2, 10, 1000);
+
+    // Snapshot A appends day 1; snapshot B overwrites it with day 2, so A's files are
+    // referenced only by the history.
+    sandbox.spec(&spec("append", "data/day1/*.csv"));
+    run(&sandbox, "daily-sales").await.expect("A");
+    sandbox.spec(&spec("overwrite", "data/day2/*.csv"));
+    run(&sandbox, "daily-sales-2").await.expect("B");
+    let read = read_all(&sandbox, &[]);
+    assert_eq!(rows_by_snapshot(&read), vec![30, 20]);
+    let snapshot_a = read["snapshots"][0]["snapshot_id"].as_i64().unwrap();
+
+    // A job whose id is a prefix of both fails after some of its tasks wrote files: its
+    // cleanup removes its own files and nothing else.
+    write_sales(&sandbox, "data/broken", 2, 10, 2000);
+    sandbox.write("data/broken/part-9.csv", "id,region,amount\n,x,1.5\n");
+    sandbox.spec(&spec("append", "data/broken/*.csv"));
+    let err = run(&sandbox, "daily")
+        .await
+        .expect_err("null id fails the job");
+    assert!(err.to_string().contains("column `id`"), "{err}");
+    let read = read_all(&sandbox, &[]);
+    assert_eq!(rows_by_snapshot(&read), vec![30, 20]);
+    assert!(
+        !sandbox
+            .data_files()
+            .iter()
+            .any(|f| f.contains("/daily-s1-")),
+        "{:?}",
+        sandbox.data_files()
+    );
+
+    // Roll back to A, then append on top of it with yet another prefix-sharing id.
+    let read = read_all(&sandbox, &["--rollback-to", &snapshot_a.to_string()]);
+    assert_eq!(read["pyiceberg"]["rows"], 30);
+    sandbox.spec(&spec("append", "data/day1/*.csv"));
+    run(&sandbox, "daily-s").await.expect("C");
+    let read = read_all(&sandbox, &[]);
+    assert_eq!(rows_by_snapshot(&read), vec![30, 20, 60]);
+    assert_eq!(read["pyiceberg"]["rows"], 60);
+    assert_eq!(read["duckdb"]["rows"], 60);
+
+    // Make B current again: its files are all still there.
+    let snapshot_b = read["snapshots"][1]["snapshot_id"].as_i64().unwrap();
+    let read = read_all(&sandbox, &["--set-current", &snapshot_b.to_string()]);
+    assert_eq!(read["pyiceberg"]["rows"], 20);
+    assert_eq!(read["duckdb"]["rows"], 20);
+}
+
+/// A state store whose bookkeeping after the commit fails.
+struct FailingAfterCommit(MemoryState);
+
+fn down() -> CoreError {
+    CoreError::Transport("state store down".into())
+}
+
+#[async_trait]
+impl StateStore for FailingAfterCommit {
+    async fn set_job_state(&self, job: &JobId, state: JobState, detail: &str) -> Result<()> {
+        if state == JobState::Succeeded {
+            return Err(down());
+        }
+        self.0.set_job_state(job, state, detail).await
+    }
+    async fn job_state(&self, job: &JobId) -> Result<Option<(JobState, String)>> {
+        self.0.job_state(job).await
+    }
+    async fn claim_task_output(&self, job: &JobId, task: TaskKey, result: Bytes) -> Result<bool> {
+        self.0.claim_task_output(job, task, result).await
+    }
+    async fn task_outputs(&self, job: &JobId) -> Result<Vec<(TaskKey, Bytes)>> {
+        self.0.task_outputs(job).await
+    }
+    async fn clear_task_outputs(&self, _job: &JobId) -> Result<()> {
+        Err(down())
+    }
+    async fn next_attempts(&self, job: &JobId, tasks: &[TaskKey]) -> Result<Vec<u32>> {
+        self.0.next_attempts(job, tasks).await
+    }
+    async fn acquire_job(
+        &self,
+        job: &JobId,
+        owner: &str,
+        ttl: std::time::Duration,
+    ) -> Result<bool> {
+        self.0.acquire_job(job, owner, ttl).await
+    }
+    async fn release_job(&self, _job: &JobId, _owner: &str) -> Result<()> {
+        Err(down())
+    }
+    async fn schedule_sweep(&self, _job: &JobId, _table: &str, _due_ms: i64) -> Result<()> {
+        Err(down())
+    }
+    async fn due_sweeps(&self, now_ms: i64) -> Result<Vec<(JobId, String)>> {
+        self.0.due_sweeps(now_ms).await
+    }
+    async fn sweep_done(&self, job: &JobId) -> Result<()> {
+        self.0.sweep_done(job).await
+    }
+    async fn renew_lease(
+        &self,
+        job: &JobId,
+        task: TaskKey,
+        attempt: u32,
+        worker: &str,
+        ttl: std::time::Duration,
+    ) -> Result<()> {
+        self.0.renew_lease(job, task, attempt, worker, ttl).await
+    }
+    async fn lease(&self, job: &JobId, task: TaskKey) -> Result<Option<u32>> {
+        self.0.lease(job, task).await
+    }
+    async fn request_cancel(&self, job: &JobId) -> Result<()> {
+        self.0.request_cancel(job).await
+    }
+    async fn cancel_requested(&self, job: &JobId) -> Result<bool> {
+        self.0.cancel_requested(job).await
+    }
+}
+
+/// Runs `pipeline.toml` of `sandbox` as `job` on two in-process workers over `state`.
+async fn run_on(
+    sandbox: &Sandbox,
+    state: Arc<dyn StateStore>,
+    job: &str,
+) -> std::result::Result<nightshift_coordinator::JobReport, JobError> {
+    let spec = nightshift_spec::load_spec(&sandbox.path("pipeline.toml"), &[]).unwrap();
+    let warehouse = prepare_warehouse(&sandbox.warehouse()).unwrap();
+    let queue = Arc::new(MemoryQueue::default());
+    let workers: Vec<_> = (0..2)
+        .map(|i| {
+            let worker = Worker::new(format!("w{i}"), queue.clone(), state.clone());
+            tokio::spawn(async move { worker.run().await })
+        })
+        .collect();
+    let env = JobEnv::new(
+        queue.clone(),
+        state,
+        embedded_catalog(&warehouse).unwrap(),
+        warehouse.join(SCRATCH_DIR),
+    );
+    let options = JobOptions {
+        job_id: JobId::parse(job).unwrap(),
+        workers: 2,
+        target_task_bytes: None,
+        partitions: Some(3),
+        max_task_attempts: None,
+    };
+    let report = run_job(&env, &spec, &options, &|_| {}).await;
+    queue.close();
+    for w in workers {
+        w.await.unwrap().unwrap();
+    }
+    report
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_landed_commit_is_a_success_even_when_cleanup_fails() {
+    let sandbox = Sandbox::new();
+    write_sales(&sandbox, "data/sales", 2, 10, 0);
+    sandbox.spec(&spec("append", "data/sales/*.csv"));
+    let state = Arc::new(FailingAfterCommit(MemoryState::default()));
+    let report = run_on(&sandbox, state, "nightly")
+        .await
+        .expect("the snapshot landed: the job succeeded");
+    assert!(report.snapshot_id.is_some());
+    let read = sandbox.read_table(TABLE, None);
+    assert_eq!(snapshot_count(&read), 1);
+    assert_eq!(read["pyiceberg"]["rows"], 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_found_committed_ends_succeeded() {
+    let sandbox = Sandbox::new();
+    write_sales(&sandbox, "data/sales", 2, 10, 0);
+    sandbox.spec(&spec("append", "data/sales/*.csv"));
+    let state = Arc::new(MemoryState::default());
+    let first = run_on(&sandbox, state.clone(), "nightly")
+        .await
+        .expect("first");
+    // The coordinator died right after the commit: the state still says committing.
+    let job = JobId::parse("nightly").unwrap();
+    state
+        .set_job_state(&job, JobState::Committing, "")
+        .await
+        .unwrap();
+    let again = run_on(&sandbox, state.clone(), "nightly")
+        .await
+        .expect("again");
+    assert!(again.already_committed);
+    assert_eq!(again.snapshot_id, first.snapshot_id);
+    assert_eq!(
+        state.job_state(&job).await.unwrap().map(|(s, _)| s),
+        Some(JobState::Succeeded)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_job_is_recorded_as_cancelled() {
+    let sandbox = Sandbox::new();
+    write_sales(&sandbox, "data/sales", 2, 10, 0);
+    sandbox.spec(&spec("append", "data/sales/*.csv"));
+    let state = Arc::new(MemoryState::default());
+    let job = JobId::parse("to-cancel").unwrap();
+    state.request_cancel(&job).await.unwrap();
+    let err = run_on(&sandbox, state.clone(), "to-cancel")
+        .await
+        .expect_err("cancelled");
+    assert!(matches!(err, JobError::Cancelled), "{err}");
+    assert_eq!(
+        state.job_state(&job).await.unwrap().map(|(s, _)| s),
+        Some(JobState::Cancelled)
+    );
+    assert!(!sandbox.read_table(TABLE, None)["exists"].as_bool().unwrap());
+    assert!(
+        sandbox.data_files().is_empty(),
+        "{:?}",
+        sandbox.data_files()
+    );
+}

@@ -1,0 +1,270 @@
+//! Faults in every order on the real services, and what they may leave behind: nothing.
+//! After each job, while the cluster keeps running, the table directory must hold exactly the
+//! files its snapshots reference (PyIceberg's view) and the scratch space must be empty.
+//!
+//! `NIGHTSHIFT_FAULT_ROUNDS` (default 2) sets how many randomized rounds run;
+//! `NIGHTSHIFT_FAULT_SEED` replays one seed (each round prints its seed).
+
+use std::time::{Duration, Instant};
+
+use nightshift_tests::cluster::{ClusterOptions, ClusterSandbox, ClusterStorage, PrivateRedis};
+use nightshift_tests::{RefSource, snapshot_count};
+use serde_json::Value;
+
+const TABLE: &str = "tests.by_segment";
+const SQL: &str = "SELECT o.o_orderdate AS order_date, c.c_mktsegment AS segment, COUNT(*) AS orders, \
+     SUM(o.o_totalprice) AS total FROM orders o JOIN customer c ON c.c_custkey = o.o_custkey \
+     WHERE o.o_orderdate < DATE '1993-06-01' GROUP BY o.o_orderdate, c.c_mktsegment";
+
+/// How long after a job's end its leftovers must be gone.
+const CLEAN_WITHIN: Duration = Duration::from_secs(60);
+
+fn spec(data: &std::path::Path) -> String {
+    format!(
+        r#"[pipeline]
+name = "faults"
+
+[[source]]
+name = "orders"
+format = "parquet"
+location = "{data}/orders/"
+
+[[source]]
+name = "customer"
+format = "parquet"
+location = "{data}/customer.parquet"
+
+[transform]
+sql = "{SQL}"
+
+[target]
+table = "{TABLE}"
+partition_by = ["month(order_date)"]
+
+[execution]
+shuffle_partitions = 4
+broadcast_join_threshold_bytes = 0
+"#,
+        data = data.display()
+    )
+}
+
+fn start(options: ClusterOptions<'_>) -> ClusterSandbox {
+    let cluster = ClusterSandbox::start_with(ClusterStorage::LocalWithPostgres, options);
+    cluster.sandbox.tpch();
+    cluster.sandbox.spec(&spec(&cluster.sandbox.path("data")));
+    cluster
+}
+
+async fn reference(cluster: &ClusterSandbox) -> std::path::PathBuf {
+    cluster
+        .sandbox
+        .reference(
+            SQL,
+            &[
+                RefSource::Parquet("orders", "data/orders/"),
+                RefSource::Parquet("customer", "data/customer.parquet"),
+            ],
+        )
+        .await
+}
+
+/// The coordinator log's `planned stages=N`, once the job is planned.
+fn planned_stages(cluster: &ClusterSandbox) -> u32 {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let log = cluster.coordinator_log();
+        if let Some(n) = log
+            .split("planned stages=")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+        {
+            return n;
+        }
+        assert!(Instant::now() < deadline, "{}", cluster.logs());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn wait_for_log(cluster: &ClusterSandbox, needle: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !cluster.coordinator_log().contains(needle) {
+        assert!(
+            Instant::now() < deadline,
+            "no `{needle}`\n{}",
+            cluster.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The job's snapshot is the only one, holds the right rows for both readers, and nothing
+/// else is left after [`CLEAN_WITHIN`].
+async fn assert_one_snapshot_and_clean(cluster: &ClusterSandbox, job: &str, what: &str) {
+    let reference = reference(cluster).await;
+    let read = cluster.read_table(TABLE, Some(&reference));
+    assert_eq!(
+        snapshot_count(&read),
+        1,
+        "{what}: {read:#}\n{}",
+        cluster.logs()
+    );
+    assert_eq!(
+        read["snapshots"][0]["summary"]["nightshift.job-id"], job,
+        "{what}"
+    );
+    nightshift_tests::assert_matches_reference(&read);
+    let left = cluster.wait_until_clean(TABLE, CLEAN_WITHIN);
+    assert!(
+        left.is_empty(),
+        "{what}: left behind a minute after the job ended: {left:#?}\n{}",
+        cluster.logs()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_final_stage_attempts_leave_no_orphans() {
+    // The coordinator dies while the final stage runs; the next one republishes the final
+    // tasks, takes the first attempts' results (queued while no coordinator ran) and commits
+    // while the republished attempts are still writing: they finish after the commit.
+    let mut cluster = start(ClusterOptions {
+        workers: 2,
+        env: &[("FAILPOINTS", "worker-task-delay=return(1500)")],
+        ..ClusterOptions::default()
+    });
+    let mut client = cluster.submit_in_background("job-late-writers");
+    let stages = planned_stages(&cluster);
+    wait_for_log(&cluster, &format!("stage started stage={stages}"));
+    cluster.kill_coordinator();
+    std::thread::sleep(Duration::from_millis(300));
+    cluster.start_coordinator();
+    let outcome = cluster.wait_for_outcome(&mut client);
+    assert_eq!(
+        outcome["status"],
+        "succeeded",
+        "{outcome}\n{}",
+        cluster.logs()
+    );
+    assert_one_snapshot_and_clean(&cluster, "job-late-writers", "late writers").await;
+}
+
+/// One fault, applied to the running cluster.
+#[derive(Debug, Clone, Copy)]
+enum Fault {
+    KillWorker,
+    RestartCoordinator,
+    FlushRedis,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn randomized_faults_end_with_one_snapshot_and_nothing_left() {
+    let rounds: usize = std::env::var("NIGHTSHIFT_FAULT_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2);
+    let fixed_seed: Option<u64> = std::env::var("NIGHTSHIFT_FAULT_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok());
+    for round in 0..rounds {
+        let seed = fixed_seed.unwrap_or_else(|| fastrand::u64(..));
+        eprintln!("fault round {round}: NIGHTSHIFT_FAULT_SEED={seed}");
+        fault_round(seed).await;
+    }
+}
+
+async fn fault_round(seed: u64) {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let redis = PrivateRedis::start();
+    let failpoints = format!(
+        "worker-task-delay=return({});worker-crash-after-publish=4%return",
+        rng.u64(200..800)
+    );
+    let mut cluster = start(ClusterOptions {
+        workers: 2,
+        env: &[("FAILPOINTS", &failpoints)],
+        redis_url: redis.url(),
+        delivery_limit: 20,
+        ..ClusterOptions::default()
+    });
+    let job = format!("job-faults-{seed}");
+    let mut client = cluster.submit_in_background(&job);
+    let mut faults = Vec::new();
+    let mut flushed = false;
+    let faults_wanted = rng.usize(1..=4);
+    while client.try_wait().expect("client").is_none() {
+        std::thread::sleep(Duration::from_millis(rng.u64(300..2500)));
+        keep_alive(&mut cluster);
+        if faults.len() >= faults_wanted {
+            continue;
+        }
+        let fault = match rng.u8(0..10) {
+            0..=4 => Fault::KillWorker,
+            5..=7 => Fault::RestartCoordinator,
+            _ if flushed => Fault::KillWorker,
+            _ => Fault::FlushRedis,
+        };
+        match fault {
+            Fault::KillWorker => {
+                let running = cluster.running_workers();
+                if let Some(i) = (!running.is_empty()).then(|| running[rng.usize(..running.len())])
+                {
+                    cluster.kill_worker(i);
+                    cluster.start_worker();
+                }
+            }
+            Fault::RestartCoordinator => {
+                cluster.kill_coordinator();
+                std::thread::sleep(Duration::from_millis(rng.u64(0..1500)));
+                cluster.start_coordinator();
+            }
+            Fault::FlushRedis => {
+                redis.flushall();
+                flushed = true;
+            }
+        }
+        faults.push(fault);
+    }
+    let what = format!("seed {seed}, faults {faults:?}");
+    let mut outcome = cluster.wait_for_outcome(&mut client);
+    // A flushed state store may make the job fail (it commits nothing then); the same job id
+    // submitted again must then land exactly once.
+    for _ in 0..2 {
+        if outcome["status"] == "succeeded" {
+            break;
+        }
+        let read: Value = cluster.read_table(TABLE, None);
+        assert_eq!(
+            snapshot_count(&read),
+            0,
+            "{what}: a failed job committed: {read:#}"
+        );
+        assert!(
+            flushed,
+            "{what}: failed without a flush: {outcome}\n{}",
+            cluster.logs()
+        );
+        keep_alive(&mut cluster);
+        outcome = cluster.submit(&job, &[]);
+    }
+    assert_eq!(
+        outcome["status"],
+        "succeeded",
+        "{what}: {outcome}\n{}",
+        cluster.logs()
+    );
+    assert_one_snapshot_and_clean(&cluster, &job, &what).await;
+    eprintln!("fault round passed: {what}");
+}
+
+/// Replaces crashed workers (the crash-after-publish failpoint kills some) and a dead
+/// coordinator.
+fn keep_alive(cluster: &mut ClusterSandbox) {
+    while cluster.running_workers().len() < 2 {
+        cluster.start_worker();
+    }
+    if !cluster.coordinator_running() {
+        cluster.reap_coordinator();
+        cluster.start_coordinator();
+    }
+}

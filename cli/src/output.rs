@@ -1,5 +1,6 @@
 //! Printing job reports: aligned text for people, one JSON object for scripts.
 
+use indicatif::HumanBytes;
 use nightshift_coordinator::{JobError, JobReport, outcome_json};
 
 /// Exit code of a job that failed while running.
@@ -43,24 +44,9 @@ pub fn report_text(report: &JobReport) -> String {
         snapshot,
         report.rows,
         report.files,
-        human_bytes(report.bytes),
+        HumanBytes(report.bytes),
         report.stages,
         report.tasks,
         report.duration_ms as f64 / 1000.0
     )
-}
-
-pub fn human_bytes(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
 }

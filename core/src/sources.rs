@@ -355,7 +355,9 @@ async fn register_raw(
     registered.map_err(|e| {
         let message = match source.format {
             SourceFormat::Parquet => find_bad_parquet(table_path),
-            SourceFormat::Json => find_bad_json(table_path),
+            SourceFormat::Json => {
+                find_bad_json(table_path).or_else(|| find_json_type_conflict(table_path))
+            }
             _ => None,
         }
         .unwrap_or_else(|| {
@@ -419,15 +421,51 @@ fn find_bad_json(table_path: &str) -> Option<String> {
                 continue;
             }
             if let Err(e) = serde_json::from_str::<serde_json::Value>(&line) {
+                // serde's message ends in its own position within the line; say it once.
+                let message = e.to_string();
+                let message = message
+                    .rsplit_once(" at line ")
+                    .map_or(message.as_str(), |(m, _)| m);
                 return Some(format!(
-                    "{} line {}: not valid JSON: {e}",
+                    "{} line {} column {}: not valid JSON: {message}",
                     path.display(),
-                    index + 1
+                    index + 1,
+                    e.column()
                 ));
             }
         }
         None
     })
+}
+
+/// Names the first two local files under `table_path` whose values give one column two
+/// different types (schema inference merges them and reports only the directory).
+fn find_json_type_conflict(table_path: &str) -> Option<String> {
+    let mut seen: Vec<(String, DataType, std::path::PathBuf)> = Vec::new();
+    for path in local_files(table_path) {
+        let file = std::fs::File::open(&path).ok()?;
+        let (schema, _) =
+            arrow::json::reader::infer_json_schema(std::io::BufReader::new(file), None).ok()?;
+        for field in schema.fields() {
+            match seen.iter().find(|(name, _, _)| name == field.name()) {
+                Some((name, first, first_path)) if first != field.data_type() => {
+                    return Some(format!(
+                        "column `{name}` holds {first} values in {} but {} values in {}",
+                        first_path.display(),
+                        field.data_type(),
+                        path.display()
+                    ));
+                }
+                Some(_) => {}
+                None => seen.push((
+                    field.name().clone(),
+                    field.data_type().clone(),
+                    path.clone(),
+                )),
+            }
+        }
+    }
+    None
 }
 
 /// An exact-match pattern for a CSV `null_value`.

@@ -586,22 +586,7 @@ fn rabbitmqctl(args: &[&str]) {
 
 /// A random hex string, unique enough to isolate tests.
 pub fn uuid_like() -> String {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos(),
-    );
-    h.write_u32(std::process::id());
-    format!(
-        "{:016x}{:016x}",
-        h.finish(),
-        std::collections::hash_map::RandomState::new()
-            .build_hasher()
-            .finish()
-    )
+    uuid::Uuid::new_v4().simple().to_string()
 }
 
 /// A private `redis-server` on a free port, for tests that flush or stop it. Stopped on drop.

@@ -353,5 +353,16 @@ async fn malformed_json_names_the_file_and_line() {
         "{\"id\": 2, \"city\": \"Lyon\", \"amount\": 3.0}\n{\"id\": 3, \"city\": \n{\"id\": 4}\n",
     );
     sandbox.spec(&spec("data/json_bad/", "json", "", "SELECT * FROM src", ""));
-    assert_fails_cleanly(&sandbox, &before, &["b.json line 2", "not valid JSON"]).await;
+    assert_fails_cleanly(
+        &sandbox,
+        &before,
+        &["b.json line 2 column 18", "not valid JSON"],
+    )
+    .await;
+    // Valid JSON whose files disagree on a column's type: both files are named.
+    sandbox.write(
+        "data/json_bad/b.json",
+        "{\"id\": \"two\", \"city\": \"Lyon\", \"amount\": 3.0}\n",
+    );
+    assert_fails_cleanly(&sandbox, &before, &["column `id`", "a.json", "b.json"]).await;
 }

@@ -125,19 +125,20 @@ async fn assert_one_snapshot_and_clean(cluster: &ClusterSandbox, job: &str, what
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn late_final_stage_attempts_leave_no_orphans() {
-    // The coordinator dies while the final stage runs; the next one republishes the final
-    // tasks, takes the first attempts' results (queued while no coordinator ran) and commits
-    // while the republished attempts are still writing: they finish after the commit.
+    // The coordinator dies while the final stage runs. The first attempts finish and queue
+    // their results while no coordinator runs; the next coordinator republishes the final
+    // tasks (idle workers start them at once), takes the queued results and commits while
+    // the republished attempts have written their files but not yet reported them.
     let mut cluster = start(ClusterOptions {
-        workers: 2,
-        env: &[("FAILPOINTS", "worker-task-delay=return(1500)")],
+        workers: 4,
+        env: &[("FAILPOINTS", "worker-report-delay=return(1500)")],
         ..ClusterOptions::default()
     });
     let mut client = cluster.submit_in_background("job-late-writers");
     let stages = planned_stages(&cluster);
     wait_for_log(&cluster, &format!("stage started stage={stages}"));
     cluster.kill_coordinator();
-    std::thread::sleep(Duration::from_millis(300));
+    std::thread::sleep(Duration::from_millis(2500));
     cluster.start_coordinator();
     let outcome = cluster.wait_for_outcome(&mut client);
     assert_eq!(
@@ -147,6 +148,13 @@ async fn late_final_stage_attempts_leave_no_orphans() {
         cluster.logs()
     );
     assert_one_snapshot_and_clean(&cluster, "job-late-writers", "late writers").await;
+    let logs = cluster.logs();
+    let late = logs.matches("the job ended while the task ran").count()
+        + logs.matches("late sweep removed").count();
+    assert!(
+        late > 0,
+        "the scenario did not happen: no late writer\n{logs}"
+    );
 }
 
 /// One fault, applied to the running cluster.
@@ -176,8 +184,10 @@ async fn randomized_faults_end_with_one_snapshot_and_nothing_left() {
 async fn fault_round(seed: u64) {
     let mut rng = fastrand::Rng::with_seed(seed);
     let redis = PrivateRedis::start();
+    // Slow tasks, workers that die between reporting and acking (duplicate deliveries),
+    // and attempts slow to report what they wrote (late writers).
     let failpoints = format!(
-        "worker-task-delay=return({});worker-crash-after-publish=4%return",
+        "worker-task-delay=return({});worker-crash-after-publish=4%return;worker-report-delay=10%return(1500)",
         rng.u64(200..800)
     );
     let mut cluster = start(ClusterOptions {

@@ -76,6 +76,13 @@ impl Worker {
                 }
             };
             let result = self.run_one(&task).await;
+            // A task that has written its output but is slow to report it, for tests.
+            #[cfg(feature = "failpoints")]
+            if let Some(Some(ms)) = fail::eval("worker-report-delay", |ms| {
+                ms.and_then(|ms| ms.parse().ok())
+            }) {
+                tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+            }
             self.report(&task, result).await?;
             delivery.ack().await?;
         }
@@ -207,12 +214,6 @@ impl Worker {
     }
 
     async fn run_one_inner(&self, task: &v1::TaskDefinition) -> v1::TaskResult {
-        #[cfg(feature = "failpoints")]
-        if let Some(Some(ms)) =
-            fail::eval("worker-task-delay", |ms| ms.and_then(|ms| ms.parse().ok()))
-        {
-            tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
-        }
         let ended = match JobId::parse(&task.job_id) {
             Ok(job) => self.job_refuses_output(&job).await,
             Err(_) => false,
@@ -228,10 +229,18 @@ impl Worker {
                 worker_id: self.id.clone(),
                 outcome: Some(task_result::Outcome::Failed(v1::TaskFailed {
                     message: "skipped: the job has already ended".into(),
-                    retryable: false,
+                    // Should a coordinator still want this task, it runs it again.
+                    retryable: true,
                 })),
                 ..Default::default()
             };
+        }
+        // A slow task, for tests: the delay is part of the task's run.
+        #[cfg(feature = "failpoints")]
+        if let Some(Some(ms)) =
+            fail::eval("worker-task-delay", |ms| ms.and_then(|ms| ms.parse().ok()))
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
         }
         run_task(task, &self.session, &self.id).await
     }

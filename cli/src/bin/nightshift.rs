@@ -653,7 +653,7 @@ async fn validate(args: CommonArgs) -> ExitCode {
                     s.name,
                     s.format.to_string(),
                     s.files,
-                    output::human_bytes(s.bytes),
+                    indicatif::HumanBytes(s.bytes),
                     s.location
                 );
             }

@@ -49,10 +49,13 @@ pub fn unreferenced_job_files<'a>(
 }
 
 /// Deletes the data files `job` wrote into `ident` that no snapshot of it references.
+/// `just_committed` are files the caller knows the job's snapshot holds: when the job's
+/// files are exactly those, the table's history need not be read.
 pub async fn sweep_job_files(
     catalog: &dyn Catalog,
     ident: &TableIdent,
     job: &JobId,
+    just_committed: &TableReferences,
 ) -> Result<Swept> {
     if !catalog.table_exists(ident).await? {
         return Ok(Swept::default());
@@ -70,8 +73,11 @@ pub async fn sweep_job_files(
             parse_data_file_name(location.url().path()).is_some_and(|n| n.attempt.job == *job)
         })
         .collect();
-    if listed.is_empty() {
-        return Ok(Swept::default());
+    if unreferenced_job_files(&listed, job, just_committed).is_empty() {
+        return Ok(Swept {
+            deleted: 0,
+            kept: listed.len(),
+        });
     }
     // References are read after the listing: a file listed above and committed before this
     // load is seen as referenced.
@@ -119,7 +125,9 @@ pub async fn run_late_sweeps(env: &JobEnv, now_ms: i64) -> Result<Vec<JobId>> {
             env.state.clear_task_outputs(&job).await,
             parse_table_ident(&table),
         ) {
-            (Ok(()), Ok(ident)) => sweep_job_files(catalog.as_ref(), &ident, &job).await,
+            (Ok(()), Ok(ident)) => {
+                sweep_job_files(catalog.as_ref(), &ident, &job, &TableReferences::default()).await
+            }
             (Err(e), _) | (_, Err(e)) => Err(e),
         };
         match swept {

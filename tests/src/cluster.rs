@@ -478,9 +478,14 @@ impl ClusterSandbox {
             .read_to_end(&mut out)
             .expect("read stdout");
         serde_json::from_slice(&out).unwrap_or_else(|_| {
+            let mut err = Vec::new();
+            if let Some(mut stderr) = client.stderr.take() {
+                let _ = stderr.read_to_end(&mut err);
+            }
             panic!(
-                "no JSON outcome: {}\n{}",
+                "no JSON outcome: {}\nclient stderr: {}\n{}",
                 String::from_utf8_lossy(&out),
+                String::from_utf8_lossy(&err),
                 self.logs()
             )
         })

@@ -15,8 +15,8 @@ use nightshift_core::ids::JobId;
 use nightshift_core::redact::{MASK, is_secret_name};
 use nightshift_core::storage::Location;
 use nightshift_core::table::{
-    CommitOutcome, JobCommit, PIPELINE_PROPERTY, WrittenWith, commit_job_snapshot, ensure_table,
-    find_job_snapshot, open_catalog, parse_table_ident,
+    CommitOutcome, JobCommit, PIPELINE_PROPERTY, TableReferences, WrittenWith, commit_job_snapshot,
+    ensure_table, find_job_snapshot, open_catalog, parse_table_ident,
 };
 use nightshift_core::transport::JobState;
 use nightshift_spec::ResolvedSpec;
@@ -90,6 +90,8 @@ struct JobRun<'a> {
     ident: Option<TableIdent>,
     /// The job created the target table (a failed first run drops it again).
     created_table: bool,
+    /// The files this run's commit put in the snapshot.
+    just_committed: TableReferences,
 }
 
 impl<'a> JobRun<'a> {
@@ -122,6 +124,7 @@ impl<'a> JobRun<'a> {
             catalog: None,
             ident: None,
             created_table: false,
+            just_committed: TableReferences::default(),
         }
     }
 
@@ -295,6 +298,9 @@ impl<'a> JobRun<'a> {
         self.report.duration_ms = self.started.elapsed().as_millis() as u64;
         let (state, result) = match ended {
             Ended::Committed(outcome) => {
+                for path in &outcome.committed_files {
+                    self.just_committed.insert(path);
+                }
                 self.report.snapshot_id = Some(outcome.snapshot_id);
                 self.report.already_committed = outcome.already_committed;
                 (JobState::Succeeded, Ok(()))
@@ -339,7 +345,9 @@ impl<'a> JobRun<'a> {
             warn!(error = %e, "cannot forget the job's task outputs; its files wait for the late sweep");
         }
         if let (Ok(()), Some(catalog), Some(ident)) = (&forgotten, &self.catalog, &self.ident) {
-            if let Err(e) = sweep_job_files(catalog.as_ref(), ident, job).await {
+            if let Err(e) =
+                sweep_job_files(catalog.as_ref(), ident, job, &self.just_committed).await
+            {
                 warn!(error = %e, "cannot sweep the job's data files; the late sweep retries");
             }
             if state != JobState::Succeeded && self.created_table {

@@ -2,11 +2,13 @@
 //!
 //! - [`embedded`] runs a whole job in one process: in-process queue and state, local
 //!   warehouse, SQLite catalog — the same coordinator and worker code as a cluster.
+//! - [`backfill`] runs one job per value of a parameter range.
 //! - [`cluster`] runs the coordinator and worker processes and submits jobs to them.
 //! - [`example_data`] generates the TPC-H tables the examples read.
 //! - [`output`] prints job reports for people and scripts.
 //! - [`progress`] draws a progress bar per stage on a terminal.
 
+pub mod backfill;
 pub mod client;
 pub mod cluster;
 pub mod embedded;

@@ -34,6 +34,10 @@ pub fn report_text(report: &JobReport) -> String {
             "{} (overwritten: the result replaced every row)",
             report.table
         ),
+        "overwrite_partitions" => format!(
+            "{} (the result replaced the partitions it has rows in)",
+            report.table
+        ),
         _ => report.table.clone(),
     };
     format!(

@@ -104,6 +104,10 @@ pub enum WriteMode {
     Append,
     /// Replace the table content with the result.
     Overwrite,
+    /// Replace exactly the partitions the result has rows in; other partitions are untouched
+    /// (dynamic partition overwrite: rerun a day, backfill a month).
+    #[serde(rename = "overwrite_partitions")]
+    OverwritePartitions,
 }
 
 impl std::fmt::Display for WriteMode {
@@ -111,6 +115,7 @@ impl std::fmt::Display for WriteMode {
         f.write_str(match self {
             WriteMode::Append => "append",
             WriteMode::Overwrite => "overwrite",
+            WriteMode::OverwritePartitions => "overwrite_partitions",
         })
     }
 }

@@ -18,7 +18,7 @@ use tracing::{info, warn};
 
 use super::catalog::CatalogConfig;
 use super::job_guard::JobGuardCatalog;
-use super::overwrite::produce_overwrite;
+use super::overwrite::{Replace, produce_overwrite};
 use super::references::TableReferences;
 use super::swap::{SwapError, swap_table_metadata};
 use crate::error::{CoreError, Result};
@@ -95,8 +95,10 @@ pub fn find_job_snapshot(table: &Table, job: &JobId) -> Option<i64> {
         .map(|s| s.snapshot_id())
 }
 
-/// Commits the job's files as one snapshot tagged with its id: an append, or for
-/// [`WriteMode::Overwrite`] a snapshot that replaces every row of the table. Returns `None`
+/// Commits the job's files as one snapshot tagged with its id: an append, for
+/// [`WriteMode::Overwrite`] a snapshot that replaces every row of the table, for
+/// [`WriteMode::OverwritePartitions`] one that replaces the rows of the partitions the files
+/// fall in. Returns `None`
 /// when there is nothing to commit (an empty append, an empty overwrite of an empty table).
 /// A job already in the table's history is not committed again.
 pub async fn commit_job_snapshot(
@@ -119,22 +121,29 @@ pub async fn commit_job_snapshot(
     let files = decode_data_files(&table, data_files_json, written_with)?;
     summary.insert(JOB_ID_PROPERTY.to_string(), job.to_string());
     let nothing_to_replace = table.metadata().current_snapshot().is_none();
-    if files.is_empty() && (mode == WriteMode::Append || nothing_to_replace) {
+    // An empty result appends nothing and replaces no partition; an empty full overwrite
+    // empties the table, unless there is nothing to empty.
+    if files.is_empty() && (mode != WriteMode::Overwrite || nothing_to_replace) {
         return Ok(None);
     }
     match mode {
         WriteMode::Append => append(catalog, table, job, files, summary).await.map(Some),
-        WriteMode::Overwrite => overwrite(
-            catalog,
-            config,
-            ident,
-            job,
-            files,
-            written_with.partition_spec_id,
-            summary,
-        )
-        .await
-        .map(Some),
+        WriteMode::Overwrite | WriteMode::OverwritePartitions => {
+            let replace = if mode == WriteMode::Overwrite {
+                Replace::All
+            } else {
+                Replace::PartitionsOf
+            };
+            let target = OverwriteTarget {
+                config,
+                ident,
+                spec_id: written_with.partition_spec_id,
+                replace,
+            };
+            overwrite(catalog, &target, job, files, summary)
+                .await
+                .map(Some)
+        }
     }
 }
 
@@ -259,15 +268,28 @@ async fn landed(
 /// Manifests written for an attempt that did not land are deleted: at once after a
 /// conflict or a refusal, and after the loop for an unknown outcome, once the reloaded table
 /// shows they are not referenced.
+/// Where an overwrite goes and what it replaces.
+struct OverwriteTarget<'a> {
+    config: &'a CatalogConfig,
+    ident: &'a TableIdent,
+    /// The partition spec the added files were written with.
+    spec_id: i32,
+    replace: Replace,
+}
+
 async fn overwrite(
     catalog: &dyn Catalog,
-    config: &CatalogConfig,
-    ident: &TableIdent,
+    target: &OverwriteTarget<'_>,
     job: &JobId,
     files: Vec<DataFile>,
-    spec_id: i32,
     summary: HashMap<String, String>,
 ) -> Result<CommitOutcome> {
+    let OverwriteTarget {
+        config,
+        ident,
+        spec_id,
+        replace,
+    } = *target;
     let committed_files: HashSet<String> =
         files.iter().map(|f| f.file_path().to_string()).collect();
     let mut last_error = String::new();
@@ -280,7 +302,8 @@ async fn overwrite(
             outcome = Some(Ok(landed));
             break;
         }
-        let produced = produce_overwrite(&table, files.clone(), spec_id, summary.clone()).await?;
+        let produced =
+            produce_overwrite(&table, files.clone(), spec_id, replace, summary.clone()).await?;
         match swap_table_metadata(config, &table, produced.updates, produced.requirements).await {
             Ok(()) => {
                 outcome = Some(Ok(CommitOutcome {

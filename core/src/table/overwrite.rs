@@ -8,15 +8,18 @@
 //! requirements "same table, `main` still at the snapshot we read". Files are removed from
 //! the snapshot, not from storage: older snapshots still reference them until they expire.
 //!
-//! Replacing only some partitions (dynamic overwrite, backfill) is this same producer with a
-//! filter on which live files are marked deleted.
+//! [`Replace::PartitionsOf`] replaces only the partitions the added files fall in (dynamic
+//! partition overwrite, as Spark's `INSERT OVERWRITE` with `partitionOverwriteMode=dynamic`):
+//! manifests with no replaced file are listed again as they are; manifests with some are
+//! rewritten, their replaced files `DELETED` and the others `EXISTING` with their original
+//! snapshot and sequence numbers.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use iceberg::spec::{
-    DataFile, FormatVersion, MAIN_BRANCH, ManifestContentType, ManifestFile, ManifestListWriter,
-    ManifestWriter, ManifestWriterBuilder, Operation, Snapshot, SnapshotReference,
-    SnapshotRetention, SnapshotSummaryCollector, Summary,
+    DataContentType, DataFile, FormatVersion, MAIN_BRANCH, ManifestContentType, ManifestFile,
+    ManifestListWriter, ManifestWriter, ManifestWriterBuilder, Operation, Snapshot,
+    SnapshotReference, SnapshotRetention, SnapshotSummaryCollector, Struct, Summary,
 };
 use iceberg::table::Table;
 use iceberg::{TableRequirement, TableUpdate};
@@ -35,26 +38,57 @@ pub struct ProducedSnapshot {
     pub written: Vec<String>,
 }
 
-/// A live file of the current snapshot, with the sequence numbers a `DELETED` entry keeps.
+/// A live file of the current snapshot, with the numbers a `DELETED` or `EXISTING` entry
+/// keeps.
 struct LiveFile {
     data_file: DataFile,
+    snapshot_id: i64,
     sequence_number: i64,
     file_sequence_number: Option<i64>,
 }
 
-/// Builds the snapshot that replaces all of `table`'s rows with `added` (none: the table is
-/// emptied), which were written with partition spec `added_spec_id`. `properties` go into
-/// the snapshot summary.
+/// Which live files of the current snapshot the new snapshot replaces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Replace {
+    /// Every one: the added files become the table's whole content.
+    All,
+    /// Those in a partition (of the added files' spec) that an added file falls in.
+    PartitionsOf,
+}
+
+/// What becomes of the current snapshot's live files.
+#[derive(Default)]
+struct Carried {
+    /// Manifests none of whose live files is replaced: listed again as they are.
+    kept_manifests: Vec<ManifestFile>,
+    /// Replaced files, by (partition spec, holds deletes).
+    removed: BTreeMap<(i32, bool), Vec<LiveFile>>,
+    /// Files kept from manifests that are rewritten.
+    existing: BTreeMap<(i32, bool), Vec<LiveFile>>,
+    /// Every live file after the commit except the added ones (for the summary's totals).
+    remaining: Vec<DataFile>,
+}
+
+/// Builds the snapshot that replaces `table`'s rows (all of them, or those of the partitions
+/// `added` falls in) with `added`, which were written with partition spec `added_spec_id`.
+/// With [`Replace::All`] and nothing added the table is emptied. `properties` go into the
+/// snapshot summary.
 pub async fn produce_overwrite(
     table: &Table,
     added: Vec<DataFile>,
     added_spec_id: i32,
+    replace: Replace,
     properties: HashMap<String, String>,
 ) -> Result<ProducedSnapshot> {
     let producer = Producer::new(table);
-    let removed = producer.live_files().await?;
+    let partitions: HashSet<Struct> = added.iter().map(|f| f.partition().clone()).collect();
+    let replaced = |spec_id: i32, file: &DataFile| match replace {
+        Replace::All => true,
+        Replace::PartitionsOf => spec_id == added_spec_id && partitions.contains(file.partition()),
+    };
+    let carried = producer.carry(replaced).await?;
     producer
-        .produce(added, added_spec_id, removed, properties)
+        .produce(added, added_spec_id, carried, properties)
         .await
 }
 
@@ -75,61 +109,104 @@ impl<'a> Producer<'a> {
         }
     }
 
-    /// Every live entry of the current snapshot, grouped by partition spec and content.
-    async fn live_files(&self) -> Result<BTreeMap<(i32, bool), Vec<LiveFile>>> {
-        let mut live: BTreeMap<(i32, bool), Vec<LiveFile>> = BTreeMap::new();
+    /// Sorts the current snapshot's live files into replaced and kept.
+    async fn carry(&self, replaced: impl Fn(i32, &DataFile) -> bool) -> Result<Carried> {
+        let mut carried = Carried::default();
         let Some(current) = self.table.metadata().current_snapshot() else {
-            return Ok(live);
+            return Ok(carried);
         };
         let list = self.table.manifest_list_reader(current).load().await?;
         for manifest_file in list.entries() {
             let manifest = manifest_file.load_manifest(self.table.file_io()).await?;
-            let is_deletes = manifest_file.content == ManifestContentType::Deletes;
-            for entry in manifest.entries().iter().filter(|e| e.is_alive()) {
-                let sequence_number = entry.sequence_number().unwrap_or(0);
-                live.entry((manifest_file.partition_spec_id, is_deletes))
-                    .or_default()
-                    .push(LiveFile {
+            let spec_id = manifest_file.partition_spec_id;
+            let key = (
+                spec_id,
+                manifest_file.content == ManifestContentType::Deletes,
+            );
+            let live: Vec<LiveFile> = manifest
+                .entries()
+                .iter()
+                .filter(|e| e.is_alive())
+                .map(|entry| {
+                    let sequence_number = entry.sequence_number().unwrap_or(0);
+                    LiveFile {
                         data_file: entry.data_file().clone(),
+                        snapshot_id: entry.snapshot_id().unwrap_or(current.snapshot_id()),
                         sequence_number,
                         file_sequence_number: entry.file_sequence_number.or(Some(sequence_number)),
-                    });
+                    }
+                })
+                .collect();
+            if live.is_empty() {
+                continue; // every file in it was deleted by an earlier snapshot
+            }
+            if !live.iter().any(|f| replaced(spec_id, &f.data_file)) {
+                carried
+                    .remaining
+                    .extend(live.into_iter().map(|f| f.data_file));
+                carried.kept_manifests.push(manifest_file.clone());
+                continue;
+            }
+            for file in live {
+                if replaced(spec_id, &file.data_file) {
+                    carried.removed.entry(key).or_default().push(file);
+                } else {
+                    carried.remaining.push(file.data_file.clone());
+                    carried.existing.entry(key).or_default().push(file);
+                }
             }
         }
-        Ok(live)
+        Ok(carried)
     }
 
     async fn produce(
         self,
         added: Vec<DataFile>,
         added_spec_id: i32,
-        removed: BTreeMap<(i32, bool), Vec<LiveFile>>,
+        carried: Carried,
         properties: HashMap<String, String>,
     ) -> Result<ProducedSnapshot> {
         let metadata = self.table.metadata();
-        let summary = self.summary((&added, added_spec_id), &removed, properties);
+        let summary = self.summary((&added, added_spec_id), &carried, properties);
         let mut written = Vec::new();
         let mut manifests: Vec<ManifestFile> = Vec::new();
         if !added.is_empty() {
-            let spec_id = added_spec_id;
-            let mut writer = self.manifest_writer(spec_id, false, manifests.len(), &mut written)?;
+            let mut writer =
+                self.manifest_writer(added_spec_id, false, manifests.len(), &mut written)?;
             for file in added {
                 writer.add_file(file, self.sequence_number)?;
             }
             manifests.push(writer.write_manifest_file().await?);
         }
-        for ((spec_id, is_deletes), files) in removed {
+        let Carried {
+            kept_manifests,
+            mut removed,
+            mut existing,
+            ..
+        } = carried;
+        let keys: std::collections::BTreeSet<(i32, bool)> =
+            removed.keys().chain(existing.keys()).copied().collect();
+        for key @ (spec_id, is_deletes) in keys {
             let mut writer =
                 self.manifest_writer(spec_id, is_deletes, manifests.len(), &mut written)?;
-            for file in files {
+            for file in removed.remove(&key).unwrap_or_default() {
                 writer.add_delete_file(
                     file.data_file,
                     file.sequence_number,
                     file.file_sequence_number,
                 )?;
             }
+            for file in existing.remove(&key).unwrap_or_default() {
+                writer.add_existing_file(
+                    file.data_file,
+                    file.snapshot_id,
+                    file.sequence_number,
+                    file.file_sequence_number,
+                )?;
+            }
             manifests.push(writer.write_manifest_file().await?);
         }
+        manifests.extend(kept_manifests);
 
         let list_path =
             names::manifest_list_path(metadata.location(), self.snapshot_id, &self.commit_uuid);
@@ -198,12 +275,11 @@ impl<'a> Producer<'a> {
         })
     }
 
-    /// `added-*` and `deleted-*` from the files, and totals equal to what was added: after a
-    /// full overwrite the added files are all there is.
+    /// `added-*` and `deleted-*` from the files, and totals over what is live afterwards.
     fn summary(
         &self,
         (added, added_spec_id): (&[DataFile], i32),
-        removed: &BTreeMap<(i32, bool), Vec<LiveFile>>,
+        carried: &Carried,
         properties: HashMap<String, String>,
     ) -> Summary {
         let metadata = self.table.metadata();
@@ -213,7 +289,7 @@ impl<'a> Producer<'a> {
         for file in added {
             collector.add_file(file, schema.clone(), added_spec.clone());
         }
-        for ((spec_id, _), files) in removed {
+        for ((spec_id, _), files) in &carried.removed {
             let spec = self.partition_spec(*spec_id);
             for file in files {
                 collector.remove_file(&file.data_file, schema.clone(), spec.clone());
@@ -221,24 +297,41 @@ impl<'a> Producer<'a> {
         }
         let mut summary = properties;
         summary.extend(collector.build());
+        let live = || added.iter().chain(&carried.remaining);
+        let of = |content: DataContentType| live().filter(move |f| f.content_type() == content);
         let totals = [
-            ("total-data-files", added.len() as u64),
+            ("total-data-files", of(DataContentType::Data).count() as u64),
             (
                 "total-records",
-                added.iter().map(|f| f.record_count()).sum(),
+                of(DataContentType::Data).map(|f| f.record_count()).sum(),
             ),
             (
                 "total-files-size",
-                added.iter().map(|f| f.file_size_in_bytes()).sum(),
+                live().map(|f| f.file_size_in_bytes()).sum(),
             ),
-            ("total-delete-files", 0),
-            ("total-position-deletes", 0),
-            ("total-equality-deletes", 0),
+            (
+                "total-delete-files",
+                live()
+                    .filter(|f| f.content_type() != DataContentType::Data)
+                    .count() as u64,
+            ),
+            (
+                "total-position-deletes",
+                of(DataContentType::PositionDeletes)
+                    .map(|f| f.record_count())
+                    .sum(),
+            ),
+            (
+                "total-equality-deletes",
+                of(DataContentType::EqualityDeletes)
+                    .map(|f| f.record_count())
+                    .sum(),
+            ),
         ];
         for (key, value) in totals {
             summary.insert(key.to_string(), value.to_string());
         }
-        let removed_any = removed.values().any(|files| !files.is_empty());
+        let removed_any = carried.removed.values().any(|files| !files.is_empty());
         Summary {
             operation: if removed_any {
                 Operation::Overwrite

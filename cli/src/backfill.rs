@@ -1,0 +1,329 @@
+//! `nightshift backfill`: one job per value of a parameter range, each committed as its own
+//! snapshot, resumable.
+//!
+//! Each value's job id is derived from the pipeline, the parameter and the value, so a rerun
+//! of the same backfill finds the values already committed in the table's history and skips
+//! them (the job ends as "committed by an earlier run"). A full `overwrite` target is refused:
+//! each value would replace the previous one's rows.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use chrono::{Duration as Days, NaiveDate};
+use futures::StreamExt;
+use nightshift_coordinator::JobOptions;
+use nightshift_core::ids::JobId;
+use nightshift_spec::{ResolvedSpec, WriteMode, load_spec};
+
+use crate::embedded::{EmbeddedOptions, run_embedded};
+
+/// The values a range walks through, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParamRange {
+    pub key: String,
+    pub values: Vec<String>,
+}
+
+/// Most values one backfill runs (a typo such as a year too many should not start 10,000
+/// jobs).
+pub const MAX_VALUES: usize = 10_000;
+
+/// Parses `key=FIRST..LAST` (both ends included): dates (`2024-01-01..2024-01-31`, stepping
+/// `step` days) or integers (`1..12`, stepping `step`).
+pub fn parse_param_range(arg: &str, step: u32) -> Result<ParamRange, String> {
+    let (key, range) = arg
+        .split_once('=')
+        .filter(|(k, _)| !k.trim().is_empty())
+        .ok_or_else(|| format!("expected KEY=FIRST..LAST, got `{arg}`"))?;
+    let (first, last) = range
+        .split_once("..")
+        .ok_or_else(|| format!("expected FIRST..LAST after `{key}=`, got `{range}`"))?;
+    if step == 0 {
+        return Err("--step must be at least 1".into());
+    }
+    let values = match (
+        NaiveDate::parse_from_str(first, "%Y-%m-%d"),
+        NaiveDate::parse_from_str(last, "%Y-%m-%d"),
+    ) {
+        (Ok(first), Ok(last)) => walk(
+            first,
+            last,
+            |d| d + Days::days(step.into()),
+            |d| d.format("%Y-%m-%d").to_string(),
+        ),
+        _ => match (first.parse::<i64>(), last.parse::<i64>()) {
+            (Ok(first), Ok(last)) => walk(first, last, |n| n + i64::from(step), |n| n.to_string()),
+            _ => {
+                return Err(format!(
+                    "`{range}` is neither a date range (2024-01-01..2024-01-31) nor an integer range (1..12)"
+                ));
+            }
+        },
+    }?;
+    Ok(ParamRange {
+        key: key.trim().to_string(),
+        values,
+    })
+}
+
+fn walk<T: PartialOrd + Copy>(
+    first: T,
+    last: T,
+    next: impl Fn(T) -> T,
+    show: impl Fn(T) -> String,
+) -> Result<Vec<String>, String> {
+    if first > last {
+        return Err(format!(
+            "the range is empty: {} is after {}",
+            show(first),
+            show(last)
+        ));
+    }
+    let mut values = Vec::new();
+    let mut at = first;
+    while at <= last {
+        if values.len() == MAX_VALUES {
+            return Err(format!("the range has more than {MAX_VALUES} values"));
+        }
+        values.push(show(at));
+        at = next(at);
+    }
+    Ok(values)
+}
+
+/// The job id of one value: `backfill-<pipeline>-<key>-<value>`, with characters a job id
+/// cannot hold replaced by `_`. The same backfill always gives the same ids.
+pub fn value_job_id(pipeline: &str, key: &str, value: &str) -> Result<JobId, String> {
+    let raw = format!("backfill-{pipeline}-{key}-{value}");
+    let clean: String = raw
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    JobId::parse(&clean)
+}
+
+/// Whether a backfill of `spec` makes sense: each value must add to the table, not replace it.
+pub fn check_mode(spec: &ResolvedSpec) -> Result<(), String> {
+    match spec.spec.target.mode {
+        WriteMode::Append | WriteMode::OverwritePartitions => Ok(()),
+        WriteMode::Overwrite => Err(format!(
+            "[target] mode = \"overwrite\" replaces the whole table on every run, so a backfill of `{}` would leave only its last value; use mode = \"overwrite_partitions\" (each value replaces its own partitions) or \"append\"",
+            spec.spec.target.table
+        )),
+    }
+}
+
+/// What became of one value.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ValueOutcome {
+    pub value: String,
+    pub job_id: String,
+    /// `committed`, `skipped` (committed by an earlier run), `empty`, `failed`, `not run`.
+    pub status: &'static str,
+    pub snapshot_id: Option<i64>,
+    pub rows: u64,
+    pub seconds: f64,
+    pub error: Option<String>,
+}
+
+impl ValueOutcome {
+    fn not_run(value: &str) -> Self {
+        ValueOutcome {
+            value: value.to_string(),
+            job_id: String::new(),
+            status: "not run",
+            snapshot_id: None,
+            rows: 0,
+            seconds: 0.0,
+            error: None,
+        }
+    }
+
+    fn failed(value: &str, error: String) -> Self {
+        ValueOutcome {
+            status: "failed",
+            error: Some(error),
+            ..ValueOutcome::not_run(value)
+        }
+    }
+
+    pub fn from_result(
+        value: &str,
+        job_id: &JobId,
+        started: Instant,
+        result: &Result<nightshift_coordinator::JobReport, nightshift_coordinator::JobError>,
+    ) -> Self {
+        let (status, snapshot_id, rows, error) = match result {
+            Ok(r) if r.already_committed => ("skipped", r.snapshot_id, r.rows, None),
+            Ok(r) if r.snapshot_id.is_none() => ("empty", None, 0, None),
+            Ok(r) => ("committed", r.snapshot_id, r.rows, None),
+            Err(e) => ("failed", None, 0, Some(e.to_string())),
+        };
+        ValueOutcome {
+            value: value.to_string(),
+            job_id: job_id.to_string(),
+            status,
+            snapshot_id,
+            rows,
+            seconds: started.elapsed().as_secs_f64(),
+            error,
+        }
+    }
+}
+
+/// Runs one embedded job per value of `range`, at most `parallel` at once, in order of the
+/// values. After a failure no further value starts (values already running finish); the rest
+/// are reported as not run, so a rerun resumes there. `on_done` sees each outcome as it ends.
+pub async fn run_backfill(
+    spec_path: &Path,
+    params: &[(String, String)],
+    range: &ParamRange,
+    embedded: &EmbeddedOptions,
+    options: impl Fn(JobId) -> JobOptions,
+    parallel: usize,
+    on_done: impl Fn(&ValueOutcome),
+) -> Vec<ValueOutcome> {
+    let stop = AtomicBool::new(false);
+    let run_value = |value: String| {
+        let (stop, options, on_done) = (&stop, &options, &on_done);
+        async move {
+            let started = Instant::now();
+            let mut value_params = params.to_vec();
+            value_params.push((range.key.clone(), value.clone()));
+            let spec = load_spec(spec_path, &value_params);
+            let job_id = match &spec {
+                Ok(spec) => value_job_id(&spec.spec.pipeline.name, &range.key, &value),
+                Err(_) => value_job_id("invalid", &range.key, &value),
+            };
+            let outcome = match (spec, job_id) {
+                _ if stop.load(Ordering::SeqCst) => ValueOutcome::not_run(&value),
+                (Ok(spec), Ok(job_id)) => {
+                    let result =
+                        run_embedded(&spec, embedded, &options(job_id.clone()), &|_| {}).await;
+                    ValueOutcome::from_result(&value, &job_id, started, &result)
+                }
+                (Err(e), _) => ValueOutcome::failed(&value, e.to_string()),
+                (_, Err(e)) => ValueOutcome::failed(&value, e),
+            };
+            if outcome.status == "failed" {
+                stop.store(true, Ordering::SeqCst);
+            }
+            on_done(&outcome);
+            outcome
+        }
+    };
+    futures::stream::iter(range.values.iter().cloned())
+        .map(run_value)
+        .buffered(parallel.max(1))
+        .collect()
+        .await
+}
+
+/// The summary table printed at the end.
+pub fn summary_table(key: &str, outcomes: &[ValueOutcome]) -> String {
+    let width = outcomes
+        .iter()
+        .map(|o| o.value.len())
+        .chain([key.len()])
+        .max()
+        .unwrap_or(0);
+    let mut out = format!(
+        "{key:<width$}  {:<9}  {:>20}  {:>10}  {:>8}\n",
+        "status", "snapshot", "rows", "seconds"
+    );
+    for o in outcomes {
+        let snapshot = o
+            .snapshot_id
+            .map_or_else(|| "-".to_string(), |s| s.to_string());
+        out.push_str(&format!(
+            "{:<width$}  {:<9}  {:>20}  {:>10}  {:>8.1}\n",
+            o.value, o.status, snapshot, o.rows, o.seconds
+        ));
+    }
+    let count = |s: &str| outcomes.iter().filter(|o| o.status == s).count();
+    out.push_str(&format!(
+        "{} values: {} committed, {} skipped (committed before), {} empty, {} failed, {} not run\n",
+        outcomes.len(),
+        count("committed"),
+        count("skipped"),
+        count("empty"),
+        count("failed"),
+        count("not run"),
+    ));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn date_ranges_step_by_days_and_include_both_ends() {
+        let r = parse_param_range("run_date=2024-01-30..2024-02-02", 1).unwrap();
+        assert_eq!(r.key, "run_date");
+        assert_eq!(
+            r.values,
+            ["2024-01-30", "2024-01-31", "2024-02-01", "2024-02-02"]
+        );
+        let weekly = parse_param_range("d=2024-02-26..2024-03-12", 7).unwrap();
+        assert_eq!(weekly.values, ["2024-02-26", "2024-03-04", "2024-03-11"]);
+        let leap = parse_param_range("d=2024-02-28..2024-03-01", 1).unwrap();
+        assert_eq!(leap.values.len(), 3);
+    }
+
+    #[test]
+    fn integer_ranges() {
+        assert_eq!(
+            parse_param_range("n=-1..2", 1).unwrap().values,
+            ["-1", "0", "1", "2"]
+        );
+        assert_eq!(
+            parse_param_range("n=1..10", 4).unwrap().values,
+            ["1", "5", "9"]
+        );
+        assert_eq!(parse_param_range("n=3..3", 1).unwrap().values, ["3"]);
+    }
+
+    #[test]
+    fn bad_ranges_say_what_is_wrong() {
+        for (arg, needle) in [
+            ("run_date", "KEY=FIRST..LAST"),
+            ("=1..2", "KEY=FIRST..LAST"),
+            ("d=2024-01-01", "FIRST..LAST"),
+            ("d=2024-01-31..2024-01-01", "empty"),
+            ("d=2024-01-01..tomorrow", "neither"),
+            ("d=2024-02-30..2024-03-01", "neither"),
+            ("n=0..100000", "more than"),
+        ] {
+            let err = parse_param_range(arg, 1).unwrap_err();
+            assert!(err.contains(needle), "{arg}: {err}");
+        }
+        assert!(
+            parse_param_range("n=1..2", 0)
+                .unwrap_err()
+                .contains("--step")
+        );
+    }
+
+    #[test]
+    fn value_job_ids_are_stable_and_valid() {
+        let a = value_job_id("daily revenue", "run_date", "2024-01-01").unwrap();
+        assert_eq!(a.as_str(), "backfill-daily_revenue-run_date-2024-01-01");
+        assert_eq!(
+            a,
+            value_job_id("daily revenue", "run_date", "2024-01-01").unwrap()
+        );
+        assert_ne!(
+            a,
+            value_job_id("daily revenue", "run_date", "2024-01-02").unwrap()
+        );
+        assert!(value_job_id("p", "k", "é/../x").is_ok());
+    }
+}

@@ -45,6 +45,17 @@ enum Command {
     /// Exit codes: 0 succeeded, 1 the job failed while running, 2 the spec, a source, the
     /// SQL or the target is invalid (nothing ran). Nothing is committed unless it exits 0.
     Run(RunArgs),
+    /// Run a pipeline once per value of a parameter range, each value its own job and
+    /// snapshot, in order: backfill a month after a bug fix, or rebuild history.
+    ///
+    ///   nightshift backfill pipeline.toml --param-range run_date=2024-01-01..2024-01-31
+    ///
+    /// Each value's job id is derived from the pipeline, the parameter and the value, so
+    /// running the same backfill again skips the values already committed and resumes where
+    /// a stopped or failed one ended. After a failure no further value starts. The target
+    /// must add to the table (mode "append" or "overwrite_partitions"). Exit codes as for run.
+    #[command(verbatim_doc_comment)]
+    Backfill(BackfillArgs),
     /// Check a pipeline without writing anything: parse the spec, find the sources, check
     /// their schema contracts, plan the SQL and print the stages and the output schema.
     Validate(CommonArgs),
@@ -208,6 +219,29 @@ struct RunArgs {
     wait_secs: u64,
 }
 
+#[derive(Args)]
+struct BackfillArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// KEY=FIRST..LAST, both ends included: dates (run_date=2024-01-01..2024-01-31) or
+    /// integers (month=1..12).
+    #[arg(long, value_name = "KEY=FIRST..LAST")]
+    param_range: String,
+    /// Step between values: days for dates, units for integers.
+    #[arg(long, default_value_t = 1)]
+    step: u32,
+    /// Values run at once (commits to one table then retry on each other; each value is
+    /// still one snapshot).
+    #[arg(long, default_value_t = 1)]
+    parallel: usize,
+    /// In-process workers per value.
+    #[arg(long, default_value_t = default_workers())]
+    workers: usize,
+    /// Output format on stdout.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+    output: OutputFormat,
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum OutputFormat {
     /// Aligned text for people.
@@ -233,6 +267,7 @@ fn main() -> ExitCode {
     runtime.block_on(async {
         match cli.command {
             Command::Run(args) => run(args).await,
+            Command::Backfill(args) => backfill(args).await,
             Command::Validate(args) => validate(args).await,
             Command::ExampleData { dir, scale, parts } => example_data(&dir, scale, parts),
             Command::Coordinator {
@@ -348,6 +383,76 @@ async fn run(args: RunArgs) -> ExitCode {
             eprintln!("error: job {job_id} failed, nothing was committed: {e}");
             ExitCode::from(output::exit_code(&e))
         }
+    }
+}
+
+async fn backfill(args: BackfillArgs) -> ExitCode {
+    use nightshift::backfill::{check_mode, parse_param_range, run_backfill, summary_table};
+    let range = match parse_param_range(&args.param_range, args.step) {
+        Ok(range) => range,
+        Err(e) => {
+            eprintln!("error: --param-range: {e}");
+            return ExitCode::from(EXIT_INVALID);
+        }
+    };
+    let mut first_params = args.common.params.clone();
+    first_params.push((range.key.clone(), range.values[0].clone()));
+    let first = match load_spec(&args.common.pipeline, &first_params) {
+        Ok(spec) => spec,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_INVALID);
+        }
+    };
+    if let Err(e) = check_mode(&first) {
+        eprintln!("error: {e}");
+        return ExitCode::from(EXIT_INVALID);
+    }
+    let embedded = EmbeddedOptions {
+        warehouse: args.common.warehouse.clone(),
+        workers: args.workers,
+    };
+    let bar = indicatif::ProgressBar::new(range.values.len() as u64);
+    if std::io::stderr().is_terminal() {
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{prefix} [{bar:30}] {pos}/{len} values, {elapsed} (eta {eta}) {msg}",
+            )
+            .expect("template")
+            .progress_chars("=> "),
+        );
+        bar.set_prefix(format!("backfill {}", range.key));
+    } else {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let outcomes = run_backfill(
+        &args.common.pipeline,
+        &args.common.params,
+        &range,
+        &embedded,
+        |job_id| job_options(&args.common, job_id, args.workers),
+        args.parallel,
+        |outcome| {
+            bar.inc(1);
+            bar.set_message(format!("{} {}", outcome.value, outcome.status));
+            if let Some(error) = &outcome.error {
+                bar.suspend(|| eprintln!("error: {}: {error}", outcome.value));
+            }
+        },
+    )
+    .await;
+    bar.finish_and_clear();
+    match args.output {
+        OutputFormat::Text => print!("{}", summary_table(&range.key, &outcomes)),
+        OutputFormat::Json => println!(
+            "{}",
+            serde_json::json!({ "param": range.key, "values": outcomes })
+        ),
+    }
+    if outcomes.iter().any(|o| o.status == "failed") {
+        ExitCode::from(EXIT_FAILED)
+    } else {
+        ExitCode::SUCCESS
     }
 }
 

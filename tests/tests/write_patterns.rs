@@ -1,0 +1,249 @@
+//! Nightly write patterns: `mode = "overwrite_partitions"` replaces exactly the partitions a
+//! run's result has rows in, and `nightshift backfill` runs one job per day, resumably.
+
+use std::collections::BTreeMap;
+
+use nightshift_tests::{Sandbox, snapshot_count, unreferenced};
+use serde_json::Value;
+
+const TABLE: &str = "tests.daily";
+
+/// Events of `days` days (2024-01-01 on), `per_day` rows each, amounts scaled by `version`
+/// so a rerun with late data is told apart from the first run.
+fn write_events(sandbox: &Sandbox, days: u32, per_day: u32, version: u32) {
+    let mut csv = String::from("id,event_date,amount\n");
+    for d in 0..days {
+        for r in 0..per_day {
+            csv.push_str(&format!(
+                "{},2024-01-{:02},{}\n",
+                d * 1000 + r,
+                d + 1,
+                (r + 1) * version
+            ));
+        }
+    }
+    sandbox.write("data/events.csv", csv);
+}
+
+fn spec(mode: &str) -> String {
+    format!(
+        r#"[pipeline]
+name = "daily"
+
+[params]
+from = "2024-01-01"
+to = "2024-01-01"
+
+[[source]]
+name = "events"
+format = "csv"
+location = "data/events.csv"
+[source.schema]
+id = "bigint not null"
+event_date = "date"
+amount = "bigint"
+
+[transform]
+sql = "SELECT id, event_date, amount FROM events WHERE event_date BETWEEN DATE '${{from}}' AND DATE '${{to}}'"
+
+[target]
+table = "{TABLE}"
+mode = "{mode}"
+partition_by = ["day(event_date)"]
+"#
+    )
+}
+
+/// Rows and amount total per day, read by PyIceberg with DuckDB agreeing.
+fn per_day(sandbox: &Sandbox) -> (BTreeMap<String, (u64, u64)>, Value) {
+    let read = sandbox.read_table_with(TABLE, None, &["--references"]);
+    assert_eq!(
+        read["pyiceberg"]["checksum"], read["duckdb"]["checksum"],
+        "{read:#}"
+    );
+    let files = sandbox.data_files();
+    assert_eq!(unreferenced(&files, &read), Vec::<&String>::new());
+    let script = format!(
+        "import duckdb, duckdb_extensions, json, sys\n\
+         for e in ('avro','iceberg'): duckdb_extensions.import_extension(e)\n\
+         from pyiceberg.catalog.sql import SqlCatalog\n\
+         w = '{w}'\n\
+         t = SqlCatalog('nightshift', uri=f'sqlite:///{{w}}/catalog.db', warehouse=w).load_table('{TABLE}')\n\
+         c = duckdb.connect(); c.execute('LOAD iceberg')\n\
+         rows = c.execute(\"SELECT CAST(event_date AS VARCHAR), COUNT(*), SUM(amount) FROM iceberg_scan(?) GROUP BY 1 ORDER BY 1\", [t.metadata_location]).fetchall()\n\
+         json.dump({{r[0]: [r[1], int(r[2])] for r in rows}}, sys.stdout)\n",
+        w = sandbox.warehouse().display()
+    );
+    let out = std::process::Command::new(nightshift_tests::python())
+        .args(["-c", &script])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let days: BTreeMap<String, (u64, u64)> = serde_json::from_slice(&out.stdout).unwrap();
+    (days, read)
+}
+
+/// The data files of one day's partition.
+fn files_of(sandbox: &Sandbox, day: &str) -> Vec<String> {
+    sandbox
+        .data_files()
+        .into_iter()
+        .filter(|f| f.contains(&format!("={day}/")))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overwrite_partitions_replaces_exactly_the_days_a_run_touches() {
+    let sandbox = Sandbox::new();
+    write_events(&sandbox, 3, 10, 1);
+    sandbox.spec(&spec("overwrite_partitions"));
+    fn day(d: &str) -> [(&str, &str); 2] {
+        [("from", d), ("to", d)]
+    }
+
+    for d in ["2024-01-01", "2024-01-02"] {
+        sandbox
+            .run_with(2, Some(2), Some(&format!("daily-{d}")), &day(d))
+            .await
+            .expect(d);
+    }
+    let (days, _) = per_day(&sandbox);
+    assert_eq!(days.len(), 2, "{days:?}");
+    assert_eq!(days["2024-01-01"], (10, 55));
+    let day2_files = files_of(&sandbox, "2024-01-02");
+    assert!(!day2_files.is_empty(), "{:?}", sandbox.data_files());
+
+    // Late data for day 1: a rerun (another job id) replaces day 1 only.
+    write_events(&sandbox, 3, 12, 2);
+    sandbox
+        .run_with(
+            2,
+            Some(2),
+            Some("daily-2024-01-01-late"),
+            &day("2024-01-01"),
+        )
+        .await
+        .expect("rerun");
+    let (days, read) = per_day(&sandbox);
+    assert_eq!(days["2024-01-01"], (12, 156));
+    assert_eq!(days["2024-01-02"], (10, 55), "day 2 must be untouched");
+    assert_eq!(files_of(&sandbox, "2024-01-02").len(), day2_files.len());
+    assert_eq!(snapshot_count(&read), 3);
+    let last = &read["snapshots"][2];
+    assert_eq!(last["operation"], "overwrite", "{last:#}");
+    assert_eq!(last["summary"]["total-records"], "22", "{last:#}");
+
+    // The same rerun again: the same content, one more snapshot.
+    sandbox
+        .run_with(
+            2,
+            Some(2),
+            Some("daily-2024-01-01-again"),
+            &day("2024-01-01"),
+        )
+        .await
+        .expect("rerun again");
+    let (again, read) = per_day(&sandbox);
+    assert_eq!(again, days);
+    assert_eq!(snapshot_count(&read), 4);
+
+    // One run touching two days replaces both and leaves the first.
+    sandbox
+        .run_with(
+            2,
+            Some(2),
+            Some("daily-two-days"),
+            &[("from", "2024-01-02"), ("to", "2024-01-03")],
+        )
+        .await
+        .expect("two days");
+    let (days, _) = per_day(&sandbox);
+    assert_eq!(days["2024-01-01"], (12, 156));
+    assert_eq!(days["2024-01-02"], (12, 156));
+    assert_eq!(days["2024-01-03"], (12, 156));
+    assert_ne!(files_of(&sandbox, "2024-01-02"), day2_files);
+
+    // An empty result replaces nothing and commits nothing.
+    let empty = sandbox
+        .run_with(
+            2,
+            Some(2),
+            Some("daily-empty"),
+            &[("from", "2023-01-01"), ("to", "2023-01-01")],
+        )
+        .await
+        .expect("empty");
+    assert_eq!(empty.snapshot_id, None);
+    let (after, read) = per_day(&sandbox);
+    assert_eq!(after, days);
+    assert_eq!(snapshot_count(&read), 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backfill_commits_one_snapshot_per_day_and_resumes() {
+    let sandbox = Sandbox::new();
+    write_events(&sandbox, 10, 5, 1);
+    sandbox.spec(&spec("overwrite_partitions").replace(
+        "sql = \"SELECT id, event_date, amount FROM events WHERE event_date BETWEEN DATE '${from}' AND DATE '${to}'\"",
+        "sql = \"SELECT id, event_date, amount FROM events WHERE event_date = DATE '${from}'\"",
+    ));
+    // The first half, as if the backfill had been stopped midway.
+    let first = sandbox.cli(&[
+        "backfill",
+        "pipeline.toml",
+        "--param-range",
+        "from=2024-01-01..2024-01-05",
+    ]);
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let all = sandbox.cli(&[
+        "backfill",
+        "pipeline.toml",
+        "--param-range",
+        "from=2024-01-01..2024-01-10",
+        "--parallel",
+        "2",
+        "--output",
+        "json",
+    ]);
+    assert!(
+        all.status.success(),
+        "{}",
+        String::from_utf8_lossy(&all.stderr)
+    );
+    let outcomes: Value = serde_json::from_slice(&all.stdout).unwrap();
+    let statuses: Vec<&str> = outcomes["values"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(statuses[..5], ["skipped"; 5], "{outcomes:#}");
+    assert_eq!(statuses[5..], ["committed"; 5], "{outcomes:#}");
+    let (days, read) = per_day(&sandbox);
+    assert_eq!(days.len(), 10, "{days:?}");
+    assert!(days.values().all(|d| *d == (5, 15)), "{days:?}");
+    assert_eq!(snapshot_count(&read), 10);
+
+    // A full overwrite is refused: each day would replace the one before.
+    sandbox.spec(&spec("overwrite"));
+    let refused = sandbox.cli(&[
+        "backfill",
+        "pipeline.toml",
+        "--param-range",
+        "from=2024-01-01..2024-01-02",
+    ]);
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("overwrite_partitions"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+}

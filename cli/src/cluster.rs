@@ -5,27 +5,65 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use nightshift_cluster::admin::{
+    ObjectStoreDependency, RabbitDependency, Readiness, RedisDependency, serve_admin,
+};
 use nightshift_cluster::submission::JobSubmission;
 use nightshift_cluster::{ClusterConfig, RabbitQueue, RedisState};
 use nightshift_core::CoreError;
 use nightshift_core::ids::JobId;
-use nightshift_worker::Worker;
+use nightshift_worker::{StopConsuming, Worker};
 
-/// Runs a worker until its queue closes or the broker goes away.
-pub async fn run_worker(config: &ClusterConfig, id: &str) -> Result<(), CoreError> {
-    config
+/// Operations settings of a worker process.
+#[derive(Debug, Clone)]
+pub struct WorkerOps {
+    /// Where to serve `/metrics`, `/healthz` and `/readyz`.
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// How long a running task may take to finish after SIGTERM before it is requeued.
+    pub drain_grace: Duration,
+}
+
+/// Runs a worker until its queue closes, the broker goes away, or SIGTERM (then it drains:
+/// see [`Worker::run_until`]).
+pub async fn run_worker(config: &ClusterConfig, id: &str, ops: WorkerOps) -> Result<(), CoreError> {
+    let (_, scratch) = config
         .install()
         .map_err(|e| CoreError::Transport(e.to_string()))?;
     let queue = Arc::new(RabbitQueue::connect(&config.rabbitmq).await?);
     let state = Arc::new(RedisState::connect(&config.redis.url, &config.redis.prefix).await?);
+    nightshift_core::metrics::register_worker();
+    // Workers never open the catalog (only the coordinator commits): they are ready when
+    // the broker, Redis and the object store answer.
+    let readiness = Readiness::new(vec![
+        Arc::new(RabbitDependency(queue.clone())),
+        Arc::new(RedisDependency(state.clone())),
+        Arc::new(ObjectStoreDependency(scratch)),
+    ]);
+    if let Some(addr) = ops.metrics_listen {
+        serve_admin(addr, readiness.clone()).await?;
+    }
+    let stop_queue = queue.clone();
+    let stop_consuming: StopConsuming = Arc::new(move || {
+        let queue = stop_queue.clone();
+        Box::pin(async move {
+            if let Err(e) = queue.stop_consuming_tasks().await {
+                tracing::warn!(error = %e, "cannot cancel the task consumer");
+            }
+        })
+    });
+    let shutdown = async move {
+        terminated().await;
+        readiness.start_draining();
+    };
     Worker::new(id, queue, state)
         .with_lease_ttl(config.redis.lease_ttl())
-        .run_until(terminated())
+        .with_drain(ops.drain_grace, stop_consuming)
+        .run_until(shutdown)
         .await
 }
 
 /// Completes on SIGTERM (Kubernetes scale-down) or Ctrl-C.
-async fn terminated() {
+pub async fn terminated() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {

@@ -27,6 +27,7 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer, ExchangeKind};
 use nightshift_core::error::{CoreError, Result};
 use nightshift_core::ids::JobId;
+use nightshift_core::metrics;
 use nightshift_core::transport::{Delivery, TaskQueue};
 use nightshift_proto::v1;
 use prost::Message;
@@ -71,6 +72,8 @@ pub struct RabbitQueue {
     tasks: Slot,
     jobs: Slot,
     results: Mutex<HashMap<JobId, Arc<Slot>>>,
+    /// Set by a graceful stop: no consumer of tasks or submissions is created again.
+    stopped: std::sync::atomic::AtomicBool,
 }
 
 impl RabbitQueue {
@@ -95,6 +98,7 @@ impl RabbitQueue {
             tasks: Mutex::new(None),
             jobs: Mutex::new(None),
             results: Mutex::new(HashMap::new()),
+            stopped: std::sync::atomic::AtomicBool::new(false),
         };
         let link = queue.link().await;
         queue.declare_topology(&link).await?;
@@ -261,6 +265,7 @@ impl RabbitQueue {
                 Some(Ok(delivery)) => {
                     let delivery = RabbitDelivery(delivery);
                     if delivery.is_dead_letter() {
+                        metrics::task_dead_lettered();
                         return Ok(Some(Box::new(delivery.into_failure())));
                     }
                     return Ok(Some(Box::new(delivery)));
@@ -283,11 +288,20 @@ impl RabbitQueue {
 
     /// The next job submission (coordinator side).
     pub async fn next_job(&self) -> Result<Option<Box<dyn Delivery>>> {
+        if self.stopped.load(std::sync::atomic::Ordering::SeqCst) {
+            return Ok(None);
+        }
         self.next_from(&self.jobs, &self.jobs_queue()).await
     }
 
     /// Messages waiting in `queue` (for tests and autoscaling).
     pub async fn queue_depth(&self, queue: &str) -> Result<u32> {
+        Ok(self.queue_stats(queue).await?.0)
+    }
+
+    /// Messages ready in `queue` (not counting those delivered and not yet acked) and its
+    /// consumers, from a passive declare on this process's connection.
+    pub async fn queue_stats(&self, queue: &str) -> Result<(u32, u32)> {
         let link = self.link().await;
         let q = link
             .publish
@@ -301,7 +315,35 @@ impl RabbitQueue {
             )
             .await
             .map_err(amqp_err)?;
-        Ok(q.message_count())
+        Ok((q.message_count(), q.consumer_count()))
+    }
+
+    /// Stops taking tasks (a worker that drains): the broker delivers nothing more to this
+    /// process, and messages it holds can still be acked or nacked. `next_task` returns
+    /// `None` from now on.
+    pub async fn stop_consuming_tasks(&self) -> Result<()> {
+        self.stop_consuming(&self.tasks).await
+    }
+
+    /// Stops taking job submissions (a coordinator that stops): submissions of running jobs
+    /// stay unacked and go to the next coordinator when this connection closes.
+    pub async fn stop_consuming_jobs(&self) -> Result<()> {
+        self.stop_consuming(&self.jobs).await
+    }
+
+    async fn stop_consuming(&self, slot: &Slot) -> Result<()> {
+        self.stopped
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let link = self.link().await;
+        if let Some((generation, consumer)) = slot.lock().await.take()
+            && generation == link.generation
+        {
+            link.consume
+                .basic_cancel(consumer.tag(), BasicCancelOptions::default())
+                .await
+                .map_err(amqp_err)?;
+        }
+        Ok(())
     }
 }
 
@@ -503,14 +545,19 @@ impl Delivery for RabbitDelivery {
 #[async_trait]
 impl TaskQueue for RabbitQueue {
     async fn publish_task(&self, task: Bytes) -> Result<()> {
-        let job = v1::TaskDefinition::decode(task.as_ref())
-            .map(|t| t.job_id)
+        let (job, attempt) = v1::TaskDefinition::decode(task.as_ref())
+            .map(|t| (t.job_id, t.attempt))
             .map_err(|e| CoreError::Protocol(format!("task message: {e}")))?;
         self.publish_with(&self.tasks_queue(), &task, Some(&job))
-            .await
+            .await?;
+        metrics::task_published(attempt);
+        Ok(())
     }
 
     async fn next_task(&self) -> Result<Option<Box<dyn Delivery>>> {
+        if self.stopped.load(std::sync::atomic::Ordering::SeqCst) {
+            return Ok(None);
+        }
         self.next_from(&self.tasks, &self.tasks_queue()).await
     }
 

@@ -14,6 +14,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use nightshift_core::error::{CoreError, Result};
 use nightshift_core::ids::{JobId, StageId, TaskKey};
+use nightshift_core::metrics;
 use nightshift_core::redact::redact;
 use nightshift_core::transport::{JobState, StateStore};
 use redis::AsyncCommands;
@@ -64,6 +65,16 @@ impl RedisState {
             conn,
             prefix: prefix.to_string(),
         })
+    }
+
+    /// Whether Redis answers (`PING`), for readiness checks.
+    pub async fn ping(&self) -> Result<()> {
+        let mut conn = self.conn.clone();
+        redis::cmd("PING")
+            .query_async::<String>(&mut conn)
+            .await
+            .map(|_| ())
+            .map_err(redis_err)
     }
 
     fn job_key(&self, job: &JobId) -> String {
@@ -223,7 +234,9 @@ impl StateStore for RedisState {
             ],
         )
         .await
-        .map_err(redis_err)
+        .map_err(redis_err)?;
+        metrics::job_state_changed(job.as_str(), state);
+        Ok(())
     }
 
     async fn job_state(&self, job: &JobId) -> Result<Option<(JobState, String)>> {

@@ -5,6 +5,7 @@
 //! - [`shuffle`] moves stage outputs through object storage; [`codec`] serializes stage plans.
 //! - [`task`] runs one partition of one stage on a worker.
 //! - [`table`] creates Iceberg tables, writes data files and commits snapshots.
+//! - [`metrics`] names every exported metric and records each event.
 //! - [`redact`] masks credentials in logs, job records and snapshot summaries.
 //! - [`transport`] holds the seams (task queue, state store) and their in-process versions.
 
@@ -12,6 +13,7 @@ pub mod access;
 pub mod codec;
 pub mod error;
 pub mod ids;
+pub mod metrics;
 pub mod planner;
 pub mod redact;
 pub mod session;

@@ -30,6 +30,10 @@ struct Cli {
     /// More log output on stderr (-v info, -vv debug). RUST_LOG overrides it.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     verbose: u8,
+    /// Log lines for people (`human`) or one JSON object per line (`json`, for containers
+    /// and log pipelines; span fields such as job_id, stage, task and attempt included).
+    #[arg(long, global = true, value_enum, env = "NIGHTSHIFT_LOG_FORMAT", default_value_t = LogFormat::Human)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -76,6 +80,9 @@ enum Command {
         /// Require client certificates signed by this CA (mutual TLS).
         #[arg(long, requires = "tls_cert", value_name = "PEM")]
         tls_client_ca: Option<PathBuf>,
+        /// Serve /metrics (Prometheus), /healthz and /readyz on this address (port 0: any).
+        #[arg(long, env = "NIGHTSHIFT_METRICS_LISTEN", value_name = "ADDR")]
+        metrics_listen: Option<std::net::SocketAddr>,
     },
     /// Submit a pipeline to a coordinator's job API. Prints the job id; with --wait, follows
     /// the job and exits 0 succeeded, 1 failed, 2 rejected, 3 cancelled.
@@ -123,6 +130,13 @@ enum Command {
         /// Worker name in logs and task results (default: host name and process id).
         #[arg(long)]
         id: Option<String>,
+        /// Serve /metrics (Prometheus), /healthz and /readyz on this address (port 0: any).
+        #[arg(long, env = "NIGHTSHIFT_METRICS_LISTEN", value_name = "ADDR")]
+        metrics_listen: Option<std::net::SocketAddr>,
+        /// On SIGTERM, how long the running task may take to finish before it is handed
+        /// back to the queue. Keep it below the pod's terminationGracePeriodSeconds.
+        #[arg(long, env = "NIGHTSHIFT_DRAIN_GRACE_SECS", default_value_t = 25)]
+        drain_grace_secs: u64,
     },
     /// Generate TPC-H example data (orders, lineitem, customer, nation, region).
     ExampleData {
@@ -209,6 +223,14 @@ struct RunArgs {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    /// Aligned text (colours on a terminal).
+    Human,
+    /// One JSON object per line.
+    Json,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 enum OutputFormat {
     /// Aligned text for people.
     Text,
@@ -222,7 +244,7 @@ fn default_workers() -> usize {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(cli.verbose);
+    init_tracing(cli.verbose, cli.log_format);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -241,6 +263,7 @@ fn main() -> ExitCode {
                 tls_cert,
                 tls_key,
                 tls_client_ca,
+                metrics_listen,
             } => {
                 let tls = tls_cert.zip(tls_key).map(|(cert, key)| {
                     nightshift_coordinator::api::TlsFiles {
@@ -249,7 +272,13 @@ fn main() -> ExitCode {
                         client_ca: tls_client_ca,
                     }
                 });
-                coordinator(&config, max_jobs, listen, tokens_file, no_auth, tls).await
+                let api = ApiServe {
+                    listen,
+                    tokens_file,
+                    no_auth,
+                    tls,
+                };
+                coordinator(&config, max_jobs, api, metrics_listen).await
             }
             Command::Submit(args) => submit(args).await,
             Command::Status { api, job_id } => status(&api, &job_id).await,
@@ -262,12 +291,23 @@ fn main() -> ExitCode {
                 limit,
                 page_token,
             } => jobs(&api, client::list(pipeline, state, limit, page_token)).await,
-            Command::Worker { config, id } => worker(&config, id).await,
+            Command::Worker {
+                config,
+                id,
+                metrics_listen,
+                drain_grace_secs,
+            } => {
+                let ops = nightshift::cluster::WorkerOps {
+                    metrics_listen,
+                    drain_grace: std::time::Duration::from_secs(drain_grace_secs),
+                };
+                worker(&config, id, ops).await
+            }
         }
     })
 }
 
-fn init_tracing(verbose: u8) {
+fn init_tracing(verbose: u8, format: LogFormat) {
     let default = match verbose {
         0 => "warn",
         1 => "info",
@@ -275,12 +315,22 @@ fn init_tracing(verbose: u8) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(|| RedactingWriter(std::io::stderr()))
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_target(false)
-        .init();
+        .with_target(false);
+    match format {
+        LogFormat::Human => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        // One object per line: the event's fields at the top level, the fields of the
+        // innermost span (a task's job_id, stage, task, attempt) under "span" and of every
+        // enclosing span under "spans", so a job's lines join across processes by job_id.
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(true)
+            .init(),
+    }
 }
 
 fn load(args: &CommonArgs) -> Result<ResolvedSpec, ExitCode> {
@@ -400,18 +450,30 @@ async fn run_on_cluster(config: &std::path::Path, args: &RunArgs, job_id: &JobId
     })
 }
 
-async fn coordinator(
-    config: &std::path::Path,
-    max_jobs: usize,
+/// How the coordinator serves its job API.
+struct ApiServe {
     listen: Option<std::net::SocketAddr>,
     tokens_file: Option<PathBuf>,
     no_auth: bool,
     tls: Option<nightshift_coordinator::api::TlsFiles>,
+}
+
+async fn coordinator(
+    config: &std::path::Path,
+    max_jobs: usize,
+    api: ApiServe,
+    metrics_listen: Option<std::net::SocketAddr>,
 ) -> ExitCode {
     let config = match load_cluster_config(config) {
         Ok(c) => c,
         Err(code) => return code,
     };
+    let ApiServe {
+        listen,
+        tokens_file,
+        no_auth,
+        tls,
+    } = api;
     let api = match listen {
         None => None,
         Some(listen) => {
@@ -449,7 +511,15 @@ async fn coordinator(
             })
         }
     };
-    match nightshift_coordinator::service::serve(&config, max_jobs, api).await {
+    let served = nightshift_coordinator::service::serve_until(
+        &config,
+        max_jobs,
+        api,
+        metrics_listen,
+        nightshift::cluster::terminated(),
+    )
+    .await;
+    match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: coordinator stopped: {e}");
@@ -458,13 +528,17 @@ async fn coordinator(
     }
 }
 
-async fn worker(config: &std::path::Path, id: Option<String>) -> ExitCode {
+async fn worker(
+    config: &std::path::Path,
+    id: Option<String>,
+    ops: nightshift::cluster::WorkerOps,
+) -> ExitCode {
     let config = match load_cluster_config(config) {
         Ok(c) => c,
         Err(code) => return code,
     };
     let id = id.unwrap_or_else(|| format!("worker-{}", std::process::id()));
-    match nightshift::cluster::run_worker(&config, &id).await {
+    match nightshift::cluster::run_worker(&config, &id, ops).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: worker {id} stopped: {e}");

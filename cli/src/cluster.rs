@@ -31,7 +31,6 @@ pub async fn run_worker(config: &ClusterConfig, id: &str, ops: WorkerOps) -> Res
         .map_err(|e| CoreError::Transport(e.to_string()))?;
     let queue = Arc::new(RabbitQueue::connect(&config.rabbitmq).await?);
     let state = Arc::new(RedisState::connect(&config.redis.url, &config.redis.prefix).await?);
-    nightshift_core::metrics::register_worker();
     // Workers never open the catalog (only the coordinator commits): they are ready when
     // the broker, Redis and the object store answer.
     let readiness = Readiness::new(vec![
@@ -42,6 +41,8 @@ pub async fn run_worker(config: &ClusterConfig, id: &str, ops: WorkerOps) -> Res
     if let Some(addr) = ops.metrics_listen {
         serve_admin(addr, readiness.clone()).await?;
     }
+    // After the recorder is installed (by the admin endpoint), or the series go nowhere.
+    nightshift_core::metrics::register_worker();
     let stop_queue = queue.clone();
     let stop_consuming: StopConsuming = Arc::new(move || {
         let queue = stop_queue.clone();

@@ -83,7 +83,6 @@ pub async fn serve_until(
         scratch,
         lease_ttl: config.redis.lease_ttl(),
     };
-    nightshift_core::metrics::register_coordinator();
     let readiness = Readiness::new(vec![
         Arc::new(RabbitDependency(queue.clone())),
         Arc::new(RedisDependency(state.clone())),
@@ -93,6 +92,8 @@ pub async fn serve_until(
     if let Some(addr) = admin {
         serve_admin(addr, readiness.clone()).await?;
     }
+    // After the recorder is installed (by the admin endpoint), or the series go nowhere.
+    nightshift_core::metrics::register_coordinator();
     spawn_queue_sampler(queue.clone());
     let mut api_server = None;
     if let Some(api) = api {

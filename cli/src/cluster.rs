@@ -9,7 +9,7 @@ use nightshift_cluster::admin::{
     ObjectStoreDependency, RabbitDependency, Readiness, RedisDependency, serve_admin,
 };
 use nightshift_cluster::submission::JobSubmission;
-use nightshift_cluster::{ClusterConfig, RabbitQueue, RedisState};
+use nightshift_cluster::{ClusterConfig, DeadTask, RabbitQueue, RedisState};
 use nightshift_core::CoreError;
 use nightshift_core::ids::JobId;
 use nightshift_worker::{StopConsuming, Worker};
@@ -111,4 +111,110 @@ pub async fn submit_and_wait(
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// A dead-lettered task and what Redis knows of its job (state and last error).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DeadLetter {
+    #[serde(flatten)]
+    pub task: DeadTask,
+    /// `running`, `committing`, `succeeded`, `failed`, or `unknown`.
+    pub job_state: String,
+    /// The job's last error (its failure message), if it has one.
+    pub last_error: String,
+}
+
+impl DeadLetter {
+    fn job_ended(&self) -> bool {
+        matches!(self.job_state.as_str(), "succeeded" | "failed")
+    }
+}
+
+async fn dlq_connect(config: &ClusterConfig) -> Result<(RabbitQueue, RedisState), CoreError> {
+    let queue = RabbitQueue::connect(&config.rabbitmq).await?;
+    let state = RedisState::connect(&config.redis.url, &config.redis.prefix).await?;
+    Ok((queue, state))
+}
+
+async fn with_job_state(state: &RedisState, task: DeadTask) -> DeadLetter {
+    use nightshift_core::transport::{JobState, StateStore};
+    let known = match JobId::parse(&task.job_id) {
+        Ok(job) => state.job_state(&job).await.ok().flatten(),
+        Err(_) => None,
+    };
+    let (job_state, last_error) = match known {
+        Some((s, detail)) => (
+            match s {
+                JobState::Running => "running",
+                JobState::Committing => "committing",
+                JobState::Succeeded => "succeeded",
+                JobState::Failed => "failed",
+            },
+            detail,
+        ),
+        None => ("unknown", String::new()),
+    };
+    DeadLetter {
+        task,
+        job_state: job_state.to_string(),
+        last_error,
+    }
+}
+
+/// Every task in the cluster's dead-letter queue, with its job's state (`nightshift dlq list`).
+pub async fn dead_letters(config: &ClusterConfig) -> Result<Vec<DeadLetter>, CoreError> {
+    let (queue, state) = dlq_connect(config).await?;
+    let mut out = Vec::new();
+    for task in queue.dead_tasks().await? {
+        out.push(with_job_state(&state, task).await);
+    }
+    Ok(out)
+}
+
+/// What `nightshift dlq replay` did.
+#[derive(Debug, Default)]
+pub struct Replayed {
+    /// Tasks moved back to the task queue.
+    pub requeued: Vec<DeadLetter>,
+    /// Tasks left in the dead-letter queue because their job has ended: workers would skip
+    /// them. Such a job is recovered by running it again under its job id.
+    pub kept: Vec<DeadLetter>,
+}
+
+/// Moves the dead tasks of `job` (every job with `None`) back to the task queue, except
+/// those of jobs that have ended.
+pub async fn replay_dead_letters(
+    config: &ClusterConfig,
+    job: Option<&str>,
+) -> Result<Replayed, CoreError> {
+    let (queue, state) = dlq_connect(config).await?;
+    let mut letters = Vec::new();
+    let moved = queue
+        .requeue_dead_tasks(|tasks| {
+            let tasks = tasks.to_vec();
+            let letters = &mut letters;
+            let state = &state;
+            async move {
+                let mut replay = Vec::new();
+                for task in tasks {
+                    let selected = job.is_none_or(|j| j == task.job_id);
+                    let letter = with_job_state(state, task).await;
+                    replay.push(selected && !letter.job_ended());
+                    if selected {
+                        letters.push(letter);
+                    }
+                }
+                replay
+            }
+        })
+        .await?;
+    let mut replayed = Replayed::default();
+    for letter in letters {
+        if moved.contains(&letter.task) {
+            replayed.requeued.push(letter);
+        } else {
+            replayed.kept.push(letter);
+        }
+    }
+    Ok(replayed)
 }

@@ -15,5 +15,5 @@ pub mod redis_state;
 pub mod submission;
 
 pub use config::ClusterConfig;
-pub use rabbitmq::RabbitQueue;
+pub use rabbitmq::{DeadTask, RabbitQueue};
 pub use redis_state::RedisState;

@@ -12,6 +12,7 @@
 //! consume with a bounded prefetch.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,7 +20,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions,
     BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
     QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
@@ -54,7 +55,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// One connection with its publish (confirming) and consume channels.
 struct Link {
     generation: u64,
-    _connection: Connection,
+    connection: Connection,
     publish: Channel,
     consume: Channel,
 }
@@ -130,7 +131,7 @@ impl RabbitQueue {
             .map_err(amqp_err)?;
         Ok(Link {
             generation,
-            _connection: connection,
+            connection,
             publish,
             consume,
         })
@@ -344,6 +345,131 @@ impl RabbitQueue {
                 .map_err(amqp_err)?;
         }
         Ok(())
+    }
+}
+
+/// A task message parked in the dead-letter queue `<p>.dead`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct DeadTask {
+    pub job_id: String,
+    pub stage: u32,
+    pub partition: u32,
+    pub attempt: u32,
+    /// Why the broker dead-lettered it (`delivery_limit`: every worker that took it died
+    /// or gave it back; `rejected`; `expired`).
+    pub reason: String,
+    /// Deliveries from the task queue before it was dead-lettered, when the broker says.
+    pub deliveries: Option<u64>,
+    /// When it was dead-lettered (Unix seconds), when the broker says.
+    pub dead_lettered_at: Option<u64>,
+}
+
+impl DeadTask {
+    fn from_message(data: &[u8], headers: Option<&FieldTable>, delivery_limit: u32) -> Self {
+        let task = v1::TaskDefinition::decode(data).unwrap_or_default();
+        let header = |name: &str| headers.and_then(|h| h.inner().get(name).cloned());
+        let job_id = match header(JOB_HEADER) {
+            Some(AMQPValue::LongString(job)) => job.to_string(),
+            _ => task.job_id.clone(),
+        };
+        // The first x-death entry is the latest: reason, time and how often.
+        let death = match header("x-death") {
+            Some(AMQPValue::FieldArray(deaths)) => match deaths.as_slice().first() {
+                Some(AMQPValue::FieldTable(t)) => Some(t.clone()),
+                _ => None,
+            },
+            _ => None,
+        };
+        let field = |name: &str| death.as_ref().and_then(|t| t.inner().get(name).cloned());
+        let reason = match field("reason") {
+            Some(AMQPValue::LongString(r)) => r.to_string(),
+            _ => "unknown".into(),
+        };
+        let dead_lettered_at = match field("time") {
+            Some(AMQPValue::Timestamp(t)) => Some(t),
+            _ => None,
+        };
+        // A quorum queue dead-letters at its delivery limit: that many returns, one more
+        // delivery than the limit.
+        let deliveries = (reason == "delivery_limit").then(|| u64::from(delivery_limit) + 1);
+        DeadTask {
+            job_id,
+            stage: task.stage_id,
+            partition: task.partition,
+            attempt: task.attempt,
+            reason,
+            deliveries,
+            dead_lettered_at,
+        }
+    }
+}
+
+impl RabbitQueue {
+    /// Every task in the dead-letter queue, left there.
+    pub async fn dead_tasks(&self) -> Result<Vec<DeadTask>> {
+        let mut all = Vec::new();
+        self.requeue_dead_tasks(|tasks| {
+            all = tasks.to_vec();
+            async { vec![false; all.len()] }
+        })
+        .await?;
+        Ok(all)
+    }
+
+    /// Takes every message of `<p>.dead` (unacked, on a channel of its own), asks `decide`
+    /// which to replay, moves those back to the task queue (a fresh delivery count, the job
+    /// header kept) and returns them; closing the channel returns the rest to `<p>.dead`.
+    pub async fn requeue_dead_tasks<F, Fut>(&self, decide: F) -> Result<Vec<DeadTask>>
+    where
+        F: FnOnce(&[DeadTask]) -> Fut,
+        Fut: Future<Output = Vec<bool>>,
+    {
+        let link = self.link().await;
+        let channel = link.connection.create_channel().await.map_err(amqp_err)?;
+        let visited = async {
+            let mut messages = Vec::new();
+            while let Some(message) = channel
+                .basic_get(
+                    ShortString::from(self.dead_queue().as_str()),
+                    BasicGetOptions { no_ack: false },
+                )
+                .await
+                .map_err(amqp_err)?
+            {
+                let delivery = message.delivery;
+                let dead = DeadTask::from_message(
+                    &delivery.data,
+                    delivery.properties.headers().as_ref(),
+                    self.config.delivery_limit,
+                );
+                messages.push((dead, delivery));
+            }
+            let tasks: Vec<DeadTask> = messages.iter().map(|(t, _)| t.clone()).collect();
+            let replay = decide(&tasks).await;
+            let mut moved = Vec::new();
+            for ((dead, delivery), replay) in messages.into_iter().zip(replay) {
+                if !replay {
+                    continue;
+                }
+                self.publish_with(&self.tasks_queue(), &delivery.data, Some(&dead.job_id))
+                    .await?;
+                delivery
+                    .acker
+                    .ack(BasicAckOptions::default())
+                    .await
+                    .map_err(amqp_err)?;
+                moved.push(dead);
+            }
+            Ok::<_, CoreError>(moved)
+        }
+        .await;
+        let closed = channel
+            .close(200, ShortString::from("done"))
+            .await
+            .map_err(amqp_err);
+        let moved = visited?;
+        closed?;
+        Ok(moved)
     }
 }
 

@@ -463,3 +463,151 @@ async fn json_logs_carry_the_task_on_every_line() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_are_listed_and_replayed_for_running_jobs_only() {
+    use nightshift_core::transport::TaskQueue;
+    use prost::Message;
+    // Every worker dies on stage 2's task; with delivery_limit = 1 the broker dead-letters
+    // it after two deliveries and the job fails.
+    let mut cluster = start_with(ClusterOptions {
+        workers: 3,
+        env: &[("NIGHTSHIFT_TEST_CRASH_ON_STAGE", "2"), ADMIN_ON_ANY_PORT],
+        delivery_limit: 1,
+        ..ClusterOptions::default()
+    });
+    let coordinator = admin(&cluster, &cluster.coordinator_log_name());
+    let outcome = cluster.submit("job-poison", &[]);
+    assert_eq!(outcome["status"], "failed", "{outcome}\n{}", cluster.logs());
+    let metrics = scrape(&coordinator);
+    assert_eq!(
+        metric(&metrics, "nightshift_tasks_dead_lettered_total", &[]),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        metric(
+            &metrics,
+            "nightshift_jobs_finished_total",
+            &["outcome=\"task_failed\""]
+        ),
+        None
+    );
+    assert_eq!(
+        metric(
+            &metrics,
+            "nightshift_jobs_finished_total",
+            &["outcome=\"failed\""]
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+    for i in 0..3 {
+        cluster.kill_worker(i);
+    }
+
+    // A task of a job that is still running (no coordinator has ended it), dead-lettered by
+    // a consumer that gives it back twice.
+    let queue =
+        nightshift_cluster::RabbitQueue::connect(&nightshift_cluster::config::RabbitSection {
+            url: cluster.rabbitmq_url.clone(),
+            prefix: cluster.prefix.clone(),
+            prefetch: 1,
+            delivery_limit: 1,
+        })
+        .await
+        .unwrap();
+    let task = nightshift_proto::v1::TaskDefinition {
+        job_id: "job-live".into(),
+        stage_id: 1,
+        partition: 3,
+        attempt: 1,
+        ..Default::default()
+    };
+    queue
+        .publish_task(task.encode_to_vec().into())
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        let delivery = queue.next_task().await.unwrap().unwrap();
+        delivery.nack(true).await.unwrap();
+    }
+    let dead = format!("{}.dead", cluster.prefix);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while queue.queue_depth(&dead).await.unwrap() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the live task was not dead-lettered"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let config = cluster.config.to_str().unwrap().to_string();
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(nightshift_tests::nightshift_bin())
+            .args(args)
+            .args(["--config", &config])
+            .env_remove("RUST_LOG")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let listed = run(&["dlq", "list"]);
+    assert!(
+        listed.contains("job-poison") && listed.contains("job-live"),
+        "{listed}"
+    );
+    let json: Vec<serde_json::Value> = run(&["dlq", "list", "--json"])
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let poison = json.iter().find(|l| l["job_id"] == "job-poison").unwrap();
+    assert_eq!(poison["stage"], 2, "{poison}");
+    assert_eq!(poison["reason"], "delivery_limit", "{poison}");
+    assert_eq!(poison["deliveries"], 2, "{poison}");
+    assert_eq!(poison["job_state"], "failed", "{poison}");
+    assert!(
+        poison["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("dead-lettered"),
+        "{poison}"
+    );
+    let live = json.iter().find(|l| l["job_id"] == "job-live").unwrap();
+    assert_eq!(
+        (live["stage"].as_u64(), live["partition"].as_u64()),
+        (Some(1), Some(3))
+    );
+    assert_eq!(live["job_state"], "unknown", "{live}");
+
+    // The listings gave the messages back; wait until the broker holds both again.
+    while queue.queue_depth(&dead).await.unwrap() < 2 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let replayed = run(&["dlq", "replay", "--all"]);
+    assert!(replayed.contains("requeued 1 task(s)"), "{replayed}");
+    assert!(
+        replayed.contains("kept 1 task(s) of job job-poison: the job has failed"),
+        "{replayed}"
+    );
+    assert_eq!(queue.queue_depth(&dead).await.unwrap(), 1);
+    // Back in the task queue (this test's consumer takes it at once).
+    let requeued = tokio::time::timeout(Duration::from_secs(10), queue.next_task())
+        .await
+        .expect("the replayed task is delivered")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        nightshift_proto::v1::TaskDefinition::decode(requeued.payload()).unwrap(),
+        task
+    );
+    assert_eq!(requeued.redeliveries(), 0, "a fresh delivery count");
+    requeued.ack().await.unwrap();
+    let again = run(&["dlq", "replay", "job-poison"]);
+    assert!(again.contains("requeued 0 task(s)"), "{again}");
+}

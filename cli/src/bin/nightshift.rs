@@ -138,6 +138,12 @@ enum Command {
         #[arg(long, env = "NIGHTSHIFT_DRAIN_GRACE_SECS", default_value_t = 25)]
         drain_grace_secs: u64,
     },
+    /// Inspect and replay tasks the broker dead-lettered (a task every worker that took it
+    /// died on, up to the queue's delivery limit).
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
     /// Generate TPC-H example data (orders, lineitem, customer, nation, region).
     ExampleData {
         /// Directory to write into.
@@ -148,6 +154,32 @@ enum Command {
         /// Files per table for orders and lineitem.
         #[arg(long, default_value_t = 4)]
         parts: usize,
+    },
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// List dead-lettered tasks: job, stage, task, attempt, deliveries, why, and the job's
+    /// state and last error.
+    List {
+        #[arg(long, env = "NIGHTSHIFT_CONFIG")]
+        config: PathBuf,
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Move dead-lettered tasks back to the task queue with a fresh delivery count. Tasks of
+    /// a job that has ended (it failed when its task was dead-lettered) stay: run that job
+    /// again under its job id instead.
+    Replay {
+        #[arg(long, env = "NIGHTSHIFT_CONFIG")]
+        config: PathBuf,
+        /// The job whose tasks to replay.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        job_id: Option<String>,
+        /// Replay the tasks of every job.
+        #[arg(long)]
+        all: bool,
     },
 }
 
@@ -253,6 +285,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Run(args) => run(args).await,
             Command::Validate(args) => validate(args).await,
+            Command::Dlq { command } => dlq(command).await,
             Command::ExampleData { dir, scale, parts } => example_data(&dir, scale, parts),
             Command::Coordinator {
                 config,
@@ -543,6 +576,46 @@ async fn worker(
         Err(e) => {
             eprintln!("error: worker {id} stopped: {e}");
             ExitCode::from(EXIT_FAILED)
+        }
+    }
+}
+
+async fn dlq(command: DlqCommand) -> ExitCode {
+    let config_path = match &command {
+        DlqCommand::List { config, .. } | DlqCommand::Replay { config, .. } => config.clone(),
+    };
+    let config = match load_cluster_config(&config_path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    match command {
+        DlqCommand::List { json, .. } => match nightshift::cluster::dead_letters(&config).await {
+            Ok(letters) => {
+                if json {
+                    for letter in &letters {
+                        println!("{}", serde_json::to_string(letter).expect("serializes"));
+                    }
+                } else {
+                    print!("{}", output::dead_letters_text(&letters));
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(EXIT_FAILED)
+            }
+        },
+        DlqCommand::Replay { job_id, .. } => {
+            match nightshift::cluster::replay_dead_letters(&config, job_id.as_deref()).await {
+                Ok(replayed) => {
+                    print!("{}", output::replayed_text(&replayed));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(EXIT_FAILED)
+                }
+            }
         }
     }
 }

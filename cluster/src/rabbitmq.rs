@@ -75,6 +75,8 @@ pub struct RabbitQueue {
     results: Mutex<HashMap<JobId, Arc<Slot>>>,
     /// Set by a graceful stop: no consumer of tasks or submissions is created again.
     stopped: std::sync::atomic::AtomicBool,
+    /// Unacked submissions the coordinator may hold: one per job it runs at once.
+    job_prefetch: std::sync::atomic::AtomicU16,
 }
 
 impl RabbitQueue {
@@ -100,6 +102,7 @@ impl RabbitQueue {
             jobs: Mutex::new(None),
             results: Mutex::new(HashMap::new()),
             stopped: std::sync::atomic::AtomicBool::new(false),
+            job_prefetch: std::sync::atomic::AtomicU16::new(1),
         };
         let link = queue.link().await;
         queue.declare_topology(&link).await?;
@@ -251,7 +254,12 @@ impl RabbitQueue {
                 .as_ref()
                 .is_none_or(|(generation, _)| *generation != link.generation)
             {
-                match consume(&link, queue).await {
+                let prefetch = if queue == self.jobs_queue() {
+                    self.job_prefetch.load(std::sync::atomic::Ordering::SeqCst)
+                } else {
+                    self.config.prefetch.max(1)
+                };
+                match consume(&link, queue, prefetch, self.config.prefetch.max(1)).await {
                     Ok(consumer) => *slot = Some((link.generation, consumer)),
                     Err(e) if !link.consume.status().connected() => {
                         warn!(error = %e, queue, "consume failed; reconnecting");
@@ -285,6 +293,14 @@ impl RabbitQueue {
                 }
             }
         }
+    }
+
+    /// How many submissions the coordinator holds unacked at once: its `max_jobs` (a
+    /// submission is acked when its job ends). Takes effect for the next submission consumer.
+    pub fn set_job_prefetch(&self, jobs: usize) {
+        let jobs = u16::try_from(jobs.max(1)).unwrap_or(u16::MAX);
+        self.job_prefetch
+            .store(jobs, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// The next job submission (coordinator side).
@@ -552,8 +568,22 @@ async fn publish(link: &Link, queue: &str, payload: &[u8], job: Option<&str>) ->
     Ok(())
 }
 
-async fn consume(link: &Link, queue: &str) -> Result<Consumer> {
-    link.consume
+/// A consumer of `queue` holding at most `prefetch` unacked messages; the channel's
+/// default for later consumers stays `default_prefetch`.
+async fn consume(
+    link: &Link,
+    queue: &str,
+    prefetch: u16,
+    default_prefetch: u16,
+) -> Result<Consumer> {
+    if prefetch != default_prefetch {
+        link.consume
+            .basic_qos(prefetch, BasicQosOptions::default())
+            .await
+            .map_err(amqp_err)?;
+    }
+    let consumer = link
+        .consume
         .basic_consume(
             ShortString::from(queue),
             ShortString::from(""),
@@ -561,7 +591,14 @@ async fn consume(link: &Link, queue: &str) -> Result<Consumer> {
             FieldTable::default(),
         )
         .await
-        .map_err(amqp_err)
+        .map_err(amqp_err)?;
+    if prefetch != default_prefetch {
+        link.consume
+            .basic_qos(default_prefetch, BasicQosOptions::default())
+            .await
+            .map_err(amqp_err)?;
+    }
+    Ok(consumer)
 }
 
 /// One message owned by this consumer until acked or nacked.

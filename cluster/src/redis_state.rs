@@ -26,6 +26,17 @@ use crate::config::redact_url;
 /// How long a process keeps trying to reach Redis when it starts.
 const CONNECT_FOR: Duration = Duration::from_secs(120);
 
+/// How long one command may wait for its answer. The client's default (500 ms) failed
+/// whole jobs on a busy coordinator (a burst of jobs planning on two cores): a batch
+/// system waits longer and lets readiness checks (3 s) report a Redis that hangs.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+fn manager_config() -> redis::aio::ConnectionManagerConfig {
+    redis::aio::ConnectionManagerConfig::new()
+        .set_response_timeout(Some(RESPONSE_TIMEOUT))
+        .set_connection_timeout(Some(Duration::from_secs(5)))
+}
+
 /// Job and task state in Redis.
 #[derive(Clone)]
 pub struct RedisState {
@@ -47,7 +58,7 @@ impl RedisState {
         let conn = loop {
             let attempt = tokio::time::timeout(
                 Duration::from_secs(10),
-                ConnectionManager::new(client.clone()),
+                ConnectionManager::new_with_config(client.clone(), manager_config()),
             )
             .await
             .map_err(|_| CoreError::Transport(format!("redis: no answer from {shown}")))

@@ -75,6 +75,9 @@ pub async fn serve_until(
         );
     }
     let queue = Arc::new(RabbitQueue::connect(&config.rabbitmq).await?);
+    // A submission stays unacked while its job runs: the broker must hand over as many as
+    // the jobs run at once, not the workers' prefetch.
+    queue.set_job_prefetch(max_jobs);
     let state = Arc::new(RedisState::connect(&config.redis.url, &config.redis.prefix).await?);
     let env = JobEnv {
         queue: queue.clone(),

@@ -611,3 +611,30 @@ async fn dead_letters_are_listed_and_replayed_for_running_jobs_only() {
     let again = run(&["dlq", "replay", "job-poison"]);
     assert!(again.contains("requeued 0 task(s)"), "{again}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_coordinator_runs_several_jobs_at_once() {
+    // Submissions stay unacked while their jobs run: with the workers' prefetch of 1 the
+    // broker handed the coordinator one job at a time, whatever --max-jobs said.
+    let mut cluster = start_with(ClusterOptions {
+        workers: 0,
+        ..ClusterOptions::default()
+    });
+    let mut first = cluster.submit_in_background("job-at-once-1");
+    let mut second = cluster.submit_in_background("job-at-once-2");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while cluster.coordinator_log().matches("job accepted").count() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "both jobs should run before any task is done\n{}",
+            cluster.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    cluster.start_worker();
+    cluster.start_worker();
+    for client in [&mut first, &mut second] {
+        let outcome = cluster.wait_for_outcome(client);
+        assert_succeeded(&cluster, &outcome);
+    }
+}

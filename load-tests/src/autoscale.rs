@@ -40,10 +40,10 @@ struct Args {
     /// down while the first burst's last tasks run and up again for the next.
     #[arg(long, default_value_t = 2)]
     waves: usize,
-    #[arg(long, default_value_t = 90)]
+    #[arg(long, default_value_t = 120)]
     wave_gap_secs: u64,
     /// Target task messages per worker (the KEDA trigger's `value`).
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 8)]
     target: u32,
     #[arg(long, default_value_t = 0)]
     min_workers: usize,

@@ -5,27 +5,66 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use nightshift_cluster::admin::{
+    ObjectStoreDependency, RabbitDependency, Readiness, RedisDependency, serve_admin,
+};
 use nightshift_cluster::submission::JobSubmission;
-use nightshift_cluster::{ClusterConfig, RabbitQueue, RedisState};
+use nightshift_cluster::{ClusterConfig, DeadTask, RabbitQueue, RedisState};
 use nightshift_core::CoreError;
 use nightshift_core::ids::JobId;
-use nightshift_worker::Worker;
+use nightshift_worker::{StopConsuming, Worker};
 
-/// Runs a worker until its queue closes or the broker goes away.
-pub async fn run_worker(config: &ClusterConfig, id: &str) -> Result<(), CoreError> {
-    config
+/// Operations settings of a worker process.
+#[derive(Debug, Clone)]
+pub struct WorkerOps {
+    /// Where to serve `/metrics`, `/healthz` and `/readyz`.
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// How long a running task may take to finish after SIGTERM before it is requeued.
+    pub drain_grace: Duration,
+}
+
+/// Runs a worker until its queue closes, the broker goes away, or SIGTERM (then it drains:
+/// see [`Worker::run_until`]).
+pub async fn run_worker(config: &ClusterConfig, id: &str, ops: WorkerOps) -> Result<(), CoreError> {
+    let (_, scratch) = config
         .install()
         .map_err(|e| CoreError::Transport(e.to_string()))?;
     let queue = Arc::new(RabbitQueue::connect(&config.rabbitmq).await?);
     let state = Arc::new(RedisState::connect(&config.redis.url, &config.redis.prefix).await?);
+    // Workers never open the catalog (only the coordinator commits): they are ready when
+    // the broker, Redis and the object store answer.
+    let readiness = Readiness::new(vec![
+        Arc::new(RabbitDependency(queue.clone())),
+        Arc::new(RedisDependency(state.clone())),
+        Arc::new(ObjectStoreDependency(scratch)),
+    ]);
+    if let Some(addr) = ops.metrics_listen {
+        serve_admin(addr, readiness.clone()).await?;
+    }
+    // After the recorder is installed (by the admin endpoint), or the series go nowhere.
+    nightshift_core::metrics::register_worker();
+    let stop_queue = queue.clone();
+    let stop_consuming: StopConsuming = Arc::new(move || {
+        let queue = stop_queue.clone();
+        Box::pin(async move {
+            if let Err(e) = queue.stop_consuming_tasks().await {
+                tracing::warn!(error = %e, "cannot cancel the task consumer");
+            }
+        })
+    });
+    let shutdown = async move {
+        terminated().await;
+        readiness.start_draining();
+    };
     Worker::new(id, queue, state)
         .with_lease_ttl(config.redis.lease_ttl())
-        .run_until(terminated())
+        .with_drain(ops.drain_grace, stop_consuming)
+        .run_until(shutdown)
         .await
 }
 
 /// Completes on SIGTERM (Kubernetes scale-down) or Ctrl-C.
-async fn terminated() {
+pub async fn terminated() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
@@ -71,7 +110,7 @@ pub async fn submit_and_wait(
         polls += 1;
         // Redis holds the outcome only as a hint: should it be lost (a flushed or replaced
         // Redis), the table's history still tells whether the job committed.
-        if polls % 25 == 0
+        if polls.is_multiple_of(25)
             && let Some(table) = &table
             && let Some(outcome) = committed_outcome(config, table, job_id).await
         {
@@ -106,4 +145,103 @@ async fn committed_outcome(
         "already_committed": false,
         "note": "the coordinator's stored outcome is gone; the table's history shows the job committed",
     }))
+}
+
+/// A dead-lettered task and what Redis knows of its job (state and last error).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DeadLetter {
+    #[serde(flatten)]
+    pub task: DeadTask,
+    /// `queued`, `running`, `committing`, `succeeded`, `failed`, `cancelled`, or `unknown`.
+    pub job_state: String,
+    /// The job's last error (its failure message), if it has one.
+    pub last_error: String,
+}
+
+impl DeadLetter {
+    fn job_ended(&self) -> bool {
+        nightshift_core::transport::JobState::parse(&self.job_state)
+            .is_some_and(|s| s.is_terminal())
+    }
+}
+
+async fn dlq_connect(config: &ClusterConfig) -> Result<(RabbitQueue, RedisState), CoreError> {
+    let queue = RabbitQueue::connect(&config.rabbitmq).await?;
+    let state = RedisState::connect(&config.redis.url, &config.redis.prefix).await?;
+    Ok((queue, state))
+}
+
+async fn with_job_state(state: &RedisState, task: DeadTask) -> DeadLetter {
+    use nightshift_core::transport::StateStore;
+    let known = match JobId::parse(&task.job_id) {
+        Ok(job) => state.job_state(&job).await.ok().flatten(),
+        Err(_) => None,
+    };
+    let (job_state, last_error) = match known {
+        Some((s, detail)) => (s.as_str(), detail),
+        None => ("unknown", String::new()),
+    };
+    DeadLetter {
+        task,
+        job_state: job_state.to_string(),
+        last_error,
+    }
+}
+
+/// Every task in the cluster's dead-letter queue, with its job's state (`nightshift dlq list`).
+pub async fn dead_letters(config: &ClusterConfig) -> Result<Vec<DeadLetter>, CoreError> {
+    let (queue, state) = dlq_connect(config).await?;
+    let mut out = Vec::new();
+    for task in queue.dead_tasks().await? {
+        out.push(with_job_state(&state, task).await);
+    }
+    Ok(out)
+}
+
+/// What `nightshift dlq replay` did.
+#[derive(Debug, Default)]
+pub struct Replayed {
+    /// Tasks moved back to the task queue.
+    pub requeued: Vec<DeadLetter>,
+    /// Tasks left in the dead-letter queue because their job has ended: workers would skip
+    /// them. Such a job is recovered by running it again under its job id.
+    pub kept: Vec<DeadLetter>,
+}
+
+/// Moves the dead tasks of `job` (every job with `None`) back to the task queue, except
+/// those of jobs that have ended.
+pub async fn replay_dead_letters(
+    config: &ClusterConfig,
+    job: Option<&str>,
+) -> Result<Replayed, CoreError> {
+    let (queue, state) = dlq_connect(config).await?;
+    let mut letters = Vec::new();
+    let moved = queue
+        .requeue_dead_tasks(|tasks| {
+            let tasks = tasks.to_vec();
+            let letters = &mut letters;
+            let state = &state;
+            async move {
+                let mut replay = Vec::new();
+                for task in tasks {
+                    let selected = job.is_none_or(|j| j == task.job_id);
+                    let letter = with_job_state(state, task).await;
+                    replay.push(selected && !letter.job_ended());
+                    if selected {
+                        letters.push(letter);
+                    }
+                }
+                replay
+            }
+        })
+        .await?;
+    let mut replayed = Replayed::default();
+    for letter in letters {
+        if moved.contains(&letter.task) {
+            replayed.requeued.push(letter);
+        } else {
+            replayed.kept.push(letter);
+        }
+    }
+    Ok(replayed)
 }

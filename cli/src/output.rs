@@ -54,3 +54,58 @@ pub fn report_text(report: &JobReport) -> String {
         report.duration_ms as f64 / 1000.0
     )
 }
+
+/// `nightshift dlq list`: one line per dead-lettered task.
+pub fn dead_letters_text(letters: &[crate::cluster::DeadLetter]) -> String {
+    if letters.is_empty() {
+        return "no dead-lettered tasks\n".into();
+    }
+    let mut out = format!(
+        "{:<38} {:>5} {:>5} {:>7} {:>10}  {:<15} {:<10} last error\n",
+        "job", "stage", "task", "attempt", "deliveries", "reason", "job state"
+    );
+    for l in letters {
+        let deliveries = l.task.deliveries.map_or("?".into(), |d| d.to_string());
+        out.push_str(&format!(
+            "{:<38} {:>5} {:>5} {:>7} {:>10}  {:<15} {:<10} {}\n",
+            l.task.job_id,
+            l.task.stage,
+            l.task.partition,
+            l.task.attempt,
+            deliveries,
+            l.task.reason,
+            l.job_state,
+            l.last_error
+        ));
+    }
+    out
+}
+
+/// `nightshift dlq replay`: what moved and what stayed.
+pub fn replayed_text(replayed: &crate::cluster::Replayed) -> String {
+    let mut out = format!("requeued {} task(s)\n", replayed.requeued.len());
+    for l in &replayed.requeued {
+        out.push_str(&format!(
+            "  job {} stage {} task {} attempt {}\n",
+            l.task.job_id, l.task.stage, l.task.partition, l.task.attempt
+        ));
+    }
+    let mut ended: Vec<(&str, &str)> = replayed
+        .kept
+        .iter()
+        .map(|l| (l.task.job_id.as_str(), l.job_state.as_str()))
+        .collect();
+    ended.sort();
+    ended.dedup();
+    for (job, state) in ended {
+        let tasks = replayed
+            .kept
+            .iter()
+            .filter(|l| l.task.job_id == job)
+            .count();
+        out.push_str(&format!(
+            "kept {tasks} task(s) of job {job}: the job has {state}; run it again with --job-id {job}\n"
+        ));
+    }
+    out
+}

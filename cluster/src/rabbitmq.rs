@@ -12,6 +12,7 @@
 //! consume with a bounded prefetch.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,7 +20,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions,
     BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
     QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
@@ -30,6 +31,7 @@ use lapin::{
 };
 use nightshift_core::error::{CoreError, Result};
 use nightshift_core::ids::JobId;
+use nightshift_core::metrics;
 use nightshift_core::transport::{Delivery, TaskQueue};
 use nightshift_proto::v1;
 use prost::Message;
@@ -56,7 +58,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// One connection with its publish (confirming) and consume channels.
 struct Link {
     generation: u64,
-    _connection: Connection,
+    connection: Connection,
     publish: Channel,
     consume: Channel,
 }
@@ -74,6 +76,10 @@ pub struct RabbitQueue {
     tasks: Slot,
     jobs: Slot,
     results: Mutex<HashMap<JobId, Arc<Slot>>>,
+    /// Set by a graceful stop: no consumer of tasks or submissions is created again.
+    stopped: std::sync::atomic::AtomicBool,
+    /// Unacked submissions the coordinator may hold: one per job it runs at once.
+    job_prefetch: std::sync::atomic::AtomicU16,
 }
 
 impl RabbitQueue {
@@ -98,6 +104,8 @@ impl RabbitQueue {
             tasks: Mutex::new(None),
             jobs: Mutex::new(None),
             results: Mutex::new(HashMap::new()),
+            stopped: std::sync::atomic::AtomicBool::new(false),
+            job_prefetch: std::sync::atomic::AtomicU16::new(1),
         };
         let link = queue.link().await;
         queue.declare_topology(&link).await?;
@@ -129,7 +137,7 @@ impl RabbitQueue {
             .map_err(amqp_err)?;
         Ok(Link {
             generation,
-            _connection: connection,
+            connection,
             publish,
             consume,
         })
@@ -249,7 +257,12 @@ impl RabbitQueue {
                 .as_ref()
                 .is_none_or(|(generation, _)| *generation != link.generation)
             {
-                match consume(&link, queue).await {
+                let prefetch = if queue == self.jobs_queue() {
+                    self.job_prefetch.load(std::sync::atomic::Ordering::SeqCst)
+                } else {
+                    self.config.prefetch.max(1)
+                };
+                match consume(&link, queue, prefetch, self.config.prefetch.max(1)).await {
                     Ok(consumer) => *slot = Some((link.generation, consumer)),
                     Err(e) if !link.consume.status().connected() => {
                         warn!(error = %e, queue, "consume failed; reconnecting");
@@ -264,6 +277,7 @@ impl RabbitQueue {
                 Some(Ok(delivery)) => {
                     let delivery = RabbitDelivery(delivery);
                     if delivery.is_dead_letter() {
+                        metrics::task_dead_lettered();
                         return Ok(Some(Box::new(delivery.into_failure())));
                     }
                     return Ok(Some(Box::new(delivery)));
@@ -284,13 +298,30 @@ impl RabbitQueue {
         }
     }
 
+    /// How many submissions the coordinator holds unacked at once: its `max_jobs` (a
+    /// submission is acked when its job ends). Takes effect for the next submission consumer.
+    pub fn set_job_prefetch(&self, jobs: usize) {
+        let jobs = u16::try_from(jobs.max(1)).unwrap_or(u16::MAX);
+        self.job_prefetch
+            .store(jobs, std::sync::atomic::Ordering::SeqCst);
+    }
+
     /// The next job submission (coordinator side).
     pub async fn next_job(&self) -> Result<Option<Box<dyn Delivery>>> {
+        if self.stopped.load(std::sync::atomic::Ordering::SeqCst) {
+            return Ok(None);
+        }
         self.next_from(&self.jobs, &self.jobs_queue()).await
     }
 
     /// Messages waiting in `queue` (for tests and autoscaling).
     pub async fn queue_depth(&self, queue: &str) -> Result<u32> {
+        Ok(self.queue_stats(queue).await?.0)
+    }
+
+    /// Messages ready in `queue` (not counting those delivered and not yet acked) and its
+    /// consumers, from a passive declare on this process's connection.
+    pub async fn queue_stats(&self, queue: &str) -> Result<(u32, u32)> {
         let link = self.link().await;
         let q = link
             .publish
@@ -304,7 +335,160 @@ impl RabbitQueue {
             )
             .await
             .map_err(amqp_err)?;
-        Ok(q.message_count())
+        Ok((q.message_count(), q.consumer_count()))
+    }
+
+    /// Stops taking tasks (a worker that drains): the broker delivers nothing more to this
+    /// process, and messages it holds can still be acked or nacked. `next_task` returns
+    /// `None` from now on.
+    pub async fn stop_consuming_tasks(&self) -> Result<()> {
+        self.stop_consuming(&self.tasks).await
+    }
+
+    /// Stops taking job submissions (a coordinator that stops): submissions of running jobs
+    /// stay unacked and go to the next coordinator when this connection closes.
+    pub async fn stop_consuming_jobs(&self) -> Result<()> {
+        self.stop_consuming(&self.jobs).await
+    }
+
+    async fn stop_consuming(&self, slot: &Slot) -> Result<()> {
+        self.stopped
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let link = self.link().await;
+        if let Some((generation, consumer)) = slot.lock().await.take()
+            && generation == link.generation
+        {
+            link.consume
+                .basic_cancel(consumer.tag(), BasicCancelOptions::default())
+                .await
+                .map_err(amqp_err)?;
+        }
+        Ok(())
+    }
+}
+
+/// A task message parked in the dead-letter queue `<p>.dead`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct DeadTask {
+    pub job_id: String,
+    pub stage: u32,
+    pub partition: u32,
+    pub attempt: u32,
+    /// Why the broker dead-lettered it (`delivery_limit`: every worker that took it died
+    /// or gave it back; `rejected`; `expired`).
+    pub reason: String,
+    /// Deliveries from the task queue before it was dead-lettered, when the broker says.
+    pub deliveries: Option<u64>,
+    /// When it was dead-lettered (Unix seconds), when the broker says.
+    pub dead_lettered_at: Option<u64>,
+}
+
+impl DeadTask {
+    fn from_message(data: &[u8], headers: Option<&FieldTable>, delivery_limit: u32) -> Self {
+        let task = v1::TaskDefinition::decode(data).unwrap_or_default();
+        let header = |name: &str| headers.and_then(|h| h.inner().get(name).cloned());
+        let job_id = match header(JOB_HEADER) {
+            Some(AMQPValue::LongString(job)) => job.to_string(),
+            _ => task.job_id.clone(),
+        };
+        // The first x-death entry is the latest: reason, time and how often.
+        let death = match header("x-death") {
+            Some(AMQPValue::FieldArray(deaths)) => match deaths.as_slice().first() {
+                Some(AMQPValue::FieldTable(t)) => Some(t.clone()),
+                _ => None,
+            },
+            _ => None,
+        };
+        let field = |name: &str| death.as_ref().and_then(|t| t.inner().get(name).cloned());
+        let reason = match field("reason") {
+            Some(AMQPValue::LongString(r)) => r.to_string(),
+            _ => "unknown".into(),
+        };
+        let dead_lettered_at = match field("time") {
+            Some(AMQPValue::Timestamp(t)) => Some(t),
+            _ => None,
+        };
+        // A quorum queue dead-letters at its delivery limit: that many returns, one more
+        // delivery than the limit.
+        let deliveries = (reason == "delivery_limit").then(|| u64::from(delivery_limit) + 1);
+        DeadTask {
+            job_id,
+            stage: task.stage_id,
+            partition: task.partition,
+            attempt: task.attempt,
+            reason,
+            deliveries,
+            dead_lettered_at,
+        }
+    }
+}
+
+impl RabbitQueue {
+    /// Every task in the dead-letter queue, left there.
+    pub async fn dead_tasks(&self) -> Result<Vec<DeadTask>> {
+        let mut all = Vec::new();
+        self.requeue_dead_tasks(|tasks| {
+            all = tasks.to_vec();
+            async { vec![false; all.len()] }
+        })
+        .await?;
+        Ok(all)
+    }
+
+    /// Takes every message of `<p>.dead` (unacked, on a channel of its own), asks `decide`
+    /// which to replay, moves those back to the task queue (a fresh delivery count, the job
+    /// header kept) and returns them; closing the channel returns the rest to `<p>.dead`.
+    pub async fn requeue_dead_tasks<F, Fut>(&self, decide: F) -> Result<Vec<DeadTask>>
+    where
+        F: FnOnce(&[DeadTask]) -> Fut,
+        Fut: Future<Output = Vec<bool>>,
+    {
+        let link = self.link().await;
+        let channel = link.connection.create_channel().await.map_err(amqp_err)?;
+        let visited = async {
+            let mut messages = Vec::new();
+            while let Some(message) = channel
+                .basic_get(
+                    ShortString::from(self.dead_queue().as_str()),
+                    BasicGetOptions { no_ack: false },
+                )
+                .await
+                .map_err(amqp_err)?
+            {
+                let delivery = message.delivery;
+                let dead = DeadTask::from_message(
+                    &delivery.data,
+                    delivery.properties.headers().as_ref(),
+                    self.config.delivery_limit,
+                );
+                messages.push((dead, delivery));
+            }
+            let tasks: Vec<DeadTask> = messages.iter().map(|(t, _)| t.clone()).collect();
+            let replay = decide(&tasks).await;
+            let mut moved = Vec::new();
+            for ((dead, delivery), replay) in messages.into_iter().zip(replay) {
+                if !replay {
+                    continue;
+                }
+                self.publish_with(&self.tasks_queue(), &delivery.data, Some(&dead.job_id))
+                    .await?;
+                delivery
+                    .acker
+                    .ack(BasicAckOptions::default())
+                    .await
+                    .map_err(amqp_err)?;
+                moved.push(dead);
+            }
+            Ok::<_, CoreError>(moved)
+        }
+        .await;
+        let closed = channel
+            .close(200, ShortString::from("done"))
+            .await
+            .map_err(amqp_err);
+        let moved = visited?;
+        closed?;
+        Ok(moved)
     }
 }
 
@@ -391,8 +575,22 @@ async fn publish(link: &Link, queue: &str, payload: &[u8], job: Option<&str>) ->
     }
 }
 
-async fn consume(link: &Link, queue: &str) -> Result<Consumer> {
-    link.consume
+/// A consumer of `queue` holding at most `prefetch` unacked messages; the channel's
+/// default for later consumers stays `default_prefetch`.
+async fn consume(
+    link: &Link,
+    queue: &str,
+    prefetch: u16,
+    default_prefetch: u16,
+) -> Result<Consumer> {
+    if prefetch != default_prefetch {
+        link.consume
+            .basic_qos(prefetch, BasicQosOptions::default())
+            .await
+            .map_err(amqp_err)?;
+    }
+    let consumer = link
+        .consume
         .basic_consume(
             ShortString::from(queue),
             ShortString::from(""),
@@ -400,7 +598,14 @@ async fn consume(link: &Link, queue: &str) -> Result<Consumer> {
             FieldTable::default(),
         )
         .await
-        .map_err(amqp_err)
+        .map_err(amqp_err)?;
+    if prefetch != default_prefetch {
+        link.consume
+            .basic_qos(default_prefetch, BasicQosOptions::default())
+            .await
+            .map_err(amqp_err)?;
+    }
+    Ok(consumer)
 }
 
 /// One message owned by this consumer until acked or nacked.
@@ -510,14 +715,19 @@ impl Delivery for RabbitDelivery {
 #[async_trait]
 impl TaskQueue for RabbitQueue {
     async fn publish_task(&self, task: Bytes) -> Result<()> {
-        let job = v1::TaskDefinition::decode(task.as_ref())
-            .map(|t| t.job_id)
+        let (job, attempt) = v1::TaskDefinition::decode(task.as_ref())
+            .map(|t| (t.job_id, t.attempt))
             .map_err(|e| CoreError::Protocol(format!("task message: {e}")))?;
         self.publish_with(&self.tasks_queue(), &task, Some(&job))
-            .await
+            .await?;
+        metrics::task_published(attempt);
+        Ok(())
     }
 
     async fn next_task(&self) -> Result<Option<Box<dyn Delivery>>> {
+        if self.stopped.load(std::sync::atomic::Ordering::SeqCst) {
+            return Ok(None);
+        }
         self.next_from(&self.tasks, &self.tasks_queue()).await
     }
 

@@ -19,6 +19,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use nightshift_core::error::{CoreError, Result};
 use nightshift_core::ids::{JobId, StageId, TaskKey};
+use nightshift_core::metrics;
 use nightshift_core::redact::redact;
 use nightshift_core::transport::{JobState, StateStore};
 use redis::AsyncCommands;
@@ -29,6 +30,17 @@ use crate::config::redact_url;
 
 /// How long a process keeps trying to reach Redis when it starts.
 const CONNECT_FOR: Duration = Duration::from_secs(120);
+
+/// How long one command may wait for its answer. The client's default (500 ms) failed
+/// whole jobs on a busy coordinator (a burst of jobs planning on two cores): a batch
+/// system waits longer and lets readiness checks (3 s) report a Redis that hangs.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+fn manager_config() -> redis::aio::ConnectionManagerConfig {
+    redis::aio::ConnectionManagerConfig::new()
+        .set_response_timeout(Some(RESPONSE_TIMEOUT))
+        .set_connection_timeout(Some(Duration::from_secs(5)))
+}
 
 /// Job and task state in Redis.
 #[derive(Clone)]
@@ -51,7 +63,7 @@ impl RedisState {
         let conn = loop {
             let attempt = tokio::time::timeout(
                 Duration::from_secs(10),
-                ConnectionManager::new(client.clone()),
+                ConnectionManager::new_with_config(client.clone(), manager_config()),
             )
             .await
             .map_err(|_| CoreError::Transport(format!("redis: no answer from {shown}")))
@@ -69,6 +81,16 @@ impl RedisState {
             conn,
             prefix: prefix.to_string(),
         })
+    }
+
+    /// Whether Redis answers (`PING`), for readiness checks.
+    pub async fn ping(&self) -> Result<()> {
+        let mut conn = self.conn.clone();
+        redis::cmd("PING")
+            .query_async::<String>(&mut conn)
+            .await
+            .map(|_| ())
+            .map_err(redis_err)
     }
 
     fn job_key(&self, job: &JobId) -> String {
@@ -225,7 +247,9 @@ impl StateStore for RedisState {
             ],
         )
         .await
-        .map_err(redis_err)
+        .map_err(redis_err)?;
+        metrics::job_state_changed(job.as_str(), state);
+        Ok(())
     }
 
     async fn job_state(&self, job: &JobId) -> Result<Option<(JobState, String)>> {

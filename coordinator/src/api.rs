@@ -459,7 +459,7 @@ pub async fn bind_api(
             Ok(request)
         },
     );
-    let mut server = tonic::transport::Server::builder();
+    let mut server = tonic::transport::Server::builder().layer(crate::api_metrics::ApiMetricsLayer);
     if let Some(tls) = &tls {
         let config = tls.server_config().map_err(|e| format!("TLS: {e}"))?;
         server = server.tls_config(config)?;

@@ -5,9 +5,10 @@
 //! - [`job`] drives one job from spec to snapshot.
 //! - [`scheduler`] tracks stages and task attempts and decides what to publish next.
 //! - [`cleanup`] removes what a job wrote but did not commit.
-//! - [`api`] serves the gRPC job API; [`spec_ref`] reads specs submitted by reference.
+//! - [`api`] serves the gRPC job API ([`api_metrics`] counts its calls); [`spec_ref`] reads specs submitted by reference.
 
 pub mod api;
+pub mod api_metrics;
 pub mod cleanup;
 pub mod job;
 pub mod scheduler;

@@ -8,6 +8,10 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use nightshift_cluster::admin::{
+    CatalogDependency, ObjectStoreDependency, RabbitDependency, Readiness, RedisDependency,
+    serve_admin,
+};
 use nightshift_cluster::submission::JobSubmission;
 use nightshift_cluster::{ClusterConfig, RabbitQueue, RedisState};
 use nightshift_core::CoreError;
@@ -16,7 +20,7 @@ use nightshift_core::ids::JobId;
 use nightshift_core::transport::Delivery;
 use nightshift_spec::load_spec;
 use tokio::sync::{Mutex, Semaphore};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::job::{JobEnv, JobError, JobOptions, outcome_json, run_job};
 
@@ -41,6 +45,21 @@ pub async fn serve(
     max_jobs: usize,
     api: Option<ApiOptions>,
 ) -> Result<(), CoreError> {
+    serve_until(config, max_jobs, api, None, std::future::pending()).await
+}
+
+/// [`serve`] with the admin endpoint (`/metrics`, `/healthz`, `/readyz`) on `admin`, until
+/// `shutdown` completes (SIGTERM). Then the coordinator stops taking submissions and
+/// returns at once: the submissions of its running jobs stay unacked, so the broker hands
+/// them to the next coordinator, which resumes those jobs from the task outputs recorded
+/// in Redis.
+pub async fn serve_until(
+    config: &ClusterConfig,
+    max_jobs: usize,
+    api: Option<ApiOptions>,
+    admin: Option<std::net::SocketAddr>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), CoreError> {
     let (catalog, scratch) = config
         .install()
         .map_err(|e| CoreError::Transport(e.to_string()))?;
@@ -56,12 +75,27 @@ pub async fn serve(
         );
     }
     let queue = Arc::new(RabbitQueue::connect(&config.rabbitmq).await?);
+    // A submission stays unacked while its job runs: the broker must hand over as many as
+    // the jobs run at once, not the workers' prefetch.
+    queue.set_job_prefetch(max_jobs);
     let state = Arc::new(RedisState::connect(&config.redis.url, &config.redis.prefix).await?);
     let env = JobEnv {
         lease_ttl: config.redis.lease_ttl(),
         late_sweep_after: config.storage.late_sweep_after(),
         ..JobEnv::new(queue.clone(), state.clone(), catalog, scratch)
     };
+    let readiness = Readiness::new(vec![
+        Arc::new(RabbitDependency(queue.clone())),
+        Arc::new(RedisDependency(state.clone())),
+        Arc::new(ObjectStoreDependency(env.scratch.clone())),
+        Arc::new(CatalogDependency::new(env.catalog.clone())),
+    ]);
+    if let Some(addr) = admin {
+        serve_admin(addr, readiness.clone()).await?;
+    }
+    // After the recorder is installed (by the admin endpoint), or the series go nowhere.
+    nightshift_core::metrics::register_coordinator();
+    spawn_queue_sampler(queue.clone());
     let mut api_server = None;
     if let Some(api) = api {
         let service = crate::api::JobApi::new(
@@ -83,24 +117,21 @@ pub async fn serve(
     // submission of a job this coordinator is still running; it joins the list instead of
     // starting the job twice.
     let running: Arc<Mutex<RunningJobs>> = Arc::default();
+    tokio::pin!(shutdown);
     loop {
-        let permit = slots.clone().acquire_owned().await.expect("semaphore open");
+        let permit = tokio::select! {
+            permit = slots.clone().acquire_owned() => permit.expect("semaphore open"),
+            () = &mut shutdown => return stop_taking_jobs(&queue, &readiness, &running).await,
+        };
         // A coordinator whose API died must not go on looking healthy: it stops, and its
         // supervisor (Kubernetes) restarts it.
-        let next = match api_server.as_mut() {
-            Some(server) => tokio::select! {
-                next = queue.next_job() => next,
-                ended = server => {
-                    let why = match ended {
-                        Ok(Ok(())) => "it ended".to_string(),
-                        Ok(Err(e)) => e.to_string(),
-                        Err(e) => e.to_string(),
-                    };
-                    error!(error = %why, "job API stopped; coordinator stopping");
-                    return Err(CoreError::Transport(format!("job API stopped: {why}")));
-                }
-            },
-            None => queue.next_job().await,
+        let next = tokio::select! {
+            next = queue.next_job() => next,
+            why = api_stopped(&mut api_server) => {
+                error!(error = %why, "job API stopped; coordinator stopping");
+                return Err(CoreError::Transport(format!("job API stopped: {why}")));
+            }
+            () = &mut shutdown => return stop_taking_jobs(&queue, &readiness, &running).await,
         };
         let Some(delivery) = next? else {
             info!("submission queue closed; coordinator stopping");
@@ -130,7 +161,13 @@ pub async fn serve(
         tokio::spawn(async move {
             let job_id = submission.job_id.clone();
             let outcome = run_submission(&env, &state, &access, submission).await;
-            let json = outcome_json(&job_id, outcome.as_ref()).to_string();
+            let json = outcome_json(&job_id, outcome.as_ref());
+            let finished = match json["status"].as_str() {
+                Some("succeeded") => "succeeded",
+                _ => json["kind"].as_str().unwrap_or("failed"),
+            };
+            nightshift_core::metrics::job_finished(finished);
+            let json = json.to_string();
             if let Ok(job) = JobId::parse(&job_id)
                 && let Err(e) = state.set_report(&job, &json).await
             {
@@ -190,6 +227,7 @@ async fn run_submission(
             }
         }
     });
+    let counted = std::sync::atomic::AtomicUsize::new(0);
     let on_event = move |event: crate::JobEvent| {
         let progress = match event {
             crate::JobEvent::Planned { tasks, stages } => Some((0, tasks, stages)),
@@ -198,7 +236,11 @@ async fn run_submission(
                 total,
                 stages,
                 ..
-            } => Some((done, total, stages)),
+            } => {
+                let before = counted.fetch_max(done, std::sync::atomic::Ordering::SeqCst);
+                nightshift_core::metrics::tasks_completed(done.saturating_sub(before) as u64);
+                Some((done, total, stages))
+            }
             crate::JobEvent::Committing { .. } => None,
         };
         if progress.is_some() {
@@ -206,6 +248,64 @@ async fn run_submission(
         }
     };
     run_job(env, &spec, &options, &on_event).await
+}
+
+/// Completes with the reason when the job API server ends; never without one.
+async fn api_stopped(
+    server: &mut Option<tokio::task::JoinHandle<Result<(), tonic::transport::Error>>>,
+) -> String {
+    match server.as_mut() {
+        Some(server) => match server.await {
+            Ok(Ok(())) => "it ended".to_string(),
+            Ok(Err(e)) => e.to_string(),
+            Err(e) => e.to_string(),
+        },
+        None => std::future::pending().await,
+    }
+}
+
+/// A graceful stop: unready, no more submissions; running jobs are left to the next
+/// coordinator (their submissions go back to the queue when this process's connection
+/// closes).
+async fn stop_taking_jobs(
+    queue: &RabbitQueue,
+    readiness: &Readiness,
+    running: &Mutex<RunningJobs>,
+) -> Result<(), CoreError> {
+    readiness.start_draining();
+    if let Err(e) = queue.stop_consuming_jobs().await {
+        warn!(error = %e, "cannot cancel the submission consumer");
+    }
+    let jobs: Vec<String> = running.lock().await.keys().cloned().collect();
+    info!(
+        running = jobs.len(),
+        jobs = ?jobs,
+        "shutdown requested; no new jobs taken; running jobs are left to the next coordinator"
+    );
+    Ok(())
+}
+
+/// Samples the depth and consumers of the task, submission and dead-letter queues every
+/// few seconds, for the metrics.
+fn spawn_queue_sampler(queue: Arc<RabbitQueue>) {
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(std::time::Duration::from_secs(5));
+        loop {
+            every.tick().await;
+            for (label, name) in [
+                ("tasks", queue.tasks_queue()),
+                ("jobs", queue.jobs_queue()),
+                ("dead", queue.dead_queue()),
+            ] {
+                match queue.queue_stats(&name).await {
+                    Ok((messages, consumers)) => {
+                        nightshift_core::metrics::queue_sampled(label, messages, consumers)
+                    }
+                    Err(e) => debug!(queue = %name, error = %e, "cannot sample the queue"),
+                }
+            }
+        }
+    });
 }
 
 /// Late sweeps every few seconds; abandoned job scratch now and then every hour.

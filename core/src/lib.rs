@@ -6,6 +6,7 @@
 //! - [`names`] builds and parses every object name the engine writes.
 //! - [`task`] runs one partition of one stage on a worker.
 //! - [`table`] creates Iceberg tables, writes data files and commits snapshots.
+//! - [`metrics`] names every exported metric and records each event.
 //! - [`redact`] masks credentials in logs, job records and snapshot summaries.
 //! - [`transport`] holds the seams (task queue, state store) and their in-process versions.
 
@@ -13,6 +14,7 @@ pub mod access;
 pub mod codec;
 pub mod error;
 pub mod ids;
+pub mod metrics;
 pub mod names;
 pub mod planner;
 pub mod redact;

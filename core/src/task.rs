@@ -95,6 +95,11 @@ async fn execute(
         decode_stage(&task.stage_plan, &ctx).map_err(|e| (e, vec![], vec![]))?;
     let partition = task.partition as usize;
     let (inputs, columns) = scan_context(&input, partition);
+    let plan = input.clone();
+    let kind = match &task.output {
+        Some(task_definition::Output::Table(_)) => crate::metrics::StageKind::Table,
+        _ => crate::metrics::StageKind::Shuffle,
+    };
     let run = async {
         match &task.output {
             Some(task_definition::Output::Shuffle(out)) => {
@@ -123,7 +128,30 @@ async fn execute(
             None => Err(CoreError::Protocol("task has no output".into())),
         }
     };
-    run.await.map_err(|e| (e, inputs, columns))
+    let executed = run.await.map_err(|e| (e, inputs, columns))?;
+    let (rows, bytes) = rows_and_bytes_read(&plan);
+    crate::metrics::task_read(kind, rows, bytes);
+    Ok(executed)
+}
+
+/// Rows the plan's leaves (scans and shuffle readers) produced, and the bytes its scans read,
+/// from the plan's execution metrics.
+fn rows_and_bytes_read(plan: &Arc<dyn ExecutionPlan>) -> (u64, u64) {
+    let children = plan.children();
+    if children.is_empty() {
+        let Some(metrics) = plan.metrics() else {
+            return (0, 0);
+        };
+        let rows = metrics.output_rows().unwrap_or(0) as u64;
+        let bytes = metrics
+            .sum_by_name("bytes_scanned")
+            .map_or(0, |v| v.as_usize() as u64);
+        return (rows, bytes);
+    }
+    children
+        .into_iter()
+        .map(rows_and_bytes_read)
+        .fold((0, 0), |(r, b), (r2, b2)| (r + r2, b + b2))
 }
 
 /// Deletes what a task attempt wrote (its shuffle object or its data files), for an attempt

@@ -268,6 +268,42 @@ impl ClusterSandbox {
         }
     }
 
+    /// SIGTERM to worker `i`; waits for it to exit and returns how it exited.
+    pub fn terminate_worker(&mut self, i: usize) -> std::process::ExitStatus {
+        let mut c = self.workers[i].take().expect("worker running");
+        sigterm_and_wait(&mut c)
+    }
+
+    /// SIGTERM to the coordinator; waits for it to exit and returns how it exited.
+    pub fn terminate_coordinator(&mut self) -> std::process::ExitStatus {
+        let mut c = self.coordinator.take().expect("coordinator running");
+        sigterm_and_wait(&mut c)
+    }
+
+    /// The admin endpoint (`--metrics-listen`, e.g. port 0) a process wrote in its log
+    /// (`coordinator-N.log`, `worker-N.log`), once it is listening.
+    pub fn admin_addr(&self, log: &str, timeout: Duration) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            let text = std::fs::read_to_string(self.sandbox.path(log)).unwrap_or_default();
+            let found = text
+                .lines()
+                .filter(|l| l.contains("admin endpoint listening"))
+                .find_map(|l| l.split("addr=").nth(1))
+                .map(|a| a.split_whitespace().next().unwrap_or_default().to_string());
+            if found.is_some() {
+                return found;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    /// The log file name of the coordinator started last.
+    pub fn coordinator_log_name(&self) -> String {
+        format!("coordinator-{}.log", self.coordinator_starts)
+    }
+
     /// SIGSTOP to worker `i`: the process freezes with its connections open.
     pub fn freeze_worker(&mut self, i: usize) {
         if let Some(c) = self.workers[i].as_ref() {
@@ -577,6 +613,36 @@ impl Drop for ClusterSandbox {
     }
 }
 
+fn sigterm_and_wait(child: &mut Child) -> std::process::ExitStatus {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    child.wait().expect("wait for the process")
+}
+
+/// `GET http://addr/path` on loopback: the status code and the body.
+pub fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
 fn rabbitmqctl(args: &[&str]) {
     let out = Command::new("rabbitmqctl")
         .args(args)
@@ -727,6 +793,16 @@ impl PrivateRabbit {
             "rabbitmqctl {args:?}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+    }
+
+    /// Stops the broker application: connections drop, the port closes.
+    pub fn stop_app(&self) {
+        self.ctl_ok(&["stop_app"]);
+    }
+
+    /// Starts the broker application again after [`stop_app`](Self::stop_app).
+    pub fn start_app(&self) {
+        self.ctl_ok(&["start_app"]);
     }
 
     /// Stops the broker application (connections drop, the port closes) and starts it again

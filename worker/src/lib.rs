@@ -2,20 +2,33 @@
 //! [`run_task`](nightshift_core::task::run_task) and publishes their results.
 //!
 //! Architecture invariant: a task is acked only after its output is written and its result
-//! is published, so a worker that dies mid-task leaves the task to be delivered again.
+//! is published, so a worker that dies mid-task leaves the task to be delivered again. A
+//! worker told to stop (SIGTERM) finishes its task within a grace period or nacks it back
+//! to the queue.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use datafusion::prelude::SessionContext;
 use nightshift_core::ids::{JobId, StageId, TaskKey};
+use nightshift_core::metrics::{self, DrainOutcome, StageKind, TaskFigures, TaskOutcome};
 use nightshift_core::session::{SessionOptions, new_session};
 use nightshift_core::task::{discard_output, run_task};
 use nightshift_core::transport::{StateStore, TaskQueue};
 use nightshift_core::{CoreError, Result};
 use nightshift_proto::PROTOCOL_VERSION;
-use nightshift_proto::v1::{self, task_result};
+use nightshift_proto::v1::{self, task_definition, task_result};
 use prost::Message;
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
+
+/// What a worker calls when it starts a graceful stop, to stop the broker delivering it
+/// more tasks (the RabbitMQ queue cancels its consumer).
+pub type StopConsuming = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
+
+/// Default time a stopping worker gives its running task before handing it back.
+pub const DEFAULT_DRAIN_GRACE: Duration = Duration::from_secs(25);
 
 /// A worker's identity and engine.
 pub struct Worker {
@@ -24,6 +37,8 @@ pub struct Worker {
     state: Arc<dyn StateStore>,
     session: SessionContext,
     lease_ttl: std::time::Duration,
+    drain_grace: Duration,
+    stop_consuming: Option<StopConsuming>,
 }
 
 impl Worker {
@@ -38,6 +53,8 @@ impl Worker {
             state,
             session: new_session(SessionOptions::default()),
             lease_ttl: std::time::Duration::from_secs(30),
+            drain_grace: DEFAULT_DRAIN_GRACE,
+            stop_consuming: None,
         }
     }
 
@@ -47,13 +64,24 @@ impl Worker {
         self
     }
 
+    /// Sets how a graceful stop goes: the running task gets `grace` to finish, and
+    /// `stop_consuming` is called first so no other task arrives meanwhile.
+    pub fn with_drain(mut self, grace: Duration, stop_consuming: StopConsuming) -> Self {
+        self.drain_grace = grace;
+        self.stop_consuming = Some(stop_consuming);
+        self
+    }
+
     /// Consumes tasks until the queue closes.
     pub async fn run(&self) -> Result<()> {
         self.run_until(std::future::pending()).await
     }
 
-    /// Consumes tasks until the queue closes or `shutdown` completes. A shutdown (SIGTERM on
-    /// scale-down) is taken between tasks: the running task finishes and is acked first.
+    /// Consumes tasks until the queue closes or `shutdown` completes (SIGTERM on
+    /// scale-down). Then the worker drains: it stops consuming, gives the running task the
+    /// grace period to finish (its result is published and the task acked as usual), and
+    /// otherwise hands the task back to the queue (nack with requeue) for another worker.
+    /// Either way it returns `Ok`: no task is lost.
     pub async fn run_until(&self, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
         info!(worker = %self.id, "worker started");
         tokio::pin!(shutdown);
@@ -61,7 +89,9 @@ impl Worker {
             let delivery = tokio::select! {
                 biased;
                 () = &mut shutdown => {
-                    info!(worker = %self.id, "shutdown requested; worker stopping");
+                    self.begin_drain().await;
+                    metrics::drained(DrainOutcome::Idle);
+                    info!(worker = %self.id, "shutdown requested; no task running; worker stopping");
                     return Ok(());
                 }
                 next = self.queue.next_task() => next?,
@@ -75,7 +105,41 @@ impl Worker {
                     continue;
                 }
             };
-            let result = self.run_one(&task).await;
+            // Every line logged while the task runs carries its job, stage, task and attempt.
+            let span = info_span!(
+                "task",
+                job_id = %task.job_id,
+                stage = task.stage_id,
+                task = task.partition,
+                attempt = task.attempt,
+            );
+            metrics::task_started(delivery.redeliveries() > 0);
+            let started = Instant::now();
+            let run = self.run_one(&task).instrument(span.clone());
+            tokio::pin!(run);
+            let mut draining = false;
+            let result = tokio::select! {
+                biased;
+                result = &mut run => result,
+                () = &mut shutdown => {
+                    draining = true;
+                    self.begin_drain().await;
+                    info!(parent: &span, worker = %self.id, grace_secs = self.drain_grace.as_secs_f64(),
+                        "shutdown requested; finishing the running task");
+                    match tokio::time::timeout(self.drain_grace, &mut run).await {
+                        Ok(result) => result,
+                        Err(_) => {
+                            warn!(parent: &span, worker = %self.id,
+                                "grace period over; task handed back to the queue; worker stopping");
+                            metrics::task_abandoned();
+                            delivery.nack(true).await?;
+                            metrics::drained(DrainOutcome::Requeued);
+                            return Ok(());
+                        }
+                    }
+                }
+            };
+            metrics::task_finished(task_figures(&task, &result, started.elapsed()));
             // A task that has written its output but is slow to report it, for tests.
             #[cfg(feature = "failpoints")]
             if let Some(Some(ms)) = fail::eval("worker-report-delay", |ms| {
@@ -85,6 +149,11 @@ impl Worker {
             }
             self.report(&task, result).await?;
             delivery.ack().await?;
+            if draining {
+                metrics::drained(DrainOutcome::Finished);
+                info!(parent: &span, worker = %self.id, "running task finished and acked; worker stopping");
+                return Ok(());
+            }
         }
         debug!(worker = %self.id, "task queue closed; worker stopping");
         Ok(())
@@ -158,6 +227,13 @@ impl Worker {
         }
     }
 
+    /// First step of a graceful stop: nothing more is delivered to this worker.
+    async fn begin_drain(&self) {
+        if let Some(stop) = &self.stop_consuming {
+            stop().await;
+        }
+    }
+
     async fn run_one(&self, task: &v1::TaskDefinition) -> v1::TaskResult {
         info!(
             worker = %self.id,
@@ -207,6 +283,7 @@ impl Worker {
                 .renew_lease(&job, key, task.attempt, &self.id, self.lease_ttl)
                 .await
             {
+                metrics::lease_renewal_failed();
                 warn!(worker = %self.id, error = %e, "cannot renew the task lease");
             }
             tokio::time::sleep(self.lease_ttl / 3).await;
@@ -228,7 +305,7 @@ impl Worker {
                 attempt: task.attempt,
                 worker_id: self.id.clone(),
                 outcome: Some(task_result::Outcome::Failed(v1::TaskFailed {
-                    message: "skipped: the job has already ended".into(),
+                    message: SKIPPED.into(),
                     // Should a coordinator still want this task, it runs it again.
                     retryable: true,
                 })),
@@ -254,5 +331,32 @@ impl Worker {
             self.state.job_state(job).await,
             Ok(Some((state, _))) if state.refuses_task_output()
         )
+    }
+}
+
+/// The failure message of a task not run because its job had ended.
+const SKIPPED: &str = "skipped: the job has already ended";
+
+/// What a task did, for the metrics.
+fn task_figures(
+    task: &v1::TaskDefinition,
+    result: &v1::TaskResult,
+    elapsed: Duration,
+) -> TaskFigures {
+    let kind = match task.output {
+        Some(task_definition::Output::Table(_)) => StageKind::Table,
+        _ => StageKind::Shuffle,
+    };
+    let outcome = match &result.outcome {
+        Some(task_result::Outcome::Failed(f)) if f.message == SKIPPED => TaskOutcome::Skipped,
+        Some(task_result::Outcome::Failed(_)) | None => TaskOutcome::Failed,
+        Some(_) => TaskOutcome::Succeeded,
+    };
+    TaskFigures {
+        kind,
+        outcome,
+        elapsed,
+        rows_written: result.rows,
+        bytes_written: result.bytes,
     }
 }

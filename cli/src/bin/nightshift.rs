@@ -30,6 +30,10 @@ struct Cli {
     /// More log output on stderr (-v info, -vv debug). RUST_LOG overrides it.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     verbose: u8,
+    /// Log lines for people (`human`) or one JSON object per line (`json`, for containers
+    /// and log pipelines; span fields such as job_id, stage, task and attempt included).
+    #[arg(long, global = true, value_enum, env = "NIGHTSHIFT_LOG_FORMAT", default_value_t = LogFormat::Human)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -87,6 +91,9 @@ enum Command {
         /// Require client certificates signed by this CA (mutual TLS).
         #[arg(long, requires = "tls_cert", value_name = "PEM")]
         tls_client_ca: Option<PathBuf>,
+        /// Serve /metrics (Prometheus), /healthz and /readyz on this address (port 0: any).
+        #[arg(long, env = "NIGHTSHIFT_METRICS_LISTEN", value_name = "ADDR")]
+        metrics_listen: Option<std::net::SocketAddr>,
     },
     /// Submit a pipeline to a coordinator's job API. Prints the job id; with --wait, follows
     /// the job and exits 0 succeeded, 1 failed, 2 rejected, 3 cancelled.
@@ -134,6 +141,19 @@ enum Command {
         /// Worker name in logs and task results (default: host name and process id).
         #[arg(long)]
         id: Option<String>,
+        /// Serve /metrics (Prometheus), /healthz and /readyz on this address (port 0: any).
+        #[arg(long, env = "NIGHTSHIFT_METRICS_LISTEN", value_name = "ADDR")]
+        metrics_listen: Option<std::net::SocketAddr>,
+        /// On SIGTERM, how long the running task may take to finish before it is handed
+        /// back to the queue. Keep it below the pod's terminationGracePeriodSeconds.
+        #[arg(long, env = "NIGHTSHIFT_DRAIN_GRACE_SECS", default_value_t = 25)]
+        drain_grace_secs: u64,
+    },
+    /// Inspect and replay tasks the broker dead-lettered (a task every worker that took it
+    /// died on, up to the queue's delivery limit).
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
     },
     /// Generate TPC-H example data (orders, lineitem, customer, nation, region).
     ExampleData {
@@ -145,6 +165,32 @@ enum Command {
         /// Files per table for orders and lineitem.
         #[arg(long, default_value_t = 4)]
         parts: usize,
+    },
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// List dead-lettered tasks: job, stage, task, attempt, deliveries, why, and the job's
+    /// state and last error.
+    List {
+        #[arg(long, env = "NIGHTSHIFT_CONFIG")]
+        config: PathBuf,
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Move dead-lettered tasks back to the task queue with a fresh delivery count. Tasks of
+    /// a job that has ended (it failed when its task was dead-lettered) stay: run that job
+    /// again under its job id instead.
+    Replay {
+        #[arg(long, env = "NIGHTSHIFT_CONFIG")]
+        config: PathBuf,
+        /// The job whose tasks to replay.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        job_id: Option<String>,
+        /// Replay the tasks of every job.
+        #[arg(long)]
+        all: bool,
     },
 }
 
@@ -243,6 +289,14 @@ struct BackfillArgs {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    /// Aligned text (colours on a terminal).
+    Human,
+    /// One JSON object per line.
+    Json,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 enum OutputFormat {
     /// Aligned text for people.
     Text,
@@ -256,7 +310,7 @@ fn default_workers() -> usize {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(cli.verbose);
+    init_tracing(cli.verbose, cli.log_format);
     // Test builds only: failpoints named in `FAILPOINTS` (e.g. `worker-task-delay=return(1500)`).
     #[cfg(feature = "failpoints")]
     let _failpoints = fail::FailScenario::setup();
@@ -269,6 +323,7 @@ fn main() -> ExitCode {
             Command::Run(args) => run(args).await,
             Command::Backfill(args) => backfill(args).await,
             Command::Validate(args) => validate(args).await,
+            Command::Dlq { command } => dlq(command).await,
             Command::ExampleData { dir, scale, parts } => example_data(&dir, scale, parts),
             Command::Coordinator {
                 config,
@@ -279,6 +334,7 @@ fn main() -> ExitCode {
                 tls_cert,
                 tls_key,
                 tls_client_ca,
+                metrics_listen,
             } => {
                 let tls = tls_cert.zip(tls_key).map(|(cert, key)| {
                     nightshift_coordinator::api::TlsFiles {
@@ -287,7 +343,13 @@ fn main() -> ExitCode {
                         client_ca: tls_client_ca,
                     }
                 });
-                coordinator(&config, max_jobs, listen, tokens_file, no_auth, tls).await
+                let api = ApiServe {
+                    listen,
+                    tokens_file,
+                    no_auth,
+                    tls,
+                };
+                coordinator(&config, max_jobs, api, metrics_listen).await
             }
             Command::Submit(args) => submit(args).await,
             Command::Status { api, job_id } => status(&api, &job_id).await,
@@ -300,12 +362,23 @@ fn main() -> ExitCode {
                 limit,
                 page_token,
             } => jobs(&api, client::list(pipeline, state, limit, page_token)).await,
-            Command::Worker { config, id } => worker(&config, id).await,
+            Command::Worker {
+                config,
+                id,
+                metrics_listen,
+                drain_grace_secs,
+            } => {
+                let ops = nightshift::cluster::WorkerOps {
+                    metrics_listen,
+                    drain_grace: std::time::Duration::from_secs(drain_grace_secs),
+                };
+                worker(&config, id, ops).await
+            }
         }
     })
 }
 
-fn init_tracing(verbose: u8) {
+fn init_tracing(verbose: u8, format: LogFormat) {
     let default = match verbose {
         0 => "warn",
         1 => "info",
@@ -313,12 +386,22 @@ fn init_tracing(verbose: u8) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(|| RedactingWriter(std::io::stderr()))
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_target(false)
-        .init();
+        .with_target(false);
+    match format {
+        LogFormat::Human => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        // One object per line: the event's fields at the top level, the fields of the
+        // innermost span (a task's job_id, stage, task, attempt) under "span" and of every
+        // enclosing span under "spans", so a job's lines join across processes by job_id.
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(true)
+            .init(),
+    }
 }
 
 fn load(args: &CommonArgs) -> Result<ResolvedSpec, ExitCode> {
@@ -508,18 +591,30 @@ async fn run_on_cluster(config: &std::path::Path, args: &RunArgs, job_id: &JobId
     })
 }
 
-async fn coordinator(
-    config: &std::path::Path,
-    max_jobs: usize,
+/// How the coordinator serves its job API.
+struct ApiServe {
     listen: Option<std::net::SocketAddr>,
     tokens_file: Option<PathBuf>,
     no_auth: bool,
     tls: Option<nightshift_coordinator::api::TlsFiles>,
+}
+
+async fn coordinator(
+    config: &std::path::Path,
+    max_jobs: usize,
+    api: ApiServe,
+    metrics_listen: Option<std::net::SocketAddr>,
 ) -> ExitCode {
     let config = match load_cluster_config(config) {
         Ok(c) => c,
         Err(code) => return code,
     };
+    let ApiServe {
+        listen,
+        tokens_file,
+        no_auth,
+        tls,
+    } = api;
     let api = match listen {
         None => None,
         Some(listen) => {
@@ -557,7 +652,15 @@ async fn coordinator(
             })
         }
     };
-    match nightshift_coordinator::service::serve(&config, max_jobs, api).await {
+    let served = nightshift_coordinator::service::serve_until(
+        &config,
+        max_jobs,
+        api,
+        metrics_listen,
+        nightshift::cluster::terminated(),
+    )
+    .await;
+    match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: coordinator stopped: {e}");
@@ -566,17 +669,61 @@ async fn coordinator(
     }
 }
 
-async fn worker(config: &std::path::Path, id: Option<String>) -> ExitCode {
+async fn worker(
+    config: &std::path::Path,
+    id: Option<String>,
+    ops: nightshift::cluster::WorkerOps,
+) -> ExitCode {
     let config = match load_cluster_config(config) {
         Ok(c) => c,
         Err(code) => return code,
     };
     let id = id.unwrap_or_else(|| format!("worker-{}", std::process::id()));
-    match nightshift::cluster::run_worker(&config, &id).await {
+    match nightshift::cluster::run_worker(&config, &id, ops).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: worker {id} stopped: {e}");
             ExitCode::from(EXIT_FAILED)
+        }
+    }
+}
+
+async fn dlq(command: DlqCommand) -> ExitCode {
+    let config_path = match &command {
+        DlqCommand::List { config, .. } | DlqCommand::Replay { config, .. } => config.clone(),
+    };
+    let config = match load_cluster_config(&config_path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    match command {
+        DlqCommand::List { json, .. } => match nightshift::cluster::dead_letters(&config).await {
+            Ok(letters) => {
+                if json {
+                    for letter in &letters {
+                        println!("{}", serde_json::to_string(letter).expect("serializes"));
+                    }
+                } else {
+                    print!("{}", output::dead_letters_text(&letters));
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(EXIT_FAILED)
+            }
+        },
+        DlqCommand::Replay { job_id, .. } => {
+            match nightshift::cluster::replay_dead_letters(&config, job_id.as_deref()).await {
+                Ok(replayed) => {
+                    print!("{}", output::replayed_text(&replayed));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(EXIT_FAILED)
+                }
+            }
         }
     }
 }

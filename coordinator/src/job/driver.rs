@@ -278,7 +278,20 @@ impl<'a> JobRun<'a> {
             written_with,
             summary,
         };
-        let outcome = commit_job_snapshot(catalog, &self.env.catalog, ident, commit).await?;
+        let started = Instant::now();
+        let outcome = commit_job_snapshot(catalog, &self.env.catalog, ident, commit).await;
+        nightshift_core::metrics::commit_finished(
+            self.spec.spec.target.mode.to_string().as_str(),
+            match &outcome {
+                Ok(Some(o)) if o.already_committed => "already_committed",
+                Ok(Some(_)) => "committed",
+                Ok(None) => "empty",
+                Err(_) => "failed",
+            },
+            started.elapsed(),
+            0, // conflicts are counted as each attempt loses
+        );
+        let outcome = outcome?;
         match &outcome {
             Some(o) => info!(
                 snapshot_id = o.snapshot_id,
@@ -351,7 +364,7 @@ impl<'a> JobRun<'a> {
                 warn!(error = %e, "cannot sweep the job's data files; the late sweep retries");
             }
             if state != JobState::Succeeded && self.created_table {
-                drop_if_empty(catalog.as_ref(), ident).await;
+                drop_if_empty(catalog.as_ref(), ident, job).await;
             }
         }
         delete_scratch(&self.env.scratch, job).await;
@@ -389,12 +402,25 @@ impl<'a> JobRun<'a> {
 }
 
 /// A table the job created and never committed to is dropped, so a failed first run leaves
-/// the catalog as it found it.
-async fn drop_if_empty(catalog: &dyn Catalog, ident: &TableIdent) {
+/// the catalog as it found it — unless another job has written into it meanwhile (its first
+/// run may be on its way to a commit).
+async fn drop_if_empty(catalog: &dyn Catalog, ident: &TableIdent, job: &JobId) {
     let Ok(table) = catalog.load_table(ident).await else {
         return;
     };
     if table.metadata().snapshots().len() > 0 {
+        return;
+    }
+    if let Ok(data) = Location::parse(
+        &format!("{}/data", table.metadata().location()),
+        std::path::Path::new("/"),
+    ) && let Ok(files) = nightshift_core::storage::list_objects(&data).await
+        && files.iter().any(|(file, _)| {
+            nightshift_core::names::parse_data_file_name(file.url().path())
+                .is_some_and(|name| name.attempt.job != *job)
+        })
+    {
+        info!(table = %ident, "another job writes into the table this job created; it stays");
         return;
     }
     if let Err(e) = catalog.drop_table(ident).await {

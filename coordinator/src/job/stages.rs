@@ -270,10 +270,14 @@ impl<'a> StageRunner<'a> {
             match self.tracker.on_lease(key, lease) {
                 None => {}
                 Some(LeaseVerdict::Retry) => {
+                    nightshift_core::metrics::lease_expired();
                     warn!(%key, "task lease expired; running the task again");
                     self.publish(&[key]).await?;
                 }
-                Some(LeaseVerdict::Fail(failure)) => return Ok(Some(failure)),
+                Some(LeaseVerdict::Fail(failure)) => {
+                    nightshift_core::metrics::lease_expired();
+                    return Ok(Some(failure));
+                }
             }
         }
         Ok(None)

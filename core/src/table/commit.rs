@@ -315,6 +315,7 @@ async fn overwrite(
             }
             Err(SwapError::Conflict(message)) => {
                 info!(attempt, %message, "overwrite conflicted with another commit; retrying");
+                crate::metrics::commit_conflict();
                 delete_written(&table, &produced.written).await;
                 last_error = message;
             }

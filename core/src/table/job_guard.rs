@@ -54,7 +54,13 @@ impl Catalog for JobGuardCatalog<'_> {
     }
 
     async fn update_table(&self, commit: TableCommit) -> Result<Table> {
-        self.inner.update_table(commit).await
+        let updated = self.inner.update_table(commit).await;
+        if let Err(e) = &updated
+            && e.kind() == ErrorKind::CatalogCommitConflicts
+        {
+            crate::metrics::commit_conflict();
+        }
+        updated
     }
 
     async fn list_namespaces(

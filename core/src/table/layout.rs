@@ -23,16 +23,17 @@ pub async fn ensure_table(
 ) -> Result<Table> {
     let name = ident.to_string();
     if catalog.table_exists(ident).await? {
-        let table = catalog.load_table(ident).await?;
-        let result_schema = with_table_types_for_nulls(&table, result_schema)?;
-        let (wanted, _) = target_layout(&name, &result_schema, partition_by)?;
-        check_compatible(&name, &table, &wanted, partition_by)?;
-        return Ok(table);
+        return load_compatible(catalog, ident, result_schema, partition_by).await;
     }
     let (wanted, spec) = target_layout(&name, result_schema, partition_by)?;
     let namespace = ident.namespace();
     if !catalog.namespace_exists(namespace).await? {
-        catalog.create_namespace(namespace, HashMap::new()).await?;
+        match catalog.create_namespace(namespace, HashMap::new()).await {
+            Ok(_) => {}
+            // Another job created it first.
+            Err(e) if e.kind() == iceberg::ErrorKind::NamespaceAlreadyExists => {}
+            Err(e) => return Err(e.into()),
+        }
     }
     let creation = TableCreation::builder()
         .name(ident.name().to_string())
@@ -42,12 +43,28 @@ pub async fn ensure_table(
         .build();
     match catalog.create_table(namespace, creation).await {
         Ok(table) => Ok(table),
-        // Another job created it first.
-        Err(e) if e.kind() == iceberg::ErrorKind::TableAlreadyExists => {
-            Ok(catalog.load_table(ident).await?)
-        }
-        Err(e) => Err(e.into()),
+        // Another job created it first: catalogs say so differently (REST: already exists;
+        // SQL: a unique-constraint error), so look rather than read the error.
+        Err(e) => match catalog.table_exists(ident).await {
+            Ok(true) => load_compatible(catalog, ident, result_schema, partition_by).await,
+            _ => Err(e.into()),
+        },
     }
+}
+
+/// The existing table `ident`, checked against the result's layout.
+async fn load_compatible(
+    catalog: &dyn Catalog,
+    ident: &TableIdent,
+    result_schema: &ArrowSchema,
+    partition_by: &[PartitionField],
+) -> Result<Table> {
+    let name = ident.to_string();
+    let table = catalog.load_table(ident).await?;
+    let result_schema = with_table_types_for_nulls(&table, result_schema)?;
+    let (wanted, _) = target_layout(&name, &result_schema, partition_by)?;
+    check_compatible(&name, &table, &wanted, partition_by)?;
+    Ok(table)
 }
 
 /// A result column of type Null (e.g. from a header-only CSV) takes the type of the table's

@@ -247,3 +247,100 @@ async fn backfill_commits_one_snapshot_per_day_and_resumes() {
         String::from_utf8_lossy(&refused.stderr)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn maintain_expires_snapshots_and_removes_only_old_unreferenced_files() {
+    let sandbox = Sandbox::new();
+    sandbox.spec(&spec("overwrite"));
+    for run in 1..=4 {
+        write_events(&sandbox, 2, 5, run);
+        sandbox
+            .run_with(
+                2,
+                Some(2),
+                Some(&format!("rebuild-{run}")),
+                &[("from", "2024-01-01"), ("to", "2024-01-02")],
+            )
+            .await
+            .expect("rebuild");
+    }
+    let read = sandbox.read_table_with(TABLE, None, &["--references"]);
+    assert_eq!(snapshot_count(&read), 4);
+    let committed_files = sandbox.data_files().len();
+
+    // An old orphan (a crashed writer's file, a day old) and a young one (a job still
+    // writing): only the old one may go.
+    let data_dir = sandbox.warehouse().join("tests/daily/data");
+    let old = data_dir.join("crashed-s1-p0-a1-deadbeef-00000.parquet");
+    let young = data_dir.join("running-s1-p0-a1-cafebabe-00000.parquet");
+    std::fs::write(&old, b"not committed").unwrap();
+    std::fs::write(&young, b"not committed yet").unwrap();
+    let day_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(86_400);
+    std::fs::File::options()
+        .write(true)
+        .open(&old)
+        .unwrap()
+        .set_modified(day_ago)
+        .unwrap();
+
+    let maintain = |args: &[&str]| {
+        let mut all = vec!["maintain", TABLE, "--output", "json"];
+        all.extend_from_slice(args);
+        let out = sandbox.cli(&all);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()
+    };
+    let dry = maintain(&[
+        "--expire-older-than",
+        "0s",
+        "--keep-last",
+        "2",
+        "--remove-orphans-older-than",
+        "1h",
+        "--dry-run",
+    ]);
+    assert_eq!(
+        dry["expired_snapshots"].as_array().unwrap().len(),
+        2,
+        "{dry:#}"
+    );
+    assert_eq!(dry["orphans"].as_array().unwrap().len(), 1, "{dry:#}");
+    assert!(old.exists() && young.exists());
+    assert_eq!(snapshot_count(&sandbox.read_table(TABLE, None)), 4);
+
+    let done = maintain(&[
+        "--expire-older-than",
+        "0s",
+        "--keep-last",
+        "2",
+        "--remove-orphans-older-than",
+        "1h",
+    ]);
+    assert_eq!(done["expired_snapshots"], dry["expired_snapshots"]);
+    assert!(
+        done["files_deleted_by_expiry"].as_u64().unwrap() > 0,
+        "{done:#}"
+    );
+    assert!(!old.exists(), "the old orphan is removed");
+    assert!(young.exists(), "a file younger than the safety age stays");
+    std::fs::remove_file(&young).unwrap();
+
+    let read = sandbox.read_table_with(TABLE, None, &["--every-snapshot", "--references"]);
+    assert_eq!(snapshot_count(&read), 2);
+    for snapshot in read["by_snapshot"].as_array().unwrap() {
+        assert_eq!(snapshot["pyiceberg"]["rows"], 10, "{read:#}");
+        assert_eq!(
+            snapshot["pyiceberg"]["checksum"],
+            snapshot["duckdb"]["checksum"]
+        );
+    }
+    let files = sandbox.data_files();
+    assert!(files.len() < committed_files, "{files:?}");
+    assert_eq!(unreferenced(&files, &read), Vec::<&String>::new());
+    let (days, _) = per_day(&sandbox);
+    assert_eq!(days["2024-01-01"], (5, 60));
+}

@@ -60,6 +60,15 @@ enum Command {
     /// must add to the table (mode "append" or "overwrite_partitions"). Exit codes as for run.
     #[command(verbatim_doc_comment)]
     Backfill(BackfillArgs),
+    /// Keep a table small and cheap: expire old snapshots (and the files only they
+    /// referenced) and remove orphan files (files no snapshot references, older than a
+    /// safety age, e.g. left by a crashed writer). Never deletes a file any snapshot
+    /// references.
+    ///
+    ///   nightshift maintain analytics.daily_revenue --expire-older-than 7d --keep-last 10
+    ///   nightshift maintain analytics.daily_revenue --remove-orphans-older-than 3d --dry-run
+    #[command(verbatim_doc_comment)]
+    Maintain(MaintainArgs),
     /// Check a pipeline without writing anything: parse the spec, find the sources, check
     /// their schema contracts, plan the SQL and print the stages and the output schema.
     Validate(CommonArgs),
@@ -266,6 +275,36 @@ struct RunArgs {
 }
 
 #[derive(Args)]
+#[command(group(clap::ArgGroup::new("work").required(true).multiple(true)
+    .args(["expire_older_than", "remove_orphans_older_than"])))]
+struct MaintainArgs {
+    /// The table, `namespace.table`.
+    table: String,
+    /// Warehouse directory of the embedded catalog (<warehouse>/catalog.db).
+    #[arg(long, env = "NIGHTSHIFT_WAREHOUSE", default_value = "warehouse")]
+    warehouse: PathBuf,
+    /// Use the catalog of this cluster configuration instead of the warehouse's.
+    #[arg(long, value_name = "CONFIG")]
+    cluster: Option<PathBuf>,
+    /// Expire snapshots created longer ago than this (e.g. 7d, 12h).
+    #[arg(long, value_parser = humantime::parse_duration, value_name = "AGE")]
+    expire_older_than: Option<std::time::Duration>,
+    /// Newest snapshots kept whatever their age (the current one always is).
+    #[arg(long, default_value_t = 1)]
+    keep_last: usize,
+    /// Remove files no snapshot references that are older than this (e.g. 3d). Keep it
+    /// above the longest job: a running job's files are not committed yet.
+    #[arg(long, value_parser = humantime::parse_duration, value_name = "AGE")]
+    remove_orphans_older_than: Option<std::time::Duration>,
+    /// Say what would be deleted, delete nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Output format on stdout.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+    output: OutputFormat,
+}
+
+#[derive(Args)]
 struct BackfillArgs {
     #[command(flatten)]
     common: CommonArgs,
@@ -322,6 +361,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Run(args) => run(args).await,
             Command::Backfill(args) => backfill(args).await,
+            Command::Maintain(args) => maintain(args).await,
             Command::Validate(args) => validate(args).await,
             Command::Dlq { command } => dlq(command).await,
             Command::ExampleData { dir, scale, parts } => example_data(&dir, scale, parts),
@@ -536,6 +576,53 @@ async fn backfill(args: BackfillArgs) -> ExitCode {
         ExitCode::from(EXIT_FAILED)
     } else {
         ExitCode::SUCCESS
+    }
+}
+
+async fn maintain(args: MaintainArgs) -> ExitCode {
+    use nightshift::maintain::{Maintenance, maintain, report_text};
+    let catalog = match &args.cluster {
+        Some(path) => match load_cluster_config(path).map(|c| c.install()) {
+            Ok(Ok((catalog, _))) => catalog,
+            Ok(Err(e)) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(EXIT_INVALID);
+            }
+            Err(code) => return code,
+        },
+        None => match prepare_warehouse(&args.warehouse).and_then(|w| embedded_catalog(&w)) {
+            Ok(catalog) => catalog,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(EXIT_INVALID);
+            }
+        },
+    };
+    let work = Maintenance {
+        expire: args.expire_older_than.map(|older_than| {
+            nightshift_core::table::maintain::ExpirePolicy {
+                older_than,
+                keep_last: args.keep_last,
+            }
+        }),
+        orphans_older_than: args.remove_orphans_older_than,
+        dry_run: args.dry_run,
+    };
+    match maintain(&catalog, &args.table, &work).await {
+        Ok(report) => {
+            match args.output {
+                OutputFormat::Text => print!("{}", report_text(&report)),
+                OutputFormat::Json => println!(
+                    "{}",
+                    serde_json::to_string(&report).expect("report serializes")
+                ),
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: maintenance of {} failed: {e}", args.table);
+            ExitCode::from(EXIT_FAILED)
+        }
     }
 }
 

@@ -5,6 +5,7 @@ pub mod catalog;
 pub mod commit;
 pub mod job_guard;
 pub mod layout;
+pub mod maintain;
 pub mod overwrite;
 pub mod references;
 pub mod schema;

@@ -12,7 +12,7 @@
 //! whole paths could take a referenced file for an unreferenced one; this one can only keep
 //! more than it must.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 
 use iceberg::table::Table;
 
@@ -21,14 +21,15 @@ use crate::error::Result;
 /// Every file the snapshots of one table reference, by name.
 #[derive(Debug, Default, Clone)]
 pub struct TableReferences {
-    names: HashSet<String>,
+    /// File name → the path a manifest gave it.
+    names: HashMap<String, String>,
 }
 
 impl TableReferences {
     /// Reads every snapshot's manifest list and every manifest they name (each manifest once).
     pub async fn load(table: &Table) -> Result<Self> {
         let mut references = TableReferences::default();
-        let mut manifests_seen = HashSet::new();
+        let mut manifests_seen = std::collections::HashSet::new();
         let metadata = table.metadata();
         for snapshot in metadata.snapshots() {
             references.insert(snapshot.manifest_list());
@@ -49,12 +50,19 @@ impl TableReferences {
 
     /// Adds a referenced path (for tests and for files about to be committed).
     pub fn insert(&mut self, path: &str) {
-        self.names.insert(file_name(path).to_string());
+        self.names
+            .entry(file_name(path).into_owned())
+            .or_insert_with(|| path.to_string());
+    }
+
+    /// The referenced files' paths, as manifests give them.
+    pub fn paths(&self) -> impl Iterator<Item = &str> {
+        self.names.values().map(String::as_str)
     }
 
     /// Whether a file at `path` (any spelling: plain path or URL) is referenced.
     pub fn references(&self, path: &str) -> bool {
-        self.names.contains(file_name(path).as_ref())
+        self.names.contains_key(file_name(path).as_ref())
     }
 
     pub fn len(&self) -> usize {

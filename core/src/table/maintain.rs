@@ -1,0 +1,246 @@
+//! Table maintenance: expiring old snapshots and removing orphan files.
+//!
+//! Both delete files, so both ask [`TableReferences`]: expiry deletes only files that the
+//! expired snapshots referenced and no remaining snapshot does; orphan removal deletes only
+//! files under the table's location that no snapshot references, that no metadata file in
+//! the table's log is, and that are older than a safety age (a job still writing its files
+//! has not committed them yet).
+
+use std::collections::{BTreeSet, HashSet};
+use std::time::Duration;
+
+use iceberg::spec::TableMetadata;
+use iceberg::table::Table;
+use iceberg::{Catalog, TableIdent, TableRequirement, TableUpdate};
+use tracing::{info, warn};
+
+use super::catalog::CatalogConfig;
+use super::references::TableReferences;
+use super::swap::{SwapError, swap_table_metadata};
+use crate::error::{CoreError, Result};
+use crate::storage::{Location, delete_objects, list_objects_meta};
+
+/// Which snapshots expire.
+#[derive(Debug, Clone, Copy)]
+pub struct ExpirePolicy {
+    /// Snapshots created longer ago than this expire...
+    pub older_than: Duration,
+    /// ...except the newest `keep_last` (at least 1: the current snapshot never expires).
+    pub keep_last: usize,
+}
+
+/// The snapshots `policy` expires at `now_ms`: older than the cut-off, not among the newest
+/// `keep_last`, not the current snapshot and not the head of any branch or tag.
+pub fn snapshots_to_expire(
+    metadata: &TableMetadata,
+    now_ms: i64,
+    policy: ExpirePolicy,
+) -> Vec<i64> {
+    let snapshots: Vec<(i64, i64)> = metadata
+        .snapshots()
+        .map(|s| (s.timestamp_ms(), s.snapshot_id()))
+        .collect();
+    choose_expired(&snapshots, &referenced_by_refs(metadata), now_ms, policy)
+}
+
+/// [`snapshots_to_expire`] on plain data: `snapshots` as (created at ms, id).
+fn choose_expired(
+    snapshots: &[(i64, i64)],
+    protected: &HashSet<i64>,
+    now_ms: i64,
+    policy: ExpirePolicy,
+) -> Vec<i64> {
+    let cutoff = now_ms - policy.older_than.as_millis() as i64;
+    let mut snapshots = snapshots.to_vec();
+    snapshots.sort_unstable_by(|a, b| b.cmp(a)); // newest first
+    let mut expired: Vec<i64> = snapshots
+        .into_iter()
+        .skip(policy.keep_last.max(1))
+        .filter(|(at, id)| *at < cutoff && !protected.contains(id))
+        .map(|(_, id)| id)
+        .collect();
+    expired.sort_unstable();
+    expired
+}
+
+/// Snapshot ids at the head of a branch or tag (`main` included).
+fn referenced_by_refs(metadata: &TableMetadata) -> HashSet<i64> {
+    let mut ids: HashSet<i64> = metadata.current_snapshot_id().into_iter().collect();
+    if let Ok(json) = serde_json::to_value(metadata)
+        && let Some(refs) = json.get("refs").and_then(|r| r.as_object())
+    {
+        ids.extend(
+            refs.values()
+                .filter_map(|r| r.get("snapshot-id").and_then(|id| id.as_i64())),
+        );
+    }
+    ids
+}
+
+/// What an expiry did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Expired {
+    pub snapshots: Vec<i64>,
+    /// Files only the expired snapshots referenced, deleted.
+    pub files_deleted: usize,
+}
+
+/// Expires the snapshots `policy` names in one catalog swap, then deletes the files only
+/// they referenced. A conflicting commit makes it reload and decide again.
+pub async fn expire_snapshots(
+    catalog: &dyn Catalog,
+    config: &CatalogConfig,
+    ident: &TableIdent,
+    policy: ExpirePolicy,
+    dry_run: bool,
+) -> Result<Expired> {
+    for _attempt in 0..8 {
+        let table = catalog.load_table(ident).await?;
+        let doomed = snapshots_to_expire(table.metadata(), now_ms(), policy);
+        if doomed.is_empty() || dry_run {
+            return Ok(Expired {
+                snapshots: doomed,
+                files_deleted: 0,
+            });
+        }
+        let before = TableReferences::load(&table).await?;
+        let mut requirements = vec![TableRequirement::UuidMatch {
+            uuid: table.metadata().uuid(),
+        }];
+        if let Some(current) = table.metadata().current_snapshot_id() {
+            requirements.push(TableRequirement::RefSnapshotIdMatch {
+                r#ref: iceberg::spec::MAIN_BRANCH.to_string(),
+                snapshot_id: Some(current),
+            });
+        }
+        let updates = vec![TableUpdate::RemoveSnapshots {
+            snapshot_ids: doomed.clone(),
+        }];
+        match swap_table_metadata(config, &table, updates, requirements).await {
+            Ok(()) => {
+                let after = TableReferences::load(&catalog.load_table(ident).await?).await?;
+                let unreferenced: Vec<Location> = before
+                    .paths()
+                    .filter(|path| !after.references(path))
+                    .map(|path| Location::parse(path, std::path::Path::new("/")))
+                    .collect::<Result<_>>()?;
+                delete_objects(&unreferenced).await?;
+                info!(table = %ident, snapshots = doomed.len(), files = unreferenced.len(), "expired snapshots");
+                return Ok(Expired {
+                    snapshots: doomed,
+                    files_deleted: unreferenced.len(),
+                });
+            }
+            Err(SwapError::Conflict(message) | SwapError::Unknown(message)) => {
+                warn!(table = %ident, %message, "expiry met another commit; deciding again");
+            }
+            Err(SwapError::Failed(e)) => return Err(e),
+        }
+    }
+    Err(CoreError::Target {
+        table: ident.to_string(),
+        message: "snapshot expiry kept conflicting with other commits".into(),
+    })
+}
+
+/// Files under `table`'s location that no snapshot references, that are not a metadata file
+/// of the table's log, and that were last written before `older_than` ago.
+pub async fn find_orphans(table: &Table, older_than: Duration) -> Result<Vec<Location>> {
+    let metadata = table.metadata();
+    let references = TableReferences::load(table).await?;
+    let mut metadata_files: BTreeSet<String> = metadata
+        .metadata_log()
+        .iter()
+        .map(|m| file_name(&m.metadata_file).to_string())
+        .collect();
+    if let Some(current) = table.metadata_location() {
+        metadata_files.insert(file_name(current).to_string());
+    }
+    let root = Location::parse(metadata.location(), std::path::Path::new("/"))?;
+    let cutoff = std::time::SystemTime::now() - older_than;
+    let mut orphans = Vec::new();
+    for (location, meta) in list_objects_meta(&root).await? {
+        let path = location.url().path().to_string();
+        let name = file_name(&path);
+        let modified: std::time::SystemTime = meta.last_modified.into();
+        let kept = references.references(&path)
+            || metadata_files.contains(name)
+            || name == "version-hint.text"
+            || modified >= cutoff;
+        if !kept {
+            orphans.push(location);
+        }
+    }
+    Ok(orphans)
+}
+
+/// Deletes [`find_orphans`] of `ident`; returns what it deleted (or would, with `dry_run`).
+pub async fn remove_orphans(
+    catalog: &dyn Catalog,
+    ident: &TableIdent,
+    older_than: Duration,
+    dry_run: bool,
+) -> Result<Vec<String>> {
+    let table = catalog.load_table(ident).await?;
+    let orphans = find_orphans(&table, older_than).await?;
+    if !dry_run {
+        delete_objects(&orphans).await?;
+        info!(table = %ident, files = orphans.len(), "removed orphan files");
+    }
+    Ok(orphans.iter().map(|l| l.to_string()).collect())
+}
+
+fn file_name(path: &str) -> &str {
+    path.rsplit('/').next().unwrap_or(path)
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DAY: i64 = 86_400_000;
+
+    fn policy(days: u64, keep_last: usize) -> ExpirePolicy {
+        ExpirePolicy {
+            older_than: Duration::from_secs(days * 86_400),
+            keep_last,
+        }
+    }
+
+    #[test]
+    fn old_snapshots_expire_but_the_newest_and_the_referenced_stay() {
+        // Ten daily snapshots, ids 0..10, the newest created at day 10.
+        let snapshots: Vec<(i64, i64)> = (0..10).map(|d| (d * DAY, d)).collect();
+        let now = 10 * DAY;
+        let none = HashSet::new();
+        assert_eq!(
+            choose_expired(&snapshots, &none, now, policy(7, 1)),
+            vec![0, 1, 2]
+        );
+        assert_eq!(
+            choose_expired(&snapshots, &none, now, policy(7, 8)),
+            vec![0, 1]
+        );
+        assert_eq!(
+            choose_expired(&snapshots, &none, now, policy(0, 1)),
+            (0..9).collect::<Vec<_>>()
+        );
+        // keep_last 0 still keeps the newest.
+        assert_eq!(
+            choose_expired(&snapshots, &none, now, policy(0, 0)).len(),
+            9
+        );
+        let tagged: HashSet<i64> = [1].into();
+        assert_eq!(
+            choose_expired(&snapshots, &tagged, now, policy(7, 1)),
+            vec![0, 2]
+        );
+        assert!(choose_expired(&[], &none, now, policy(0, 1)).is_empty());
+    }
+}

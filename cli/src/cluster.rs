@@ -9,6 +9,7 @@ use nightshift_cluster::submission::JobSubmission;
 use nightshift_cluster::{ClusterConfig, RabbitQueue, RedisState};
 use nightshift_core::CoreError;
 use nightshift_core::ids::JobId;
+use nightshift_core::session::{SessionOptions, human_bytes, new_session};
 use nightshift_worker::Worker;
 
 /// Runs a worker until its queue closes or the broker goes away.
@@ -18,7 +19,20 @@ pub async fn run_worker(config: &ClusterConfig, id: &str) -> Result<(), CoreErro
         .map_err(|e| CoreError::Transport(e.to_string()))?;
     let queue = Arc::new(RabbitQueue::connect(&config.rabbitmq).await?);
     let state = Arc::new(RedisState::connect(&config.redis.url, &config.redis.prefix).await?);
+    let memory = config.worker_memory();
+    let session = new_session(SessionOptions {
+        runtime: Some(memory.runtime()?),
+        task_memory: Some(memory.per_task()),
+        ..SessionOptions::default()
+    });
+    tracing::info!(
+        worker = id,
+        memory_limit = %human_bytes(memory.limit),
+        spill_dir = ?memory.spill_dir,
+        "worker memory"
+    );
     Worker::new(id, queue, state)
+        .with_session(session)
         .with_lease_ttl(config.redis.lease_ttl())
         .run_until(terminated())
         .await

@@ -10,7 +10,7 @@ use datafusion::prelude::SessionContext;
 use nightshift_core::CoreError;
 use nightshift_core::codec::encode_plan;
 use nightshift_core::ids::{JobId, StageId, TaskKey};
-use nightshift_core::planner::{JobPlan, plan_job};
+use nightshift_core::planner::{JobPlan, PlanMode, PlanOptions, plan_job};
 use nightshift_core::redact::{MASK, is_secret_name, redact};
 use nightshift_core::session::{SessionOptions, new_session};
 use nightshift_core::shuffle::resolve_shuffles;
@@ -50,6 +50,9 @@ pub struct JobEnv {
     pub scratch: Location,
     /// A running task whose lease is not renewed for this long is run again elsewhere.
     pub lease_ttl: Duration,
+    /// How plans are cut: into stages exchanging through shuffle objects (workers anywhere),
+    /// or into one in-process stage (every worker in this process: the embedded mode).
+    pub plan_mode: PlanMode,
 }
 
 /// Default task lease: workers renew every third of it.
@@ -100,6 +103,11 @@ pub struct JobReport {
     pub already_committed: bool,
     pub rows: u64,
     pub files: usize,
+    /// Table partitions the files went to, and the most files one partition received.
+    #[serde(default)]
+    pub partitions: usize,
+    #[serde(default)]
+    pub max_files_per_partition: usize,
     pub bytes: u64,
     pub stages: usize,
     pub tasks: usize,
@@ -186,6 +194,7 @@ async fn plan(
     spec: &ResolvedSpec,
     options: &JobOptions,
     catalog: Option<&dyn iceberg::Catalog>,
+    mode: PlanMode,
 ) -> Result<Planned, JobError> {
     let session = new_session(SessionOptions::default());
     let sources = register_sources(&session, spec, catalog).await?;
@@ -200,7 +209,11 @@ async fn plan(
             .set(BROADCAST_THRESHOLD_KEY, &bytes.to_string())
             .map_err(|e| JobError::Internal(e.into()))?;
     }
-    let plan = plan_job(&session, &options.job_id, &spec.sql).await?;
+    let plan_options = PlanOptions {
+        mode,
+        partition_by: spec.partition_by.clone(),
+    };
+    let plan = plan_job(&session, &options.job_id, &spec.sql, &plan_options).await?;
     Ok(Planned {
         plan,
         sources,
@@ -250,7 +263,7 @@ pub async fn validate_job(
         Some(config) => Some(open_catalog(config).await?),
         None => None,
     };
-    let planned = plan(spec, options, catalog.as_deref()).await?;
+    let planned = plan(spec, options, catalog.as_deref(), PlanMode::default()).await?;
     let mut existing = None;
     if let Some(catalog) = &catalog {
         let ident = parse_table_ident(table)?;
@@ -313,6 +326,8 @@ async fn run_job_inner(
         already_committed: false,
         rows: 0,
         files: 0,
+        partitions: 0,
+        max_files_per_partition: 0,
         bytes: 0,
         stages: 0,
         tasks: 0,
@@ -335,7 +350,7 @@ async fn run_job_inner(
         }
     }
 
-    let planned = plan(spec, options, Some(catalog.as_ref())).await?;
+    let planned = plan(spec, options, Some(catalog.as_ref()), env.plan_mode).await?;
     let plan = planned.plan;
     report.stages = plan.stages.len();
     report.tasks = plan.total_tasks();
@@ -409,6 +424,9 @@ async fn run_job_inner(
             report.rows = tracker.final_rows();
             report.bytes = tracker.final_bytes();
             report.files = files.len();
+            let spread = nightshift_core::table::files_per_partition(&files);
+            report.partitions = spread.partitions;
+            report.max_files_per_partition = spread.max_files;
             on_event(JobEvent::Committing { files: files.len() });
             env.state
                 .set_job_state(job, JobState::Committing, "")

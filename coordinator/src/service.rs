@@ -63,6 +63,9 @@ pub async fn serve(
         catalog,
         scratch,
         lease_ttl: config.redis.lease_ttl(),
+        plan_mode: nightshift_core::planner::PlanMode::Distributed {
+            task_memory: Some(config.worker_memory().per_task()),
+        },
     };
     let mut api_server = None;
     if let Some(api) = api {

@@ -1,5 +1,5 @@
 //! Serializes stage plans for task messages: Ballista's physical codec plus Nightshift's
-//! object-store shuffle reader.
+//! object-store shuffle reader and the embedded mode's shared plan (sent by key).
 
 use std::sync::Arc;
 
@@ -21,10 +21,13 @@ use datafusion_proto::protobuf;
 use nightshift_proto::v1;
 use prost::Message;
 
+use crate::shared_plan::SharedPlanExec;
 use crate::shuffle::{ObjectStoreShuffleReaderExec, Segment};
 
 /// Marks an extension node as Nightshift's rather than Ballista's.
 const MAGIC: &[u8] = b"NSX1";
+/// Marks a [`SharedPlanExec`]: the key of a plan registered in this process.
+const SHARED_MAGIC: &[u8] = b"NSP1";
 
 /// The physical extension codec for stage plans.
 #[derive(Debug, Default)]
@@ -49,6 +52,11 @@ impl PhysicalExtensionCodec for NightshiftCodec {
         inputs: &[Arc<dyn ExecutionPlan>],
         ctx: &TaskContext,
     ) -> Result<Arc<dyn ExecutionPlan>> {
+        if let Some(key) = buf.strip_prefix(SHARED_MAGIC) {
+            let key = std::str::from_utf8(key)
+                .map_err(|e| DataFusionError::Internal(format!("shared plan key: {e}")))?;
+            return Ok(SharedPlanExec::lookup(key)?);
+        }
         match buf.strip_prefix(MAGIC) {
             Some(body) => decode_reader(body, ctx),
             None => self.ballista.try_decode(buf, inputs, ctx),
@@ -56,6 +64,11 @@ impl PhysicalExtensionCodec for NightshiftCodec {
     }
 
     fn try_encode(&self, node: Arc<dyn ExecutionPlan>, buf: &mut Vec<u8>) -> Result<()> {
+        if let Some(shared) = node.as_any().downcast_ref::<SharedPlanExec>() {
+            buf.extend_from_slice(SHARED_MAGIC);
+            buf.extend_from_slice(shared.key().as_bytes());
+            return Ok(());
+        }
         match node.as_any().downcast_ref::<ObjectStoreShuffleReaderExec>() {
             Some(reader) => {
                 buf.extend_from_slice(MAGIC);

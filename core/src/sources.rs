@@ -5,13 +5,18 @@ use std::path::Path;
 use std::sync::Arc;
 
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use datafusion::catalog::Session;
+use datafusion::common::ScalarValue;
 use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::{
     ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
 };
 use datafusion::datasource::{MemTable, TableProvider};
-use datafusion::execution::FunctionRegistry;
-use datafusion::logical_expr::{ScalarUDF, col, lit};
+use datafusion::logical_expr::{Expr, TableProviderFilterPushDown, TableType};
+use datafusion::physical_expr::expressions::{Column, Literal};
+use datafusion::physical_expr::{PhysicalExpr, ScalarFunctionExpr};
+use datafusion::physical_plan::ExecutionPlan;
+use datafusion::physical_plan::projection::ProjectionExec;
 use datafusion::prelude::{CsvReadOptions, JsonReadOptions, ParquetReadOptions, SessionContext};
 use futures::TryStreamExt;
 use iceberg::Catalog;
@@ -516,32 +521,137 @@ async fn register_view(
     _location: &Location,
 ) -> Result<()> {
     let raw = ctx.table_provider(raw_name).await?;
-    let required: Vec<&ColumnContract> = contract.iter().filter(|c| !c.nullable).collect();
-    if required.is_empty() {
+    let checks: Vec<(String, String)> = contract
+        .iter()
+        .filter(|c| !c.nullable && schema.column_with_name(&c.name).is_some())
+        .map(|c| {
+            (
+                c.name.clone(),
+                format!(
+                    "source `{}`: column `{}` is declared `{}` but holds nulls",
+                    source.name, c.name, c.declared
+                ),
+            )
+        })
+        .collect();
+    if checks.is_empty() {
         ctx.register_table(source.name.as_str(), raw)?;
         return Ok(());
     }
-    let udf: Arc<ScalarUDF> = ctx.udf(REQUIRE_NOT_NULL_UDF)?;
-    let exprs = schema
-        .fields()
-        .iter()
-        .map(|field| {
-            let name = field.name();
-            match required.iter().find(|c| &c.name == name) {
-                Some(c) => udf
-                    .call(vec![
-                        col(format!("\"{name}\"")),
-                        lit(format!(
-                            "source `{}`: column `{name}` is declared `{}` but holds nulls",
-                            source.name, c.declared
-                        )),
-                    ])
-                    .alias(name),
-                None => col(format!("\"{name}\"")),
-            }
-        })
-        .collect::<Vec<_>>();
-    let view = ctx.table(raw_name).await?.select(exprs)?.into_view();
-    ctx.register_table(source.name.as_str(), view)?;
+    let checked = NotNullCheckedTable::new(raw, checks);
+    ctx.register_table(source.name.as_str(), Arc::new(checked))?;
     Ok(())
+}
+
+/// A source whose `not null` contract columns are checked right above its scan.
+///
+/// The SQL sees the source's own columns (declared non-nullable), so filters reach the scan
+/// (Parquet statistics and row-group pruning use them); the scan's output then passes a
+/// projection that fails the task on a null in a checked column. Rows a pushed-down filter
+/// skips are not checked, and could not reach the result either.
+#[derive(Debug)]
+struct NotNullCheckedTable {
+    inner: Arc<dyn TableProvider>,
+    schema: SchemaRef,
+    /// Column name and the error message for a null in it.
+    checks: Vec<(String, String)>,
+}
+
+impl NotNullCheckedTable {
+    fn new(inner: Arc<dyn TableProvider>, checks: Vec<(String, String)>) -> Self {
+        let raw = inner.schema();
+        let fields = raw
+            .fields()
+            .iter()
+            .map(|f| {
+                if checks.iter().any(|(name, _)| name == f.name()) {
+                    Arc::new(f.as_ref().clone().with_nullable(false))
+                } else {
+                    f.clone()
+                }
+            })
+            .collect::<Vec<_>>();
+        NotNullCheckedTable {
+            inner,
+            schema: Arc::new(Schema::new_with_metadata(fields, raw.metadata().clone())),
+            checks,
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl TableProvider for NotNullCheckedTable {
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+
+    fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+
+    fn table_type(&self) -> TableType {
+        self.inner.table_type()
+    }
+
+    fn supports_filters_pushdown(
+        &self,
+        filters: &[&Expr],
+    ) -> datafusion::error::Result<Vec<TableProviderFilterPushDown>> {
+        self.inner.supports_filters_pushdown(filters)
+    }
+
+    fn statistics(&self) -> Option<datafusion::common::Statistics> {
+        self.inner.statistics()
+    }
+
+    async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        filters: &[Expr],
+        limit: Option<usize>,
+    ) -> datafusion::error::Result<Arc<dyn ExecutionPlan>> {
+        let scan = self.inner.scan(state, projection, filters, limit).await?;
+        let scanned = scan.schema();
+        if !scanned
+            .fields()
+            .iter()
+            .any(|f| self.checks.iter().any(|(name, _)| name == f.name()))
+        {
+            return Ok(scan);
+        }
+        let udf = state
+            .scalar_functions()
+            .get(REQUIRE_NOT_NULL_UDF)
+            .cloned()
+            .ok_or_else(|| {
+                datafusion::error::DataFusionError::Internal(format!(
+                    "{REQUIRE_NOT_NULL_UDF} is not registered"
+                ))
+            })?;
+        let config = Arc::new(state.config_options().clone());
+        let exprs = scanned
+            .fields()
+            .iter()
+            .enumerate()
+            .map(|(i, field)| {
+                let column: Arc<dyn PhysicalExpr> = Arc::new(Column::new(field.name(), i));
+                let expr = match self.checks.iter().find(|(name, _)| name == field.name()) {
+                    Some((_, message)) => {
+                        let message: Arc<dyn PhysicalExpr> =
+                            Arc::new(Literal::new(ScalarValue::Utf8(Some(message.clone()))));
+                        Arc::new(ScalarFunctionExpr::try_new(
+                            udf.clone(),
+                            vec![column, message],
+                            &scanned,
+                            config.clone(),
+                        )?) as Arc<dyn PhysicalExpr>
+                    }
+                    None => column,
+                };
+                Ok((expr, field.name().clone()))
+            })
+            .collect::<datafusion::error::Result<Vec<_>>>()?;
+        Ok(Arc::new(ProjectionExec::try_new(exprs, scan)?))
+    }
 }

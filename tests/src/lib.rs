@@ -101,10 +101,7 @@ impl Sandbox {
             partitions,
             max_task_attempts: None,
         };
-        let embedded = EmbeddedOptions {
-            warehouse: self.warehouse(),
-            workers,
-        };
+        let embedded = EmbeddedOptions::new(self.warehouse(), workers);
         run_embedded(&spec, &embedded, &options, &|_| {}).await
     }
 

@@ -129,10 +129,7 @@ async fn failing_job_commits_nothing_and_leaves_no_files() {
         partitions: Some(5),
         max_task_attempts: None,
     };
-    let embedded = EmbeddedOptions {
-        warehouse: sandbox.warehouse(),
-        workers: 1,
-    };
+    let embedded = EmbeddedOptions::new(sandbox.warehouse(), 1);
     let on_event = |e: JobEvent| {
         if let JobEvent::TaskFinished { done, .. } = e {
             finished.store(done, Ordering::SeqCst);
@@ -207,6 +204,9 @@ async fn duplicate_task_deliveries_write_no_duplicate_rows() {
         catalog: embedded_catalog(&warehouse).unwrap(),
         scratch: warehouse.join(SCRATCH_DIR),
         lease_ttl: nightshift_coordinator::job::DEFAULT_LEASE_TTL,
+        // Duplicate deliveries need tasks that can run twice: shuffle objects, not one
+        // shared in-process plan.
+        plan_mode: nightshift_core::planner::PlanMode::default(),
     };
     let options = JobOptions {
         job_id: JobId::generate(),

@@ -13,6 +13,7 @@ use nightshift_cluster::ClusterConfig;
 use nightshift_coordinator::{JobError, JobEvent, JobOptions, validate_job};
 use nightshift_core::ids::JobId;
 use nightshift_core::redact::RedactingWriter;
+use nightshift_core::session::MemorySettings;
 use nightshift_proto::v1::ListJobsRequest;
 use nightshift_spec::{ResolvedSpec, load_spec, parse_param_arg};
 
@@ -206,6 +207,22 @@ struct RunArgs {
     /// With --cluster: how long to wait for the outcome, in seconds.
     #[arg(long, default_value_t = 3600)]
     wait_secs: u64,
+    /// Memory the run's tasks may hold in operators (hash tables, sorts, aggregations), e.g.
+    /// 2GiB. Past it operators spill to --spill-dir; a task that still does not fit fails
+    /// with the operator's name. Default: 60 % of the container's or machine's memory.
+    #[arg(long, env = "NIGHTSHIFT_MEMORY_LIMIT", value_name = "SIZE", value_parser = parse_size)]
+    memory_limit: Option<u64>,
+    /// Directory for spill files (default: the system's temporary directory).
+    #[arg(long, env = "NIGHTSHIFT_SPILL_DIR", value_name = "DIR")]
+    spill_dir: Option<PathBuf>,
+    /// Cut the job into stages that exchange rows through shuffle files, as a cluster does,
+    /// instead of one in-process stage (for comparisons and debugging).
+    #[arg(long)]
+    staged: bool,
+}
+
+fn parse_size(text: &str) -> Result<u64, String> {
+    nightshift_core::session::parse_bytes(text)
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -321,10 +338,10 @@ async fn run(args: RunArgs) -> ExitCode {
         return run_on_cluster(config, &args, &job_id).await;
     }
     let options = job_options(&args.common, job_id.clone(), args.workers);
-    let embedded = EmbeddedOptions {
-        warehouse: args.common.warehouse.clone(),
-        workers: args.workers,
-    };
+    let mut embedded = EmbeddedOptions::new(args.common.warehouse.clone(), args.workers);
+    embedded.memory =
+        MemorySettings::new(args.memory_limit, args.spill_dir.clone(), embedded.workers);
+    embedded.staged = args.staged;
     let progress = StageBars::new(std::io::stderr().is_terminal());
     let on_event = |event: JobEvent| progress.on_event(event);
     let result = run_embedded(&spec, &embedded, &options, &on_event).await;

@@ -21,6 +21,7 @@ use datafusion_proto::protobuf;
 use nightshift_proto::v1;
 use prost::Message;
 
+use crate::not_null::{NotNullCheck, NotNullCheckExec};
 use crate::shared_plan::SharedPlanExec;
 use crate::shuffle::{ObjectStoreShuffleReaderExec, Segment};
 
@@ -28,6 +29,8 @@ use crate::shuffle::{ObjectStoreShuffleReaderExec, Segment};
 const MAGIC: &[u8] = b"NSX1";
 /// Marks a [`SharedPlanExec`]: the key of a plan registered in this process.
 const SHARED_MAGIC: &[u8] = b"NSP1";
+/// Marks a [`NotNullCheckExec`]: its checks as JSON; its input is the node's one input.
+const NOT_NULL_MAGIC: &[u8] = b"NSN1";
 
 /// The physical extension codec for stage plans.
 #[derive(Debug, Default)]
@@ -57,6 +60,16 @@ impl PhysicalExtensionCodec for NightshiftCodec {
                 .map_err(|e| DataFusionError::Internal(format!("shared plan key: {e}")))?;
             return Ok(SharedPlanExec::lookup(key)?);
         }
+        if let Some(json) = buf.strip_prefix(NOT_NULL_MAGIC) {
+            let checks: Vec<NotNullCheck> = serde_json::from_slice(json)
+                .map_err(|e| DataFusionError::Internal(format!("not-null checks: {e}")))?;
+            let [input] = inputs else {
+                return Err(DataFusionError::Internal(
+                    "a not-null check has one input".into(),
+                ));
+            };
+            return Ok(Arc::new(NotNullCheckExec::new(input.clone(), checks)));
+        }
         match buf.strip_prefix(MAGIC) {
             Some(body) => decode_reader(body, ctx),
             None => self.ballista.try_decode(buf, inputs, ctx),
@@ -67,6 +80,13 @@ impl PhysicalExtensionCodec for NightshiftCodec {
         if let Some(shared) = node.as_any().downcast_ref::<SharedPlanExec>() {
             buf.extend_from_slice(SHARED_MAGIC);
             buf.extend_from_slice(shared.key().as_bytes());
+            return Ok(());
+        }
+        if let Some(check) = node.as_any().downcast_ref::<NotNullCheckExec>() {
+            buf.extend_from_slice(NOT_NULL_MAGIC);
+            let json = serde_json::to_vec(check.checks())
+                .map_err(|e| DataFusionError::Internal(format!("not-null checks: {e}")))?;
+            buf.extend_from_slice(&json);
             return Ok(());
         }
         match node.as_any().downcast_ref::<ObjectStoreShuffleReaderExec>() {

@@ -16,6 +16,7 @@ pub mod codec;
 pub mod error;
 pub mod ids;
 pub mod joins;
+pub mod not_null;
 pub mod planner;
 pub mod redact;
 pub mod session;

@@ -6,24 +6,20 @@ use std::sync::Arc;
 
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use datafusion::catalog::Session;
-use datafusion::common::ScalarValue;
 use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::{
     ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
 };
 use datafusion::datasource::{MemTable, TableProvider};
 use datafusion::logical_expr::{Expr, TableProviderFilterPushDown, TableType};
-use datafusion::physical_expr::expressions::{Column, Literal};
-use datafusion::physical_expr::{PhysicalExpr, ScalarFunctionExpr};
 use datafusion::physical_plan::ExecutionPlan;
-use datafusion::physical_plan::projection::ProjectionExec;
 use datafusion::prelude::{CsvReadOptions, JsonReadOptions, ParquetReadOptions, SessionContext};
 use futures::TryStreamExt;
 use iceberg::Catalog;
 use nightshift_spec::{ColumnContract, ResolvedSpec, SourceFormat, SourceSpec};
 
 use crate::error::{CoreError, Result};
-use crate::session::REQUIRE_NOT_NULL_UDF;
+use crate::not_null::{NotNullCheck, NotNullCheckExec};
 use crate::storage::{Location, list_objects};
 
 /// What was found for one source.
@@ -543,12 +539,9 @@ async fn register_view(
     Ok(())
 }
 
-/// A source whose `not null` contract columns are checked right above its scan.
-///
-/// The SQL sees the source's own columns (declared non-nullable), so filters reach the scan
-/// (Parquet statistics and row-group pruning use them); the scan's output then passes a
-/// projection that fails the task on a null in a checked column. Rows a pushed-down filter
-/// skips are not checked, and could not reach the result either.
+/// A source whose `not null` contract columns are checked right above its scan
+/// ([`NotNullCheckExec`]). The SQL sees the source's own columns (declared non-nullable), so
+/// filters reach the scan, where Parquet statistics and row-group pruning use them.
 #[derive(Debug)]
 struct NotNullCheckedTable {
     inner: Arc<dyn TableProvider>,
@@ -620,38 +613,14 @@ impl TableProvider for NotNullCheckedTable {
         {
             return Ok(scan);
         }
-        let udf = state
-            .scalar_functions()
-            .get(REQUIRE_NOT_NULL_UDF)
-            .cloned()
-            .ok_or_else(|| {
-                datafusion::error::DataFusionError::Internal(format!(
-                    "{REQUIRE_NOT_NULL_UDF} is not registered"
-                ))
-            })?;
-        let config = Arc::new(state.config_options().clone());
-        let exprs = scanned
-            .fields()
+        let checks = self
+            .checks
             .iter()
-            .enumerate()
-            .map(|(i, field)| {
-                let column: Arc<dyn PhysicalExpr> = Arc::new(Column::new(field.name(), i));
-                let expr = match self.checks.iter().find(|(name, _)| name == field.name()) {
-                    Some((_, message)) => {
-                        let message: Arc<dyn PhysicalExpr> =
-                            Arc::new(Literal::new(ScalarValue::Utf8(Some(message.clone()))));
-                        Arc::new(ScalarFunctionExpr::try_new(
-                            udf.clone(),
-                            vec![column, message],
-                            &scanned,
-                            config.clone(),
-                        )?) as Arc<dyn PhysicalExpr>
-                    }
-                    None => column,
-                };
-                Ok((expr, field.name().clone()))
+            .map(|(column, message)| NotNullCheck {
+                column: column.clone(),
+                message: message.clone(),
             })
-            .collect::<datafusion::error::Result<Vec<_>>>()?;
-        Ok(Arc::new(ProjectionExec::try_new(exprs, scan)?))
+            .collect();
+        Ok(Arc::new(NotNullCheckExec::new(scan, checks)))
     }
 }

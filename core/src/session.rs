@@ -104,6 +104,12 @@ pub fn new_session(options: SessionOptions) -> SessionContext {
         // still does not fit with the operator's name and the limit.
         .set_bool("datafusion.optimizer.prefer_hash_join", true)
         .set_u64(BROADCAST_THRESHOLD_KEY, threshold)
+        // A sort reserves this much up front to merge its spill files; under a small limit
+        // (several tasks sharing a few hundred MiB) the fixed 10 MiB would fail the task.
+        .set_u64(
+            "datafusion.execution.sort_spill_reservation_bytes",
+            (task_memory / 8).clamp(256 << 10, 10 << 20),
+        )
         .with_option_extension(NightshiftOptions {
             single_process: false,
             task_memory_bytes: task_memory as usize,
@@ -408,5 +414,66 @@ mod tests {
         let settings = MemorySettings::new(None, None, 2);
         assert!(settings.limit > 0 && settings.limit < available_memory());
         assert_eq!(settings.per_task(), settings.limit / 2);
+    }
+}
+
+#[cfg(test)]
+mod memory_tests {
+    use datafusion::physical_plan::{ExecutionPlan, collect};
+
+    use super::*;
+
+    /// Spills counted by every operator of an executed plan.
+    fn spills(plan: &Arc<dyn ExecutionPlan>) -> usize {
+        plan.metrics().and_then(|m| m.spill_count()).unwrap_or(0)
+            + plan.children().into_iter().map(spills).sum::<usize>()
+    }
+
+    async fn run(ctx: &SessionContext, sql: &str) -> datafusion::error::Result<(String, usize)> {
+        let plan = ctx.sql(sql).await?.create_physical_plan().await?;
+        let batches = collect(plan.clone(), ctx.task_ctx()).await?;
+        let text = datafusion::arrow::util::pretty::pretty_format_batches(&batches)?.to_string();
+        Ok((text, spills(&plan)))
+    }
+
+    fn session(limit: Option<u64>, dir: &std::path::Path) -> SessionContext {
+        let runtime = limit.map(|limit| {
+            MemorySettings::new(Some(limit), Some(dir.to_path_buf()), 1)
+                .runtime()
+                .unwrap()
+        });
+        new_session(SessionOptions {
+            partitions: 2,
+            runtime,
+            ..SessionOptions::default()
+        })
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_small_limit_spills_and_gives_the_rows_of_an_unlimited_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let sql = "SELECT v % 300007 AS g, count(*) AS c, sum(v) AS s \
+                   FROM generate_series(1, 600000) AS t(v) GROUP BY 1 ORDER BY 1 DESC LIMIT 20 OFFSET 1000";
+        let (unlimited, unlimited_spills) = run(&session(None, dir.path()), sql).await.unwrap();
+        let (limited, limited_spills) = run(&session(Some(20 << 20), dir.path()), sql)
+            .await
+            .unwrap();
+        assert_eq!(unlimited_spills, 0);
+        assert!(limited_spills > 0, "nothing spilled under 20 MiB");
+        assert_eq!(limited, unlimited);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_task_that_cannot_fit_names_the_operator_and_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let sql = "SELECT count(*) FROM generate_series(1, 2000000) AS a(x) \
+                   JOIN generate_series(1, 2000000) AS b(y) ON x = y";
+        let err = run(&session(Some(4 << 20), dir.path()), sql)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("memory limit of 4.0 MiB"), "{err}");
+        assert!(err.contains("operator "), "{err}");
+        assert!(err.contains("--memory-limit"), "{err}");
     }
 }

@@ -90,9 +90,13 @@ pub async fn run_embedded(
             tokio::spawn(async move { worker.run().await })
         })
         .collect();
+    let mut options = options.clone();
     let plan_mode = if embedded.staged {
         PlanMode::Distributed { task_memory }
     } else {
+        // A partition of a shared plan runs once: a retry could only fail with a message
+        // that hides the first failure's.
+        options.max_task_attempts = Some(1);
         PlanMode::SingleProcess {
             tasks: options.partitions.unwrap_or(embedded.workers).max(1),
             task_memory,
@@ -106,7 +110,7 @@ pub async fn run_embedded(
         lease_ttl: nightshift_coordinator::job::DEFAULT_LEASE_TTL,
         plan_mode,
     };
-    let result = run_job(&env, spec, options, on_event).await;
+    let result = run_job(&env, spec, &options, on_event).await;
     queue.close();
     for worker in workers {
         match worker.await {

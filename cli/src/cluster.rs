@@ -12,6 +12,7 @@ use nightshift_cluster::submission::JobSubmission;
 use nightshift_cluster::{ClusterConfig, DeadTask, RabbitQueue, RedisState};
 use nightshift_core::CoreError;
 use nightshift_core::ids::JobId;
+use nightshift_core::session::{SessionOptions, human_bytes, new_session};
 use nightshift_worker::{StopConsuming, Worker};
 
 /// Operations settings of a worker process.
@@ -56,7 +57,20 @@ pub async fn run_worker(config: &ClusterConfig, id: &str, ops: WorkerOps) -> Res
         terminated().await;
         readiness.start_draining();
     };
+    let memory = config.worker_memory();
+    let session = new_session(SessionOptions {
+        runtime: Some(memory.runtime()?),
+        task_memory: Some(memory.per_task()),
+        ..SessionOptions::default()
+    });
+    tracing::info!(
+        worker = id,
+        memory_limit = %human_bytes(memory.limit),
+        spill_dir = ?memory.spill_dir,
+        "worker memory"
+    );
     Worker::new(id, queue, state)
+        .with_session(session)
         .with_lease_ttl(config.redis.lease_ttl())
         .with_drain(ops.drain_grace, stop_consuming)
         .run_until(shutdown)

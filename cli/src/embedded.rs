@@ -1,5 +1,10 @@
 //! The embedded mode: a coordinator and N workers in one process, sharing an in-process
 //! queue and state store, writing to a local warehouse with a SQLite catalog.
+//!
+//! The workers share one memory pool and spill directory (`--memory-limit`, `--spill-dir`),
+//! and by default a job is planned as one in-process stage whose tasks share a plan
+//! instance (`PlanMode::SingleProcess`): no shuffle files, exchanges in memory, one task per
+//! worker. The table write and the one-snapshot commit are the cluster's code.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -7,6 +12,8 @@ use std::sync::Arc;
 use nightshift_coordinator::cleanup::run_late_sweeps;
 use nightshift_coordinator::{JobEnv, JobError, JobEvent, JobOptions, JobReport, run_job};
 use nightshift_core::CoreError;
+use nightshift_core::planner::PlanMode;
+use nightshift_core::session::{MemorySettings, SessionOptions, new_session};
 use nightshift_core::storage::Location;
 use nightshift_core::table::CatalogConfig;
 use nightshift_core::transport::memory::{MemoryQueue, MemoryState};
@@ -21,6 +28,23 @@ pub const SCRATCH_DIR: &str = ".nightshift/jobs";
 pub struct EmbeddedOptions {
     pub warehouse: PathBuf,
     pub workers: usize,
+    /// The process's memory limit (shared by its workers) and spill directory.
+    pub memory: MemorySettings,
+    /// Run stages through shuffle files as a cluster does, instead of one in-process stage.
+    pub staged: bool,
+}
+
+impl EmbeddedOptions {
+    /// `workers` in-process workers with the default memory limit, one in-process stage.
+    pub fn new(warehouse: PathBuf, workers: usize) -> Self {
+        let workers = workers.max(1);
+        EmbeddedOptions {
+            warehouse,
+            workers,
+            memory: MemorySettings::new(None, None, workers),
+            staged: false,
+        }
+    }
 }
 
 /// The warehouse as a location, created if missing. An unwritable warehouse is reported
@@ -53,19 +77,42 @@ pub async fn run_embedded(
     let warehouse = prepare_warehouse(&embedded.warehouse)?;
     let queue = Arc::new(MemoryQueue::default());
     let state = Arc::new(MemoryState::default());
+    let runtime = embedded.memory.runtime()?;
+    let task_memory = Some(embedded.memory.per_task());
     let workers: Vec<_> = (0..embedded.workers.max(1))
         .map(|i| {
-            let worker = Worker::new(format!("embedded-{i}"), queue.clone(), state.clone());
+            let session = new_session(SessionOptions {
+                runtime: Some(runtime.clone()),
+                task_memory,
+                ..SessionOptions::default()
+            });
+            let worker = Worker::new(format!("embedded-{i}"), queue.clone(), state.clone())
+                .with_session(session);
             tokio::spawn(async move { worker.run().await })
         })
         .collect();
-    let env = JobEnv::new(
-        queue.clone(),
-        state,
-        embedded_catalog(&warehouse)?,
-        warehouse.join(SCRATCH_DIR),
-    );
-    let result = run_job(&env, spec, options, on_event).await;
+    let mut options = options.clone();
+    let plan_mode = if embedded.staged {
+        PlanMode::Distributed { task_memory }
+    } else {
+        // A partition of a shared plan runs once: a retry could only fail with a message
+        // that hides the first failure's.
+        options.max_task_attempts = Some(1);
+        PlanMode::SingleProcess {
+            tasks: options.partitions.unwrap_or(embedded.workers).max(1),
+            task_memory,
+        }
+    };
+    let env = JobEnv {
+        plan_mode,
+        ..JobEnv::new(
+            queue.clone(),
+            state,
+            embedded_catalog(&warehouse)?,
+            warehouse.join(SCRATCH_DIR),
+        )
+    };
+    let result = run_job(&env, spec, &options, on_event).await;
     queue.close();
     for worker in workers {
         match worker.await {

@@ -41,7 +41,7 @@ pub fn report_text(report: &JobReport) -> String {
         _ => report.table.clone(),
     };
     format!(
-        "job {} succeeded\n  pipeline  {}\n  table     {}\n  snapshot  {}\n  rows      {}\n  files     {} ({})\n  stages    {} ({} tasks)\n  duration  {:.1} s\n",
+        "job {} succeeded\n  pipeline  {}\n  table     {}\n  snapshot  {}\n  rows      {}\n  files     {} ({}){}\n  stages    {} ({} tasks)\n  duration  {:.1} s\n",
         report.job_id,
         report.pipeline,
         table,
@@ -49,6 +49,14 @@ pub fn report_text(report: &JobReport) -> String {
         report.rows,
         report.files,
         HumanBytes(report.bytes),
+        if report.partitions > 1 {
+            format!(
+                ", {} partitions, at most {} file(s) in one",
+                report.partitions, report.max_files_per_partition
+            )
+        } else {
+            String::new()
+        },
         report.stages,
         report.tasks,
         report.duration_ms as f64 / 1000.0

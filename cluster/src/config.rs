@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use nightshift_core::access::AccessPolicy;
+use nightshift_core::session::{MemorySettings, parse_bytes};
 use nightshift_core::storage::{Location, S3Settings, configure_s3, set_iceberg_props};
 use nightshift_core::table::{CatalogConfig, Secret};
 use serde::Deserialize;
@@ -35,6 +36,24 @@ pub struct ClusterConfig {
     pub catalog: CatalogSection,
     #[serde(default)]
     pub access: AccessSection,
+    #[serde(default)]
+    pub worker: WorkerSection,
+}
+
+/// `[worker]`: how a worker runs its tasks.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerSection {
+    /// Memory the worker's running tasks may hold in operators, e.g. `"6GiB"`
+    /// (`NIGHTSHIFT_MEMORY_LIMIT`). Operators spill to `spill_dir` past it; a task that still
+    /// does not fit fails, naming the operator and the limit. Default: 60 % of the
+    /// container's (cgroup) or machine's memory. The coordinator plans joins for it too.
+    #[serde(default)]
+    pub memory_limit: Option<String>,
+    /// Local directory for spill files (`NIGHTSHIFT_SPILL_DIR`); default: the system's
+    /// temporary directory.
+    #[serde(default)]
+    pub spill_dir: Option<String>,
 }
 
 /// `[access]`: what submitted pipelines may touch. Empty lists allow everything, which suits
@@ -181,6 +200,7 @@ impl ClusterConfig {
             message: e.message().to_string(),
         })?;
         config.apply_env(|k| std::env::var(k).ok());
+        config.validate()?;
         Ok(config)
     }
 
@@ -210,6 +230,33 @@ impl ClusterConfig {
         if let Some(v) = get("NIGHTSHIFT_ALLOWED_TABLES") {
             self.access.tables = list(v);
         }
+        if let Some(v) = get("NIGHTSHIFT_MEMORY_LIMIT") {
+            self.worker.memory_limit = Some(v);
+        }
+        if let Some(v) = get("NIGHTSHIFT_SPILL_DIR") {
+            self.worker.spill_dir = Some(v);
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(limit) = &self.worker.memory_limit {
+            parse_bytes(limit)
+                .map_err(|e| ConfigError::Invalid(format!("[worker] memory_limit: {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// The memory settings of a worker of this cluster: its limit is shared by the tasks it
+    /// holds at once (the RabbitMQ prefetch).
+    pub fn worker_memory(&self) -> MemorySettings {
+        MemorySettings::new(
+            self.worker
+                .memory_limit
+                .as_deref()
+                .and_then(|v| parse_bytes(v).ok()),
+            self.worker.spill_dir.as_ref().map(std::path::PathBuf::from),
+            usize::from(self.rabbitmq.prefetch.max(1)),
+        )
     }
 
     /// Configures this process's object stores and Iceberg FileIO, and returns the catalog
@@ -308,6 +355,31 @@ warehouse = "s3://b/wh"
         assert_eq!(config.rabbitmq.prefetch, 1);
         config.apply_env(|k| (k == "NIGHTSHIFT_REDIS_URL").then(|| "redis://other:1".to_string()));
         assert_eq!(config.redis.url, "redis://other:1");
+    }
+
+    #[test]
+    fn worker_memory_comes_from_the_file_or_the_environment() {
+        let mut config: ClusterConfig = toml::from_str(
+            r#"
+[rabbitmq]
+prefetch = 2
+[redis]
+[storage]
+scratch = "/tmp/s"
+[catalog]
+type = "sql"
+uri = "sqlite::memory:"
+warehouse = "/tmp/w"
+[worker]
+memory_limit = "3GiB"
+"#,
+        )
+        .unwrap();
+        assert_eq!(config.worker_memory().limit, 3 << 30);
+        assert_eq!(config.worker_memory().per_task(), 3 << 29);
+        config.apply_env(|k| (k == "NIGHTSHIFT_MEMORY_LIMIT").then(|| "lots".to_string()));
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("[worker] memory_limit"), "{err}");
     }
 
     #[test]

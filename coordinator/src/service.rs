@@ -82,6 +82,9 @@ pub async fn serve_until(
     let env = JobEnv {
         lease_ttl: config.redis.lease_ttl(),
         late_sweep_after: config.storage.late_sweep_after(),
+        plan_mode: nightshift_core::planner::PlanMode::Distributed {
+            task_memory: Some(config.worker_memory().per_task()),
+        },
         ..JobEnv::new(queue.clone(), state.clone(), catalog, scratch)
     };
     let readiness = Readiness::new(vec![

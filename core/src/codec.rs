@@ -1,5 +1,5 @@
 //! Serializes stage plans for task messages: Ballista's physical codec plus Nightshift's
-//! object-store shuffle reader.
+//! object-store shuffle reader and the embedded mode's shared plan (sent by key).
 
 use std::sync::Arc;
 
@@ -21,10 +21,16 @@ use datafusion_proto::protobuf;
 use nightshift_proto::v1;
 use prost::Message;
 
+use crate::not_null::{NotNullCheck, NotNullCheckExec};
+use crate::shared_plan::SharedPlanExec;
 use crate::shuffle::{ObjectStoreShuffleReaderExec, Segment};
 
 /// Marks an extension node as Nightshift's rather than Ballista's.
 const MAGIC: &[u8] = b"NSX1";
+/// Marks a [`SharedPlanExec`]: the key of a plan registered in this process.
+const SHARED_MAGIC: &[u8] = b"NSP1";
+/// Marks a [`NotNullCheckExec`]: its checks as JSON; its input is the node's one input.
+const NOT_NULL_MAGIC: &[u8] = b"NSN1";
 
 /// The physical extension codec for stage plans.
 #[derive(Debug, Default)]
@@ -49,6 +55,21 @@ impl PhysicalExtensionCodec for NightshiftCodec {
         inputs: &[Arc<dyn ExecutionPlan>],
         ctx: &TaskContext,
     ) -> Result<Arc<dyn ExecutionPlan>> {
+        if let Some(key) = buf.strip_prefix(SHARED_MAGIC) {
+            let key = std::str::from_utf8(key)
+                .map_err(|e| DataFusionError::Internal(format!("shared plan key: {e}")))?;
+            return Ok(SharedPlanExec::lookup(key)?);
+        }
+        if let Some(json) = buf.strip_prefix(NOT_NULL_MAGIC) {
+            let checks: Vec<NotNullCheck> = serde_json::from_slice(json)
+                .map_err(|e| DataFusionError::Internal(format!("not-null checks: {e}")))?;
+            let [input] = inputs else {
+                return Err(DataFusionError::Internal(
+                    "a not-null check has one input".into(),
+                ));
+            };
+            return Ok(Arc::new(NotNullCheckExec::new(input.clone(), checks)));
+        }
         match buf.strip_prefix(MAGIC) {
             Some(body) => decode_reader(body, ctx),
             None => self.ballista.try_decode(buf, inputs, ctx),
@@ -56,6 +77,18 @@ impl PhysicalExtensionCodec for NightshiftCodec {
     }
 
     fn try_encode(&self, node: Arc<dyn ExecutionPlan>, buf: &mut Vec<u8>) -> Result<()> {
+        if let Some(shared) = node.as_any().downcast_ref::<SharedPlanExec>() {
+            buf.extend_from_slice(SHARED_MAGIC);
+            buf.extend_from_slice(shared.key().as_bytes());
+            return Ok(());
+        }
+        if let Some(check) = node.as_any().downcast_ref::<NotNullCheckExec>() {
+            buf.extend_from_slice(NOT_NULL_MAGIC);
+            let json = serde_json::to_vec(check.checks())
+                .map_err(|e| DataFusionError::Internal(format!("not-null checks: {e}")))?;
+            buf.extend_from_slice(&json);
+            return Ok(());
+        }
         match node.as_any().downcast_ref::<ObjectStoreShuffleReaderExec>() {
             Some(reader) => {
                 buf.extend_from_slice(MAGIC);

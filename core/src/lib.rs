@@ -1,7 +1,10 @@
 //! The Nightshift engine, shared by the coordinator, the workers and the embedded mode.
 //!
 //! - [`access`] limits what a submitted pipeline may read and write.
-//! - [`planner`] turns a pipeline's SQL into Ballista query stages.
+//! - [`planner`] turns a pipeline's SQL into Ballista query stages, or into one shared
+//!   in-process stage for the embedded mode ([`shared_plan`]); [`joins`] picks join
+//!   strategies that stay correct when partitions run as separate tasks.
+//! - [`session`] builds DataFusion sessions and the bounded, spilling runtime tasks run in.
 //! - [`shuffle`] moves stage outputs through object storage; [`codec`] serializes stage plans.
 //! - [`names`] builds and parses every object name the engine writes.
 //! - [`task`] runs one partition of one stage on a worker.
@@ -14,11 +17,14 @@ pub mod access;
 pub mod codec;
 pub mod error;
 pub mod ids;
+pub mod joins;
 pub mod metrics;
 pub mod names;
+pub mod not_null;
 pub mod planner;
 pub mod redact;
 pub mod session;
+pub mod shared_plan;
 pub mod shuffle;
 pub mod sources;
 pub mod storage;

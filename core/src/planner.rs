@@ -1,22 +1,71 @@
 //! From SQL to Ballista query stages.
 //!
-//! DataFusion plans the SQL; Ballista's `DefaultDistributedPlanner` cuts the physical plan
-//! into stages at hash repartitions, coalesces and sort-preserving merges (and turns small
-//! hash joins into broadcast stages). Each stage is split into one task per input partition.
+//! DataFusion plans the SQL (with Nightshift's join strategy, `joins`); Ballista's
+//! `DefaultDistributedPlanner` cuts the physical plan into stages at hash repartitions,
+//! coalesces and sort-preserving merges, and writes the build side of each broadcast join as
+//! a stage every probe task reads whole. Each stage is split into one task per input
+//! partition.
+//!
+//! A job whose tasks all run in this process ([`PlanMode::SingleProcess`], the embedded mode)
+//! is not cut: its one stage is the whole plan, shared by its tasks ([`SharedPlanExec`]), so
+//! exchanges stay in memory and each broadcast is built once.
+//!
+//! The result of a job writing a partitioned table is hash-distributed by the partition
+//! values first (Iceberg's `write.distribution-mode = hash`): each table partition is written
+//! by one task, into files of the target size, not one small file per task.
 
 use std::sync::Arc;
 
-use ballista_core::execution_plans::ShuffleWriter;
+use ballista_core::execution_plans::{ShuffleWriter, ShuffleWriterExec};
+use ballista_core::extension::SessionConfigExt;
 use ballista_scheduler::planner::{DefaultDistributedPlanner, DistributedPlanner};
-use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::arrow::datatypes::{DataType, SchemaRef};
 use datafusion::execution::context::SQLOptions;
+use datafusion::physical_expr::expressions::{CastExpr, Column, Literal};
+use datafusion::physical_expr::{PhysicalExpr, ScalarFunctionExpr};
 use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
-use datafusion::physical_plan::{ExecutionPlan, displayable};
+use datafusion::physical_plan::repartition::RepartitionExec;
+use datafusion::physical_plan::{ExecutionPlan, Partitioning, displayable};
 use datafusion::prelude::SessionContext;
+use datafusion::scalar::ScalarValue;
+use nightshift_spec::{PartitionField, PartitionTransform};
 
 use crate::error::{CoreError, Result};
 use crate::ids::{JobId, StageId};
+use crate::joins::single_probe_for_build_emitting_joins;
+use crate::session::{BROADCAST_THRESHOLD_KEY, with_broadcast_threshold};
+use crate::shared_plan::SharedPlanExec;
 use crate::shuffle::upstream_stages;
+
+/// Where a job's tasks run, which decides how its plan is cut. `task_memory` is what one
+/// task may hold (the workers' memory limit over their concurrent tasks); `None` assumes
+/// workers like the planning machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlanMode {
+    /// Tasks run on any worker: stages cut at every exchange, which goes through shuffle
+    /// objects.
+    Distributed { task_memory: Option<u64> },
+    /// Every task runs in the planning process, all at once (the embedded mode): one stage
+    /// of `tasks` partitions on one shared plan instance; exchanges stay in memory.
+    SingleProcess {
+        tasks: usize,
+        task_memory: Option<u64>,
+    },
+}
+
+impl Default for PlanMode {
+    fn default() -> Self {
+        PlanMode::Distributed { task_memory: None }
+    }
+}
+
+/// What the planner needs besides the SQL.
+#[derive(Debug, Clone, Default)]
+pub struct PlanOptions {
+    pub mode: PlanMode,
+    /// The target table's partition fields: rows are distributed by them before the write.
+    pub partition_by: Vec<PartitionField>,
+}
 
 /// One stage of a job.
 #[derive(Debug, Clone)]
@@ -82,13 +131,19 @@ impl JobPlan {
 }
 
 /// Plans `sql` against the tables registered in `ctx`. Only queries are accepted.
-pub async fn plan_job(ctx: &SessionContext, job: &JobId, sql: &str) -> Result<JobPlan> {
-    let options = SQLOptions::new()
+pub async fn plan_job(
+    ctx: &SessionContext,
+    job: &JobId,
+    sql: &str,
+    options: &PlanOptions,
+) -> Result<JobPlan> {
+    configure_planning(ctx, options.mode)?;
+    let sql_options = SQLOptions::new()
         .with_allow_ddl(false)
         .with_allow_dml(false)
         .with_allow_statements(false);
     let df = ctx
-        .sql_with_options(sql, options)
+        .sql_with_options(sql, sql_options)
         .await
         .map_err(|e| CoreError::Sql(crate::task::clean_message(&e.to_string())))?;
     let output_schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
@@ -97,6 +152,50 @@ pub async fn plan_job(ctx: &SessionContext, job: &JobId, sql: &str) -> Result<Jo
         .await
         .map_err(|e| CoreError::Sql(crate::task::clean_message(&e.to_string())))?;
     let physical = strip_final_coalesce(physical);
+    let physical = distribute_by_partition(ctx, physical, &options.partition_by)?;
+    match options.mode {
+        PlanMode::Distributed { .. } => {
+            let physical = single_probe_for_build_emitting_joins(physical)?;
+            plan_stages(ctx, job, physical, output_schema)
+        }
+        PlanMode::SingleProcess { .. } => Ok(single_stage(job, physical, output_schema)?),
+    }
+}
+
+/// Moves the broadcast threshold (a spec's `broadcast_join_threshold_bytes`, stored under
+/// Ballista's key) to DataFusion's join selection and turns Ballista's own broadcast
+/// promotion off: it also broadcasts joins whose unmatched build rows would repeat per task
+/// (see `joins`). The single-process mode plans for its own task count.
+fn configure_planning(ctx: &SessionContext, mode: PlanMode) -> Result<()> {
+    let state = ctx.state_ref();
+    let mut state = state.write();
+    let config = state.config_mut();
+    let threshold = config.ballista_config().broadcast_join_threshold_bytes() as u64;
+    let mut updated = with_broadcast_threshold(config.clone(), threshold);
+    let options = updated.options_mut();
+    options.set(BROADCAST_THRESHOLD_KEY, "0")?;
+    let task_memory = match mode {
+        PlanMode::Distributed { task_memory } => task_memory,
+        PlanMode::SingleProcess { tasks, task_memory } => {
+            options.set("nightshift.single_process", "true")?;
+            options.execution.target_partitions = tasks.max(1);
+            task_memory
+        }
+    };
+    if let Some(bytes) = task_memory {
+        options.set("nightshift.task_memory_bytes", &bytes.to_string())?;
+    }
+    *config = updated;
+    Ok(())
+}
+
+/// The physical plan as Ballista stages, in dependency order.
+fn plan_stages(
+    ctx: &SessionContext,
+    job: &JobId,
+    physical: Arc<dyn ExecutionPlan>,
+    output_schema: SchemaRef,
+) -> Result<JobPlan> {
     let mut planner = DefaultDistributedPlanner::new();
     let writers =
         planner.plan_query_stages(job.as_str(), physical, ctx.state().config().options())?;
@@ -127,6 +226,100 @@ pub async fn plan_job(ctx: &SessionContext, job: &JobId, sql: &str) -> Result<Jo
         stages,
         output_schema,
     })
+}
+
+/// The whole plan as one final stage whose tasks share one instance of it.
+fn single_stage(
+    job: &JobId,
+    physical: Arc<dyn ExecutionPlan>,
+    output_schema: SchemaRef,
+) -> Result<JobPlan> {
+    let tasks = physical
+        .properties()
+        .output_partitioning()
+        .partition_count();
+    let shared: Arc<dyn ExecutionPlan> = SharedPlanExec::register(physical);
+    let writer = ShuffleWriterExec::try_new(job.to_string(), 1, shared, String::new(), None)?;
+    Ok(JobPlan {
+        stages: vec![PlannedStage {
+            id: StageId(1),
+            plan: Arc::new(writer),
+            tasks,
+            output_partitions: tasks,
+            upstream: vec![],
+            is_final: true,
+        }],
+        output_schema,
+    })
+}
+
+/// Hash-distributes the result by the target's partition values, so all rows of a table
+/// partition reach one task. Time transforms hash the truncated value (every day of a month
+/// goes to the month's task); bucket and truncate hash the source column, which keeps equal
+/// values together but may split a bucket over tasks.
+fn distribute_by_partition(
+    ctx: &SessionContext,
+    plan: Arc<dyn ExecutionPlan>,
+    partition_by: &[PartitionField],
+) -> Result<Arc<dyn ExecutionPlan>> {
+    let partitions = plan.properties().output_partitioning().partition_count();
+    if partition_by.is_empty() || partitions <= 1 {
+        return Ok(plan);
+    }
+    let schema = plan.schema();
+    let config = Arc::new(ctx.state().config_options().as_ref().clone());
+    let mut exprs: Vec<Arc<dyn PhysicalExpr>> = Vec::new();
+    for field in partition_by {
+        let Ok(index) = schema.index_of(&field.column) else {
+            // The target layout reports a missing partition column with a better message.
+            return Ok(plan);
+        };
+        let column: Arc<dyn PhysicalExpr> = Arc::new(Column::new(&field.column, index));
+        let unit = match field.transform {
+            PartitionTransform::Year => "year",
+            PartitionTransform::Month => "month",
+            PartitionTransform::Day => "day",
+            PartitionTransform::Hour => "hour",
+            _ => {
+                exprs.push(column);
+                continue;
+            }
+        };
+        let expr: Arc<dyn PhysicalExpr> = match schema.field(index).data_type() {
+            DataType::Date32 if unit == "day" => column,
+            DataType::Date32 | DataType::Date64 => {
+                let as_timestamp = Arc::new(CastExpr::new(
+                    column,
+                    DataType::Timestamp(datafusion::arrow::datatypes::TimeUnit::Second, None),
+                    None,
+                ));
+                truncate(unit, as_timestamp, &schema, config.clone())?
+            }
+            _ => truncate(unit, column, &schema, config.clone())?,
+        };
+        exprs.push(expr);
+    }
+    Ok(Arc::new(RepartitionExec::try_new(
+        plan,
+        Partitioning::Hash(exprs, partitions),
+    )?))
+}
+
+/// `date_trunc(unit, expr)`.
+fn truncate(
+    unit: &str,
+    expr: Arc<dyn PhysicalExpr>,
+    schema: &datafusion::arrow::datatypes::Schema,
+    config: Arc<datafusion::config::ConfigOptions>,
+) -> Result<Arc<dyn PhysicalExpr>> {
+    let unit: Arc<dyn PhysicalExpr> =
+        Arc::new(Literal::new(ScalarValue::Utf8(Some(unit.to_string()))));
+    Ok(Arc::new(ScalarFunctionExpr::try_new(
+        datafusion::functions::datetime::date_trunc(),
+        vec![unit, expr],
+        schema,
+        config,
+    )?))
 }
 
 /// The table is written by every partition of the last stage in parallel, so a top-level

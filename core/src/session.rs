@@ -1,16 +1,27 @@
-//! The DataFusion session every planner and worker uses: Ballista's restricted settings,
-//! Nightshift's UDFs and sizing. Coordinator and workers build it the same way, so a stage
-//! plan decodes identically on both sides.
+//! The DataFusion session every planner and worker uses: Ballista's restricted settings with
+//! hash joins back on, Nightshift's join strategy rule, UDFs and sizing, and the runtime a
+//! process executes tasks in (a bounded, spilling memory pool and a spill directory).
+//! Coordinator and workers build it the same way, so a stage plan decodes identically on
+//! both sides.
 
 use std::any::Any;
+use std::num::NonZeroUsize;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use ballista_core::extension::SessionConfigExt;
 use datafusion::arrow::datatypes::{DataType, Field, FieldRef};
-use datafusion::common::{DataFusionError, ScalarValue, exec_err};
+use datafusion::common::config::ConfigExtension;
+use datafusion::common::{DataFusionError, ScalarValue, exec_err, extensions_options};
 use datafusion::execution::SessionStateBuilder;
-use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
+use datafusion::execution::memory_pool::{
+    FairSpillPool, MemoryConsumer, MemoryLimit, MemoryPool, MemoryReservation, TrackConsumersPool,
+};
+use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
+use datafusion::physical_optimizer::optimizer::PhysicalOptimizer;
 
+use crate::joins::DistributedJoins;
 use crate::storage::NightshiftStoreRegistry;
 use datafusion::logical_expr::{
     ColumnarValue, ReturnFieldArgs, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature,
@@ -21,13 +32,45 @@ use datafusion::prelude::{SessionConfig, SessionContext};
 /// Name of the UDF that enforces `not null` in a source's schema contract.
 pub const REQUIRE_NOT_NULL_UDF: &str = "nightshift_require_not_null";
 
+/// A join side whose estimated size is below this is broadcast (built once per task from a
+/// copy of the whole side) instead of shuffled with the other side. `[execution]
+/// broadcast_join_threshold_bytes` overrides it; 0 turns broadcasts off.
+pub const DEFAULT_BROADCAST_THRESHOLD_BYTES: u64 = 32 << 20;
+
+/// Ballista's key for the broadcast threshold. A spec's `broadcast_join_threshold_bytes` is
+/// stored here; the planner hands it to DataFusion's join selection and turns Ballista's own
+/// promotion off (it broadcasts outer joins whose unmatched build rows would repeat per task).
+pub const BROADCAST_THRESHOLD_KEY: &str = "ballista.optimizer.broadcast_join_threshold_bytes";
+
+extensions_options! {
+    /// Nightshift's settings inside a DataFusion session (`nightshift.*`).
+    pub struct NightshiftOptions {
+        /// Every task of the job runs in this process on one shared plan, so operators that
+        /// coordinate their partitions in memory (a broadcast outer join's unmatched rows)
+        /// are correct as DataFusion runs them.
+        pub single_process: bool, default = false
+        /// Memory one task may count on, in bytes (0: unknown). A shuffled hash join whose
+        /// build side would not fit is planned as a sort-merge join, which spills.
+        pub task_memory_bytes: usize, default = 0
+    }
+}
+
+impl ConfigExtension for NightshiftOptions {
+    const PREFIX: &'static str = "nightshift";
+}
+
 /// Sizing of a session.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct SessionOptions {
     /// Partitions of scans and shuffles: the number of tasks per stage.
     pub partitions: usize,
     /// Rows per batch.
     pub batch_size: usize,
+    /// The runtime tasks execute in (memory pool, spill directory, object stores). `None`
+    /// builds one with the default memory limit, for sessions that only plan.
+    pub runtime: Option<Arc<RuntimeEnv>>,
+    /// Memory one task may count on; `None` derives it from the machine.
+    pub task_memory: Option<u64>,
 }
 
 impl Default for SessionOptions {
@@ -35,12 +78,18 @@ impl Default for SessionOptions {
         SessionOptions {
             partitions: 4,
             batch_size: 8192,
+            runtime: None,
+            task_memory: None,
         }
     }
 }
 
 /// Builds the session used to plan (coordinator) and to decode and run stage plans (worker).
 pub fn new_session(options: SessionOptions) -> SessionContext {
+    let task_memory = options
+        .task_memory
+        .unwrap_or_else(|| MemorySettings::new(None, None, 1).limit);
+    let threshold = DEFAULT_BROADCAST_THRESHOLD_BYTES;
     let config = SessionConfig::new_with_ballista()
         .with_target_partitions(options.partitions.max(1))
         .with_batch_size(options.batch_size)
@@ -48,19 +97,239 @@ pub fn new_session(options: SessionOptions) -> SessionContext {
         // Split scans of any size into `partitions` byte ranges: task size is set by the
         // caller through `partitions`, not by DataFusion's 10 MiB floor.
         .set_usize("datafusion.optimizer.repartition_file_min_size", 0)
-        .set_bool("datafusion.execution.collect_statistics", true);
-    let runtime = RuntimeEnvBuilder::new()
-        .with_object_store_registry(Arc::new(NightshiftStoreRegistry))
-        .build_arc()
-        .expect("runtime environment");
+        .set_bool("datafusion.execution.collect_statistics", true)
+        // Ballista turns hash joins off because they do not spill. Nightshift keeps them and
+        // bounds them instead: a build side too large for a task's memory becomes a
+        // sort-merge join (`joins::DistributedJoins`), and the memory pool fails a task that
+        // still does not fit with the operator's name and the limit.
+        .set_bool("datafusion.optimizer.prefer_hash_join", true)
+        .set_u64(BROADCAST_THRESHOLD_KEY, threshold)
+        // A sort reserves this much up front to merge its spill files; under a small limit
+        // (several tasks sharing a few hundred MiB) the fixed 10 MiB would fail the task.
+        .set_u64(
+            "datafusion.execution.sort_spill_reservation_bytes",
+            (task_memory / 8).clamp(256 << 10, 10 << 20),
+        )
+        .with_option_extension(NightshiftOptions {
+            single_process: false,
+            task_memory_bytes: task_memory as usize,
+        });
+    let config = with_broadcast_threshold(config, threshold);
+    let runtime = options.runtime.unwrap_or_else(|| {
+        RuntimeEnvBuilder::new()
+            .with_object_store_registry(Arc::new(NightshiftStoreRegistry))
+            .build_arc()
+            .expect("runtime environment")
+    });
     let state = SessionStateBuilder::new()
         .with_default_features()
         .with_config(config)
         .with_runtime_env(runtime)
+        .with_physical_optimizer_rules(physical_optimizer_rules())
         .build();
     let ctx = SessionContext::new_with_state(state);
     ctx.register_udf(ScalarUDF::new_from_impl(RequireNotNull::new()));
     ctx
+}
+
+/// Sets DataFusion's join selection to broadcast (collect) a join side below `bytes`.
+pub fn with_broadcast_threshold(config: SessionConfig, bytes: u64) -> SessionConfig {
+    // Without byte statistics (CSV), rows stand in, at a conservative 64 bytes per row.
+    config
+        .set_u64(
+            "datafusion.optimizer.hash_join_single_partition_threshold",
+            bytes,
+        )
+        .set_u64(
+            "datafusion.optimizer.hash_join_single_partition_threshold_rows",
+            bytes / 64,
+        )
+}
+
+/// DataFusion's physical optimizer rules with Nightshift's join strategy right after join
+/// selection, before distribution and sorting are enforced around the joins it chose.
+fn physical_optimizer_rules()
+-> Vec<Arc<dyn datafusion::physical_optimizer::PhysicalOptimizerRule + Send + Sync>> {
+    let mut rules = PhysicalOptimizer::new().rules;
+    let at = rules
+        .iter()
+        .position(|r| r.name() == "join_selection")
+        .map_or(0, |i| i + 1);
+    rules.insert(at, Arc::new(DistributedJoins));
+    rules
+}
+
+/// Memory of one process that runs tasks (a worker, or an embedded run).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemorySettings {
+    /// Bytes all of the process's running tasks may hold in operators (hash tables, sort
+    /// buffers, aggregation state); beyond it operators spill, or the task fails.
+    pub limit: u64,
+    /// Where operators spill; `None` is the system's temporary directory.
+    pub spill_dir: Option<PathBuf>,
+    /// Tasks running at once, which share `limit`.
+    pub concurrent_tasks: usize,
+}
+
+impl MemorySettings {
+    /// `limit`, or by default 60 % of the memory this process may use (its cgroup's limit, or
+    /// the machine's memory): the rest is for what the pool does not count (I/O buffers,
+    /// Parquet writers, the allocator's slack).
+    pub fn new(limit: Option<u64>, spill_dir: Option<PathBuf>, concurrent_tasks: usize) -> Self {
+        MemorySettings {
+            limit: limit.unwrap_or_else(|| available_memory() / 10 * 6),
+            spill_dir,
+            concurrent_tasks: concurrent_tasks.max(1),
+        }
+    }
+
+    /// What one task may count on when every running task holds as much.
+    pub fn per_task(&self) -> u64 {
+        self.limit / self.concurrent_tasks as u64
+    }
+
+    /// The runtime tasks execute in: a fair spilling pool of `limit` that names the largest
+    /// consumers when it refuses memory, and a disk manager on `spill_dir`.
+    pub fn runtime(&self) -> crate::Result<Arc<RuntimeEnv>> {
+        let pool = BoundedPool {
+            inner: TrackConsumersPool::new(
+                FairSpillPool::new(self.limit as usize),
+                NonZeroUsize::new(3).expect("non-zero"),
+            ),
+            settings: self.clone(),
+        };
+        let mode = match &self.spill_dir {
+            Some(dir) => {
+                std::fs::create_dir_all(dir).map_err(|e| {
+                    crate::CoreError::io(format!("create spill directory {}", dir.display()), e)
+                })?;
+                DiskManagerMode::Directories(vec![dir.clone()])
+            }
+            None => DiskManagerMode::OsTmpDirectory,
+        };
+        Ok(RuntimeEnvBuilder::new()
+            .with_object_store_registry(Arc::new(NightshiftStoreRegistry))
+            .with_memory_pool(Arc::new(pool))
+            .with_disk_manager_builder(DiskManagerBuilder::default().with_mode(mode))
+            .build_arc()?)
+    }
+}
+
+/// Memory this process may use: the cgroup's limit (v2, then v1) if set, else the machine's.
+pub fn available_memory() -> u64 {
+    let read = |path: &str| std::fs::read_to_string(path).ok();
+    let cgroup = read("/sys/fs/cgroup/memory.max")
+        .or_else(|| read("/sys/fs/cgroup/memory/memory.limit_in_bytes"))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .filter(|&v| v > 0 && v < (1 << 60));
+    let machine = read("/proc/meminfo").and_then(|text| {
+        text.lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map(|kib| kib * 1024)
+    });
+    match (cgroup, machine) {
+        (Some(c), Some(m)) => c.min(m),
+        (Some(c), None) => c,
+        (None, Some(m)) => m,
+        (None, None) => 4 << 30,
+    }
+}
+
+/// Parses a byte size: `2147483648`, `512MiB`, `2GiB`, `2G`, `1.5g` (powers of 1024).
+pub fn parse_bytes(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let number: f64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a size such as 2GiB, 512MiB or 1073741824"))?;
+    let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        other => return Err(format!("unknown size unit `{other}` in `{text}`")),
+    };
+    Ok((number * scale as f64) as u64)
+}
+
+/// Bytes for people: `1.5 GiB`.
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: &[&str] = &["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+/// The process's memory pool: DataFusion's fair spilling pool, whose refusals say which
+/// operator asked, how much the limit is and how to raise it.
+#[derive(Debug)]
+struct BoundedPool {
+    inner: TrackConsumersPool<FairSpillPool>,
+    settings: MemorySettings,
+}
+
+impl MemoryPool for BoundedPool {
+    fn register(&self, consumer: &MemoryConsumer) {
+        self.inner.register(consumer)
+    }
+
+    fn unregister(&self, consumer: &MemoryConsumer) {
+        self.inner.unregister(consumer)
+    }
+
+    fn grow(&self, reservation: &MemoryReservation, additional: usize) {
+        self.inner.grow(reservation, additional)
+    }
+
+    fn shrink(&self, reservation: &MemoryReservation, shrink: usize) {
+        self.inner.shrink(reservation, shrink)
+    }
+
+    fn try_grow(
+        &self,
+        reservation: &MemoryReservation,
+        additional: usize,
+    ) -> datafusion::error::Result<()> {
+        self.inner
+            .try_grow(reservation, additional)
+            .map_err(|e| match e {
+                DataFusionError::ResourcesExhausted(detail) => {
+                    DataFusionError::ResourcesExhausted(format!(
+                        "operator {} needs more memory than the memory limit of {} ({} task(s) at once{}) allows; raise --memory-limit or [worker] memory_limit. {detail}",
+                        reservation.consumer().name(),
+                        human_bytes(self.settings.limit),
+                        self.settings.concurrent_tasks,
+                        if reservation.consumer().can_spill() {
+                            ", after spilling"
+                        } else {
+                            ", and it cannot spill"
+                        },
+                    ))
+                }
+                other => other,
+            })
+    }
+
+    fn reserved(&self) -> usize {
+        self.inner.reserved()
+    }
+
+    fn memory_limit(&self) -> MemoryLimit {
+        MemoryLimit::Finite(self.settings.limit as usize)
+    }
 }
 
 /// `nightshift_require_not_null(value, 'message')` returns `value`, or fails the task with
@@ -123,5 +392,88 @@ impl ScalarUDFImpl for RequireNotNull {
             )));
         }
         Ok(args.args[0].clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_in_powers_of_1024() {
+        assert_eq!(parse_bytes("2GiB"), Ok(2 << 30));
+        assert_eq!(parse_bytes("512m"), Ok(512 << 20));
+        assert_eq!(parse_bytes("1.5G"), Ok(3 << 29));
+        assert_eq!(parse_bytes("1048576"), Ok(1 << 20));
+        assert!(parse_bytes("lots").is_err());
+        assert!(parse_bytes("2 parsecs").is_err());
+    }
+
+    #[test]
+    fn default_limit_leaves_room_outside_the_pool() {
+        let settings = MemorySettings::new(None, None, 2);
+        assert!(settings.limit > 0 && settings.limit < available_memory());
+        assert_eq!(settings.per_task(), settings.limit / 2);
+    }
+}
+
+#[cfg(test)]
+mod memory_tests {
+    use datafusion::physical_plan::{ExecutionPlan, collect};
+
+    use super::*;
+
+    /// Spills counted by every operator of an executed plan.
+    fn spills(plan: &Arc<dyn ExecutionPlan>) -> usize {
+        plan.metrics().and_then(|m| m.spill_count()).unwrap_or(0)
+            + plan.children().into_iter().map(spills).sum::<usize>()
+    }
+
+    async fn run(ctx: &SessionContext, sql: &str) -> datafusion::error::Result<(String, usize)> {
+        let plan = ctx.sql(sql).await?.create_physical_plan().await?;
+        let batches = collect(plan.clone(), ctx.task_ctx()).await?;
+        let text = datafusion::arrow::util::pretty::pretty_format_batches(&batches)?.to_string();
+        Ok((text, spills(&plan)))
+    }
+
+    fn session(limit: Option<u64>, dir: &std::path::Path) -> SessionContext {
+        let runtime = limit.map(|limit| {
+            MemorySettings::new(Some(limit), Some(dir.to_path_buf()), 1)
+                .runtime()
+                .unwrap()
+        });
+        new_session(SessionOptions {
+            partitions: 2,
+            runtime,
+            ..SessionOptions::default()
+        })
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_small_limit_spills_and_gives_the_rows_of_an_unlimited_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let sql = "SELECT v % 300007 AS g, count(*) AS c, sum(v) AS s \
+                   FROM generate_series(1, 600000) AS t(v) GROUP BY 1 ORDER BY 1 DESC LIMIT 20 OFFSET 1000";
+        let (unlimited, unlimited_spills) = run(&session(None, dir.path()), sql).await.unwrap();
+        let (limited, limited_spills) = run(&session(Some(20 << 20), dir.path()), sql)
+            .await
+            .unwrap();
+        assert_eq!(unlimited_spills, 0);
+        assert!(limited_spills > 0, "nothing spilled under 20 MiB");
+        assert_eq!(limited, unlimited);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_task_that_cannot_fit_names_the_operator_and_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let sql = "SELECT count(*) FROM generate_series(1, 2000000) AS a(x) \
+                   JOIN generate_series(1, 2000000) AS b(y) ON x = y";
+        let err = run(&session(Some(4 << 20), dir.path()), sql)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("memory limit of 4.0 MiB"), "{err}");
+        assert!(err.contains("operator "), "{err}");
+        assert!(err.contains("--memory-limit"), "{err}");
     }
 }

@@ -5,20 +5,21 @@ use std::path::Path;
 use std::sync::Arc;
 
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use datafusion::catalog::Session;
 use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::{
     ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
 };
 use datafusion::datasource::{MemTable, TableProvider};
-use datafusion::execution::FunctionRegistry;
-use datafusion::logical_expr::{ScalarUDF, col, lit};
+use datafusion::logical_expr::{Expr, TableProviderFilterPushDown, TableType};
+use datafusion::physical_plan::ExecutionPlan;
 use datafusion::prelude::{CsvReadOptions, JsonReadOptions, ParquetReadOptions, SessionContext};
 use futures::TryStreamExt;
 use iceberg::Catalog;
 use nightshift_spec::{ColumnContract, ResolvedSpec, SourceFormat, SourceSpec};
 
 use crate::error::{CoreError, Result};
-use crate::session::REQUIRE_NOT_NULL_UDF;
+use crate::not_null::{NotNullCheck, NotNullCheckExec};
 use crate::storage::{Location, list_objects};
 
 /// What was found for one source.
@@ -586,32 +587,110 @@ async fn register_view(
     _location: &Location,
 ) -> Result<()> {
     let raw = ctx.table_provider(raw_name).await?;
-    let required: Vec<&ColumnContract> = contract.iter().filter(|c| !c.nullable).collect();
-    if required.is_empty() {
+    let checks: Vec<(String, String)> = contract
+        .iter()
+        .filter(|c| !c.nullable && schema.column_with_name(&c.name).is_some())
+        .map(|c| {
+            (
+                c.name.clone(),
+                format!(
+                    "source `{}`: column `{}` is declared `{}` but holds nulls",
+                    source.name, c.name, c.declared
+                ),
+            )
+        })
+        .collect();
+    if checks.is_empty() {
         ctx.register_table(source.name.as_str(), raw)?;
         return Ok(());
     }
-    let udf: Arc<ScalarUDF> = ctx.udf(REQUIRE_NOT_NULL_UDF)?;
-    let exprs = schema
-        .fields()
-        .iter()
-        .map(|field| {
-            let name = field.name();
-            match required.iter().find(|c| &c.name == name) {
-                Some(c) => udf
-                    .call(vec![
-                        col(format!("\"{name}\"")),
-                        lit(format!(
-                            "source `{}`: column `{name}` is declared `{}` but holds nulls",
-                            source.name, c.declared
-                        )),
-                    ])
-                    .alias(name),
-                None => col(format!("\"{name}\"")),
-            }
-        })
-        .collect::<Vec<_>>();
-    let view = ctx.table(raw_name).await?.select(exprs)?.into_view();
-    ctx.register_table(source.name.as_str(), view)?;
+    let checked = NotNullCheckedTable::new(raw, checks);
+    ctx.register_table(source.name.as_str(), Arc::new(checked))?;
     Ok(())
+}
+
+/// A source whose `not null` contract columns are checked right above its scan
+/// ([`NotNullCheckExec`]). The SQL sees the source's own columns (declared non-nullable), so
+/// filters reach the scan, where Parquet statistics and row-group pruning use them.
+#[derive(Debug)]
+struct NotNullCheckedTable {
+    inner: Arc<dyn TableProvider>,
+    schema: SchemaRef,
+    /// Column name and the error message for a null in it.
+    checks: Vec<(String, String)>,
+}
+
+impl NotNullCheckedTable {
+    fn new(inner: Arc<dyn TableProvider>, checks: Vec<(String, String)>) -> Self {
+        let raw = inner.schema();
+        let fields = raw
+            .fields()
+            .iter()
+            .map(|f| {
+                if checks.iter().any(|(name, _)| name == f.name()) {
+                    Arc::new(f.as_ref().clone().with_nullable(false))
+                } else {
+                    f.clone()
+                }
+            })
+            .collect::<Vec<_>>();
+        NotNullCheckedTable {
+            inner,
+            schema: Arc::new(Schema::new_with_metadata(fields, raw.metadata().clone())),
+            checks,
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl TableProvider for NotNullCheckedTable {
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+
+    fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+
+    fn table_type(&self) -> TableType {
+        self.inner.table_type()
+    }
+
+    fn supports_filters_pushdown(
+        &self,
+        filters: &[&Expr],
+    ) -> datafusion::error::Result<Vec<TableProviderFilterPushDown>> {
+        self.inner.supports_filters_pushdown(filters)
+    }
+
+    fn statistics(&self) -> Option<datafusion::common::Statistics> {
+        self.inner.statistics()
+    }
+
+    async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        filters: &[Expr],
+        limit: Option<usize>,
+    ) -> datafusion::error::Result<Arc<dyn ExecutionPlan>> {
+        let scan = self.inner.scan(state, projection, filters, limit).await?;
+        let scanned = scan.schema();
+        if !scanned
+            .fields()
+            .iter()
+            .any(|f| self.checks.iter().any(|(name, _)| name == f.name()))
+        {
+            return Ok(scan);
+        }
+        let checks = self
+            .checks
+            .iter()
+            .map(|(column, message)| NotNullCheck {
+                column: column.clone(),
+                message: message.clone(),
+            })
+            .collect();
+        Ok(Arc::new(NotNullCheckExec::new(scan, checks)))
+    }
 }

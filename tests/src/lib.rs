@@ -86,6 +86,32 @@ impl Sandbox {
         job_id: Option<&str>,
         params: &[(&str, &str)],
     ) -> Result<JobReport, JobError> {
+        let embedded = EmbeddedOptions::new(self.warehouse(), workers);
+        self.run_embedded(embedded, partitions, job_id, params)
+            .await
+    }
+
+    /// Runs `pipeline.toml` in the embedded mode cut into stages that exchange rows through
+    /// shuffle files, as a cluster runs it.
+    pub async fn run_staged(
+        &self,
+        workers: usize,
+        partitions: Option<usize>,
+    ) -> Result<JobReport, JobError> {
+        let mut embedded = EmbeddedOptions::new(self.warehouse(), workers);
+        embedded.staged = true;
+        self.run_embedded(embedded, partitions, None, &[]).await
+    }
+
+    /// Runs `pipeline.toml` in the embedded mode with `embedded`'s settings.
+    pub async fn run_embedded(
+        &self,
+        embedded: EmbeddedOptions,
+        partitions: Option<usize>,
+        job_id: Option<&str>,
+        params: &[(&str, &str)],
+    ) -> Result<JobReport, JobError> {
+        let workers = embedded.workers;
         let params: Vec<(String, String)> = params
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -100,10 +126,6 @@ impl Sandbox {
             target_task_bytes: None,
             partitions,
             max_task_attempts: None,
-        };
-        let embedded = EmbeddedOptions {
-            warehouse: self.warehouse(),
-            workers,
         };
         run_embedded(&spec, &embedded, &options, &|_| {}).await
     }

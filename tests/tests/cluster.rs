@@ -249,13 +249,14 @@ async fn redis_flushall_mid_job_never_commits_twice_or_partially() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poison_task_is_dead_lettered_and_fails_the_job() {
-    // Every worker dies on stage 2's task; with delivery_limit = 1 the broker dead-letters
-    // it after two deliveries.
+    // Every worker dies on stage 1's task (its only one: the broadcast build side); with
+    // delivery_limit = 1 the broker dead-letters it after two deliveries. The third worker
+    // runs the other stages' tasks, so the job can wait for them and end.
     let mut cluster = prepare(ClusterSandbox::start_with(
         ClusterStorage::LocalWithPostgres,
         ClusterOptions {
             workers: 3,
-            env: &[("FAILPOINTS", "worker-crash-on-stage=return(2)")],
+            env: &[("FAILPOINTS", "worker-crash-on-stage=return(1)")],
             delivery_limit: 1,
             ..ClusterOptions::default()
         },
@@ -264,7 +265,7 @@ async fn poison_task_is_dead_lettered_and_fails_the_job() {
     assert_eq!(outcome["status"], "failed", "{outcome}\n{}", cluster.logs());
     let error = outcome["error"].as_str().unwrap();
     assert!(
-        error.contains("stage 2") && error.contains("dead-lettered"),
+        error.contains("stage 1") && error.contains("dead-lettered"),
         "{error}"
     );
     let crashed = (0..3).filter(|i| cluster.worker_exited(*i)).count();

@@ -130,10 +130,7 @@ async fn failing_job_commits_nothing_and_leaves_no_files() {
         partitions: Some(5),
         max_task_attempts: None,
     };
-    let embedded = EmbeddedOptions {
-        warehouse: sandbox.warehouse(),
-        workers: 1,
-    };
+    let embedded = EmbeddedOptions::new(sandbox.warehouse(), 1);
     let on_event = |e: JobEvent| {
         if let JobEvent::TaskFinished { done, .. } = e {
             finished.store(done, Ordering::SeqCst);
@@ -208,6 +205,8 @@ async fn duplicate_task_deliveries_write_no_duplicate_rows() {
         embedded_catalog(&warehouse).unwrap(),
         warehouse.join(SCRATCH_DIR),
     );
+    // `JobEnv::new` plans in stages: duplicate deliveries need tasks that can run twice
+    // (shuffle objects, not one shared in-process plan).
     let options = JobOptions {
         job_id: JobId::generate(),
         workers: 3,

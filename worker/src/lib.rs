@@ -58,6 +58,13 @@ impl Worker {
         }
     }
 
+    /// Runs tasks in `session` (built with the process's memory pool and spill directory by
+    /// `nightshift_core::session`) instead of an unbounded default one.
+    pub fn with_session(mut self, session: SessionContext) -> Self {
+        self.session = session;
+        self
+    }
+
     /// Sets the task lease this worker renews (the coordinator's `lease_ttl`).
     pub fn with_lease_ttl(mut self, ttl: std::time::Duration) -> Self {
         self.lease_ttl = ttl;

@@ -13,6 +13,7 @@ use nightshift_cluster::ClusterConfig;
 use nightshift_coordinator::{JobError, JobEvent, JobOptions, validate_job};
 use nightshift_core::ids::JobId;
 use nightshift_core::redact::RedactingWriter;
+use nightshift_core::session::MemorySettings;
 use nightshift_proto::v1::ListJobsRequest;
 use nightshift_spec::{ResolvedSpec, load_spec, parse_param_arg};
 
@@ -272,6 +273,22 @@ struct RunArgs {
     /// With --cluster: how long to wait for the outcome, in seconds.
     #[arg(long, default_value_t = 3600)]
     wait_secs: u64,
+    /// Memory the run's tasks may hold in operators (hash tables, sorts, aggregations), e.g.
+    /// 2GiB. Past it operators spill to --spill-dir; a task that still does not fit fails
+    /// with the operator's name. Default: 60 % of the container's or machine's memory.
+    #[arg(long, env = "NIGHTSHIFT_MEMORY_LIMIT", value_name = "SIZE", value_parser = parse_size)]
+    memory_limit: Option<u64>,
+    /// Directory for spill files (default: the system's temporary directory).
+    #[arg(long, env = "NIGHTSHIFT_SPILL_DIR", value_name = "DIR")]
+    spill_dir: Option<PathBuf>,
+    /// Cut the job into stages that exchange rows through shuffle files, as a cluster does,
+    /// instead of one in-process stage (for comparisons and debugging).
+    #[arg(long)]
+    staged: bool,
+}
+
+fn parse_size(text: &str) -> Result<u64, String> {
+    nightshift_core::session::parse_bytes(text)
 }
 
 #[derive(Args)]
@@ -325,6 +342,12 @@ struct BackfillArgs {
     /// Output format on stdout.
     #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
     output: OutputFormat,
+    /// Memory all running values may hold in operators together, e.g. 2GiB (see `run`).
+    #[arg(long, env = "NIGHTSHIFT_MEMORY_LIMIT", value_name = "SIZE", value_parser = parse_size)]
+    memory_limit: Option<u64>,
+    /// Directory for spill files.
+    #[arg(long, env = "NIGHTSHIFT_SPILL_DIR", value_name = "DIR")]
+    spill_dir: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -482,10 +505,10 @@ async fn run(args: RunArgs) -> ExitCode {
         return run_on_cluster(config, &args, &job_id).await;
     }
     let options = job_options(&args.common, job_id.clone(), args.workers);
-    let embedded = EmbeddedOptions {
-        warehouse: args.common.warehouse.clone(),
-        workers: args.workers,
-    };
+    let mut embedded = EmbeddedOptions::new(args.common.warehouse.clone(), args.workers);
+    embedded.memory =
+        MemorySettings::new(args.memory_limit, args.spill_dir.clone(), embedded.workers);
+    embedded.staged = args.staged;
     let progress = StageBars::new(std::io::stderr().is_terminal());
     let on_event = |event: JobEvent| progress.on_event(event);
     let result = run_embedded(&spec, &embedded, &options, &on_event).await;
@@ -531,10 +554,14 @@ async fn backfill(args: BackfillArgs) -> ExitCode {
         eprintln!("error: {e}");
         return ExitCode::from(EXIT_INVALID);
     }
-    let embedded = EmbeddedOptions {
-        warehouse: args.common.warehouse.clone(),
-        workers: args.workers,
-    };
+    let mut embedded = EmbeddedOptions::new(args.common.warehouse.clone(), args.workers);
+    let parallel = args.parallel.max(1);
+    // Values running at once share the limit.
+    embedded.memory = MemorySettings::new(
+        args.memory_limit.map(|limit| limit / parallel as u64),
+        args.spill_dir.clone(),
+        embedded.workers,
+    );
     let bar = indicatif::ProgressBar::new(range.values.len() as u64);
     if std::io::stderr().is_terminal() {
         bar.set_style(
@@ -554,7 +581,7 @@ async fn backfill(args: BackfillArgs) -> ExitCode {
         &range,
         &embedded,
         |job_id| job_options(&args.common, job_id, args.workers),
-        args.parallel,
+        parallel,
         |outcome| {
             bar.inc(1);
             bar.set_message(format!("{} {}", outcome.value, outcome.status));

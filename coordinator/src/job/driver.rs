@@ -116,6 +116,8 @@ impl<'a> JobRun<'a> {
                 already_committed: false,
                 rows: 0,
                 files: 0,
+                partitions: 0,
+                max_files_per_partition: 0,
                 bytes: 0,
                 stages: 0,
                 tasks: 0,
@@ -167,7 +169,13 @@ impl<'a> JobRun<'a> {
             }
         }
 
-        let planned = plan(self.spec, self.options, Some(catalog.as_ref())).await?;
+        let planned = plan(
+            self.spec,
+            self.options,
+            Some(catalog.as_ref()),
+            self.env.plan_mode,
+        )
+        .await?;
         let job_plan = planned.plan;
         self.report.stages = job_plan.stages.len();
         self.report.tasks = job_plan.total_tasks();
@@ -229,6 +237,9 @@ impl<'a> JobRun<'a> {
         self.report.rows = stages.tracker.final_rows();
         self.report.bytes = stages.tracker.final_bytes();
         self.report.files = files.len();
+        let spread = nightshift_core::table::files_per_partition(&files);
+        self.report.partitions = spread.partitions;
+        self.report.max_files_per_partition = spread.max_files;
         on_event(JobEvent::Committing { files: files.len() });
         self.record_state(JobState::Committing, "").await;
         if !self.ownership.still_held().await {

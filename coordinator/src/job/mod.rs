@@ -17,7 +17,7 @@ use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::prelude::SessionContext;
 use nightshift_core::CoreError;
 use nightshift_core::ids::JobId;
-use nightshift_core::planner::{JobPlan, plan_job};
+use nightshift_core::planner::{JobPlan, PlanMode, PlanOptions, plan_job};
 use nightshift_core::redact::redact;
 use nightshift_core::session::{SessionOptions, new_session};
 use nightshift_core::sources::{SourceSummary, register_sources};
@@ -53,6 +53,9 @@ pub struct JobEnv {
     pub scratch: Location,
     /// A running task whose lease is not renewed for this long is run again elsewhere.
     pub lease_ttl: Duration,
+    /// How plans are cut: into stages exchanging through shuffle objects (workers anywhere),
+    /// or into one in-process stage (every worker in this process: the embedded mode).
+    pub plan_mode: PlanMode,
     /// This coordinator (unique per process): its runs own jobs as `<owner>/run-<uuid>`, its
     /// late sweeper as `<owner>`.
     pub owner: String,
@@ -75,6 +78,7 @@ impl JobEnv {
             catalog,
             scratch,
             lease_ttl: DEFAULT_LEASE_TTL,
+            plan_mode: PlanMode::default(),
             owner: format!("coordinator-{}", uuid::Uuid::now_v7()),
             late_sweep_after: DEFAULT_LATE_SWEEP_AFTER,
         }
@@ -131,6 +135,11 @@ pub struct JobReport {
     pub already_committed: bool,
     pub rows: u64,
     pub files: usize,
+    /// Table partitions the files went to, and the most files one partition received.
+    #[serde(default)]
+    pub partitions: usize,
+    #[serde(default)]
+    pub max_files_per_partition: usize,
     pub bytes: u64,
     pub stages: usize,
     pub tasks: usize,
@@ -217,6 +226,7 @@ async fn plan(
     spec: &ResolvedSpec,
     options: &JobOptions,
     catalog: Option<&dyn iceberg::Catalog>,
+    mode: PlanMode,
 ) -> Result<Planned, JobError> {
     let session = new_session(SessionOptions::default());
     let sources = register_sources(&session, spec, catalog).await?;
@@ -231,7 +241,11 @@ async fn plan(
             .set(BROADCAST_THRESHOLD_KEY, &bytes.to_string())
             .map_err(|e| JobError::Internal(e.into()))?;
     }
-    let plan = plan_job(&session, &options.job_id, &spec.sql).await?;
+    let plan_options = PlanOptions {
+        mode,
+        partition_by: spec.partition_by.clone(),
+    };
+    let plan = plan_job(&session, &options.job_id, &spec.sql, &plan_options).await?;
     Ok(Planned {
         plan,
         sources,
@@ -281,7 +295,7 @@ pub async fn validate_job(
         Some(config) => Some(open_catalog(config).await?),
         None => None,
     };
-    let planned = plan(spec, options, catalog.as_deref()).await?;
+    let planned = plan(spec, options, catalog.as_deref(), PlanMode::default()).await?;
     let mut existing = None;
     if let Some(catalog) = &catalog {
         let ident = parse_table_ident(table)?;

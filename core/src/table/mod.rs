@@ -20,4 +20,4 @@ pub use commit::{
 pub use layout::{check_compatible, ensure_table, target_layout, with_table_types_for_nulls};
 pub use references::TableReferences;
 pub use schema::iceberg_schema_for;
-pub use writer::{TableWriteSummary, write_data_files};
+pub use writer::{PartitionFileCounts, TableWriteSummary, files_per_partition, write_data_files};

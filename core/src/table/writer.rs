@@ -168,6 +168,30 @@ fn new_writer(
     })
 }
 
+/// How a job's data files spread over the table's partitions.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PartitionFileCounts {
+    /// Distinct partitions written (1 for an unpartitioned table with files).
+    pub partitions: usize,
+    /// Most data files any one partition received.
+    pub max_files: usize,
+}
+
+/// Counts files per partition from data files serialized by the writer.
+pub fn files_per_partition(data_files_json: &[String]) -> PartitionFileCounts {
+    let mut counts: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    for json in data_files_json {
+        let key = serde_json::from_str::<serde_json::Value>(json)
+            .map(|v| v["partition"].to_string())
+            .unwrap_or_default();
+        *counts.entry(key).or_default() += 1;
+    }
+    PartitionFileCounts {
+        partitions: counts.len(),
+        max_files: counts.values().copied().max().unwrap_or(0),
+    }
+}
+
 /// Reorders and casts a result batch to the table's Arrow schema, matching columns by name.
 pub fn conform_batch(batch: &RecordBatch, target: &SchemaRef) -> Result<RecordBatch> {
     let columns = target

@@ -1,0 +1,237 @@
+//! Join strategies: broadcast joins of every kind give the reference rows when the probe side
+//! runs as several tasks (Ballista's issue 1055: a broadcast left/full/semi/anti join emits
+//! its unmatched build rows once per task), the spec's broadcast threshold changes the plan,
+//! and a job under a small memory limit spills and gives the rows of an unlimited one.
+
+use datafusion::prelude::SessionContext;
+use nightshift::embedded::EmbeddedOptions;
+use nightshift_coordinator::{JobOptions, validate_job};
+use nightshift_core::ids::JobId;
+use nightshift_core::session::MemorySettings;
+use nightshift_tests::{Sandbox, assert_matches_reference};
+
+/// `big` (3 files, 3,000 rows, keys 0..2999) and `small` (60 rows: keys -5..49, five of
+/// them unmatched, and five null keys) as Parquet, so `small` is below the broadcast threshold
+/// and `big` is scanned by several tasks.
+async fn write_tables(sandbox: &Sandbox) {
+    let ctx = SessionContext::new();
+    std::fs::create_dir_all(sandbox.path("data/big")).unwrap();
+    std::fs::create_dir_all(sandbox.path("data/small")).unwrap();
+    for part in 0..3 {
+        let sql = format!(
+            "SELECT CAST(v AS BIGINT) AS k, CAST(v * 10 AS BIGINT) AS v FROM generate_series({}, {}) AS t(v)",
+            part * 1000,
+            part * 1000 + 999
+        );
+        let batches = ctx.sql(&sql).await.unwrap().collect().await.unwrap();
+        nightshift_tests::write_parquet(
+            &sandbox.path(&format!("data/big/part-{part}.parquet")),
+            &batches,
+        );
+    }
+    let sql = "SELECT CASE WHEN v >= 50 THEN NULL ELSE CAST(v AS BIGINT) END AS k, \
+               CAST(v AS BIGINT) AS s FROM generate_series(-5, 54) AS t(v)";
+    let batches = ctx.sql(sql).await.unwrap().collect().await.unwrap();
+    nightshift_tests::write_parquet(&sandbox.path("data/small/small.parquet"), &batches);
+}
+
+/// Every join kind in one query, tagged, so one job and one read check them all. The
+/// dangerous ones put `small` (the broadcast side) where its unmatched rows are emitted.
+const EVERY_JOIN: &str = "
+SELECT 'inner' AS kind, small.k AS small_k, small.s AS s, big.k AS big_k, big.v AS v
+  FROM small JOIN big ON small.k = big.k
+UNION ALL
+SELECT 'small left', small.k, small.s, big.k, big.v FROM small LEFT JOIN big ON small.k = big.k
+UNION ALL
+SELECT 'big left', small.k, small.s, big.k, big.v FROM big LEFT JOIN small ON small.k = big.k
+UNION ALL
+SELECT 'big right', small.k, small.s, big.k, big.v FROM big RIGHT JOIN small ON small.k = big.k
+UNION ALL
+SELECT 'full', small.k, small.s, big.k, big.v FROM small FULL JOIN big ON small.k = big.k
+UNION ALL
+SELECT 'semi', small.k, small.s, CAST(NULL AS BIGINT) AS big_k, CAST(NULL AS BIGINT) AS v FROM small
+  WHERE EXISTS (SELECT 1 FROM big WHERE big.k = small.k)
+UNION ALL
+SELECT 'anti', small.k, small.s, CAST(NULL AS BIGINT) AS big_k, CAST(NULL AS BIGINT) AS v FROM small
+  WHERE NOT EXISTS (SELECT 1 FROM big WHERE big.k = small.k)
+UNION ALL
+SELECT 'not in', small.k, small.s, CAST(NULL AS BIGINT) AS big_k, CAST(NULL AS BIGINT) AS v FROM small
+  WHERE small.k NOT IN (SELECT big.k FROM big WHERE big.k < 40)
+UNION ALL
+SELECT 'filtered left', small.k, small.s, big.k, big.v FROM small
+  LEFT JOIN big ON small.k = big.k AND big.v > 100
+";
+
+fn spec(sql: &str, extra: &str) -> String {
+    format!(
+        r#"[pipeline]
+name = "joins"
+
+[[source]]
+name = "big"
+format = "parquet"
+location = "data/big/"
+
+[[source]]
+name = "small"
+format = "parquet"
+location = "data/small/"
+
+[transform]
+sql = """
+{sql}
+"""
+
+[target]
+table = "tests.joins"
+mode = "overwrite"
+{extra}"#
+    )
+}
+
+/// The rows of [`EVERY_JOIN`] computed by DuckDB, as `reference.parquet`. Not DataFusion:
+/// DataFusion 53 on one node gets this query wrong (unmatched rows of `big LEFT JOIN small`
+/// keep a value of `small.s`, an anti-join row goes missing), while DuckDB and DataFusion 55
+/// agree with each other, and with Nightshift.
+fn reference(sandbox: &Sandbox) -> std::path::PathBuf {
+    let path = sandbox.path("reference.parquet");
+    let script = format!(
+        "import duckdb\ncon = duckdb.connect()\n\
+         con.execute(\"CREATE VIEW big AS SELECT * FROM '{big}/*.parquet'\")\n\
+         con.execute(\"CREATE VIEW small AS SELECT * FROM '{small}/*.parquet'\")\n\
+         con.execute(\"\"\"COPY ({EVERY_JOIN}) TO '{out}' (FORMAT parquet)\"\"\")\n",
+        big = sandbox.path("data/big").display(),
+        small = sandbox.path("data/small").display(),
+        out = path.display(),
+    );
+    let status = std::process::Command::new(nightshift_tests::python())
+        .arg("-c")
+        .arg(script)
+        .status()
+        .expect("run python3 with duckdb");
+    assert!(status.success(), "duckdb reference failed");
+    path
+}
+
+async fn plan_of(sandbox: &Sandbox) -> String {
+    let spec = nightshift_spec::load_spec(&sandbox.path("pipeline.toml"), &[]).unwrap();
+    let options = JobOptions {
+        job_id: JobId::generate(),
+        workers: 2,
+        target_task_bytes: None,
+        partitions: Some(3),
+        max_task_attempts: None,
+    };
+    validate_job(&spec, &options, None)
+        .await
+        .expect("validate")
+        .plan
+        .describe()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_join_kind_with_broadcasts_matches_duckdb_across_tasks() {
+    let sandbox = Sandbox::new();
+    write_tables(&sandbox).await;
+    sandbox.spec(&spec(EVERY_JOIN, ""));
+    let plan = plan_of(&sandbox).await;
+    assert!(
+        plan.contains("broadcast=true"),
+        "nothing broadcast:\n{plan}"
+    );
+    // A broadcast join that emits its build side's unmatched rows reads its probe side
+    // merged into one partition (a null-aware anti join), or is not a broadcast at all.
+    let lines: Vec<&str> = plan.lines().collect();
+    for (i, line) in lines.iter().enumerate() {
+        let emits_build_rows = line.contains("mode=CollectLeft")
+            && [
+                "join_type=Left,",
+                "join_type=Full",
+                "join_type=LeftSemi",
+                "join_type=LeftAnti",
+            ]
+            .iter()
+            .any(|kind| line.contains(kind));
+        // Children: the broadcast reader (one line), then the probe side.
+        let probe = lines.get(i + 2).map_or("", |l| l.trim_start());
+        assert!(
+            !emits_build_rows || probe.starts_with("CoalescePartitionsExec"),
+            "unsafe broadcast:\n{line}\n{plan}"
+        );
+    }
+    let reference = reference(&sandbox);
+
+    // Stages exchanging through shuffle files, three tasks per stage: the cluster's plan.
+    sandbox.run_staged(2, Some(3)).await.expect("staged run");
+    let rows = assert_matches_reference(&sandbox.read_table("tests.joins", Some(&reference)));
+    assert!(rows > 3000, "{rows}");
+
+    // One in-process stage shared by three tasks: DataFusion's own plan.
+    sandbox
+        .run(3, Some(3), None)
+        .await
+        .expect("single-process run");
+    assert_matches_reference(&sandbox.read_table("tests.joins", Some(&reference)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broadcast_threshold_changes_the_plan() {
+    let sandbox = Sandbox::new();
+    write_tables(&sandbox).await;
+    let sql = "SELECT small.s, big.v FROM big JOIN small ON small.k = big.k";
+    sandbox.spec(&spec(sql, ""));
+    let default = plan_of(&sandbox).await;
+    assert!(default.contains("broadcast=true"), "{default}");
+    assert!(default.contains("mode=CollectLeft"), "{default}");
+
+    sandbox.spec(&spec(
+        sql,
+        "[execution]\nbroadcast_join_threshold_bytes = 0\n",
+    ));
+    let off = plan_of(&sandbox).await;
+    assert!(!off.contains("broadcast=true"), "{off}");
+    assert!(off.contains("mode=Partitioned"), "{off}");
+    assert!(
+        off.matches("stage ").count() > default.matches("stage ").count(),
+        "a shuffled join needs more stages:\n{off}\nvs\n{default}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_under_a_small_memory_limit_spills_and_matches_an_unlimited_one() {
+    let sandbox = Sandbox::new();
+    write_tables(&sandbox).await;
+    // A sort of every row of a large cross product, and a high-cardinality aggregation.
+    let sql = "SELECT a.k * 3000 + b.k AS id, count(*) AS c, sum(a.v + b.v) AS total \
+               FROM big a JOIN (SELECT k, v FROM big WHERE k < 1000) b ON a.k % 7 = b.k % 7 \
+               GROUP BY 1 ORDER BY 1 DESC";
+    sandbox.spec(&spec(sql, ""));
+    let unlimited = sandbox.run(2, Some(2), None).await.expect("unlimited");
+    let unlimited_read = sandbox.read_table("tests.joins", None);
+
+    let spill = sandbox.path("spill");
+    let mut embedded = EmbeddedOptions::new(sandbox.warehouse(), 2);
+    embedded.memory = MemorySettings::new(Some(12 << 20), Some(spill.clone()), 2);
+    let limited = sandbox
+        .run_embedded(embedded, Some(2), None, &[])
+        .await
+        .expect("a 12 MiB run spills rather than fails");
+    let limited_read = sandbox.read_table("tests.joins", None);
+    assert_eq!(limited.rows, unlimited.rows);
+    assert_eq!(
+        limited_read["duckdb"]["checksum"],
+        unlimited_read["duckdb"]["checksum"]
+    );
+    assert!(spill.exists(), "the spill directory was not set up");
+
+    // Far too little memory: the job fails, naming the operator and the limit.
+    let mut embedded = EmbeddedOptions::new(sandbox.warehouse(), 2);
+    embedded.memory = MemorySettings::new(Some(1 << 20), Some(spill), 2);
+    let err = sandbox
+        .run_embedded(embedded, Some(2), None, &[])
+        .await
+        .expect_err("1 MiB is not enough")
+        .to_string();
+    assert!(err.contains("memory limit of 1.0 MiB"), "{err}");
+    assert!(err.contains("operator "), "{err}");
+}

@@ -477,12 +477,12 @@ async fn json_logs_carry_the_task_on_every_line() {
 async fn dead_letters_are_listed_and_replayed_for_running_jobs_only() {
     use nightshift_core::transport::TaskQueue;
     use prost::Message;
-    // Every worker dies on stage 2's task; with delivery_limit = 1 the broker dead-letters
+    // Every worker dies on stage 1's task; with delivery_limit = 1 the broker dead-letters
     // it after two deliveries and the job fails.
     let mut cluster = start_with(ClusterOptions {
         workers: 3,
         env: &[
-            ("FAILPOINTS", "worker-crash-on-stage=return(2)"),
+            ("FAILPOINTS", "worker-crash-on-stage=return(1)"),
             ADMIN_ON_ANY_PORT,
         ],
         delivery_limit: 1,
@@ -579,7 +579,7 @@ async fn dead_letters_are_listed_and_replayed_for_running_jobs_only() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     let poison = json.iter().find(|l| l["job_id"] == "job-poison").unwrap();
-    assert_eq!(poison["stage"], 2, "{poison}");
+    assert_eq!(poison["stage"], 1, "{poison}");
     assert_eq!(poison["reason"], "delivery_limit", "{poison}");
     assert_eq!(poison["deliveries"], 2, "{poison}");
     assert_eq!(poison["job_state"], "failed", "{poison}");

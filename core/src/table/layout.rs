@@ -30,8 +30,12 @@ pub async fn ensure_table(
     if !catalog.namespace_exists(namespace).await? {
         match catalog.create_namespace(namespace, HashMap::new()).await {
             Ok(_) => {}
-            // Another job created it first.
+            // Another job created it first (the SQL catalog reports that race as a
+            // unique-constraint error, not as "already exists").
             Err(e) if e.kind() == iceberg::ErrorKind::NamespaceAlreadyExists => {}
+            Err(e) if catalog.namespace_exists(namespace).await.unwrap_or(false) => {
+                tracing::debug!(error = %e, "namespace created by another job meanwhile");
+            }
             Err(e) => return Err(e.into()),
         }
     }

@@ -112,7 +112,7 @@ pub fn value_job_id(pipeline: &str, key: &str, value: &str) -> Result<JobId, Str
 /// Whether a backfill of `spec` makes sense: each value must add to the table, not replace it.
 pub fn check_mode(spec: &ResolvedSpec) -> Result<(), String> {
     match spec.spec.target.mode {
-        WriteMode::Append | WriteMode::OverwritePartitions => Ok(()),
+        WriteMode::Append | WriteMode::OverwritePartitions | WriteMode::Merge => Ok(()),
         WriteMode::Overwrite => Err(format!(
             "[target] mode = \"overwrite\" replaces the whole table on every run, so a backfill of `{}` would leave only its last value; use mode = \"overwrite_partitions\" (each value replaces its own partitions) or \"append\"",
             spec.spec.target.table

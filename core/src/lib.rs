@@ -18,6 +18,7 @@ pub mod codec;
 pub mod error;
 pub mod ids;
 pub mod joins;
+pub mod merge;
 pub mod metrics;
 pub mod names;
 pub mod not_null;

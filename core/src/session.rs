@@ -129,6 +129,9 @@ pub fn new_session(options: SessionOptions) -> SessionContext {
         .build();
     let ctx = SessionContext::new_with_state(state);
     ctx.register_udf(ScalarUDF::new_from_impl(RequireNotNull::new()));
+    ctx.register_udf(ScalarUDF::new_from_impl(
+        crate::merge::RequireUniqueKey::default(),
+    ));
     ctx
 }
 

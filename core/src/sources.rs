@@ -68,6 +68,39 @@ pub async fn register_sources(
     Ok(summaries)
 }
 
+/// Registers the current snapshot of `table` (a merge's target) as
+/// [`crate::merge::TARGET_VIEW`]. Returns the snapshot id it read, or `None` (nothing
+/// registered) when the table does not exist or has no snapshot yet. The id is read before
+/// the files, so a commit landing in between can only make the merge's own commit refuse.
+pub async fn register_merge_target(
+    ctx: &SessionContext,
+    table: &str,
+    catalog: &dyn Catalog,
+) -> Result<Option<i64>> {
+    let ident = crate::table::parse_table_ident(table)?;
+    if !catalog.table_exists(&ident).await? {
+        return Ok(None);
+    }
+    let Some(base) = catalog
+        .load_table(&ident)
+        .await?
+        .metadata()
+        .current_snapshot_id()
+    else {
+        return Ok(None);
+    };
+    let source = SourceSpec {
+        name: crate::merge::TARGET_VIEW.to_string(),
+        format: SourceFormat::Iceberg,
+        location: None,
+        table: Some(table.to_string()),
+        options: Default::default(),
+        schema: Default::default(),
+    };
+    register_iceberg(ctx, &source, &[], Some(catalog)).await?;
+    Ok(Some(base))
+}
+
 /// An Iceberg source is read as the Parquet data files of its current snapshot, with the
 /// table's schema. Tables with delete files are refused rather than read wrongly.
 async fn register_iceberg(

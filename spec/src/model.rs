@@ -108,6 +108,9 @@ pub enum WriteMode {
     /// (dynamic partition overwrite: rerun a day, backfill a month).
     #[serde(rename = "overwrite_partitions")]
     OverwritePartitions,
+    /// Rows of the result replace the table's rows with the same `merge_keys`; the others
+    /// are inserted (copy-on-write upsert).
+    Merge,
 }
 
 impl std::fmt::Display for WriteMode {
@@ -116,6 +119,7 @@ impl std::fmt::Display for WriteMode {
             WriteMode::Append => "append",
             WriteMode::Overwrite => "overwrite",
             WriteMode::OverwritePartitions => "overwrite_partitions",
+            WriteMode::Merge => "merge",
         })
     }
 }
@@ -134,6 +138,13 @@ pub struct TargetSpec {
     /// Table properties set when the table is created.
     #[serde(default)]
     pub properties: BTreeMap<String, String>,
+    /// `mode = "merge"`: the columns that identify a row.
+    #[serde(default)]
+    pub merge_keys: Vec<String>,
+    /// `mode = "merge"`: a SQL predicate over the result's columns; matching rows delete the
+    /// table's row with their key instead of replacing it.
+    #[serde(default)]
+    pub delete_when: Option<String>,
 }
 
 /// `[execution]`: tuning with sane defaults.
@@ -233,6 +244,13 @@ pub(crate) fn substitute(
         }
     }
     spec.target.table = substitute_params(&spec.target.table, params, "[target] table")?;
+    if let Some(predicate) = &spec.target.delete_when {
+        spec.target.delete_when = Some(substitute_params(
+            predicate,
+            params,
+            "[target] delete_when",
+        )?);
+    }
     Ok(spec)
 }
 
@@ -281,6 +299,7 @@ pub(crate) fn check(spec: &Spec, path: &Path) -> Result<(), SpecError> {
             _ => {}
         }
     }
+    check_merge(&spec.target, path)?;
     let parts: Vec<&str> = spec.target.table.split('.').collect();
     if parts.len() < 2 || parts.iter().any(|p| !is_identifier(p)) {
         return Err(SpecError::invalid(
@@ -289,6 +308,33 @@ pub(crate) fn check(spec: &Spec, path: &Path) -> Result<(), SpecError> {
                 "[target] table `{}` must be `namespace.table` (letters, digits, _)",
                 spec.target.table
             ),
+        ));
+    }
+    Ok(())
+}
+
+/// `merge_keys` and `delete_when` belong to `mode = "merge"`, which needs keys.
+fn check_merge(target: &TargetSpec, path: &Path) -> Result<(), SpecError> {
+    let merging = target.mode == WriteMode::Merge;
+    if merging && target.merge_keys.is_empty() {
+        return Err(SpecError::invalid(
+            path,
+            "[target] mode = \"merge\" needs merge_keys = [\"column\", ...]: the columns that identify a row",
+        ));
+    }
+    if !merging && (!target.merge_keys.is_empty() || target.delete_when.is_some()) {
+        return Err(SpecError::invalid(
+            path,
+            format!(
+                "[target] merge_keys and delete_when only apply to mode = \"merge\" (this target's mode is \"{}\")",
+                target.mode
+            ),
+        ));
+    }
+    if let Some(key) = target.merge_keys.iter().find(|k| !is_identifier(k)) {
+        return Err(SpecError::invalid(
+            path,
+            format!("[target] merge key `{key}` is not a column name (letters, digits, _)"),
         ));
     }
     Ok(())

@@ -123,6 +123,7 @@ impl Racing {
                         mode,
                         data_files_json: &files,
                         written_with,
+                        merge_base: None,
                         summary: Default::default(),
                     };
                     commit_job_snapshot(catalog.as_ref(), &config, &ident, commit).await
@@ -284,6 +285,7 @@ async fn files_are_committed_with_the_partition_spec_they_were_written_with() {
         mode: WriteMode::Overwrite,
         data_files_json: &files,
         written_with,
+        merge_base: None,
         summary: Default::default(),
     };
     commit_job_snapshot(
@@ -297,4 +299,42 @@ async fn files_are_committed_with_the_partition_spec_they_were_written_with() {
     let read = racing.read();
     assert_eq!(read["pyiceberg"]["rows"], 30, "{read:#}");
     assert_eq!(read["duckdb"]["rows"], 30, "{read:#}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_merge_lands_only_on_the_snapshot_it_read() {
+    let racing = Racing::sqlite().await;
+    let table = racing.catalog.load_table(&racing.ident).await.unwrap();
+    let written_with = WrittenWith::current(&table);
+    let merge = JobId::parse("merge-read-empty-table").unwrap();
+    let merged = racing.write(&merge, 1, 0..10).await;
+    // Another job appends after the merge read the (empty) table.
+    let other = JobId::parse("append-meanwhile").unwrap();
+    let appended = racing.write(&other, 1, 100..105).await;
+    racing
+        .race(vec![(other, appended)], WriteMode::Append)
+        .await;
+    let commit = JobCommit {
+        job: &merge,
+        mode: WriteMode::Merge,
+        data_files_json: &merged,
+        written_with,
+        merge_base: Some(None),
+        summary: Default::default(),
+    };
+    let err = commit_job_snapshot(
+        racing.catalog.as_ref(),
+        &racing.config,
+        &racing.ident,
+        commit,
+    )
+    .await
+    .expect_err("the table changed under the merge")
+    .to_string();
+    assert!(err.contains("changed while the merge ran"), "{err}");
+    let read = racing.read();
+    assert_eq!(
+        read["pyiceberg"]["rows"], 5,
+        "the append is not lost: {read:#}"
+    );
 }

@@ -344,3 +344,124 @@ async fn maintain_expires_snapshots_and_removes_only_old_unreferenced_files() {
     let (days, _) = per_day(&sandbox);
     assert_eq!(days["2024-01-01"], (5, 60));
 }
+
+/// `SELECT id, v FROM table ORDER BY id` as DuckDB reads the table (PyIceberg agreeing).
+fn ids_and_values(sandbox: &Sandbox, table: &str) -> Vec<(i64, i64)> {
+    let read = sandbox.read_table(table, None);
+    assert_eq!(
+        read["pyiceberg"]["checksum"], read["duckdb"]["checksum"],
+        "{read:#}"
+    );
+    let script = format!(
+        "import duckdb, duckdb_extensions, json, sys\n\
+         for e in ('avro','iceberg'): duckdb_extensions.import_extension(e)\n\
+         from pyiceberg.catalog.sql import SqlCatalog\n\
+         w = '{w}'\n\
+         t = SqlCatalog('nightshift', uri=f'sqlite:///{{w}}/catalog.db', warehouse=w).load_table('{table}')\n\
+         c = duckdb.connect(); c.execute('LOAD iceberg')\n\
+         json.dump(c.execute('SELECT id, v FROM iceberg_scan(?) ORDER BY id', [t.metadata_location]).fetchall(), sys.stdout)\n",
+        w = sandbox.warehouse().display()
+    );
+    let out = std::process::Command::new(nightshift_tests::python())
+        .args(["-c", &script])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn merge_spec(keys: &str) -> String {
+    format!(
+        r#"[pipeline]
+name = "accounts"
+
+[[source]]
+name = "changes"
+format = "csv"
+location = "data/changes.csv"
+[source.schema]
+id = "bigint"
+v = "bigint"
+op = "varchar"
+
+[transform]
+sql = "SELECT id, v, op FROM changes"
+
+[target]
+table = "tests.accounts"
+mode = "merge"
+{keys}
+delete_when = "op = 'D'"
+"#
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn merge_updates_inserts_and_deletes_by_key() {
+    let sandbox = Sandbox::new();
+    sandbox.spec(&merge_spec("merge_keys = [\"id\"]"));
+    // The first merge creates the table: every change is an insert (deletes of keys the
+    // table does not hold do nothing).
+    sandbox.write(
+        "data/changes.csv",
+        "id,v,op\n1,10,U\n2,20,U\n3,30,U\n4,40,U\n5,50,U\n9,90,D\n",
+    );
+    sandbox
+        .run(2, Some(2), Some("merge-1"))
+        .await
+        .expect("first merge");
+    assert_eq!(
+        ids_and_values(&sandbox, "tests.accounts"),
+        [(1, 10), (2, 20), (3, 30), (4, 40), (5, 50)]
+    );
+    // Update 2, delete 3, insert 6; the rest stays. Staged, as a cluster runs it: the
+    // anti-join and the key check cross shuffles.
+    sandbox.write("data/changes.csv", "id,v,op\n2,21,U\n3,0,D\n6,60,I\n");
+    let report = sandbox.run_staged(2, Some(3)).await.expect("second merge");
+    assert!(report.snapshot_id.is_some());
+    assert_eq!(
+        ids_and_values(&sandbox, "tests.accounts"),
+        [(1, 10), (2, 21), (4, 40), (5, 50), (6, 60)]
+    );
+    let read = sandbox.read_table("tests.accounts", None);
+    assert_eq!(snapshot_count(&read), 2);
+    assert_eq!(read["snapshots"][1]["operation"], "overwrite");
+
+    // A key twice in the result fails the job, naming the key; nothing is committed.
+    sandbox.write("data/changes.csv", "id,v,op\n7,70,I\n4,41,U\n4,42,U\n");
+    let err = sandbox
+        .run(2, Some(2), Some("merge-3"))
+        .await
+        .expect_err("duplicate key")
+        .to_string();
+    assert!(err.contains("key (4)") && err.contains("2 rows"), "{err}");
+    // A null key too.
+    sandbox.write("data/changes.csv", "id,v,op\n,70,I\n");
+    let err = sandbox
+        .run(2, Some(2), Some("merge-4"))
+        .await
+        .expect_err("null key")
+        .to_string();
+    assert!(err.contains("merge key id is null"), "{err}");
+    assert_eq!(
+        snapshot_count(&sandbox.read_table("tests.accounts", None)),
+        2
+    );
+    assert_eq!(
+        ids_and_values(&sandbox, "tests.accounts"),
+        [(1, 10), (2, 21), (4, 40), (5, 50), (6, 60)]
+    );
+
+    // A merge without keys is refused before anything runs.
+    sandbox.spec(&merge_spec(""));
+    let err = sandbox
+        .run(2, Some(2), Some("merge-5"))
+        .await
+        .expect_err("no keys")
+        .to_string();
+    assert!(err.contains("merge_keys"), "{err}");
+}

@@ -177,6 +177,7 @@ impl<'a> JobRun<'a> {
         )
         .await?;
         let job_plan = planned.plan;
+        let merge_base = planned.merge_base;
         self.report.stages = job_plan.stages.len();
         self.report.tasks = job_plan.total_tasks();
         info!(
@@ -251,7 +252,7 @@ impl<'a> JobRun<'a> {
             )))
         });
         let outcome = self
-            .commit(catalog.as_ref(), &ident, &files, written_with)
+            .commit(catalog.as_ref(), &ident, &files, written_with, merge_base)
             .await?;
         fail::fail_point!("coordinator-after-commit", |_| {
             tracing::error!("failpoint coordinator-after-commit: aborting");
@@ -271,6 +272,7 @@ impl<'a> JobRun<'a> {
         ident: &TableIdent,
         files: &[String],
         written_with: WrittenWith,
+        merge_base: Option<Option<i64>>,
     ) -> Result<Option<CommitOutcome>, CoreError> {
         let mut summary = HashMap::new();
         summary.insert(
@@ -287,6 +289,7 @@ impl<'a> JobRun<'a> {
             mode: self.spec.spec.target.mode,
             data_files_json: files,
             written_with,
+            merge_base,
             summary,
         };
         let started = Instant::now();

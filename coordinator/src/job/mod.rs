@@ -20,7 +20,7 @@ use nightshift_core::ids::JobId;
 use nightshift_core::planner::{JobPlan, PlanMode, PlanOptions, plan_job};
 use nightshift_core::redact::redact;
 use nightshift_core::session::{SessionOptions, new_session};
-use nightshift_core::sources::{SourceSummary, register_sources};
+use nightshift_core::sources::{SourceSummary, register_merge_target, register_sources};
 use nightshift_core::storage::Location;
 use nightshift_core::table::{
     CatalogConfig, check_compatible, open_catalog, parse_table_ident, target_layout,
@@ -28,7 +28,7 @@ use nightshift_core::table::{
 };
 use nightshift_core::transport::{StateStore, TaskQueue};
 use nightshift_proto::v1;
-use nightshift_spec::ResolvedSpec;
+use nightshift_spec::{ResolvedSpec, WriteMode};
 
 pub use driver::{now_ms, ownership_ttl, run_job};
 
@@ -220,6 +220,8 @@ struct Planned {
     plan: JobPlan,
     sources: Vec<SourceSummary>,
     partitions: usize,
+    /// For a merge: the snapshot its rows were read from (`None`: the table had none).
+    merge_base: Option<Option<i64>>,
 }
 
 async fn plan(
@@ -245,12 +247,58 @@ async fn plan(
         mode,
         partition_by: spec.partition_by.clone(),
     };
-    let plan = plan_job(&session, &options.job_id, &spec.sql, &plan_options).await?;
+    let (sql, merge_base) = match spec.spec.target.mode {
+        WriteMode::Merge => merge_sql_of(&session, spec, catalog).await?,
+        _ => (spec.sql.clone(), None),
+    };
+    let plan = plan_job(&session, &options.job_id, &sql, &plan_options).await?;
     Ok(Planned {
         plan,
         sources,
         partitions,
+        merge_base,
     })
+}
+
+/// The SQL a merge runs (see [`nightshift_core::merge`]), and the snapshot it reads the
+/// table's current rows from (its commit must build on it).
+async fn merge_sql_of(
+    session: &SessionContext,
+    spec: &ResolvedSpec,
+    catalog: Option<&dyn iceberg::Catalog>,
+) -> Result<(String, Option<Option<i64>>), JobError> {
+    let target = &spec.spec.target;
+    let result = session
+        .sql(&spec.sql)
+        .await
+        .map_err(|e| JobError::Invalid(CoreError::Sql(e.to_string())))?;
+    let columns: Vec<String> = result
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| f.name().clone())
+        .collect();
+    if let Some(key) = target.merge_keys.iter().find(|k| !columns.contains(k)) {
+        return Err(JobError::Invalid(CoreError::Target {
+            table: target.table.clone(),
+            message: format!(
+                "merge key `{key}` is not a column of the result (columns: {})",
+                columns.join(", ")
+            ),
+        }));
+    }
+    let base = match catalog {
+        Some(catalog) => register_merge_target(session, &target.table, catalog).await?,
+        None => None,
+    };
+    let sql = nightshift_core::merge::merge_sql(
+        &spec.sql,
+        &columns,
+        &target.merge_keys,
+        target.delete_when.as_deref(),
+        base.is_some(),
+    );
+    Ok((sql, Some(base)))
 }
 
 fn choose_partitions(

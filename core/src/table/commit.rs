@@ -43,6 +43,9 @@ pub struct JobCommit<'a> {
     /// The schema and partition spec the workers wrote them with (the table's when the job
     /// planned): the files are read back with these, not with whatever is current now.
     pub written_with: WrittenWith,
+    /// For [`WriteMode::Merge`]: the snapshot the job read the table's rows from (`None`: it
+    /// had none). The merge replaces every row, so it lands only on that snapshot.
+    pub merge_base: Option<Option<i64>>,
     /// Snapshot summary properties (pipeline, params); the job id is added.
     pub summary: HashMap<String, String>,
 }
@@ -112,6 +115,7 @@ pub async fn commit_job_snapshot(
         mode,
         data_files_json,
         written_with,
+        merge_base,
         mut summary,
     } = commit;
     let table = catalog.load_table(ident).await?;
@@ -123,22 +127,28 @@ pub async fn commit_job_snapshot(
     let nothing_to_replace = table.metadata().current_snapshot().is_none();
     // An empty result appends nothing and replaces no partition; an empty full overwrite
     // empties the table, unless there is nothing to empty.
-    if files.is_empty() && (mode != WriteMode::Overwrite || nothing_to_replace) {
+    let replaces_all = matches!(mode, WriteMode::Overwrite | WriteMode::Merge);
+    if files.is_empty() && (!replaces_all || nothing_to_replace) {
         return Ok(None);
     }
     match mode {
         WriteMode::Append => append(catalog, table, job, files, summary).await.map(Some),
-        WriteMode::Overwrite | WriteMode::OverwritePartitions => {
-            let replace = if mode == WriteMode::Overwrite {
-                Replace::All
-            } else {
+        WriteMode::Overwrite | WriteMode::OverwritePartitions | WriteMode::Merge => {
+            let replace = if mode == WriteMode::OverwritePartitions {
                 Replace::PartitionsOf
+            } else {
+                Replace::All
             };
             let target = OverwriteTarget {
                 config,
                 ident,
                 spec_id: written_with.partition_spec_id,
                 replace,
+                base: if mode == WriteMode::Merge {
+                    merge_base
+                } else {
+                    None
+                },
             };
             overwrite(catalog, &target, job, files, summary)
                 .await
@@ -275,6 +285,9 @@ struct OverwriteTarget<'a> {
     /// The partition spec the added files were written with.
     spec_id: i32,
     replace: Replace,
+    /// The snapshot the new content was computed from, when it must land on exactly that
+    /// one (a merge): a commit by another job in between fails this one.
+    base: Option<Option<i64>>,
 }
 
 async fn overwrite(
@@ -289,6 +302,7 @@ async fn overwrite(
         ident,
         spec_id,
         replace,
+        base,
     } = *target;
     let committed_files: HashSet<String> =
         files.iter().map(|f| f.file_path().to_string()).collect();
@@ -300,6 +314,22 @@ async fn overwrite(
         // Committed by another coordinator, or by our own swap whose answer was lost.
         if let Some(landed) = landed(&table, job, &committed_files).await? {
             outcome = Some(Ok(landed));
+            break;
+        }
+        if let Some(base) = base
+            && table.metadata().current_snapshot_id() != base
+        {
+            outcome = Some(Err(CoreError::Task {
+                message: format!(
+                    "{ident} changed while the merge ran (it read snapshot {}, the table is now at {}): the merge would lose that commit's rows; run the job again",
+                    base.map_or("none".to_string(), |b| b.to_string()),
+                    table
+                        .metadata()
+                        .current_snapshot_id()
+                        .map_or("none".to_string(), |b| b.to_string())
+                ),
+                retryable: true,
+            }));
             break;
         }
         let produced =

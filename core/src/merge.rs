@@ -1,0 +1,186 @@
+//! `mode = "merge"`: the job's SQL becomes a copy-on-write upsert.
+//!
+//! The result's rows (the changes) replace the table's rows with the same `merge_keys`, and
+//! the rest are inserted; changes matching `delete_when` delete their key's row instead. The
+//! job computes the table's whole new content — the current snapshot's rows whose keys the
+//! changes do not hold, plus the changes that are not deletes — and commits it as one
+//! overwrite snapshot that must build on the snapshot it read (a commit in between fails the
+//! job, which can then run again). A key held twice by the changes, or a null key, fails the
+//! job with the key named: both are checked where the rows are, by the workers.
+
+use std::any::Any;
+use std::sync::Arc;
+
+use datafusion::arrow::array::{Array, AsArray, BooleanArray};
+use datafusion::arrow::datatypes::{DataType, Int64Type};
+use datafusion::error::DataFusionError;
+use datafusion::logical_expr::{
+    ColumnarValue, ScalarFunctionArgs, ScalarUDFImpl, Signature, Volatility,
+};
+
+/// The name the target table's current snapshot is registered under.
+pub const TARGET_VIEW: &str = "__nightshift_merge_target";
+/// `nightshift_require_unique_key(count, key_text)`: true, or an error naming the key.
+pub const REQUIRE_UNIQUE_KEY_UDF: &str = "nightshift_require_unique_key";
+
+fn quote(column: &str) -> String {
+    format!("\"{}\"", column.replace('"', "\"\""))
+}
+
+/// The SQL of a merge: `changes_sql` is the pipeline's SQL, `columns` its result columns,
+/// `keys` the merge keys (among `columns`). With `with_target`, the current rows are read
+/// from [`TARGET_VIEW`]; without (no table or no snapshot yet) the result is the changes.
+pub fn merge_sql(
+    changes_sql: &str,
+    columns: &[String],
+    keys: &[String],
+    delete_when: Option<&str>,
+    with_target: bool,
+) -> String {
+    let list = |prefix: &str| {
+        columns
+            .iter()
+            .map(|c| format!("{prefix}{}", quote(c)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let key_list = keys.iter().map(|k| quote(k)).collect::<Vec<_>>().join(", ");
+    let key_text = keys
+        .iter()
+        .map(|k| format!("CAST({} AS VARCHAR)", quote(k)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    // Null keys never match a row: name them instead of inserting them again every run.
+    let checked: Vec<String> = columns
+        .iter()
+        .map(|c| {
+            if keys.contains(c) {
+                format!(
+                    "nightshift_require_not_null({q}, 'merge key {c} is null in the result') AS {q}",
+                    q = quote(c),
+                    c = c.replace('\'', "''")
+                )
+            } else {
+                quote(c)
+            }
+        })
+        .collect();
+    let changes = format!(
+        "__nightshift_counted AS (SELECT *, COUNT(*) OVER (PARTITION BY {key_list}) AS __nightshift_n, \
+         CONCAT_WS(', ', {key_text}) AS __nightshift_key FROM ({changes_sql}) __nightshift_c), \
+         __nightshift_changes AS (SELECT {checked} FROM __nightshift_counted \
+         WHERE {REQUIRE_UNIQUE_KEY_UDF}(__nightshift_n, __nightshift_key))",
+        checked = checked.join(", ")
+    );
+    let keep = match delete_when {
+        Some(predicate) => format!(" WHERE NOT COALESCE(({predicate}), false)"),
+        None => String::new(),
+    };
+    let inserted = format!("SELECT {} FROM __nightshift_changes{keep}", list(""));
+    if !with_target {
+        return format!("WITH {changes} {inserted}");
+    }
+    let matched = keys
+        .iter()
+        .map(|k| format!("__nightshift_m.{q} = __nightshift_t.{q}", q = quote(k)))
+        .collect::<Vec<_>>()
+        .join(" AND ");
+    format!(
+        "WITH {changes} SELECT {} FROM {TARGET_VIEW} __nightshift_t WHERE NOT EXISTS \
+         (SELECT 1 FROM __nightshift_changes __nightshift_m WHERE {matched}) UNION ALL {inserted}",
+        list("__nightshift_t.")
+    )
+}
+
+/// Fails when a merge key is held by more than one row of the result.
+#[derive(Debug, PartialEq, Eq, Hash)]
+pub struct RequireUniqueKey {
+    signature: Signature,
+}
+
+impl Default for RequireUniqueKey {
+    fn default() -> Self {
+        RequireUniqueKey {
+            signature: Signature::exact(
+                vec![DataType::Int64, DataType::Utf8],
+                Volatility::Volatile,
+            ),
+        }
+    }
+}
+
+impl ScalarUDFImpl for RequireUniqueKey {
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+
+    fn name(&self) -> &str {
+        REQUIRE_UNIQUE_KEY_UDF
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, _: &[DataType]) -> datafusion::error::Result<DataType> {
+        Ok(DataType::Boolean)
+    }
+
+    fn invoke_with_args(
+        &self,
+        args: ScalarFunctionArgs,
+    ) -> datafusion::error::Result<ColumnarValue> {
+        let arrays = ColumnarValue::values_to_arrays(&args.args)?;
+        let counts = arrays[0].as_primitive::<Int64Type>();
+        let keys = arrays[1].as_string::<i32>();
+        if let Some(row) = (0..counts.len()).find(|&i| counts.is_valid(i) && counts.value(i) > 1) {
+            return Err(DataFusionError::Execution(format!(
+                "the merge result holds key ({}) in {} rows; merge_keys must identify one row",
+                keys.value(row),
+                counts.value(row)
+            )));
+        }
+        Ok(ColumnarValue::Array(Arc::new(BooleanArray::from(vec![
+            true;
+            counts.len()
+        ]))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cols(names: &[&str]) -> Vec<String> {
+        names.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn the_merge_sql_keeps_unmatched_rows_and_adds_non_deleted_changes() {
+        let sql = merge_sql(
+            "SELECT id, v, op FROM src",
+            &cols(&["id", "v", "op"]),
+            &cols(&["id"]),
+            Some("op = 'D'"),
+            true,
+        );
+        assert!(sql.contains("NOT EXISTS"), "{sql}");
+        assert!(
+            sql.contains("__nightshift_m.\"id\" = __nightshift_t.\"id\""),
+            "{sql}"
+        );
+        assert!(
+            sql.contains("WHERE NOT COALESCE((op = 'D'), false)"),
+            "{sql}"
+        );
+        assert!(sql.contains("PARTITION BY \"id\""), "{sql}");
+        let first = merge_sql(
+            "SELECT 1 AS id",
+            &cols(&["id"]),
+            &cols(&["id"]),
+            None,
+            false,
+        );
+        assert!(!first.contains(TARGET_VIEW), "{first}");
+    }
+}

@@ -1,7 +1,9 @@
 //! The state store on Redis.
 //!
 //! Keys (all under the configured prefix):
-//! - `<p>:job:<id>` hash: `state`, `detail`, `report` (JSON of the final report);
+//! - `<p>:job:<id>` hash: `state`, `detail`, `report` (JSON of the final report), `published`
+//!   once its submission is on the queue;
+//! - `<p>:idem:<key>`: what an idempotency key is bound to (job, request digest, time);
 //! - `<p>:out:<id>` hash: `<stage>:<partition>` → the winning `TaskResult` (set with HSETNX,
 //!   so the first result of a task wins even with two coordinators or duplicate results);
 //! - `<p>:att:<id>` hash: `<stage>:<partition>` → the last attempt number handed out (HINCRBY);
@@ -137,19 +139,61 @@ impl RedisState {
         format!("{}:jobs", self.prefix)
     }
 
-    /// Binds an idempotency key to `job` unless it is bound already; returns the job it is
-    /// bound to (`job` itself when this call bound it).
-    pub async fn bind_idempotency_key(&self, key: &str, job: &JobId) -> Result<String> {
+    /// Binds an idempotency key to `binding` (what the job API stores: the job and the
+    /// request's digest) unless it is bound already. Returns the earlier binding, or `None`
+    /// when this call bound the key.
+    pub async fn bind_idempotency_key(&self, key: &str, binding: &str) -> Result<Option<String>> {
         let mut conn = self.conn.clone();
-        let previous: Option<String> = redis::cmd("SET")
-            .arg(format!("{}:idem:{key}", self.prefix))
-            .arg(job.as_str())
+        redis::cmd("SET")
+            .arg(self.idempotency_key(key))
+            .arg(binding)
             .arg("NX")
             .arg("GET")
             .query_async(&mut conn)
             .await
+            .map_err(redis_err)
+    }
+
+    /// Frees an idempotency key if it is still bound to `binding` (a submission that could
+    /// not be queued), so the client's retry starts afresh.
+    pub async fn unbind_idempotency_key(&self, key: &str, binding: &str) -> Result<()> {
+        const UNBIND: &str = r"
+            if redis.call('GET', KEYS[1]) == ARGV[1] then
+                return redis.call('DEL', KEYS[1])
+            end
+            return 0";
+        let mut conn = self.conn.clone();
+        redis::Script::new(UNBIND)
+            .key(self.idempotency_key(key))
+            .arg(binding)
+            .invoke_async::<i32>(&mut conn)
+            .await
             .map_err(redis_err)?;
-        Ok(previous.unwrap_or_else(|| job.to_string()))
+        Ok(())
+    }
+
+    fn idempotency_key(&self, key: &str) -> String {
+        format!("{}:idem:{key}", self.prefix)
+    }
+
+    /// Records that the job's submission reached the submission queue.
+    pub async fn mark_published(&self, job: &JobId) -> Result<()> {
+        let mut conn = self.conn.clone();
+        conn.hset(self.job_key(job), "published", "1")
+            .await
+            .map_err(redis_err)
+    }
+
+    /// Removes a job that was registered but never queued.
+    pub async fn forget_job(&self, job: &JobId) -> Result<()> {
+        let mut conn = self.conn.clone();
+        redis::pipe()
+            .atomic()
+            .del(self.job_key(job))
+            .zrem(self.jobs_key(), job.as_str())
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(redis_err)
     }
 
     /// Records a submitted job (state `queued`) in the job list.

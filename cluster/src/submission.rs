@@ -45,23 +45,59 @@ impl JobSubmission {
         })
     }
 
-    /// Writes the spec and its files into `dir` and returns the spec path.
-    pub fn materialize(&self, dir: &Path) -> std::io::Result<std::path::PathBuf> {
-        for (name, text) in &self.files {
-            let path = dir.join(name);
-            if !path.starts_with(dir) || name.contains("..") {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::InvalidInput,
-                    format!("file `{name}` escapes the spec directory"),
-                ));
-            }
-            if let Some(parent) = path.parent() {
-                std::fs::create_dir_all(parent)?;
-            }
-            std::fs::write(path, text)?;
+    /// What the request asks for, as a digest of the spec, its files and its parameters (in
+    /// name order): two submissions with one digest run the same thing. An idempotency key is
+    /// bound to it, so the key cannot quietly stand for another request.
+    pub fn request_digest(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut params = self.params.clone();
+        params.sort();
+        let canonical = serde_json::json!({
+            "spec": self.spec,
+            "files": self.files,
+            "params": params,
+        });
+        hex::encode(Sha256::digest(canonical.to_string().as_bytes()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn submission(spec: &str, files: &[(&str, &str)], params: &[(&str, &str)]) -> JobSubmission {
+        JobSubmission {
+            job_id: String::new(),
+            spec: spec.to_string(),
+            files: files
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            params: params
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         }
-        let spec = dir.join("pipeline.toml");
-        std::fs::write(&spec, &self.spec)?;
-        Ok(spec)
+    }
+
+    #[test]
+    fn the_digest_names_the_request_not_its_order_or_id() {
+        let a = submission("s", &[("t.sql", "q")], &[("a", "1"), ("b", "2")]);
+        let mut same = submission("s", &[("t.sql", "q")], &[("b", "2"), ("a", "1")]);
+        same.job_id = "other".into();
+        assert_eq!(a.request_digest(), same.request_digest());
+        for different in [
+            submission("s2", &[("t.sql", "q")], &[("a", "1"), ("b", "2")]),
+            submission("s", &[("t.sql", "q2")], &[("a", "1"), ("b", "2")]),
+            submission("s", &[("u.sql", "q")], &[("a", "1"), ("b", "2")]),
+            submission("s", &[("t.sql", "q")], &[("a", "1"), ("b", "3")]),
+            submission("s", &[("t.sql", "q")], &[("a", "1")]),
+        ] {
+            assert_ne!(
+                a.request_digest(),
+                different.request_digest(),
+                "{different:?}"
+            );
+        }
     }
 }

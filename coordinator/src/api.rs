@@ -22,13 +22,16 @@ use nightshift_proto::v1::{
     GetJobRequest, Job, JobState, ListJobsRequest, ListJobsResponse, StageProgress,
     SubmitJobRequest, SubmitJobResponse,
 };
-use tonic::{Request, Response, Status};
+use tonic::{Code, Request, Response, Status};
+use tracing::{info, warn};
 
+use crate::admission::{Refusal, admit};
+use crate::idempotency::{KeyBinding, KeyDecision, decide, needs_republish};
 use crate::job::{JobError, JobOptions, validate_job};
 use crate::spec_ref::{SpecRefError, read_spec};
-use tracing::info;
 
-/// Largest spec plus SQL files accepted in one submission.
+/// Largest spec plus SQL files accepted in one submission. The one size limit: a request
+/// over it gets `RESOURCE_EXHAUSTED`, whether the handler or the transport notices.
 pub const MAX_SUBMISSION_BYTES: usize = 1 << 20;
 
 /// The JobService implementation.
@@ -55,18 +58,94 @@ impl JobApi {
         }
     }
 
+    /// Registers `job` (state `queued`) and puts its submission on the submission queue.
+    /// A job that could not be queued is forgotten again.
+    async fn queue_job(
+        &self,
+        job: &JobId,
+        submission: &JobSubmission,
+        pipeline: &str,
+    ) -> Result<(), Status> {
+        self.state
+            .register_job(job, pipeline, now_ms())
+            .await
+            .map_err(unavailable)?;
+        let submission = JobSubmission {
+            job_id: job.to_string(),
+            ..submission.clone()
+        };
+        let payload = serde_json::to_vec(&submission).map_err(unavailable)?;
+        let published = async {
+            fail::fail_point!("api-publish", |_| Err(
+                nightshift_core::CoreError::Transport(
+                    "injected: the submission queue refused the job".into()
+                )
+            ));
+            self.queue
+                .publish_to(&self.queue.jobs_queue(), &payload)
+                .await
+        }
+        .await;
+        if let Err(e) = published {
+            if let Err(forget) = self.state.forget_job(job).await {
+                warn!(job_id = %job, error = %forget, "cannot forget an unqueued job");
+            }
+            return Err(unavailable(format!("cannot queue the job: {e}")));
+        }
+        self.state.mark_published(job).await.map_err(unavailable)
+    }
+
+    /// Queues the job of an existing key binding again when the request that bound it
+    /// never queued it (its process died in between).
+    async fn requeue_if_lost(
+        &self,
+        binding: &KeyBinding,
+        submission: &JobSubmission,
+        pipeline: &str,
+    ) -> Result<(), Status> {
+        let Ok(job) = JobId::parse(&binding.job) else {
+            return Ok(());
+        };
+        let record = self.state.job_record(&job).await.map_err(unavailable)?;
+        if needs_republish(binding, &record, now_ms()) {
+            warn!(job_id = %job, "job of an idempotency key was never queued; queueing it now");
+            self.queue_job(&job, submission, pipeline).await?;
+        }
+        Ok(())
+    }
+
     async fn job(&self, id: &str) -> Result<Job, Status> {
-        let job = JobId::parse(id).map_err(Status::invalid_argument)?;
-        let record = self.state.job_record(&job).await.map_err(internal)?;
+        let job = JobId::parse(id).map_err(|e| refuse(Code::InvalidArgument, e))?;
+        let record = self.state.job_record(&job).await.map_err(unavailable)?;
         if record.is_empty() {
-            return Err(Status::not_found(format!("no job {id}")));
+            return Err(refuse(Code::NotFound, format!("no job {id}")));
         }
         Ok(job_from_record(id, &record))
     }
 }
 
-fn internal(e: impl std::fmt::Display) -> Status {
-    Status::internal(e.to_string())
+/// Every error the API returns that carries a message not written here is built here and
+/// passed through the redactor: it may quote what the client sent (a location with
+/// credentials in it) or what a service answered.
+fn refuse(code: Code, message: impl std::fmt::Display) -> Status {
+    Status::new(code, redact(&message.to_string()))
+}
+
+/// A store or queue this API depends on failed; the client may retry.
+fn unavailable(e: impl std::fmt::Display) -> Status {
+    refuse(Code::Unavailable, e)
+}
+
+fn too_large(size: usize) -> String {
+    format!(
+        "the request is {size} bytes; at most {MAX_SUBMISSION_BYTES} bytes (the spec and its files) are accepted"
+    )
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// Builds the API message from a Redis job record (and its final report, if any).
@@ -132,62 +211,43 @@ impl JobService for JobApi {
         request: Request<SubmitJobRequest>,
     ) -> Result<Response<SubmitJobResponse>, Status> {
         let mut request = request.into_inner();
-        let by_reference = !request.spec_uri.is_empty();
-        if by_reference {
+        if !request.spec_uri.is_empty() {
             if !request.spec.is_empty() || !request.files.is_empty() {
-                return Err(Status::invalid_argument(
+                return Err(refuse(
+                    Code::InvalidArgument,
                     "give either spec (with files) or spec_uri, not both",
                 ));
             }
             let (spec, files) = read_spec(&request.spec_uri, &self.access, MAX_SUBMISSION_BYTES)
                 .await
-                .map_err(|e| match &e {
-                    SpecRefError::Access(_) => Status::permission_denied(e.to_string()),
-                    SpecRefError::TooLarge { .. } => Status::resource_exhausted(e.to_string()),
-                    SpecRefError::Read { .. } if !e.is_not_found() => {
-                        Status::unavailable(redact(&e.to_string()))
-                    }
-                    _ => Status::invalid_argument(e.to_string()),
+                .map_err(|e| {
+                    let code = match &e {
+                        SpecRefError::Access(_) => Code::PermissionDenied,
+                        SpecRefError::TooLarge { .. } => Code::ResourceExhausted,
+                        SpecRefError::Read { .. } if !e.is_not_found() => Code::Unavailable,
+                        _ => Code::InvalidArgument,
+                    };
+                    refuse(code, e)
                 })?;
             request.spec = spec;
             request.files = files.into_iter().collect();
         }
         let size = request.spec.len() + request.files.values().map(String::len).sum::<usize>();
         if size > MAX_SUBMISSION_BYTES {
-            return Err(Status::resource_exhausted(format!(
-                "the spec and its files are {size} bytes; at most {MAX_SUBMISSION_BYTES} are accepted"
-            )));
+            return Err(refuse(Code::ResourceExhausted, too_large(size)));
         }
-        let params: Vec<(String, String)> = request.params.into_iter().collect();
         let submission = JobSubmission {
             job_id: String::new(),
             spec: request.spec,
             files: request.files.into_iter().collect(),
-            params: params.clone(),
+            params: request.params.into_iter().collect(),
         };
-        // Reject a spec that does not parse before anything is queued.
-        let dir = tempfile::tempdir().map_err(internal)?;
-        let path = submission
-            .materialize(dir.path())
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let spec = nightshift_spec::load_spec(&path, &params)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        if by_reference
-            && let Some(source) = spec.spec.source.iter().find(|s| {
-                s.location
-                    .as_deref()
-                    .is_some_and(|l| !l.contains("://") && !l.starts_with('/'))
-            })
-        {
-            return Err(Status::invalid_argument(format!(
-                "source `{}`: location `{}` is relative; a spec submitted by spec_uri must name absolute locations (s3://bucket/path)",
-                source.name,
-                source.location.as_deref().unwrap_or_default()
-            )));
-        }
-        self.access
-            .check(&spec)
-            .map_err(|e| Status::permission_denied(e.to_string()))?;
+        let spec = admit(&submission, &self.access)
+            .await
+            .map_err(|refusal| match refusal {
+                Refusal::Spec(e) => refuse(Code::InvalidArgument, e),
+                Refusal::Denied(e) => refuse(Code::PermissionDenied, e),
+            })?;
         // The same checks as `nightshift validate`: sources found, contracts hold, the SQL
         // plans, the result fits the target table. Nothing is written.
         let options = JobOptions {
@@ -199,42 +259,59 @@ impl JobService for JobApi {
         };
         match validate_job(&spec, &options, Some(&self.catalog)).await {
             Ok(_) => {}
-            Err(JobError::Invalid(e)) => {
-                return Err(Status::invalid_argument(redact(&e.to_string())));
-            }
-            Err(e) => return Err(Status::unavailable(redact(&e.to_string()))),
+            Err(JobError::Invalid(e)) => return Err(refuse(Code::InvalidArgument, e)),
+            Err(e) => return Err(refuse(Code::Unavailable, e)),
         }
         let job = JobId::generate();
-        if !request.idempotency_key.is_empty() {
-            let bound = self
+        let pipeline = &spec.spec.pipeline.name;
+        let key = request.idempotency_key;
+        let binding = KeyBinding {
+            job: job.to_string(),
+            digest: submission.request_digest(),
+            bound_at_ms: now_ms(),
+        };
+        if !key.is_empty() {
+            let earlier = self
                 .state
-                .bind_idempotency_key(&request.idempotency_key, &job)
+                .bind_idempotency_key(&key, &binding.encode())
                 .await
-                .map_err(internal)?;
-            if bound != job.as_str() {
-                return Ok(Response::new(SubmitJobResponse {
-                    job_id: bound,
-                    created: false,
-                }));
+                .map_err(unavailable)?
+                .map(|text| KeyBinding::decode(&text));
+            match decide(earlier.as_ref(), &binding.digest) {
+                KeyDecision::Create => {}
+                KeyDecision::Existing { job: existing } => {
+                    let earlier = earlier.expect("an existing binding");
+                    self.requeue_if_lost(&earlier, &submission, pipeline)
+                        .await?;
+                    return Ok(Response::new(SubmitJobResponse {
+                        job_id: existing,
+                        created: false,
+                    }));
+                }
+                KeyDecision::Conflict { job: other } => {
+                    return Err(refuse(
+                        Code::AlreadyExists,
+                        format!(
+                            "idempotency key `{key}` was used for a different request (job {other}: \
+                             another spec, SQL or parameters); use a new key for a new request"
+                        ),
+                    ));
+                }
             }
         }
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as i64);
-        self.state
-            .register_job(&job, &spec.spec.pipeline.name, now)
-            .await
-            .map_err(internal)?;
-        let submission = JobSubmission {
-            job_id: job.to_string(),
-            ..submission
-        };
-        let payload = serde_json::to_vec(&submission).map_err(internal)?;
-        self.queue
-            .publish_to(&self.queue.jobs_queue(), &payload)
-            .await
-            .map_err(internal)?;
-        info!(job_id = %job, pipeline = %spec.spec.pipeline.name, "job submitted");
+        if let Err(e) = self.queue_job(&job, &submission, pipeline).await {
+            // Nothing was queued: free the key, so the client's retry starts afresh.
+            if !key.is_empty()
+                && let Err(unbind) = self
+                    .state
+                    .unbind_idempotency_key(&key, &binding.encode())
+                    .await
+            {
+                warn!(error = %unbind, "cannot free the idempotency key of an unqueued job");
+            }
+            return Err(e);
+        }
+        info!(job_id = %job, pipeline = %pipeline, "job submitted");
         Ok(Response::new(SubmitJobResponse {
             job_id: job.to_string(),
             created: true,
@@ -262,8 +339,11 @@ impl JobService for JobApi {
         let id = request.into_inner().job_id;
         let job = self.job(&id).await?;
         if !is_terminal(&job) {
-            let job_id = JobId::parse(&id).map_err(Status::invalid_argument)?;
-            self.state.request_cancel(&job_id).await.map_err(internal)?;
+            let job_id = JobId::parse(&id).map_err(|e| refuse(Code::InvalidArgument, e))?;
+            self.state
+                .request_cancel(&job_id)
+                .await
+                .map_err(unavailable)?;
             info!(job_id = %id, "cancel requested");
         }
         Ok(Response::new(self.job(&id).await?))
@@ -285,7 +365,7 @@ impl JobService for JobApi {
             request
                 .page_token
                 .parse()
-                .map_err(|_| Status::invalid_argument("bad page_token"))?
+                .map_err(|_| refuse(Code::InvalidArgument, "bad page_token"))?
         };
         let mut jobs = Vec::new();
         // Scan in batches until the page is full or the list ends.
@@ -294,7 +374,7 @@ impl JobService for JobApi {
                 .state
                 .list_jobs(offset, page_size)
                 .await
-                .map_err(internal)?;
+                .map_err(unavailable)?;
             if ids.is_empty() {
                 offset = 0;
                 break;
@@ -379,6 +459,8 @@ impl TokenAuth {
             .get("authorization")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
+            // Constant messages: nothing in them to redact (and the redactor would mask the
+            // word after "bearer").
             .ok_or_else(|| Status::unauthenticated("missing bearer token: set NIGHTSHIFT_TOKEN"))?;
         if self
             .tokens
@@ -459,7 +541,9 @@ pub async fn bind_api(
             Ok(request)
         },
     );
-    let mut server = tonic::transport::Server::builder().layer(crate::api_metrics::ApiMetricsLayer);
+    let mut server = tonic::transport::Server::builder()
+        .layer(crate::api_metrics::ApiMetricsLayer)
+        .layer(crate::api_limits::one_size_limit_layer());
     if let Some(tls) = &tls {
         let config = tls.server_config().map_err(|e| format!("TLS: {e}"))?;
         server = server.tls_config(config)?;

@@ -5,11 +5,18 @@
 //! - [`job`] drives one job from spec to snapshot.
 //! - [`scheduler`] tracks stages and task attempts and decides what to publish next.
 //! - [`cleanup`] removes what a job wrote but did not commit.
-//! - [`api`] serves the gRPC job API ([`api_metrics`] counts its calls); [`spec_ref`] reads specs submitted by reference.
+//! - [`admission`] admits a submission (spec from what it carries, access policy, canonical
+//!   locations), the same for the job API and the submission queue.
+//! - [`api`] serves the gRPC job API ([`api_metrics`] counts its calls, [`api_limits`] keeps
+//!   one size limit, [`idempotency`] decides what a key answers); [`spec_ref`] reads specs
+//!   submitted by reference.
 
+pub mod admission;
 pub mod api;
+pub mod api_limits;
 pub mod api_metrics;
 pub mod cleanup;
+pub mod idempotency;
 pub mod job;
 pub mod scheduler;
 pub mod service;

@@ -18,7 +18,6 @@ use nightshift_core::CoreError;
 use nightshift_core::access::AccessPolicy;
 use nightshift_core::ids::JobId;
 use nightshift_core::transport::Delivery;
-use nightshift_spec::load_spec;
 use tokio::sync::{Mutex, Semaphore};
 use tracing::{debug, error, info, warn};
 
@@ -195,14 +194,9 @@ async fn run_submission(
 ) -> Result<crate::JobReport, JobError> {
     let job_id =
         JobId::parse(&submission.job_id).map_err(|e| JobError::Invalid(CoreError::Protocol(e)))?;
-    let dir = tempfile::tempdir().map_err(|e| JobError::Internal(CoreError::io("temp dir", e)))?;
-    let path = submission
-        .materialize(dir.path())
-        .map_err(|e| JobError::Invalid(CoreError::io("submitted spec", e)))?;
-    let spec = load_spec(&path, &submission.params).map_err(|e| JobError::Invalid(e.into()))?;
-    access
-        .check(&spec)
-        .map_err(|e| JobError::Invalid(e.into()))?;
+    let spec = crate::admission::admit(&submission, access)
+        .await
+        .map_err(|refusal| JobError::Invalid(refusal.into()))?;
     let options = JobOptions {
         job_id,
         workers: 1,

@@ -3,9 +3,8 @@
 //! on the job carries the text it read, so a spec rewritten later does not change a queued job.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 
-use nightshift_core::access::{AccessError, AccessPolicy};
+use nightshift_core::access::{AccessError, AccessPolicy, canonical_location, contains};
 use nightshift_core::storage::Location;
 use object_store::ObjectStoreExt;
 
@@ -48,7 +47,8 @@ impl SpecRefError {
 }
 
 /// The spec text and its SQL files, read from `uri` after checking it against `access`.
-/// `limit` bounds the spec and its files together.
+/// `limit` bounds the spec and its files together. Each is read at the canonical location the
+/// policy admitted; an `sql_file` must lie below the spec's directory.
 pub async fn read_spec(
     uri: &str,
     access: &AccessPolicy,
@@ -57,21 +57,22 @@ pub async fn read_spec(
     if !uri.contains("://") {
         return Err(SpecRefError::NotAUrl(uri.to_string()));
     }
-    let spec_location =
-        Location::parse(uri, Path::new("/")).map_err(|_| SpecRefError::NotAUrl(uri.to_string()))?;
-    access.check_spec_location(&spec_location)?;
+    let spec_location = access.admit_location("the spec at", uri)?;
     let spec = read_text(&spec_location, limit).await?;
     let mut files = BTreeMap::new();
     if let Some(sql_file) = sql_file_of(&spec) {
-        if sql_file.contains("..") || sql_file.starts_with('/') || sql_file.contains("://") {
-            return Err(SpecRefError::SqlFileEscapes(sql_file));
+        let escapes = || SpecRefError::SqlFileEscapes(sql_file.clone());
+        if sql_file.starts_with('/') || sql_file.contains("://") {
+            return Err(escapes());
         }
-        let url = spec_location
-            .url()
-            .join(&sql_file)
-            .map_err(|_| SpecRefError::SqlFileEscapes(sql_file.clone()))?;
-        let location = Location::from_url(url);
-        access.check_spec_location(&location)?;
+        let directory = spec_location.url().join(".").map_err(|_| escapes())?;
+        let text = format!("{directory}{sql_file}");
+        let below = canonical_location(&text).map_err(|_| escapes())?;
+        if !contains(&Location::from_url(directory), &below) {
+            return Err(escapes());
+        }
+        let location =
+            access.admit_location(&format!("[transform] sql_file `{sql_file}` at"), &text)?;
         let text = read_text(&location, limit.saturating_sub(spec.len())).await?;
         files.insert(sql_file, text);
     }
@@ -117,6 +118,7 @@ async fn read_text(location: &Location, limit: usize) -> Result<String, SpecRefE
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     fn local(dir: &Path) -> AccessPolicy {
         AccessPolicy::new(&[dir.display().to_string()], &[]).unwrap()

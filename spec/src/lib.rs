@@ -59,24 +59,84 @@ pub fn load_spec(path: &Path, overrides: &[(String, String)]) -> Result<Resolved
     resolve_spec_text(&text, path, &base_dir, overrides)
 }
 
-/// Parses and resolves spec `text`; `path` is only used in messages.
+/// Parses and resolves spec `text`; `path` is only used in messages. A `sql_file` is read
+/// from `base_dir`.
 pub fn resolve_spec_text(
     text: &str,
     path: &Path,
     base_dir: &Path,
     overrides: &[(String, String)],
 ) -> Result<ResolvedSpec, SpecError> {
+    resolve(text, path, base_dir, overrides, &|file| {
+        let sql_path = base_dir.join(file);
+        std::fs::read_to_string(&sql_path).map_err(|source| SpecError::Read {
+            path: sql_path,
+            source,
+        })
+    })
+}
+
+/// Where a submitted spec says it comes from, in messages.
+pub const SUBMITTED_SPEC: &str = "pipeline.toml";
+
+/// Resolves a spec submitted to a coordinator, entirely from what the submission carries: a
+/// `sql_file` is looked up in `files` under the name the spec gives, never read from the
+/// coordinator's disk, and every source location must be absolute (the coordinator cannot
+/// see the submitter's directory).
+pub fn resolve_submitted(
+    text: &str,
+    files: &BTreeMap<String, String>,
+    overrides: &[(String, String)],
+) -> Result<ResolvedSpec, SpecError> {
+    let path = Path::new(SUBMITTED_SPEC);
+    let spec = resolve(text, path, Path::new("/"), overrides, &|file| {
+        files.get(file).cloned().ok_or_else(|| {
+            let sent = files.keys().map(String::as_str).collect::<Vec<_>>();
+            SpecError::invalid(
+                path,
+                format!(
+                    "[transform] sql_file `{file}` was not sent with the spec (sent: {}); \
+                     `nightshift submit` sends the file the spec names",
+                    if sent.is_empty() {
+                        "none".to_string()
+                    } else {
+                        sent.join(", ")
+                    }
+                ),
+            )
+        })
+    })?;
+    if let Some(source) = spec.spec.source.iter().find(|s| {
+        s.location
+            .as_deref()
+            .is_some_and(|l| !l.contains("://") && !l.starts_with('/'))
+    }) {
+        return Err(SpecError::invalid(
+            path,
+            format!(
+                "source `{}`: location `{}` is relative; a submitted spec must name absolute \
+                 locations (s3://bucket/path or /path), the coordinator cannot see the \
+                 submitter's directory",
+                source.name,
+                source.location.as_deref().unwrap_or_default()
+            ),
+        ));
+    }
+    Ok(spec)
+}
+
+fn resolve(
+    text: &str,
+    path: &Path,
+    base_dir: &Path,
+    overrides: &[(String, String)],
+    read_sql_file: &dyn Fn(&str) -> Result<String, SpecError>,
+) -> Result<ResolvedSpec, SpecError> {
     let spec = model::parse(text, path)?;
     let params = params::effective_params(&spec.params, overrides)?;
     let sql_text = match (&spec.transform.sql, &spec.transform.sql_file) {
         (Some(sql), None) => sql.clone(),
-        (None, Some(file)) => {
-            let sql_path = base_dir.join(file);
-            std::fs::read_to_string(&sql_path).map_err(|source| SpecError::Read {
-                path: sql_path,
-                source,
-            })?
-        }
+        (None, Some(file)) => read_sql_file(file)?,
         (Some(_), Some(_)) => {
             return Err(SpecError::invalid(
                 path,

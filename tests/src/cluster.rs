@@ -11,6 +11,45 @@ use serde_json::Value;
 
 use crate::{Sandbox, nightshift_bin};
 
+/// The cluster tests' pipeline: `sql` over the TPC-H sample's `orders` and `customer`, with
+/// joins shuffled (no broadcast), into `table` partitioned by `partition_by`.
+pub fn orders_and_customers_spec(
+    data: &std::path::Path,
+    pipeline: &str,
+    sql: &str,
+    table: &str,
+    partition_by: &str,
+    shuffle_partitions: usize,
+) -> String {
+    format!(
+        r#"[pipeline]
+name = "{pipeline}"
+
+[[source]]
+name = "orders"
+format = "parquet"
+location = "{data}/orders/"
+
+[[source]]
+name = "customer"
+format = "parquet"
+location = "{data}/customer.parquet"
+
+[transform]
+sql = "{sql}"
+
+[target]
+table = "{table}"
+partition_by = ["{partition_by}"]
+
+[execution]
+shuffle_partitions = {shuffle_partitions}
+broadcast_join_threshold_bytes = 0
+"#,
+        data = data.display()
+    )
+}
+
 /// Where the cluster keeps tables and scratch.
 #[derive(Debug, Clone)]
 pub enum ClusterStorage {

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use nightshift_tests::cluster::{
     ClusterOptions, ClusterSandbox, ClusterStorage, PrivateRabbit, PrivateRedis,
+    orders_and_customers_spec,
 };
 use nightshift_tests::{RefSource, snapshot_count};
 
@@ -13,32 +14,13 @@ const SQL: &str = "SELECT o.o_orderdate AS order_date, c.c_mktsegment AS segment
      WHERE o.o_orderdate < DATE '1993-01-01' GROUP BY o.o_orderdate, c.c_mktsegment";
 
 fn spec(data: &std::path::Path) -> String {
-    format!(
-        r#"[pipeline]
-name = "cluster_test"
-
-[[source]]
-name = "orders"
-format = "parquet"
-location = "{data}/orders/"
-
-[[source]]
-name = "customer"
-format = "parquet"
-location = "{data}/customer.parquet"
-
-[transform]
-sql = "{SQL}"
-
-[target]
-table = "tests.by_segment"
-partition_by = ["month(order_date)"]
-
-[execution]
-shuffle_partitions = 4
-broadcast_join_threshold_bytes = 0
-"#,
-        data = data.display()
+    orders_and_customers_spec(
+        data,
+        "cluster_test",
+        SQL,
+        "tests.by_segment",
+        "month(order_date)",
+        4,
     )
 }
 

@@ -7,7 +7,9 @@
 
 use std::time::{Duration, Instant};
 
-use nightshift_tests::cluster::{ClusterOptions, ClusterSandbox, ClusterStorage, PrivateRedis};
+use nightshift_tests::cluster::{
+    ClusterOptions, ClusterSandbox, ClusterStorage, PrivateRedis, orders_and_customers_spec,
+};
 use nightshift_tests::{RefSource, snapshot_count};
 use serde_json::Value;
 
@@ -20,33 +22,7 @@ const SQL: &str = "SELECT o.o_orderdate AS order_date, c.c_mktsegment AS segment
 const CLEAN_WITHIN: Duration = Duration::from_secs(60);
 
 fn spec(data: &std::path::Path) -> String {
-    format!(
-        r#"[pipeline]
-name = "faults"
-
-[[source]]
-name = "orders"
-format = "parquet"
-location = "{data}/orders/"
-
-[[source]]
-name = "customer"
-format = "parquet"
-location = "{data}/customer.parquet"
-
-[transform]
-sql = "{SQL}"
-
-[target]
-table = "{TABLE}"
-partition_by = ["month(order_date)"]
-
-[execution]
-shuffle_partitions = 4
-broadcast_join_threshold_bytes = 0
-"#,
-        data = data.display()
-    )
+    orders_and_customers_spec(data, "faults", SQL, TABLE, "month(order_date)", 4)
 }
 
 fn start(options: ClusterOptions<'_>) -> ClusterSandbox {

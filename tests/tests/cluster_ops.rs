@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use nightshift_tests::cluster::{
     ClusterOptions, ClusterSandbox, ClusterStorage, PrivateRabbit, http_get,
+    orders_and_customers_spec,
 };
 use nightshift_tests::{RefSource, snapshot_count};
 
@@ -17,32 +18,13 @@ const SQL: &str = "SELECT o.o_orderdate AS order_date, c.c_mktsegment AS segment
 const ADMIN_ON_ANY_PORT: (&str, &str) = ("NIGHTSHIFT_METRICS_LISTEN", "127.0.0.1:0");
 
 fn spec(data: &std::path::Path) -> String {
-    format!(
-        r#"[pipeline]
-name = "ops_test"
-
-[[source]]
-name = "orders"
-format = "parquet"
-location = "{data}/orders/"
-
-[[source]]
-name = "customer"
-format = "parquet"
-location = "{data}/customer.parquet"
-
-[transform]
-sql = "{SQL}"
-
-[target]
-table = "tests.by_segment"
-partition_by = ["month(order_date)"]
-
-[execution]
-shuffle_partitions = 4
-broadcast_join_threshold_bytes = 0
-"#,
-        data = data.display()
+    orders_and_customers_spec(
+        data,
+        "ops_test",
+        SQL,
+        "tests.by_segment",
+        "month(order_date)",
+        4,
     )
 }
 

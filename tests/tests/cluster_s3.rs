@@ -3,7 +3,9 @@
 //! and DuckDB over S3, scratch deleted; then an overwrite of the same table through each
 //! catalog.
 
-use nightshift_tests::cluster::{ClusterSandbox, ClusterStorage, Seaweed, uuid_like};
+use nightshift_tests::cluster::{
+    ClusterSandbox, ClusterStorage, Seaweed, orders_and_customers_spec, uuid_like,
+};
 use nightshift_tests::{RefSource, assert_matches_reference, snapshot_count};
 
 const SQL: &str = "SELECT o.o_orderpriority AS priority, c.c_mktsegment AS segment, COUNT(*) AS orders, \
@@ -37,32 +39,13 @@ async fn run_on(storage: ClusterStorage, seaweed: &Seaweed) {
     let cluster = ClusterSandbox::start(storage, 3, &[]);
     cluster.sandbox.tpch();
     let data = cluster.sandbox.path("data");
-    cluster.sandbox.spec(&format!(
-        r#"[pipeline]
-name = "s3_test"
-
-[[source]]
-name = "orders"
-format = "parquet"
-location = "{data}/orders/"
-
-[[source]]
-name = "customer"
-format = "parquet"
-location = "{data}/customer.parquet"
-
-[transform]
-sql = "{SQL}"
-
-[target]
-table = "tests.priorities"
-partition_by = ["identity(segment)"]
-
-[execution]
-shuffle_partitions = 3
-broadcast_join_threshold_bytes = 0
-"#,
-        data = data.display()
+    cluster.sandbox.spec(&orders_and_customers_spec(
+        &data,
+        "s3_test",
+        SQL,
+        "tests.priorities",
+        "identity(segment)",
+        3,
     ));
     let read = submit_and_read(&cluster, "s3-job", SQL).await;
     assert_eq!(snapshot_count(&read), 1, "{read:#}");

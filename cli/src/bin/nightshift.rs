@@ -865,6 +865,7 @@ fn rpc_error(status: tonic::Status) -> ExitCode {
     }
     ExitCode::from(match status.code() {
         tonic::Code::InvalidArgument
+        | tonic::Code::AlreadyExists
         | tonic::Code::ResourceExhausted
         | tonic::Code::PermissionDenied
         | tonic::Code::Unauthenticated => EXIT_INVALID,
@@ -893,6 +894,13 @@ async fn submit(args: SubmitArgs) -> ExitCode {
         Err(status) => return rpc_error(status),
     };
     println!("{}", response.job_id);
+    if !response.created {
+        eprintln!(
+            "job {} was already submitted with idempotency key `{}`; nothing new was queued",
+            response.job_id,
+            args.idempotency_key.as_deref().unwrap_or_default()
+        );
+    }
     if args.wait {
         return follow(&mut api, &response.job_id).await;
     }

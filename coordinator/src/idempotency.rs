@@ -1,0 +1,147 @@
+//! Idempotency keys of the job API, as decisions without services.
+//!
+//! A key is bound to the first request that brings it: its job, the digest of its spec, files
+//! and parameters, and when it was bound. The same request again gets that job back; another
+//! request under the key is refused, naming the key, instead of silently getting a job that
+//! runs something else. A key is bound before its job is queued: if queueing fails the key is
+//! freed, and if the process dies in between, a retry of the same request after
+//! [`REPUBLISH_AFTER`] queues the bound job again (a job id runs and commits at most once,
+//! so a second submission of it is harmless).
+
+use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
+
+/// How long a bound job may stay unqueued before a retry of its request queues it again.
+pub const REPUBLISH_AFTER_MS: i64 = 10_000;
+
+/// What a key is bound to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyBinding {
+    pub job: String,
+    /// `JobSubmission::request_digest` of the request that bound the key.
+    pub digest: String,
+    pub bound_at_ms: i64,
+}
+
+impl KeyBinding {
+    pub fn encode(&self) -> String {
+        serde_json::to_string(self).expect("a key binding serializes")
+    }
+
+    /// A stored binding; a bare job id (what earlier versions stored) matches any request.
+    pub fn decode(text: &str) -> KeyBinding {
+        serde_json::from_str(text).unwrap_or_else(|_| KeyBinding {
+            job: text.to_string(),
+            digest: String::new(),
+            bound_at_ms: 0,
+        })
+    }
+}
+
+/// What a submission carrying a key gets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyDecision {
+    /// This request bound the key: its job is created.
+    Create,
+    /// The key came with this same request before: that job is the answer.
+    Existing { job: String },
+    /// The key is bound to another request.
+    Conflict { job: String },
+}
+
+/// The decision for a request with `digest`, given the key's earlier binding (`None` when
+/// this request just bound it).
+pub fn decide(earlier: Option<&KeyBinding>, digest: &str) -> KeyDecision {
+    match earlier {
+        None => KeyDecision::Create,
+        Some(b) if b.digest.is_empty() || b.digest == digest => {
+            KeyDecision::Existing { job: b.job.clone() }
+        }
+        Some(b) => KeyDecision::Conflict { job: b.job.clone() },
+    }
+}
+
+/// Whether the job of an existing binding must be queued again: its record does not show it
+/// queued (`published`) or beyond, and the binding is old enough that the request that bound
+/// it is not still queueing it.
+pub fn needs_republish(
+    binding: &KeyBinding,
+    record: &HashMap<String, String>,
+    now_ms: i64,
+) -> bool {
+    let queued_or_beyond =
+        record.contains_key("published") || record.get("state").is_some_and(|s| s != "queued");
+    !queued_or_beyond && now_ms - binding.bound_at_ms >= REPUBLISH_AFTER_MS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn binding(digest: &str, at: i64) -> KeyBinding {
+        KeyBinding {
+            job: "j1".into(),
+            digest: digest.into(),
+            bound_at_ms: at,
+        }
+    }
+
+    #[test]
+    fn a_key_answers_only_the_request_it_was_bound_to() {
+        assert_eq!(decide(None, "d"), KeyDecision::Create);
+        assert_eq!(
+            decide(Some(&binding("d", 0)), "d"),
+            KeyDecision::Existing { job: "j1".into() }
+        );
+        assert_eq!(
+            decide(Some(&binding("d", 0)), "other"),
+            KeyDecision::Conflict { job: "j1".into() }
+        );
+        // Bound by an earlier version, without a digest.
+        assert_eq!(
+            decide(Some(&KeyBinding::decode("j0")), "any"),
+            KeyDecision::Existing { job: "j0".into() }
+        );
+    }
+
+    #[test]
+    fn bindings_round_trip() {
+        let b = binding("abc", 42);
+        assert_eq!(KeyBinding::decode(&b.encode()), b);
+    }
+
+    #[test]
+    fn only_an_old_unqueued_binding_is_queued_again() {
+        let record = |fields: &[(&str, &str)]| -> HashMap<String, String> {
+            fields
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let old = binding("d", 0);
+        let late = REPUBLISH_AFTER_MS;
+        assert!(needs_republish(&old, &record(&[]), late));
+        assert!(needs_republish(&old, &record(&[("state", "queued")]), late));
+        assert!(!needs_republish(
+            &old,
+            &record(&[("state", "queued")]),
+            late - 1
+        ));
+        assert!(!needs_republish(
+            &old,
+            &record(&[("state", "queued"), ("published", "1")]),
+            late
+        ));
+        assert!(!needs_republish(
+            &old,
+            &record(&[("state", "running")]),
+            late
+        ));
+        assert!(!needs_republish(
+            &old,
+            &record(&[("state", "succeeded")]),
+            late
+        ));
+    }
+}

@@ -1,0 +1,336 @@
+//! The job API as a careless or hostile client meets it: a coordinator whose `[access]`
+//! policy allows one data directory and one namespace, asked to read around the policy
+//! (encoded `..`, `sql_file`, symbolic links), to leak what it refuses, to accept an
+//! oversize request, or to hand one idempotency key to two different requests.
+
+use std::time::Duration;
+
+use nightshift_proto::v1::{GetJobRequest, JobState, SubmitJobRequest};
+use nightshift_tests::cluster::{ClusterSandbox, ClusterStorage};
+
+/// A pipeline reading `location` (CSV) into `table`.
+fn csv_spec(location: &str, table: &str) -> String {
+    format!(
+        r#"[pipeline]
+name = "security_test"
+
+[[source]]
+name = "lines"
+format = "csv"
+location = "{location}"
+
+[transform]
+sql = "SELECT * FROM lines"
+
+[target]
+table = "{table}"
+"#
+    )
+}
+
+/// A coordinator allowed `<sandbox>/data/` and the `tests` namespace, with `workers` workers.
+fn start(workers: usize, env: &[(&str, &str)]) -> ClusterSandbox {
+    let mut cluster = ClusterSandbox::start(ClusterStorage::LocalWithPostgres, 0, env);
+    let data = cluster.sandbox.path("data");
+    std::fs::create_dir_all(data.join("lines")).unwrap();
+    std::fs::write(data.join("lines/a.csv"), "id,name\n1,one\n2,two\n").unwrap();
+    cluster.kill_coordinator();
+    cluster.add_env(
+        "NIGHTSHIFT_ALLOWED_LOCATIONS",
+        &format!("{}/", data.display()),
+    );
+    cluster.add_env("NIGHTSHIFT_ALLOWED_TABLES", "tests.*");
+    cluster.start_coordinator();
+    for _ in 0..workers {
+        cluster.start_worker();
+    }
+    cluster
+}
+
+fn inline(spec: String) -> SubmitJobRequest {
+    SubmitJobRequest {
+        spec,
+        ..Default::default()
+    }
+}
+
+/// How many `..` it takes from `dir` to the root, so a traversal surely reaches `/etc`.
+fn ups(dir: &std::path::Path) -> usize {
+    dir.components().count() + 2
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn encoded_traversal_symlinks_and_sql_file_cannot_leave_the_allowed_locations() {
+    let cluster = start(0, &[]);
+    let data = cluster.sandbox.path("data");
+    let d = data.display().to_string();
+    let mut client = cluster.api_client().await;
+    let n = ups(&data);
+    // Links planted inside the allowed directory, pointing out of it.
+    std::os::unix::fs::symlink("/etc", data.join("etc_link")).unwrap();
+    std::os::unix::fs::symlink("/etc/passwd", data.join("passwd.csv")).unwrap();
+    std::fs::create_dir_all(data.join("mixed")).unwrap();
+    std::fs::write(data.join("mixed/ok.csv"), "id,name\n3,three\n").unwrap();
+    std::os::unix::fs::symlink("/etc/passwd", data.join("mixed/zz.csv")).unwrap();
+    let denied = [
+        format!("file://{d}/{}etc/passwd", "..%2F".repeat(n)),
+        format!("file://{d}/{}etc/passwd", "..%2f".repeat(n)),
+        format!("file://{d}/{}etc/passwd", "%2E%2E%2F".repeat(n)),
+        format!("file://{d}/{}etc/passwd", "%2e%2e/".repeat(n)),
+        format!("file://{d}/{}etc/passwd", "..%252F".repeat(n)),
+        format!("file://{d}/lines/%2E%2E/{}etc/passwd", "%2E%2E/".repeat(n)),
+        format!("FILE://{d}/{}etc/passwd", "..%2F".repeat(n)),
+        format!("{d}/etc_link/passwd"),
+        format!("{d}/passwd.csv"),
+        format!("{d}/etc_link/"),
+        format!("{d}/mixed/"),
+        format!("{d}/mixed/*.csv"),
+        format!("{d}/*/passwd"),
+    ];
+    for location in &denied {
+        let status = client
+            .submit_job(inline(csv_spec(location, "tests.leak")))
+            .await
+            .expect_err(location);
+        assert_eq!(
+            status.code(),
+            tonic::Code::PermissionDenied,
+            "{location}: {status:?}"
+        );
+        assert!(
+            status.message().contains("allowed locations"),
+            "{location}: {}",
+            status.message()
+        );
+        assert!(!status.message().contains("root:"), "{}", status.message());
+    }
+    // Spelled oddly but inside: accepted.
+    for location in [
+        format!("{d}//lines/./a.csv"),
+        format!("file://{d}/lines/%61.csv"),
+        format!("{d}/lines/../lines/"),
+    ] {
+        let job = client
+            .submit_job(inline(csv_spec(&location, "tests.ok")))
+            .await
+            .unwrap_or_else(|s| panic!("{location}: {s:?}"))
+            .into_inner();
+        assert!(job.created, "{location}");
+        client
+            .cancel_job(GetJobRequest { job_id: job.job_id })
+            .await
+            .unwrap();
+    }
+    // A spec by reference: an encoded `..` is refused as outside, not retried as unavailable.
+    std::fs::write(
+        data.join("p.toml"),
+        csv_spec(&format!("{d}/lines/"), "tests.ref"),
+    )
+    .unwrap();
+    let uri = format!("file://{d}/{}etc/passwd", "..%2F".repeat(n));
+    let status = client
+        .submit_job(SubmitJobRequest {
+            spec_uri: uri.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect_err(&uri);
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    // `sql_file` names what the request carries, never a file of the coordinator's disk;
+    // whatever the name, the message never quotes a file's contents.
+    let with_sql_file = |file: &str| {
+        csv_spec(&format!("{d}/lines/"), "tests.sql").replace(
+            "sql = \"SELECT * FROM lines\"",
+            &format!("sql_file = \"{file}\""),
+        )
+    };
+    let outside_sql = cluster.sandbox.write("outside.sql", "SELECT 42 AS secret");
+    for file in [
+        outside_sql.display().to_string(),
+        format!("{}etc/passwd", "../".repeat(n)),
+        "/etc/passwd".to_string(),
+        "%2E%2E/outside.sql".to_string(),
+    ] {
+        let status = client
+            .submit_job(inline(with_sql_file(&file)))
+            .await
+            .expect_err(&file);
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+        assert!(
+            status.message().contains("was not sent with the spec"),
+            "{file}: {}",
+            status.message()
+        );
+        assert!(
+            !status.message().contains("root") && !status.message().contains("42"),
+            "{file}: {}",
+            status.message()
+        );
+    }
+    // Sent with the spec, under the name the spec gives: used, nothing read from disk.
+    let mut sent = inline(with_sql_file("../../anywhere/t.sql"));
+    sent.files
+        .insert("../../anywhere/t.sql".into(), "SELECT * FROM lines".into());
+    let job = client.submit_job(sent).await.unwrap().into_inner();
+    assert!(job.created);
+    client
+        .cancel_job(GetJobRequest { job_id: job.job_id })
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_are_redacted_sized_and_namespaces_are_not_nested() {
+    let cluster = start(0, &[]);
+    let data = cluster.sandbox.path("data");
+    let d = data.display().to_string();
+    let mut client = cluster.api_client().await;
+    let secret = "hunter2-never-print";
+    let status = client
+        .submit_job(inline(csv_spec(
+            &format!("s3://user:{secret}@lake/raw/x.csv"),
+            "tests.t",
+        )))
+        .await
+        .expect_err("outside");
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    assert!(
+        !status.message().contains(secret) && status.message().contains("***"),
+        "{}",
+        status.message()
+    );
+    // One limit, one code: just over the documented 1 MiB and far over it.
+    for size in [(1 << 20) + 1024, 8 << 20] {
+        let status = client
+            .submit_job(inline("#".repeat(size)))
+            .await
+            .expect_err("too big");
+        assert_eq!(
+            status.code(),
+            tonic::Code::ResourceExhausted,
+            "{size}: {status:?}"
+        );
+        assert!(
+            status.message().contains("1048576"),
+            "{size}: {}",
+            status.message()
+        );
+    }
+    // `tests.*` is the tables of `tests`, not of namespaces below it.
+    let lines = format!("{d}/lines/");
+    let status = client
+        .submit_job(inline(csv_spec(&lines, "tests.sub.t")))
+        .await
+        .expect_err("nested namespace");
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    assert!(
+        status.message().contains("`tests.sub.t`"),
+        "{}",
+        status.message()
+    );
+    let job = client
+        .submit_job(inline(csv_spec(&lines, "tests.flat")))
+        .await
+        .unwrap()
+        .into_inner();
+    client
+        .cancel_job(GetJobRequest { job_id: job.job_id })
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotency_key_is_bound_to_the_request_it_first_came_with() {
+    // The first publish of a submission fails once: the key must not be left naming a job
+    // that never runs.
+    let cluster = start(1, &[("FAILPOINTS", "api-publish=1*return")]);
+    let data = cluster.sandbox.path("data");
+    let lines = format!("{}/lines/", data.display());
+    let mut client = cluster.api_client().await;
+    let request = |spec: String, params: &[(&str, &str)], key: &str| SubmitJobRequest {
+        spec,
+        params: params
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        idempotency_key: key.to_string(),
+        ..Default::default()
+    };
+    let spec = csv_spec(&lines, "tests.idem")
+        .replace("[transform]", "[params]\nday = \"x\"\n\n[transform]");
+    let first = client
+        .submit_job(request(spec.clone(), &[("day", "1")], "nightly-1"))
+        .await
+        .expect_err("the injected publish failure");
+    assert_eq!(first.code(), tonic::Code::Unavailable, "{first:?}");
+    // The retry the client makes: accepted, queued and run.
+    let retried = client
+        .submit_job(request(spec.clone(), &[("day", "1")], "nightly-1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(retried.created, "{retried:?}");
+    let again = client
+        .submit_job(request(spec.clone(), &[("day", "1")], "nightly-1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.job_id, retried.job_id);
+    assert!(!again.created);
+    // The same key with another spec, or other parameters: refused, naming the key.
+    for (other, params) in [
+        (
+            spec.replace("tests.idem", "tests.idem_other"),
+            vec![("day", "1")],
+        ),
+        (spec.clone(), vec![("day", "2")]),
+    ] {
+        let status = client
+            .submit_job(request(other, &params, "nightly-1"))
+            .await
+            .expect_err("a different request under the key");
+        assert_eq!(status.code(), tonic::Code::AlreadyExists, "{status:?}");
+        assert!(
+            status.message().contains("`nightly-1`") && status.message().contains(&retried.job_id),
+            "{}",
+            status.message()
+        );
+    }
+    // The CLI says so and exits non-zero instead of following the other job.
+    cluster
+        .sandbox
+        .spec(&spec.replace("tests.idem", "tests.idem_cli"));
+    let out = cluster.api_command(&[
+        "submit",
+        "pipeline.toml",
+        "--param",
+        "day=1",
+        "--idempotency-key",
+        "nightly-1",
+        "--wait",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("nightly-1"), "{stderr}");
+    // The job behind the key ran once.
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let job = client
+            .get_job(GetJobRequest {
+                job_id: retried.job_id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if job.state == JobState::Succeeded as i32 {
+            assert_eq!(job.rows, 2, "{job:?}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline && job.state != JobState::Failed as i32,
+            "{job:?}\n{}",
+            cluster.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -2,6 +2,7 @@
 
 use indicatif::HumanBytes;
 use nightshift_coordinator::{JobError, JobReport, outcome_json};
+use nightshift_core::checks::CheckResult;
 
 /// Exit code of a job that failed while running.
 pub const EXIT_FAILED: u8 = 1;
@@ -40,7 +41,7 @@ pub fn report_text(report: &JobReport) -> String {
         ),
         _ => report.table.clone(),
     };
-    format!(
+    let text = format!(
         "job {} succeeded\n  pipeline  {}\n  table     {}\n  snapshot  {}\n  rows      {}\n  files     {} ({}){}\n  stages    {} ({} tasks)\n  duration  {:.1} s\n",
         report.job_id,
         report.pipeline,
@@ -60,7 +61,31 @@ pub fn report_text(report: &JobReport) -> String {
         report.stages,
         report.tasks,
         report.duration_ms as f64 / 1000.0
-    )
+    );
+    text + &checks_text(&report.checks)
+}
+
+/// The checks' verdicts: a count, then a line per failed (warning) check with its samples.
+fn checks_text(checks: &[CheckResult]) -> String {
+    if checks.is_empty() {
+        return String::new();
+    }
+    let failed: Vec<&CheckResult> = checks.iter().filter(|c| !c.passed).collect();
+    let mut text = format!(
+        "  checks    {} passed, {} failed\n",
+        checks.len() - failed.len(),
+        failed.len()
+    );
+    for check in failed {
+        text.push_str(&format!(
+            "    {} ({}): {}\n",
+            check.name, check.severity, check.detail
+        ));
+        for sample in &check.samples {
+            text.push_str(&format!("      e.g. {sample}\n"));
+        }
+    }
+    text
 }
 
 /// `nightshift dlq list`: one line per dead-lettered task.

@@ -324,6 +324,16 @@ impl StageTracker {
             .collect()
     }
 
+    /// The row-check outcomes of the final stage's winning attempts.
+    pub fn final_check_outcomes(&self) -> Vec<v1::CheckOutcome> {
+        self.final_winners()
+            .flat_map(|r| match &r.outcome {
+                Some(Outcome::Files(f)) => f.checks.clone(),
+                _ => Vec::new(),
+            })
+            .collect()
+    }
+
     /// (tasks done, tasks total) over all stages.
     pub fn progress(&self) -> (usize, usize) {
         self.stages
@@ -426,6 +436,7 @@ mod tests {
     fn success(key: TaskKey, attempt: u32) -> v1::TaskResult {
         let outcome = if key.stage.0 == 2 {
             Outcome::Files(FilesWritten {
+                checks: Vec::new(),
                 data_files_json: vec![format!("a{attempt}")],
             })
         } else {
@@ -620,6 +631,7 @@ mod tests {
                 Just(None),
                 Just(Some(Outcome::Shuffle(ShuffleWritten { segments: vec![] }))),
                 Just(Some(Outcome::Files(FilesWritten {
+                    checks: Vec::new(),
                     data_files_json: vec!["f".into()]
                 }))),
                 any::<bool>().prop_map(|retryable| Some(Outcome::Failed(TaskFailed {

@@ -14,6 +14,7 @@
 //! - [`transport`] holds the seams (task queue, state store) and their in-process versions.
 
 pub mod access;
+pub mod checks;
 pub mod codec;
 pub mod error;
 pub mod ids;

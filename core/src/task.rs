@@ -122,6 +122,7 @@ async fn execute(
                     written.bytes,
                     task_result::Outcome::Files(v1::FilesWritten {
                         data_files_json: written.data_files_json,
+                        checks: written.checks,
                     }),
                 ))
             }

@@ -3,7 +3,7 @@
 //! The `.proto` files live in `proto/nightshift/v1/`; this crate only compiles them.
 
 /// Version of the task protocol. A worker refuses a task that carries another one.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// The encoded file descriptor set, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =

@@ -4,6 +4,7 @@
 //! (rejecting unknown keys with a "did you mean" hint), applies `--param` overrides, substitutes
 //! `${param}` references and returns a [`ResolvedSpec`] that the planner consumes.
 
+mod check;
 mod contract;
 mod error;
 mod model;
@@ -11,6 +12,7 @@ mod params;
 mod partition;
 mod suggest;
 
+pub use check::{CheckKind, CheckSpec, Severity};
 pub use contract::{ColumnContract, parse_column_type};
 pub use error::SpecError;
 pub use model::{

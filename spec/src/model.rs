@@ -28,6 +28,9 @@ pub struct Spec {
     /// `[execution]`: optional tuning.
     #[serde(default)]
     pub execution: ExecutionSection,
+    /// `[[check]]`: rules the published rows must satisfy.
+    #[serde(default)]
+    pub check: Vec<crate::check::CheckSpec>,
 }
 
 /// `[pipeline]`
@@ -177,6 +180,7 @@ const SECTION_KEYS: &[(&str, &[&str])] = &[
             "transform",
             "target",
             "execution",
+            "check",
         ],
     ),
     ("pipeline", &["name", "description", "owner"]),
@@ -185,6 +189,12 @@ const SECTION_KEYS: &[(&str, &[&str])] = &[
         &["name", "format", "location", "table", "options", "schema"],
     ),
     ("transform", &["sql", "sql_file"]),
+    (
+        "check",
+        &[
+            "name", "on", "type", "columns", "values", "min", "max", "pattern", "severity",
+        ],
+    ),
     ("target", &["table", "mode", "partition_by", "properties"]),
     (
         "execution",
@@ -300,6 +310,7 @@ pub(crate) fn check(spec: &Spec, path: &Path) -> Result<(), SpecError> {
         }
     }
     check_merge(&spec.target, path)?;
+    crate::check::check_checks(&spec.check, path)?;
     let parts: Vec<&str> = spec.target.table.split('.').collect();
     if parts.len() < 2 || parts.iter().any(|p| !is_identifier(p)) {
         return Err(SpecError::invalid(

@@ -82,7 +82,7 @@ impl Racing {
     /// Writes rows `ids` as a final-stage task of `job` (attempt `attempt`) would.
     async fn write(&self, job: &JobId, attempt: u32, ids: std::ops::Range<i64>) -> Vec<String> {
         let table = self.catalog.load_table(&self.ident).await.unwrap();
-        let out = table_output(&table).unwrap();
+        let out = table_output(&table, Vec::new()).unwrap();
         let kinds: Vec<String> = ids.clone().map(|i| format!("k{}", i % 3)).collect();
         let batch = RecordBatch::try_new(
             Arc::new(schema()),

@@ -122,6 +122,7 @@ impl<'a> JobRun<'a> {
                 stages: 0,
                 tasks: 0,
                 duration_ms: 0,
+                checks: Vec::new(),
             },
             catalog: None,
             ident: None,
@@ -229,13 +230,27 @@ impl<'a> JobRun<'a> {
             self.env,
             self.job(),
             self.ownership,
-            table_output(&table)?,
+            table_output(
+                &table,
+                nightshift_core::checks::row_checks(&self.spec.spec.check),
+            )?,
             StageTracker::new(&job_plan, max_attempts),
         );
         stages.run(on_event).await?;
 
         let files = stages.tracker.committed_files();
         self.report.rows = stages.tracker.final_rows();
+        self.report.checks = nightshift_core::checks::judge(
+            &self.spec.spec.check,
+            &stages.tracker.final_check_outcomes(),
+            self.report.rows,
+        );
+        if !nightshift_core::checks::blocking(&self.report.checks).is_empty() {
+            return Err(JobError::ChecksFailed(self.report.checks.clone()));
+        }
+        for warned in self.report.checks.iter().filter(|c| !c.passed) {
+            tracing::warn!(check = %warned.name, detail = %warned.detail, "check failed (warn): publishing anyway");
+        }
         self.report.bytes = stages.tracker.final_bytes();
         self.report.files = files.len();
         let spread = nightshift_core::table::files_per_partition(&files);
@@ -279,6 +294,14 @@ impl<'a> JobRun<'a> {
             PIPELINE_PROPERTY.to_string(),
             self.spec.spec.pipeline.name.clone(),
         );
+        for check in &self.report.checks {
+            let verdict = if check.passed {
+                "passed".to_string()
+            } else {
+                format!("failed ({}): {}", check.severity, check.detail)
+            };
+            summary.insert(format!("nightshift.check.{}", check.name), verdict);
+        }
         for (k, v) in &self.spec.params {
             // Whoever reads the table reads its snapshot summaries.
             let value = if is_secret_name(k) { MASK } else { v.as_str() };

@@ -16,6 +16,7 @@ use std::time::Duration;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::prelude::SessionContext;
 use nightshift_core::CoreError;
+use nightshift_core::checks::{self, CheckResult, RowCheckCounter};
 use nightshift_core::ids::JobId;
 use nightshift_core::planner::{JobPlan, PlanMode, PlanOptions, plan_job};
 use nightshift_core::redact::redact;
@@ -144,6 +145,9 @@ pub struct JobReport {
     pub stages: usize,
     pub tasks: usize,
     pub duration_ms: u64,
+    /// Every `[[check]]` and its verdict (failed warnings included).
+    #[serde(default)]
+    pub checks: Vec<CheckResult>,
 }
 
 /// Why a job failed. Nothing was committed.
@@ -166,6 +170,9 @@ pub enum JobError {
     /// Someone cancelled the job.
     #[error("cancelled")]
     Cancelled,
+    /// A `[[check]]` of error severity failed; nothing was committed.
+    #[error("{}", checks::describe_failures(&checks::blocking(.0)))]
+    ChecksFailed(Vec<CheckResult>),
 }
 
 impl From<CoreError> for JobError {
@@ -200,8 +207,13 @@ pub fn outcome_json(job_id: &str, outcome: Result<&JobReport, &JobError>) -> ser
                 JobError::TaskFailed { .. } => "task_failed",
                 JobError::Internal(_) => "internal",
                 JobError::Cancelled => "cancelled",
+                JobError::ChecksFailed(_) => "checks_failed",
             },
             "error": redact(&error.to_string()),
+            "checks": match error {
+                JobError::ChecksFailed(results) => serde_json::to_value(results).unwrap_or_default(),
+                _ => serde_json::json!([]),
+            },
         }),
     }
 }
@@ -252,6 +264,8 @@ async fn plan(
         _ => (spec.sql.clone(), None),
     };
     let plan = plan_job(&session, &options.job_id, &sql, &plan_options).await?;
+    // A check naming a column the result lacks is a spec error, found before any task runs.
+    RowCheckCounter::new(&checks::row_checks(&spec.spec.check), &plan.output_schema)?;
     Ok(Planned {
         plan,
         sources,
@@ -374,7 +388,11 @@ pub async fn validate_job(
 }
 
 /// What a final-stage task needs to write data files for `table`.
-pub fn table_output(table: &iceberg::table::Table) -> Result<v1::TableOutput, CoreError> {
+/// `checks` are the row checks the writing tasks count.
+pub fn table_output(
+    table: &iceberg::table::Table,
+    checks: Vec<v1::RowCheck>,
+) -> Result<v1::TableOutput, CoreError> {
     let metadata = table.metadata();
     let json = |v: serde_json::Result<String>| {
         v.map_err(|e| CoreError::Protocol(format!("cannot serialize table metadata: {e}")))
@@ -391,5 +409,6 @@ pub fn table_output(table: &iceberg::table::Table) -> Result<v1::TableOutput, Co
             .get("write.target-file-size-bytes")
             .and_then(|v| v.parse().ok())
             .unwrap_or(512 << 20),
+        checks,
     })
 }

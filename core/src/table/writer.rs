@@ -26,6 +26,7 @@ use nightshift_proto::v1::TableOutput;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 
+use crate::checks::RowCheckCounter;
 use crate::error::{CoreError, Result};
 
 /// What a final-stage task wrote.
@@ -35,6 +36,8 @@ pub struct TableWriteSummary {
     pub data_files_json: Vec<String>,
     pub rows: u64,
     pub bytes: u64,
+    /// Rows that failed each of the task's row checks.
+    pub checks: Vec<nightshift_proto::v1::CheckOutcome>,
 }
 
 /// Decoded table description from a task.
@@ -112,6 +115,7 @@ pub async fn write_data_files(
 ) -> Result<TableWriteSummary> {
     let target = TableTarget::from_task(out)?;
     let mut writer = new_writer(&target, out, file_prefix)?;
+    let mut checks = RowCheckCounter::new(&out.checks, &target.arrow_schema)?;
     let mut stream = input.execute(partition, ctx)?;
     let mut rows = 0u64;
     while let Some(batch) = stream.next().await {
@@ -120,6 +124,7 @@ pub async fn write_data_files(
             continue;
         }
         rows += batch.num_rows() as u64;
+        checks.observe(&batch)?;
         writer.write(batch).await?;
     }
     let files = writer.close().await?;
@@ -133,6 +138,7 @@ pub async fn write_data_files(
         data_files_json,
         rows,
         bytes,
+        checks: checks.finish(),
     })
 }
 

@@ -1,0 +1,343 @@
+//! `[[check]]` on the published rows: counted by the tasks that write them, merged and judged
+//! by the coordinator before its commit.
+//!
+//! A row-level check is one SQL predicate ([`nightshift_spec::CheckSpec::row_predicate`]); each
+//! final-stage task evaluates it on every batch it writes ([`RowCheckCounter`]) and reports
+//! the failing count with a few sample rows in its result. The coordinator sums the outcomes
+//! of the winning attempts ([`judge`]): an error-severity failure fails the job before the
+//! commit, so nothing is published; a warning is reported and the rows are published. No
+//! row travels to the coordinator except the samples.
+
+use std::sync::Arc;
+
+use arrow::array::{Array, BooleanArray, RecordBatch, UInt32Array};
+use arrow::datatypes::SchemaRef;
+use datafusion::common::{DFSchema, DataFusionError};
+use datafusion::physical_expr::PhysicalExpr;
+use datafusion::prelude::SessionContext;
+use nightshift_proto::v1;
+use nightshift_spec::{CheckKind, CheckSpec, Severity};
+
+use crate::error::{CoreError, Result};
+
+/// Failing rows a task keeps per check as samples, and the report keeps per check.
+pub const SAMPLES: usize = 5;
+
+/// The row-level checks of `checks`, as the writing tasks receive them.
+pub fn row_checks(checks: &[CheckSpec]) -> Vec<v1::RowCheck> {
+    checks
+        .iter()
+        .filter_map(|c| {
+            c.row_predicate().map(|predicate_sql| v1::RowCheck {
+                name: c.name.clone(),
+                predicate_sql,
+            })
+        })
+        .collect()
+}
+
+/// Counts, as batches go by, the rows that fail each check.
+pub struct RowCheckCounter {
+    checks: Vec<Counted>,
+}
+
+struct Counted {
+    name: String,
+    predicate: Arc<dyn PhysicalExpr>,
+    failed: u64,
+    samples: Vec<String>,
+}
+
+impl RowCheckCounter {
+    /// Compiles `checks` against the rows' `schema`; an error names the check and the column
+    /// or function it could not resolve.
+    pub fn new(checks: &[v1::RowCheck], schema: &SchemaRef) -> Result<Self> {
+        let ctx = SessionContext::new();
+        let df_schema = DFSchema::try_from(schema.as_ref().clone())?;
+        let checks = checks
+            .iter()
+            .map(|check| {
+                let compiled = ctx
+                    .parse_sql_expr(&check.predicate_sql, &df_schema)
+                    .and_then(|expr| ctx.create_physical_expr(expr, &df_schema));
+                let predicate = compiled.map_err(|e| CoreError::Target {
+                    table: "result".to_string(),
+                    message: format!("[[check]] `{}`: {e}", check.name),
+                })?;
+                Ok(Counted {
+                    name: check.name.clone(),
+                    predicate,
+                    failed: 0,
+                    samples: Vec::new(),
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(RowCheckCounter { checks })
+    }
+
+    /// Counts the rows of `batch` for which a predicate is false (NULL passes).
+    pub fn observe(&mut self, batch: &RecordBatch) -> Result<()> {
+        for check in &mut self.checks {
+            let value = check
+                .predicate
+                .evaluate(batch)?
+                .into_array(batch.num_rows())?;
+            let Some(passed) = value.as_any().downcast_ref::<BooleanArray>() else {
+                return Err(CoreError::Target {
+                    table: "result".to_string(),
+                    message: format!("[[check]] `{}` is not a true/false test", check.name),
+                });
+            };
+            let failing: Vec<u32> = (0..passed.len())
+                .filter(|&i| passed.is_valid(i) && !passed.value(i))
+                .map(|i| i as u32)
+                .collect();
+            check.failed += failing.len() as u64;
+            let room = SAMPLES.saturating_sub(check.samples.len());
+            if room > 0 && !failing.is_empty() {
+                let take = UInt32Array::from(failing.into_iter().take(room).collect::<Vec<_>>());
+                check.samples.extend(sample_rows(batch, &take)?);
+            }
+        }
+        Ok(())
+    }
+
+    /// Each check's failing count and samples, in the order given.
+    pub fn finish(self) -> Vec<v1::CheckOutcome> {
+        self.checks
+            .into_iter()
+            .map(|c| v1::CheckOutcome {
+                name: c.name,
+                failed: c.failed,
+                samples: c.samples,
+            })
+            .collect()
+    }
+}
+
+/// The rows of `batch` at `indices`, each as a JSON object.
+fn sample_rows(batch: &RecordBatch, indices: &UInt32Array) -> Result<Vec<String>> {
+    let arrow_err = |e: arrow::error::ArrowError| CoreError::from(DataFusionError::from(e));
+    let columns = batch
+        .columns()
+        .iter()
+        .map(|c| arrow::compute::take(c, indices, None))
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(arrow_err)?;
+    let rows = RecordBatch::try_new(batch.schema(), columns).map_err(arrow_err)?;
+    let mut writer = arrow::json::ArrayWriter::new(Vec::new());
+    writer.write(&rows).map_err(arrow_err)?;
+    writer.finish().map_err(arrow_err)?;
+    let json: Vec<serde_json::Value> =
+        serde_json::from_slice(&writer.into_inner()).unwrap_or_default();
+    Ok(json.iter().map(serde_json::Value::to_string).collect())
+}
+
+/// One check's verdict over the whole job.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CheckResult {
+    pub name: String,
+    pub severity: String,
+    pub passed: bool,
+    /// Rows that failed (row-level checks), or the rows written (`row_count`).
+    pub failed_rows: u64,
+    /// What was tested and what was found, in words.
+    pub detail: String,
+    /// Some failing rows, as JSON objects.
+    pub samples: Vec<String>,
+}
+
+/// Judges every check of the job from the winning tasks' `outcomes` and the `rows` written.
+pub fn judge<'a>(
+    checks: &[CheckSpec],
+    outcomes: impl IntoIterator<Item = &'a v1::CheckOutcome>,
+    rows: u64,
+) -> Vec<CheckResult> {
+    let outcomes: Vec<&v1::CheckOutcome> = outcomes.into_iter().collect();
+    checks
+        .iter()
+        .map(|check| {
+            let severity = check.severity.to_string();
+            if check.kind == CheckKind::RowCount {
+                let (min, max) = check.row_bounds();
+                let passed = min.is_none_or(|m| rows >= m) && max.is_none_or(|m| rows <= m);
+                let expected = match (min, max) {
+                    (Some(a), Some(b)) => format!("between {a} and {b}"),
+                    (Some(a), None) => format!("at least {a}"),
+                    (None, Some(b)) => format!("at most {b}"),
+                    (None, None) => "any number of".to_string(),
+                };
+                return CheckResult {
+                    name: check.name.clone(),
+                    severity,
+                    passed,
+                    failed_rows: if passed { 0 } else { rows },
+                    detail: format!("{rows} rows written, {expected} rows expected"),
+                    samples: Vec::new(),
+                };
+            }
+            let mine = outcomes.iter().filter(|o| o.name == check.name);
+            let failed: u64 = mine.clone().map(|o| o.failed).sum();
+            let samples: Vec<String> = mine
+                .flat_map(|o| o.samples.iter().cloned())
+                .take(SAMPLES)
+                .collect();
+            CheckResult {
+                name: check.name.clone(),
+                severity,
+                passed: failed == 0,
+                failed_rows: failed,
+                detail: format!(
+                    "{failed} of {rows} rows fail {}",
+                    check.row_predicate().unwrap_or_default()
+                ),
+                samples,
+            }
+        })
+        .collect()
+}
+
+/// The failed checks of error severity, which stop the commit.
+pub fn blocking(results: &[CheckResult]) -> Vec<&CheckResult> {
+    results
+        .iter()
+        .filter(|r| !r.passed && r.severity == Severity::Error.to_string())
+        .collect()
+}
+
+/// The failed checks in words, one per line with its samples, for the job's error.
+pub fn describe_failures(failed: &[&CheckResult]) -> String {
+    failed
+        .iter()
+        .map(|r| {
+            let mut line = format!("check `{}` failed: {}", r.name, r.detail);
+            if !r.samples.is_empty() {
+                line.push_str(&format!("; e.g. {}", r.samples.join(", ")));
+            }
+            line
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{Int64Array, StringArray};
+    use arrow::datatypes::{DataType, Field, Schema};
+
+    fn spec_checks(text: &str) -> Vec<CheckSpec> {
+        #[derive(serde::Deserialize)]
+        struct Checks {
+            check: Vec<CheckSpec>,
+        }
+        toml::from_str::<Checks>(text).unwrap().check
+    }
+
+    fn batch() -> RecordBatch {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Int64, true),
+            Field::new("status", DataType::Utf8, true),
+        ]));
+        RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(Int64Array::from(vec![Some(1), None, Some(-3), Some(4)])),
+                Arc::new(StringArray::from(vec![
+                    Some("open"),
+                    Some("shut"),
+                    None,
+                    Some("open"),
+                ])),
+            ],
+        )
+        .unwrap()
+    }
+
+    const CHECKS: &str = r#"
+[[check]]
+name = "id_present"
+type = "not_null"
+columns = ["id"]
+
+[[check]]
+name = "id_positive"
+type = "range"
+columns = ["id"]
+min = 0
+severity = "warn"
+
+[[check]]
+name = "known_status"
+type = "accepted_values"
+columns = ["status"]
+values = ["open", "closed"]
+
+[[check]]
+name = "status_letters"
+type = "regex"
+columns = ["status"]
+pattern = "^[a-z]+$"
+
+[[check]]
+name = "some_rows"
+type = "row_count"
+min = 10
+"#;
+
+    #[test]
+    fn tasks_count_failing_rows_and_the_coordinator_judges() {
+        let checks = spec_checks(CHECKS);
+        let data = batch();
+        let mut counter = RowCheckCounter::new(&row_checks(&checks), &data.schema()).unwrap();
+        // Two tasks' worth of the same rows.
+        counter.observe(&data).unwrap();
+        counter.observe(&data).unwrap();
+        let outcomes = counter.finish();
+        let failed: Vec<(&str, u64)> = outcomes
+            .iter()
+            .map(|o| (o.name.as_str(), o.failed))
+            .collect();
+        // NULL passes every check but not_null.
+        assert_eq!(
+            failed,
+            [
+                ("id_present", 2),
+                ("id_positive", 2),
+                ("known_status", 2),
+                ("status_letters", 0)
+            ]
+        );
+        assert_eq!(outcomes[0].samples[0], r#"{"status":"shut"}"#);
+        let results = judge(&checks, &outcomes, 8);
+        let names: Vec<&str> = blocking(&results).iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["id_present", "known_status", "some_rows"]);
+        let text = describe_failures(&blocking(&results));
+        assert_eq!(
+            text,
+            "check `id_present` failed: 2 of 8 rows fail \"id\" IS NOT NULL; e.g. {\"status\":\"shut\"}, {\"status\":\"shut\"}\n\
+             check `known_status` failed: 2 of 8 rows fail \"status\" IN ('open', 'closed'); e.g. {\"id\":1,\"status\":\"shut\"}, {\"id\":1,\"status\":\"shut\"}\n\
+             check `some_rows` failed: 8 rows written, at least 10 rows expected"
+        );
+        assert!(
+            results
+                .iter()
+                .find(|r| r.name == "id_positive")
+                .is_some_and(|r| !r.passed)
+        );
+    }
+
+    #[test]
+    fn a_check_naming_a_missing_column_is_refused_by_name() {
+        let checks =
+            spec_checks("[[check]]\nname = \"c\"\ntype = \"not_null\"\ncolumns = [\"nope\"]\n");
+        let err = RowCheckCounter::new(&row_checks(&checks), &batch().schema())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("[[check]] `c`") && err.contains("nope"),
+            "{err}"
+        );
+    }
+}

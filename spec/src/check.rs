@@ -1,0 +1,336 @@
+//! `[[check]]`: rules the published rows must satisfy, and what a failure does.
+//!
+//! ```toml
+//! [[check]]
+//! name = "amount_not_negative"
+//! on = "result"          # the rows the job publishes
+//! type = "range"         # not_null | accepted_values | range | regex | row_count
+//! columns = ["amount"]
+//! min = 0
+//! severity = "error"     # or "warn": reported, committed anyway
+//! ```
+//!
+//! Each row-level check becomes one SQL predicate over the result's columns
+//! ([`CheckSpec::row_predicate`]) that the writing tasks count as they write; `row_count`
+//! bounds the rows the job writes.
+
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::error::SpecError;
+
+/// One `[[check]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckSpec {
+    pub name: String,
+    /// `result` (the rows published); checks on a source are not built yet.
+    #[serde(default = "result")]
+    pub on: String,
+    #[serde(rename = "type")]
+    pub kind: CheckKind,
+    #[serde(default)]
+    pub columns: Vec<String>,
+    /// `accepted_values`: the values allowed.
+    #[serde(default)]
+    pub values: Vec<toml::Value>,
+    /// `range`: the smallest value allowed; `row_count`: the fewest rows.
+    #[serde(default)]
+    pub min: Option<toml::Value>,
+    /// `range`: the largest value allowed; `row_count`: the most rows.
+    #[serde(default)]
+    pub max: Option<toml::Value>,
+    /// `regex`: the pattern every value must match (anywhere in it; anchor with `^…$`).
+    #[serde(default)]
+    pub pattern: Option<String>,
+    #[serde(default)]
+    pub severity: Severity,
+}
+
+fn result() -> String {
+    "result".to_string()
+}
+
+/// What a check tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CheckKind {
+    NotNull,
+    Unique,
+    AcceptedValues,
+    Range,
+    Regex,
+    RowCount,
+    Freshness,
+    Relationship,
+    Sql,
+}
+
+impl CheckKind {
+    fn name(self) -> &'static str {
+        match self {
+            CheckKind::NotNull => "not_null",
+            CheckKind::Unique => "unique",
+            CheckKind::AcceptedValues => "accepted_values",
+            CheckKind::Range => "range",
+            CheckKind::Regex => "regex",
+            CheckKind::RowCount => "row_count",
+            CheckKind::Freshness => "freshness",
+            CheckKind::Relationship => "relationship",
+            CheckKind::Sql => "sql",
+        }
+    }
+}
+
+/// What a failed check does.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    /// The job fails before its commit; nothing is published.
+    #[default]
+    Error,
+    /// The failure is reported; the rows are published.
+    Warn,
+}
+
+impl std::fmt::Display for Severity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Severity::Error => "error",
+            Severity::Warn => "warn",
+        })
+    }
+}
+
+/// The check types this build runs.
+const BUILT: &[CheckKind] = &[
+    CheckKind::NotNull,
+    CheckKind::AcceptedValues,
+    CheckKind::Range,
+    CheckKind::Regex,
+    CheckKind::RowCount,
+];
+
+impl CheckSpec {
+    /// The SQL predicate every row must satisfy (false fails, NULL passes), for row-level
+    /// checks; `None` for `row_count`.
+    pub fn row_predicate(&self) -> Option<String> {
+        let each = |f: &dyn Fn(&str) -> String| {
+            self.columns
+                .iter()
+                .map(|c| f(&quote_identifier(c)))
+                .collect::<Vec<_>>()
+                .join(" AND ")
+        };
+        Some(match self.kind {
+            CheckKind::NotNull => each(&|c| format!("{c} IS NOT NULL")),
+            CheckKind::AcceptedValues => {
+                let values = self
+                    .values
+                    .iter()
+                    .map(literal)
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                each(&|c| format!("{c} IN ({values})"))
+            }
+            CheckKind::Range => each(&|c| {
+                let bounds = [
+                    self.min.as_ref().map(|m| format!("{c} >= {}", literal(m))),
+                    self.max.as_ref().map(|m| format!("{c} <= {}", literal(m))),
+                ];
+                bounds
+                    .into_iter()
+                    .flatten()
+                    .collect::<Vec<_>>()
+                    .join(" AND ")
+            }),
+            CheckKind::Regex => {
+                let pattern = quote_string(self.pattern.as_deref().unwrap_or_default());
+                each(&|c| format!("regexp_like(CAST({c} AS VARCHAR), {pattern})"))
+            }
+            _ => return None,
+        })
+    }
+
+    /// `row_count`'s bounds.
+    pub fn row_bounds(&self) -> (Option<u64>, Option<u64>) {
+        let bound = |v: &Option<toml::Value>| v.as_ref().and_then(toml::Value::as_integer);
+        (
+            bound(&self.min).map(|n| n.max(0) as u64),
+            bound(&self.max).map(|n| n.max(0) as u64),
+        )
+    }
+}
+
+/// `"name"`, with `"` doubled: any column name, as written.
+fn quote_identifier(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+fn quote_string(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
+
+/// A TOML value as a SQL literal: numbers and booleans as they are, everything else a string
+/// (which DataFusion coerces to a date or timestamp when compared with one).
+fn literal(value: &toml::Value) -> String {
+    match value {
+        toml::Value::Integer(n) => n.to_string(),
+        toml::Value::Float(f) => f.to_string(),
+        toml::Value::Boolean(b) => b.to_string(),
+        toml::Value::String(s) => quote_string(s),
+        other => quote_string(&other.to_string()),
+    }
+}
+
+/// Every check well-formed: a unique name, a type this build runs, the keys its type needs.
+pub(crate) fn check_checks(checks: &[CheckSpec], path: &Path) -> Result<(), SpecError> {
+    let mut names = std::collections::BTreeSet::new();
+    for check in checks {
+        let invalid = |message: String| {
+            SpecError::invalid(path, format!("[[check]] `{}`: {message}", check.name))
+        };
+        if check.name.trim().is_empty() {
+            return Err(SpecError::invalid(path, "[[check]] needs a name"));
+        }
+        if !names.insert(check.name.as_str()) {
+            return Err(invalid("is defined twice".to_string()));
+        }
+        if check.on != "result" {
+            return Err(invalid(format!(
+                "on = \"{}\": checks on a source are not built yet; check the result (on = \"result\")",
+                check.on
+            )));
+        }
+        if !BUILT.contains(&check.kind) {
+            return Err(invalid(format!(
+                "type = \"{}\" is not built yet; the types that run are {}",
+                check.kind.name(),
+                BUILT
+                    .iter()
+                    .map(|k| k.name())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        let row_level = check.kind != CheckKind::RowCount;
+        if row_level && check.columns.is_empty() {
+            return Err(invalid(format!(
+                "type = \"{}\" needs columns = [\"column\", ...]",
+                check.kind.name()
+            )));
+        }
+        if !row_level && !check.columns.is_empty() {
+            return Err(invalid(
+                "row_count counts rows; it takes no columns".to_string(),
+            ));
+        }
+        let needs = match check.kind {
+            CheckKind::AcceptedValues if check.values.is_empty() => Some("values = [...]"),
+            CheckKind::Range if check.min.is_none() && check.max.is_none() => {
+                Some("min = ... and/or max = ...")
+            }
+            CheckKind::Regex if check.pattern.is_none() => Some("pattern = \"...\""),
+            CheckKind::RowCount if check.row_bounds() == (None, None) => {
+                Some("min = N and/or max = N (whole numbers)")
+            }
+            _ => None,
+        };
+        if let Some(needs) = needs {
+            return Err(invalid(format!(
+                "type = \"{}\" needs {needs}",
+                check.kind.name()
+            )));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(toml_text: &str) -> CheckSpec {
+        toml::from_str(toml_text).unwrap()
+    }
+
+    #[test]
+    fn row_checks_become_predicates() {
+        let cases = [
+            (
+                "name = \"a\"\ntype = \"not_null\"\ncolumns = [\"id\", \"odd \\\"name\\\"\"]",
+                "\"id\" IS NOT NULL AND \"odd \"\"name\"\"\" IS NOT NULL",
+            ),
+            (
+                "name = \"a\"\ntype = \"accepted_values\"\ncolumns = [\"s\"]\nvalues = [\"x\", \"it's\", 3]",
+                "\"s\" IN ('x', 'it''s', 3)",
+            ),
+            (
+                "name = \"a\"\ntype = \"range\"\ncolumns = [\"n\"]\nmin = 0\nmax = 1.5",
+                "\"n\" >= 0 AND \"n\" <= 1.5",
+            ),
+            (
+                "name = \"a\"\ntype = \"range\"\ncolumns = [\"d\"]\nmin = \"2024-01-01\"",
+                "\"d\" >= '2024-01-01'",
+            ),
+            (
+                "name = \"a\"\ntype = \"regex\"\ncolumns = [\"e\"]\npattern = \"^[a-z]+@\"",
+                "regexp_like(CAST(\"e\" AS VARCHAR), '^[a-z]+@')",
+            ),
+        ];
+        for (text, predicate) in cases {
+            assert_eq!(
+                check(text).row_predicate().as_deref(),
+                Some(predicate),
+                "{text}"
+            );
+        }
+        let rows = check("name = \"r\"\ntype = \"row_count\"\nmin = 10");
+        assert_eq!(rows.row_predicate(), None);
+        assert_eq!(rows.row_bounds(), (Some(10), None));
+        assert_eq!(rows.severity, Severity::Error);
+        assert_eq!(rows.on, "result");
+    }
+
+    #[test]
+    fn malformed_checks_are_refused_by_name() {
+        let path = Path::new("p.toml");
+        for (text, message) in [
+            (
+                "name = \"a\"\ntype = \"range\"\ncolumns = [\"n\"]",
+                "`a`: type = \"range\" needs min",
+            ),
+            (
+                "name = \"a\"\ntype = \"not_null\"",
+                "`a`: type = \"not_null\" needs columns",
+            ),
+            (
+                "name = \"a\"\ntype = \"unique\"\ncolumns = [\"n\"]",
+                "`a`: type = \"unique\" is not built yet",
+            ),
+            (
+                "name = \"a\"\non = \"orders\"\ntype = \"not_null\"\ncolumns = [\"n\"]",
+                "checks on a source are not built yet",
+            ),
+            (
+                "name = \"a\"\ntype = \"row_count\"\ncolumns = [\"n\"]\nmin = 1",
+                "takes no columns",
+            ),
+            (
+                "name = \"a\"\ntype = \"accepted_values\"\ncolumns = [\"n\"]",
+                "needs values",
+            ),
+        ] {
+            let err = check_checks(&[check(text)], path).unwrap_err().to_string();
+            assert!(err.contains(message), "{text}: {err}");
+        }
+        let twice = vec![check("name = \"a\"\ntype = \"row_count\"\nmin = 1"); 2];
+        assert!(
+            check_checks(&twice, path)
+                .unwrap_err()
+                .to_string()
+                .contains("defined twice")
+        );
+    }
+}

@@ -1,0 +1,248 @@
+//! `[[check]]` on the published rows, through the binary (embedded) and on a cluster: each
+//! type passes and fails; an error-severity failure publishes nothing and says which check,
+//! how many rows and which; a warning publishes and reports.
+
+use nightshift_tests::cluster::{ClusterSandbox, ClusterStorage};
+use nightshift_tests::{Sandbox, snapshot_count, unreferenced};
+use serde_json::Value;
+
+const TABLE: &str = "tests.accounts";
+
+/// Five accounts; `ünï` is the one odd row: a negative balance and a status outside the list.
+fn write_accounts(sandbox: &Sandbox) -> std::path::PathBuf {
+    sandbox.write(
+        "data/accounts.csv",
+        "id,status,balance,email\n\
+         1,open,10,a@example.com\n\
+         2,open,0,b@example.com\n\
+         3,closed,5,c@example.com\n\
+         4,frozen,-7,ünï@example.com\n\
+         5,open,3,\n",
+    );
+    sandbox.path("data")
+}
+
+fn spec(data: &std::path::Path, checks: &str) -> String {
+    format!(
+        r#"[pipeline]
+name = "accounts"
+
+[[source]]
+name = "accounts"
+format = "csv"
+location = "{data}/accounts.csv"
+
+[transform]
+sql = "SELECT id, status, balance, email FROM accounts"
+
+[target]
+table = "{TABLE}"
+
+{checks}
+"#,
+        data = data.display()
+    )
+}
+
+fn check(name: &str, body: &str, severity: &str) -> String {
+    format!("[[check]]\nname = \"{name}\"\n{body}\nseverity = \"{severity}\"\n")
+}
+
+/// Each check type: one that holds on the accounts and one that fails on them, with the
+/// failing count and a word of the sample the failure must show.
+const CASES: &[(&str, &str, &str, u64, &str)] = &[
+    (
+        "type = \"not_null\"\ncolumns = [\"id\", \"status\"]",
+        "type = \"not_null\"\ncolumns = [\"email\"]",
+        "email",
+        1,
+        "\"id\":5",
+    ),
+    (
+        "type = \"accepted_values\"\ncolumns = [\"status\"]\nvalues = [\"open\", \"closed\", \"frozen\"]",
+        "type = \"accepted_values\"\ncolumns = [\"status\"]\nvalues = [\"open\", \"closed\"]",
+        "status",
+        1,
+        "frozen",
+    ),
+    (
+        "type = \"range\"\ncolumns = [\"balance\"]\nmin = -10\nmax = 10",
+        "type = \"range\"\ncolumns = [\"balance\"]\nmin = 0",
+        "balance",
+        1,
+        "-7",
+    ),
+    (
+        "type = \"regex\"\ncolumns = [\"email\"]\npattern = \"^[^@]+@example\\\\.com$\"",
+        "type = \"regex\"\ncolumns = [\"email\"]\npattern = \"^[a-z]@\"",
+        "email",
+        1,
+        "ünï@example.com",
+    ),
+    (
+        "type = \"row_count\"\nmin = 5\nmax = 5",
+        "type = \"row_count\"\nmin = 6",
+        "rows",
+        5,
+        "",
+    ),
+];
+
+fn run_json(sandbox: &Sandbox) -> (Option<i32>, Value, String) {
+    let out = sandbox.cli(&["run", "pipeline.toml", "--output", "json"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let json = serde_json::from_str(stdout.trim()).unwrap_or(Value::Null);
+    (
+        out.status.code(),
+        json,
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+#[test]
+fn every_check_type_passes_and_fails_and_an_error_publishes_nothing() {
+    let sandbox = Sandbox::new();
+    let data = write_accounts(&sandbox);
+    // Every check that holds, as errors, plus every failing one as a warning: published.
+    let mut checks = String::new();
+    for (i, (holds, fails, ..)) in CASES.iter().enumerate() {
+        checks += &check(&format!("holds_{i}"), holds, "error");
+        checks += &check(&format!("warns_{i}"), fails, "warn");
+    }
+    sandbox.spec(&spec(&data, &checks));
+    let (code, report, stderr) = run_json(&sandbox);
+    assert_eq!(code, Some(0), "{stderr}\n{report:#}");
+    let results = report["checks"].as_array().unwrap();
+    assert_eq!(results.len(), 2 * CASES.len(), "{report:#}");
+    for (i, (.., failing, sample)) in CASES.iter().enumerate() {
+        let holds = results
+            .iter()
+            .find(|r| r["name"] == format!("holds_{i}"))
+            .unwrap();
+        assert_eq!(holds["passed"], true, "{holds:#}");
+        let warns = results
+            .iter()
+            .find(|r| r["name"] == format!("warns_{i}"))
+            .unwrap();
+        assert_eq!(warns["passed"], false, "{warns:#}");
+        assert_eq!(warns["failed_rows"], *failing, "{warns:#}");
+        let samples: String = warns["samples"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(Value::as_str)
+            .collect();
+        assert!(samples.contains(sample), "{warns:#}");
+    }
+    let read = sandbox.read_table(TABLE, None);
+    assert_eq!(snapshot_count(&read), 1, "{read:#}");
+    let summary = &read["snapshots"][0]["summary"];
+    assert_eq!(summary["nightshift.check.holds_0"], "passed", "{summary}");
+    assert!(
+        summary["nightshift.check.warns_2"]
+            .as_str()
+            .is_some_and(|v| v.starts_with("failed (warn): 1 of 5 rows fail")),
+        "{summary}"
+    );
+    let committed = sandbox.data_files();
+
+    // Each failing check as an error: exit 1, the check named with its count and a sample,
+    // no new snapshot, no file left behind.
+    for (i, (_, fails, column, failing, sample)) in CASES.iter().enumerate() {
+        let name = format!("must_{i}");
+        sandbox.spec(&spec(&data, &check(&name, fails, "error")));
+        let (code, outcome, stderr) = run_json(&sandbox);
+        assert_eq!(code, Some(1), "{stderr}");
+        assert_eq!(outcome["kind"], "checks_failed", "{outcome:#}");
+        assert!(
+            stderr.contains("nothing was committed")
+                && stderr.contains(&format!("check `{name}` failed")),
+            "{stderr}"
+        );
+        assert!(
+            stderr.contains(column) && stderr.contains(sample),
+            "{stderr}"
+        );
+        let failed = &outcome["checks"][0];
+        assert_eq!(failed["failed_rows"], *failing, "{outcome:#}");
+        let read = sandbox.read_table_with(TABLE, None, &["--references"]);
+        assert_eq!(snapshot_count(&read), 1, "{name}: {read:#}");
+        assert_eq!(sandbox.data_files(), committed, "{name}");
+        assert_eq!(
+            unreferenced(&sandbox.data_files(), &read),
+            Vec::<&String>::new()
+        );
+    }
+}
+
+#[test]
+fn a_check_on_a_missing_column_is_refused_before_anything_runs() {
+    let sandbox = Sandbox::new();
+    let data = write_accounts(&sandbox);
+    sandbox.spec(&spec(
+        &data,
+        &check(
+            "typo",
+            "type = \"not_null\"\ncolumns = [\"emial\"]",
+            "error",
+        ),
+    ));
+    let out = sandbox.cli(&["validate", "pipeline.toml"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("[[check]] `typo`") && stderr.contains("emial"),
+        "{stderr}"
+    );
+    let out = sandbox.cli(&["run", "pipeline.toml"]);
+    assert_eq!(out.status.code(), Some(2));
+    sandbox.spec(&spec(
+        &data,
+        &check("later", "type = \"unique\"\ncolumns = [\"id\"]", "error"),
+    ));
+    let out = sandbox.cli(&["validate", "pipeline.toml"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("type = \"unique\" is not built yet"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_cluster_the_workers_count_and_a_failed_check_commits_nothing() {
+    let cluster = ClusterSandbox::start(ClusterStorage::LocalWithPostgres, 2, &[]);
+    let data = write_accounts(&cluster.sandbox);
+    let checks =
+        check("known_status", CASES[1].1, "error") + &check("row_total", CASES[4].0, "error");
+    cluster.sandbox.spec(&spec(&data, &checks));
+    let outcome = cluster.submit("checks-fail", &[]);
+    assert_eq!(
+        outcome["status"],
+        "failed",
+        "{outcome:#}\n{}",
+        cluster.logs()
+    );
+    assert_eq!(outcome["kind"], "checks_failed", "{outcome:#}");
+    assert!(
+        outcome["error"].as_str().is_some_and(|e| e
+            .contains("check `known_status` failed: 1 of 5 rows")
+            && e.contains("frozen")),
+        "{outcome:#}"
+    );
+    let passing = check("row_total", CASES[4].0, "error");
+    cluster.sandbox.spec(&spec(&data, &passing));
+    let outcome = cluster.submit("checks-pass", &[]);
+    assert_eq!(
+        outcome["status"],
+        "succeeded",
+        "{outcome:#}\n{}",
+        cluster.logs()
+    );
+    let read = cluster.read_table(TABLE, None);
+    assert_eq!(snapshot_count(&read), 1, "{read:#}");
+    assert_eq!(
+        read["snapshots"][0]["summary"]["nightshift.job-id"],
+        "checks-pass"
+    );
+}

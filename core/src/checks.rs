@@ -316,7 +316,7 @@ min = 10
         assert_eq!(
             text,
             "check `id_present` failed: 2 of 8 rows fail \"id\" IS NOT NULL; e.g. {\"status\":\"shut\"}, {\"status\":\"shut\"}\n\
-             check `known_status` failed: 2 of 8 rows fail \"status\" IN ('open', 'closed'); e.g. {\"id\":1,\"status\":\"shut\"}, {\"id\":1,\"status\":\"shut\"}\n\
+             check `known_status` failed: 2 of 8 rows fail \"status\" IN ('open', 'closed'); e.g. {\"status\":\"shut\"}, {\"status\":\"shut\"}\n\
              check `some_rows` failed: 8 rows written, at least 10 rows expected"
         );
         assert!(

@@ -104,10 +104,12 @@ async fn late_final_stage_attempts_leave_no_orphans() {
     // The coordinator dies while the final stage runs. The first attempts finish and queue
     // their results while no coordinator runs; the next coordinator republishes the final
     // tasks (idle workers start them at once), takes the queued results and commits while
-    // the republished attempts have written their files but not yet reported them.
+    // the republished attempts have written their files but not yet reported them. The
+    // report delay is long enough for the commit to land first even on a loaded machine (at
+    // 1.5 s a slow commit was sometimes overtaken, and no late writer happened).
     let mut cluster = start(ClusterOptions {
         workers: 4,
-        env: &[("FAILPOINTS", "worker-report-delay=return(1500)")],
+        env: &[("FAILPOINTS", "worker-report-delay=return(4000)")],
         ..ClusterOptions::default()
     });
     let mut client = cluster.submit_in_background("job-late-writers");
@@ -123,14 +125,21 @@ async fn late_final_stage_attempts_leave_no_orphans() {
         "{outcome}\n{}",
         cluster.logs()
     );
-    assert_one_snapshot_and_clean(&cluster, "job-late-writers", "late writers").await;
+    // The late attempts report (and find the job ended) only after their report delay.
+    let deadline = Instant::now() + CLEAN_WITHIN;
+    let late_writers = |logs: &str| {
+        logs.matches("the job ended while the task ran").count()
+            + logs.matches("late sweep removed").count()
+    };
+    while late_writers(&cluster.logs()) == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let logs = cluster.logs();
-    let late = logs.matches("the job ended while the task ran").count()
-        + logs.matches("late sweep removed").count();
     assert!(
-        late > 0,
+        late_writers(&logs) > 0,
         "the scenario did not happen: no late writer\n{logs}"
     );
+    assert_one_snapshot_and_clean(&cluster, "job-late-writers", "late writers").await;
 }
 
 /// One fault, applied to the running cluster.

@@ -274,13 +274,18 @@ async fn metrics_of_coordinator_and_workers_during_a_real_job() {
     }
     assert!(sum("nightshift_shuffle_bytes_written_total", &[]) > 0.0);
     assert_eq!(sum("nightshift_tasks_running", &[]), 0.0);
-    // Scans of the sources count what they read; stages that read shuffle output do not
-    // report rows yet (FIXME: the shuffle reader records no execution metrics).
-    assert!(
-        sum("nightshift_rows_read_total", &["stage_kind=\"shuffle\""]) > 0.0,
-        "{w:?}"
-    );
-    assert!(sum("nightshift_bytes_read_total", &[]) > 0.0, "{w:?}");
+    // Scans of the sources and readers of shuffle output both count what they read: the
+    // final stage reads only shuffle output.
+    for kind in ["stage_kind=\"shuffle\"", "stage_kind=\"table\""] {
+        assert!(
+            sum("nightshift_rows_read_total", &[kind]) > 0.0,
+            "{kind}: {w:?}"
+        );
+        assert!(
+            sum("nightshift_bytes_read_total", &[kind]) > 0.0,
+            "{kind}: {w:?}"
+        );
+    }
     assert_table_matches_reference(&cluster).await;
     cluster.kill_coordinator();
 }

@@ -13,6 +13,9 @@ use datafusion::execution::object_store::ObjectStoreUrl;
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::physical_expr::EquivalenceProperties;
 use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
+use datafusion::physical_plan::metrics::{
+    BaselineMetrics, ExecutionPlanMetricsSet, MetricBuilder, MetricsSet,
+};
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::{
     DisplayAs, DisplayFormatType, ExecutionPlan, Partitioning, PlanProperties,
@@ -32,6 +35,8 @@ pub struct ObjectStoreShuffleReaderExec {
     pub broadcast: bool,
     schema: SchemaRef,
     properties: Arc<PlanProperties>,
+    /// Rows produced and shuffle bytes fetched, per partition: what a task reports as read.
+    metrics: ExecutionPlanMetricsSet,
 }
 
 impl ObjectStoreShuffleReaderExec {
@@ -54,6 +59,7 @@ impl ObjectStoreShuffleReaderExec {
             broadcast,
             schema,
             properties,
+            metrics: ExecutionPlanMetricsSet::new(),
         }
     }
 }
@@ -114,11 +120,21 @@ impl ExecutionPlan for ObjectStoreShuffleReaderExec {
         })?;
         let schema = self.schema.clone();
         let batch_schema = schema.clone();
+        let output = BaselineMetrics::new(&self.metrics, partition);
+        let fetched = MetricBuilder::new(&self.metrics).counter("bytes_scanned", partition);
         let stream = futures::stream::iter(segments)
-            .then(move |segment| read_segment(context.clone(), segment, batch_schema.clone()))
+            .then(move |segment| {
+                fetched.add(segment.length as usize);
+                read_segment(context.clone(), segment, batch_schema.clone())
+            })
             .map_ok(|batches| futures::stream::iter(batches.into_iter().map(Ok)))
-            .try_flatten();
+            .try_flatten()
+            .inspect_ok(move |batch| output.record_output(batch.num_rows()));
         Ok(Box::pin(RecordBatchStreamAdapter::new(schema, stream)))
+    }
+
+    fn metrics(&self) -> Option<MetricsSet> {
+        Some(self.metrics.clone_inner())
     }
 }
 

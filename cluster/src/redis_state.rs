@@ -157,15 +157,21 @@ impl RedisState {
     /// Frees an idempotency key if it is still bound to `binding` (a submission that could
     /// not be queued), so the client's retry starts afresh.
     pub async fn unbind_idempotency_key(&self, key: &str, binding: &str) -> Result<()> {
-        const UNBIND: &str = r"
+        self.delete_if_holds(&self.idempotency_key(key), binding)
+            .await
+    }
+
+    /// Deletes `key` if it still holds `value`, in one step (a compare-and-delete).
+    async fn delete_if_holds(&self, key: &str, value: &str) -> Result<()> {
+        const DELETE_IF_HOLDS: &str = r"
             if redis.call('GET', KEYS[1]) == ARGV[1] then
                 return redis.call('DEL', KEYS[1])
             end
             return 0";
         let mut conn = self.conn.clone();
-        redis::Script::new(UNBIND)
-            .key(self.idempotency_key(key))
-            .arg(binding)
+        redis::Script::new(DELETE_IF_HOLDS)
+            .key(key)
+            .arg(value)
             .invoke_async::<i32>(&mut conn)
             .await
             .map_err(redis_err)?;
@@ -386,19 +392,7 @@ impl StateStore for RedisState {
     }
 
     async fn release_job(&self, job: &JobId, owner: &str) -> Result<()> {
-        const RELEASE: &str = r"
-            if redis.call('GET', KEYS[1]) == ARGV[1] then
-                return redis.call('DEL', KEYS[1])
-            end
-            return 0";
-        let mut conn = self.conn.clone();
-        redis::Script::new(RELEASE)
-            .key(self.owner_key(job))
-            .arg(owner)
-            .invoke_async::<i32>(&mut conn)
-            .await
-            .map_err(redis_err)?;
-        Ok(())
+        self.delete_if_holds(&self.owner_key(job), owner).await
     }
 
     async fn schedule_sweep(&self, job: &JobId, table: &str, due_ms: i64) -> Result<()> {

@@ -152,6 +152,7 @@ pub fn submit_request(
         params: submission.params.into_iter().collect(),
         idempotency_key,
         spec_uri: String::new(),
+        git_commit: submission.git_commit.unwrap_or_default(),
     })
 }
 

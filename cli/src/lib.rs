@@ -14,6 +14,7 @@ pub mod client;
 pub mod cluster;
 pub mod embedded;
 pub mod example_data;
+pub mod history;
 pub mod maintain;
 pub mod output;
 pub mod progress;

@@ -14,6 +14,10 @@ pub struct JobSubmission {
     /// Files the spec refers to (`sql_file`), by their path relative to the spec.
     pub files: BTreeMap<String, String>,
     pub params: Vec<(String, String)>,
+    /// The git commit of the spec's repository on the submitter's side, for lineage; not
+    /// part of what the request asks for.
+    #[serde(default)]
+    pub git_commit: Option<String>,
 }
 
 impl JobSubmission {
@@ -24,6 +28,11 @@ impl JobSubmission {
         params: Vec<(String, String)>,
     ) -> std::io::Result<Self> {
         let spec = std::fs::read_to_string(path)?;
+        let spec_dir = std::path::absolute(
+            path.parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new(".")),
+        )?;
         let mut files = BTreeMap::new();
         if let Ok(value) = spec.parse::<toml::Table>()
             && let Some(sql_file) = value
@@ -42,6 +51,7 @@ impl JobSubmission {
             spec,
             files,
             params,
+            git_commit: nightshift_spec::git_commit_of(&spec_dir),
         })
     }
 
@@ -77,6 +87,7 @@ mod tests {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            git_commit: None,
         }
     }
 
@@ -85,6 +96,7 @@ mod tests {
         let a = submission("s", &[("t.sql", "q")], &[("a", "1"), ("b", "2")]);
         let mut same = submission("s", &[("t.sql", "q")], &[("b", "2"), ("a", "1")]);
         same.job_id = "other".into();
+        same.git_commit = Some("abc".into());
         assert_eq!(a.request_digest(), same.request_digest());
         for different in [
             submission("s2", &[("t.sql", "q")], &[("a", "1"), ("b", "2")]),

@@ -36,11 +36,12 @@ pub async fn admit(
     submission: &JobSubmission,
     access: &AccessPolicy,
 ) -> Result<ResolvedSpec, Refusal> {
-    let spec = nightshift_spec::resolve_submitted(
+    let mut spec = nightshift_spec::resolve_submitted(
         &submission.spec,
         &submission.files,
         &submission.params,
     )?;
+    spec.git_commit = submission.git_commit.clone();
     Ok(access.admit(spec).await?)
 }
 
@@ -57,6 +58,7 @@ mod tests {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             params: Vec::new(),
+            git_commit: None,
         }
     }
 

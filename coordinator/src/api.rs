@@ -241,6 +241,7 @@ impl JobService for JobApi {
             spec: request.spec,
             files: request.files.into_iter().collect(),
             params: request.params.into_iter().collect(),
+            git_commit: Some(request.git_commit).filter(|c| !c.is_empty()),
         };
         let spec = admit(&submission, &self.access)
             .await

@@ -5,6 +5,7 @@
 //! - [`job`] drives one job from spec to snapshot.
 //! - [`scheduler`] tracks stages and task attempts and decides what to publish next.
 //! - [`cleanup`] removes what a job wrote but did not commit.
+//! - [`lineage`] says in each snapshot's summary how it was made.
 //! - [`admission`] admits a submission (spec from what it carries, access policy, canonical
 //!   locations), the same for the job API and the submission queue.
 //! - [`api`] serves the gRPC job API ([`api_metrics`] counts its calls, [`api_limits`] keeps
@@ -18,6 +19,7 @@ pub mod api_metrics;
 pub mod cleanup;
 pub mod idempotency;
 pub mod job;
+pub mod lineage;
 pub mod scheduler;
 pub mod service;
 pub mod spec_ref;

@@ -32,6 +32,8 @@ pub struct SourceSummary {
     pub files: usize,
     pub bytes: u64,
     pub schema: SchemaRef,
+    /// For an Iceberg source: the snapshot read (`None` for a table with no snapshot yet).
+    pub snapshot_id: Option<i64>,
 }
 
 const CSV_OPTIONS: &[&str] = &[
@@ -173,6 +175,7 @@ async fn register_iceberg(
         files: files.len(),
         bytes,
         schema,
+        snapshot_id: table.metadata().current_snapshot_id(),
     })
 }
 
@@ -222,6 +225,7 @@ async fn register_source(
         files,
         bytes,
         schema,
+        snapshot_id: None,
     })
 }
 

@@ -42,6 +42,12 @@ pub struct ResolvedSpec {
     pub contracts: BTreeMap<String, Vec<ColumnContract>>,
     /// Target partition fields, parsed.
     pub partition_by: Vec<PartitionField>,
+    /// SHA-256 (hex) of the spec's text and its SQL's text as written (before parameters):
+    /// which version of the pipeline's code made a snapshot.
+    pub code_digest: String,
+    /// The git commit of the spec's repository, when it is in one (`-dirty` when the
+    /// checkout has uncommitted changes); recorded in the snapshot summary.
+    pub git_commit: Option<String>,
 }
 
 /// Reads, parses and resolves the spec at `path` with `overrides` (from `--param k=v`).
@@ -58,7 +64,43 @@ pub fn load_spec(path: &Path, overrides: &[(String, String)]) -> Result<Resolved
         path: path.to_path_buf(),
         source,
     })?;
-    resolve_spec_text(&text, path, &base_dir, overrides)
+    let mut spec = resolve_spec_text(&text, path, &base_dir, overrides)?;
+    spec.git_commit = git_commit_of(&base_dir);
+    Ok(spec)
+}
+
+/// The commit checked out in the git repository holding `dir`, with `-dirty` when tracked
+/// files have uncommitted changes; `None` outside a repository or without git.
+pub fn git_commit_of(dir: &Path) -> Option<String> {
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .arg("-C")
+            .arg(dir)
+            .args(args)
+            .stderr(std::process::Stdio::null())
+            .output()
+            .ok()
+            .filter(|out| out.status.success())
+            .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    };
+    let commit = git(&["rev-parse", "HEAD"]).filter(|c| !c.is_empty())?;
+    let dirty = git(&["status", "--porcelain", "--untracked-files=no"])
+        .is_some_and(|changes| !changes.is_empty());
+    Some(if dirty {
+        format!("{commit}-dirty")
+    } else {
+        commit
+    })
+}
+
+/// SHA-256 (hex) of a spec's text and its SQL's text.
+fn code_digest(spec_text: &str, sql_text: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    hasher.update(spec_text.as_bytes());
+    hasher.update([0u8]);
+    hasher.update(sql_text.as_bytes());
+    hex::encode(hasher.finalize())
 }
 
 /// Parses and resolves spec `text`; `path` is only used in messages. A `sql_file` is read
@@ -152,6 +194,7 @@ fn resolve(
             ));
         }
     };
+    let code_digest = code_digest(text, &sql_text);
     let sql = substitute_params(&sql_text, &params, "[transform] sql")?;
     let spec = model::substitute(spec, &params)?;
     model::check(&spec, path)?;
@@ -174,6 +217,8 @@ fn resolve(
         params,
         contracts,
         partition_by,
+        code_digest,
+        git_commit: None,
     })
 }
 

@@ -70,6 +70,14 @@ enum Command {
     ///   nightshift maintain analytics.daily_revenue --remove-orphans-older-than 3d --dry-run
     #[command(verbatim_doc_comment)]
     Maintain(MaintainArgs),
+    /// List a table's snapshots, newest first, with what made each: the job and pipeline,
+    /// the code (a digest of the spec and SQL, the git commit), the parameters, the inputs
+    /// (files and bytes read, the snapshot of each Iceberg source) and the checks.
+    ///
+    ///   nightshift history analytics.daily_revenue
+    ///   nightshift history analytics.daily_revenue --cluster cluster.toml --output json
+    #[command(verbatim_doc_comment)]
+    History(HistoryArgs),
     /// Check a pipeline without writing anything: parse the spec, find the sources, check
     /// their schema contracts, plan the SQL and print the stages and the output schema.
     Validate(CommonArgs),
@@ -292,6 +300,21 @@ fn parse_size(text: &str) -> Result<u64, String> {
 }
 
 #[derive(Args)]
+struct HistoryArgs {
+    /// The table, `namespace.table`.
+    table: String,
+    /// Warehouse directory of the embedded catalog (<warehouse>/catalog.db).
+    #[arg(long, env = "NIGHTSHIFT_WAREHOUSE", default_value = "warehouse")]
+    warehouse: PathBuf,
+    /// Use the catalog of this cluster configuration instead of the warehouse's.
+    #[arg(long, value_name = "CONFIG")]
+    cluster: Option<PathBuf>,
+    /// Output format on stdout.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+    output: OutputFormat,
+}
+
+#[derive(Args)]
 #[command(group(clap::ArgGroup::new("work").required(true).multiple(true)
     .args(["expire_older_than", "remove_orphans_older_than"])))]
 struct MaintainArgs {
@@ -385,6 +408,7 @@ fn main() -> ExitCode {
             Command::Run(args) => run(args).await,
             Command::Backfill(args) => backfill(args).await,
             Command::Maintain(args) => maintain(args).await,
+            Command::History(args) => history(args).await,
             Command::Validate(args) => validate(args).await,
             Command::Dlq { command } => dlq(command).await,
             Command::ExampleData { dir, scale, parts } => example_data(&dir, scale, parts),
@@ -608,22 +632,9 @@ async fn backfill(args: BackfillArgs) -> ExitCode {
 
 async fn maintain(args: MaintainArgs) -> ExitCode {
     use nightshift::maintain::{Maintenance, maintain, report_text};
-    let catalog = match &args.cluster {
-        Some(path) => match load_cluster_config(path).map(|c| c.install()) {
-            Ok(Ok((catalog, _))) => catalog,
-            Ok(Err(e)) => {
-                eprintln!("error: {e}");
-                return ExitCode::from(EXIT_INVALID);
-            }
-            Err(code) => return code,
-        },
-        None => match prepare_warehouse(&args.warehouse).and_then(|w| embedded_catalog(&w)) {
-            Ok(catalog) => catalog,
-            Err(e) => {
-                eprintln!("error: {e}");
-                return ExitCode::from(EXIT_INVALID);
-            }
-        },
+    let catalog = match table_catalog(&args.warehouse, args.cluster.as_deref()) {
+        Ok(catalog) => catalog,
+        Err(code) => return code,
     };
     let work = Maintenance {
         expire: args.expire_older_than.map(|older_than| {
@@ -648,6 +659,50 @@ async fn maintain(args: MaintainArgs) -> ExitCode {
         }
         Err(e) => {
             eprintln!("error: maintenance of {} failed: {e}", args.table);
+            ExitCode::from(EXIT_FAILED)
+        }
+    }
+}
+
+/// The catalog of a cluster configuration, or else the embedded warehouse's.
+fn table_catalog(
+    warehouse: &std::path::Path,
+    cluster: Option<&std::path::Path>,
+) -> Result<nightshift_core::table::CatalogConfig, ExitCode> {
+    let catalog = match cluster {
+        Some(path) => load_cluster_config(path)?
+            .install()
+            .map(|(catalog, _)| catalog)
+            .map_err(|e| e.to_string()),
+        None => prepare_warehouse(warehouse)
+            .and_then(|w| embedded_catalog(&w))
+            .map_err(|e| e.to_string()),
+    };
+    catalog.map_err(|e| {
+        eprintln!("error: {e}");
+        ExitCode::from(EXIT_INVALID)
+    })
+}
+
+async fn history(args: HistoryArgs) -> ExitCode {
+    use nightshift::history::{history, history_text};
+    let catalog = match table_catalog(&args.warehouse, args.cluster.as_deref()) {
+        Ok(catalog) => catalog,
+        Err(code) => return code,
+    };
+    match history(&catalog, &args.table).await {
+        Ok(entries) => {
+            match args.output {
+                OutputFormat::Text => print!("{}", history_text(&args.table, &entries)),
+                OutputFormat::Json => println!(
+                    "{}",
+                    serde_json::to_string(&entries).expect("history serializes")
+                ),
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: cannot read the history of {}: {e}", args.table);
             ExitCode::from(EXIT_FAILED)
         }
     }

@@ -12,11 +12,10 @@ use std::time::{Duration, Instant};
 use iceberg::{Catalog, TableIdent};
 use nightshift_core::CoreError;
 use nightshift_core::ids::JobId;
-use nightshift_core::redact::{MASK, is_secret_name};
 use nightshift_core::storage::Location;
 use nightshift_core::table::{
-    CommitOutcome, JobCommit, PIPELINE_PROPERTY, TableReferences, WrittenWith, commit_job_snapshot,
-    ensure_table, find_job_snapshot, open_catalog, parse_table_ident,
+    CommitOutcome, JobCommit, TableReferences, WrittenWith, commit_job_snapshot, ensure_table,
+    find_job_snapshot, open_catalog, parse_table_ident,
 };
 use nightshift_core::transport::JobState;
 use nightshift_spec::ResolvedSpec;
@@ -92,6 +91,8 @@ struct JobRun<'a> {
     created_table: bool,
     /// The files this run's commit put in the snapshot.
     just_committed: TableReferences,
+    /// What the planner read, for the snapshot's lineage.
+    inputs: Vec<nightshift_core::sources::SourceSummary>,
 }
 
 impl<'a> JobRun<'a> {
@@ -128,6 +129,7 @@ impl<'a> JobRun<'a> {
             ident: None,
             created_table: false,
             just_committed: TableReferences::default(),
+            inputs: Vec::new(),
         }
     }
 
@@ -179,6 +181,7 @@ impl<'a> JobRun<'a> {
         .await?;
         let job_plan = planned.plan;
         let merge_base = planned.merge_base;
+        self.inputs = planned.sources;
         self.report.stages = job_plan.stages.len();
         self.report.tasks = job_plan.total_tasks();
         info!(
@@ -289,24 +292,8 @@ impl<'a> JobRun<'a> {
         written_with: WrittenWith,
         merge_base: Option<Option<i64>>,
     ) -> Result<Option<CommitOutcome>, CoreError> {
-        let mut summary = HashMap::new();
-        summary.insert(
-            PIPELINE_PROPERTY.to_string(),
-            self.spec.spec.pipeline.name.clone(),
-        );
-        for check in &self.report.checks {
-            let verdict = if check.passed {
-                "passed".to_string()
-            } else {
-                format!("failed ({}): {}", check.severity, check.detail)
-            };
-            summary.insert(format!("nightshift.check.{}", check.name), verdict);
-        }
-        for (k, v) in &self.spec.params {
-            // Whoever reads the table reads its snapshot summaries.
-            let value = if is_secret_name(k) { MASK } else { v.as_str() };
-            summary.insert(format!("nightshift.param.{k}"), value.to_string());
-        }
+        let summary =
+            crate::lineage::snapshot_summary(self.spec, &self.inputs, &self.report.checks);
         let commit = JobCommit {
             job: self.job(),
             mode: self.spec.spec.target.mode,

@@ -1,0 +1,137 @@
+//! What a job's snapshot says about how it was made: the snapshot summary's `nightshift.*`
+//! properties, built here from the spec, the inputs the planner read and the checks' verdicts.
+//!
+//! - `nightshift.pipeline`, `nightshift.code-sha256` (the spec's and SQL's text),
+//!   `nightshift.git-commit` (when the spec lives in a git checkout);
+//! - `nightshift.param.<name>` (secret-named ones masked);
+//! - `nightshift.input.<source>`: `files=N bytes=B`, and `snapshot=ID` for an Iceberg source;
+//! - `nightshift.check.<name>`: `passed` or `failed (<severity>): <detail>`.
+//!
+//! `nightshift.job-id` is added by the commit itself (it is what makes the commit
+//! idempotent). `nightshift history TABLE` reads them back.
+
+use std::collections::HashMap;
+
+use nightshift_core::checks::CheckResult;
+use nightshift_core::redact::{MASK, is_secret_name};
+use nightshift_core::sources::SourceSummary;
+use nightshift_core::table::PIPELINE_PROPERTY;
+use nightshift_spec::ResolvedSpec;
+
+/// Summary key of the digest of the spec's and SQL's text.
+pub const CODE_DIGEST_PROPERTY: &str = "nightshift.code-sha256";
+/// Summary key of the spec repository's git commit.
+pub const GIT_COMMIT_PROPERTY: &str = "nightshift.git-commit";
+
+/// The summary properties of a job's snapshot.
+pub fn snapshot_summary(
+    spec: &ResolvedSpec,
+    inputs: &[SourceSummary],
+    checks: &[CheckResult],
+) -> HashMap<String, String> {
+    let mut summary = HashMap::new();
+    summary.insert(
+        PIPELINE_PROPERTY.to_string(),
+        spec.spec.pipeline.name.clone(),
+    );
+    summary.insert(CODE_DIGEST_PROPERTY.to_string(), spec.code_digest.clone());
+    if let Some(commit) = &spec.git_commit {
+        summary.insert(GIT_COMMIT_PROPERTY.to_string(), commit.clone());
+    }
+    for (k, v) in &spec.params {
+        // Whoever reads the table reads its snapshot summaries.
+        let value = if is_secret_name(k) { MASK } else { v.as_str() };
+        summary.insert(format!("nightshift.param.{k}"), value.to_string());
+    }
+    for input in inputs {
+        let mut read = format!("files={} bytes={}", input.files, input.bytes);
+        if let Some(snapshot) = input.snapshot_id {
+            read = format!("snapshot={snapshot} {read}");
+        }
+        summary.insert(format!("nightshift.input.{}", input.name), read);
+    }
+    for check in checks {
+        let verdict = if check.passed {
+            "passed".to_string()
+        } else {
+            format!("failed ({}): {}", check.severity, check.detail)
+        };
+        summary.insert(format!("nightshift.check.{}", check.name), verdict);
+    }
+    summary
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+    use std::sync::Arc;
+
+    fn spec(sql: &str) -> ResolvedSpec {
+        let text = format!(
+            "[pipeline]\nname = \"p\"\n[params]\nday = \"1\"\napi_token = \"x\"\n[transform]\nsql = \"{sql}\"\n[target]\ntable = \"a.b\"\n"
+        );
+        nightshift_spec::resolve_spec_text(&text, Path::new("p.toml"), Path::new("/"), &[]).unwrap()
+    }
+
+    fn input(name: &str, snapshot_id: Option<i64>) -> SourceSummary {
+        SourceSummary {
+            name: name.into(),
+            format: nightshift_spec::SourceFormat::Parquet,
+            location: String::new(),
+            files: 3,
+            bytes: 1200,
+            schema: Arc::new(datafusion::arrow::datatypes::Schema::empty()),
+            snapshot_id,
+        }
+    }
+
+    #[test]
+    fn the_summary_names_code_inputs_params_and_checks() {
+        let mut with_git = spec("SELECT 1");
+        with_git.git_commit = Some("0123abc".into());
+        let check = CheckResult {
+            name: "rows".into(),
+            severity: "warn".into(),
+            passed: false,
+            failed_rows: 0,
+            detail: "0 rows written, at least 1 rows expected".into(),
+            samples: Vec::new(),
+        };
+        let summary = snapshot_summary(
+            &with_git,
+            &[input("orders", None), input("dims", Some(42))],
+            &[check],
+        );
+        assert_eq!(summary["nightshift.pipeline"], "p");
+        assert_eq!(summary[CODE_DIGEST_PROPERTY].len(), 64);
+        assert_eq!(summary[GIT_COMMIT_PROPERTY], "0123abc");
+        assert_eq!(summary["nightshift.param.day"], "1");
+        assert_eq!(summary["nightshift.param.api_token"], MASK);
+        assert_eq!(summary["nightshift.input.orders"], "files=3 bytes=1200");
+        assert_eq!(
+            summary["nightshift.input.dims"],
+            "snapshot=42 files=3 bytes=1200"
+        );
+        assert_eq!(
+            summary["nightshift.check.rows"],
+            "failed (warn): 0 rows written, at least 1 rows expected"
+        );
+        assert!(!snapshot_summary(&spec("SELECT 1"), &[], &[]).contains_key(GIT_COMMIT_PROPERTY));
+    }
+
+    #[test]
+    fn the_code_digest_follows_the_text_not_the_parameters() {
+        let a = spec("SELECT 1");
+        assert_eq!(a.code_digest, spec("SELECT 1").code_digest);
+        assert_ne!(a.code_digest, spec("SELECT 2").code_digest);
+        let overridden = nightshift_spec::resolve_spec_text(
+            "[pipeline]\nname = \"p\"\n[params]\nday = \"1\"\napi_token = \"x\"\n[transform]\nsql = \"SELECT 1\"\n[target]\ntable = \"a.b\"\n",
+            Path::new("p.toml"),
+            Path::new("/"),
+            &[("day".into(), "2".into())],
+        )
+        .unwrap();
+        assert_eq!(a.code_digest, overridden.code_digest);
+    }
+}

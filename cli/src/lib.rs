@@ -10,6 +10,7 @@
 //! - [`progress`] draws a progress bar per stage on a terminal.
 
 pub mod backfill;
+pub mod check;
 pub mod client;
 pub mod cluster;
 pub mod embedded;

@@ -78,6 +78,16 @@ enum Command {
     ///   nightshift history analytics.daily_revenue --cluster cluster.toml --output json
     #[command(verbatim_doc_comment)]
     History(HistoryArgs),
+    /// Test a pipeline in CI on sample data: each source reads DIR/<source>.<format> (or the
+    /// directory DIR/<source>/) instead of its location; the contracts are checked, the
+    /// transform runs and every [[check]] is judged, in a throw-away warehouse. Exits 1 when
+    /// a case of error severity fails (a sample that drifted from its contract, a broken
+    /// rule), 2 when the spec itself is wrong.
+    ///
+    ///   nightshift check pipelines/orders.toml --sample tests/samples/orders
+    ///   nightshift check pipelines/orders.toml --sample samples --junit reports/orders.xml
+    #[command(verbatim_doc_comment)]
+    Check(CheckArgs),
     /// Check a pipeline without writing anything: parse the spec, find the sources, check
     /// their schema contracts, plan the SQL and print the stages and the output schema.
     Validate(CommonArgs),
@@ -300,6 +310,24 @@ fn parse_size(text: &str) -> Result<u64, String> {
 }
 
 #[derive(Args)]
+struct CheckArgs {
+    /// The pipeline spec (TOML).
+    pipeline: PathBuf,
+    /// Directory with a sample of each source: <source>.csv|.json|.parquet or <source>/.
+    #[arg(long, value_name = "DIR")]
+    sample: PathBuf,
+    /// Override a [params] value, e.g. --param run_date=2024-03-01. Repeatable.
+    #[arg(long = "param", value_name = "KEY=VALUE", value_parser = parse_param_arg)]
+    params: Vec<(String, String)>,
+    /// Also write the cases as a JUnit XML report to FILE.
+    #[arg(long, value_name = "FILE")]
+    junit: Option<PathBuf>,
+    /// Output format on stdout.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+    output: OutputFormat,
+}
+
+#[derive(Args)]
 struct HistoryArgs {
     /// The table, `namespace.table`.
     table: String,
@@ -409,6 +437,7 @@ fn main() -> ExitCode {
             Command::Backfill(args) => backfill(args).await,
             Command::Maintain(args) => maintain(args).await,
             Command::History(args) => history(args).await,
+            Command::Check(args) => check(args).await,
             Command::Validate(args) => validate(args).await,
             Command::Dlq { command } => dlq(command).await,
             Command::ExampleData { dir, scale, parts } => example_data(&dir, scale, parts),
@@ -682,6 +711,37 @@ fn table_catalog(
         eprintln!("error: {e}");
         ExitCode::from(EXIT_INVALID)
     })
+}
+
+async fn check(args: CheckArgs) -> ExitCode {
+    use nightshift::check::{cases_text, check_pipeline, junit_xml};
+    let loaded = load_spec(&args.pipeline, &args.params).map_err(|e| e.to_string());
+    let spec_is_wrong = loaded.is_err();
+    let pipeline = loaded.as_ref().map_or_else(
+        |_| args.pipeline.display().to_string(),
+        |spec| spec.spec.pipeline.name.clone(),
+    );
+    let cases = check_pipeline(loaded, &args.sample).await;
+    if let Some(path) = &args.junit
+        && let Err(e) = std::fs::write(path, junit_xml(&pipeline, &cases))
+    {
+        eprintln!("error: cannot write {}: {e}", path.display());
+        return ExitCode::from(EXIT_FAILED);
+    }
+    match args.output {
+        OutputFormat::Text => print!("{}", cases_text(&pipeline, &cases)),
+        OutputFormat::Json => println!(
+            "{}",
+            serde_json::json!({ "pipeline": pipeline, "cases": cases })
+        ),
+    }
+    if spec_is_wrong {
+        ExitCode::from(EXIT_INVALID)
+    } else if cases.iter().any(|c| c.fails_the_run()) {
+        ExitCode::from(EXIT_FAILED)
+    } else {
+        ExitCode::SUCCESS
+    }
 }
 
 async fn history(args: HistoryArgs) -> ExitCode {

@@ -27,7 +27,7 @@ use tracing::{info, warn};
 
 use crate::admission::{Refusal, admit};
 use crate::idempotency::{KeyBinding, KeyDecision, decide, needs_republish};
-use crate::job::{JobError, JobOptions, validate_job};
+use crate::job::{JobError, JobOptions, validate_with_catalog};
 use crate::spec_ref::{SpecRefError, read_spec};
 
 /// Largest spec plus SQL files accepted in one submission. The one size limit: a request
@@ -41,6 +41,8 @@ pub struct JobApi {
     state: Arc<RedisState>,
     access: Arc<AccessPolicy>,
     catalog: CatalogConfig,
+    /// The catalog, opened by the first submission and shared by all after it.
+    opened: Arc<tokio::sync::OnceCell<Arc<dyn iceberg::Catalog>>>,
 }
 
 impl JobApi {
@@ -55,7 +57,17 @@ impl JobApi {
             state,
             access,
             catalog,
+            opened: Arc::default(),
         }
+    }
+
+    /// The catalog submissions are validated against, opened once.
+    async fn open_catalog(&self) -> Result<Arc<dyn iceberg::Catalog>, Status> {
+        self.opened
+            .get_or_try_init(|| nightshift_core::table::open_catalog(&self.catalog))
+            .await
+            .cloned()
+            .map_err(unavailable)
     }
 
     /// Registers `job` (state `queued`) and puts its submission on the submission queue.
@@ -258,7 +270,8 @@ impl JobService for JobApi {
             partitions: None,
             max_task_attempts: None,
         };
-        match validate_job(&spec, &options, Some(&self.catalog)).await {
+        let catalog = self.open_catalog().await?;
+        match validate_with_catalog(&spec, &options, Some(catalog)).await {
             Ok(_) => {}
             Err(JobError::Invalid(e)) => return Err(refuse(Code::InvalidArgument, e)),
             Err(e) => return Err(refuse(Code::Unavailable, e)),

@@ -26,6 +26,6 @@ pub mod spec_ref;
 
 pub use job::{
     JobEnv, JobError, JobEvent, JobOptions, JobReport, ValidationReport, outcome_json, run_job,
-    validate_job,
+    validate_job, validate_with_catalog,
 };
 pub use scheduler::StageCount;

@@ -77,6 +77,8 @@ pub async fn check_pipeline(spec: Result<ResolvedSpec, String>, sample_dir: &Pat
     if missing {
         return cases;
     }
+    // A warehouse of its own, deleted when the check ends: the check never writes to, nor
+    // deletes from, the pipeline's real warehouse or catalog.
     let warehouse = match tempfile::tempdir() {
         Ok(dir) => dir,
         Err(e) => {

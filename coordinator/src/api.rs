@@ -148,7 +148,8 @@ fn unavailable(e: impl std::fmt::Display) -> Status {
     refuse(Code::Unavailable, e)
 }
 
-fn too_large(size: usize) -> String {
+/// The size refusal's words, the same whichever layer noticed (see `api_limits`).
+pub(crate) fn too_large(size: impl std::fmt::Display) -> String {
     format!(
         "the request is {size} bytes; at most {MAX_SUBMISSION_BYTES} bytes (the spec and its files) are accepted"
     )
@@ -284,10 +285,11 @@ impl JobService for JobApi {
             digest: submission.request_digest(),
             bound_at_ms: now_ms(),
         };
+        let bound_as = binding.encode();
         if !key.is_empty() {
             let earlier = self
                 .state
-                .bind_idempotency_key(&key, &binding.encode())
+                .bind_idempotency_key(&key, &bound_as)
                 .await
                 .map_err(unavailable)?
                 .map(|text| KeyBinding::decode(&text));
@@ -316,10 +318,7 @@ impl JobService for JobApi {
         if let Err(e) = self.queue_job(&job, &submission, pipeline).await {
             // Nothing was queued: free the key, so the client's retry starts afresh.
             if !key.is_empty()
-                && let Err(unbind) = self
-                    .state
-                    .unbind_idempotency_key(&key, &binding.encode())
-                    .await
+                && let Err(unbind) = self.state.unbind_idempotency_key(&key, &bound_as).await
             {
                 warn!(error = %unbind, "cannot free the idempotency key of an unqueued job");
             }

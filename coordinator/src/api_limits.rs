@@ -1,5 +1,5 @@
 //! One size limit for the job API. The handler refuses a submission over
-//! [`MAX_SUBMISSION_BYTES`] with `RESOURCE_EXHAUSTED`; a request too large to even decode is
+//! [`MAX_SUBMISSION_BYTES`](crate::api::MAX_SUBMISSION_BYTES) with `RESOURCE_EXHAUSTED`; a request too large to even decode is
 //! refused earlier by tonic, as `OUT_OF_RANGE` ("decoded message length too large"). This
 //! layer gives that refusal the same code and words, so a client sees one limit whichever
 //! side noticed.
@@ -9,7 +9,7 @@
 
 use tonic::{Code, Status};
 
-use crate::api::MAX_SUBMISSION_BYTES;
+use crate::api::too_large;
 
 /// The layer that keeps one size limit (a `tower::util::MapResponseLayer`).
 pub fn one_size_limit_layer<B>()
@@ -29,20 +29,18 @@ fn one_size_limit<B>(mut response: http::Response<B>) -> http::Response<B> {
 /// The API's size refusal, if `headers` carry tonic's decode-size refusal.
 fn size_refusal(headers: &http::HeaderMap) -> Option<Status> {
     let status = Status::from_header_map(headers)?;
-    let too_large = status.code() == Code::OutOfRange
+    let decoded_too_large = status.code() == Code::OutOfRange
         && status
             .message()
             .contains("decoded message length too large");
-    too_large.then(|| {
+    decoded_too_large.then(|| {
         let found = status
             .message()
             .split("found ")
             .nth(1)
             .and_then(|rest| rest.split(' ').next())
             .unwrap_or("more than that many");
-        Status::resource_exhausted(format!(
-            "the request is {found} bytes; at most {MAX_SUBMISSION_BYTES} bytes (the spec and its files) are accepted"
-        ))
+        Status::resource_exhausted(too_large(found))
     })
 }
 

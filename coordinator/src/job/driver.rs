@@ -248,6 +248,9 @@ impl<'a> JobRun<'a> {
             &stages.tracker.final_check_outcomes(),
             self.report.rows,
         );
+        // A failed error check ends the job here, before any commit: the finish path then
+        // deletes only this job's own files (names parsed as its, none referenced by any
+        // snapshot, see `cleanup::sweep_job_files`), so committed data is never touched.
         if !nightshift_core::checks::blocking(&self.report.checks).is_empty() {
             return Err(JobError::ChecksFailed(self.report.checks.clone()));
         }

@@ -63,6 +63,37 @@ fn planned_stages(cluster: &ClusterSandbox) -> u32 {
     }
 }
 
+/// Waits until the first attempt of each of the `tasks` tasks of `stage` has started on one
+/// of the `workers` workers.
+fn wait_for_first_attempts(cluster: &ClusterSandbox, workers: usize, stage: u32, tasks: usize) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let needle = "task started worker=";
+    let ours = format!(" stage={stage} task=");
+    loop {
+        let started: std::collections::BTreeSet<String> = (0..workers)
+            .flat_map(|i| {
+                cluster
+                    .worker_log(i)
+                    .lines()
+                    .filter(|l| {
+                        l.contains(needle) && l.contains(&ours) && l.ends_with(" attempt=1")
+                    })
+                    .map(|l| l.rsplit(" task=").next().unwrap_or_default().to_string())
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        if started.len() >= tasks {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "first attempts of stage {stage} started: {started:?}\n{}",
+            cluster.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn wait_for_log(cluster: &ClusterSandbox, needle: &str) {
     let deadline = Instant::now() + Duration::from_secs(60);
     while !cluster.coordinator_log().contains(needle) {
@@ -115,6 +146,10 @@ async fn late_final_stage_attempts_leave_no_orphans() {
     let mut client = cluster.submit_in_background("job-late-writers");
     let stages = planned_stages(&cluster);
     wait_for_log(&cluster, &format!("stage started stage={stages}"));
+    // Killed only once every first attempt runs: "stage started" is logged before the
+    // tasks are sent, and a task not sent before the kill has no first attempt to queue a
+    // result; its one attempt is the republished one, which reports before the commit.
+    wait_for_first_attempts(&cluster, 4, stages, 4);
     cluster.kill_coordinator();
     std::thread::sleep(Duration::from_millis(2500));
     cluster.start_coordinator();

@@ -120,6 +120,96 @@ impl RowCheckCounter {
     }
 }
 
+/// Runs the checks on all the rows together (`unique`, `sql`: [`CheckSpec::set_query`]) over
+/// the job's written, not yet committed data files (`file_paths`, rows of `schema`), as the
+/// table `result`. Each query's rows are the failures: their number (for `unique`, the rows
+/// that share a key) with a few samples. This reads the result once more, in the process
+/// that commits; with no such check it reads nothing.
+pub async fn run_set_checks(
+    checks: &[CheckSpec],
+    file_paths: &[String],
+    schema: &SchemaRef,
+) -> Result<Vec<v1::CheckOutcome>> {
+    let queries: Vec<(&CheckSpec, String)> = checks
+        .iter()
+        .filter_map(|c| c.set_query().map(|q| (c, q)))
+        .collect();
+    if queries.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ctx = crate::session::new_session(crate::session::SessionOptions::default());
+    ctx.register_table("result", result_table(file_paths, schema)?)?;
+    let mut outcomes = Vec::with_capacity(queries.len());
+    for (check, query) in queries {
+        let failed_query = |e: DataFusionError| CoreError::Target {
+            table: "result".to_string(),
+            message: format!("[[check]] `{}`: {e}", check.name),
+        };
+        let frame = ctx.sql(&query).await.map_err(failed_query)?;
+        let mut stream = frame.execute_stream().await.map_err(failed_query)?;
+        let mut outcome = v1::CheckOutcome {
+            name: check.name.clone(),
+            failed: 0,
+            samples: Vec::new(),
+        };
+        while let Some(batch) = futures::StreamExt::next(&mut stream).await {
+            let batch = batch.map_err(failed_query)?;
+            outcome.failed += failing_rows(check, &batch);
+            let room = SAMPLES
+                .saturating_sub(outcome.samples.len())
+                .min(batch.num_rows());
+            if room > 0 {
+                let take = UInt32Array::from((0..room as u32).collect::<Vec<_>>());
+                outcome.samples.extend(sample_rows(&batch, &take)?);
+            }
+        }
+        outcomes.push(outcome);
+    }
+    Ok(outcomes)
+}
+
+/// The rows a batch of a set check's query stands for: one per row, except `unique`, whose
+/// rows are keys with the count of rows sharing each.
+fn failing_rows(check: &CheckSpec, batch: &RecordBatch) -> u64 {
+    if check.kind != CheckKind::Unique {
+        return batch.num_rows() as u64;
+    }
+    batch
+        .column_by_name(nightshift_spec::DUPLICATE_ROWS_COLUMN)
+        .and_then(|c| c.as_any().downcast_ref::<arrow::array::Int64Array>())
+        .map(|counts| counts.iter().flatten().map(|n| n.max(0) as u64).sum())
+        .unwrap_or(batch.num_rows() as u64)
+}
+
+/// The data files at `file_paths` as one table of `schema` (an empty table for none).
+fn result_table(
+    file_paths: &[String],
+    schema: &SchemaRef,
+) -> Result<Arc<dyn datafusion::catalog::TableProvider>> {
+    use datafusion::datasource::file_format::parquet::ParquetFormat;
+    use datafusion::datasource::listing::{
+        ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
+    };
+    if file_paths.is_empty() {
+        return Ok(Arc::new(datafusion::datasource::MemTable::try_new(
+            schema.clone(),
+            vec![vec![]],
+        )?));
+    }
+    let urls = file_paths
+        .iter()
+        .map(|p| {
+            let location = crate::storage::Location::parse(p, std::path::Path::new("/"))?;
+            Ok(ListingTableUrl::parse(location.url().as_str())?)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let options = ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension("");
+    let config = ListingTableConfig::new_with_multi_paths(urls)
+        .with_listing_options(options)
+        .with_schema(schema.clone());
+    Ok(Arc::new(ListingTable::try_new(config)?))
+}
+
 /// The rows of `batch` at `indices`, each as a JSON object.
 fn sample_rows(batch: &RecordBatch, indices: &UInt32Array) -> Result<Vec<String>> {
     let arrow_err = |e: arrow::error::ArrowError| CoreError::from(DataFusionError::from(e));
@@ -187,15 +277,26 @@ pub fn judge<'a>(
                 .flat_map(|o| o.samples.iter().cloned())
                 .take(SAMPLES)
                 .collect();
+            let detail = match check.kind {
+                CheckKind::Unique => format!(
+                    "{failed} of {rows} rows share their ({}) with another row",
+                    check.columns.join(", ")
+                ),
+                CheckKind::Sql => format!(
+                    "{failed} rows returned by {}",
+                    check.sql.as_deref().unwrap_or_default().trim()
+                ),
+                _ => format!(
+                    "{failed} of {rows} rows fail {}",
+                    check.row_predicate().unwrap_or_default()
+                ),
+            };
             CheckResult {
                 name: check.name.clone(),
                 severity,
                 passed: failed == 0,
                 failed_rows: failed,
-                detail: format!(
-                    "{failed} of {rows} rows fail {}",
-                    check.row_predicate().unwrap_or_default()
-                ),
+                detail,
                 samples,
             }
         })

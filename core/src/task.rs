@@ -165,14 +165,9 @@ pub async fn discard_output(result: &v1::TaskResult) -> Result<usize> {
             paths.dedup();
             paths
         }
-        Some(task_result::Outcome::Files(files)) => files
-            .data_files_json
-            .iter()
-            .filter_map(|json| {
-                let value: serde_json::Value = serde_json::from_str(json).ok()?;
-                value.get("file_path")?.as_str().map(str::to_string)
-            })
-            .collect(),
+        Some(task_result::Outcome::Files(files)) => {
+            crate::table::data_file_paths(&files.data_files_json)
+        }
         _ => Vec::new(),
     };
     let locations = paths

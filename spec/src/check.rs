@@ -4,7 +4,7 @@
 //! [[check]]
 //! name = "amount_not_negative"
 //! on = "result"          # the rows the job publishes
-//! type = "range"         # not_null | accepted_values | range | regex | row_count
+//! type = "range"         # not_null | accepted_values | range | regex | row_count | unique | sql
 //! columns = ["amount"]
 //! min = 0
 //! severity = "error"     # or "warn": reported, committed anyway
@@ -12,7 +12,9 @@
 //!
 //! Each row-level check becomes one SQL predicate over the result's columns
 //! ([`CheckSpec::row_predicate`]) that the writing tasks count as they write; `row_count`
-//! bounds the rows the job writes.
+//! bounds the rows the job writes. `unique` and `sql` look at all the rows together: each is
+//! one query over the written, not yet committed result ([`CheckSpec::set_query`]) whose
+//! rows are the failures.
 
 use std::path::Path;
 
@@ -44,6 +46,10 @@ pub struct CheckSpec {
     /// `regex`: the pattern every value must match (anywhere in it; anchor with `^…$`).
     #[serde(default)]
     pub pattern: Option<String>,
+    /// `sql`: a query over `result` (the rows the job is about to publish) returning the rows
+    /// that break the rule; none returned passes.
+    #[serde(default)]
+    pub sql: Option<String>,
     #[serde(default)]
     pub severity: Severity,
 }
@@ -110,7 +116,12 @@ const BUILT: &[CheckKind] = &[
     CheckKind::Range,
     CheckKind::Regex,
     CheckKind::RowCount,
+    CheckKind::Unique,
+    CheckKind::Sql,
 ];
+
+/// The column of a `unique` check's query holding how many rows share the key.
+pub const DUPLICATE_ROWS_COLUMN: &str = "rows_with_this_key";
 
 impl CheckSpec {
     /// The SQL predicate every row must satisfy (false fails, NULL passes), for row-level
@@ -151,6 +162,33 @@ impl CheckSpec {
             }
             _ => return None,
         })
+    }
+
+    /// The query over `result` whose rows are the failures, for checks on all the rows
+    /// together (`unique`, `sql`); `None` for the others. A `unique` key with a NULL in it
+    /// is never a duplicate (as in SQL's `UNIQUE`).
+    pub fn set_query(&self) -> Option<String> {
+        match self.kind {
+            CheckKind::Unique => {
+                let key = self
+                    .columns
+                    .iter()
+                    .map(|c| quote_identifier(c))
+                    .collect::<Vec<_>>();
+                let present = key
+                    .iter()
+                    .map(|c| format!("{c} IS NOT NULL"))
+                    .collect::<Vec<_>>()
+                    .join(" AND ");
+                let key = key.join(", ");
+                Some(format!(
+                    "SELECT {key}, COUNT(*) AS {DUPLICATE_ROWS_COLUMN} FROM result \
+                     WHERE {present} GROUP BY {key} HAVING COUNT(*) > 1"
+                ))
+            }
+            CheckKind::Sql => self.sql.clone(),
+            _ => None,
+        }
     }
 
     /// `row_count`'s bounds.
@@ -214,17 +252,29 @@ pub(crate) fn check_checks(checks: &[CheckSpec], path: &Path) -> Result<(), Spec
                     .join(", ")
             )));
         }
-        let row_level = check.kind != CheckKind::RowCount;
-        if row_level && check.columns.is_empty() {
+        let takes_columns = !matches!(check.kind, CheckKind::RowCount | CheckKind::Sql);
+        if takes_columns && check.columns.is_empty() {
             return Err(invalid(format!(
                 "type = \"{}\" needs columns = [\"column\", ...]",
                 check.kind.name()
             )));
         }
-        if !row_level && !check.columns.is_empty() {
-            return Err(invalid(
-                "row_count counts rows; it takes no columns".to_string(),
-            ));
+        if !takes_columns && !check.columns.is_empty() {
+            return Err(invalid(format!(
+                "type = \"{}\" takes no columns{}",
+                check.kind.name(),
+                if check.kind == CheckKind::Sql {
+                    " (name them in its query)"
+                } else {
+                    ""
+                }
+            )));
+        }
+        if check.sql.is_some() && check.kind != CheckKind::Sql {
+            return Err(invalid(format!(
+                "sql = ... belongs to type = \"sql\", not type = \"{}\"",
+                check.kind.name()
+            )));
         }
         let needs = match check.kind {
             CheckKind::AcceptedValues if check.values.is_empty() => Some("values = [...]"),
@@ -232,6 +282,9 @@ pub(crate) fn check_checks(checks: &[CheckSpec], path: &Path) -> Result<(), Spec
                 Some("min = ... and/or max = ...")
             }
             CheckKind::Regex if check.pattern.is_none() => Some("pattern = \"...\""),
+            CheckKind::Sql if check.sql.as_deref().is_none_or(|q| q.trim().is_empty()) => {
+                Some("sql = \"SELECT ... FROM result WHERE <the rows that break the rule>\"")
+            }
             CheckKind::RowCount if check.row_bounds() == (None, None) => {
                 Some("min = N and/or max = N (whole numbers)")
             }
@@ -286,6 +339,22 @@ mod tests {
                 "{text}"
             );
         }
+        let unique = check("name = \"u\"\ntype = \"unique\"\ncolumns = [\"a\", \"b c\"]");
+        assert_eq!(unique.row_predicate(), None);
+        assert_eq!(
+            unique.set_query().as_deref(),
+            Some(
+                "SELECT \"a\", \"b c\", COUNT(*) AS rows_with_this_key FROM result \
+                 WHERE \"a\" IS NOT NULL AND \"b c\" IS NOT NULL GROUP BY \"a\", \"b c\" \
+                 HAVING COUNT(*) > 1"
+            )
+        );
+        let sql = check("name = \"s\"\ntype = \"sql\"\nsql = \"SELECT * FROM result WHERE a > b\"");
+        assert_eq!(sql.row_predicate(), None);
+        assert_eq!(
+            sql.set_query().as_deref(),
+            Some("SELECT * FROM result WHERE a > b")
+        );
         let rows = check("name = \"r\"\ntype = \"row_count\"\nmin = 10");
         assert_eq!(rows.row_predicate(), None);
         assert_eq!(rows.row_bounds(), (Some(10), None));
@@ -306,8 +375,24 @@ mod tests {
                 "`a`: type = \"not_null\" needs columns",
             ),
             (
-                "name = \"a\"\ntype = \"unique\"\ncolumns = [\"n\"]",
-                "`a`: type = \"unique\" is not built yet",
+                "name = \"a\"\ntype = \"freshness\"\ncolumns = [\"n\"]",
+                "`a`: type = \"freshness\" is not built yet",
+            ),
+            (
+                "name = \"a\"\ntype = \"unique\"",
+                "`a`: type = \"unique\" needs columns",
+            ),
+            (
+                "name = \"a\"\ntype = \"sql\"",
+                "`a`: type = \"sql\" needs sql =",
+            ),
+            (
+                "name = \"a\"\ntype = \"sql\"\ncolumns = [\"n\"]\nsql = \"SELECT 1\"",
+                "takes no columns (name them in its query)",
+            ),
+            (
+                "name = \"a\"\ntype = \"not_null\"\ncolumns = [\"n\"]\nsql = \"SELECT 1\"",
+                "sql = ... belongs to type = \"sql\"",
             ),
             (
                 "name = \"a\"\non = \"orders\"\ntype = \"not_null\"\ncolumns = [\"n\"]",

@@ -86,6 +86,20 @@ const CASES: &[(&str, &str, &str, u64, &str)] = &[
         5,
         "",
     ),
+    (
+        "type = \"unique\"\ncolumns = [\"id\"]",
+        "type = \"unique\"\ncolumns = [\"status\"]",
+        "share their (status)",
+        3,
+        "\"rows_with_this_key\":3",
+    ),
+    (
+        "type = \"sql\"\nsql = \"SELECT * FROM result WHERE balance > 100\"",
+        "type = \"sql\"\nsql = \"SELECT id, email FROM result WHERE balance < 0 OR email IS NULL\"",
+        "rows returned by SELECT id, email",
+        2,
+        "ünï@example.com",
+    ),
 ];
 
 fn run_json(sandbox: &Sandbox) -> (Option<i32>, Value, String) {
@@ -198,13 +212,28 @@ fn a_check_on_a_missing_column_is_refused_before_anything_runs() {
     assert_eq!(out.status.code(), Some(2));
     sandbox.spec(&spec(
         &data,
-        &check("later", "type = \"unique\"\ncolumns = [\"id\"]", "error"),
+        &check(
+            "query_typo",
+            "type = \"sql\"\nsql = \"SELECT * FROM result WHERE ballance < 0\"",
+            "error",
+        ),
     ));
     let out = sandbox.cli(&["validate", "pipeline.toml"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(
-        stderr.contains("type = \"unique\" is not built yet"),
+        stderr.contains("[[check]] `query_typo`") && stderr.contains("ballance"),
+        "{stderr}"
+    );
+    sandbox.spec(&spec(
+        &data,
+        &check("later", "type = \"freshness\"\ncolumns = [\"id\"]", "error"),
+    ));
+    let out = sandbox.cli(&["validate", "pipeline.toml"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("type = \"freshness\" is not built yet"),
         "{stderr}"
     );
 }
@@ -213,8 +242,10 @@ fn a_check_on_a_missing_column_is_refused_before_anything_runs() {
 async fn on_a_cluster_the_workers_count_and_a_failed_check_commits_nothing() {
     let cluster = ClusterSandbox::start(ClusterStorage::LocalWithPostgres, 2, &[]);
     let data = write_accounts(&cluster.sandbox);
-    let checks =
-        check("known_status", CASES[1].1, "error") + &check("row_total", CASES[4].0, "error");
+    // The unique check reads the files the workers wrote, from the coordinator.
+    let checks = check("known_status", CASES[1].1, "error")
+        + &check("row_total", CASES[4].0, "error")
+        + &check("one_per_status", CASES[5].1, "error");
     cluster.sandbox.spec(&spec(&data, &checks));
     let outcome = cluster.submit("checks-fail", &[]);
     assert_eq!(
@@ -225,9 +256,11 @@ async fn on_a_cluster_the_workers_count_and_a_failed_check_commits_nothing() {
     );
     assert_eq!(outcome["kind"], "checks_failed", "{outcome:#}");
     assert!(
-        outcome["error"].as_str().is_some_and(|e| e
-            .contains("check `known_status` failed: 1 of 5 rows")
-            && e.contains("frozen")),
+        outcome["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("check `known_status` failed: 1 of 5 rows")
+                && e.contains("frozen")
+                && e.contains("check `one_per_status` failed: 3 of 5 rows share their (status)")),
         "{outcome:#}"
     );
     let passing = check("row_total", CASES[4].0, "error");

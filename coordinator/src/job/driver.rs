@@ -243,9 +243,19 @@ impl<'a> JobRun<'a> {
 
         let files = stages.tracker.committed_files();
         self.report.rows = stages.tracker.final_rows();
+        let set_outcomes = nightshift_core::checks::run_set_checks(
+            &self.spec.spec.check,
+            &nightshift_core::table::data_file_paths(&files),
+            &job_plan.output_schema,
+        )
+        .await?;
         self.report.checks = nightshift_core::checks::judge(
             &self.spec.spec.check,
-            &stages.tracker.final_check_outcomes(),
+            stages
+                .tracker
+                .final_check_outcomes()
+                .iter()
+                .chain(&set_outcomes),
             self.report.rows,
         );
         // A failed error check ends the job here, before any commit: the finish path then

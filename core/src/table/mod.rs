@@ -20,4 +20,6 @@ pub use commit::{
 pub use layout::{check_compatible, ensure_table, target_layout, with_table_types_for_nulls};
 pub use references::TableReferences;
 pub use schema::iceberg_schema_for;
-pub use writer::{PartitionFileCounts, TableWriteSummary, files_per_partition, write_data_files};
+pub use writer::{
+    PartitionFileCounts, TableWriteSummary, data_file_paths, files_per_partition, write_data_files,
+};

@@ -198,6 +198,17 @@ pub fn files_per_partition(data_files_json: &[String]) -> PartitionFileCounts {
     }
 }
 
+/// The paths of the data files in `data_files_json` (Iceberg data files as JSON).
+pub fn data_file_paths(data_files_json: &[String]) -> Vec<String> {
+    data_files_json
+        .iter()
+        .filter_map(|json| {
+            let value: serde_json::Value = serde_json::from_str(json).ok()?;
+            value.get("file_path")?.as_str().map(str::to_string)
+        })
+        .collect()
+}
+
 /// Reorders and casts a result batch to the table's Arrow schema, matching columns by name.
 pub fn conform_batch(batch: &RecordBatch, target: &SchemaRef) -> Result<RecordBatch> {
     let columns = target

@@ -73,6 +73,7 @@ pub async fn run_worker(config: &ClusterConfig, id: &str, ops: WorkerOps) -> Res
         .with_session(session)
         .with_lease_ttl(config.redis.lease_ttl())
         .with_drain(ops.drain_grace, stop_consuming)
+        .with_lanes(usize::from(config.rabbitmq.prefetch.max(1)))
         .run_until(shutdown)
         .await
 }

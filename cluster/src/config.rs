@@ -88,7 +88,9 @@ pub struct RabbitSection {
     /// Prefix of every queue and exchange name, so clusters can share a broker.
     #[serde(default = "default_prefix")]
     pub prefix: String,
-    /// Tasks a worker holds at once.
+    /// Tasks a worker holds and runs at once (`NIGHTSHIFT_RABBITMQ_PREFETCH`), sharing its
+    /// memory limit. 1 suits heavy tasks; a few more keep a worker busy on small ones, whose
+    /// time goes mostly to broker round trips.
     #[serde(default = "default_prefetch")]
     pub prefetch: u16,
     /// Deliveries of one task message before it is dead-lettered (a worker that crashes on
@@ -207,6 +209,9 @@ impl ClusterConfig {
     fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) {
         if let Some(v) = get("NIGHTSHIFT_RABBITMQ_URL") {
             self.rabbitmq.url = v;
+        }
+        if let Some(v) = get("NIGHTSHIFT_RABBITMQ_PREFETCH").and_then(|v| v.trim().parse().ok()) {
+            self.rabbitmq.prefetch = v;
         }
         if let Some(v) = get("NIGHTSHIFT_REDIS_URL") {
             self.redis.url = v;
@@ -355,6 +360,12 @@ warehouse = "s3://b/wh"
         assert_eq!(config.rabbitmq.prefetch, 1);
         config.apply_env(|k| (k == "NIGHTSHIFT_REDIS_URL").then(|| "redis://other:1".to_string()));
         assert_eq!(config.redis.url, "redis://other:1");
+        config.apply_env(|k| (k == "NIGHTSHIFT_RABBITMQ_PREFETCH").then(|| " 4".to_string()));
+        assert_eq!(config.rabbitmq.prefetch, 4);
+        assert_eq!(
+            config.worker_memory().per_task(),
+            config.worker_memory().limit / 4
+        );
     }
 
     #[test]

@@ -63,6 +63,10 @@ struct Link {
     consume: Channel,
 }
 
+/// Results a coordinator holds unacked per job: small messages it takes one after another,
+/// so the broker need not wait for each ack before sending the next.
+const RESULTS_PREFETCH: u16 = 64;
+
 /// A consumer and the connection generation it belongs to.
 type Slot = Mutex<Option<(u64, Consumer)>>;
 
@@ -259,8 +263,10 @@ impl RabbitQueue {
             {
                 let prefetch = if queue == self.jobs_queue() {
                     self.job_prefetch.load(std::sync::atomic::Ordering::SeqCst)
-                } else {
+                } else if queue == self.tasks_queue() {
                     self.config.prefetch.max(1)
+                } else {
+                    RESULTS_PREFETCH
                 };
                 match consume(&link, queue, prefetch, self.config.prefetch.max(1)).await {
                     Ok(consumer) => *slot = Some((link.generation, consumer)),
@@ -538,6 +544,18 @@ async fn bind_headers(link: &Link, queue: &str, exchange: &str, job: Option<&str
 }
 
 async fn publish(link: &Link, queue: &str, payload: &[u8], job: Option<&str>) -> Result<()> {
+    let confirm = send(link, queue, payload, job).await?;
+    confirmed(queue, confirm.await.map_err(amqp_err)?)
+}
+
+/// Sends a persistent, mandatory message to `queue` and returns the broker's confirm still
+/// to come: a caller with many messages sends them all before waiting for any confirm.
+async fn send(
+    link: &Link,
+    queue: &str,
+    payload: &[u8],
+    job: Option<&str>,
+) -> Result<lapin::PublisherConfirm> {
     let mut properties = BasicProperties::default().with_delivery_mode(2);
     if let Some(job) = job {
         let mut headers = FieldTable::default();
@@ -547,8 +565,7 @@ async fn publish(link: &Link, queue: &str, payload: &[u8], job: Option<&str>) ->
         );
         properties = properties.with_headers(headers);
     }
-    let confirm = link
-        .publish
+    link.publish
         .basic_publish(
             ShortString::from(""),
             ShortString::from(queue),
@@ -560,9 +577,11 @@ async fn publish(link: &Link, queue: &str, payload: &[u8], job: Option<&str>) ->
             properties,
         )
         .await
-        .map_err(amqp_err)?
-        .await
-        .map_err(amqp_err)?;
+        .map_err(amqp_err)
+}
+
+/// What the broker's confirm of a message to `queue` means.
+fn confirmed(queue: &str, confirm: Confirmation) -> Result<()> {
     match confirm {
         Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
         // A mandatory publish that no queue took comes back as a return, then an ack.
@@ -573,6 +592,18 @@ async fn publish(link: &Link, queue: &str, payload: &[u8], job: Option<&str>) ->
             "rabbitmq refused a message for {queue}"
         ))),
     }
+}
+
+/// Sends every task of `tasks` (with its job's header), then waits for all their confirms.
+async fn publish_all(link: &Link, queue: &str, tasks: &[(String, Bytes)]) -> Result<()> {
+    let mut confirms = Vec::with_capacity(tasks.len());
+    for (job, task) in tasks {
+        confirms.push(send(link, queue, task, Some(job)).await?);
+    }
+    for confirm in futures::future::join_all(confirms).await {
+        confirmed(queue, confirm.map_err(amqp_err)?)?;
+    }
+    Ok(())
 }
 
 /// A consumer of `queue` holding at most `prefetch` unacked messages; the channel's
@@ -715,12 +746,36 @@ impl Delivery for RabbitDelivery {
 #[async_trait]
 impl TaskQueue for RabbitQueue {
     async fn publish_task(&self, task: Bytes) -> Result<()> {
-        let (job, attempt) = v1::TaskDefinition::decode(task.as_ref())
-            .map(|t| (t.job_id, t.attempt))
-            .map_err(|e| CoreError::Protocol(format!("task message: {e}")))?;
-        self.publish_with(&self.tasks_queue(), &task, Some(&job))
-            .await?;
-        metrics::task_published(attempt);
+        self.publish_tasks(vec![task]).await
+    }
+
+    /// Sends the whole batch before waiting for a confirm: one broker round trip (and one
+    /// quorum-queue write) for a stage's tasks, not one per task. After a lost connection
+    /// the batch is sent again on the new one; a task delivered twice runs twice, which
+    /// first-result-wins makes harmless.
+    async fn publish_tasks(&self, tasks: Vec<Bytes>) -> Result<()> {
+        let mut headed = Vec::with_capacity(tasks.len());
+        let mut attempts = Vec::with_capacity(tasks.len());
+        for task in tasks {
+            let (job, attempt) = v1::TaskDefinition::decode(task.as_ref())
+                .map(|t| (t.job_id, t.attempt))
+                .map_err(|e| CoreError::Protocol(format!("task message: {e}")))?;
+            headed.push((job, task));
+            attempts.push(attempt);
+        }
+        let queue = self.tasks_queue();
+        loop {
+            let link = self.link().await;
+            match publish_all(&link, &queue, &headed).await {
+                Ok(()) => break,
+                Err(e) if !link.publish.status().connected() => {
+                    warn!(error = %e, queue, "publish failed; reconnecting");
+                    self.reconnect(link.generation).await?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        attempts.into_iter().for_each(metrics::task_published);
         Ok(())
     }
 

@@ -360,6 +360,47 @@ async fn sigterm_to_a_busy_worker_finishes_its_task_and_exits_0() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_with_prefetch_two_runs_two_tasks_at_once_and_drains_both() {
+    let mut cluster = start_with(ClusterOptions {
+        workers: 1,
+        env: &[
+            ("FAILPOINTS", "worker-task-delay=return(2000)"),
+            ("NIGHTSHIFT_RABBITMQ_PREFETCH", "2"),
+        ],
+        ..ClusterOptions::default()
+    });
+    let mut client = cluster.submit_in_background("job-two-lanes");
+    // Two tasks started before any finished: they run at once (one lane would finish the
+    // first, 2 s later, before starting the second).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let log = cluster.worker_log(0);
+        assert!(
+            !log.contains("task finished"),
+            "a task finished before a second one started:\n{log}"
+        );
+        if log.matches("task started worker=").count() >= 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{}", cluster.logs());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    cluster.start_worker();
+    let status = cluster.terminate_worker(0);
+    assert!(status.success(), "{status}\n{}", cluster.logs());
+    let log = cluster.worker_log(0);
+    assert!(log.contains("lanes=2"), "{log}");
+    assert_eq!(
+        log.matches("running task finished and acked").count(),
+        2,
+        "both running tasks finish and are acked before the worker stops:\n{log}"
+    );
+    let outcome = cluster.wait_for_outcome(&mut client);
+    assert_succeeded(&cluster, &outcome);
+    assert_table_matches_reference(&cluster).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_to_a_worker_past_its_grace_requeues_the_task_and_exits_0() {
     let mut cluster = start_with(ClusterOptions {
         workers: 1,

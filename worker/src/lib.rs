@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use datafusion::prelude::SessionContext;
+use futures::FutureExt;
 use nightshift_core::ids::{JobId, StageId, TaskKey};
 use nightshift_core::metrics::{self, DrainOutcome, StageKind, TaskFigures, TaskOutcome};
 use nightshift_core::session::{SessionOptions, new_session};
@@ -39,6 +40,7 @@ pub struct Worker {
     lease_ttl: std::time::Duration,
     drain_grace: Duration,
     stop_consuming: Option<StopConsuming>,
+    lanes: usize,
 }
 
 impl Worker {
@@ -55,6 +57,7 @@ impl Worker {
             lease_ttl: std::time::Duration::from_secs(30),
             drain_grace: DEFAULT_DRAIN_GRACE,
             stop_consuming: None,
+            lanes: 1,
         }
     }
 
@@ -79,6 +82,14 @@ impl Worker {
         self
     }
 
+    /// Runs up to `lanes` tasks at once (the tasks the broker lets this worker hold: its
+    /// prefetch). Near-empty tasks spend most of their time waiting for the broker, and
+    /// lanes overlap those waits; the memory limit is shared by the lanes' tasks.
+    pub fn with_lanes(mut self, lanes: usize) -> Self {
+        self.lanes = lanes.max(1);
+        self
+    }
+
     /// Consumes tasks until the queue closes.
     pub async fn run(&self) -> Result<()> {
         self.run_until(std::future::pending()).await
@@ -89,8 +100,18 @@ impl Worker {
     /// grace period to finish (its result is published and the task acked as usual), and
     /// otherwise hands the task back to the queue (nack with requeue) for another worker.
     /// Either way it returns `Ok`: no task is lost.
+    ///
+    /// With several lanes each runs this loop on the one consumer; a stop reaches them all.
     pub async fn run_until(&self, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
-        info!(worker = %self.id, "worker started");
+        info!(worker = %self.id, lanes = self.lanes, "worker started");
+        let shutdown = shutdown.shared();
+        let lanes = (0..self.lanes).map(|_| self.lane(shutdown.clone()));
+        futures::future::try_join_all(lanes).await?;
+        Ok(())
+    }
+
+    /// One task after another until the queue closes or `shutdown` completes.
+    async fn lane(&self, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
         tokio::pin!(shutdown);
         loop {
             let delivery = tokio::select! {

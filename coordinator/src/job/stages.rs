@@ -147,14 +147,18 @@ impl<'a> StageRunner<'a> {
     /// Publishes a new attempt of each task in `keys`.
     async fn publish(&mut self, keys: &[TaskKey]) -> Result<(), JobError> {
         let stored = self.env.state.next_attempts(self.job, keys).await?;
-        for (key, stored) in keys.iter().zip(stored) {
-            let attempt = self.tracker.next_attempt(*key, stored);
-            let task = self.task_definition(*key, attempt);
-            self.env
-                .queue
-                .publish_task(task.encode_to_vec().into())
-                .await?;
-            self.tracker.record_published(*key, attempt);
+        let attempts: Vec<(TaskKey, u32)> = keys
+            .iter()
+            .zip(stored)
+            .map(|(key, stored)| (*key, self.tracker.next_attempt(*key, stored)))
+            .collect();
+        let tasks = attempts
+            .iter()
+            .map(|(key, attempt)| self.task_definition(*key, *attempt).encode_to_vec().into())
+            .collect();
+        self.env.queue.publish_tasks(tasks).await?;
+        for (key, attempt) in attempts {
+            self.tracker.record_published(key, attempt);
         }
         Ok(())
     }

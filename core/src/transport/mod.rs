@@ -30,6 +30,13 @@ pub trait Delivery: Send {
 #[async_trait]
 pub trait TaskQueue: Send + Sync {
     async fn publish_task(&self, task: Bytes) -> Result<()>;
+    /// Publishes several tasks; a transport that can overlap their confirms does.
+    async fn publish_tasks(&self, tasks: Vec<Bytes>) -> Result<()> {
+        for task in tasks {
+            self.publish_task(task).await?;
+        }
+        Ok(())
+    }
     /// The next task, or `None` once the queue is closed.
     async fn next_task(&self) -> Result<Option<Box<dyn Delivery>>>;
     /// Creates the result channel of `job` if it does not exist (a restarted coordinator

@@ -5,6 +5,9 @@
 //!   `nightshift.git-commit` (when the spec lives in a git checkout);
 //! - `nightshift.param.<name>` (secret-named ones masked);
 //! - `nightshift.input.<source>`: `files=N bytes=B`, and `snapshot=ID` for an Iceberg source;
+//! - `nightshift.consumed.<table>` and `nightshift.consumed-after.<table>`: for an incremental
+//!   source, the snapshots consumed (the next run reads what came after; the commit lands only
+//!   on a history that still ends at `after`; see `nightshift_core::incremental`);
 //! - `nightshift.check.<name>`: `passed` or `failed (<severity>): <detail>`.
 //!
 //! `nightshift.job-id` is added by the commit itself (it is what makes the commit
@@ -48,7 +51,13 @@ pub fn snapshot_summary(
         if let Some(snapshot) = input.snapshot_id {
             read = format!("snapshot={snapshot} {read}");
         }
+        if let Some(what) = &input.read {
+            read = format!("{read} ({what})");
+        }
         summary.insert(format!("nightshift.input.{}", input.name), read);
+        if let Some(consumed) = &input.consumed {
+            summary.extend(consumed.summary());
+        }
     }
     for check in checks {
         let verdict = if check.passed {
@@ -83,6 +92,8 @@ mod tests {
             bytes: 1200,
             schema: Arc::new(datafusion::arrow::datatypes::Schema::empty()),
             snapshot_id,
+            consumed: None,
+            read: None,
         }
     }
 
@@ -98,10 +109,32 @@ mod tests {
             detail: "0 rows written, at least 1 rows expected".into(),
             samples: Vec::new(),
         };
+        let events = SourceSummary {
+            consumed: Some(nightshift_core::incremental::Consumption {
+                table: "raw.events".into(),
+                after: Some(70),
+                upto: 77,
+            }),
+            read: Some("2 appended snapshot(s) since the last run".into()),
+            ..input("events", Some(77))
+        };
         let summary = snapshot_summary(
             &with_git,
-            &[input("orders", None), input("dims", Some(42))],
+            &[input("orders", None), input("dims", Some(42)), events],
             &[check],
+        );
+        assert_eq!(summary["nightshift.consumed.raw.events"], "77");
+        assert_eq!(summary["nightshift.consumed-after.raw.events"], "70");
+        assert_eq!(
+            summary["nightshift.input.events"],
+            "snapshot=77 files=3 bytes=1200 (2 appended snapshot(s) since the last run)"
+        );
+        assert_eq!(
+            summary
+                .keys()
+                .filter(|k| k.starts_with("nightshift.consumed."))
+                .count(),
+            1
         );
         assert_eq!(summary["nightshift.pipeline"], "p");
         assert_eq!(summary[CODE_DIGEST_PROPERTY].len(), 64);

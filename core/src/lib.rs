@@ -18,6 +18,7 @@ pub mod checks;
 pub mod codec;
 pub mod error;
 pub mod ids;
+pub mod incremental;
 pub mod joins;
 pub mod merge;
 pub mod metrics;

@@ -34,6 +34,21 @@ pub struct SourceSummary {
     pub schema: SchemaRef,
     /// For an Iceberg source: the snapshot read (`None` for a table with no snapshot yet).
     pub snapshot_id: Option<i64>,
+    /// For an incremental source: what this job consumes of it once it commits (recorded in
+    /// the commit's summary).
+    pub consumed: Option<crate::incremental::Consumption>,
+    /// For an incremental source: what it read, in words (`appended since snapshot N: ...`).
+    pub read: Option<String>,
+}
+
+/// How much of an Iceberg source a job reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum IcebergRead {
+    /// Its current snapshot, whole.
+    Current,
+    /// What was appended since the snapshot this pipeline's last run consumed (`None`: no
+    /// run did yet).
+    Since(Option<i64>),
 }
 
 const CSV_OPTIONS: &[&str] = &[
@@ -55,6 +70,11 @@ pub async fn register_sources(
     catalog: Option<&dyn Catalog>,
 ) -> Result<Vec<SourceSummary>> {
     let mut summaries = Vec::with_capacity(spec.spec.source.len());
+    let target_history = if spec.spec.source.iter().any(|s| s.incremental) {
+        target_history(&spec.spec.target.table, catalog).await?
+    } else {
+        Vec::new()
+    };
     for source in &spec.spec.source {
         let contract = spec
             .contracts
@@ -62,7 +82,18 @@ pub async fn register_sources(
             .map(Vec::as_slice)
             .unwrap_or(&[]);
         let summary = match source.format {
-            SourceFormat::Iceberg => register_iceberg(ctx, source, contract, catalog).await?,
+            SourceFormat::Iceberg => {
+                let read = if source.incremental {
+                    IcebergRead::Since(crate::incremental::last_consumed(
+                        &target_history,
+                        &spec.spec.pipeline.name,
+                        source.table.as_deref().unwrap_or_default(),
+                    ))
+                } else {
+                    IcebergRead::Current
+                };
+                register_iceberg(ctx, source, contract, catalog, read).await?
+            }
             _ => register_source(ctx, source, contract, &spec.base_dir).await?,
         };
         summaries.push(summary);
@@ -98,18 +129,44 @@ pub async fn register_merge_target(
         table: Some(table.to_string()),
         options: Default::default(),
         schema: Default::default(),
+        incremental: false,
+        on_source_rewrite: Default::default(),
     };
-    register_iceberg(ctx, &source, &[], Some(catalog)).await?;
+    register_iceberg(ctx, &source, &[], Some(catalog), IcebergRead::Current).await?;
     Ok(Some(base))
 }
 
-/// An Iceberg source is read as the Parquet data files of its current snapshot, with the
-/// table's schema. Tables with delete files are refused rather than read wrongly.
+/// The snapshot summaries of the target's current history, newest first (none for a table
+/// that does not exist yet).
+async fn target_history(
+    table: &str,
+    catalog: Option<&dyn Catalog>,
+) -> Result<Vec<std::collections::HashMap<String, String>>> {
+    let Some(catalog) = catalog else {
+        return Ok(Vec::new());
+    };
+    let ident = crate::table::parse_table_ident(table)?;
+    if !catalog.table_exists(&ident).await? {
+        return Ok(Vec::new());
+    }
+    let metadata = catalog.load_table(&ident).await?.metadata_ref();
+    let Some(current) = metadata.current_snapshot_id() else {
+        return Ok(Vec::new());
+    };
+    Ok(iceberg::util::snapshot::ancestors_of(&metadata, current)
+        .map(|s| s.summary().additional_properties.clone())
+        .collect())
+}
+
+/// An Iceberg source is read as the Parquet data files of its current snapshot (or, for an
+/// incremental source, of the snapshots appended since the last run), with the table's
+/// schema. Tables with delete files are refused rather than read wrongly.
 async fn register_iceberg(
     ctx: &SessionContext,
     source: &SourceSpec,
     contract: &[ColumnContract],
     catalog: Option<&dyn Catalog>,
+    read: IcebergRead,
 ) -> Result<SourceSummary> {
     let source_err = |message: String| CoreError::Source {
         source_name: source.name.clone(),
@@ -134,27 +191,36 @@ async fn register_iceberg(
     ));
     let location = Location::parse(table.metadata().location(), Path::new("/"))?;
     check_contract(source, &location, &schema, contract)?;
-    let mut files = Vec::new();
-    let mut bytes = 0;
-    if table.metadata().current_snapshot().is_some() {
-        let tasks: Vec<_> = table
-            .scan()
-            .build()?
-            .plan_files()
-            .await?
-            .try_collect()
-            .await?;
-        for task in tasks {
-            if !task.deletes.is_empty() {
-                return Err(source_err(format!(
-                    "table `{name}` has delete files, which Nightshift does not read yet"
-                )));
-            }
-            bytes += task.file_size_in_bytes;
-            let file = Location::parse(&task.data_file_path, Path::new("/"))?;
-            files.push(ListingTableUrl::parse(file.url().as_str())?);
-        }
+    let range = match read {
+        IcebergRead::Current => crate::incremental::Range::Everything { why: String::new() },
+        IcebergRead::Since(consumed) => crate::incremental::range_to_read(
+            consumed,
+            &upstream_history(&table),
+            source.on_source_rewrite,
+        )
+        .map_err(|e| source_err(format!("incremental read of `{name}`: {e}")))?,
+    };
+    let (paths, bytes) = match &range {
+        crate::incremental::Range::Everything { .. } => current_files(&table).await,
+        crate::incremental::Range::Nothing => Ok((Vec::new(), 0)),
+        crate::incremental::Range::Appended(snapshots) => appended_files(&table, snapshots).await,
     }
+    .map_err(|e| match e {
+        UpstreamFiles::HasDeletes => source_err(format!(
+            "table `{name}` has delete files, which Nightshift does not read yet"
+        )),
+        UpstreamFiles::Iceberg(e) => source_err(e.to_string()),
+    })?;
+    if let IcebergRead::Since(after) = read {
+        tracing::info!(source = %source.name, table = name, ?after, ?range, files = paths.len(), bytes, "incremental source");
+    }
+    let files = paths
+        .iter()
+        .map(|p| {
+            let file = Location::parse(p, Path::new("/"))?;
+            Ok(ListingTableUrl::parse(file.url().as_str())?)
+        })
+        .collect::<Result<Vec<_>>>()?;
     let provider: Arc<dyn TableProvider> = if files.is_empty() {
         Arc::new(MemTable::try_new(schema.clone(), vec![vec![]])?)
     } else {
@@ -176,7 +242,120 @@ async fn register_iceberg(
         bytes,
         schema,
         snapshot_id: table.metadata().current_snapshot_id(),
+        consumed: match read {
+            IcebergRead::Since(after) => {
+                table
+                    .metadata()
+                    .current_snapshot_id()
+                    .map(|upto| crate::incremental::Consumption {
+                        table: name.to_string(),
+                        after,
+                        upto,
+                    })
+            }
+            IcebergRead::Current => None,
+        },
+        read: match (read, &range) {
+            (IcebergRead::Current, _) => None,
+            (_, crate::incremental::Range::Everything { why }) => {
+                Some(format!("the whole table: {why}"))
+            }
+            (_, crate::incremental::Range::Nothing) => {
+                Some("nothing new since the last run".to_string())
+            }
+            (_, crate::incremental::Range::Appended(snapshots)) => Some(format!(
+                "{} appended snapshot(s) since the last run",
+                snapshots.len()
+            )),
+        },
     })
+}
+
+/// The source's history from its current snapshot back, newest first.
+fn upstream_history(table: &iceberg::table::Table) -> Vec<crate::incremental::Upstream> {
+    let metadata = table.metadata_ref();
+    let Some(current) = metadata.current_snapshot_id() else {
+        return Vec::new();
+    };
+    iceberg::util::snapshot::ancestors_of(&metadata, current)
+        .map(|s| crate::incremental::Upstream {
+            snapshot_id: s.snapshot_id(),
+            operation: s.summary().operation.as_str().to_string(),
+        })
+        .collect()
+}
+
+/// Why an Iceberg source's files cannot be listed.
+enum UpstreamFiles {
+    HasDeletes,
+    Iceberg(iceberg::Error),
+}
+
+impl From<iceberg::Error> for UpstreamFiles {
+    fn from(e: iceberg::Error) -> Self {
+        UpstreamFiles::Iceberg(e)
+    }
+}
+
+/// The data files of the table's current snapshot, and their bytes.
+async fn current_files(
+    table: &iceberg::table::Table,
+) -> std::result::Result<(Vec<String>, u64), UpstreamFiles> {
+    let mut files = Vec::new();
+    let mut bytes = 0;
+    if table.metadata().current_snapshot().is_none() {
+        return Ok((files, bytes));
+    }
+    let tasks: Vec<_> = table
+        .scan()
+        .build()?
+        .plan_files()
+        .await?
+        .try_collect()
+        .await?;
+    for task in tasks {
+        if !task.deletes.is_empty() {
+            return Err(UpstreamFiles::HasDeletes);
+        }
+        bytes += task.file_size_in_bytes;
+        files.push(task.data_file_path);
+    }
+    Ok((files, bytes))
+}
+
+/// The data files `snapshots` added (each file once, in the manifest entry its own snapshot
+/// wrote), and their bytes.
+async fn appended_files(
+    table: &iceberg::table::Table,
+    snapshots: &[i64],
+) -> std::result::Result<(Vec<String>, u64), UpstreamFiles> {
+    use iceberg::spec::{DataContentType, ManifestContentType, ManifestStatus};
+    let mut files = Vec::new();
+    let mut bytes = 0;
+    for &id in snapshots {
+        // The ids come from this metadata's own history.
+        let Some(snapshot) = table.metadata().snapshot_by_id(id).cloned() else {
+            continue;
+        };
+        let list = table.manifest_list_reader(&snapshot).load().await?;
+        for manifest in list.entries().iter().filter(|m| m.added_snapshot_id == id) {
+            if manifest.content != ManifestContentType::Data {
+                return Err(UpstreamFiles::HasDeletes);
+            }
+            let manifest = manifest.load_manifest(table.file_io()).await?;
+            for entry in manifest.entries() {
+                if entry.status() != ManifestStatus::Added || entry.snapshot_id() != Some(id) {
+                    continue;
+                }
+                if entry.content_type() != DataContentType::Data {
+                    return Err(UpstreamFiles::HasDeletes);
+                }
+                bytes += entry.file_size_in_bytes();
+                files.push(entry.file_path().to_string());
+            }
+        }
+    }
+    Ok((files, bytes))
 }
 
 async fn register_source(
@@ -226,6 +405,8 @@ async fn register_source(
         bytes,
         schema,
         snapshot_id: None,
+        consumed: None,
+        read: None,
     })
 }
 

@@ -85,6 +85,25 @@ pub struct SourceSpec {
     /// Schema contract: `column = "bigint not null"`. CSV and JSON are read with it.
     #[serde(default)]
     pub schema: BTreeMap<String, String>,
+    /// For `format = "iceberg"`: read only the snapshots appended since this pipeline's last
+    /// committed run (recorded in the target's snapshot summary by that run's commit).
+    #[serde(default)]
+    pub incremental: bool,
+    /// For an incremental source: what to do when the source was rewritten (overwrite,
+    /// delete, compaction, rollback) since the last run.
+    #[serde(default)]
+    pub on_source_rewrite: OnSourceRewrite,
+}
+
+/// What an incremental source does when the snapshots since the last run are not all appends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnSourceRewrite {
+    /// The job fails and says which snapshot rewrote the source (the default).
+    #[default]
+    Fail,
+    /// The job reads the whole current table (suits a target in overwrite mode).
+    Full,
 }
 
 /// `[transform]`
@@ -297,6 +316,15 @@ pub(crate) fn check(spec: &Spec, path: &Path) -> Result<(), SpecError> {
                 ));
             }
             (SourceFormat::Iceberg, _, Some(_)) => {}
+            _ if source.incremental => {
+                return Err(SpecError::invalid(
+                    path,
+                    format!(
+                        "source `{}`: incremental = true needs format = \"iceberg\" (only an Iceberg table's snapshots say what is new)",
+                        source.name
+                    ),
+                ));
+            }
             (_, None, _) => {
                 return Err(SpecError::invalid(
                     path,
@@ -308,6 +336,19 @@ pub(crate) fn check(spec: &Spec, path: &Path) -> Result<(), SpecError> {
             }
             _ => {}
         }
+    }
+    if let Some(source) = spec
+        .source
+        .iter()
+        .find(|s| !s.incremental && s.on_source_rewrite != OnSourceRewrite::default())
+    {
+        return Err(SpecError::invalid(
+            path,
+            format!(
+                "source `{}`: on_source_rewrite applies to incremental = true sources only",
+                source.name
+            ),
+        ));
     }
     check_merge(&spec.target, path)?;
     crate::check::check_checks(&spec.check, path)?;

@@ -122,6 +122,7 @@ pub async fn commit_job_snapshot(
     if let Some(outcome) = committed_before(&table, job).await? {
         return Ok(Some(outcome));
     }
+    refuse_if_overtaken(&table, &summary)?;
     let files = decode_data_files(&table, data_files_json, written_with)?;
     summary.insert(JOB_ID_PROPERTY.to_string(), job.to_string());
     let nothing_to_replace = table.metadata().current_snapshot().is_none();
@@ -154,6 +155,29 @@ pub async fn commit_job_snapshot(
                 .await
                 .map(Some)
         }
+    }
+}
+
+/// The snapshot summaries of the table's current history, newest first.
+pub(crate) fn history_summaries(table: &Table) -> Vec<HashMap<String, String>> {
+    let metadata = table.metadata_ref();
+    let Some(current) = metadata.current_snapshot_id() else {
+        return Vec::new();
+    };
+    iceberg::util::snapshot::ancestors_of(&metadata, current)
+        .map(|s| s.summary().additional_properties.clone())
+        .collect()
+}
+
+/// Fails a commit whose incremental sources another run of the pipeline consumed since the
+/// job read them (see [`crate::incremental::overtaken`]).
+pub(crate) fn refuse_if_overtaken(table: &Table, summary: &HashMap<String, String>) -> Result<()> {
+    match crate::incremental::overtaken(summary, &history_summaries(table)) {
+        Some(message) => Err(CoreError::Target {
+            table: table.identifier().to_string(),
+            message,
+        }),
+        None => Ok(()),
     }
 }
 
@@ -227,13 +251,14 @@ async fn append(
 ) -> Result<CommitOutcome> {
     let ident = table.identifier().clone();
     let committed_files = files.iter().map(|f| f.file_path().to_string()).collect();
+    let guard =
+        JobGuardCatalog::new(catalog, ident.clone(), job.clone()).with_summary(summary.clone());
     let tx = Transaction::new(&table);
     let tx = tx
         .fast_append()
         .add_data_files(files)
         .set_snapshot_properties(summary)
         .apply(tx)?;
-    let guard = JobGuardCatalog::new(catalog, ident.clone(), job.clone());
     match tx.commit(&guard).await {
         Ok(table) => Ok(CommitOutcome {
             snapshot_id: job_snapshot_after_commit(&table, job)?,
@@ -314,6 +339,10 @@ async fn overwrite(
         // Committed by another coordinator, or by our own swap whose answer was lost.
         if let Some(landed) = landed(&table, job, &committed_files).await? {
             outcome = Some(Ok(landed));
+            break;
+        }
+        if let Err(e) = refuse_if_overtaken(&table, &summary) {
+            outcome = Some(Err(e));
             break;
         }
         if let Some(base) = base

@@ -27,11 +27,26 @@ pub struct JobGuardCatalog<'a> {
     inner: &'a dyn Catalog,
     table: TableIdent,
     job: JobId,
+    /// The commit's snapshot summary: its incremental sources must not have been consumed
+    /// by another run meanwhile ([`crate::incremental::overtaken`]).
+    summary: HashMap<String, String>,
 }
 
 impl<'a> JobGuardCatalog<'a> {
     pub fn new(inner: &'a dyn Catalog, table: TableIdent, job: JobId) -> Self {
-        JobGuardCatalog { inner, table, job }
+        JobGuardCatalog {
+            inner,
+            table,
+            job,
+            summary: HashMap::new(),
+        }
+    }
+
+    /// Also refuses loads on which a commit with `summary` would consume its incremental
+    /// sources twice.
+    pub fn with_summary(mut self, summary: HashMap<String, String>) -> Self {
+        self.summary = summary;
+        self
     }
 }
 
@@ -49,6 +64,11 @@ impl Catalog for JobGuardCatalog<'_> {
                     self.job
                 ),
             ));
+        }
+        if *table == self.table
+            && let Err(e) = super::commit::refuse_if_overtaken(&loaded, &self.summary)
+        {
+            return Err(Error::new(ErrorKind::PreconditionFailed, e.to_string()));
         }
         Ok(loaded)
     }

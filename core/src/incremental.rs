@@ -1,0 +1,291 @@
+//! Incremental Iceberg sources: a job reads only the snapshots appended upstream since this
+//! pipeline's last committed run.
+//!
+//! The record of what was consumed is the target table itself: each commit of a job with an
+//! incremental source puts `nightshift.consumed.<source table> = <snapshot id>` in its own
+//! snapshot summary ([`consumed_key`]), in the same atomic commit as the rows. The next run
+//! finds the newest such record in the target's history ([`last_consumed`]) and reads the
+//! source's snapshots after it ([`range_to_read`]). A failed run commits neither rows nor
+//! record, so its rerun reads the same snapshots again; a run that committed is found by its
+//! job id before anything is read. No checkpoint store can disagree with the table.
+
+use std::collections::HashMap;
+
+use nightshift_spec::OnSourceRewrite;
+
+use crate::table::PIPELINE_PROPERTY;
+
+/// Summary key prefix of the source snapshots a commit consumed up to.
+pub const CONSUMED_PREFIX: &str = "nightshift.consumed.";
+/// Summary key prefix of the source snapshots a commit consumed from (exclusive; `none` for
+/// a first run): what the target's history must still say when the commit lands.
+pub const CONSUMED_AFTER_PREFIX: &str = "nightshift.consumed-after.";
+
+/// The summary key recording how far `table` (as the spec names it) was consumed.
+pub fn consumed_key(table: &str) -> String {
+    format!("{CONSUMED_PREFIX}{table}")
+}
+
+/// What one incremental source of a job consumes: `table`'s snapshots after `after` up to
+/// and including `upto`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Consumption {
+    pub table: String,
+    pub after: Option<i64>,
+    pub upto: i64,
+}
+
+impl Consumption {
+    /// The snapshot summary properties recording it.
+    pub fn summary(&self) -> [(String, String); 2] {
+        [
+            (consumed_key(&self.table), self.upto.to_string()),
+            (
+                format!("{CONSUMED_AFTER_PREFIX}{}", self.table),
+                self.after.map_or("none".to_string(), |a| a.to_string()),
+            ),
+        ]
+    }
+}
+
+/// Why a commit with `summary` must not land on a table with `target_history` (newest
+/// first): another run of the pipeline consumed one of its incremental sources since this
+/// job read it, and publishing would count those rows twice. `None`: it may land.
+pub fn overtaken<'a>(
+    summary: &HashMap<String, String>,
+    target_history: impl IntoIterator<Item = &'a HashMap<String, String>> + Clone,
+) -> Option<String> {
+    let pipeline = summary.get(PIPELINE_PROPERTY)?;
+    summary.iter().find_map(|(key, after)| {
+        let table = key.strip_prefix(CONSUMED_AFTER_PREFIX)?;
+        let expected = after.parse::<i64>().ok();
+        let now = last_consumed(target_history.clone(), pipeline, table);
+        (now != expected).then(|| {
+            format!(
+                "another run of pipeline `{pipeline}` consumed `{table}` up to snapshot {} while this job ran (it read from {after}); publishing would count those rows twice: run the job again",
+                now.map_or("none".to_string(), |n| n.to_string())
+            )
+        })
+    })
+}
+
+/// The source snapshot this pipeline's last committed run consumed `table` up to: the
+/// record in the newest snapshot (of `target_history`, newest first) made by `pipeline`
+/// that has one. Snapshots of other pipelines or of maintenance are passed over.
+pub fn last_consumed<'a>(
+    target_history: impl IntoIterator<Item = &'a HashMap<String, String>>,
+    pipeline: &str,
+    table: &str,
+) -> Option<i64> {
+    let key = consumed_key(table);
+    target_history
+        .into_iter()
+        .filter(|summary| summary.get(PIPELINE_PROPERTY).map(String::as_str) == Some(pipeline))
+        .find_map(|summary| summary.get(&key)?.parse().ok())
+}
+
+/// One upstream snapshot, as the range decision needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    pub snapshot_id: i64,
+    /// `append`, `overwrite`, `delete` or `replace`.
+    pub operation: String,
+}
+
+/// What an incremental source reads this run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Range {
+    /// The whole current table: the first run, or a rewrite with `on_source_rewrite = "full"`.
+    Everything { why: String },
+    /// Nothing: no snapshot since the last run.
+    Nothing,
+    /// The files these snapshots added, oldest first: all appends since the last run.
+    Appended(Vec<i64>),
+}
+
+/// Why an incremental source cannot be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RangeError {
+    #[error(
+        "snapshot {snapshot_id} ({operation}) rewrote the source since the last run consumed snapshot {consumed}; \
+         set on_source_rewrite = \"full\" to read the whole table"
+    )]
+    Rewritten {
+        snapshot_id: i64,
+        operation: String,
+        consumed: i64,
+    },
+    #[error(
+        "the last run consumed snapshot {consumed}, which is no longer in the source's history \
+         (rolled back, replaced or expired); set on_source_rewrite = \"full\" to read the whole table"
+    )]
+    Lost { consumed: i64 },
+}
+
+/// The snapshots to read, from what was consumed and the source's history (newest first,
+/// from its current snapshot back to its first).
+pub fn range_to_read(
+    consumed: Option<i64>,
+    history: &[Upstream],
+    on_rewrite: OnSourceRewrite,
+) -> Result<Range, RangeError> {
+    let Some(consumed) = consumed else {
+        return Ok(Range::Everything {
+            why: "no earlier run of this pipeline consumed it".to_string(),
+        });
+    };
+    let verdict = match history.iter().position(|s| s.snapshot_id == consumed) {
+        None => Err(RangeError::Lost { consumed }),
+        Some(0) => return Ok(Range::Nothing),
+        Some(at) => {
+            let newer = &history[..at];
+            match newer.iter().rev().find(|s| s.operation != "append") {
+                Some(rewrite) => Err(RangeError::Rewritten {
+                    snapshot_id: rewrite.snapshot_id,
+                    operation: rewrite.operation.clone(),
+                    consumed,
+                }),
+                None => Ok(Range::Appended(
+                    newer.iter().rev().map(|s| s.snapshot_id).collect(),
+                )),
+            }
+        }
+    };
+    match (verdict, on_rewrite) {
+        (Err(e), OnSourceRewrite::Full) => Ok(Range::Everything {
+            why: format!("{e} (on_source_rewrite = \"full\")"),
+        }),
+        (verdict, _) => verdict,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn summary(pipeline: &str, consumed: Option<(&str, i64)>) -> HashMap<String, String> {
+        let mut s = HashMap::from([(PIPELINE_PROPERTY.to_string(), pipeline.to_string())]);
+        if let Some((table, id)) = consumed {
+            s.insert(consumed_key(table), id.to_string());
+        }
+        s
+    }
+
+    fn history(ops: &[(i64, &str)]) -> Vec<Upstream> {
+        ops.iter()
+            .map(|(id, op)| Upstream {
+                snapshot_id: *id,
+                operation: op.to_string(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_newest_record_of_this_pipeline_and_table_counts() {
+        let newest_first = [
+            summary("other", Some(("raw.events", 99))),
+            HashMap::new(), // maintenance: no pipeline
+            summary("daily", Some(("raw.users", 7))),
+            summary("daily", Some(("raw.events", 42))),
+            summary("daily", Some(("raw.events", 41))),
+        ];
+        assert_eq!(
+            last_consumed(&newest_first, "daily", "raw.events"),
+            Some(42)
+        );
+        assert_eq!(last_consumed(&newest_first, "daily", "raw.users"), Some(7));
+        // A table whose name shares a prefix with a recorded one is not it.
+        assert_eq!(last_consumed(&newest_first, "daily", "raw.event"), None);
+        assert_eq!(last_consumed(&newest_first, "weekly", "raw.events"), None);
+        assert_eq!(last_consumed(&[], "daily", "raw.events"), None);
+    }
+
+    #[test]
+    fn a_commit_overtaken_by_another_run_is_refused() {
+        let job = |after: Option<i64>, upto: i64| {
+            let mut s = summary("daily", None);
+            s.extend(
+                Consumption {
+                    table: "raw.events".into(),
+                    after,
+                    upto,
+                }
+                .summary(),
+            );
+            s
+        };
+        let first = job(None, 10);
+        assert_eq!(first["nightshift.consumed-after.raw.events"], "none");
+        assert_eq!(overtaken(&first, &[]), None);
+        // Another first run landed meanwhile.
+        let landed = [job(None, 10)];
+        assert!(overtaken(&first, &landed).is_some_and(|why| why.contains("up to snapshot 10")));
+        // The history still ends at what this job read from: it lands.
+        let second = job(Some(10), 12);
+        assert_eq!(overtaken(&second, &landed), None);
+        assert!(overtaken(&second, &[job(Some(10), 11), job(None, 10)]).is_some());
+        // Snapshots of other pipelines in between do not matter.
+        assert_eq!(
+            overtaken(&second, &[summary("other", None), job(None, 10)]),
+            None
+        );
+        // A summary without incremental sources is never overtaken.
+        assert_eq!(overtaken(&summary("daily", None), &landed), None);
+    }
+
+    #[test]
+    fn appends_since_the_record_are_read_oldest_first() {
+        let h = history(&[(5, "append"), (4, "append"), (3, "append"), (1, "append")]);
+        assert_eq!(
+            range_to_read(Some(3), &h, OnSourceRewrite::Fail),
+            Ok(Range::Appended(vec![4, 5]))
+        );
+        assert_eq!(
+            range_to_read(Some(5), &h, OnSourceRewrite::Fail),
+            Ok(Range::Nothing)
+        );
+        assert!(matches!(
+            range_to_read(None, &h, OnSourceRewrite::Fail),
+            Ok(Range::Everything { .. })
+        ));
+        // A source with no snapshot yet and no record: everything there is (nothing).
+        assert!(matches!(
+            range_to_read(None, &[], OnSourceRewrite::Fail),
+            Ok(Range::Everything { .. })
+        ));
+    }
+
+    #[test]
+    fn a_rewrite_or_a_lost_record_fails_or_reads_everything() {
+        let h = history(&[
+            (6, "append"),
+            (5, "overwrite"),
+            (4, "replace"),
+            (3, "append"),
+        ]);
+        assert_eq!(
+            range_to_read(Some(3), &h, OnSourceRewrite::Fail),
+            Err(RangeError::Rewritten {
+                snapshot_id: 4,
+                operation: "replace".into(),
+                consumed: 3
+            })
+        );
+        assert_eq!(
+            range_to_read(Some(2), &h, OnSourceRewrite::Fail),
+            Err(RangeError::Lost { consumed: 2 })
+        );
+        for consumed in [3, 2] {
+            let range = range_to_read(Some(consumed), &h, OnSourceRewrite::Full).unwrap();
+            assert!(
+                matches!(&range, Range::Everything { why } if why.contains("on_source_rewrite")),
+                "{range:?}"
+            );
+        }
+        // A rewrite before the record is history already consumed.
+        assert_eq!(
+            range_to_read(Some(6), &h, OnSourceRewrite::Fail),
+            Ok(Range::Nothing)
+        );
+    }
+}

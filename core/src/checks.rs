@@ -286,6 +286,12 @@ pub fn judge<'a>(
                     "{failed} rows returned by {}",
                     check.sql.as_deref().unwrap_or_default().trim()
                 ),
+                CheckKind::Freshness => format!(
+                    "the newest {} is {}older than {}",
+                    check.columns.join(", "),
+                    if failed == 0 { "not " } else { "" },
+                    check.max_age.as_deref().unwrap_or_default()
+                ),
                 _ => format!(
                     "{failed} of {rows} rows fail {}",
                     check.row_predicate().unwrap_or_default()

@@ -4,7 +4,7 @@
 //! [[check]]
 //! name = "amount_not_negative"
 //! on = "result"          # the rows the job publishes
-//! type = "range"         # not_null | accepted_values | range | regex | row_count | unique | sql
+//! type = "range"         # not_null | accepted_values | range | regex | row_count | unique | sql | freshness
 //! columns = ["amount"]
 //! min = 0
 //! severity = "error"     # or "warn": reported, committed anyway
@@ -50,6 +50,9 @@ pub struct CheckSpec {
     /// that break the rule; none returned passes.
     #[serde(default)]
     pub sql: Option<String>,
+    /// `freshness`: how old the newest value of the column may be (`90m`, `36h`, `2d`).
+    #[serde(default)]
+    pub max_age: Option<String>,
     #[serde(default)]
     pub severity: Severity,
 }
@@ -118,6 +121,7 @@ const BUILT: &[CheckKind] = &[
     CheckKind::RowCount,
     CheckKind::Unique,
     CheckKind::Sql,
+    CheckKind::Freshness,
 ];
 
 /// The column of a `unique` check's query holding how many rows share the key.
@@ -187,6 +191,14 @@ impl CheckSpec {
                 ))
             }
             CheckKind::Sql => self.sql.clone(),
+            CheckKind::Freshness => {
+                let column = quote_identifier(self.columns.first()?);
+                let interval = parse_age(self.max_age.as_deref()?)?;
+                Some(format!(
+                    "SELECT MAX({column}) AS newest FROM result \
+                     HAVING CAST(MAX({column}) AS TIMESTAMP) < CAST(now() AS TIMESTAMP) - INTERVAL '{interval}'"
+                ))
+            }
             _ => None,
         }
     }
@@ -199,6 +211,22 @@ impl CheckSpec {
             bound(&self.max).map(|n| n.max(0) as u64),
         )
     }
+}
+
+/// `90m`, `36h`, `2d` (or `s`) as a SQL interval (`36 hours`); `None` if malformed.
+fn parse_age(text: &str) -> Option<String> {
+    let text = text.trim();
+    let unit_at = text.find(|c: char| !c.is_ascii_digit())?;
+    let (number, unit) = text.split_at(unit_at);
+    let number: u64 = number.parse().ok()?;
+    let unit = match unit.trim() {
+        "s" => "seconds",
+        "m" => "minutes",
+        "h" => "hours",
+        "d" => "days",
+        _ => return None,
+    };
+    Some(format!("{number} {unit}"))
 }
 
 /// `"name"`, with `"` doubled: any column name, as written.
@@ -285,6 +313,12 @@ pub(crate) fn check_checks(checks: &[CheckSpec], path: &Path) -> Result<(), Spec
             CheckKind::Sql if check.sql.as_deref().is_none_or(|q| q.trim().is_empty()) => {
                 Some("sql = \"SELECT ... FROM result WHERE <the rows that break the rule>\"")
             }
+            CheckKind::Freshness if check.columns.len() != 1 => {
+                Some("exactly one column (a date or timestamp): columns = [\"loaded_at\"]")
+            }
+            CheckKind::Freshness if check.max_age.as_deref().and_then(parse_age).is_none() => {
+                Some("max_age = \"<number><s|m|h|d>\", e.g. \"36h\"")
+            }
             CheckKind::RowCount if check.row_bounds() == (None, None) => {
                 Some("min = N and/or max = N (whole numbers)")
             }
@@ -355,6 +389,20 @@ mod tests {
             sql.set_query().as_deref(),
             Some("SELECT * FROM result WHERE a > b")
         );
+        let fresh =
+            check("name = \"f\"\ntype = \"freshness\"\ncolumns = [\"at\"]\nmax_age = \"36h\"");
+        assert_eq!(
+            fresh.set_query().as_deref(),
+            Some(
+                "SELECT MAX(\"at\") AS newest FROM result \
+                 HAVING CAST(MAX(\"at\") AS TIMESTAMP) < CAST(now() AS TIMESTAMP) - INTERVAL '36 hours'"
+            )
+        );
+        assert_eq!(parse_age(" 90m "), Some("90 minutes".into()));
+        assert_eq!(parse_age("2d"), Some("2 days".into()));
+        for bad in ["", "h", "12", "1.5h", "-1d", "3w"] {
+            assert_eq!(parse_age(bad), None, "{bad}");
+        }
         let rows = check("name = \"r\"\ntype = \"row_count\"\nmin = 10");
         assert_eq!(rows.row_predicate(), None);
         assert_eq!(rows.row_bounds(), (Some(10), None));
@@ -375,8 +423,16 @@ mod tests {
                 "`a`: type = \"not_null\" needs columns",
             ),
             (
-                "name = \"a\"\ntype = \"freshness\"\ncolumns = [\"n\"]",
-                "`a`: type = \"freshness\" is not built yet",
+                "name = \"a\"\ntype = \"relationship\"\ncolumns = [\"n\"]",
+                "`a`: type = \"relationship\" is not built yet",
+            ),
+            (
+                "name = \"a\"\ntype = \"freshness\"\ncolumns = [\"n\"]\nmax_age = \"3 weeks\"",
+                "needs max_age = \"<number><s|m|h|d>\"",
+            ),
+            (
+                "name = \"a\"\ntype = \"freshness\"\ncolumns = [\"n\", \"m\"]\nmax_age = \"3d\"",
+                "needs exactly one column",
             ),
             (
                 "name = \"a\"\ntype = \"unique\"",

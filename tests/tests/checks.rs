@@ -12,12 +12,12 @@ const TABLE: &str = "tests.accounts";
 fn write_accounts(sandbox: &Sandbox) -> std::path::PathBuf {
     sandbox.write(
         "data/accounts.csv",
-        "id,status,balance,email\n\
-         1,open,10,a@example.com\n\
-         2,open,0,b@example.com\n\
-         3,closed,5,c@example.com\n\
-         4,frozen,-7,ünï@example.com\n\
-         5,open,3,\n",
+        "id,status,balance,email,seen\n\
+         1,open,10,a@example.com,2024-05-01\n\
+         2,open,0,b@example.com,2024-05-03\n\
+         3,closed,5,c@example.com,\n\
+         4,frozen,-7,ünï@example.com,2024-04-30\n\
+         5,open,3,,2024-05-02\n",
     );
     sandbox.path("data")
 }
@@ -33,7 +33,7 @@ format = "csv"
 location = "{data}/accounts.csv"
 
 [transform]
-sql = "SELECT id, status, balance, email FROM accounts"
+sql = "SELECT id, status, balance, email, seen FROM accounts"
 
 [target]
 table = "{TABLE}"
@@ -99,6 +99,13 @@ const CASES: &[(&str, &str, &str, u64, &str)] = &[
         "rows returned by SELECT id, email",
         2,
         "ünï@example.com",
+    ),
+    (
+        "type = \"freshness\"\ncolumns = [\"seen\"]\nmax_age = \"100000d\"",
+        "type = \"freshness\"\ncolumns = [\"seen\"]\nmax_age = \"36h\"",
+        "the newest seen is older than 36h",
+        1,
+        "2024-05-03",
     ),
 ];
 
@@ -227,13 +234,17 @@ fn a_check_on_a_missing_column_is_refused_before_anything_runs() {
     );
     sandbox.spec(&spec(
         &data,
-        &check("later", "type = \"freshness\"\ncolumns = [\"id\"]", "error"),
+        &check(
+            "later",
+            "type = \"relationship\"\ncolumns = [\"id\"]",
+            "error",
+        ),
     ));
     let out = sandbox.cli(&["validate", "pipeline.toml"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(
-        stderr.contains("type = \"freshness\" is not built yet"),
+        stderr.contains("type = \"relationship\" is not built yet"),
         "{stderr}"
     );
 }

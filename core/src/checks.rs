@@ -125,10 +125,13 @@ impl RowCheckCounter {
 /// table `result`. Each query's rows are the failures: their number (for `unique`, the rows
 /// that share a key) with a few samples. This reads the result once more, in the process
 /// that commits; with no such check it reads nothing.
+///
+/// A `relationship` check reads its `to` table's current snapshot from `catalog`.
 pub async fn run_set_checks(
     checks: &[CheckSpec],
     file_paths: &[String],
     schema: &SchemaRef,
+    catalog: Option<&dyn iceberg::Catalog>,
 ) -> Result<Vec<v1::CheckOutcome>> {
     let queries: Vec<(&CheckSpec, String)> = checks
         .iter()
@@ -145,6 +148,26 @@ pub async fn run_set_checks(
             table: "result".to_string(),
             message: format!("[[check]] `{}`: {e}", check.name),
         };
+        if let Some(to) = &check.to {
+            crate::sources::register_table_snapshot(
+                &ctx,
+                nightshift_spec::RELATIONSHIP_VIEW,
+                to,
+                catalog,
+            )
+            .await
+            .map_err(|e| CoreError::Target {
+                table: "result".to_string(),
+                message: format!(
+                    "[[check]] `{}`: {}",
+                    check.name,
+                    match e {
+                        CoreError::Source { message, .. } => message,
+                        other => other.to_string(),
+                    }
+                ),
+            })?;
+        }
         let frame = ctx.sql(&query).await.map_err(failed_query)?;
         let mut stream = frame.execute_stream().await.map_err(failed_query)?;
         let mut outcome = v1::CheckOutcome {
@@ -168,10 +191,10 @@ pub async fn run_set_checks(
     Ok(outcomes)
 }
 
-/// The rows a batch of a set check's query stands for: one per row, except `unique`, whose
-/// rows are keys with the count of rows sharing each.
+/// The rows a batch of a set check's query stands for: one per row, except `unique` and
+/// `relationship`, whose rows are keys with the count of rows holding each.
 fn failing_rows(check: &CheckSpec, batch: &RecordBatch) -> u64 {
-    if check.kind != CheckKind::Unique {
+    if !matches!(check.kind, CheckKind::Unique | CheckKind::Relationship) {
         return batch.num_rows() as u64;
     }
     batch
@@ -285,6 +308,11 @@ pub fn judge<'a>(
                 CheckKind::Sql => format!(
                     "{failed} rows returned by {}",
                     check.sql.as_deref().unwrap_or_default().trim()
+                ),
+                CheckKind::Relationship => format!(
+                    "{failed} of {rows} rows have a ({}) that {} lacks",
+                    check.columns.join(", "),
+                    check.to.as_deref().unwrap_or_default()
                 ),
                 CheckKind::Freshness => format!(
                     "the newest {} is {}older than {}",

@@ -122,8 +122,20 @@ pub async fn register_merge_target(
     else {
         return Ok(None);
     };
+    register_table_snapshot(ctx, crate::merge::TARGET_VIEW, table, Some(catalog)).await?;
+    Ok(Some(base))
+}
+
+/// Registers the current snapshot of the Iceberg `table` as `name` (replacing what was
+/// registered under it), for a check that reads another table.
+pub async fn register_table_snapshot(
+    ctx: &SessionContext,
+    name: &str,
+    table: &str,
+    catalog: Option<&dyn Catalog>,
+) -> Result<()> {
     let source = SourceSpec {
-        name: crate::merge::TARGET_VIEW.to_string(),
+        name: name.to_string(),
         format: SourceFormat::Iceberg,
         location: None,
         table: Some(table.to_string()),
@@ -132,8 +144,10 @@ pub async fn register_merge_target(
         incremental: false,
         on_source_rewrite: Default::default(),
     };
-    register_iceberg(ctx, &source, &[], Some(catalog), IcebergRead::Current).await?;
-    Ok(Some(base))
+    ctx.deregister_table(name)?;
+    ctx.deregister_table(format!("__nightshift_raw_{name}").as_str())?;
+    register_iceberg(ctx, &source, &[], catalog, IcebergRead::Current).await?;
+    Ok(())
 }
 
 /// The snapshot summaries of the target's current history, newest first (none for a table

@@ -4,7 +4,7 @@
 //! [[check]]
 //! name = "amount_not_negative"
 //! on = "result"          # the rows the job publishes
-//! type = "range"         # not_null | accepted_values | range | regex | row_count | unique | sql | freshness
+//! type = "range"         # not_null | accepted_values | range | regex | row_count | unique | sql | freshness | relationship
 //! columns = ["amount"]
 //! min = 0
 //! severity = "error"     # or "warn": reported, committed anyway
@@ -53,6 +53,13 @@ pub struct CheckSpec {
     /// `freshness`: how old the newest value of the column may be (`90m`, `36h`, `2d`).
     #[serde(default)]
     pub max_age: Option<String>,
+    /// `relationship`: the Iceberg table (`namespace.table`) whose rows each key must match.
+    #[serde(default)]
+    pub to: Option<String>,
+    /// `relationship`: the columns of `to` matched against `columns`, in order (default: the
+    /// same names).
+    #[serde(default)]
+    pub to_columns: Vec<String>,
     #[serde(default)]
     pub severity: Severity,
 }
@@ -112,17 +119,8 @@ impl std::fmt::Display for Severity {
     }
 }
 
-/// The check types this build runs.
-const BUILT: &[CheckKind] = &[
-    CheckKind::NotNull,
-    CheckKind::AcceptedValues,
-    CheckKind::Range,
-    CheckKind::Regex,
-    CheckKind::RowCount,
-    CheckKind::Unique,
-    CheckKind::Sql,
-    CheckKind::Freshness,
-];
+/// The name a `relationship` check's `to` table is registered under for its query.
+pub const RELATIONSHIP_VIEW: &str = "__nightshift_relationship";
 
 /// The column of a `unique` check's query holding how many rows share the key.
 pub const DUPLICATE_ROWS_COLUMN: &str = "rows_with_this_key";
@@ -191,6 +189,35 @@ impl CheckSpec {
                 ))
             }
             CheckKind::Sql => self.sql.clone(),
+            CheckKind::Relationship => {
+                let theirs = if self.to_columns.is_empty() {
+                    &self.columns
+                } else {
+                    &self.to_columns
+                };
+                let ours: Vec<String> = self
+                    .columns
+                    .iter()
+                    .map(|c| format!("r.{}", quote_identifier(c)))
+                    .collect();
+                let present = ours
+                    .iter()
+                    .map(|c| format!("{c} IS NOT NULL"))
+                    .collect::<Vec<_>>()
+                    .join(" AND ");
+                let matched = ours
+                    .iter()
+                    .zip(theirs)
+                    .map(|(o, t)| format!("t.{} = {o}", quote_identifier(t)))
+                    .collect::<Vec<_>>()
+                    .join(" AND ");
+                let key = ours.join(", ");
+                Some(format!(
+                    "SELECT {key}, COUNT(*) AS {DUPLICATE_ROWS_COLUMN} FROM result r \
+                     WHERE {present} AND NOT EXISTS (SELECT 1 FROM {RELATIONSHIP_VIEW} t WHERE {matched}) \
+                     GROUP BY {key}"
+                ))
+            }
             CheckKind::Freshness => {
                 let column = quote_identifier(self.columns.first()?);
                 let interval = parse_age(self.max_age.as_deref()?)?;
@@ -269,17 +296,6 @@ pub(crate) fn check_checks(checks: &[CheckSpec], path: &Path) -> Result<(), Spec
                 check.on
             )));
         }
-        if !BUILT.contains(&check.kind) {
-            return Err(invalid(format!(
-                "type = \"{}\" is not built yet; the types that run are {}",
-                check.kind.name(),
-                BUILT
-                    .iter()
-                    .map(|k| k.name())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )));
-        }
         let takes_columns = !matches!(check.kind, CheckKind::RowCount | CheckKind::Sql);
         if takes_columns && check.columns.is_empty() {
             return Err(invalid(format!(
@@ -312,6 +328,15 @@ pub(crate) fn check_checks(checks: &[CheckSpec], path: &Path) -> Result<(), Spec
             CheckKind::Regex if check.pattern.is_none() => Some("pattern = \"...\""),
             CheckKind::Sql if check.sql.as_deref().is_none_or(|q| q.trim().is_empty()) => {
                 Some("sql = \"SELECT ... FROM result WHERE <the rows that break the rule>\"")
+            }
+            CheckKind::Relationship if check.to.is_none() => {
+                Some("to = \"namespace.table\" (the table whose rows the keys must match)")
+            }
+            CheckKind::Relationship
+                if !check.to_columns.is_empty()
+                    && check.to_columns.len() != check.columns.len() =>
+            {
+                Some("as many to_columns as columns (they are matched in order)")
             }
             CheckKind::Freshness if check.columns.len() != 1 => {
                 Some("exactly one column (a date or timestamp): columns = [\"loaded_at\"]")
@@ -398,6 +423,17 @@ mod tests {
                  HAVING CAST(MAX(\"at\") AS TIMESTAMP) < CAST(now() AS TIMESTAMP) - INTERVAL '36 hours'"
             )
         );
+        let related = check(
+            "name = \"r\"\ntype = \"relationship\"\ncolumns = [\"cust\"]\nto = \"a.customers\"\nto_columns = [\"id\"]",
+        );
+        assert_eq!(
+            related.set_query().as_deref(),
+            Some(
+                "SELECT r.\"cust\", COUNT(*) AS rows_with_this_key FROM result r \
+                 WHERE r.\"cust\" IS NOT NULL AND NOT EXISTS \
+                 (SELECT 1 FROM __nightshift_relationship t WHERE t.\"id\" = r.\"cust\") GROUP BY r.\"cust\""
+            )
+        );
         assert_eq!(parse_age(" 90m "), Some("90 minutes".into()));
         assert_eq!(parse_age("2d"), Some("2 days".into()));
         for bad in ["", "h", "12", "1.5h", "-1d", "3w"] {
@@ -424,7 +460,11 @@ mod tests {
             ),
             (
                 "name = \"a\"\ntype = \"relationship\"\ncolumns = [\"n\"]",
-                "`a`: type = \"relationship\" is not built yet",
+                "`a`: type = \"relationship\" needs to = ",
+            ),
+            (
+                "name = \"a\"\ntype = \"relationship\"\ncolumns = [\"n\"]\nto = \"a.b\"\nto_columns = [\"x\", \"y\"]",
+                "needs as many to_columns as columns",
             ),
             (
                 "name = \"a\"\ntype = \"freshness\"\ncolumns = [\"n\"]\nmax_age = \"3 weeks\"",

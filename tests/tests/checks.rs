@@ -236,7 +236,7 @@ fn a_check_on_a_missing_column_is_refused_before_anything_runs() {
         &data,
         &check(
             "later",
-            "type = \"relationship\"\ncolumns = [\"id\"]",
+            "on = \"accounts\"\ntype = \"not_null\"\ncolumns = [\"id\"]",
             "error",
         ),
     ));
@@ -244,7 +244,63 @@ fn a_check_on_a_missing_column_is_refused_before_anything_runs() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(
-        stderr.contains("type = \"relationship\" is not built yet"),
+        stderr.contains("checks on a source are not built yet"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_relationship_check_names_the_keys_another_table_lacks() {
+    let sandbox = Sandbox::new();
+    let data = write_accounts(&sandbox);
+    let statuses = |codes: &str| {
+        sandbox.write("data/statuses.csv", format!("code\n{codes}"));
+        sandbox.write(
+            "statuses.toml",
+            "[pipeline]\nname = \"statuses\"\n[[source]]\nname = \"s\"\nformat = \"csv\"\nlocation = \"data/statuses.csv\"\n\
+             [transform]\nsql = \"SELECT code FROM s\"\n[target]\ntable = \"tests.statuses\"\nmode = \"overwrite\"\n",
+        );
+        let out = sandbox.cli(&["run", "statuses.toml"]);
+        assert!(out.status.success(), "{out:?}");
+    };
+    statuses("open\nclosed\n");
+    let known = |to: &str| {
+        check(
+            "known",
+            &format!(
+                "type = \"relationship\"\ncolumns = [\"status\"]\nto = \"{to}\"\nto_columns = [\"code\"]"
+            ),
+            "error",
+        )
+    };
+    sandbox.spec(&spec(&data, &known("tests.statuses")));
+    let (code, outcome, stderr) = run_json(&sandbox);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains(
+            "check `known` failed: 1 of 5 rows have a (status) that tests.statuses lacks"
+        ) && stderr.contains("frozen"),
+        "{stderr}"
+    );
+    assert_eq!(outcome["checks"][0]["failed_rows"], 1, "{outcome:#}");
+    assert!(
+        !sandbox.read_table(TABLE, None)["exists"]
+            .as_bool()
+            .unwrap_or(true)
+    );
+
+    // Once the other table has the key, the job publishes.
+    statuses("open\nclosed\nfrozen\n");
+    let (code, _, stderr) = run_json(&sandbox);
+    assert_eq!(code, Some(0), "{stderr}");
+
+    // A table that does not exist is a spec error, named by the check.
+    sandbox.spec(&spec(&data, &known("tests.nope")));
+    let out = sandbox.cli(&["validate", "pipeline.toml"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("[[check]] `known`") && stderr.contains("tests.nope"),
         "{stderr}"
     );
 }

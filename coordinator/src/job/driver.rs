@@ -247,6 +247,7 @@ impl<'a> JobRun<'a> {
             &self.spec.spec.check,
             &nightshift_core::table::data_file_paths(&files),
             &job_plan.output_schema,
+            Some(catalog.as_ref()),
         )
         .await?;
         self.report.checks = nightshift_core::checks::judge(

@@ -267,7 +267,7 @@ async fn plan(
     // A check naming a column the result lacks is a spec error, found before any task runs.
     RowCheckCounter::new(&checks::row_checks(&spec.spec.check), &plan.output_schema)?;
     // So is a `unique` or `sql` check whose query does not run: tried on no rows.
-    checks::run_set_checks(&spec.spec.check, &[], &plan.output_schema).await?;
+    checks::run_set_checks(&spec.spec.check, &[], &plan.output_schema, catalog).await?;
     Ok(Planned {
         plan,
         sources,

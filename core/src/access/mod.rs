@@ -152,6 +152,9 @@ impl AccessPolicy {
             }
         }
         self.check_table("target", &spec.spec.target.table)?;
+        for to in spec.spec.check.iter().filter_map(|c| c.to.as_deref()) {
+            self.check_table("check", to)?;
+        }
         if self.restricts_locations()
             && let Some(key) = spec
                 .spec
@@ -356,6 +359,26 @@ mod tests {
             .unwrap_err();
         assert!(
             err.to_string().starts_with("source table `hr.salaries`"),
+            "{err}"
+        );
+        // A relationship check reads its `to` table: it is admitted like a source.
+        let related = |to: &str| {
+            format!(
+                "table = \"curated.t\"\n[[check]]\nname = \"c\"\ntype = \"relationship\"\ncolumns = [\"x\"]\nto = \"{to}\""
+            )
+        };
+        assert!(
+            policy
+                .admit(spec(&ok, &related("ref.countries")))
+                .await
+                .is_ok()
+        );
+        let err = policy
+            .admit(spec(&ok, &related("hr.salaries")))
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string().starts_with("check table `hr.salaries`"),
             "{err}"
         );
     }

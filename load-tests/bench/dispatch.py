@@ -8,7 +8,7 @@ tasks, almost all of them with nothing to read or write) for a small and a large
 reports the difference: tasks/s = extra tasks / extra seconds, coordinator CPU per task =
 extra coordinator CPU time / extra tasks. Nothing is asserted.
 
-    python3 load-tests/bench/dispatch.py --nightshift target/release/nightshift --tasks 2000
+    python3 load-tests/bench/dispatch.py --nightshift target/release/nightshift --tasks 2000 [--prefetch 4]
 """
 
 import argparse
@@ -70,6 +70,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nightshift", default=os.environ.get("NIGHTSHIFT_BIN", "nightshift"))
     parser.add_argument("--tasks", type=int, default=2000, help="partitions of the large run")
+    parser.add_argument(
+        "--prefetch", type=int, default=1, help="tasks each worker runs at once (NIGHTSHIFT_RABBITMQ_PREFETCH)"
+    )
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = parser.parse_args()
     import duckdb
@@ -79,6 +82,7 @@ def main():
     os.makedirs(workdir)
     data = os.path.join(workdir, "tiny.parquet")
     duckdb.connect().execute(f"COPY (SELECT range % 3 AS k FROM range(10)) TO '{data}' (FORMAT parquet)")
+    os.environ["NIGHTSHIFT_RABBITMQ_PREFETCH"] = str(args.prefetch)
     cluster = Cluster(args.nightshift, workdir, 2, None)
     try:
         run(cluster, workdir, data, 2)  # warm-up: table creation, connections

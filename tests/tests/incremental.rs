@@ -5,7 +5,7 @@
 use std::process::Command;
 
 use nightshift_tests::cluster::{ClusterSandbox, ClusterStorage};
-use nightshift_tests::{Sandbox, nightshift_bin, snapshot_count};
+use nightshift_tests::{Sandbox, nightshift_bin, python, snapshot_count};
 use serde_json::Value;
 
 const UPSTREAM: &str = "raw.events";
@@ -105,7 +105,7 @@ fn downstream_ids(sandbox: &Sandbox) -> Vec<i64> {
         c = load_catalog('nightshift', type='sql', uri='sqlite:///' + sys.argv[1] + '/catalog.db', warehouse=sys.argv[1])\n\
         t = c.load_table(sys.argv[2]).scan().to_arrow()\n\
         print(json.dumps(sorted(t.column('id').to_pylist())))";
-    let out = Command::new("python3")
+    let out = Command::new(python())
         .args(["-c", script])
         .arg(sandbox.warehouse())
         .arg(DOWNSTREAM)

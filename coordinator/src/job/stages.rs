@@ -29,8 +29,26 @@ pub(super) struct StageRunner<'a> {
     pub ownership: &'a Ownership,
     pub table_output: v1::TableOutput,
     pub tracker: StageTracker,
-    /// Serialized plan of each started stage (retries publish it again).
-    stage_plans: BTreeMap<StageId, Bytes>,
+    /// The plan of each started stage, resolved to its inputs (retries publish it again).
+    stage_plans: BTreeMap<StageId, StagePlan>,
+}
+
+/// A started stage's plan: whole, and encoded once for the tasks that need it whole.
+struct StagePlan {
+    resolved: Arc<dyn datafusion::physical_plan::ExecutionPlan>,
+    encoded: Bytes,
+}
+
+impl StagePlan {
+    /// The plan bytes the task of `partition` runs: the shared encoding, or one with only
+    /// that partition's shuffle segments (`shuffle::for_partition`), so N tasks do not each
+    /// carry and decode the segments of all N.
+    fn for_task(&self, partition: usize) -> Result<Bytes, CoreError> {
+        match nightshift_core::shuffle::for_partition(&self.resolved, partition)? {
+            Some(pruned) => Ok(encode_plan(pruned)?),
+            None => Ok(self.encoded.clone()),
+        }
+    }
 }
 
 impl<'a> StageRunner<'a> {
@@ -137,9 +155,9 @@ impl<'a> StageRunner<'a> {
         let plan: Arc<dyn datafusion::physical_plan::ExecutionPlan> = stage.stage.plan.clone();
         let tasks = stage.stage.tasks;
         let resolved = resolve_shuffles(plan, &outputs)?;
-        let bytes = encode_plan(resolved).map_err(CoreError::from)?;
-        info!(stage = %id, tasks, plan_bytes = bytes.len(), "stage started");
-        self.stage_plans.insert(id, bytes);
+        let encoded = encode_plan(resolved.clone()).map_err(CoreError::from)?;
+        info!(stage = %id, tasks, plan_bytes = encoded.len(), "stage started");
+        self.stage_plans.insert(id, StagePlan { resolved, encoded });
         let to_run = self.tracker.start(id);
         self.publish(&to_run).await
     }
@@ -154,8 +172,8 @@ impl<'a> StageRunner<'a> {
             .collect();
         let tasks = attempts
             .iter()
-            .map(|(key, attempt)| self.task_definition(*key, *attempt).encode_to_vec().into())
-            .collect();
+            .map(|(key, attempt)| Ok(self.task_definition(*key, *attempt)?.encode_to_vec().into()))
+            .collect::<Result<Vec<Bytes>, CoreError>>()?;
         self.env.queue.publish_tasks(tasks).await?;
         for (key, attempt) in attempts {
             self.tracker.record_published(key, attempt);
@@ -163,7 +181,7 @@ impl<'a> StageRunner<'a> {
         Ok(())
     }
 
-    fn task_definition(&self, key: TaskKey, attempt: u32) -> v1::TaskDefinition {
+    fn task_definition(&self, key: TaskKey, attempt: u32) -> Result<v1::TaskDefinition, CoreError> {
         let output = if self.tracker.is_final(key.stage) {
             task_definition::Output::Table(self.table_output.clone())
         } else {
@@ -175,15 +193,17 @@ impl<'a> StageRunner<'a> {
                     .as_url_string(),
             })
         };
-        v1::TaskDefinition {
+        Ok(v1::TaskDefinition {
             protocol_version: PROTOCOL_VERSION,
             job_id: self.job.to_string(),
             stage_id: key.stage.0,
             partition: key.partition,
             attempt,
-            stage_plan: self.stage_plans[&key.stage].to_vec(),
+            stage_plan: self.stage_plans[&key.stage]
+                .for_task(key.partition as usize)?
+                .to_vec(),
             output: Some(output),
-        }
+        })
     }
 
     /// The next result of this job, or `None` when none came within a third of the lease

@@ -12,7 +12,7 @@ mod resolve;
 mod writer;
 
 pub use reader::ObjectStoreShuffleReaderExec;
-pub use resolve::{StageOutput, resolve_shuffles, upstream_stages};
+pub use resolve::{StageOutput, for_partition, resolve_shuffles, upstream_stages};
 pub use writer::{ShuffleWriteSummary, write_shuffle_output};
 
 use nightshift_proto::v1;

@@ -57,6 +57,8 @@ def run(cluster, workdir, data, n):
     workers_before = sum(cpu_seconds(p) for p in workers)
     elapsed, _, stdout = cluster.run(spec, {})
     report = json.loads(stdout.strip().splitlines()[-1])
+    if "tasks" not in report:
+        raise RuntimeError(f"the job did not succeed: {report}")
     return {
         "partitions": n,
         "tasks": report["tasks"],
@@ -70,6 +72,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nightshift", default=os.environ.get("NIGHTSHIFT_BIN", "nightshift"))
     parser.add_argument("--tasks", type=int, default=2000, help="partitions of the large run")
+    parser.add_argument("--keys", type=int, default=3, help="distinct grouping keys in the input")
     parser.add_argument(
         "--prefetch", type=int, default=1, help="tasks each worker runs at once (NIGHTSHIFT_RABBITMQ_PREFETCH)"
     )
@@ -81,7 +84,11 @@ def main():
     shutil.rmtree(workdir, ignore_errors=True)
     os.makedirs(workdir)
     data = os.path.join(workdir, "tiny.parquet")
-    duckdb.connect().execute(f"COPY (SELECT range % 3 AS k FROM range(10)) TO '{data}' (FORMAT parquet)")
+    # --keys 3: almost every task has nothing to read; --keys >= --tasks: every task reads a
+    # segment of the one map task, and each stage plan names one segment per task.
+    duckdb.connect().execute(
+        f"COPY (SELECT range % {args.keys} AS k FROM range({max(10, args.keys)})) TO '{data}' (FORMAT parquet)"
+    )
     os.environ["NIGHTSHIFT_RABBITMQ_PREFETCH"] = str(args.prefetch)
     cluster = Cluster(args.nightshift, workdir, 2, None)
     try:

@@ -33,6 +33,10 @@ pub(super) struct StageRunner<'a> {
     stage_plans: BTreeMap<StageId, StagePlan>,
 }
 
+/// Segments a task's plan must be spared before it gets a plan of its own: below this the
+/// shared plan is cheaper than encoding one per task.
+const PRUNE_FROM_SEGMENTS: usize = 256;
+
 /// A started stage's plan: whole, and encoded once for the tasks that need it whole.
 struct StagePlan {
     resolved: Arc<dyn datafusion::physical_plan::ExecutionPlan>,
@@ -44,7 +48,11 @@ impl StagePlan {
     /// that partition's shuffle segments (`shuffle::for_partition`), so N tasks do not each
     /// carry and decode the segments of all N.
     fn for_task(&self, partition: usize) -> Result<Bytes, CoreError> {
-        match nightshift_core::shuffle::for_partition(&self.resolved, partition)? {
+        match nightshift_core::shuffle::for_partition(
+            &self.resolved,
+            partition,
+            PRUNE_FROM_SEGMENTS,
+        )? {
             Some(pruned) => Ok(encode_plan(pruned)?),
             None => Ok(self.encoded.clone()),
         }

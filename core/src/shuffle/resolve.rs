@@ -110,29 +110,33 @@ const PARTITION_MIXING: &[&str] = &[
 /// others are emptied). A stage plan holds the segments of every partition, so without this
 /// each of N tasks would carry (and decode) the segments of all N: N² in all. Readers below
 /// an operator that mixes partitions, and broadcast readers, are left whole. `None` when
-/// nothing was pruned (the stage's shared plan serves).
+/// pruning would drop fewer than `min_dropped` segments: the stage's shared plan serves, and
+/// the coordinator does not encode a plan per task for a saving smaller than that encoding.
 pub fn for_partition(
     plan: &Arc<dyn ExecutionPlan>,
     partition: usize,
+    min_dropped: usize,
 ) -> Result<Option<Arc<dyn ExecutionPlan>>> {
-    let mut pruned = false;
+    let mut dropped = 0;
     // The root is the stage's shuffle writer (or the table writer's input): its task runs
     // partition `partition` of the writer's input.
     let aligned_root = plan.children().len() == 1
         && matches!(plan.name(), "ShuffleWriterExec" | "SortShuffleWriterExec");
     let result = if aligned_root {
-        let input = prune(plan.children()[0].clone(), partition, &mut pruned)?;
+        let input = prune(plan.children()[0].clone(), partition, &mut dropped)?;
         plan.clone().with_new_children(vec![input])?
     } else {
-        prune(plan.clone(), partition, &mut pruned)?
+        prune(plan.clone(), partition, &mut dropped)?
     };
-    Ok(pruned.then_some(result))
+    Ok((dropped > 0 && dropped >= min_dropped).then_some(result))
 }
 
+/// `node` with its aligned readers pruned to `partition`; `dropped` counts the segments left
+/// out.
 fn prune(
     node: Arc<dyn ExecutionPlan>,
     partition: usize,
-    pruned: &mut bool,
+    dropped: &mut usize,
 ) -> Result<Arc<dyn ExecutionPlan>> {
     if let Some(reader) = node.as_any().downcast_ref::<ObjectStoreShuffleReaderExec>() {
         if reader.broadcast || reader.partitions.len() <= 1 {
@@ -142,7 +146,8 @@ fn prune(
         if let Some(own) = reader.partitions.get(partition) {
             partitions[partition] = own.clone();
         }
-        *pruned = true;
+        let all: usize = reader.partitions.iter().map(Vec::len).sum();
+        *dropped += all - partitions.iter().map(Vec::len).sum::<usize>();
         return Ok(Arc::new(ObjectStoreShuffleReaderExec::new(
             reader.stage_id,
             reader.schema(),
@@ -163,7 +168,7 @@ fn prune(
             if child.properties().output_partitioning().partition_count() != count {
                 return Ok(child.clone());
             }
-            let new = prune(child.clone(), partition, pruned)?;
+            let new = prune(child.clone(), partition, dropped)?;
             changed |= !Arc::ptr_eq(&new, child);
             Ok(new)
         })
@@ -234,13 +239,15 @@ mod tests {
     #[test]
     fn a_task_carries_only_its_own_partition_of_an_aligned_reader() {
         let plan = project(reader(false));
-        let pruned = for_partition(&plan, 1).unwrap().expect("pruned");
+        let pruned = for_partition(&plan, 1, 1).unwrap().expect("pruned");
         assert_eq!(
             readers(&pruned),
             vec![vec![vec![], vec!["s1".to_string()], vec![]]]
         );
         // The stage's plan itself is untouched.
         assert_eq!(readers(&plan)[0][0], vec!["s0".to_string()]);
+        // Dropping two segments is not worth a plan of its own when three are asked for.
+        assert!(for_partition(&plan, 1, 3).unwrap().is_none());
     }
 
     #[test]
@@ -251,7 +258,7 @@ mod tests {
         let union = UnionExec::try_new(vec![reader(false), reader(false)]).unwrap();
         for plan in [coalesced, project(reader(true)), union] {
             assert!(
-                for_partition(&plan, 0).unwrap().is_none(),
+                for_partition(&plan, 0, 1).unwrap().is_none(),
                 "{}",
                 plan.name()
             );

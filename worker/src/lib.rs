@@ -32,6 +32,7 @@ pub type StopConsuming = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = ()> + Send>
 pub const DEFAULT_DRAIN_GRACE: Duration = Duration::from_secs(25);
 
 /// A worker's identity and engine.
+#[derive(Clone)]
 pub struct Worker {
     pub id: String,
     queue: Arc<dyn TaskQueue>,
@@ -101,12 +102,28 @@ impl Worker {
     /// otherwise hands the task back to the queue (nack with requeue) for another worker.
     /// Either way it returns `Ok`: no task is lost.
     ///
-    /// With several lanes each runs this loop on the one consumer; a stop reaches them all.
-    pub async fn run_until(&self, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
+    /// With several lanes each runs this loop on the one consumer, as a tokio task of its
+    /// own (so their tasks run on different cores); a stop reaches them all. A lane that
+    /// fails stops the others: their unacked tasks go back to the queue.
+    pub async fn run_until(
+        &self,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> Result<()> {
         info!(worker = %self.id, lanes = self.lanes, "worker started");
         let shutdown = shutdown.shared();
-        let lanes = (0..self.lanes).map(|_| self.lane(shutdown.clone()));
-        futures::future::try_join_all(lanes).await?;
+        let mut lanes = tokio::task::JoinSet::new();
+        for _ in 0..self.lanes {
+            let worker = self.clone();
+            let shutdown = shutdown.clone();
+            lanes.spawn(async move { worker.lane(shutdown).await });
+        }
+        while let Some(lane) = lanes.join_next().await {
+            let ended = lane.map_err(|e| CoreError::Transport(format!("worker lane: {e}")));
+            if let Err(e) = ended.and_then(|r| r) {
+                lanes.abort_all();
+                return Err(e);
+            }
+        }
         Ok(())
     }
 

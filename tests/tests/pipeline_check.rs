@@ -120,3 +120,30 @@ fn samples_that_hold_pass_drift_and_broken_rules_fail() {
     assert_eq!(code, Some(1));
     assert!(stdout.contains("samples/orders.csv"), "{stdout}");
 }
+
+#[test]
+fn set_checks_run_on_samples_and_a_relationship_is_reported_not_run() {
+    let sandbox = Sandbox::new();
+    let extra = "\n[[check]]\nname = \"one_row_per_id\"\ntype = \"unique\"\ncolumns = [\"id\"]\n\n\
+                 [[check]]\nname = \"known_customer\"\ntype = \"relationship\"\ncolumns = [\"id\"]\n\
+                 to = \"crm.customers\"\n";
+    sandbox.spec(&format!("{SPEC}{extra}"));
+    sandbox.write("samples/orders.csv", "id,amount\n1,10.50\n2,0.00\n");
+    let (code, stdout, stderr) = check(&sandbox, &[]);
+    // The relationship's table has no sample: reported, not failed.
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(stdout.contains("ok   check one_row_per_id"), "{stdout}");
+    assert!(
+        stdout.contains("check known_customer") && stdout.contains("not run"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.ends_with("7 cases, 0 failed, 1 warned\n"),
+        "{stdout}"
+    );
+    // A duplicated id in the sample fails the unique check.
+    sandbox.write("samples/orders.csv", "id,amount\n1,10.50\n1,0.00\n");
+    let (code, stdout, _) = check(&sandbox, &[]);
+    assert_eq!(code, Some(1), "{stdout}");
+    assert!(stdout.contains("FAIL check one_row_per_id"), "{stdout}");
+}

@@ -104,13 +104,7 @@ pub async fn check_pipeline(spec: Result<ResolvedSpec, String>, sample_dir: &Pat
         }
     };
     let embedded = EmbeddedOptions::new(warehouse.path().to_path_buf(), 1);
-    let options = JobOptions {
-        job_id: JobId::generate(),
-        workers: 1,
-        target_task_bytes: None,
-        partitions: None,
-        max_task_attempts: None,
-    };
+    let options = JobOptions::new(JobId::generate(), 1);
     let outcome = run_embedded(&spec, &embedded, &options, &|_| {}).await;
     let sources_ok = |cases: &mut Vec<Case>| {
         for source in &spec.spec.source {

@@ -113,9 +113,12 @@ pub async fn submit_and_wait(
     let payload = serde_json::to_vec(&submission).expect("submission serializes");
     queue.publish_to(&queue.jobs_queue(), &payload).await?;
     let deadline = tokio::time::Instant::now() + timeout;
-    let table = nightshift_spec::load_spec(spec, &submission.params)
-        .ok()
-        .map(|spec| spec.spec.target.table);
+    // The table as the coordinator resolves it, from what was sent (no second read of the
+    // files, no second git call).
+    let table =
+        nightshift_spec::resolve_submitted(&submission.spec, &submission.files, &submission.params)
+            .ok()
+            .map(|spec| spec.spec.target.table);
     let mut polls: u64 = 0;
     loop {
         if let Some(report) = state.report(job_id).await? {

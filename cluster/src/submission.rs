@@ -28,11 +28,7 @@ impl JobSubmission {
         params: Vec<(String, String)>,
     ) -> std::io::Result<Self> {
         let spec = std::fs::read_to_string(path)?;
-        let spec_dir = std::path::absolute(
-            path.parent()
-                .filter(|p| !p.as_os_str().is_empty())
-                .unwrap_or(Path::new(".")),
-        )?;
+        let spec_dir = nightshift_spec::spec_dir(path)?;
         let mut files = BTreeMap::new();
         if let Ok(value) = spec.parse::<toml::Table>()
             && let Some(sql_file) = value
@@ -40,10 +36,9 @@ impl JobSubmission {
                 .and_then(|t| t.get("sql_file"))
                 .and_then(|f| f.as_str())
         {
-            let base = path.parent().unwrap_or(Path::new("."));
             files.insert(
                 sql_file.to_string(),
-                std::fs::read_to_string(base.join(sql_file))?,
+                std::fs::read_to_string(spec_dir.join(sql_file))?,
             );
         }
         Ok(JobSubmission {

@@ -264,13 +264,7 @@ impl JobService for JobApi {
             })?;
         // The same checks as `nightshift validate`: sources found, contracts hold, the SQL
         // plans, the result fits the target table. Nothing is written.
-        let options = JobOptions {
-            job_id: JobId::generate(),
-            workers: 1,
-            target_task_bytes: None,
-            partitions: None,
-            max_task_attempts: None,
-        };
+        let options = JobOptions::new(JobId::generate(), 1);
         let catalog = self.open_catalog().await?;
         match validate_with_catalog(&spec, &options, Some(catalog)).await {
             Ok(_) => {}

@@ -197,13 +197,7 @@ async fn run_submission(
     let spec = crate::admission::admit(&submission, access)
         .await
         .map_err(|refusal| JobError::Invalid(refusal.into()))?;
-    let options = JobOptions {
-        job_id,
-        workers: 1,
-        target_task_bytes: None,
-        partitions: None,
-        max_task_attempts: None,
-    };
+    let options = JobOptions::new(job_id, 1);
     info!(job_id = %options.job_id, pipeline = %spec.spec.pipeline.name, "job accepted");
     // Progress goes to Redis from one writer task, latest value first, so a slow write never
     // holds up the job and writes never land out of order.

@@ -120,11 +120,12 @@ impl RowCheckCounter {
     }
 }
 
-/// Runs the checks on all the rows together (`unique`, `sql`: [`CheckSpec::set_query`]) over
-/// the job's written, not yet committed data files (`file_paths`, rows of `schema`), as the
-/// table `result`. Each query's rows are the failures: their number (for `unique`, the rows
-/// that share a key) with a few samples. This reads the result once more, in the process
-/// that commits; with no such check it reads nothing.
+/// Runs the checks on all the rows together (`unique`, `sql`, `freshness`, `relationship`:
+/// [`CheckSpec::set_query`]) over the job's written, not yet committed data files
+/// (`file_paths`, rows of `schema`), as the table `result`. Each query's rows are the
+/// failures: their number (for `unique` and `relationship`, the rows holding the keys found)
+/// with a few samples. This reads the result once more, in the process that commits; with
+/// no such check it reads nothing.
 ///
 /// A `relationship` check reads its `to` table's current snapshot from `catalog`.
 pub async fn run_set_checks(
@@ -141,13 +142,17 @@ pub async fn run_set_checks(
         return Ok(Vec::new());
     }
     let ctx = crate::session::new_session(crate::session::SessionOptions::default());
-    ctx.register_table("result", result_table(file_paths, schema)?)?;
+    ctx.register_table(
+        "result",
+        crate::sources::parquet_files_table(file_paths, schema)?,
+    )?;
     let mut outcomes = Vec::with_capacity(queries.len());
     for (check, query) in queries {
-        let failed_query = |e: DataFusionError| CoreError::Target {
+        let failed = |message: String| CoreError::Target {
             table: "result".to_string(),
-            message: format!("[[check]] `{}`: {e}", check.name),
+            message: format!("[[check]] `{}`: {message}", check.name),
         };
+        let failed_query = |e: DataFusionError| failed(e.to_string());
         if let Some(to) = &check.to {
             crate::sources::register_table_snapshot(
                 &ctx,
@@ -156,16 +161,11 @@ pub async fn run_set_checks(
                 catalog,
             )
             .await
-            .map_err(|e| CoreError::Target {
-                table: "result".to_string(),
-                message: format!(
-                    "[[check]] `{}`: {}",
-                    check.name,
-                    match e {
-                        CoreError::Source { message, .. } => message,
-                        other => other.to_string(),
-                    }
-                ),
+            .map_err(|e| {
+                failed(match e {
+                    CoreError::Source { message, .. } => message,
+                    other => other.to_string(),
+                })
             })?;
         }
         let frame = ctx.sql(&query).await.map_err(failed_query)?;
@@ -202,35 +202,6 @@ fn failing_rows(check: &CheckSpec, batch: &RecordBatch) -> u64 {
         .and_then(|c| c.as_any().downcast_ref::<arrow::array::Int64Array>())
         .map(|counts| counts.iter().flatten().map(|n| n.max(0) as u64).sum())
         .unwrap_or(batch.num_rows() as u64)
-}
-
-/// The data files at `file_paths` as one table of `schema` (an empty table for none).
-fn result_table(
-    file_paths: &[String],
-    schema: &SchemaRef,
-) -> Result<Arc<dyn datafusion::catalog::TableProvider>> {
-    use datafusion::datasource::file_format::parquet::ParquetFormat;
-    use datafusion::datasource::listing::{
-        ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
-    };
-    if file_paths.is_empty() {
-        return Ok(Arc::new(datafusion::datasource::MemTable::try_new(
-            schema.clone(),
-            vec![vec![]],
-        )?));
-    }
-    let urls = file_paths
-        .iter()
-        .map(|p| {
-            let location = crate::storage::Location::parse(p, std::path::Path::new("/"))?;
-            Ok(ListingTableUrl::parse(location.url().as_str())?)
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let options = ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension("");
-    let config = ListingTableConfig::new_with_multi_paths(urls)
-        .with_listing_options(options)
-        .with_schema(schema.clone());
-    Ok(Arc::new(ListingTable::try_new(config)?))
 }
 
 /// The rows of `batch` at `indices`, each as a JSON object.

@@ -145,7 +145,7 @@ pub async fn register_table_snapshot(
         on_source_rewrite: Default::default(),
     };
     ctx.deregister_table(name)?;
-    ctx.deregister_table(format!("__nightshift_raw_{name}").as_str())?;
+    ctx.deregister_table(raw_table_name(name).as_str())?;
     register_iceberg(ctx, &source, &[], catalog, IcebergRead::Current).await?;
     Ok(())
 }
@@ -163,13 +163,8 @@ async fn target_history(
     if !catalog.table_exists(&ident).await? {
         return Ok(Vec::new());
     }
-    let metadata = catalog.load_table(&ident).await?.metadata_ref();
-    let Some(current) = metadata.current_snapshot_id() else {
-        return Ok(Vec::new());
-    };
-    Ok(iceberg::util::snapshot::ancestors_of(&metadata, current)
-        .map(|s| s.summary().additional_properties.clone())
-        .collect())
+    let table = catalog.load_table(&ident).await?;
+    Ok(crate::table::commit::history_summaries(&table))
 }
 
 /// An Iceberg source is read as the Parquet data files of its current snapshot (or, for an
@@ -228,31 +223,15 @@ async fn register_iceberg(
     if let IcebergRead::Since(after) = read {
         tracing::info!(source = %source.name, table = name, ?after, ?range, files = paths.len(), bytes, "incremental source");
     }
-    let files = paths
-        .iter()
-        .map(|p| {
-            let file = Location::parse(p, Path::new("/"))?;
-            Ok(ListingTableUrl::parse(file.url().as_str())?)
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let provider: Arc<dyn TableProvider> = if files.is_empty() {
-        Arc::new(MemTable::try_new(schema.clone(), vec![vec![]])?)
-    } else {
-        let options =
-            ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension("");
-        let config = ListingTableConfig::new_with_multi_paths(files.clone())
-            .with_listing_options(options)
-            .with_schema(schema.clone());
-        Arc::new(ListingTable::try_new(config)?)
-    };
-    let raw_name = format!("__nightshift_raw_{}", source.name);
+    let provider = parquet_files_table(&paths, &schema)?;
+    let raw_name = raw_table_name(&source.name);
     ctx.register_table(raw_name.as_str(), provider)?;
     register_view(ctx, source, &raw_name, &schema, contract, &location).await?;
     Ok(SourceSummary {
         name: source.name.clone(),
         format: source.format,
         location: format!("{name} ({location})"),
-        files: files.len(),
+        files: paths.len(),
         bytes,
         schema,
         snapshot_id: table.metadata().current_snapshot_id(),
@@ -285,13 +264,38 @@ async fn register_iceberg(
     })
 }
 
+/// The table a source's view reads from (the view applies the contract).
+fn raw_table_name(source: &str) -> String {
+    format!("__nightshift_raw_{source}")
+}
+
+/// The Parquet files at `paths` (paths or URLs) as one table of `schema`; an empty table
+/// for none.
+pub(crate) fn parquet_files_table(
+    paths: &[String],
+    schema: &SchemaRef,
+) -> Result<Arc<dyn TableProvider>> {
+    if paths.is_empty() {
+        return Ok(Arc::new(MemTable::try_new(schema.clone(), vec![vec![]])?));
+    }
+    let urls = paths
+        .iter()
+        .map(|p| {
+            let file = Location::parse(p, Path::new("/"))?;
+            Ok(ListingTableUrl::parse(file.url().as_str())?)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let options = ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension("");
+    let config = ListingTableConfig::new_with_multi_paths(urls)
+        .with_listing_options(options)
+        .with_schema(schema.clone());
+    Ok(Arc::new(ListingTable::try_new(config)?))
+}
+
 /// The source's history from its current snapshot back, newest first.
 fn upstream_history(table: &iceberg::table::Table) -> Vec<crate::incremental::Upstream> {
-    let metadata = table.metadata_ref();
-    let Some(current) = metadata.current_snapshot_id() else {
-        return Vec::new();
-    };
-    iceberg::util::snapshot::ancestors_of(&metadata, current)
+    crate::table::commit::current_history(table)
+        .iter()
         .map(|s| crate::incremental::Upstream {
             snapshot_id: s.snapshot_id(),
             operation: s.summary().operation.as_str().to_string(),
@@ -343,30 +347,15 @@ async fn appended_files(
     table: &iceberg::table::Table,
     snapshots: &[i64],
 ) -> std::result::Result<(Vec<String>, u64), UpstreamFiles> {
-    use iceberg::spec::{DataContentType, ManifestContentType, ManifestStatus};
     let mut files = Vec::new();
     let mut bytes = 0;
     for &id in snapshots {
-        // The ids come from this metadata's own history.
-        let Some(snapshot) = table.metadata().snapshot_by_id(id).cloned() else {
-            continue;
-        };
-        let list = table.manifest_list_reader(&snapshot).load().await?;
-        for manifest in list.entries().iter().filter(|m| m.added_snapshot_id == id) {
-            if manifest.content != ManifestContentType::Data {
+        for entry in crate::table::commit::entries_added_by(table, id).await? {
+            if entry.content_type() != iceberg::spec::DataContentType::Data {
                 return Err(UpstreamFiles::HasDeletes);
             }
-            let manifest = manifest.load_manifest(table.file_io()).await?;
-            for entry in manifest.entries() {
-                if entry.status() != ManifestStatus::Added || entry.snapshot_id() != Some(id) {
-                    continue;
-                }
-                if entry.content_type() != DataContentType::Data {
-                    return Err(UpstreamFiles::HasDeletes);
-                }
-                bytes += entry.file_size_in_bytes();
-                files.push(entry.file_path().to_string());
-            }
+            bytes += entry.file_size_in_bytes();
+            files.push(entry.file_path().to_string());
         }
     }
     Ok((files, bytes))
@@ -393,7 +382,7 @@ async fn register_source(
             "no files found at {location} (from location = \"{location_text}\")"
         )));
     }
-    let raw_name = format!("__nightshift_raw_{}", source.name);
+    let raw_name = raw_table_name(&source.name);
     let table_path = listing_path(&location);
     register_raw(ctx, source, &raw_name, &table_path, None).await?;
     let raw_schema = ctx.table_provider(raw_name.as_str()).await?.schema();

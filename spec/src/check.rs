@@ -122,7 +122,8 @@ impl std::fmt::Display for Severity {
 /// The name a `relationship` check's `to` table is registered under for its query.
 pub const RELATIONSHIP_VIEW: &str = "__nightshift_relationship";
 
-/// The column of a `unique` check's query holding how many rows share the key.
+/// The column of a `unique` or `relationship` check's query holding how many rows hold the
+/// key it found.
 pub const DUPLICATE_ROWS_COLUMN: &str = "rows_with_this_key";
 
 impl CheckSpec {
@@ -167,21 +168,13 @@ impl CheckSpec {
     }
 
     /// The query over `result` whose rows are the failures, for checks on all the rows
-    /// together (`unique`, `sql`); `None` for the others. A `unique` key with a NULL in it
-    /// is never a duplicate (as in SQL's `UNIQUE`).
+    /// together (`unique`, `sql`, `freshness`, `relationship`); `None` for the others. A key
+    /// with a NULL in it is never a duplicate (as in SQL's `UNIQUE`) nor a missing reference.
     pub fn set_query(&self) -> Option<String> {
         match self.kind {
             CheckKind::Unique => {
-                let key = self
-                    .columns
-                    .iter()
-                    .map(|c| quote_identifier(c))
-                    .collect::<Vec<_>>();
-                let present = key
-                    .iter()
-                    .map(|c| format!("{c} IS NOT NULL"))
-                    .collect::<Vec<_>>()
-                    .join(" AND ");
+                let key: Vec<String> = self.columns.iter().map(|c| quote_identifier(c)).collect();
+                let present = all_present(&key);
                 let key = key.join(", ");
                 Some(format!(
                     "SELECT {key}, COUNT(*) AS {DUPLICATE_ROWS_COLUMN} FROM result \
@@ -200,11 +193,7 @@ impl CheckSpec {
                     .iter()
                     .map(|c| format!("r.{}", quote_identifier(c)))
                     .collect();
-                let present = ours
-                    .iter()
-                    .map(|c| format!("{c} IS NOT NULL"))
-                    .collect::<Vec<_>>()
-                    .join(" AND ");
+                let present = all_present(&ours);
                 let matched = ours
                     .iter()
                     .zip(theirs)
@@ -256,6 +245,15 @@ fn parse_age(text: &str) -> Option<String> {
     Some(format!("{number} {unit}"))
 }
 
+/// `a IS NOT NULL AND b IS NOT NULL ...` for the (quoted) `columns`.
+fn all_present(columns: &[String]) -> String {
+    columns
+        .iter()
+        .map(|c| format!("{c} IS NOT NULL"))
+        .collect::<Vec<_>>()
+        .join(" AND ")
+}
+
 /// `"name"`, with `"` doubled: any column name, as written.
 fn quote_identifier(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
@@ -277,7 +275,7 @@ fn literal(value: &toml::Value) -> String {
     }
 }
 
-/// Every check well-formed: a unique name, a type this build runs, the keys its type needs.
+/// Every check well-formed: a unique name, on the result, the keys its type needs.
 pub(crate) fn check_checks(checks: &[CheckSpec], path: &Path) -> Result<(), SpecError> {
     let mut names = std::collections::BTreeSet::new();
     for check in checks {

@@ -56,17 +56,22 @@ pub fn load_spec(path: &Path, overrides: &[(String, String)]) -> Result<Resolved
         path: path.to_path_buf(),
         source,
     })?;
-    let parent = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let base_dir = std::path::absolute(parent).map_err(|source| SpecError::Read {
+    let base_dir = spec_dir(path).map_err(|source| SpecError::Read {
         path: path.to_path_buf(),
         source,
     })?;
     let mut spec = resolve_spec_text(&text, path, &base_dir, overrides)?;
     spec.git_commit = git_commit_of(&base_dir);
     Ok(spec)
+}
+
+/// The directory a spec's relative paths are relative to: its own, made absolute.
+pub fn spec_dir(path: &Path) -> std::io::Result<PathBuf> {
+    std::path::absolute(
+        path.parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new(".")),
+    )
 }
 
 /// The commit checked out in the git repository holding `dir`, with `-dirty` when tracked

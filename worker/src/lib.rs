@@ -31,6 +31,19 @@ pub type StopConsuming = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = ()> + Send>
 /// Default time a stopping worker gives its running task before handing it back.
 pub const DEFAULT_DRAIN_GRACE: Duration = Duration::from_secs(25);
 
+/// What one graceful stop of a worker did, from what each of its lanes did: a task handed
+/// back outweighs a task finished, which outweighs an idle lane; `None` when no lane was
+/// stopped (the queue closed).
+fn worker_drain(lanes: &[DrainOutcome]) -> Option<DrainOutcome> {
+    [
+        DrainOutcome::Requeued,
+        DrainOutcome::Finished,
+        DrainOutcome::Idle,
+    ]
+    .into_iter()
+    .find(|outcome| lanes.contains(outcome))
+}
+
 /// A worker's identity and engine.
 #[derive(Clone)]
 pub struct Worker {
@@ -117,27 +130,41 @@ impl Worker {
             let shutdown = shutdown.clone();
             lanes.spawn(async move { worker.lane(shutdown).await });
         }
+        let mut stopped = Vec::new();
         while let Some(lane) = lanes.join_next().await {
             let ended = lane.map_err(|e| CoreError::Transport(format!("worker lane: {e}")));
-            if let Err(e) = ended.and_then(|r| r) {
-                lanes.abort_all();
-                return Err(e);
+            match ended.and_then(|r| r) {
+                Ok(Some(outcome)) => stopped.push(outcome),
+                Ok(None) => {}
+                Err(e) => {
+                    lanes.abort_all();
+                    return Err(e);
+                }
             }
+        }
+        // One stop of the worker, however many lanes it had.
+        if let Some(outcome) = worker_drain(&stopped) {
+            if outcome == DrainOutcome::Idle {
+                info!(worker = %self.id, "shutdown requested; no task running; worker stopping");
+            }
+            metrics::drained(outcome);
         }
         Ok(())
     }
 
-    /// One task after another until the queue closes or `shutdown` completes.
-    async fn lane(&self, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
+    /// One task after another until the queue closes (`None`) or `shutdown` completes (what
+    /// the stop did with this lane's running task).
+    async fn lane(
+        &self,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> Result<Option<DrainOutcome>> {
         tokio::pin!(shutdown);
         loop {
             let delivery = tokio::select! {
                 biased;
                 () = &mut shutdown => {
                     self.begin_drain().await;
-                    metrics::drained(DrainOutcome::Idle);
-                    info!(worker = %self.id, "shutdown requested; no task running; worker stopping");
-                    return Ok(());
+                    return Ok(Some(DrainOutcome::Idle));
                 }
                 next = self.queue.next_task() => next?,
             };
@@ -178,8 +205,7 @@ impl Worker {
                                 "grace period over; task handed back to the queue; worker stopping");
                             metrics::task_abandoned();
                             delivery.nack(true).await?;
-                            metrics::drained(DrainOutcome::Requeued);
-                            return Ok(());
+                            return Ok(Some(DrainOutcome::Requeued));
                         }
                     }
                 }
@@ -195,13 +221,12 @@ impl Worker {
             self.report(&task, result).await?;
             delivery.ack().await?;
             if draining {
-                metrics::drained(DrainOutcome::Finished);
                 info!(parent: &span, worker = %self.id, "running task finished and acked; worker stopping");
-                return Ok(());
+                return Ok(Some(DrainOutcome::Finished));
             }
         }
         debug!(worker = %self.id, "task queue closed; worker stopping");
-        Ok(())
+        Ok(None)
     }
 
     /// Publishes a task's result. If the job has ended (or is committing) meanwhile, no
@@ -403,5 +428,20 @@ fn task_figures(
         elapsed,
         rows_written: result.rows,
         bytes_written: result.bytes,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_drain_per_worker_whatever_its_lanes_did() {
+        use DrainOutcome::{Finished, Idle, Requeued};
+        assert_eq!(worker_drain(&[]), None);
+        assert_eq!(worker_drain(&[Idle]), Some(Idle));
+        assert_eq!(worker_drain(&[Idle, Idle, Idle]), Some(Idle));
+        assert_eq!(worker_drain(&[Idle, Finished]), Some(Finished));
+        assert_eq!(worker_drain(&[Finished, Requeued, Idle]), Some(Requeued));
     }
 }

@@ -102,6 +102,19 @@ pub struct JobOptions {
     pub max_task_attempts: Option<u32>,
 }
 
+impl JobOptions {
+    /// Options for `job_id` with `workers` and every tuning left to the spec and defaults.
+    pub fn new(job_id: JobId, workers: usize) -> Self {
+        JobOptions {
+            job_id,
+            workers,
+            target_task_bytes: None,
+            partitions: None,
+            max_task_attempts: None,
+        }
+    }
+}
+
 /// Progress notifications, for progress bars and logs.
 #[derive(Debug, Clone)]
 pub enum JobEvent {

@@ -158,13 +158,20 @@ pub async fn commit_job_snapshot(
     }
 }
 
+/// The snapshots of the table's current history: its current snapshot and its ancestors,
+/// newest first (none for a table without a snapshot).
+pub(crate) fn current_history(table: &Table) -> Vec<iceberg::spec::SnapshotRef> {
+    let metadata = table.metadata_ref();
+    match metadata.current_snapshot_id() {
+        Some(current) => iceberg::util::snapshot::ancestors_of(&metadata, current).collect(),
+        None => Vec::new(),
+    }
+}
+
 /// The snapshot summaries of the table's current history, newest first.
 pub(crate) fn history_summaries(table: &Table) -> Vec<HashMap<String, String>> {
-    let metadata = table.metadata_ref();
-    let Some(current) = metadata.current_snapshot_id() else {
-        return Vec::new();
-    };
-    iceberg::util::snapshot::ancestors_of(&metadata, current)
+    current_history(table)
+        .iter()
         .map(|s| s.summary().additional_properties.clone())
         .collect()
 }
@@ -195,26 +202,40 @@ pub async fn committed_before(table: &Table, job: &JobId) -> Result<Option<Commi
 
 /// Paths of the data files `snapshot_id` added.
 async fn files_added_by(table: &Table, snapshot_id: i64) -> Result<HashSet<String>> {
+    Ok(entries_added_by(table, snapshot_id)
+        .await?
+        .iter()
+        .map(|e| e.file_path().to_string())
+        .collect())
+}
+
+/// The manifest entries of the files `snapshot_id` added (data and delete files): the
+/// `ADDED` entries of the manifests that snapshot wrote. None for a snapshot not in the
+/// table's metadata.
+pub(crate) async fn entries_added_by(
+    table: &Table,
+    snapshot_id: i64,
+) -> iceberg::Result<Vec<iceberg::spec::ManifestEntryRef>> {
     let Some(snapshot) = table.metadata().snapshot_by_id(snapshot_id) else {
-        return Ok(HashSet::new());
+        return Ok(Vec::new());
     };
     let list = table.manifest_list_reader(snapshot).load().await?;
-    let mut files = HashSet::new();
+    let mut entries = Vec::new();
     for manifest_file in list
         .entries()
         .iter()
         .filter(|m| m.added_snapshot_id == snapshot_id && m.has_added_files())
     {
         let manifest = manifest_file.load_manifest(table.file_io()).await?;
-        files.extend(
+        entries.extend(
             manifest
                 .entries()
                 .iter()
                 .filter(|e| e.status() == ManifestStatus::Added)
-                .map(|e| e.file_path().to_string()),
+                .cloned(),
         );
     }
-    Ok(files)
+    Ok(entries)
 }
 
 fn decode_data_files(

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use nightshift_core::CoreError;
-use nightshift_core::table::{CatalogConfig, open_catalog, parse_table_ident};
+use nightshift_core::table::{CatalogConfig, open_existing_table};
 
 /// One snapshot of the table.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -24,14 +24,7 @@ pub async fn history(
     catalog: &CatalogConfig,
     table: &str,
 ) -> Result<Vec<SnapshotEntry>, CoreError> {
-    let ident = parse_table_ident(table)?;
-    let opened = open_catalog(catalog).await?;
-    if !opened.table_exists(&ident).await? {
-        return Err(CoreError::Target {
-            table: table.to_string(),
-            message: "no such table in the catalog".into(),
-        });
-    }
+    let (opened, ident) = open_existing_table(catalog, table).await?;
     let loaded = opened.load_table(&ident).await?;
     let metadata = loaded.metadata();
     let current = metadata.current_snapshot_id();

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use nightshift_core::CoreError;
 use nightshift_core::table::maintain::{ExpirePolicy, expire_snapshots, remove_orphans};
-use nightshift_core::table::{CatalogConfig, open_catalog, parse_table_ident};
+use nightshift_core::table::{CatalogConfig, open_existing_table};
 
 /// What to do.
 #[derive(Debug, Clone, Default)]
@@ -31,14 +31,7 @@ pub async fn maintain(
     table: &str,
     work: &Maintenance,
 ) -> Result<MaintenanceReport, CoreError> {
-    let ident = parse_table_ident(table)?;
-    let opened = open_catalog(catalog).await?;
-    if !opened.table_exists(&ident).await? {
-        return Err(CoreError::Target {
-            table: table.to_string(),
-            message: "no such table in the catalog".into(),
-        });
-    }
+    let (opened, ident) = open_existing_table(catalog, table).await?;
     let mut report = MaintenanceReport {
         table: table.to_string(),
         dry_run: work.dry_run,

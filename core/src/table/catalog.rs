@@ -62,6 +62,23 @@ impl CatalogConfig {
     }
 }
 
+/// Opens the catalog and finds `table` (`namespace.table`) in it, for commands that work on
+/// a table that must exist already; an error names the table otherwise.
+pub async fn open_existing_table(
+    config: &CatalogConfig,
+    table: &str,
+) -> Result<(Arc<dyn Catalog>, iceberg::TableIdent)> {
+    let ident = super::parse_table_ident(table)?;
+    let catalog = open_catalog(config).await?;
+    if !catalog.table_exists(&ident).await? {
+        return Err(CoreError::Target {
+            table: table.to_string(),
+            message: "no such table in the catalog".into(),
+        });
+    }
+    Ok((catalog, ident))
+}
+
 /// Opens the catalog, creating the SQLite file and the catalog tables if needed.
 pub async fn open_catalog(config: &CatalogConfig) -> Result<Arc<dyn Catalog>> {
     match config {

@@ -44,6 +44,7 @@ fn outputs(dir: String) -> impl Strategy<Value = Option<task_definition::Output>
                     name: "fuzzed".into(),
                     predicate_sql: predicate,
                 }],
+                parquet_properties: Default::default(),
             })
         )),
     ]

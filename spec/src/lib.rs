@@ -16,8 +16,8 @@ pub use check::{CheckKind, CheckSpec, DUPLICATE_ROWS_COLUMN, RELATIONSHIP_VIEW, 
 pub use contract::{ColumnContract, parse_column_type};
 pub use error::SpecError;
 pub use model::{
-    ExecutionSection, OnSourceRewrite, PipelineSection, SourceFormat, SourceSpec, Spec, TargetSpec,
-    TransformSpec, WriteMode,
+    ExecutionSection, OnSourceRewrite, PipelineSection, SchemaEvolution, SourceFormat, SourceSpec,
+    Spec, TargetSpec, TransformSpec, WriteMode,
 };
 pub use params::substitute_params;
 pub use partition::{PartitionField, PartitionTransform};

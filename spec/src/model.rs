@@ -167,6 +167,32 @@ pub struct TargetSpec {
     /// table's row with their key instead of replacing it.
     #[serde(default)]
     pub delete_when: Option<String>,
+    /// What a run may change in an existing table's schema.
+    #[serde(default)]
+    pub schema_evolution: SchemaEvolution,
+}
+
+/// `[target] schema_evolution`: how far the result may differ from an existing table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SchemaEvolution {
+    /// The result has the table's columns (a narrower type that converts without loss, such
+    /// as int into a long column, is written converted). Anything else fails the job.
+    #[default]
+    None,
+    /// Also: result columns the table lacks are added as nullable columns, and a column may
+    /// widen as Iceberg allows (int to long, float to double, a decimal's precision), in the
+    /// same commit as the run's rows.
+    AddColumns,
+}
+
+impl std::fmt::Display for SchemaEvolution {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SchemaEvolution::None => "none",
+            SchemaEvolution::AddColumns => "add_columns",
+        })
+    }
 }
 
 /// `[execution]`: tuning with sane defaults.
@@ -214,7 +240,18 @@ const SECTION_KEYS: &[(&str, &[&str])] = &[
             "name", "on", "type", "columns", "values", "min", "max", "pattern", "severity",
         ],
     ),
-    ("target", &["table", "mode", "partition_by", "properties"]),
+    (
+        "target",
+        &[
+            "table",
+            "mode",
+            "partition_by",
+            "properties",
+            "merge_keys",
+            "delete_when",
+            "schema_evolution",
+        ],
+    ),
     (
         "execution",
         &[

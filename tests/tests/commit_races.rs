@@ -82,7 +82,7 @@ impl Racing {
     /// Writes rows `ids` as a final-stage task of `job` (attempt `attempt`) would.
     async fn write(&self, job: &JobId, attempt: u32, ids: std::ops::Range<i64>) -> Vec<String> {
         let table = self.catalog.load_table(&self.ident).await.unwrap();
-        let out = table_output(&table, Vec::new()).unwrap();
+        let out = table_output(&table, None, Vec::new()).unwrap();
         let kinds: Vec<String> = ids.clone().map(|i| format!("k{}", i % 3)).collect();
         let batch = RecordBatch::try_new(
             Arc::new(schema()),
@@ -125,6 +125,7 @@ impl Racing {
                         written_with,
                         merge_base: None,
                         summary: Default::default(),
+                        schema_change: None,
                     };
                     commit_job_snapshot(catalog.as_ref(), &config, &ident, commit).await
                 })
@@ -287,6 +288,7 @@ async fn files_are_committed_with_the_partition_spec_they_were_written_with() {
         written_with,
         merge_base: None,
         summary: Default::default(),
+        schema_change: None,
     };
     commit_job_snapshot(
         racing.catalog.as_ref(),
@@ -321,6 +323,7 @@ async fn a_merge_lands_only_on_the_snapshot_it_read() {
         written_with,
         merge_base: Some(None),
         summary: Default::default(),
+        schema_change: None,
     };
     let err = commit_job_snapshot(
         racing.catalog.as_ref(),

@@ -1153,6 +1153,14 @@ async fn validate(args: CommonArgs) -> ExitCode {
             for field in report.output_schema.fields() {
                 println!("  {:<24} {}", field.name(), field.data_type());
             }
+            if !report.schema_changes.is_empty() {
+                println!(
+                    "\nschema changes a run commits with its rows (schema_evolution = \"add_columns\"):"
+                );
+                for change in &report.schema_changes {
+                    println!("  {change}");
+                }
+            }
             println!("\nplan:\n{}", report.plan.describe());
             ExitCode::SUCCESS
         }

@@ -14,8 +14,8 @@ use nightshift_core::CoreError;
 use nightshift_core::ids::JobId;
 use nightshift_core::storage::Location;
 use nightshift_core::table::{
-    CommitOutcome, JobCommit, TableReferences, WrittenWith, commit_job_snapshot, ensure_table,
-    find_job_snapshot, open_catalog, parse_table_ident,
+    CommitOutcome, JobCommit, SchemaChange, TableReferences, TargetLayout, WrittenWith,
+    commit_job_snapshot, ensure_target, find_job_snapshot, open_catalog, parse_table_ident,
 };
 use nightshift_core::transport::JobState;
 use nightshift_spec::ResolvedSpec;
@@ -211,16 +211,18 @@ impl<'a> JobRun<'a> {
             .clone()
             .into_iter()
             .collect();
-        let table = ensure_table(
-            catalog.as_ref(),
-            &ident,
-            &job_plan.output_schema,
-            &self.spec.partition_by,
-            &properties,
-        )
-        .await?;
+        let layout = TargetLayout {
+            result_schema: &job_plan.output_schema,
+            partition_by: &self.spec.partition_by,
+            evolution: self.spec.spec.target.schema_evolution,
+        };
+        let (table, schema_change) =
+            ensure_target(catalog.as_ref(), &ident, &layout, &properties).await?;
         self.created_table = !existed;
         let written_with = WrittenWith::current(&table);
+        if let Some(change) = &schema_change {
+            info!(changes = %change.changes.join("; "), "the run evolves the table's schema (committed with its rows)");
+        }
 
         self.record_state(JobState::Running, "").await;
         self.env.queue.open_results(self.job()).await?;
@@ -235,6 +237,7 @@ impl<'a> JobRun<'a> {
             self.ownership,
             table_output(
                 &table,
+                schema_change.as_ref().map(|c| &c.schema),
                 nightshift_core::checks::row_checks(&self.spec.spec.check),
             )?,
             StageTracker::new(&job_plan, max_attempts),
@@ -284,7 +287,13 @@ impl<'a> JobRun<'a> {
             )))
         });
         let outcome = self
-            .commit(catalog.as_ref(), &ident, &files, written_with, merge_base)
+            .commit(
+                catalog.as_ref(),
+                &ident,
+                &files,
+                (written_with, schema_change.as_ref()),
+                merge_base,
+            )
             .await?;
         fail::fail_point!("coordinator-after-commit", |_| {
             tracing::error!("failpoint coordinator-after-commit: aborting");
@@ -303,7 +312,7 @@ impl<'a> JobRun<'a> {
         catalog: &dyn Catalog,
         ident: &TableIdent,
         files: &[String],
-        written_with: WrittenWith,
+        (written_with, schema_change): (WrittenWith, Option<&SchemaChange>),
         merge_base: Option<Option<i64>>,
     ) -> Result<Option<CommitOutcome>, CoreError> {
         let summary =
@@ -315,6 +324,7 @@ impl<'a> JobRun<'a> {
             written_with,
             merge_base,
             summary,
+            schema_change,
         };
         let started = Instant::now();
         let outcome = commit_job_snapshot(catalog, &self.env.catalog, ident, commit).await;

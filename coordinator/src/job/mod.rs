@@ -238,6 +238,8 @@ pub struct ValidationReport {
     pub output_schema: SchemaRef,
     pub plan: JobPlan,
     pub partitions: usize,
+    /// What the run would change in the existing table's schema (`schema_evolution`).
+    pub schema_changes: Vec<String>,
 }
 
 /// Everything a job needs before its first task: a session with the sources, and the plan.
@@ -394,11 +396,20 @@ pub async fn validate_with_catalog(
             existing = Some(catalog.load_table(&ident).await.map_err(CoreError::from)?);
         }
     }
+    let mut schema_changes = Vec::new();
     match existing {
         Some(existing) => {
             let result = with_table_types_for_nulls(&existing, &planned.plan.output_schema)?;
             let (schema, _) = target_layout(table, &result, &spec.partition_by)?;
-            check_compatible(table, &existing, &schema, &spec.partition_by)?;
+            if let Some(change) = check_compatible(
+                table,
+                &existing,
+                &schema,
+                &spec.partition_by,
+                spec.spec.target.schema_evolution,
+            )? {
+                schema_changes = change.changes;
+            }
         }
         None => {
             target_layout(table, &planned.plan.output_schema, &spec.partition_by)?;
@@ -409,22 +420,27 @@ pub async fn validate_with_catalog(
         output_schema: planned.plan.output_schema.clone(),
         partitions: planned.partitions,
         plan: planned.plan,
+        schema_changes,
     })
 }
 
 /// What a final-stage task needs to write data files for `table`.
 /// `checks` are the row checks the writing tasks count.
+/// `evolved` is the schema the files are written with when the job changes the table's
+/// (committed with its snapshot); otherwise the table's current one.
 pub fn table_output(
     table: &iceberg::table::Table,
+    evolved: Option<&iceberg::spec::Schema>,
     checks: Vec<v1::RowCheck>,
 ) -> Result<v1::TableOutput, CoreError> {
     let metadata = table.metadata();
     let json = |v: serde_json::Result<String>| {
         v.map_err(|e| CoreError::Protocol(format!("cannot serialize table metadata: {e}")))
     };
+    let schema = evolved.unwrap_or(metadata.current_schema().as_ref());
     Ok(v1::TableOutput {
         data_location: format!("{}/data", metadata.location()),
-        schema_json: json(serde_json::to_string(metadata.current_schema().as_ref()))?,
+        schema_json: json(serde_json::to_string(schema))?,
         partition_spec_json: json(serde_json::to_string(
             metadata.default_partition_spec().as_ref(),
         ))?,
@@ -435,5 +451,20 @@ pub fn table_output(
             .and_then(|v| v.parse().ok())
             .unwrap_or(512 << 20),
         checks,
+        parquet_properties: parquet_settings_checked(table)?,
     })
+}
+
+/// The table's `write.parquet.*` properties for the workers' writers, refused here (before
+/// any task runs) when the writer could not use them.
+fn parquet_settings_checked(
+    table: &iceberg::table::Table,
+) -> Result<std::collections::HashMap<String, String>, CoreError> {
+    use nightshift_core::table::parquet_settings;
+    let properties = parquet_settings::parquet_properties(table.metadata().properties());
+    parquet_settings::writer_properties(&properties).map_err(|message| CoreError::Target {
+        table: table.identifier().to_string(),
+        message,
+    })?;
+    Ok(properties.into_iter().collect())
 }

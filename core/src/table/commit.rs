@@ -17,6 +17,7 @@ use nightshift_spec::WriteMode;
 use tracing::{info, warn};
 
 use super::catalog::CatalogConfig;
+use super::evolution::{SchemaChange, schema_updates, with_updates_applied};
 use super::job_guard::JobGuardCatalog;
 use super::overwrite::{Replace, produce_overwrite};
 use super::references::TableReferences;
@@ -48,6 +49,9 @@ pub struct JobCommit<'a> {
     pub merge_base: Option<Option<i64>>,
     /// Snapshot summary properties (pipeline, params); the job id is added.
     pub summary: HashMap<String, String>,
+    /// The evolved schema the files were written with, added in the same commit
+    /// (`schema_evolution = "add_columns"`); `None` when the table's schema serves.
+    pub schema_change: Option<&'a SchemaChange>,
 }
 
 /// Which schema and partition spec data files were written with.
@@ -117,13 +121,14 @@ pub async fn commit_job_snapshot(
         written_with,
         merge_base,
         mut summary,
+        schema_change,
     } = commit;
     let table = catalog.load_table(ident).await?;
     if let Some(outcome) = committed_before(&table, job).await? {
         return Ok(Some(outcome));
     }
     refuse_if_overtaken(&table, &summary)?;
-    let files = decode_data_files(&table, data_files_json, written_with)?;
+    let files = decode_data_files(&table, data_files_json, written_with, schema_change)?;
     summary.insert(JOB_ID_PROPERTY.to_string(), job.to_string());
     let nothing_to_replace = table.metadata().current_snapshot().is_none();
     // An empty result appends nothing and replaces no partition; an empty full overwrite
@@ -133,12 +138,19 @@ pub async fn commit_job_snapshot(
         return Ok(None);
     }
     match mode {
-        WriteMode::Append => append(catalog, table, job, files, summary).await.map(Some),
-        WriteMode::Overwrite | WriteMode::OverwritePartitions | WriteMode::Merge => {
-            let replace = if mode == WriteMode::OverwritePartitions {
-                Replace::PartitionsOf
-            } else {
-                Replace::All
+        // iceberg-rust's append cannot carry a schema of ours: a schema change goes through
+        // our own snapshot, replacing nothing.
+        WriteMode::Append if schema_change.is_none() => {
+            append(catalog, table, job, files, summary).await.map(Some)
+        }
+        WriteMode::Append
+        | WriteMode::Overwrite
+        | WriteMode::OverwritePartitions
+        | WriteMode::Merge => {
+            let replace = match mode {
+                WriteMode::Append => Replace::Nothing,
+                WriteMode::OverwritePartitions => Replace::PartitionsOf,
+                WriteMode::Overwrite | WriteMode::Merge => Replace::All,
             };
             let target = OverwriteTarget {
                 config,
@@ -150,6 +162,7 @@ pub async fn commit_job_snapshot(
                 } else {
                     None
                 },
+                schema_change,
             };
             overwrite(catalog, &target, job, files, summary)
                 .await
@@ -242,15 +255,19 @@ fn decode_data_files(
     table: &Table,
     data_files_json: &[String],
     written_with: WrittenWith,
+    schema_change: Option<&SchemaChange>,
 ) -> Result<Vec<DataFile>> {
     let metadata = table.metadata();
     let missing = |what: &str, id: i32| CoreError::Target {
         table: table.identifier().to_string(),
         message: format!("the {what} {id} the job wrote with is no longer in the table"),
     };
-    let schema = metadata
-        .schema_by_id(written_with.schema_id)
-        .ok_or_else(|| missing("schema", written_with.schema_id))?;
+    let schema = match schema_change {
+        Some(change) => &std::sync::Arc::new(change.schema.clone()),
+        None => metadata
+            .schema_by_id(written_with.schema_id)
+            .ok_or_else(|| missing("schema", written_with.schema_id))?,
+    };
     let spec = metadata
         .partition_spec_by_id(written_with.partition_spec_id)
         .ok_or_else(|| missing("partition spec", written_with.partition_spec_id))?;
@@ -334,6 +351,8 @@ struct OverwriteTarget<'a> {
     /// The snapshot the new content was computed from, when it must land on exactly that
     /// one (a merge): a commit by another job in between fails this one.
     base: Option<Option<i64>>,
+    /// A schema to add in the same swap (see [`crate::table::evolution`]).
+    schema_change: Option<&'a SchemaChange>,
 }
 
 async fn overwrite(
@@ -349,6 +368,7 @@ async fn overwrite(
         spec_id,
         replace,
         base,
+        schema_change,
     } = *target;
     let committed_files: HashSet<String> =
         files.iter().map(|f| f.file_path().to_string()).collect();
@@ -382,9 +402,29 @@ async fn overwrite(
             }));
             break;
         }
+        let (mut updates, mut requirements) =
+            match schema_change.map(|c| schema_updates(table.metadata(), c)) {
+                Some(Err(message)) => {
+                    outcome = Some(Err(CoreError::Task {
+                        message: format!("{ident}: {message}"),
+                        retryable: true,
+                    }));
+                    break;
+                }
+                Some(Ok(step)) => step.unwrap_or_default(),
+                None => Default::default(),
+            };
+        // The snapshot is built on the table as it will be once the schema lands.
+        let evolved = if updates.is_empty() {
+            table.clone()
+        } else {
+            with_updates_applied(&table, &updates)?
+        };
         let produced =
-            produce_overwrite(&table, files.clone(), spec_id, replace, summary.clone()).await?;
-        match swap_table_metadata(config, &table, produced.updates, produced.requirements).await {
+            produce_overwrite(&evolved, files.clone(), spec_id, replace, summary.clone()).await?;
+        updates.extend(produced.updates);
+        requirements.extend(produced.requirements);
+        match swap_table_metadata(config, &table, updates, requirements).await {
             Ok(()) => {
                 outcome = Some(Ok(CommitOutcome {
                     snapshot_id: produced.snapshot_id,

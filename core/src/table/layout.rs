@@ -7,8 +7,9 @@ use datafusion::arrow::datatypes::Schema as ArrowSchema;
 use iceberg::spec::{Transform, UnboundPartitionSpec};
 use iceberg::table::Table;
 use iceberg::{Catalog, TableCreation, TableIdent};
-use nightshift_spec::{PartitionField, PartitionTransform};
+use nightshift_spec::{PartitionField, PartitionTransform, SchemaEvolution};
 
+use super::evolution::{SchemaChange, plan_schema_change};
 use super::schema::iceberg_schema_for;
 use crate::error::{CoreError, Result};
 
@@ -21,9 +22,38 @@ pub async fn ensure_table(
     partition_by: &[PartitionField],
     properties: &HashMap<String, String>,
 ) -> Result<Table> {
+    let layout = TargetLayout {
+        result_schema,
+        partition_by,
+        evolution: SchemaEvolution::None,
+    };
+    Ok(ensure_target(catalog, ident, &layout, properties).await?.0)
+}
+
+/// What the job's result asks of its target table.
+#[derive(Debug, Clone, Copy)]
+pub struct TargetLayout<'a> {
+    pub result_schema: &'a ArrowSchema,
+    pub partition_by: &'a [PartitionField],
+    pub evolution: SchemaEvolution,
+}
+
+/// [`ensure_table`], with the schema change an existing table needs for the result when the
+/// spec's `schema_evolution` allows one (committed later, with the job's snapshot).
+pub async fn ensure_target(
+    catalog: &dyn Catalog,
+    ident: &TableIdent,
+    layout: &TargetLayout<'_>,
+    properties: &HashMap<String, String>,
+) -> Result<(Table, Option<SchemaChange>)> {
     let name = ident.to_string();
+    let TargetLayout {
+        result_schema,
+        partition_by,
+        ..
+    } = *layout;
     if catalog.table_exists(ident).await? {
-        return load_compatible(catalog, ident, result_schema, partition_by).await;
+        return load_compatible(catalog, ident, layout).await;
     }
     let (wanted, spec) = target_layout(&name, result_schema, partition_by)?;
     let namespace = ident.namespace();
@@ -46,29 +76,35 @@ pub async fn ensure_table(
         .properties(properties.clone())
         .build();
     match catalog.create_table(namespace, creation).await {
-        Ok(table) => Ok(table),
+        Ok(table) => Ok((table, None)),
         // Another job created it first: catalogs say so differently (REST: already exists;
         // SQL: a unique-constraint error), so look rather than read the error.
         Err(e) => match catalog.table_exists(ident).await {
-            Ok(true) => load_compatible(catalog, ident, result_schema, partition_by).await,
+            Ok(true) => load_compatible(catalog, ident, layout).await,
             _ => Err(e.into()),
         },
     }
 }
 
-/// The existing table `ident`, checked against the result's layout.
+/// The existing table `ident`, checked against the result's layout, with the schema change
+/// the result needs.
 async fn load_compatible(
     catalog: &dyn Catalog,
     ident: &TableIdent,
-    result_schema: &ArrowSchema,
-    partition_by: &[PartitionField],
-) -> Result<Table> {
+    layout: &TargetLayout<'_>,
+) -> Result<(Table, Option<SchemaChange>)> {
     let name = ident.to_string();
     let table = catalog.load_table(ident).await?;
-    let result_schema = with_table_types_for_nulls(&table, result_schema)?;
-    let (wanted, _) = target_layout(&name, &result_schema, partition_by)?;
-    check_compatible(&name, &table, &wanted, partition_by)?;
-    Ok(table)
+    let result_schema = with_table_types_for_nulls(&table, layout.result_schema)?;
+    let (wanted, _) = target_layout(&name, &result_schema, layout.partition_by)?;
+    let change = check_compatible(
+        &name,
+        &table,
+        &wanted,
+        layout.partition_by,
+        layout.evolution,
+    )?;
+    Ok((table, change))
 }
 
 /// A result column of type Null (e.g. from a header-only CSV) takes the type of the table's
@@ -154,41 +190,22 @@ fn to_iceberg(t: PartitionTransform) -> Transform {
     }
 }
 
-/// An existing table must have every result column with the same type, and the partitioning
-/// the spec asks for.
+/// An existing table must have the partitioning the spec asks for, and every result column
+/// with a type it can hold, unless `evolution` allows the schema change the result needs
+/// (returned).
 pub fn check_compatible(
     name: &str,
     table: &Table,
     wanted: &iceberg::spec::Schema,
     partition_by: &[PartitionField],
-) -> Result<()> {
+    evolution: SchemaEvolution,
+) -> Result<Option<SchemaChange>> {
     let current = table.metadata().current_schema();
     let target_err = |message: String| CoreError::Target {
         table: name.to_string(),
         message,
     };
-    for field in wanted.as_struct().fields() {
-        let Some(existing) = current.field_by_name(&field.name) else {
-            return Err(target_err(format!(
-                "the result has column `{}` which the existing table lacks",
-                field.name
-            )));
-        };
-        if existing.field_type != field.field_type {
-            return Err(target_err(format!(
-                "column `{}` is {} in the table but {} in the result",
-                field.name, existing.field_type, field.field_type
-            )));
-        }
-    }
-    for field in current.as_struct().fields() {
-        if wanted.field_by_name(&field.name).is_none() {
-            return Err(target_err(format!(
-                "the table has column `{}` which the result lacks",
-                field.name
-            )));
-        }
-    }
+    let change = plan_schema_change(name, table.metadata(), wanted, evolution)?;
     let spec = table.metadata().default_partition_spec();
     let existing: Vec<(String, Transform)> = spec
         .fields()
@@ -212,7 +229,7 @@ pub fn check_compatible(
             describe_partitioning(&requested)
         )));
     }
-    Ok(())
+    Ok(change)
 }
 
 fn describe_partitioning(fields: &[(String, Transform)]) -> String {

@@ -3,10 +3,12 @@
 
 pub mod catalog;
 pub mod commit;
+pub mod evolution;
 pub mod job_guard;
 pub mod layout;
 pub mod maintain;
 pub mod overwrite;
+pub mod parquet_settings;
 pub mod references;
 pub mod schema;
 pub mod swap;
@@ -17,7 +19,11 @@ pub use commit::{
     CommitOutcome, JOB_ID_PROPERTY, JobCommit, PIPELINE_PROPERTY, WrittenWith, commit_job_snapshot,
     committed_before, find_job_snapshot, parse_table_ident,
 };
-pub use layout::{check_compatible, ensure_table, target_layout, with_table_types_for_nulls};
+pub use evolution::SchemaChange;
+pub use layout::{
+    TargetLayout, check_compatible, ensure_table, ensure_target, target_layout,
+    with_table_types_for_nulls,
+};
 pub use references::TableReferences;
 pub use schema::iceberg_schema_for;
 pub use writer::{

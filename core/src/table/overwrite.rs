@@ -54,6 +54,8 @@ pub enum Replace {
     All,
     /// Those in a partition (of the added files' spec) that an added file falls in.
     PartitionsOf,
+    /// None: the snapshot appends (for an append that also changes the schema).
+    Nothing,
 }
 
 /// What becomes of the current snapshot's live files.
@@ -85,6 +87,7 @@ pub async fn produce_overwrite(
     let replaced = |spec_id: i32, file: &DataFile| match replace {
         Replace::All => true,
         Replace::PartitionsOf => spec_id == added_spec_id && partitions.contains(file.partition()),
+        Replace::Nothing => false,
     };
     let carried = producer.carry(replaced).await?;
     producer

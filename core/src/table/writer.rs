@@ -23,8 +23,6 @@ use iceberg::writer::partitioning::PartitioningWriter;
 use iceberg::writer::partitioning::fanout_writer::FanoutWriter;
 use iceberg::writer::partitioning::unpartitioned_writer::UnpartitionedWriter;
 use nightshift_proto::v1::TableOutput;
-use parquet::basic::{Compression, ZstdLevel};
-use parquet::file::properties::WriterProperties;
 
 use crate::checks::RowCheckCounter;
 use crate::error::{CoreError, Result};
@@ -147,9 +145,13 @@ fn new_writer(
     out: &TableOutput,
     file_prefix: String,
 ) -> Result<PartitionedWriter> {
-    let props = WriterProperties::builder()
-        .set_compression(Compression::ZSTD(ZstdLevel::default()))
-        .build();
+    let props =
+        super::parquet_settings::writer_properties(&out.parquet_properties).map_err(|message| {
+            CoreError::Task {
+                message,
+                retryable: false,
+            }
+        })?;
     let parquet = ParquetWriterBuilder::new_with_match_mode(
         props,
         target.schema.clone(),

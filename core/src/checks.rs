@@ -236,11 +236,14 @@ pub struct CheckResult {
     pub samples: Vec<String>,
 }
 
-/// Judges every check of the job from the winning tasks' `outcomes` and the `rows` written.
+/// Judges every check of the job from the winning tasks' `outcomes` and the `rows` written;
+/// `previous_rows` is what the pipeline's previous run published (`row_count`'s
+/// `max_change`), if there was one.
 pub fn judge<'a>(
     checks: &[CheckSpec],
     outcomes: impl IntoIterator<Item = &'a v1::CheckOutcome>,
     rows: u64,
+    previous_rows: Option<u64>,
 ) -> Vec<CheckResult> {
     let outcomes: Vec<&v1::CheckOutcome> = outcomes.into_iter().collect();
     checks
@@ -248,20 +251,13 @@ pub fn judge<'a>(
         .map(|check| {
             let severity = check.severity.to_string();
             if check.kind == CheckKind::RowCount {
-                let (min, max) = check.row_bounds();
-                let passed = min.is_none_or(|m| rows >= m) && max.is_none_or(|m| rows <= m);
-                let expected = match (min, max) {
-                    (Some(a), Some(b)) => format!("between {a} and {b}"),
-                    (Some(a), None) => format!("at least {a}"),
-                    (None, Some(b)) => format!("at most {b}"),
-                    (None, None) => "any number of".to_string(),
-                };
+                let (passed, detail) = judge_row_count(check, rows, previous_rows);
                 return CheckResult {
                     name: check.name.clone(),
                     severity,
                     passed,
                     failed_rows: if passed { 0 } else { rows },
-                    detail: format!("{rows} rows written, {expected} rows expected"),
+                    detail,
                     samples: Vec::new(),
                 };
             }
@@ -306,6 +302,37 @@ pub fn judge<'a>(
             }
         })
         .collect()
+}
+
+/// `row_count`'s verdict and its words: the absolute bounds, and the change from the
+/// previous run's rows within `max_change` (passing when there is no previous run, or it
+/// published nothing: there is nothing to compare with).
+fn judge_row_count(check: &CheckSpec, rows: u64, previous: Option<u64>) -> (bool, String) {
+    let (min, max) = check.row_bounds();
+    let mut passed = min.is_none_or(|m| rows >= m) && max.is_none_or(|m| rows <= m);
+    let mut detail = format!("{rows} rows written");
+    let expected = match (min, max) {
+        (Some(a), Some(b)) => Some(format!("between {a} and {b}")),
+        (Some(a), None) => Some(format!("at least {a}")),
+        (None, Some(b)) => Some(format!("at most {b}")),
+        (None, None) => None,
+    };
+    if let Some(expected) = expected {
+        detail.push_str(&format!(", {expected} rows expected"));
+    }
+    if let Some(percent) = check.max_change_percent() {
+        match previous {
+            Some(before) if before > 0 => {
+                let change = (rows as f64 - before as f64) / before as f64 * 100.0;
+                passed &= change.abs() <= percent;
+                detail.push_str(&format!(
+                    "; the previous run published {before} ({change:+.1} %), within ±{percent} % expected"
+                ));
+            }
+            _ => detail.push_str("; no previous run with rows to compare with"),
+        }
+    }
+    (passed, detail)
 }
 
 /// The failed checks of error severity, which stop the commit.
@@ -420,7 +447,7 @@ min = 10
             ]
         );
         assert_eq!(outcomes[0].samples[0], r#"{"status":"shut"}"#);
-        let results = judge(&checks, &outcomes, 8);
+        let results = judge(&checks, &outcomes, 8, None);
         let names: Vec<&str> = blocking(&results).iter().map(|r| r.name.as_str()).collect();
         assert_eq!(names, ["id_present", "known_status", "some_rows"]);
         let text = describe_failures(&blocking(&results));
@@ -436,6 +463,38 @@ min = 10
                 .find(|r| r.name == "id_positive")
                 .is_some_and(|r| !r.passed)
         );
+    }
+
+    #[test]
+    fn row_count_against_the_previous_run() {
+        let checks = spec_checks(
+            "[[check]]\nname = \"steady\"\ntype = \"row_count\"\nmax_change = \"30%\"\nmin = 1\n",
+        );
+        let verdict = |rows, previous| {
+            let r = &judge(&checks, std::iter::empty(), rows, previous)[0];
+            (r.passed, r.detail.clone())
+        };
+        assert_eq!(
+            verdict(130, Some(100)),
+            (
+                true,
+                "130 rows written, at least 1 rows expected; the previous run published 100 (+30.0 %), within ±30 % expected".to_string()
+            )
+        );
+        assert!(!verdict(131, Some(100)).0);
+        assert!(!verdict(69, Some(100)).0);
+        assert!(verdict(70, Some(100)).0);
+        assert_eq!(
+            verdict(5, None),
+            (
+                true,
+                "5 rows written, at least 1 rows expected; no previous run with rows to compare with"
+                    .to_string()
+            )
+        );
+        assert!(verdict(5, Some(0)).0);
+        // The absolute bound still holds.
+        assert!(!verdict(0, None).0);
     }
 
     #[test]

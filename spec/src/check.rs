@@ -60,6 +60,10 @@ pub struct CheckSpec {
     /// same names).
     #[serde(default)]
     pub to_columns: Vec<String>,
+    /// `row_count`: how far the row count may move from what the pipeline's previous run
+    /// published, as a percentage (`"30%"`: between 70 % and 130 % of it).
+    #[serde(default)]
+    pub max_change: Option<String>,
     #[serde(default)]
     pub severity: Severity,
 }
@@ -219,6 +223,14 @@ impl CheckSpec {
         }
     }
 
+    /// `row_count`'s `max_change` as a percentage (`"30%"` is 30.0); `None` if unset or
+    /// malformed.
+    pub fn max_change_percent(&self) -> Option<f64> {
+        let text = self.max_change.as_deref()?.trim();
+        let percent: f64 = text.strip_suffix('%')?.trim().parse().ok()?;
+        (percent.is_finite() && percent >= 0.0).then_some(percent)
+    }
+
     /// `row_count`'s bounds.
     pub fn row_bounds(&self) -> (Option<u64>, Option<u64>) {
         let bound = |v: &Option<toml::Value>| v.as_ref().and_then(toml::Value::as_integer);
@@ -312,6 +324,12 @@ pub(crate) fn check_checks(checks: &[CheckSpec], path: &Path) -> Result<(), Spec
                 }
             )));
         }
+        if check.max_change.is_some() && check.kind != CheckKind::RowCount {
+            return Err(invalid(format!(
+                "max_change = ... belongs to type = \"row_count\", not type = \"{}\"",
+                check.kind.name()
+            )));
+        }
         if check.sql.is_some() && check.kind != CheckKind::Sql {
             return Err(invalid(format!(
                 "sql = ... belongs to type = \"sql\", not type = \"{}\"",
@@ -342,8 +360,17 @@ pub(crate) fn check_checks(checks: &[CheckSpec], path: &Path) -> Result<(), Spec
             CheckKind::Freshness if check.max_age.as_deref().and_then(parse_age).is_none() => {
                 Some("max_age = \"<number><s|m|h|d>\", e.g. \"36h\"")
             }
-            CheckKind::RowCount if check.row_bounds() == (None, None) => {
-                Some("min = N and/or max = N (whole numbers)")
+            CheckKind::RowCount
+                if check.max_change.is_some() && check.max_change_percent().is_none() =>
+            {
+                Some("max_change = \"<percent>%\", e.g. \"30%\"")
+            }
+            CheckKind::RowCount
+                if check.row_bounds() == (None, None) && check.max_change.is_none() =>
+            {
+                Some(
+                    "min = N and/or max = N (whole numbers), or max_change = \"30%\" (against the previous run)",
+                )
             }
             _ => None,
         };
@@ -363,6 +390,30 @@ mod tests {
 
     fn check(toml_text: &str) -> CheckSpec {
         toml::from_str(toml_text).unwrap()
+    }
+
+    #[test]
+    fn row_count_takes_a_relative_bound() {
+        let relative = check("name = \"r\"\ntype = \"row_count\"\nmax_change = \"30%\"");
+        assert_eq!(relative.max_change_percent(), Some(30.0));
+        assert!(check_checks(&[relative], Path::new("p.toml")).is_ok());
+        for (text, says) in [
+            ("type = \"row_count\"\nmax_change = \"30\"", "e.g. \"30%\""),
+            ("type = \"row_count\"\nmax_change = \"-5%\"", "e.g. \"30%\""),
+            ("type = \"row_count\"", "or max_change"),
+            (
+                "type = \"not_null\"\ncolumns = [\"a\"]\nmax_change = \"5%\"",
+                "belongs to type = \"row_count\"",
+            ),
+        ] {
+            let err = check_checks(
+                &[check(&format!("name = \"r\"\n{text}"))],
+                Path::new("p.toml"),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains(says), "{text}: {err}");
+        }
     }
 
     #[test]

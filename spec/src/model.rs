@@ -237,7 +237,20 @@ const SECTION_KEYS: &[(&str, &[&str])] = &[
     (
         "check",
         &[
-            "name", "on", "type", "columns", "values", "min", "max", "pattern", "severity",
+            "name",
+            "on",
+            "type",
+            "columns",
+            "values",
+            "min",
+            "max",
+            "pattern",
+            "sql",
+            "max_age",
+            "to",
+            "to_columns",
+            "max_change",
+            "severity",
         ],
     ),
     (

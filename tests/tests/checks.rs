@@ -346,3 +346,41 @@ async fn on_a_cluster_the_workers_count_and_a_failed_check_commits_nothing() {
         "checks-pass"
     );
 }
+
+#[test]
+fn row_count_relative_to_the_previous_run() {
+    let sandbox = Sandbox::new();
+    let data = write_accounts(&sandbox);
+    let steady = check(
+        "steady",
+        "type = \"row_count\"\nmax_change = \"30%\"",
+        "error",
+    );
+    sandbox.spec(&spec(&data, &steady));
+    // The first run has nothing to compare with; the second publishes as many rows.
+    for expected in [
+        "no previous run with rows to compare with",
+        "the previous run published 5 (+0.0 %)",
+    ] {
+        let (code, report, stderr) = run_json(&sandbox);
+        assert_eq!(code, Some(0), "{stderr}\n{report:#}");
+        let detail = report["checks"][0]["detail"].as_str().unwrap();
+        assert!(detail.contains(expected), "{detail}");
+    }
+    // A feed that lost most of its rows: refused, and nothing is published.
+    sandbox.write(
+        "data/accounts.csv",
+        "id,status,balance,email,seen\n1,open,10,a@example.com,2024-05-01\n2,open,0,b@example.com,2024-05-03\n",
+    );
+    let (code, report, stderr) = run_json(&sandbox);
+    assert_eq!(code, Some(1), "{stderr}\n{report:#}");
+    assert!(
+        stderr.contains(
+            "2 rows written; the previous run published 5 (-60.0 %), within ±30 % expected"
+        ),
+        "{stderr}"
+    );
+    let read = sandbox.read_table(TABLE, None);
+    assert_eq!(snapshot_count(&read), 2, "{read:#}");
+    assert_eq!(read["duckdb"]["rows"], 10);
+}

@@ -261,6 +261,7 @@ impl<'a> JobRun<'a> {
                 .iter()
                 .chain(&set_outcomes),
             self.report.rows,
+            nightshift_core::table::previous_run_rows(&table, &self.spec.spec.pipeline.name),
         );
         // A failed error check ends the job here, before any commit: the finish path then
         // deletes only this job's own files (names parsed as its, none referenced by any

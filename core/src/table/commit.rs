@@ -189,6 +189,25 @@ pub(crate) fn history_summaries(table: &Table) -> Vec<HashMap<String, String>> {
         .collect()
 }
 
+/// The rows the newest snapshot of `pipeline` in the table's current history added, if there
+/// is one: what `row_count`'s `max_change` compares a run with.
+pub fn previous_run_rows(table: &Table, pipeline: &str) -> Option<u64> {
+    current_history(table)
+        .iter()
+        .map(|s| &s.summary().additional_properties)
+        .find(|summary| {
+            summary
+                .get(PIPELINE_PROPERTY)
+                .is_some_and(|p| p == pipeline)
+        })
+        .map(|summary| {
+            summary
+                .get("added-records")
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0)
+        })
+}
+
 /// Fails a commit whose incremental sources another run of the pipeline consumed since the
 /// job read them (see [`crate::incremental::overtaken`]).
 pub(crate) fn refuse_if_overtaken(table: &Table, summary: &HashMap<String, String>) -> Result<()> {

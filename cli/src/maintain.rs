@@ -1,14 +1,17 @@
-//! `nightshift maintain`: expire old snapshots and remove orphan files of one table.
+//! `nightshift maintain`: compact small files, expire old snapshots and remove orphan files
+//! of one table.
 
 use std::time::Duration;
 
 use nightshift_core::CoreError;
+use nightshift_core::table::compact::{CompactPolicy, Compacted, compact};
 use nightshift_core::table::maintain::{ExpirePolicy, expire_snapshots, remove_orphans};
 use nightshift_core::table::{CatalogConfig, open_existing_table};
 
 /// What to do.
 #[derive(Debug, Clone, Default)]
 pub struct Maintenance {
+    pub compact: Option<CompactPolicy>,
     pub expire: Option<ExpirePolicy>,
     /// Remove files no snapshot references that are older than this.
     pub orphans_older_than: Option<Duration>,
@@ -20,12 +23,16 @@ pub struct Maintenance {
 pub struct MaintenanceReport {
     pub table: String,
     pub dry_run: bool,
+    /// What compaction did (absent when not asked for).
+    pub compacted: Option<Compacted>,
     pub expired_snapshots: Vec<i64>,
     pub files_deleted_by_expiry: usize,
     pub orphans: Vec<String>,
 }
 
-/// Runs `work` on `table`: expiry first (its unreferenced files go with it), then orphans.
+/// Runs `work` on `table`: compaction first (the files it replaces stay referenced by older
+/// snapshots until they expire), then expiry (its unreferenced files go with it), then
+/// orphans.
 pub async fn maintain(
     catalog: &CatalogConfig,
     table: &str,
@@ -37,6 +44,10 @@ pub async fn maintain(
         dry_run: work.dry_run,
         ..Default::default()
     };
+    if let Some(policy) = work.compact {
+        report.compacted =
+            Some(compact(opened.as_ref(), catalog, &ident, policy, work.dry_run).await?);
+    }
     if let Some(policy) = work.expire {
         let expired =
             expire_snapshots(opened.as_ref(), catalog, &ident, policy, work.dry_run).await?;
@@ -51,14 +62,41 @@ pub async fn maintain(
 
 /// The report for people.
 pub fn report_text(report: &MaintenanceReport) -> String {
+    let compacted = report.compacted.as_ref().map(|c| {
+        let verb = if report.dry_run {
+            "would compact"
+        } else {
+            "compacted"
+        };
+        let mut line = format!(
+            "  {verb} {} small file(s) ({}) in {} partition(s)",
+            c.files_rewritten,
+            indicatif::HumanBytes(c.bytes_rewritten),
+            c.partitions
+        );
+        if let Some(snapshot) = c.snapshot_id {
+            line.push_str(&format!(
+                " into {} file(s), snapshot {snapshot}",
+                c.files_written
+            ));
+        }
+        if c.skipped_with_deletes > 0 {
+            line.push_str(&format!(
+                "; {} small file(s) with delete files left alone",
+                c.skipped_with_deletes
+            ));
+        }
+        line + "\n"
+    });
     let verb = if report.dry_run {
         "would expire"
     } else {
         "expired"
     };
     let mut out = format!(
-        "table {}\n  {verb} {} snapshot(s){}\n",
+        "table {}\n{}  {verb} {} snapshot(s){}\n",
         report.table,
+        compacted.unwrap_or_default(),
         report.expired_snapshots.len(),
         if report.dry_run {
             String::new()

@@ -125,6 +125,13 @@ pub fn parse_data_file_name(path: &str) -> Option<DataFileName> {
     })
 }
 
+/// The id a compaction writes its files under, `compact-<32 hex digits>` (its files are
+/// `compact-<hex>-g<n>-<nnnnn>.parquet`): unique, and never parsed as a job's data file by
+/// [`parse_data_file_name`], so no job's cleanup claims a file of a compaction in flight.
+pub fn compaction_file_prefix() -> String {
+    format!("compact-{}", uuid::Uuid::new_v4().simple())
+}
+
 /// The name of a job's scratch directory below the scratch root: the job id itself, which
 /// [`JobId::parse`] keeps to one safe path segment (no `/`, not `.` or `..`).
 pub fn job_scratch_dir(job: &JobId) -> &str {
@@ -192,6 +199,18 @@ mod tests {
         DataFileName {
             attempt: AttemptId::new(job(id), stage, partition, attempt),
             sequence: seq,
+        }
+    }
+
+    #[test]
+    fn compaction_files_are_no_jobs() {
+        for _ in 0..100 {
+            let prefix = compaction_file_prefix();
+            assert!(JobId::parse(&prefix).is_ok(), "{prefix}");
+            for group in [0, 7, 12345] {
+                let name = format!("data/day=2024-01-01/{prefix}-g{group}-00000.parquet");
+                assert_eq!(parse_data_file_name(&name), None, "{name}");
+            }
         }
     }
 

@@ -345,6 +345,153 @@ async fn maintain_expires_snapshots_and_removes_only_old_unreferenced_files() {
     assert_eq!(days["2024-01-01"], (5, 60));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compaction_rewrites_small_files_per_partition_and_keeps_a_concurrent_append() {
+    let sandbox = Sandbox::new();
+    sandbox.spec(&spec("append"));
+    let two_days = [("from", "2024-01-01"), ("to", "2024-01-02")];
+    for run in 1..=3 {
+        write_events(&sandbox, 2, 5, run);
+        sandbox
+            .run_with(2, Some(2), Some(&format!("load-{run}")), &two_days)
+            .await
+            .expect("append");
+    }
+    let (before, _) = per_day(&sandbox);
+    let small = files_of(&sandbox, "2024-01-01").len() + files_of(&sandbox, "2024-01-02").len();
+    assert!(files_of(&sandbox, "2024-01-01").len() >= 3);
+
+    let maintain = |args: &[&str], failpoints: &str| {
+        let mut cmd = std::process::Command::new(nightshift_tests::nightshift_bin());
+        cmd.args(["maintain", TABLE, "--output", "json"])
+            .args(args)
+            .current_dir(sandbox.path(""))
+            .env("FAILPOINTS", failpoints)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        cmd.spawn().unwrap()
+    };
+    let finish = |child: std::process::Child| {
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()
+    };
+    let dry = finish(maintain(&["--compact", "--dry-run"], ""));
+    assert_eq!(dry["compacted"]["partitions"], 2, "{dry:#}");
+    assert_eq!(dry["compacted"]["files_rewritten"], small, "{dry:#}");
+    assert_eq!(dry["compacted"]["snapshot_id"], Value::Null);
+    assert_eq!(sandbox.data_files().len(), small);
+
+    // Compaction holds before its commit, its files written; meanwhile a run appends a day.
+    let compacting = maintain(&["--compact"], "compact-before-commit=sleep(6000)");
+    let started = std::time::Instant::now();
+    while !sandbox.data_files().iter().any(|f| f.contains("/compact-")) {
+        assert!(started.elapsed().as_secs() < 60, "compaction wrote nothing");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    write_events(&sandbox, 3, 5, 10);
+    sandbox
+        .run_with(
+            1,
+            Some(1),
+            Some("late-append"),
+            &[("from", "2024-01-03"), ("to", "2024-01-03")],
+        )
+        .await
+        .expect("append during compaction");
+    let done = finish(compacting);
+    assert_eq!(done["compacted"]["files_rewritten"], small, "{done:#}");
+    assert_eq!(done["compacted"]["files_written"], 2, "{done:#}");
+
+    // The same rows, the appended day kept, one file per compacted day.
+    let (after, read) = per_day(&sandbox);
+    let mut expected = before.clone();
+    expected.insert("2024-01-03".into(), (5, 150));
+    assert_eq!(after, expected);
+    let snapshots = read["snapshots"].as_array().unwrap();
+    let last = snapshots.last().unwrap();
+    assert_eq!(last["operation"], "replace", "{last:#}");
+    assert_eq!(last["summary"]["nightshift.maintenance"], "compact");
+    assert_eq!(last["summary"]["deleted-data-files"], small.to_string());
+    assert_eq!(last["summary"]["added-data-files"], "2");
+    assert_eq!(
+        snapshots[snapshots.len() - 2]["summary"]["nightshift.job-id"],
+        "late-append",
+        "the append landed while compaction ran"
+    );
+    assert_eq!(last["summary"]["total-data-files"], "3", "{last:#}");
+
+    // Nothing left to compact. Expiry keeps the rows (the replaced files stay while a
+    // manifest still lists them, as after an overwrite) and leaves no unreferenced file.
+    let again = finish(maintain(&["--compact"], ""));
+    assert_eq!(again["compacted"]["partitions"], 0, "{again:#}");
+    finish(maintain(
+        &["--expire-older-than", "0s", "--keep-last", "1"],
+        "",
+    ));
+    assert_eq!(per_day(&sandbox).0, expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compaction_overtaken_by_an_overwrite_fails_and_deletes_only_its_own_files() {
+    let sandbox = Sandbox::new();
+    sandbox.spec(&spec("append"));
+    let two_days = [("from", "2024-01-01"), ("to", "2024-01-02")];
+    for run in 1..=2 {
+        write_events(&sandbox, 2, 5, run);
+        sandbox
+            .run_with(2, Some(2), Some(&format!("load-{run}")), &two_days)
+            .await
+            .expect("append");
+    }
+    let mut compacting = std::process::Command::new(nightshift_tests::nightshift_bin());
+    let compacting = compacting
+        .args(["maintain", TABLE, "--compact"])
+        .current_dir(sandbox.path(""))
+        .env("FAILPOINTS", "compact-before-commit=sleep(6000)")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while !sandbox.data_files().iter().any(|f| f.contains("/compact-")) {
+        assert!(started.elapsed().as_secs() < 60, "compaction wrote nothing");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // A rerun of day 1 replaces the files compaction is rewriting.
+    sandbox.spec(&spec("overwrite_partitions"));
+    write_events(&sandbox, 2, 5, 7);
+    sandbox
+        .run_with(
+            1,
+            Some(1),
+            Some("rerun-day-1"),
+            &[("from", "2024-01-01"), ("to", "2024-01-01")],
+        )
+        .await
+        .expect("rerun during compaction");
+    let out = compacting.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("no longer in the table"), "{stderr}");
+    // Its own files are gone, every committed one is there, the rows are the rerun's.
+    assert!(
+        !sandbox.data_files().iter().any(|f| f.contains("/compact-")),
+        "{:?}",
+        sandbox.data_files()
+    );
+    let (days, read) = per_day(&sandbox);
+    assert_eq!(days["2024-01-01"], (5, 105));
+    assert_eq!(days["2024-01-02"], (10, 45));
+    assert_eq!(
+        read["snapshots"].as_array().unwrap().last().unwrap()["operation"],
+        "overwrite"
+    );
+}
+
 /// `SELECT id, v FROM table ORDER BY id` as DuckDB reads the table (PyIceberg agreeing).
 fn ids_and_values(sandbox: &Sandbox, table: &str) -> Vec<(i64, i64)> {
     let read = sandbox.read_table(table, None);

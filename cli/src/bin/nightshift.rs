@@ -61,11 +61,13 @@ enum Command {
     /// must add to the table (mode "append" or "overwrite_partitions"). Exit codes as for run.
     #[command(verbatim_doc_comment)]
     Backfill(BackfillArgs),
-    /// Keep a table small and cheap: expire old snapshots (and the files only they
-    /// referenced) and remove orphan files (files no snapshot references, older than a
-    /// safety age, e.g. left by a crashed writer). Never deletes a file any snapshot
-    /// references.
+    /// Keep a table small and cheap: compact small data files (per partition, into files near
+    /// the target size, one `replace` snapshot; appends committed meanwhile are kept), expire
+    /// old snapshots (and the files only they referenced) and remove orphan files (files no
+    /// snapshot references, older than a safety age, e.g. left by a crashed writer). Runs in
+    /// that order. Never deletes a file any snapshot references.
     ///
+    ///   nightshift maintain analytics.daily_revenue --compact
     ///   nightshift maintain analytics.daily_revenue --expire-older-than 7d --keep-last 10
     ///   nightshift maintain analytics.daily_revenue --remove-orphans-older-than 3d --dry-run
     #[command(verbatim_doc_comment)]
@@ -344,7 +346,7 @@ struct HistoryArgs {
 
 #[derive(Args)]
 #[command(group(clap::ArgGroup::new("work").required(true).multiple(true)
-    .args(["expire_older_than", "remove_orphans_older_than"])))]
+    .args(["compact", "expire_older_than", "remove_orphans_older_than"])))]
 struct MaintainArgs {
     /// The table, `namespace.table`.
     table: String,
@@ -354,6 +356,17 @@ struct MaintainArgs {
     /// Use the catalog of this cluster configuration instead of the warehouse's.
     #[arg(long, value_name = "CONFIG")]
     cluster: Option<PathBuf>,
+    /// Rewrite each partition's small data files (under three quarters of the target size)
+    /// into files near the target size, when a partition has at least --min-input-files.
+    #[arg(long)]
+    compact: bool,
+    /// Compaction's target file size (e.g. 128MiB; default: the table's
+    /// write.target-file-size-bytes, else 512MiB).
+    #[arg(long, value_parser = parse_size, value_name = "BYTES")]
+    target_file_size: Option<u64>,
+    /// Small files a partition needs before compaction rewrites it.
+    #[arg(long, default_value_t = 2)]
+    min_input_files: usize,
     /// Expire snapshots created longer ago than this (e.g. 7d, 12h).
     #[arg(long, value_parser = humantime::parse_duration, value_name = "AGE")]
     expire_older_than: Option<std::time::Duration>,
@@ -673,6 +686,12 @@ async fn maintain(args: MaintainArgs) -> ExitCode {
             }
         }),
         orphans_older_than: args.remove_orphans_older_than,
+        compact: args
+            .compact
+            .then_some(nightshift_core::table::compact::CompactPolicy {
+                target_file_bytes: args.target_file_size,
+                min_input_files: args.min_input_files,
+            }),
         dry_run: args.dry_run,
     };
     match maintain(&catalog, &args.table, &work).await {

@@ -28,10 +28,10 @@ use nightshift_core::table::{
     with_table_types_for_nulls,
 };
 use nightshift_core::transport::{StateStore, TaskQueue};
-use nightshift_proto::v1;
 use nightshift_spec::{ResolvedSpec, WriteMode};
 
 pub use driver::{now_ms, ownership_ttl, run_job};
+pub use nightshift_core::table::table_output;
 
 use crate::scheduler::StageCount;
 
@@ -422,49 +422,4 @@ pub async fn validate_with_catalog(
         plan: planned.plan,
         schema_changes,
     })
-}
-
-/// What a final-stage task needs to write data files for `table`.
-/// `checks` are the row checks the writing tasks count.
-/// `evolved` is the schema the files are written with when the job changes the table's
-/// (committed with its snapshot); otherwise the table's current one.
-pub fn table_output(
-    table: &iceberg::table::Table,
-    evolved: Option<&iceberg::spec::Schema>,
-    checks: Vec<v1::RowCheck>,
-) -> Result<v1::TableOutput, CoreError> {
-    let metadata = table.metadata();
-    let json = |v: serde_json::Result<String>| {
-        v.map_err(|e| CoreError::Protocol(format!("cannot serialize table metadata: {e}")))
-    };
-    let schema = evolved.unwrap_or(metadata.current_schema().as_ref());
-    Ok(v1::TableOutput {
-        data_location: format!("{}/data", metadata.location()),
-        schema_json: json(serde_json::to_string(schema))?,
-        partition_spec_json: json(serde_json::to_string(
-            metadata.default_partition_spec().as_ref(),
-        ))?,
-        format_version: metadata.format_version() as u32,
-        target_file_size_bytes: metadata
-            .properties()
-            .get("write.target-file-size-bytes")
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(512 << 20),
-        checks,
-        parquet_properties: parquet_settings_checked(table)?,
-    })
-}
-
-/// The table's `write.parquet.*` properties for the workers' writers, refused here (before
-/// any task runs) when the writer could not use them.
-fn parquet_settings_checked(
-    table: &iceberg::table::Table,
-) -> Result<std::collections::HashMap<String, String>, CoreError> {
-    use nightshift_core::table::parquet_settings;
-    let properties = parquet_settings::parquet_properties(table.metadata().properties());
-    parquet_settings::writer_properties(&properties).map_err(|message| CoreError::Target {
-        table: table.identifier().to_string(),
-        message,
-    })?;
-    Ok(properties.into_iter().collect())
 }

@@ -163,6 +163,7 @@ pub async fn commit_job_snapshot(
                     None
                 },
                 schema_change,
+                no_deletes_since: None,
             };
             overwrite(catalog, &target, job, files, summary)
                 .await
@@ -366,12 +367,16 @@ struct OverwriteTarget<'a> {
     ident: &'a TableIdent,
     /// The partition spec the added files were written with.
     spec_id: i32,
-    replace: Replace,
+    replace: Replace<'a>,
     /// The snapshot the new content was computed from, when it must land on exactly that
     /// one (a merge): a commit by another job in between fails this one.
     base: Option<Option<i64>>,
     /// A schema to add in the same swap (see [`crate::table::evolution`]).
     schema_change: Option<&'a SchemaChange>,
+    /// For a rewrite of files read at this snapshot: a commit since then that added delete
+    /// files fails it (they may delete rows of the files being rewritten, and would not
+    /// apply to the rewritten ones).
+    no_deletes_since: Option<i64>,
 }
 
 async fn overwrite(
@@ -388,6 +393,7 @@ async fn overwrite(
         replace,
         base,
         schema_change,
+        no_deletes_since,
     } = *target;
     let committed_files: HashSet<String> =
         files.iter().map(|f| f.file_path().to_string()).collect();
@@ -416,6 +422,17 @@ async fn overwrite(
                         .metadata()
                         .current_snapshot_id()
                         .map_or("none".to_string(), |b| b.to_string())
+                ),
+                retryable: true,
+            }));
+            break;
+        }
+        if let Some(read_at) = no_deletes_since
+            && let Some(snapshot) = deletes_added_since(&table, read_at)
+        {
+            outcome = Some(Err(CoreError::Task {
+                message: format!(
+                    "{ident}: snapshot {snapshot} added delete files while the rewrite ran; run it again"
                 ),
                 retryable: true,
             }));
@@ -495,6 +512,50 @@ async fn overwrite(
             ),
         })
     })
+}
+
+/// Commits a rewrite of data files (compaction) as one `replace` snapshot tagged with
+/// `job`: the `replaced` files leave the table and `files`, holding the same rows, come in.
+/// Appends committed meanwhile are kept (each attempt builds on the reloaded table); a commit
+/// since `read_at` that removed a replaced file or added delete files fails it.
+pub async fn commit_rewrite(
+    catalog: &dyn Catalog,
+    config: &CatalogConfig,
+    ident: &TableIdent,
+    job: &JobId,
+    (files_json, written_with): (&[String], WrittenWith),
+    (replaced, read_at): (&HashSet<String>, i64),
+    mut summary: HashMap<String, String>,
+) -> Result<CommitOutcome> {
+    let table = catalog.load_table(ident).await?;
+    let files = decode_data_files(&table, files_json, written_with, None)?;
+    summary.insert(JOB_ID_PROPERTY.to_string(), job.to_string());
+    let target = OverwriteTarget {
+        config,
+        ident,
+        spec_id: written_with.partition_spec_id,
+        replace: Replace::Files(replaced),
+        base: None,
+        schema_change: None,
+        no_deletes_since: Some(read_at),
+    };
+    overwrite(catalog, &target, job, files, summary).await
+}
+
+/// The oldest snapshot after `read_at` in the table's current history that added delete
+/// files, if any.
+fn deletes_added_since(table: &Table, read_at: i64) -> Option<i64> {
+    current_history(table)
+        .iter()
+        .take_while(|s| s.snapshot_id() != read_at)
+        .filter(|s| {
+            s.summary()
+                .additional_properties
+                .get("added-delete-files")
+                .is_some_and(|n| n != "0")
+        })
+        .map(|s| s.snapshot_id())
+        .last()
 }
 
 /// Deletes manifests and manifest lists of a snapshot that did not land (never referenced:

@@ -3,6 +3,7 @@
 
 pub mod catalog;
 pub mod commit;
+pub mod compact;
 pub mod evolution;
 pub mod job_guard;
 pub mod layout;
@@ -27,5 +28,6 @@ pub use layout::{
 pub use references::TableReferences;
 pub use schema::iceberg_schema_for;
 pub use writer::{
-    PartitionFileCounts, TableWriteSummary, data_file_paths, files_per_partition, write_data_files,
+    PartitionFileCounts, TableWriteSummary, data_file_paths, files_per_partition, table_output,
+    write_batches, write_data_files,
 };

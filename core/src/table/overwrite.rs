@@ -49,13 +49,16 @@ struct LiveFile {
 
 /// Which live files of the current snapshot the new snapshot replaces.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Replace {
+pub enum Replace<'a> {
     /// Every one: the added files become the table's whole content.
     All,
     /// Those in a partition (of the added files' spec) that an added file falls in.
     PartitionsOf,
     /// None: the snapshot appends (for an append that also changes the schema).
     Nothing,
+    /// These data files (by path), rewritten into the added ones with the same rows: a
+    /// `replace` snapshot (compaction).
+    Files(&'a HashSet<String>),
 }
 
 /// What becomes of the current snapshot's live files.
@@ -79,7 +82,7 @@ pub async fn produce_overwrite(
     table: &Table,
     added: Vec<DataFile>,
     added_spec_id: i32,
-    replace: Replace,
+    replace: Replace<'_>,
     properties: HashMap<String, String>,
 ) -> Result<ProducedSnapshot> {
     let producer = Producer::new(table);
@@ -88,10 +91,28 @@ pub async fn produce_overwrite(
         Replace::All => true,
         Replace::PartitionsOf => spec_id == added_spec_id && partitions.contains(file.partition()),
         Replace::Nothing => false,
+        Replace::Files(paths) => paths.contains(file.file_path()),
     };
     let carried = producer.carry(replaced).await?;
+    if let Replace::Files(paths) = replace {
+        let found = carried.removed.values().map(Vec::len).sum::<usize>();
+        if found != paths.len() {
+            return Err(crate::error::CoreError::Target {
+                table: table.identifier().to_string(),
+                message: format!(
+                    "{} of the {} files being rewritten are no longer in the table (another commit removed them)",
+                    paths.len() - found,
+                    paths.len()
+                ),
+            });
+        }
+    }
+    let operation = match replace {
+        Replace::Files(_) => Some(Operation::Replace),
+        _ => None,
+    };
     producer
-        .produce(added, added_spec_id, carried, properties)
+        .produce(added, added_spec_id, carried, (properties, operation))
         .await
 }
 
@@ -167,10 +188,13 @@ impl<'a> Producer<'a> {
         added: Vec<DataFile>,
         added_spec_id: i32,
         carried: Carried,
-        properties: HashMap<String, String>,
+        (properties, operation): (HashMap<String, String>, Option<Operation>),
     ) -> Result<ProducedSnapshot> {
         let metadata = self.table.metadata();
-        let summary = self.summary((&added, added_spec_id), &carried, properties);
+        let mut summary = self.summary((&added, added_spec_id), &carried, properties);
+        if let Some(operation) = operation {
+            summary.operation = operation;
+        }
         let mut written = Vec::new();
         let mut manifests: Vec<ManifestFile> = Vec::new();
         if !added.is_empty() {

@@ -111,10 +111,22 @@ pub async fn write_data_files(
     file_prefix: String,
     ctx: Arc<TaskContext>,
 ) -> Result<TableWriteSummary> {
+    write_batches(input.execute(partition, ctx)?, out, file_prefix).await
+}
+
+/// Writes the rows of `stream` as data files named `<file_prefix>-<n>.parquet` under the
+/// table's data location, counting the row checks `out` carries.
+pub async fn write_batches<E>(
+    mut stream: impl futures::Stream<Item = std::result::Result<RecordBatch, E>> + Unpin,
+    out: &TableOutput,
+    file_prefix: String,
+) -> Result<TableWriteSummary>
+where
+    CoreError: From<E>,
+{
     let target = TableTarget::from_task(out)?;
     let mut writer = new_writer(&target, out, file_prefix)?;
     let mut checks = RowCheckCounter::new(&out.checks, &target.arrow_schema)?;
-    let mut stream = input.execute(partition, ctx)?;
     let mut rows = 0u64;
     while let Some(batch) = stream.next().await {
         let batch = conform_batch(&batch?, &target.arrow_schema)?;
@@ -174,6 +186,51 @@ fn new_writer(
         )?;
         PartitionedWriter::Fanout(Box::new(FanoutWriter::new(builder)), Box::new(splitter))
     })
+}
+
+/// What a final-stage task needs to write data files for `table`.
+/// `checks` are the row checks the writing tasks count.
+/// `evolved` is the schema the files are written with when the job changes the table's
+/// (committed with its snapshot); otherwise the table's current one.
+pub fn table_output(
+    table: &iceberg::table::Table,
+    evolved: Option<&iceberg::spec::Schema>,
+    checks: Vec<nightshift_proto::v1::RowCheck>,
+) -> Result<nightshift_proto::v1::TableOutput, CoreError> {
+    let metadata = table.metadata();
+    let json = |v: serde_json::Result<String>| {
+        v.map_err(|e| CoreError::Protocol(format!("cannot serialize table metadata: {e}")))
+    };
+    let schema = evolved.unwrap_or(metadata.current_schema().as_ref());
+    Ok(nightshift_proto::v1::TableOutput {
+        data_location: format!("{}/data", metadata.location()),
+        schema_json: json(serde_json::to_string(schema))?,
+        partition_spec_json: json(serde_json::to_string(
+            metadata.default_partition_spec().as_ref(),
+        ))?,
+        format_version: metadata.format_version() as u32,
+        target_file_size_bytes: metadata
+            .properties()
+            .get("write.target-file-size-bytes")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(512 << 20),
+        checks,
+        parquet_properties: parquet_settings_checked(table)?,
+    })
+}
+
+/// The table's `write.parquet.*` properties for the workers' writers, refused here (before
+/// any task runs) when the writer could not use them.
+fn parquet_settings_checked(
+    table: &iceberg::table::Table,
+) -> Result<std::collections::HashMap<String, String>, CoreError> {
+    use super::parquet_settings;
+    let properties = parquet_settings::parquet_properties(table.metadata().properties());
+    parquet_settings::writer_properties(&properties).map_err(|message| CoreError::Target {
+        table: table.identifier().to_string(),
+        message,
+    })?;
+    Ok(properties.into_iter().collect())
 }
 
 /// How a job's data files spread over the table's partitions.

@@ -1,0 +1,307 @@
+//! Compaction: a partition's small data files rewritten into files near the table's target
+//! size, committed as one `replace` snapshot (the rows do not change).
+//!
+//! Each partition (of the table's current partition spec) whose small files number at least
+//! `min_input_files` is one group. The group's files are read with iceberg-rust's reader (so
+//! columns are matched by field id across schema changes) and written by the same writer as
+//! a job's final stage, under names no job's cleanup parses as its own
+//! ([`crate::names::compaction_file_prefix`]). The commit rebuilds on the reloaded table at
+//! each attempt, so appends committed meanwhile are kept; a commit that removed a file being
+//! rewritten, or added delete files, fails the compaction and its written files are deleted.
+//! Files that delete files apply to are left alone.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use futures::{StreamExt, TryStreamExt};
+use iceberg::scan::FileScanTask;
+use iceberg::spec::ManifestContentType;
+use iceberg::table::Table;
+use iceberg::{Catalog, TableIdent};
+use tracing::{info, warn};
+
+use super::catalog::CatalogConfig;
+use super::commit::{WrittenWith, commit_rewrite};
+use super::references::TableReferences;
+use super::writer::{data_file_paths, table_output, write_batches};
+use crate::error::{CoreError, Result};
+use crate::ids::JobId;
+
+/// The table property naming the data file size writers aim for.
+pub const TARGET_FILE_SIZE_PROPERTY: &str = "write.target-file-size-bytes";
+/// The target size when the table names none (as a job's writer).
+pub const DEFAULT_TARGET_FILE_BYTES: u64 = 512 << 20;
+
+/// Which files compaction rewrites.
+#[derive(Debug, Clone, Copy)]
+pub struct CompactPolicy {
+    /// The size written files aim for; a file under three quarters of it is small. `None`:
+    /// the table's `write.target-file-size-bytes`, else 512 MiB.
+    pub target_file_bytes: Option<u64>,
+    /// A partition is rewritten when it has at least this many small files (at least 2).
+    pub min_input_files: usize,
+}
+
+/// A live data file, as the grouping sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidate {
+    pub path: String,
+    pub bytes: u64,
+    /// The partition spec it was written with, and its partition value in words.
+    pub spec_id: i32,
+    pub partition: String,
+    /// Delete files apply to it.
+    pub has_deletes: bool,
+}
+
+/// The groups to rewrite: per partition of `current_spec`, the small files without delete
+/// files, when there are at least `min_input_files` of them. Paths sorted within a group,
+/// groups by partition.
+pub fn plan_groups(
+    files: &[Candidate],
+    current_spec: i32,
+    target_file_bytes: u64,
+    min_input_files: usize,
+) -> Vec<Vec<&Candidate>> {
+    let small = target_file_bytes.saturating_mul(3) / 4;
+    let mut by_partition: BTreeMap<&str, Vec<&Candidate>> = BTreeMap::new();
+    for file in files {
+        if file.spec_id == current_spec && !file.has_deletes && file.bytes < small {
+            by_partition.entry(&file.partition).or_default().push(file);
+        }
+    }
+    by_partition
+        .into_values()
+        .filter(|group| group.len() >= min_input_files.max(2))
+        .map(|mut group| {
+            group.sort_by(|a, b| a.path.cmp(&b.path));
+            group
+        })
+        .collect()
+}
+
+/// What a compaction did (or, with `dry_run`, would do).
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Compacted {
+    /// Partitions rewritten.
+    pub partitions: usize,
+    pub files_rewritten: usize,
+    pub bytes_rewritten: u64,
+    pub files_written: usize,
+    /// Small files left alone because delete files apply to them.
+    pub skipped_with_deletes: usize,
+    /// The `replace` snapshot (none when nothing was rewritten, or on a dry run).
+    pub snapshot_id: Option<i64>,
+}
+
+/// Rewrites the table's small files per `policy` as one `replace` snapshot.
+pub async fn compact(
+    catalog: &dyn Catalog,
+    config: &CatalogConfig,
+    ident: &TableIdent,
+    policy: CompactPolicy,
+    dry_run: bool,
+) -> Result<Compacted> {
+    let table = catalog.load_table(ident).await?;
+    let Some(read_at) = table.metadata().current_snapshot_id() else {
+        return Ok(Compacted::default());
+    };
+    let tasks: Vec<FileScanTask> = table
+        .scan()
+        .snapshot_id(read_at)
+        .select_all()
+        .build()?
+        .plan_files()
+        .await?
+        .try_collect()
+        .await?;
+    let target = policy.target_file_bytes.unwrap_or_else(|| {
+        table
+            .metadata()
+            .properties()
+            .get(TARGET_FILE_SIZE_PROPERTY)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(DEFAULT_TARGET_FILE_BYTES)
+    });
+    let specs = spec_of_live_files(&table, read_at).await?;
+    let candidates: Vec<Candidate> = tasks.iter().map(|t| candidate(t, &specs)).collect();
+    let current_spec = table.metadata().default_partition_spec_id();
+    let groups = plan_groups(&candidates, current_spec, target, policy.min_input_files);
+    let small = target.saturating_mul(3) / 4;
+    let mut done = Compacted {
+        partitions: groups.len(),
+        files_rewritten: groups.iter().map(Vec::len).sum(),
+        bytes_rewritten: groups.iter().flatten().map(|c| c.bytes).sum(),
+        skipped_with_deletes: candidates
+            .iter()
+            .filter(|c| c.has_deletes && c.bytes < small)
+            .count(),
+        ..Default::default()
+    };
+    if groups.is_empty() || dry_run {
+        return Ok(done);
+    }
+    let job = JobId::parse(&crate::names::compaction_file_prefix())
+        .map_err(|e| CoreError::Protocol(format!("compaction id: {e}")))?;
+    let mut out = table_output(&table, None, Vec::new())?;
+    out.target_file_size_bytes = target;
+    let mut written: Vec<String> = Vec::new();
+    let replaced: HashSet<String> = groups.iter().flatten().map(|c| c.path.clone()).collect();
+    let rewrite = async {
+        for (n, group) in groups.iter().enumerate() {
+            let paths: HashSet<&str> = group.iter().map(|c| c.path.as_str()).collect();
+            let group_tasks: Vec<FileScanTask> = tasks
+                .iter()
+                .filter(|t| paths.contains(t.data_file_path()))
+                .cloned()
+                .collect();
+            let stream = futures::stream::iter(group_tasks.into_iter().map(Ok)).boxed();
+            let batches = table.reader_builder().build().read(stream)?.stream();
+            let summary = write_batches(batches, &out, format!("{job}-g{n}")).await?;
+            written.extend(summary.data_files_json);
+        }
+        // Tests hold the compaction here while another job appends.
+        fail::fail_point!("compact-before-commit");
+        let mut summary = std::collections::HashMap::new();
+        summary.insert("nightshift.maintenance".to_string(), "compact".to_string());
+        commit_rewrite(
+            catalog,
+            config,
+            ident,
+            &job,
+            (&written, WrittenWith::current(&table)),
+            (&replaced, read_at),
+            summary,
+        )
+        .await
+    };
+    match rewrite.await {
+        Ok(outcome) => {
+            done.files_written = written.len();
+            done.snapshot_id = Some(outcome.snapshot_id);
+            info!(
+                partitions = done.partitions,
+                files = done.files_rewritten,
+                into = done.files_written,
+                snapshot_id = outcome.snapshot_id,
+                "compacted"
+            );
+            Ok(done)
+        }
+        Err(e) => {
+            delete_unreferenced(catalog, ident, &data_file_paths(&written)).await;
+            Err(e)
+        }
+    }
+}
+
+/// The partition spec of each live data file of `snapshot_id`, from its manifests (the scan's
+/// tasks do not carry it).
+async fn spec_of_live_files(table: &Table, snapshot_id: i64) -> Result<HashMap<String, i32>> {
+    let mut specs = HashMap::new();
+    let Some(snapshot) = table.metadata().snapshot_by_id(snapshot_id) else {
+        return Ok(specs);
+    };
+    let list = table.manifest_list_reader(snapshot).load().await?;
+    for manifest_file in list
+        .entries()
+        .iter()
+        .filter(|m| m.content == ManifestContentType::Data)
+    {
+        let manifest = manifest_file.load_manifest(table.file_io()).await?;
+        for entry in manifest.entries().iter().filter(|e| e.is_alive()) {
+            specs.insert(
+                entry.file_path().to_string(),
+                manifest_file.partition_spec_id,
+            );
+        }
+    }
+    Ok(specs)
+}
+
+fn candidate(task: &FileScanTask, specs: &HashMap<String, i32>) -> Candidate {
+    Candidate {
+        path: task.data_file_path().to_string(),
+        bytes: task.file_size_in_bytes,
+        spec_id: specs.get(task.data_file_path()).copied().unwrap_or(-1),
+        partition: task
+            .partition
+            .as_ref()
+            .map_or_else(String::new, |p| format!("{p:?}")),
+        has_deletes: !task.deletes.is_empty(),
+    }
+}
+
+/// Deletes the files a failed compaction wrote, except any a snapshot references (a commit
+/// whose answer was lost may have landed after all).
+async fn delete_unreferenced(catalog: &dyn Catalog, ident: &TableIdent, paths: &[String]) {
+    let Ok(table) = catalog.load_table(ident).await else {
+        warn!("cannot reload the table; the compaction's files stay for orphan removal");
+        return;
+    };
+    let references = match TableReferences::load(&table).await {
+        Ok(references) => references,
+        Err(e) => {
+            warn!(error = %e, "cannot read the table's references; the compaction's files stay for orphan removal");
+            return;
+        }
+    };
+    for path in paths.iter().filter(|p| !references.references(p)) {
+        if let Err(e) = table.file_io().delete(path).await {
+            warn!(path, error = %e, "cannot delete a file of a failed compaction");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(path: &str, bytes: u64, partition: &str) -> Candidate {
+        Candidate {
+            path: path.into(),
+            bytes,
+            spec_id: 0,
+            partition: partition.into(),
+            has_deletes: false,
+        }
+    }
+
+    fn paths(groups: Vec<Vec<&Candidate>>) -> Vec<Vec<&str>> {
+        groups
+            .into_iter()
+            .map(|g| g.into_iter().map(|c| c.path.as_str()).collect())
+            .collect()
+    }
+
+    #[test]
+    fn small_files_group_by_partition_when_there_are_enough() {
+        let files = [
+            file("d/b", 10, "day=2"),
+            file("d/a", 10, "day=2"),
+            file("d/big", 80, "day=2"), // three quarters of 100 or more: not small
+            file("d/c", 10, "day=1"),   // alone in its partition
+            file("d/e", 74, "day=3"),
+            file("d/f", 1, "day=3"),
+        ];
+        assert_eq!(
+            paths(plan_groups(&files, 0, 100, 2)),
+            [vec!["d/a", "d/b"], vec!["d/e", "d/f"]]
+        );
+        assert_eq!(
+            paths(plan_groups(&files, 0, 100, 3)),
+            Vec::<Vec<&str>>::new()
+        );
+        // A minimum below 2 would rewrite a file into itself.
+        assert_eq!(paths(plan_groups(&files, 0, 100, 1)).len(), 2);
+    }
+
+    #[test]
+    fn files_of_an_older_spec_or_with_deletes_are_left_alone() {
+        let mut old_spec = file("d/old", 10, "day=2");
+        old_spec.spec_id = 1;
+        let mut deleted = file("d/del", 10, "day=2");
+        deleted.has_deletes = true;
+        let files = [old_spec, deleted, file("d/a", 10, "day=2")];
+        assert!(plan_groups(&files, 0, 100, 2).is_empty());
+    }
+}

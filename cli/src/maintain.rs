@@ -6,11 +6,14 @@ use std::time::Duration;
 use nightshift_core::CoreError;
 use nightshift_core::table::compact::{CompactPolicy, Compacted, compact};
 use nightshift_core::table::maintain::{ExpirePolicy, expire_snapshots, remove_orphans};
+use nightshift_core::table::retention::{Dropped, drop_old_partitions};
 use nightshift_core::table::{CatalogConfig, open_existing_table};
 
 /// What to do.
 #[derive(Debug, Clone, Default)]
 pub struct Maintenance {
+    /// Drop partitions whose time range ended longer ago than this.
+    pub drop_partitions_older_than: Option<Duration>,
     pub compact: Option<CompactPolicy>,
     pub expire: Option<ExpirePolicy>,
     /// Remove files no snapshot references that are older than this.
@@ -23,6 +26,8 @@ pub struct Maintenance {
 pub struct MaintenanceReport {
     pub table: String,
     pub dry_run: bool,
+    /// What partition retention dropped (absent when not asked for).
+    pub dropped: Option<Dropped>,
     /// What compaction did (absent when not asked for).
     pub compacted: Option<Compacted>,
     pub expired_snapshots: Vec<i64>,
@@ -30,9 +35,9 @@ pub struct MaintenanceReport {
     pub orphans: Vec<String>,
 }
 
-/// Runs `work` on `table`: compaction first (the files it replaces stay referenced by older
-/// snapshots until they expire), then expiry (its unreferenced files go with it), then
-/// orphans.
+/// Runs `work` on `table`: partition retention first (nothing to compact there), then
+/// compaction (the files both replace stay referenced by older snapshots until they
+/// expire), then expiry (its unreferenced files go with it), then orphans.
 pub async fn maintain(
     catalog: &CatalogConfig,
     table: &str,
@@ -44,6 +49,15 @@ pub async fn maintain(
         dry_run: work.dry_run,
         ..Default::default()
     };
+    if let Some(age) = work.drop_partitions_older_than {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or_default();
+        report.dropped = Some(
+            drop_old_partitions(opened.as_ref(), catalog, &ident, age, (now, work.dry_run)).await?,
+        );
+    }
     if let Some(policy) = work.compact {
         report.compacted =
             Some(compact(opened.as_ref(), catalog, &ident, policy, work.dry_run).await?);
@@ -62,6 +76,33 @@ pub async fn maintain(
 
 /// The report for people.
 pub fn report_text(report: &MaintenanceReport) -> String {
+    let dropped = report.dropped.as_ref().map(|d| {
+        let verb = if report.dry_run {
+            "would drop"
+        } else {
+            "dropped"
+        };
+        let mut text = format!(
+            "  {verb} {} partition(s): {} data file(s), {} delete file(s), {} row(s){}\n",
+            d.partitions.len(),
+            d.data_files,
+            d.delete_files,
+            d.rows,
+            d.snapshot_id
+                .map(|s| format!(", snapshot {s}"))
+                .unwrap_or_default()
+        );
+        for partition in &d.partitions {
+            text.push_str(&format!("    {partition}\n"));
+        }
+        if d.files_without_time > 0 {
+            text.push_str(&format!(
+                "    ({} file(s) in partitions without a time field left alone)\n",
+                d.files_without_time
+            ));
+        }
+        text
+    });
     let compacted = report.compacted.as_ref().map(|c| {
         let verb = if report.dry_run {
             "would compact"
@@ -94,8 +135,9 @@ pub fn report_text(report: &MaintenanceReport) -> String {
         "expired"
     };
     let mut out = format!(
-        "table {}\n{}  {verb} {} snapshot(s){}\n",
+        "table {}\n{}{}  {verb} {} snapshot(s){}\n",
         report.table,
+        dropped.unwrap_or_default(),
         compacted.unwrap_or_default(),
         report.expired_snapshots.len(),
         if report.dry_run {

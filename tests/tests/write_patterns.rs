@@ -492,6 +492,85 @@ async fn compaction_overtaken_by_an_overwrite_fails_and_deletes_only_its_own_fil
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_drops_whole_partitions_past_the_age_as_one_delete_snapshot() {
+    let sandbox = Sandbox::new();
+    sandbox.spec(&spec("append"));
+    write_events(&sandbox, 3, 5, 1);
+    sandbox
+        .run_with(
+            2,
+            Some(2),
+            Some("three-days"),
+            &[("from", "2024-01-01"), ("to", "2024-01-03")],
+        )
+        .await
+        .expect("load");
+    // A cut-off at 2024-01-03T00:00: days 1 and 2 have ended by then, day 3 has not.
+    let jan_3 = 1_704_240_000; // 2024-01-03T00:00:00Z
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let age = format!("{}s", now - jan_3);
+    let maintain = |extra: &[&str]| {
+        let mut args = vec![
+            "maintain",
+            TABLE,
+            "--output",
+            "json",
+            "--drop-partitions-older-than",
+            &age,
+        ];
+        args.extend_from_slice(extra);
+        let out = sandbox.cli(&args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()
+    };
+    let dry = maintain(&["--dry-run"]);
+    assert_eq!(
+        dry["dropped"]["partitions"],
+        serde_json::json!(["event_date_day=2024-01-01", "event_date_day=2024-01-02"]),
+        "{dry:#}"
+    );
+    assert_eq!(dry["dropped"]["rows"], 10);
+    assert_eq!(dry["dropped"]["snapshot_id"], Value::Null);
+    assert_eq!(per_day(&sandbox).0.len(), 3);
+
+    let done = maintain(&[]);
+    assert_eq!(done["dropped"]["data_files"], 2, "{done:#}");
+    let (days, read) = per_day(&sandbox);
+    assert_eq!(
+        days.into_iter().collect::<Vec<_>>(),
+        [("2024-01-03".to_string(), (5, 15))]
+    );
+    let snapshots = read["snapshots"].as_array().unwrap();
+    assert_eq!(snapshots.len(), 2);
+    assert_eq!(snapshots[1]["operation"], "delete");
+    assert_eq!(snapshots[1]["summary"]["deleted-records"], "10");
+    // The load's snapshot still reads all three days (time travel), both readers agreeing.
+    let every = sandbox.read_table_with(TABLE, None, &["--every-snapshot"]);
+    let first = &every["by_snapshot"][0];
+    assert_eq!(first["pyiceberg"]["rows"], 15, "{first:#}");
+    assert_eq!(first["pyiceberg"]["checksum"], first["duckdb"]["checksum"]);
+
+    let again = maintain(&[]);
+    assert_eq!(
+        again["dropped"]["partitions"],
+        serde_json::json!([]),
+        "{again:#}"
+    );
+    assert_eq!(
+        snapshot_count(&sandbox.read_table(TABLE, None)),
+        2,
+        "nothing to drop commits nothing"
+    );
+}
+
 /// `SELECT id, v FROM table ORDER BY id` as DuckDB reads the table (PyIceberg agreeing).
 fn ids_and_values(sandbox: &Sandbox, table: &str) -> Vec<(i64, i64)> {
     let read = sandbox.read_table(table, None);

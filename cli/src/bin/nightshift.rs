@@ -61,12 +61,14 @@ enum Command {
     /// must add to the table (mode "append" or "overwrite_partitions"). Exit codes as for run.
     #[command(verbatim_doc_comment)]
     Backfill(BackfillArgs),
-    /// Keep a table small and cheap: compact small data files (per partition, into files near
-    /// the target size, one `replace` snapshot; appends committed meanwhile are kept), expire
-    /// old snapshots (and the files only they referenced) and remove orphan files (files no
-    /// snapshot references, older than a safety age, e.g. left by a crashed writer). Runs in
-    /// that order. Never deletes a file any snapshot references.
+    /// Keep a table small and cheap: drop partitions past a retention period (one `delete`
+    /// snapshot), compact small data files (per partition, into files near the target size,
+    /// one `replace` snapshot; appends committed meanwhile are kept), expire old snapshots
+    /// (and the files only they referenced) and remove orphan files (files no snapshot
+    /// references, older than a safety age, e.g. left by a crashed writer). Runs in that
+    /// order. Never deletes a file any snapshot references.
     ///
+    ///   nightshift maintain analytics.daily_revenue --drop-partitions-older-than 400d
     ///   nightshift maintain analytics.daily_revenue --compact
     ///   nightshift maintain analytics.daily_revenue --expire-older-than 7d --keep-last 10
     ///   nightshift maintain analytics.daily_revenue --remove-orphans-older-than 3d --dry-run
@@ -346,7 +348,7 @@ struct HistoryArgs {
 
 #[derive(Args)]
 #[command(group(clap::ArgGroup::new("work").required(true).multiple(true)
-    .args(["compact", "expire_older_than", "remove_orphans_older_than"])))]
+    .args(["drop_partitions_older_than", "compact", "expire_older_than", "remove_orphans_older_than"])))]
 struct MaintainArgs {
     /// The table, `namespace.table`.
     table: String,
@@ -356,6 +358,10 @@ struct MaintainArgs {
     /// Use the catalog of this cluster configuration instead of the warehouse's.
     #[arg(long, value_name = "CONFIG")]
     cluster: Option<PathBuf>,
+    /// Drop the partitions whose time range (from the first day/month/year/hour partition
+    /// field, or identity of a date or timestamp) ended longer ago than this (e.g. 400d).
+    #[arg(long, value_parser = humantime::parse_duration, value_name = "AGE")]
+    drop_partitions_older_than: Option<std::time::Duration>,
     /// Rewrite each partition's small data files (under three quarters of the target size)
     /// into files near the target size, when a partition has at least --min-input-files.
     #[arg(long)]
@@ -686,6 +692,7 @@ async fn maintain(args: MaintainArgs) -> ExitCode {
             }
         }),
         orphans_older_than: args.remove_orphans_older_than,
+        drop_partitions_older_than: args.drop_partitions_older_than,
         compact: args
             .compact
             .then_some(nightshift_core::table::compact::CompactPolicy {

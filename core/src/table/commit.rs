@@ -514,17 +514,19 @@ async fn overwrite(
     })
 }
 
-/// Commits a rewrite of data files (compaction) as one `replace` snapshot tagged with
-/// `job`: the `replaced` files leave the table and `files`, holding the same rows, come in.
-/// Appends committed meanwhile are kept (each attempt builds on the reloaded table); a commit
-/// since `read_at` that removed a replaced file or added delete files fails it.
-pub async fn commit_rewrite(
+/// Commits a change of files that is no job's result, tagged with `job`: a compaction
+/// ([`Replace::Files`]: the replaced files leave and `files`, holding the same rows, come in;
+/// a `replace` snapshot) or a partition drop ([`Replace::Drop`], nothing added; a `delete`
+/// snapshot). Appends committed meanwhile are kept (each attempt builds on the reloaded
+/// table); a commit since `read_at` that removed one of the files fails it, and for a
+/// compaction so does one that added delete files.
+pub async fn commit_file_change(
     catalog: &dyn Catalog,
     config: &CatalogConfig,
     ident: &TableIdent,
     job: &JobId,
     (files_json, written_with): (&[String], WrittenWith),
-    (replaced, read_at): (&HashSet<String>, i64),
+    (replace, read_at): (Replace<'_>, i64),
     mut summary: HashMap<String, String>,
 ) -> Result<CommitOutcome> {
     let table = catalog.load_table(ident).await?;
@@ -534,10 +536,10 @@ pub async fn commit_rewrite(
         config,
         ident,
         spec_id: written_with.partition_spec_id,
-        replace: Replace::Files(replaced),
+        replace,
         base: None,
         schema_change: None,
-        no_deletes_since: Some(read_at),
+        no_deletes_since: matches!(replace, Replace::Files(_)).then_some(read_at),
     };
     overwrite(catalog, &target, job, files, summary).await
 }

@@ -20,7 +20,8 @@ use iceberg::{Catalog, TableIdent};
 use tracing::{info, warn};
 
 use super::catalog::CatalogConfig;
-use super::commit::{WrittenWith, commit_rewrite};
+use super::commit::{WrittenWith, commit_file_change};
+use super::overwrite::Replace;
 use super::references::TableReferences;
 use super::writer::{data_file_paths, table_output, write_batches};
 use crate::error::{CoreError, Result};
@@ -163,13 +164,13 @@ pub async fn compact(
         fail::fail_point!("compact-before-commit");
         let mut summary = std::collections::HashMap::new();
         summary.insert("nightshift.maintenance".to_string(), "compact".to_string());
-        commit_rewrite(
+        commit_file_change(
             catalog,
             config,
             ident,
             &job,
             (&written, WrittenWith::current(&table)),
-            (&replaced, read_at),
+            (Replace::Files(&replaced), read_at),
             summary,
         )
         .await

@@ -11,6 +11,7 @@ pub mod maintain;
 pub mod overwrite;
 pub mod parquet_settings;
 pub mod references;
+pub mod retention;
 pub mod schema;
 pub mod swap;
 pub mod writer;

@@ -59,6 +59,9 @@ pub enum Replace<'a> {
     /// These data files (by path), rewritten into the added ones with the same rows: a
     /// `replace` snapshot (compaction).
     Files(&'a HashSet<String>),
+    /// These files (by path, data and delete files), removed with their rows and nothing
+    /// added: a `delete` snapshot (partition retention).
+    Drop(&'a HashSet<String>),
 }
 
 /// What becomes of the current snapshot's live files.
@@ -91,16 +94,16 @@ pub async fn produce_overwrite(
         Replace::All => true,
         Replace::PartitionsOf => spec_id == added_spec_id && partitions.contains(file.partition()),
         Replace::Nothing => false,
-        Replace::Files(paths) => paths.contains(file.file_path()),
+        Replace::Files(paths) | Replace::Drop(paths) => paths.contains(file.file_path()),
     };
     let carried = producer.carry(replaced).await?;
-    if let Replace::Files(paths) = replace {
+    if let Replace::Files(paths) | Replace::Drop(paths) = replace {
         let found = carried.removed.values().map(Vec::len).sum::<usize>();
         if found != paths.len() {
             return Err(crate::error::CoreError::Target {
                 table: table.identifier().to_string(),
                 message: format!(
-                    "{} of the {} files being rewritten are no longer in the table (another commit removed them)",
+                    "{} of the {} files being rewritten or dropped are no longer in the table (another commit removed them)",
                     paths.len() - found,
                     paths.len()
                 ),
@@ -109,6 +112,7 @@ pub async fn produce_overwrite(
     }
     let operation = match replace {
         Replace::Files(_) => Some(Operation::Replace),
+        Replace::Drop(_) => Some(Operation::Delete),
         _ => None,
     };
     producer

@@ -140,7 +140,7 @@ pub async fn drop_old_partitions(
                 grain,
                 partition.fields().get(index).and_then(Option::as_ref),
             );
-            if !ends.is_some_and(|end| end <= cutoff) {
+            if ends.is_none_or(|end| end > cutoff) {
                 continue;
             }
             partitions.insert(spec.partition_to_path(partition, schema.clone()));

@@ -20,6 +20,7 @@ pub mod cleanup;
 pub mod idempotency;
 pub mod job;
 pub mod lineage;
+pub mod openlineage;
 pub mod scheduler;
 pub mod service;
 pub mod spec_ref;

@@ -173,3 +173,109 @@ async fn a_cluster_job_records_the_submitters_commit() {
         Some(64)
     );
 }
+
+/// OpenLineage run events from `nightshift run` with `NIGHTSHIFT_LINEAGE_FILE`, checked by
+/// the OpenLineage client (`tests/py/openlineage_check.py`).
+fn openlineage_events(sandbox: &Sandbox, file: &std::path::Path) -> serde_json::Value {
+    let out = std::process::Command::new(nightshift_tests::python())
+        .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("py/openlineage_check.py"))
+        .arg(file)
+        .current_dir(sandbox.path(""))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn openlineage_events_start_and_end_each_run_and_the_client_accepts_them() {
+    let sandbox = Sandbox::new();
+    sandbox.write("data/orders.csv", "id,amount\n1,10\n2,-5\n3,7\n");
+    let spec = |severity: &str| {
+        format!(
+            r#"[pipeline]
+name = "örders"
+
+[[source]]
+name = "orders"
+format = "csv"
+location = "data/orders.csv"
+
+[transform]
+sql = "SELECT id, amount FROM orders"
+
+[target]
+table = "tests.orders"
+
+[[check]]
+name = "amount_positive"
+type = "range"
+columns = ["amount"]
+min = 0
+severity = "{severity}"
+"#
+        )
+    };
+    let events = sandbox.path("lineage.jsonl");
+    let run = |job: &str| {
+        std::process::Command::new(nightshift_tests::nightshift_bin())
+            .args(["run", "pipeline.toml", "--job-id", job])
+            .current_dir(sandbox.path(""))
+            .env("NIGHTSHIFT_LINEAGE_FILE", &events)
+            .env_remove("OPENLINEAGE_URL")
+            .output()
+            .unwrap()
+    };
+    sandbox.spec(&spec("warn"));
+    assert!(run("ol-1").status.success());
+    sandbox.spec(&spec("error"));
+    assert_eq!(run("ol-2").status.code(), Some(1));
+
+    let seen = openlineage_events(&sandbox, &events);
+    let kinds: Vec<(&str, &str)> = seen
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["eventType"].as_str().unwrap(),
+                e["runId"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(kinds.len(), 4, "{seen:#}");
+    assert_eq!(
+        kinds.iter().map(|(k, _)| *k).collect::<Vec<_>>(),
+        ["START", "COMPLETE", "START", "FAIL"]
+    );
+    // One run id per job, the same on its start and end events.
+    assert_eq!(kinds[0].1, kinds[1].1);
+    assert_eq!(kinds[2].1, kinds[3].1);
+    assert_ne!(kinds[0].1, kinds[2].1);
+    let complete = &seen[1];
+    assert_eq!(complete["job"], "örders");
+    assert_eq!(complete["outputs"], serde_json::json!(["tests.orders"]));
+    assert_eq!(complete["rows"], 3);
+    assert!(
+        complete["inputs"][0]
+            .as_str()
+            .unwrap()
+            .ends_with("data/orders.csv"),
+        "{complete:#}"
+    );
+    assert_eq!(complete["assertions"][0]["assertion"], "amount_positive");
+    assert_eq!(complete["assertions"][0]["success"], false);
+    assert_eq!(complete["assertions"][0]["column"], "amount");
+    let failed = &seen[3];
+    assert!(
+        failed["error"]
+            .as_str()
+            .unwrap()
+            .contains("check `amount_positive` failed"),
+        "{failed:#}"
+    );
+}

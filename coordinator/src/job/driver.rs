@@ -28,6 +28,7 @@ use super::{
     table_output,
 };
 use crate::cleanup::{delete_scratch, sweep_job_files};
+use crate::openlineage::{EventType, RunFacts, Written, run_event};
 use crate::scheduler::{StageCount, StageTracker};
 
 /// How a job's phases ended.
@@ -93,6 +94,8 @@ struct JobRun<'a> {
     just_committed: TableReferences,
     /// What the planner read, for the snapshot's lineage.
     inputs: Vec<nightshift_core::sources::SourceSummary>,
+    /// The result's schema, once planned (for the OpenLineage events).
+    output_schema: Option<datafusion::arrow::datatypes::SchemaRef>,
 }
 
 impl<'a> JobRun<'a> {
@@ -130,7 +133,39 @@ impl<'a> JobRun<'a> {
             created_table: false,
             just_committed: TableReferences::default(),
             inputs: Vec::new(),
+            output_schema: None,
         }
+    }
+
+    /// Emits the job's OpenLineage run event of `kind`, if a sink is configured.
+    async fn emit_lineage(&self, kind: EventType, error: Option<&str>) {
+        let Some(sink) = &self.env.lineage else {
+            return;
+        };
+        let catalog = match &self.env.catalog {
+            nightshift_core::table::CatalogConfig::Sql { name, .. }
+            | nightshift_core::table::CatalogConfig::Rest { name, .. } => name.as_str(),
+        };
+        let ended = kind != EventType::Start;
+        let facts = RunFacts {
+            namespace: sink.namespace(),
+            job_id: self.job().as_str(),
+            pipeline: &self.spec.spec.pipeline.name,
+            sql: &self.spec.sql,
+            catalog,
+            table: &self.spec.spec.target.table,
+            inputs: &self.inputs,
+            output_schema: self.output_schema.as_deref(),
+            written: ended.then_some(Written {
+                rows: self.report.rows,
+                bytes: self.report.bytes,
+                checks: &self.report.checks,
+                check_specs: &self.spec.spec.check,
+            }),
+            error,
+        };
+        let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        sink.emit(&run_event(kind, &facts, &now)).await;
     }
 
     fn job(&self) -> &'a JobId {
@@ -182,6 +217,8 @@ impl<'a> JobRun<'a> {
         let job_plan = planned.plan;
         let merge_base = planned.merge_base;
         self.inputs = planned.sources;
+        self.output_schema = Some(job_plan.output_schema.clone());
+        self.emit_lineage(EventType::Start, None).await;
         self.report.stages = job_plan.stages.len();
         self.report.tasks = job_plan.total_tasks();
         info!(
@@ -382,6 +419,13 @@ impl<'a> JobRun<'a> {
             .unwrap_or_default();
         // First, so workers stop reporting and discard what they still write.
         self.record_state(state, &detail).await;
+        let lineage = match state {
+            JobState::Succeeded => EventType::Complete,
+            JobState::Cancelled => EventType::Abort,
+            _ => EventType::Fail,
+        };
+        self.emit_lineage(lineage, result.as_ref().err().map(|_| detail.as_str()))
+            .await;
         self.clean_up(state).await;
         match result {
             Ok(()) => {

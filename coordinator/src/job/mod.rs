@@ -63,6 +63,8 @@ pub struct JobEnv {
     /// How long after a job ends its files are swept once more, for task attempts that were
     /// still writing when it ended.
     pub late_sweep_after: Duration,
+    /// Where each job's OpenLineage run events go (none: not emitted).
+    pub lineage: Option<Arc<crate::openlineage::LineageSink>>,
 }
 
 impl JobEnv {
@@ -82,6 +84,7 @@ impl JobEnv {
             plan_mode: PlanMode::default(),
             owner: format!("coordinator-{}", uuid::Uuid::now_v7()),
             late_sweep_after: DEFAULT_LATE_SWEEP_AFTER,
+            lineage: crate::openlineage::LineageSink::from_env().map(Arc::new),
         }
     }
 }

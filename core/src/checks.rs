@@ -27,6 +27,7 @@ pub const SAMPLES: usize = 5;
 pub fn row_checks(checks: &[CheckSpec]) -> Vec<v1::RowCheck> {
     checks
         .iter()
+        .filter(|c| c.on_result())
         .filter_map(|c| {
             c.row_predicate().map(|predicate_sql| v1::RowCheck {
                 name: c.name.clone(),
@@ -136,6 +137,7 @@ pub async fn run_set_checks(
 ) -> Result<Vec<v1::CheckOutcome>> {
     let queries: Vec<(&CheckSpec, String)> = checks
         .iter()
+        .filter(|c| c.on_result())
         .filter_map(|c| c.set_query().map(|q| (c, q)))
         .collect();
     if queries.is_empty() {
@@ -146,10 +148,38 @@ pub async fn run_set_checks(
         "result",
         crate::sources::parquet_files_table(file_paths, schema)?,
     )?;
+    run_check_queries(&ctx, &queries, catalog, true).await
+}
+
+/// Runs each check on a source (`on = "<source>"`) in `ctx`, where the sources are
+/// registered as the job reads them: the rows each query returns are the failures (for
+/// `row_count`, the outcome's `failed` holds the source's row count). With `execute`
+/// false the queries are only planned: a column or table that does not exist is an error,
+/// and no data is read (`validate`, admission).
+pub async fn run_source_checks(
+    ctx: &SessionContext,
+    checks: &[CheckSpec],
+    catalog: Option<&dyn iceberg::Catalog>,
+    execute: bool,
+) -> Result<Vec<v1::CheckOutcome>> {
+    let queries: Vec<(&CheckSpec, String)> = checks
+        .iter()
+        .filter(|c| !c.on_result())
+        .filter_map(|c| c.source_query(&c.on).map(|q| (c, q)))
+        .collect();
+    run_check_queries(ctx, &queries, catalog, execute).await
+}
+
+async fn run_check_queries(
+    ctx: &SessionContext,
+    queries: &[(&CheckSpec, String)],
+    catalog: Option<&dyn iceberg::Catalog>,
+    execute: bool,
+) -> Result<Vec<v1::CheckOutcome>> {
     let mut outcomes = Vec::with_capacity(queries.len());
     for (check, query) in queries {
         let failed = |message: String| CoreError::Target {
-            table: "result".to_string(),
+            table: check.on.clone(),
             message: format!("[[check]] `{}`: {message}", check.name),
         };
         let failed_query = |e: DataFusionError| failed(e.to_string());
@@ -168,7 +198,10 @@ pub async fn run_set_checks(
                 })
             })?;
         }
-        let frame = ctx.sql(&query).await.map_err(failed_query)?;
+        let frame = ctx.sql(query).await.map_err(failed_query)?;
+        if !execute {
+            continue;
+        }
         let mut stream = frame.execute_stream().await.map_err(failed_query)?;
         let mut outcome = v1::CheckOutcome {
             name: check.name.clone(),
@@ -194,11 +227,13 @@ pub async fn run_set_checks(
 /// The rows a batch of a set check's query stands for: one per row, except `unique` and
 /// `relationship`, whose rows are keys with the count of rows holding each.
 fn failing_rows(check: &CheckSpec, batch: &RecordBatch) -> u64 {
-    if !matches!(check.kind, CheckKind::Unique | CheckKind::Relationship) {
-        return batch.num_rows() as u64;
-    }
+    let column = match check.kind {
+        CheckKind::Unique | CheckKind::Relationship => nightshift_spec::DUPLICATE_ROWS_COLUMN,
+        CheckKind::RowCount => nightshift_spec::ROWS_COUNTED_COLUMN,
+        _ => return batch.num_rows() as u64,
+    };
     batch
-        .column_by_name(nightshift_spec::DUPLICATE_ROWS_COLUMN)
+        .column_by_name(column)
         .and_then(|c| c.as_any().downcast_ref::<arrow::array::Int64Array>())
         .map(|counts| counts.iter().flatten().map(|n| n.max(0) as u64).sum())
         .unwrap_or(batch.num_rows() as u64)
@@ -250,26 +285,45 @@ pub fn judge<'a>(
         .iter()
         .map(|check| {
             let severity = check.severity.to_string();
+            let mine = outcomes.iter().filter(|o| o.name == check.name);
             if check.kind == CheckKind::RowCount {
-                let (passed, detail) = judge_row_count(check, rows, previous_rows);
+                // On a source, its query counted the source's rows.
+                let counted = if check.on_result() {
+                    rows
+                } else {
+                    mine.clone().map(|o| o.failed).sum()
+                };
+                let (passed, mut detail) = judge_row_count(check, counted, previous_rows);
+                if !check.on_result() {
+                    detail = format!(
+                        "source `{}`: {}",
+                        check.on,
+                        detail.replacen("rows written", "rows read", 1)
+                    );
+                }
                 return CheckResult {
                     name: check.name.clone(),
                     severity,
                     passed,
-                    failed_rows: if passed { 0 } else { rows },
+                    failed_rows: if passed { 0 } else { counted },
                     detail,
                     samples: Vec::new(),
                 };
             }
-            let mine = outcomes.iter().filter(|o| o.name == check.name);
             let failed: u64 = mine.clone().map(|o| o.failed).sum();
             let samples: Vec<String> = mine
                 .flat_map(|o| o.samples.iter().cloned())
                 .take(SAMPLES)
                 .collect();
+            // A source's row count is not known here; the result's is.
+            let of_rows = if check.on_result() {
+                format!(" of {rows}")
+            } else {
+                String::new()
+            };
             let detail = match check.kind {
                 CheckKind::Unique => format!(
-                    "{failed} of {rows} rows share their ({}) with another row",
+                    "{failed}{of_rows} rows share their ({}) with another row",
                     check.columns.join(", ")
                 ),
                 CheckKind::Sql => format!(
@@ -277,7 +331,7 @@ pub fn judge<'a>(
                     check.sql.as_deref().unwrap_or_default().trim()
                 ),
                 CheckKind::Relationship => format!(
-                    "{failed} of {rows} rows have a ({}) that {} lacks",
+                    "{failed}{of_rows} rows have a ({}) that {} lacks",
                     check.columns.join(", "),
                     check.to.as_deref().unwrap_or_default()
                 ),
@@ -288,9 +342,14 @@ pub fn judge<'a>(
                     check.max_age.as_deref().unwrap_or_default()
                 ),
                 _ => format!(
-                    "{failed} of {rows} rows fail {}",
+                    "{failed}{of_rows} rows fail {}",
                     check.row_predicate().unwrap_or_default()
                 ),
+            };
+            let detail = if check.on_result() {
+                detail
+            } else {
+                format!("source `{}`: {detail}", check.on)
             };
             CheckResult {
                 name: check.name.clone(),

@@ -27,7 +27,8 @@ use crate::error::SpecError;
 #[serde(deny_unknown_fields)]
 pub struct CheckSpec {
     pub name: String,
-    /// `result` (the rows published); checks on a source are not built yet.
+    /// `result` (the rows published), or the name of a `[[source]]`: its rows as the job
+    /// reads them, checked before any task runs.
     #[serde(default = "result")]
     pub on: String,
     #[serde(rename = "type")]
@@ -68,8 +69,11 @@ pub struct CheckSpec {
     pub severity: Severity,
 }
 
+/// `on` of a check on the rows the job publishes.
+pub const RESULT: &str = "result";
+
 fn result() -> String {
-    "result".to_string()
+    RESULT.to_string()
 }
 
 /// What a check tests.
@@ -130,6 +134,9 @@ pub const RELATIONSHIP_VIEW: &str = "__nightshift_relationship";
 /// key it found.
 pub const DUPLICATE_ROWS_COLUMN: &str = "rows_with_this_key";
 
+/// The column of a source `row_count` check's query holding the source's row count.
+pub const ROWS_COUNTED_COLUMN: &str = "rows_counted";
+
 impl CheckSpec {
     /// The SQL predicate every row must satisfy (false fails, NULL passes), for row-level
     /// checks; `None` for `row_count`.
@@ -171,17 +178,40 @@ impl CheckSpec {
         })
     }
 
+    /// True for a check on the rows the job publishes (not on a source).
+    pub fn on_result(&self) -> bool {
+        self.on == RESULT
+    }
+
     /// The query over `result` whose rows are the failures, for checks on all the rows
     /// together (`unique`, `sql`, `freshness`, `relationship`); `None` for the others. A key
     /// with a NULL in it is never a duplicate (as in SQL's `UNIQUE`) nor a missing reference.
     pub fn set_query(&self) -> Option<String> {
+        self.set_query_over(RESULT)
+    }
+
+    /// The query a check on a source runs over `table` (the source's registered name): the
+    /// set query, or for a row-level check the rows its predicate is false on; for
+    /// `row_count`, one row with the count in [`ROWS_COUNTED_COLUMN`].
+    pub fn source_query(&self, table: &str) -> Option<String> {
+        let from = quote_identifier(table);
+        match (self.kind, self.row_predicate()) {
+            (CheckKind::RowCount, _) => Some(format!(
+                "SELECT COUNT(*) AS {ROWS_COUNTED_COLUMN} FROM {from}"
+            )),
+            (_, Some(predicate)) => Some(format!("SELECT * FROM {from} WHERE NOT ({predicate})")),
+            (_, None) => self.set_query_over(&from),
+        }
+    }
+
+    fn set_query_over(&self, table: &str) -> Option<String> {
         match self.kind {
             CheckKind::Unique => {
                 let key: Vec<String> = self.columns.iter().map(|c| quote_identifier(c)).collect();
                 let present = all_present(&key);
                 let key = key.join(", ");
                 Some(format!(
-                    "SELECT {key}, COUNT(*) AS {DUPLICATE_ROWS_COLUMN} FROM result \
+                    "SELECT {key}, COUNT(*) AS {DUPLICATE_ROWS_COLUMN} FROM {table} \
                      WHERE {present} GROUP BY {key} HAVING COUNT(*) > 1"
                 ))
             }
@@ -206,7 +236,7 @@ impl CheckSpec {
                     .join(" AND ");
                 let key = ours.join(", ");
                 Some(format!(
-                    "SELECT {key}, COUNT(*) AS {DUPLICATE_ROWS_COLUMN} FROM result r \
+                    "SELECT {key}, COUNT(*) AS {DUPLICATE_ROWS_COLUMN} FROM {table} r \
                      WHERE {present} AND NOT EXISTS (SELECT 1 FROM {RELATIONSHIP_VIEW} t WHERE {matched}) \
                      GROUP BY {key}"
                 ))
@@ -215,7 +245,7 @@ impl CheckSpec {
                 let column = quote_identifier(self.columns.first()?);
                 let interval = parse_age(self.max_age.as_deref()?)?;
                 Some(format!(
-                    "SELECT MAX({column}) AS newest FROM result \
+                    "SELECT MAX({column}) AS newest FROM {table} \
                      HAVING CAST(MAX({column}) AS TIMESTAMP) < CAST(now() AS TIMESTAMP) - INTERVAL '{interval}'"
                 ))
             }
@@ -288,7 +318,11 @@ fn literal(value: &toml::Value) -> String {
 }
 
 /// Every check well-formed: a unique name, on the result, the keys its type needs.
-pub(crate) fn check_checks(checks: &[CheckSpec], path: &Path) -> Result<(), SpecError> {
+pub(crate) fn check_checks(
+    checks: &[CheckSpec],
+    sources: &[&str],
+    path: &Path,
+) -> Result<(), SpecError> {
     let mut names = std::collections::BTreeSet::new();
     for check in checks {
         let invalid = |message: String| {
@@ -300,11 +334,22 @@ pub(crate) fn check_checks(checks: &[CheckSpec], path: &Path) -> Result<(), Spec
         if !names.insert(check.name.as_str()) {
             return Err(invalid("is defined twice".to_string()));
         }
-        if check.on != "result" {
+        if check.on != RESULT && !sources.contains(&check.on.as_str()) {
             return Err(invalid(format!(
-                "on = \"{}\": checks on a source are not built yet; check the result (on = \"result\")",
-                check.on
+                "on = \"{}\" is neither \"result\" nor a [[source]] (sources: {})",
+                check.on,
+                if sources.is_empty() {
+                    "none".to_string()
+                } else {
+                    sources.join(", ")
+                }
             )));
+        }
+        if check.on != RESULT && check.max_change.is_some() {
+            return Err(invalid(
+                "max_change compares the result with the previous run; on a source give min and/or max"
+                    .to_string(),
+            ));
         }
         let takes_columns = !matches!(check.kind, CheckKind::RowCount | CheckKind::Sql);
         if takes_columns && check.columns.is_empty() {
@@ -396,7 +441,7 @@ mod tests {
     fn row_count_takes_a_relative_bound() {
         let relative = check("name = \"r\"\ntype = \"row_count\"\nmax_change = \"30%\"");
         assert_eq!(relative.max_change_percent(), Some(30.0));
-        assert!(check_checks(&[relative], Path::new("p.toml")).is_ok());
+        assert!(check_checks(&[relative], &[], Path::new("p.toml")).is_ok());
         for (text, says) in [
             ("type = \"row_count\"\nmax_change = \"30\"", "e.g. \"30%\""),
             ("type = \"row_count\"\nmax_change = \"-5%\"", "e.g. \"30%\""),
@@ -408,6 +453,7 @@ mod tests {
         ] {
             let err = check_checks(
                 &[check(&format!("name = \"r\"\n{text}"))],
+                &[],
                 Path::new("p.toml"),
             )
             .unwrap_err()
@@ -540,8 +586,12 @@ mod tests {
                 "sql = ... belongs to type = \"sql\"",
             ),
             (
-                "name = \"a\"\non = \"orders\"\ntype = \"not_null\"\ncolumns = [\"n\"]",
-                "checks on a source are not built yet",
+                "name = \"a\"\non = \"ordres\"\ntype = \"not_null\"\ncolumns = [\"n\"]",
+                "is neither \"result\" nor a [[source]] (sources: orders)",
+            ),
+            (
+                "name = \"a\"\non = \"orders\"\ntype = \"row_count\"\nmax_change = \"5%\"",
+                "on a source give min and/or max",
             ),
             (
                 "name = \"a\"\ntype = \"row_count\"\ncolumns = [\"n\"]\nmin = 1",
@@ -552,12 +602,14 @@ mod tests {
                 "needs values",
             ),
         ] {
-            let err = check_checks(&[check(text)], path).unwrap_err().to_string();
+            let err = check_checks(&[check(text)], &["orders"], path)
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(message), "{text}: {err}");
         }
         let twice = vec![check("name = \"a\"\ntype = \"row_count\"\nmin = 1"); 2];
         assert!(
-            check_checks(&twice, path)
+            check_checks(&twice, &[], path)
                 .unwrap_err()
                 .to_string()
                 .contains("defined twice")

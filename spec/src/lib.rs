@@ -12,7 +12,10 @@ mod params;
 mod partition;
 mod suggest;
 
-pub use check::{CheckKind, CheckSpec, DUPLICATE_ROWS_COLUMN, RELATIONSHIP_VIEW, Severity};
+pub use check::{
+    CheckKind, CheckSpec, DUPLICATE_ROWS_COLUMN, RELATIONSHIP_VIEW, RESULT, ROWS_COUNTED_COLUMN,
+    Severity,
+};
 pub use contract::{ColumnContract, parse_column_type};
 pub use error::SpecError;
 pub use model::{

@@ -401,7 +401,8 @@ pub(crate) fn check(spec: &Spec, path: &Path) -> Result<(), SpecError> {
         ));
     }
     check_merge(&spec.target, path)?;
-    crate::check::check_checks(&spec.check, path)?;
+    let sources: Vec<&str> = spec.source.iter().map(|s| s.name.as_str()).collect();
+    crate::check::check_checks(&spec.check, &sources, path)?;
     let parts: Vec<&str> = spec.target.table.split('.').collect();
     if parts.len() < 2 || parts.iter().any(|p| !is_identifier(p)) {
         return Err(SpecError::invalid(

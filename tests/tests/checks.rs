@@ -232,21 +232,100 @@ fn a_check_on_a_missing_column_is_refused_before_anything_runs() {
         stderr.contains("[[check]] `query_typo`") && stderr.contains("ballance"),
         "{stderr}"
     );
-    sandbox.spec(&spec(
-        &data,
-        &check(
-            "later",
-            "on = \"accounts\"\ntype = \"not_null\"\ncolumns = [\"id\"]",
-            "error",
+    for (body, says) in [
+        (
+            "on = \"acounts\"\ntype = \"not_null\"\ncolumns = [\"id\"]",
+            "is neither \"result\" nor a [[source]] (sources: accounts)",
         ),
-    ));
-    let out = sandbox.cli(&["validate", "pipeline.toml"]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
+        (
+            "on = \"accounts\"\ntype = \"not_null\"\ncolumns = [\"identifier\"]",
+            "identifier",
+        ),
+    ] {
+        sandbox.spec(&spec(&data, &check("on_source", body, "error")));
+        let out = sandbox.cli(&["validate", "pipeline.toml"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains(says), "{stderr}");
+    }
+}
+
+#[test]
+fn checks_on_a_source_run_before_any_task_and_an_error_writes_nothing() {
+    let sandbox = Sandbox::new();
+    let data = write_accounts(&sandbox);
+    let on_source = |severity: &str| {
+        [
+            check(
+                "source_has_rows",
+                "on = \"accounts\"\ntype = \"row_count\"\nmin = 5\nmax = 5",
+                "error",
+            ),
+            check(
+                "source_ids_unique",
+                "on = \"accounts\"\ntype = \"unique\"\ncolumns = [\"id\"]",
+                "error",
+            ),
+            check(
+                "source_emails",
+                "on = \"accounts\"\ntype = \"not_null\"\ncolumns = [\"email\"]",
+                severity,
+            ),
+            check(
+                "source_balances",
+                "on = \"accounts\"\ntype = \"sql\"\nsql = \"SELECT id FROM accounts WHERE balance < -100\"",
+                "error",
+            ),
+        ]
+        .concat()
+    };
+    sandbox.spec(&spec(&data, &on_source("warn")));
+    let (code, report, stderr) = run_json(&sandbox);
+    assert_eq!(code, Some(0), "{stderr}\n{report:#}");
+    let results = report["checks"].as_array().unwrap();
+    let verdict = |name: &str| {
+        results
+            .iter()
+            .find(|r| r["name"] == name)
+            .unwrap_or_else(|| panic!("{name} in {report:#}"))
+            .clone()
+    };
+    assert_eq!(verdict("source_has_rows")["passed"], true);
     assert!(
-        stderr.contains("checks on a source are not built yet"),
+        verdict("source_has_rows")["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("source `accounts`: 5 rows read"),
+        "{report:#}"
+    );
+    assert_eq!(verdict("source_ids_unique")["passed"], true);
+    assert_eq!(verdict("source_balances")["passed"], true);
+    let emails = verdict("source_emails");
+    assert_eq!(emails["passed"], false);
+    assert_eq!(emails["failed_rows"], 1);
+    assert!(
+        emails["samples"][0].as_str().unwrap().contains("\"id\":5"),
+        "{emails:#}"
+    );
+
+    // As an error, the job stops before any task: no table, no file.
+    let sandbox = Sandbox::new();
+    let data = write_accounts(&sandbox);
+    sandbox.spec(&spec(&data, &on_source("error")));
+    let (code, report, stderr) = run_json(&sandbox);
+    assert_eq!(code, Some(1), "{stderr}\n{report:#}");
+    assert!(
+        stderr.contains(
+            "check `source_emails` failed: source `accounts`: 1 rows fail \"email\" IS NOT NULL"
+        ),
         "{stderr}"
     );
+    assert!(
+        sandbox.data_files().is_empty(),
+        "{:?}",
+        sandbox.data_files()
+    );
+    assert_eq!(sandbox.read_table(TABLE, None)["exists"], false);
 }
 
 #[test]

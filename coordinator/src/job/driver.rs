@@ -24,8 +24,8 @@ use tracing::{Instrument, info, info_span, warn};
 use super::ownership::Ownership;
 use super::stages::StageRunner;
 use super::{
-    DEFAULT_MAX_TASK_ATTEMPTS, JobEnv, JobError, JobEvent, JobOptions, JobReport, plan,
-    table_output,
+    DEFAULT_MAX_TASK_ATTEMPTS, JobEnv, JobError, JobEvent, JobOptions, JobReport, SourceChecks,
+    plan, table_output,
 };
 use crate::cleanup::{delete_scratch, sweep_job_files};
 use crate::openlineage::{EventType, RunFacts, Written, run_event};
@@ -137,6 +137,28 @@ impl<'a> JobRun<'a> {
         }
     }
 
+    /// Ends the job before any task runs when a check on a source fails with error severity
+    /// (nothing was written; the report lists the source checks).
+    fn fail_on_source_checks(
+        &mut self,
+        outcomes: &[nightshift_proto::v1::CheckOutcome],
+    ) -> Result<(), JobError> {
+        let on_sources: Vec<_> = self
+            .spec
+            .spec
+            .check
+            .iter()
+            .filter(|c| !c.on_result())
+            .cloned()
+            .collect();
+        let results = nightshift_core::checks::judge(&on_sources, outcomes, 0, None);
+        if nightshift_core::checks::blocking(&results).is_empty() {
+            return Ok(());
+        }
+        self.report.checks = results;
+        Err(JobError::ChecksFailed(self.report.checks.clone()))
+    }
+
     /// Emits the job's OpenLineage run event of `kind`, if a sink is configured.
     async fn emit_lineage(&self, kind: EventType, error: Option<&str>) {
         let Some(sink) = &self.env.lineage else {
@@ -211,9 +233,11 @@ impl<'a> JobRun<'a> {
             self.spec,
             self.options,
             Some(catalog.as_ref()),
-            self.env.plan_mode,
+            (self.env.plan_mode, SourceChecks::Run),
         )
         .await?;
+        let source_outcomes = planned.source_checks;
+        self.fail_on_source_checks(&source_outcomes)?;
         let job_plan = planned.plan;
         let merge_base = planned.merge_base;
         self.inputs = planned.sources;
@@ -296,7 +320,8 @@ impl<'a> JobRun<'a> {
                 .tracker
                 .final_check_outcomes()
                 .iter()
-                .chain(&set_outcomes),
+                .chain(&set_outcomes)
+                .chain(&source_outcomes),
             self.report.rows,
             nightshift_core::table::previous_run_rows(&table, &self.spec.spec.pipeline.name),
         );

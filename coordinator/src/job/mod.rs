@@ -28,6 +28,7 @@ use nightshift_core::table::{
     with_table_types_for_nulls,
 };
 use nightshift_core::transport::{StateStore, TaskQueue};
+use nightshift_proto::v1;
 use nightshift_spec::{ResolvedSpec, WriteMode};
 
 pub use driver::{now_ms, ownership_ttl, run_job};
@@ -252,13 +253,22 @@ struct Planned {
     partitions: usize,
     /// For a merge: the snapshot its rows were read from (`None`: the table had none).
     merge_base: Option<Option<i64>>,
+    /// What the checks on sources found (empty unless asked to read them).
+    source_checks: Vec<v1::CheckOutcome>,
+}
+
+/// Whether planning runs the checks on sources (reading the sources) or only plans them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SourceChecks {
+    Run,
+    PlanOnly,
 }
 
 async fn plan(
     spec: &ResolvedSpec,
     options: &JobOptions,
     catalog: Option<&dyn iceberg::Catalog>,
-    mode: PlanMode,
+    (mode, source_checks): (PlanMode, SourceChecks),
 ) -> Result<Planned, JobError> {
     let session = new_session(SessionOptions::default());
     let sources = register_sources(&session, spec, catalog).await?;
@@ -286,11 +296,20 @@ async fn plan(
     RowCheckCounter::new(&checks::row_checks(&spec.spec.check), &plan.output_schema)?;
     // So is a `unique` or `sql` check whose query does not run: tried on no rows.
     checks::run_set_checks(&spec.spec.check, &[], &plan.output_schema, catalog).await?;
+    // Checks on sources read the sources as the job does, before any task runs.
+    let source_checks = checks::run_source_checks(
+        &session,
+        &spec.spec.check,
+        catalog,
+        source_checks == SourceChecks::Run,
+    )
+    .await?;
     Ok(Planned {
         plan,
         sources,
         partitions,
         merge_base,
+        source_checks,
     })
 }
 
@@ -387,7 +406,13 @@ pub async fn validate_with_catalog(
     catalog: Option<Arc<dyn iceberg::Catalog>>,
 ) -> Result<ValidationReport, JobError> {
     let table = &spec.spec.target.table;
-    let planned = plan(spec, options, catalog.as_deref(), PlanMode::default()).await?;
+    let planned = plan(
+        spec,
+        options,
+        catalog.as_deref(),
+        (PlanMode::default(), SourceChecks::PlanOnly),
+    )
+    .await?;
     let mut existing = None;
     if let Some(catalog) = &catalog {
         let ident = parse_table_ident(table)?;

@@ -178,21 +178,69 @@ impl ValueOutcome {
     }
 }
 
-/// Runs one embedded job per value of `range`, at most `parallel` at once, in order of the
-/// values. After a failure no further value starts (values already running finish); the rest
-/// are reported as not run, so a rerun resumes there. `on_done` sees each outcome as it ends.
+/// Where each value's job runs.
+pub enum Backend<'a> {
+    /// In this process (`embedded`, with each job's options).
+    Embedded {
+        embedded: &'a EmbeddedOptions,
+        options: &'a dyn Fn(JobId) -> JobOptions,
+    },
+    /// Submitted to a cluster's coordinator through its job queue, as `run --cluster`
+    /// does, waiting at most `timeout` for each value.
+    Cluster {
+        config: &'a nightshift_cluster::config::ClusterConfig,
+        timeout: std::time::Duration,
+    },
+}
+
+impl ValueOutcome {
+    /// The outcome of a value run on a cluster, from the outcome its coordinator stored.
+    pub fn from_cluster(
+        value: &str,
+        job_id: &JobId,
+        started: Instant,
+        json: &serde_json::Value,
+    ) -> Self {
+        let succeeded = json["status"] == "succeeded";
+        let snapshot_id = json["snapshot_id"].as_i64();
+        let status = match (succeeded, json["already_committed"].as_bool(), snapshot_id) {
+            (false, ..) => "failed",
+            (true, Some(true), _) => "skipped",
+            (true, _, None) => "empty",
+            (true, _, Some(_)) => "committed",
+        };
+        ValueOutcome {
+            value: value.to_string(),
+            job_id: job_id.to_string(),
+            status,
+            snapshot_id,
+            rows: json["rows"].as_u64().unwrap_or(0),
+            seconds: started.elapsed().as_secs_f64(),
+            error: (!succeeded).then(|| {
+                json["error"]
+                    .as_str()
+                    .unwrap_or("the job failed")
+                    .to_string()
+            }),
+        }
+    }
+}
+
+/// Runs one job per value of `range` on `backend`, at most `parallel` at once, in order of
+/// the values. After a failure no further value starts (values already running finish); the
+/// rest are reported as not run, so a rerun resumes there. `on_done` sees each outcome as it
+/// ends.
 pub async fn run_backfill(
     spec_path: &Path,
     params: &[(String, String)],
     range: &ParamRange,
-    embedded: &EmbeddedOptions,
-    options: impl Fn(JobId) -> JobOptions,
+    backend: &Backend<'_>,
     parallel: usize,
     on_done: impl Fn(&ValueOutcome),
 ) -> Vec<ValueOutcome> {
     let stop = AtomicBool::new(false);
     let run_value = |value: String| {
-        let (stop, options, on_done) = (&stop, &options, &on_done);
+        let (stop, on_done) = (&stop, &on_done);
         async move {
             let started = Instant::now();
             let mut value_params = params.to_vec();
@@ -204,11 +252,27 @@ pub async fn run_backfill(
             };
             let outcome = match (spec, job_id) {
                 _ if stop.load(Ordering::SeqCst) => ValueOutcome::not_run(&value),
-                (Ok(spec), Ok(job_id)) => {
-                    let result =
-                        run_embedded(&spec, embedded, &options(job_id.clone()), &|_| {}).await;
-                    ValueOutcome::from_result(&value, &job_id, started, &result)
-                }
+                (Ok(spec), Ok(job_id)) => match backend {
+                    Backend::Embedded { embedded, options } => {
+                        let result =
+                            run_embedded(&spec, embedded, &options(job_id.clone()), &|_| {}).await;
+                        ValueOutcome::from_result(&value, &job_id, started, &result)
+                    }
+                    Backend::Cluster { config, timeout } => {
+                        match crate::cluster::submit_and_wait(
+                            config,
+                            spec_path,
+                            &job_id,
+                            value_params,
+                            *timeout,
+                        )
+                        .await
+                        {
+                            Ok(json) => ValueOutcome::from_cluster(&value, &job_id, started, &json),
+                            Err(e) => ValueOutcome::failed(&value, e.to_string()),
+                        }
+                    }
+                },
                 (Err(e), _) => ValueOutcome::failed(&value, e.to_string()),
                 (_, Err(e)) => ValueOutcome::failed(&value, e),
             };

@@ -571,6 +571,63 @@ async fn retention_drops_whole_partitions_past_the_age_as_one_delete_snapshot() 
     );
 }
 
+#[test]
+fn backfill_on_a_cluster_submits_each_day_and_resumes() {
+    use nightshift_tests::cluster::{ClusterSandbox, ClusterStorage};
+    let cluster = ClusterSandbox::start(ClusterStorage::LocalWithPostgres, 1, &[]);
+    write_events(&cluster.sandbox, 4, 5, 1);
+    let events = cluster
+        .sandbox
+        .path("data/events.csv")
+        .display()
+        .to_string();
+    cluster.sandbox.spec(
+        &spec("overwrite_partitions")
+            .replace(
+                "sql = \"SELECT id, event_date, amount FROM events WHERE event_date BETWEEN DATE '${from}' AND DATE '${to}'\"",
+                "sql = \"SELECT id, event_date, amount FROM events WHERE event_date = DATE '${from}'\"",
+            )
+            .replace("location = \"data/events.csv\"", &format!("location = \"{events}\"")),
+    );
+    let backfill = |range: &str| {
+        let config = cluster.config.display().to_string();
+        let out = cluster.sandbox.cli(&[
+            "backfill",
+            "pipeline.toml",
+            "--param-range",
+            range,
+            "--cluster",
+            &config,
+            "--wait-secs",
+            "120",
+            "--output",
+            "json",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            cluster.logs()
+        );
+        let outcomes: Value = serde_json::from_slice(&out.stdout).unwrap();
+        outcomes["values"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["status"].as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(backfill("from=2024-01-01..2024-01-02"), ["committed"; 2]);
+    assert_eq!(
+        backfill("from=2024-01-01..2024-01-04"),
+        ["skipped", "skipped", "committed", "committed"]
+    );
+    let read = cluster.read_table(TABLE, None);
+    assert_eq!(snapshot_count(&read), 4, "{read:#}");
+    assert_eq!(read["pyiceberg"]["rows"], 20);
+    assert_eq!(read["pyiceberg"]["checksum"], read["duckdb"]["checksum"]);
+}
+
 /// `SELECT id, v FROM table ORDER BY id` as DuckDB reads the table (PyIceberg agreeing).
 fn ids_and_values(sandbox: &Sandbox, table: &str) -> Vec<(i64, i64)> {
     let read = sandbox.read_table(table, None);

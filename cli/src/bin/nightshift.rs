@@ -409,6 +409,13 @@ struct BackfillArgs {
     /// In-process workers per value.
     #[arg(long, default_value_t = default_workers())]
     workers: usize,
+    /// Submit each value's job to the cluster described by this configuration (through its
+    /// job queue, as `run --cluster`) instead of running it here.
+    #[arg(long, value_name = "CONFIG")]
+    cluster: Option<PathBuf>,
+    /// With --cluster: how long to wait for each value's outcome, in seconds.
+    #[arg(long, default_value_t = 3600)]
+    wait_secs: u64,
     /// Output format on stdout.
     #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
     output: OutputFormat,
@@ -647,12 +654,26 @@ async fn backfill(args: BackfillArgs) -> ExitCode {
     } else {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
+    let options = |job_id| job_options(&args.common, job_id, args.workers);
+    let cluster = match args.cluster.as_deref().map(load_cluster_config).transpose() {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    let backend = match &cluster {
+        Some(config) => nightshift::backfill::Backend::Cluster {
+            config,
+            timeout: std::time::Duration::from_secs(args.wait_secs),
+        },
+        None => nightshift::backfill::Backend::Embedded {
+            embedded: &embedded,
+            options: &options,
+        },
+    };
     let outcomes = run_backfill(
         &args.common.pipeline,
         &args.common.params,
         &range,
-        &embedded,
-        |job_id| job_options(&args.common, job_id, args.workers),
+        &backend,
         parallel,
         |outcome| {
             bar.inc(1);

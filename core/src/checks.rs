@@ -185,7 +185,7 @@ async fn run_check_queries(
         let failed_query = |e: DataFusionError| failed(e.to_string());
         if let Some(to) = &check.to {
             crate::sources::register_table_snapshot(
-                &ctx,
+                ctx,
                 nightshift_spec::RELATIONSHIP_VIEW,
                 to,
                 catalog,

@@ -233,16 +233,32 @@ pub fn reader_command(table: &str, reference: Option<&Path>) -> Command {
 }
 
 /// Runs the reader script and parses its JSON.
-pub fn run_reader(mut cmd: Command) -> Value {
-    let out = cmd
-        .output()
-        .expect("run python3 (scripts/test installs pyiceberg and duckdb)");
+pub fn run_reader(cmd: Command) -> Value {
+    json_output(cmd)
+}
+
+/// Runs `cmd`, which must succeed (its stderr is the failure message), and parses its
+/// stdout as JSON.
+pub fn json_output<T: serde::de::DeserializeOwned>(mut cmd: Command) -> T {
+    let out = cmd.output().unwrap_or_else(|e| panic!("run {cmd:?}: {e}"));
     assert!(
         out.status.success(),
-        "read_table.py failed:\n{}",
+        "{cmd:?} failed:\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    serde_json::from_slice(&out.stdout).expect("json from read_table.py")
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "json from {cmd:?}: {e}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+/// `python -c script args...` (the interpreter with the readers), its stdout as JSON.
+pub fn python_json<T: serde::de::DeserializeOwned>(script: &str, args: &[&str]) -> T {
+    let mut cmd = Command::new(python());
+    cmd.arg("-c").arg(script).args(args);
+    json_output(cmd)
 }
 
 /// The Python interpreter with pyiceberg and duckdb (`NIGHTSHIFT_PYTHON`, else `python3`).

@@ -177,18 +177,12 @@ async fn a_cluster_job_records_the_submitters_commit() {
 /// OpenLineage run events from `nightshift run` with `NIGHTSHIFT_LINEAGE_FILE`, checked by
 /// the OpenLineage client (`tests/py/openlineage_check.py`).
 fn openlineage_events(sandbox: &Sandbox, file: &std::path::Path) -> serde_json::Value {
-    let out = std::process::Command::new(nightshift_tests::python())
+    let mut check = std::process::Command::new(nightshift_tests::python());
+    check
         .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("py/openlineage_check.py"))
         .arg(file)
-        .current_dir(sandbox.path(""))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+        .current_dir(sandbox.path(""));
+    nightshift_tests::json_output(check)
 }
 
 #[test]

@@ -50,16 +50,7 @@ fn schemas(sandbox: &Sandbox) -> Value {
            'snapshot_schemas': [s.schema_id for s in snaps]}}, sys.stdout)\n",
         w = sandbox.warehouse().display()
     );
-    let out = std::process::Command::new(nightshift_tests::python())
-        .args(["-c", &script])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    nightshift_tests::python_json(&script, &[])
 }
 
 /// The rows each reader sees, sorted, as `[columns, rows]`; PyIceberg and DuckDB must agree.

@@ -43,18 +43,8 @@ fn codecs(sandbox: &Sandbox) -> Vec<String> {
          \x20           col = meta.row_group(g).column(c)\n\
          \x20           out.append(f'{col.path_in_schema}:{col.compression}')\n\
          json.dump(sorted(set(out)), sys.stdout)\n";
-    let out = std::process::Command::new(nightshift_tests::python())
-        .arg("-c")
-        .arg(script)
-        .args(&files)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    let files: Vec<&str> = files.iter().map(String::as_str).collect();
+    nightshift_tests::python_json(script, &files)
 }
 
 #[tokio::test(flavor = "multi_thread")]

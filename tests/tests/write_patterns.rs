@@ -74,16 +74,7 @@ fn per_day(sandbox: &Sandbox) -> (BTreeMap<String, (u64, u64)>, Value) {
          json.dump({{r[0]: [r[1], int(r[2])] for r in rows}}, sys.stdout)\n",
         w = sandbox.warehouse().display()
     );
-    let out = std::process::Command::new(nightshift_tests::python())
-        .args(["-c", &script])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let days: BTreeMap<String, (u64, u64)> = serde_json::from_slice(&out.stdout).unwrap();
+    let days: BTreeMap<String, (u64, u64)> = nightshift_tests::python_json(&script, &[]);
     (days, read)
 }
 
@@ -645,16 +636,7 @@ fn ids_and_values(sandbox: &Sandbox, table: &str) -> Vec<(i64, i64)> {
          json.dump(c.execute('SELECT id, v FROM iceberg_scan(?) ORDER BY id', [t.metadata_location]).fetchall(), sys.stdout)\n",
         w = sandbox.warehouse().display()
     );
-    let out = std::process::Command::new(nightshift_tests::python())
-        .args(["-c", &script])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    nightshift_tests::python_json(&script, &[])
 }
 
 fn merge_spec(keys: &str) -> String {

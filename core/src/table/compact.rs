@@ -155,10 +155,22 @@ pub async fn compact(
                 .filter(|t| paths.contains(t.data_file_path()))
                 .cloned()
                 .collect();
+            let expected: u64 = group_tasks.iter().filter_map(|t| t.record_count).sum();
             let stream = futures::stream::iter(group_tasks.into_iter().map(Ok)).boxed();
             let batches = table.reader_builder().build().read(stream)?.stream();
             let summary = write_batches(batches, &out, format!("{job}-g{n}")).await?;
             written.extend(summary.data_files_json);
+            // Compaction must not change rows: never commit a rewrite that lost or gained any.
+            if summary.rows != expected {
+                return Err(CoreError::Target {
+                    table: ident.to_string(),
+                    message: format!(
+                        "compaction read {} rows from {} files whose manifests say {expected}; nothing committed",
+                        summary.rows,
+                        paths.len()
+                    ),
+                });
+            }
         }
         // Tests hold the compaction here while another job appends.
         fail::fail_point!("compact-before-commit");

@@ -103,7 +103,9 @@ pub async fn check_pipeline(spec: Result<ResolvedSpec, String>, sample_dir: &Pat
             return cases;
         }
     };
-    let embedded = EmbeddedOptions::new(warehouse.path().to_path_buf(), 1);
+    let mut embedded = EmbeddedOptions::new(warehouse.path().to_path_buf(), 1);
+    // A run on samples is a test, not lineage.
+    embedded.lineage = false;
     let options = JobOptions::new(JobId::generate(), 1);
     let outcome = run_embedded(&spec, &embedded, &options, &|_| {}).await;
     let sources_ok = |cases: &mut Vec<Case>| {

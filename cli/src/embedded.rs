@@ -32,6 +32,9 @@ pub struct EmbeddedOptions {
     pub memory: MemorySettings,
     /// Run stages through shuffle files as a cluster does, instead of one in-process stage.
     pub staged: bool,
+    /// Emit OpenLineage events where the environment says (off for `nightshift check`,
+    /// whose throw-away runs are no lineage).
+    pub lineage: bool,
 }
 
 impl EmbeddedOptions {
@@ -43,6 +46,7 @@ impl EmbeddedOptions {
             workers,
             memory: MemorySettings::new(None, None, workers),
             staged: false,
+            lineage: true,
         }
     }
 }
@@ -103,7 +107,7 @@ pub async fn run_embedded(
             task_memory,
         }
     };
-    let env = JobEnv {
+    let mut env = JobEnv {
         plan_mode,
         ..JobEnv::new(
             queue.clone(),
@@ -112,6 +116,9 @@ pub async fn run_embedded(
             warehouse.join(SCRATCH_DIR),
         )
     };
+    if !embedded.lineage {
+        env.lineage = None;
+    }
     let result = run_job(&env, spec, &options, on_event).await;
     queue.close();
     for worker in workers {

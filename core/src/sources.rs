@@ -190,6 +190,10 @@ async fn register_iceberg(
         )));
     }
     let table = catalog.load_table(&ident).await?;
+    // Sources are read by column name: refuse a schema history where that reads wrong.
+    if let Some(why) = crate::table::evolution::unreadable_by_name(table.metadata()) {
+        return Err(source_err(format!("table `{name}`: {why}")));
+    }
     let arrow_schema = iceberg::arrow::schema_to_arrow_schema(table.metadata().current_schema())?;
     let schema = Arc::new(Schema::new(
         arrow_schema

@@ -261,3 +261,87 @@ async fn changes_the_policy_does_not_allow_are_refused_side_by_side_and_nothing_
     let (now, _) = rows(&sandbox);
     assert_eq!(now["rows"], 1);
 }
+
+/// Builds `raw.people` with PyIceberg in the sandbox's warehouse: two rows, then a column
+/// added and `id` widened from int to long, then a third row; with `rename`, `name` is then
+/// renamed `full_name` and a fourth row appended.
+fn evolved_upstream(sandbox: &Sandbox, rename: bool) {
+    let script = format!(
+        "import json, os, sys, pyarrow as pa\n\
+         from pyiceberg.catalog.sql import SqlCatalog\n\
+         from pyiceberg.types import LongType, StringType\n\
+         w = '{w}'\n\
+         os.makedirs(w, exist_ok=True)\n\
+         c = SqlCatalog('nightshift', uri=f'sqlite:///{{w}}/catalog.db', warehouse=w)\n\
+         c.create_namespace('raw')\n\
+         t = c.create_table('raw.people', schema=pa.schema([('id', pa.int32()), ('name', pa.string())]))\n\
+         t.append(pa.table({{'id': pa.array([1, 2], pa.int32()), 'name': ['ana', 'bo']}}))\n\
+         with t.update_schema() as u:\n\
+         \x20   u.add_column('city', StringType())\n\
+         \x20   u.update_column('id', LongType())\n\
+         t = c.load_table('raw.people')\n\
+         t.append(pa.table({{'id': pa.array([3000000000], pa.int64()), 'name': ['cé'], 'city': ['Lyon']}}))\n\
+         if {rename}:\n\
+         \x20   with t.update_schema() as u:\n\
+         \x20       u.rename_column('name', 'full_name')\n\
+         \x20   t = c.load_table('raw.people')\n\
+         \x20   t.append(pa.table({{'id': pa.array([4], pa.int64()), 'full_name': ['dee'], 'city': ['Oslo']}}))\n\
+         json.dump(len(t.scan().to_arrow()), sys.stdout)\n",
+        w = sandbox.warehouse().display(),
+        rename = if rename { "True" } else { "False" },
+    );
+    let rows: u64 = nightshift_tests::python_json(&script, &[]);
+    assert_eq!(rows, if rename { 4 } else { 3 });
+}
+
+fn people_spec(columns: &str) -> String {
+    format!(
+        r#"[pipeline]
+name = "people"
+
+[[source]]
+name = "people"
+format = "iceberg"
+table = "raw.people"
+
+[transform]
+sql = "SELECT {columns} FROM people"
+
+[target]
+table = "tests.people"
+"#
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_source_with_added_and_widened_columns_reads_right_and_a_renamed_one_is_refused() {
+    let sandbox = Sandbox::new();
+    evolved_upstream(&sandbox, false);
+    sandbox.spec(&people_spec("id, name, city"));
+    sandbox.run(1, None, None).await.expect("evolved source");
+    let read = sandbox.read_table("tests.people", None);
+    assert_eq!(read["pyiceberg"]["checksum"], read["duckdb"]["checksum"]);
+    let rows: Vec<&str> = read["pyiceberg"]["first"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            r#"[1, "ana", null]"#,
+            r#"[2, "bo", null]"#,
+            r#"[3000000000, "cé", "Lyon"]"#
+        ]
+    );
+
+    // A rename: files written before hold `name`, and would read as NULL. Refused.
+    let sandbox = Sandbox::new();
+    evolved_upstream(&sandbox, true);
+    sandbox.spec(&people_spec("id, full_name, city"));
+    let err = sandbox.run(1, None, None).await.unwrap_err().to_string();
+    assert!(err.contains("`name` was renamed `full_name`"), "{err}");
+    assert!(err.contains("raw.people"), "{err}");
+    assert_eq!(sandbox.read_table("tests.people", None)["exists"], false);
+}

@@ -273,6 +273,42 @@ fn side_by_side(
     out
 }
 
+/// Why the files of a table whose schema evolved cannot be read by column name, the way
+/// sources are read: a column renamed since an older schema (files written before hold it
+/// under its old name, and would read as NULL), or a current name an older schema gave to
+/// another field (files written before hold another column under it). `None` when every
+/// schema the table has had agrees with the current one on the fields they share; added,
+/// dropped, widened and reordered columns read correctly by name.
+pub fn unreadable_by_name(metadata: &TableMetadata) -> Option<String> {
+    let current = metadata.current_schema();
+    let now = current.field_id_to_name_map();
+    let mut problems: Vec<String> = Vec::new();
+    for older in metadata.schemas_iter() {
+        if older.schema_id() == current.schema_id() {
+            continue;
+        }
+        for (id, then) in older.field_id_to_name_map() {
+            match now.get(id) {
+                Some(name) if name != then => {
+                    problems.push(format!("`{then}` was renamed `{name}`"))
+                }
+                None if current.field_by_name(then).is_some() => problems.push(format!(
+                    "`{then}` was dropped and a new column took its name"
+                )),
+                _ => {}
+            }
+        }
+    }
+    problems.sort();
+    problems.dedup();
+    (!problems.is_empty()).then(|| {
+        format!(
+            "its schema changed in a way a read by column name gets wrong ({}): files written before would read those columns as NULL or as another column. Reading renamed columns is not built yet; read a table whose schema history has no renames",
+            problems.join(", ")
+        )
+    })
+}
+
 /// Catalog updates, and the requirements they land on.
 pub type SchemaStep = (Vec<TableUpdate>, Vec<TableRequirement>);
 
@@ -524,6 +560,53 @@ mod tests {
         ids.sort();
         assert_eq!(ids, [1, 2, 3, 4]);
         assert_eq!(change.schema.highest_field_id(), 4);
+    }
+
+    #[test]
+    fn renamed_or_reused_names_are_unreadable_and_the_rest_reads() {
+        let apply = |metadata: &TableMetadata, fields: &[(i32, &str, PrimitiveType)]| {
+            // The builder gives it the next schema id.
+            let builder = metadata
+                .clone()
+                .into_builder(None)
+                .add_current_schema(schema(fields))
+                .unwrap();
+            builder.build().unwrap().metadata
+        };
+        let start = metadata(schema(&[
+            (1, "id", PrimitiveType::Int),
+            (2, "name", PrimitiveType::String),
+        ]));
+        // Added, widened, dropped: all read by name.
+        let fine = apply(
+            &start,
+            &[
+                (1, "id", PrimitiveType::Long),
+                (3, "age", PrimitiveType::Int),
+            ],
+        );
+        assert_eq!(unreadable_by_name(&fine), None);
+        let renamed = apply(
+            &start,
+            &[
+                (1, "id", PrimitiveType::Int),
+                (2, "full_name", PrimitiveType::String),
+            ],
+        );
+        let why = unreadable_by_name(&renamed).unwrap();
+        assert!(why.contains("`name` was renamed `full_name`"), "{why}");
+        let reused = apply(
+            &start,
+            &[
+                (1, "id", PrimitiveType::Int),
+                (3, "name", PrimitiveType::String),
+            ],
+        );
+        let why = unreadable_by_name(&reused).unwrap();
+        assert!(
+            why.contains("`name` was dropped and a new column took its name"),
+            "{why}"
+        );
     }
 
     #[test]

@@ -190,10 +190,8 @@ async fn register_iceberg(
         )));
     }
     let table = catalog.load_table(&ident).await?;
-    // Sources are read by column name: refuse a schema history where that reads wrong.
-    if let Some(why) = crate::table::evolution::unreadable_by_name(table.metadata()) {
-        return Err(source_err(format!("table `{name}`: {why}")));
-    }
+    // Files are read by column name; a history with renames is read by field id instead.
+    let renamed = crate::table::evolution::unreadable_by_name(table.metadata());
     let arrow_schema = iceberg::arrow::schema_to_arrow_schema(table.metadata().current_schema())?;
     let schema = Arc::new(Schema::new(
         arrow_schema
@@ -227,8 +225,17 @@ async fn register_iceberg(
     if let IcebergRead::Since(after) = read {
         tracing::info!(source = %source.name, table = name, ?after, ?range, files = paths.len(), bytes, "incremental source");
     }
-    let provider = parquet_files_table(&paths, &schema)?;
     let raw_name = raw_table_name(&source.name);
+    let provider = match renamed {
+        None => parquet_files_table(&paths, &schema)?,
+        Some(why) => by_field_id(ctx, &paths, table.metadata().current_schema(), &schema)
+            .await
+            .map_err(|e| {
+                source_err(format!(
+                    "table `{name}`: {why}; reading by field id failed: {e}"
+                ))
+            })?,
+    };
     ctx.register_table(raw_name.as_str(), provider)?;
     register_view(ctx, source, &raw_name, &schema, contract, &location).await?;
     Ok(SourceSummary {
@@ -294,6 +301,100 @@ pub(crate) fn parquet_files_table(
         .with_listing_options(options)
         .with_schema(schema.clone());
     Ok(Arc::new(ListingTable::try_new(config)?))
+}
+
+/// The Iceberg field id of an Arrow field read from a Parquet file, if the file has one.
+fn field_id(field: &Field) -> Option<i32> {
+    field
+        .metadata()
+        .get(parquet::arrow::PARQUET_FIELD_ID_META_KEY)
+        .and_then(|id| id.parse().ok())
+}
+
+/// The files of a table whose columns were renamed, read by Iceberg field id: the files
+/// are grouped by the names their footers give the current schema's fields, each group is
+/// read with its own names and projected onto the current names and types (a field a file
+/// lacks is NULL), and the groups are unioned. A file without field ids is an error.
+async fn by_field_id(
+    ctx: &SessionContext,
+    paths: &[String],
+    current: &iceberg::spec::Schema,
+    schema: &SchemaRef,
+) -> Result<Arc<dyn TableProvider>> {
+    use datafusion::logical_expr::{cast, col, lit};
+    use parquet::arrow::arrow_reader::ArrowReaderMetadata;
+    use parquet::arrow::async_reader::ParquetObjectReader;
+
+    // Per group (the file name of each current column, by position): the file schema and paths.
+    let mut groups: std::collections::BTreeMap<Vec<Option<String>>, (SchemaRef, Vec<String>)> =
+        Default::default();
+    for path in paths {
+        let (store, object) = Location::parse(path, Path::new("/"))?.store()?;
+        let mut reader = ParquetObjectReader::new(store, object);
+        let meta = ArrowReaderMetadata::load_async(&mut reader, Default::default())
+            .await
+            .map_err(|e| CoreError::Source {
+                source_name: path.clone(),
+                message: format!("cannot read the Parquet footer: {e}"),
+            })?;
+        let file_schema = meta.schema().clone();
+        let mut names = Vec::with_capacity(schema.fields().len());
+        for field in current.as_struct().fields() {
+            let found = file_schema
+                .fields()
+                .iter()
+                .find(|f| field_id(f) == Some(field.id));
+            names.push(found.map(|f| f.name().clone()));
+        }
+        if file_schema.fields().iter().all(|f| field_id(f).is_none()) {
+            return Err(CoreError::Source {
+                source_name: path.clone(),
+                message: "the file has no Iceberg field ids".into(),
+            });
+        }
+        groups
+            .entry(names)
+            .or_insert_with(|| (file_schema, Vec::new()))
+            .1
+            .push(path.clone());
+    }
+    let mut union: Option<datafusion::dataframe::DataFrame> = None;
+    for (names, (file_schema, files)) in groups {
+        let plain = Arc::new(Schema::new(
+            file_schema
+                .fields()
+                .iter()
+                .map(|f| Field::new(f.name(), f.data_type().clone(), true))
+                .collect::<Vec<_>>(),
+        ));
+        let frame = ctx.read_table(parquet_files_table(&files, &plain)?)?;
+        let projection: Vec<Expr> = names
+            .iter()
+            .zip(schema.fields())
+            .map(|(name, field)| {
+                let value = match name {
+                    Some(name) => cast(
+                        col(format!("\"{}\"", name.replace('"', "\"\""))),
+                        field.data_type().clone(),
+                    ),
+                    None => cast(
+                        lit(datafusion::common::ScalarValue::Null),
+                        field.data_type().clone(),
+                    ),
+                };
+                value.alias(field.name())
+            })
+            .collect();
+        let frame = frame.select(projection)?;
+        union = Some(match union {
+            Some(all) => all.union(frame)?,
+            None => frame,
+        });
+    }
+    match union {
+        Some(frame) => Ok(frame.into_view()),
+        None => Ok(Arc::new(MemTable::try_new(schema.clone(), vec![vec![]])?)),
+    }
 }
 
 /// The source's history from its current snapshot back, newest first.

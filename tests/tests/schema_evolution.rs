@@ -314,7 +314,7 @@ table = "tests.people"
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_source_with_added_and_widened_columns_reads_right_and_a_renamed_one_is_refused() {
+async fn a_source_with_added_widened_and_renamed_columns_reads_right() {
     let sandbox = Sandbox::new();
     evolved_upstream(&sandbox, false);
     sandbox.spec(&people_spec("id, name, city"));
@@ -336,12 +336,54 @@ async fn a_source_with_added_and_widened_columns_reads_right_and_a_renamed_one_i
         ]
     );
 
-    // A rename: files written before hold `name`, and would read as NULL. Refused.
-    let sandbox = Sandbox::new();
-    evolved_upstream(&sandbox, true);
-    sandbox.spec(&people_spec("id, full_name, city"));
-    let err = sandbox.run(1, None, None).await.unwrap_err().to_string();
-    assert!(err.contains("`name` was renamed `full_name`"), "{err}");
-    assert!(err.contains("raw.people"), "{err}");
-    assert_eq!(sandbox.read_table("tests.people", None)["exists"], false);
+    // A rename: files written before hold `name`; read by field id, they give `full_name`.
+    for staged in [false, true] {
+        let sandbox = Sandbox::new();
+        evolved_upstream(&sandbox, true);
+        sandbox.spec(&people_spec("id, full_name, city"));
+        if staged {
+            sandbox.run_staged(2, Some(2)).await
+        } else {
+            sandbox.run(1, None, None).await
+        }
+        .expect("renamed source");
+        let read = sandbox.read_table("tests.people", None);
+        assert_eq!(read["pyiceberg"]["checksum"], read["duckdb"]["checksum"]);
+        assert_eq!(read["pyiceberg"]["rows"], 4);
+        let rows: Vec<&str> = read["pyiceberg"]["first"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r.as_str().unwrap())
+            .collect();
+        assert_eq!(
+            rows,
+            [
+                r#"[1, "ana", null]"#,
+                r#"[2, "bo", null]"#,
+                r#"[3000000000, "cé", "Lyon"]"#
+            ],
+            "staged: {staged}"
+        );
+        let all = nightshift_tests::python_json::<Vec<(i64, String)>>(
+            &format!(
+                "import json, sys\n\
+                 from pyiceberg.catalog.sql import SqlCatalog\n\
+                 w = '{w}'\n\
+                 t = SqlCatalog('nightshift', uri=f'sqlite:///{{w}}/catalog.db', warehouse=w).load_table('tests.people')\n\
+                 json.dump(sorted((r['id'], r['full_name']) for r in t.scan().to_arrow().to_pylist()), sys.stdout)\n",
+                w = sandbox.warehouse().display()
+            ),
+            &[],
+        );
+        assert_eq!(
+            all,
+            [
+                (1, "ana".to_string()),
+                (2, "bo".to_string()),
+                (4, "dee".to_string()),
+                (3000000000, "cé".to_string())
+            ]
+        );
+    }
 }

@@ -303,7 +303,7 @@ pub fn unreadable_by_name(metadata: &TableMetadata) -> Option<String> {
     problems.dedup();
     (!problems.is_empty()).then(|| {
         format!(
-            "its schema changed in a way a read by column name gets wrong ({}): files written before would read those columns as NULL or as another column. Reading renamed columns is not built yet; read a table whose schema history has no renames",
+            "its schema changed in a way a read by column name gets wrong ({}): files written before would read those columns as NULL or as another column",
             problems.join(", ")
         )
     })

@@ -21,6 +21,7 @@ pub mod ids;
 pub mod incremental;
 pub mod joins;
 pub mod merge;
+pub mod merge_files;
 pub mod metrics;
 pub mod names;
 pub mod not_null;

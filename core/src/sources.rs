@@ -43,12 +43,14 @@ pub struct SourceSummary {
 
 /// How much of an Iceberg source a job reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum IcebergRead {
+enum IcebergRead<'a> {
     /// Its current snapshot, whole.
     Current,
     /// What was appended since the snapshot this pipeline's last run consumed (`None`: no
     /// run did yet).
     Since(Option<i64>),
+    /// These data files of it (and their bytes): the ones a merge rewrites.
+    Files(&'a [String], u64),
 }
 
 const CSV_OPTIONS: &[&str] = &[
@@ -109,21 +111,52 @@ pub async fn register_merge_target(
     ctx: &SessionContext,
     table: &str,
     catalog: &dyn Catalog,
-) -> Result<Option<i64>> {
+    (keys, changes): (&[String], Option<&[crate::merge_files::KeyRange]>),
+) -> Result<Option<(i64, std::collections::HashSet<String>)>> {
     let ident = crate::table::parse_table_ident(table)?;
     if !catalog.table_exists(&ident).await? {
         return Ok(None);
     }
-    let Some(base) = catalog
-        .load_table(&ident)
-        .await?
-        .metadata()
-        .current_snapshot_id()
-    else {
+    let loaded = catalog.load_table(&ident).await?;
+    let Some(base) = loaded.metadata().current_snapshot_id() else {
         return Ok(None);
     };
-    register_table_snapshot(ctx, crate::merge::TARGET_VIEW, table, Some(catalog)).await?;
-    Ok(Some(base))
+    // Only the files of the snapshot read that may hold a changed key: the rest stay as
+    // they are in the merge's snapshot.
+    let (files, bytes, live) = crate::merge_files::files_to_rewrite(&loaded, keys, changes).await?;
+    tracing::info!(
+        table,
+        rewritten = files.len(),
+        live,
+        "merge rewrites the files that may hold a changed key"
+    );
+    let paths: Vec<String> = files.iter().cloned().collect();
+    let source = iceberg_source(crate::merge::TARGET_VIEW, table);
+    ctx.deregister_table(crate::merge::TARGET_VIEW)?;
+    ctx.deregister_table(raw_table_name(crate::merge::TARGET_VIEW).as_str())?;
+    register_iceberg(
+        ctx,
+        &source,
+        &[],
+        Some(catalog),
+        IcebergRead::Files(&paths, bytes),
+    )
+    .await?;
+    Ok(Some((base, files)))
+}
+
+/// A `[[source]]` reading the Iceberg `table` under `name`.
+fn iceberg_source(name: &str, table: &str) -> SourceSpec {
+    SourceSpec {
+        name: name.to_string(),
+        format: SourceFormat::Iceberg,
+        location: None,
+        table: Some(table.to_string()),
+        options: Default::default(),
+        schema: Default::default(),
+        incremental: false,
+        on_source_rewrite: Default::default(),
+    }
 }
 
 /// Registers the current snapshot of the Iceberg `table` as `name` (replacing what was
@@ -134,16 +167,7 @@ pub async fn register_table_snapshot(
     table: &str,
     catalog: Option<&dyn Catalog>,
 ) -> Result<()> {
-    let source = SourceSpec {
-        name: name.to_string(),
-        format: SourceFormat::Iceberg,
-        location: None,
-        table: Some(table.to_string()),
-        options: Default::default(),
-        schema: Default::default(),
-        incremental: false,
-        on_source_rewrite: Default::default(),
-    };
+    let source = iceberg_source(name, table);
     ctx.deregister_table(name)?;
     ctx.deregister_table(raw_table_name(name).as_str())?;
     register_iceberg(ctx, &source, &[], catalog, IcebergRead::Current).await?;
@@ -175,7 +199,7 @@ async fn register_iceberg(
     source: &SourceSpec,
     contract: &[ColumnContract],
     catalog: Option<&dyn Catalog>,
-    read: IcebergRead,
+    read: IcebergRead<'_>,
 ) -> Result<SourceSummary> {
     let source_err = |message: String| CoreError::Source {
         source_name: source.name.clone(),
@@ -203,7 +227,9 @@ async fn register_iceberg(
     let location = Location::parse(table.metadata().location(), Path::new("/"))?;
     check_contract(source, &location, &schema, contract)?;
     let range = match read {
-        IcebergRead::Current => crate::incremental::Range::Everything { why: String::new() },
+        IcebergRead::Current | IcebergRead::Files(..) => {
+            crate::incremental::Range::Everything { why: String::new() }
+        }
         IcebergRead::Since(consumed) => crate::incremental::range_to_read(
             consumed,
             &upstream_history(&table),
@@ -211,10 +237,13 @@ async fn register_iceberg(
         )
         .map_err(|e| source_err(format!("incremental read of `{name}`: {e}")))?,
     };
-    let (paths, bytes) = match &range {
-        crate::incremental::Range::Everything { .. } => current_files(&table).await,
-        crate::incremental::Range::Nothing => Ok((Vec::new(), 0)),
-        crate::incremental::Range::Appended(snapshots) => appended_files(&table, snapshots).await,
+    let (paths, bytes) = match (&range, read) {
+        (_, IcebergRead::Files(files, bytes)) => Ok((files.to_vec(), bytes)),
+        (crate::incremental::Range::Everything { .. }, _) => current_files(&table).await,
+        (crate::incremental::Range::Nothing, _) => Ok((Vec::new(), 0)),
+        (crate::incremental::Range::Appended(snapshots), _) => {
+            appended_files(&table, snapshots.as_slice()).await
+        }
     }
     .map_err(|e| match e {
         UpstreamFiles::HasDeletes => source_err(format!(
@@ -257,10 +286,10 @@ async fn register_iceberg(
                         upto,
                     })
             }
-            IcebergRead::Current => None,
+            IcebergRead::Current | IcebergRead::Files(..) => None,
         },
         read: match (read, &range) {
-            (IcebergRead::Current, _) => None,
+            (IcebergRead::Current | IcebergRead::Files(..), _) => None,
             (_, crate::incremental::Range::Everything { why }) => {
                 Some(format!("the whole table: {why}"))
             }

@@ -124,6 +124,7 @@ impl Racing {
                         data_files_json: &files,
                         written_with,
                         merge_base: None,
+                        merge_files: None,
                         summary: Default::default(),
                         schema_change: None,
                     };
@@ -287,6 +288,7 @@ async fn files_are_committed_with_the_partition_spec_they_were_written_with() {
         data_files_json: &files,
         written_with,
         merge_base: None,
+        merge_files: None,
         summary: Default::default(),
         schema_change: None,
     };
@@ -322,6 +324,7 @@ async fn a_merge_lands_only_on_the_snapshot_it_read() {
         data_files_json: &merged,
         written_with,
         merge_base: Some(None),
+        merge_files: None,
         summary: Default::default(),
         schema_change: None,
     };

@@ -730,3 +730,75 @@ async fn merge_updates_inserts_and_deletes_by_key() {
         .to_string();
     assert!(err.contains("merge_keys"), "{err}");
 }
+
+/// The data files of `table`'s current snapshot, by PyIceberg.
+fn live_files(sandbox: &Sandbox, table: &str) -> Vec<String> {
+    let script = format!(
+        "import json, sys\n\
+         from pyiceberg.catalog.sql import SqlCatalog\n\
+         w = '{w}'\n\
+         t = SqlCatalog('nightshift', uri=f'sqlite:///{{w}}/catalog.db', warehouse=w).load_table('{table}')\n\
+         json.dump(sorted(t.inspect.files().column('file_path').to_pylist()), sys.stdout)\n",
+        w = sandbox.warehouse().display()
+    );
+    nightshift_tests::python_json(&script, &[])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_merge_rewrites_only_the_files_that_may_hold_a_changed_key() {
+    let sandbox = Sandbox::new();
+    sandbox.spec(&merge_spec("merge_keys = [\"id\"]"));
+    sandbox.write("data/changes.csv", "id,v,op\n1,10,U\n2,20,U\n3,30,U\n");
+    sandbox
+        .run(1, Some(1), Some("low"))
+        .await
+        .expect("first merge");
+    let low = live_files(&sandbox, "tests.accounts");
+    assert_eq!(low.len(), 1, "{low:?}");
+    // Keys far from the first file's: nothing to rewrite, an append.
+    sandbox.write("data/changes.csv", "id,v,op\n100,1000,I\n101,1010,I\n");
+    sandbox
+        .run(1, Some(1), Some("high"))
+        .await
+        .expect("insert-only merge");
+    let both = live_files(&sandbox, "tests.accounts");
+    assert_eq!(both.len(), 2, "{both:?}");
+    assert!(both.contains(&low[0]));
+    let read = sandbox.read_table("tests.accounts", None);
+    assert_eq!(read["snapshots"][1]["operation"], "append", "{read:#}");
+
+    // An update of key 3: only the low file may hold it, only it is rewritten.
+    sandbox.write("data/changes.csv", "id,v,op\n3,33,U\n");
+    sandbox
+        .run(1, Some(1), Some("update-3"))
+        .await
+        .expect("update merge");
+    let after = live_files(&sandbox, "tests.accounts");
+    let high: Vec<&String> = both.iter().filter(|f| **f != low[0]).collect();
+    assert!(after.contains(high[0]), "the high file stays: {after:?}");
+    assert!(
+        !after.contains(&low[0]),
+        "the low file is rewritten: {after:?}"
+    );
+    let read = sandbox.read_table("tests.accounts", None);
+    let last = &read["snapshots"][2];
+    assert_eq!(last["operation"], "overwrite", "{last:#}");
+    assert_eq!(last["summary"]["deleted-data-files"], "1");
+    assert_eq!(last["summary"]["deleted-records"], "3");
+    assert_eq!(
+        ids_and_values(&sandbox, "tests.accounts"),
+        [(1, 10), (2, 20), (3, 33), (100, 1000), (101, 1010)]
+    );
+    // Keys 2 and 101: their range spans every file, so every file is rewritten.
+    sandbox.write("data/changes.csv", "id,v,op\n2,22,U\n101,0,D\n");
+    sandbox.run_staged(2, Some(2)).await.expect("staged merge");
+    assert_eq!(
+        ids_and_values(&sandbox, "tests.accounts"),
+        [(1, 10), (2, 22), (3, 33), (100, 1000)]
+    );
+    let read = sandbox.read_table("tests.accounts", None);
+    assert_eq!(
+        read["snapshots"][3]["summary"]["deleted-data-files"],
+        after.len().to_string()
+    );
+}

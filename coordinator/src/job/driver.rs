@@ -24,8 +24,8 @@ use tracing::{Instrument, info, info_span, warn};
 use super::ownership::Ownership;
 use super::stages::StageRunner;
 use super::{
-    DEFAULT_MAX_TASK_ATTEMPTS, JobEnv, JobError, JobEvent, JobOptions, JobReport, SourceChecks,
-    plan, table_output,
+    DEFAULT_MAX_TASK_ATTEMPTS, JobEnv, JobError, JobEvent, JobOptions, JobReport, PlanReads, plan,
+    table_output,
 };
 use crate::cleanup::{delete_scratch, sweep_job_files};
 use crate::openlineage::{EventType, RunFacts, Written, run_event};
@@ -233,13 +233,13 @@ impl<'a> JobRun<'a> {
             self.spec,
             self.options,
             Some(catalog.as_ref()),
-            (self.env.plan_mode, SourceChecks::Run),
+            (self.env.plan_mode, PlanReads::Data),
         )
         .await?;
         let source_outcomes = planned.source_checks;
         self.fail_on_source_checks(&source_outcomes)?;
         let job_plan = planned.plan;
-        let merge_base = planned.merge_base;
+        let merge = planned.merge;
         self.inputs = planned.sources;
         self.output_schema = Some(job_plan.output_schema.clone());
         self.emit_lineage(EventType::Start, None).await;
@@ -355,7 +355,7 @@ impl<'a> JobRun<'a> {
                 &ident,
                 &files,
                 (written_with, schema_change.as_ref()),
-                merge_base,
+                &merge,
             )
             .await?;
         fail::fail_point!("coordinator-after-commit", |_| {
@@ -376,7 +376,7 @@ impl<'a> JobRun<'a> {
         ident: &TableIdent,
         files: &[String],
         (written_with, schema_change): (WrittenWith, Option<&SchemaChange>),
-        merge_base: Option<Option<i64>>,
+        merge: &super::MergeRead,
     ) -> Result<Option<CommitOutcome>, CoreError> {
         let summary =
             crate::lineage::snapshot_summary(self.spec, &self.inputs, &self.report.checks);
@@ -385,7 +385,8 @@ impl<'a> JobRun<'a> {
             mode: self.spec.spec.target.mode,
             data_files_json: files,
             written_with,
-            merge_base,
+            merge_base: merge.base,
+            merge_files: merge.files.as_ref(),
             summary,
             schema_change,
         };

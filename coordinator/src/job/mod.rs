@@ -251,24 +251,33 @@ struct Planned {
     plan: JobPlan,
     sources: Vec<SourceSummary>,
     partitions: usize,
-    /// For a merge: the snapshot its rows were read from (`None`: the table had none).
-    merge_base: Option<Option<i64>>,
+    /// For a merge: what of the table it read.
+    merge: MergeRead,
     /// What the checks on sources found (empty unless asked to read them).
     source_checks: Vec<v1::CheckOutcome>,
 }
 
-/// Whether planning runs the checks on sources (reading the sources) or only plans them.
+/// What a merge read of its table: the snapshot (`Some(None)`: the table had none; `None`:
+/// not a merge) and the data files of it that it rewrites (`None`: none to keep apart).
+#[derive(Debug, Default)]
+pub(crate) struct MergeRead {
+    pub base: Option<Option<i64>>,
+    pub files: Option<std::collections::HashSet<String>>,
+}
+
+/// Whether planning may read data: to run the checks on sources and to find a merge's key
+/// ranges (a job), or not (`validate`, admission: those are only planned).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum SourceChecks {
-    Run,
-    PlanOnly,
+enum PlanReads {
+    Data,
+    Nothing,
 }
 
 async fn plan(
     spec: &ResolvedSpec,
     options: &JobOptions,
     catalog: Option<&dyn iceberg::Catalog>,
-    (mode, source_checks): (PlanMode, SourceChecks),
+    (mode, reads): (PlanMode, PlanReads),
 ) -> Result<Planned, JobError> {
     let session = new_session(SessionOptions::default());
     let sources = register_sources(&session, spec, catalog).await?;
@@ -287,9 +296,9 @@ async fn plan(
         mode,
         partition_by: spec.partition_by.clone(),
     };
-    let (sql, merge_base) = match spec.spec.target.mode {
-        WriteMode::Merge => merge_sql_of(&session, spec, catalog).await?,
-        _ => (spec.sql.clone(), None),
+    let (sql, merge) = match spec.spec.target.mode {
+        WriteMode::Merge => merge_sql_of(&session, spec, catalog, reads).await?,
+        _ => (spec.sql.clone(), MergeRead::default()),
     };
     let plan = plan_job(&session, &options.job_id, &sql, &plan_options).await?;
     // A check naming a column the result lacks is a spec error, found before any task runs.
@@ -301,14 +310,14 @@ async fn plan(
         &session,
         &spec.spec.check,
         catalog,
-        source_checks == SourceChecks::Run,
+        reads == PlanReads::Data,
     )
     .await?;
     Ok(Planned {
         plan,
         sources,
         partitions,
-        merge_base,
+        merge,
         source_checks,
     })
 }
@@ -319,7 +328,8 @@ async fn merge_sql_of(
     session: &SessionContext,
     spec: &ResolvedSpec,
     catalog: Option<&dyn iceberg::Catalog>,
-) -> Result<(String, Option<Option<i64>>), JobError> {
+    reads: PlanReads,
+) -> Result<(String, MergeRead), JobError> {
     let target = &spec.spec.target;
     let result = session
         .sql(&spec.sql)
@@ -340,8 +350,22 @@ async fn merge_sql_of(
             ),
         }));
     }
-    let base = match catalog {
-        Some(catalog) => register_merge_target(session, &target.table, catalog).await?,
+    let target_read = match catalog {
+        Some(catalog) => {
+            let ranges = match reads {
+                PlanReads::Data => {
+                    change_key_ranges(session, &spec.sql, &target.merge_keys).await?
+                }
+                PlanReads::Nothing => None,
+            };
+            register_merge_target(
+                session,
+                &target.table,
+                catalog,
+                (&target.merge_keys, ranges.as_deref()),
+            )
+            .await?
+        }
         None => None,
     };
     let sql = nightshift_core::merge::merge_sql(
@@ -349,9 +373,67 @@ async fn merge_sql_of(
         &columns,
         &target.merge_keys,
         target.delete_when.as_deref(),
-        base.is_some(),
+        target_read.is_some(),
     );
-    Ok((sql, Some(base)))
+    Ok(match target_read {
+        Some((base, files)) => (
+            sql,
+            MergeRead {
+                base: Some(Some(base)),
+                files: Some(files),
+            },
+        ),
+        None => (
+            sql,
+            MergeRead {
+                base: Some(None),
+                files: None,
+            },
+        ),
+    })
+}
+
+/// The smallest and largest value of each merge key among the changes (`None` when they
+/// hold no key): which of the table's files a merge may have to rewrite.
+async fn change_key_ranges(
+    session: &SessionContext,
+    changes_sql: &str,
+    keys: &[String],
+) -> Result<Option<Vec<nightshift_core::merge_files::KeyRange>>, JobError> {
+    let quoted = |k: &String| format!("\"{}\"", k.replace('"', "\"\""));
+    let bounds: Vec<String> = keys
+        .iter()
+        .map(|k| format!("MIN({q}), MAX({q})", q = quoted(k)))
+        .collect();
+    let query = format!(
+        "SELECT {} FROM ({changes_sql}) __nightshift_changes",
+        bounds.join(", ")
+    );
+    let sql_err =
+        |e: datafusion::error::DataFusionError| JobError::Invalid(CoreError::Sql(e.to_string()));
+    let batches = session
+        .sql(&query)
+        .await
+        .map_err(sql_err)?
+        .collect()
+        .await
+        .map_err(|e| JobError::Internal(CoreError::from(e)))?;
+    let Some(row) = batches.iter().find(|b| b.num_rows() > 0) else {
+        return Ok(None);
+    };
+    let mut ranges = Vec::with_capacity(keys.len());
+    for i in 0..keys.len() {
+        let value = |column: usize| {
+            datafusion::common::ScalarValue::try_from_array(row.column(column), 0)
+                .map_err(|e| JobError::Internal(CoreError::from(e)))
+        };
+        let (min, max) = (value(2 * i)?, value(2 * i + 1)?);
+        if min.is_null() || max.is_null() {
+            return Ok(None);
+        }
+        ranges.push((min, max));
+    }
+    Ok(Some(ranges))
 }
 
 fn choose_partitions(
@@ -410,7 +492,7 @@ pub async fn validate_with_catalog(
         spec,
         options,
         catalog.as_deref(),
-        (PlanMode::default(), SourceChecks::PlanOnly),
+        (PlanMode::default(), PlanReads::Nothing),
     )
     .await?;
     let mut existing = None;

@@ -45,8 +45,11 @@ pub struct JobCommit<'a> {
     /// planned): the files are read back with these, not with whatever is current now.
     pub written_with: WrittenWith,
     /// For [`WriteMode::Merge`]: the snapshot the job read the table's rows from (`None`: it
-    /// had none). The merge replaces every row, so it lands only on that snapshot.
+    /// had none). The merge replaces rows it read, so it lands only on that snapshot.
     pub merge_base: Option<Option<i64>>,
+    /// For [`WriteMode::Merge`]: the data files of that snapshot the merge rewrote (the
+    /// others stay); `None` replaces every row.
+    pub merge_files: Option<&'a HashSet<String>>,
     /// Snapshot summary properties (pipeline, params); the job id is added.
     pub summary: HashMap<String, String>,
     /// The evolved schema the files were written with, added in the same commit
@@ -120,6 +123,7 @@ pub async fn commit_job_snapshot(
         data_files_json,
         written_with,
         merge_base,
+        merge_files,
         mut summary,
         schema_change,
     } = commit;
@@ -133,7 +137,11 @@ pub async fn commit_job_snapshot(
     let nothing_to_replace = table.metadata().current_snapshot().is_none();
     // An empty result appends nothing and replaces no partition; an empty full overwrite
     // empties the table, unless there is nothing to empty.
-    let replaces_all = matches!(mode, WriteMode::Overwrite | WriteMode::Merge);
+    let replaces_all = match mode {
+        WriteMode::Overwrite => true,
+        WriteMode::Merge => merge_files.is_none_or(|files| !files.is_empty()),
+        _ => false,
+    };
     if files.is_empty() && (!replaces_all || nothing_to_replace) {
         return Ok(None);
     }
@@ -147,10 +155,11 @@ pub async fn commit_job_snapshot(
         | WriteMode::Overwrite
         | WriteMode::OverwritePartitions
         | WriteMode::Merge => {
-            let replace = match mode {
-                WriteMode::Append => Replace::Nothing,
-                WriteMode::OverwritePartitions => Replace::PartitionsOf,
-                WriteMode::Overwrite | WriteMode::Merge => Replace::All,
+            let replace = match (mode, merge_files) {
+                (WriteMode::Append, _) => Replace::Nothing,
+                (WriteMode::OverwritePartitions, _) => Replace::PartitionsOf,
+                (WriteMode::Merge, Some(files)) => Replace::Rows(files),
+                (WriteMode::Overwrite | WriteMode::Merge, _) => Replace::All,
             };
             let target = OverwriteTarget {
                 config,

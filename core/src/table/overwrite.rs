@@ -62,6 +62,9 @@ pub enum Replace<'a> {
     /// These files (by path, data and delete files), removed with their rows and nothing
     /// added: a `delete` snapshot (partition retention).
     Drop(&'a HashSet<String>),
+    /// These data files (by path), whose rows the added files replace with changed ones: an
+    /// `overwrite` snapshot, or an `append` when none is listed (a merge that only inserts).
+    Rows(&'a HashSet<String>),
 }
 
 /// What becomes of the current snapshot's live files.
@@ -94,10 +97,12 @@ pub async fn produce_overwrite(
         Replace::All => true,
         Replace::PartitionsOf => spec_id == added_spec_id && partitions.contains(file.partition()),
         Replace::Nothing => false,
-        Replace::Files(paths) | Replace::Drop(paths) => paths.contains(file.file_path()),
+        Replace::Files(paths) | Replace::Drop(paths) | Replace::Rows(paths) => {
+            paths.contains(file.file_path())
+        }
     };
     let carried = producer.carry(replaced).await?;
-    if let Replace::Files(paths) | Replace::Drop(paths) = replace {
+    if let Replace::Files(paths) | Replace::Drop(paths) | Replace::Rows(paths) = replace {
         let found = carried.removed.values().map(Vec::len).sum::<usize>();
         if found != paths.len() {
             return Err(crate::error::CoreError::Target {

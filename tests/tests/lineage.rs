@@ -273,3 +273,69 @@ severity = "{severity}"
         "{failed:#}"
     );
 }
+
+#[test]
+fn openlineage_events_are_posted_to_the_endpoint_with_its_key() {
+    use std::io::BufRead;
+    let sandbox = Sandbox::new();
+    sandbox.write("data/orders.csv", "id,amount\n1,10\n");
+    sandbox.spec(
+        r#"[pipeline]
+name = "posted"
+
+[[source]]
+name = "orders"
+format = "csv"
+location = "data/orders.csv"
+
+[transform]
+sql = "SELECT id, amount FROM orders"
+
+[target]
+table = "tests.posted"
+"#,
+    );
+    let received = sandbox.path("received.jsonl");
+    let mut sink = Command::new(nightshift_tests::python())
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("py/lineage_sink.py"))
+        .arg(&received)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut port = String::new();
+    std::io::BufReader::new(sink.stdout.take().unwrap())
+        .read_line(&mut port)
+        .unwrap();
+    let out = Command::new(nightshift_tests::nightshift_bin())
+        .args(["run", "pipeline.toml", "--job-id", "posted-1"])
+        .current_dir(sandbox.path(""))
+        .env(
+            "OPENLINEAGE_URL",
+            format!("http://127.0.0.1:{}/", port.trim()),
+        )
+        .env("OPENLINEAGE_API_KEY", "s3cret")
+        .env_remove("NIGHTSHIFT_LINEAGE_FILE")
+        .output()
+        .unwrap();
+    let _ = sink.kill();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen = openlineage_events(&sandbox, &received);
+    let kinds: Vec<&str> = seen
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["eventType"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["START", "COMPLETE"], "{seen:#}");
+    let requests = std::fs::read_to_string(received.with_extension("jsonl.requests")).unwrap();
+    assert_eq!(requests.lines().count(), 2, "{requests}");
+    for line in requests.lines() {
+        let request: Value = serde_json::from_str(line).unwrap();
+        assert_eq!(request["path"], "/api/v1/lineage");
+        assert_eq!(request["auth"], "Bearer s3cret");
+    }
+}

@@ -318,6 +318,7 @@ table = "tests.posted"
         .output()
         .unwrap();
     let _ = sink.kill();
+    let _ = sink.wait();
     assert!(
         out.status.success(),
         "{}",

@@ -387,3 +387,68 @@ async fn a_source_with_added_widened_and_renamed_columns_reads_right() {
         );
     }
 }
+
+#[test]
+fn on_a_cluster_the_workers_write_with_the_evolved_schema() {
+    use nightshift_tests::cluster::{ClusterSandbox, ClusterStorage};
+    let cluster = ClusterSandbox::start(ClusterStorage::LocalWithPostgres, 2, &[]);
+    let data = cluster.sandbox.path("data/day.csv").display().to_string();
+    let on_cluster = |spec: String| spec.replace("\"data/day.csv\"", &format!("\"{data}\""));
+    cluster
+        .sandbox
+        .write("data/day.csv", "id,amount\n1,10.50\n2,20.25\n");
+    cluster.sandbox.spec(&on_cluster(spec(
+        &[("id", "int"), ("amount", "decimal(10, 2)")],
+        "id, amount",
+        "append",
+        "none",
+    )));
+    let first = cluster.submit("evolve-1", &[]);
+    assert_eq!(
+        first["status"],
+        "succeeded",
+        "{first:#}\n{}",
+        cluster.logs()
+    );
+    cluster
+        .sandbox
+        .write("data/day.csv", "id,amount,note\n3000000000,1.00,nöte\n");
+    cluster.sandbox.spec(&on_cluster(spec(
+        &[
+            ("id", "bigint"),
+            ("amount", "decimal(12, 2)"),
+            ("note", "string"),
+        ],
+        "id, amount, note",
+        "append",
+        "add_columns",
+    )));
+    let second = cluster.submit("evolve-2", &[]);
+    assert_eq!(
+        second["status"],
+        "succeeded",
+        "{second:#}\n{}",
+        cluster.logs()
+    );
+    let read = cluster.read_table(TABLE, None);
+    assert_eq!(
+        read["pyiceberg"]["checksum"], read["duckdb"]["checksum"],
+        "{read:#}"
+    );
+    assert_eq!(
+        read["pyiceberg"]["columns"],
+        serde_json::json!(["id", "amount", "note"])
+    );
+    assert_eq!(read["pyiceberg"]["rows"], 3);
+    assert_eq!(read["snapshots"].as_array().unwrap().len(), 2);
+    let first: Vec<&str> = read["pyiceberg"]["first"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_str().unwrap())
+        .collect();
+    assert!(
+        first.contains(&r#"[3000000000, "1.00", "nöte"]"#),
+        "{first:?}"
+    );
+}

@@ -254,6 +254,19 @@ pub fn json_output<T: serde::de::DeserializeOwned>(mut cmd: Command) -> T {
     })
 }
 
+/// The first rows (up to three, sorted) a reader saw, from `read_table.py`'s JSON for one
+/// reader (`read["pyiceberg"]`), each as its canonical JSON text.
+pub fn first_rows(reader: &Value) -> Vec<String> {
+    reader["first"]
+        .as_array()
+        .map(|rows| {
+            rows.iter()
+                .filter_map(|r| r.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// `python -c script args...` (the interpreter with the readers), its stdout as JSON.
 pub fn python_json<T: serde::de::DeserializeOwned>(script: &str, args: &[&str]) -> T {
     let mut cmd = Command::new(python());

@@ -31,6 +31,8 @@ const RUN_EVENT_SCHEMA: &str = "https://openlineage.io/spec/2-0-2/OpenLineage.js
 pub struct LineageSink {
     file: Option<PathBuf>,
     http: Option<(String, Option<String>)>,
+    /// One client for every event (its connection pool outlives a job).
+    client: reqwest::Client,
     namespace: String,
 }
 
@@ -53,6 +55,7 @@ impl LineageSink {
         (file.is_some() || http.is_some()).then(|| LineageSink {
             file,
             http,
+            client: reqwest::Client::new(),
             namespace: var("OPENLINEAGE_NAMESPACE").unwrap_or_else(|| "nightshift".into()),
         })
     }
@@ -61,8 +64,8 @@ impl LineageSink {
     pub fn to_file(path: PathBuf) -> Self {
         LineageSink {
             file: Some(path),
-            http: None,
             namespace: "nightshift".into(),
+            ..Default::default()
         }
     }
 
@@ -92,8 +95,8 @@ impl LineageSink {
             }
         }
         if let Some((url, key)) = &self.http {
-            let client = reqwest::Client::new();
-            let mut request = client
+            let mut request = self
+                .client
                 .post(url)
                 .timeout(Duration::from_secs(10))
                 .json(event);

@@ -14,6 +14,7 @@ use iceberg::spec::{DataContentType, Datum, ManifestContentType, PrimitiveLitera
 use iceberg::table::Table;
 
 use crate::error::Result;
+use crate::table::live::live_entries;
 
 /// The changes' smallest and largest value of one key column.
 pub type KeyRange = (ScalarValue, ScalarValue);
@@ -91,36 +92,32 @@ pub async fn files_to_rewrite(
         .iter()
         .map(|k| schema.field_by_name(k).map(|f| f.id))
         .collect();
-    let list = table.manifest_list_reader(snapshot).load().await?;
-    for manifest_file in list.entries() {
-        let manifest = manifest_file.load_manifest(table.file_io()).await?;
-        for entry in manifest.entries().iter().filter(|e| e.is_alive()) {
-            let file = entry.data_file();
-            if manifest_file.content != ManifestContentType::Data
-                || file.content_type() != DataContentType::Data
-            {
-                continue;
+    for entry in live_entries(table, snapshot).await? {
+        let file = entry.entry.data_file();
+        if entry.content != ManifestContentType::Data
+            || file.content_type() != DataContentType::Data
+        {
+            continue;
+        }
+        live += 1;
+        let rewrite = match changes {
+            None => false,
+            Some(changes) => {
+                let bounds: Vec<(Option<ScalarValue>, Option<ScalarValue>)> = key_ids
+                    .iter()
+                    .map(|id| {
+                        let bound = |map: &std::collections::HashMap<i32, Datum>| {
+                            id.and_then(|id| map.get(&id)).and_then(datum_scalar)
+                        };
+                        (bound(file.lower_bounds()), bound(file.upper_bounds()))
+                    })
+                    .collect();
+                may_hold(&bounds, changes)
             }
-            live += 1;
-            let rewrite = match changes {
-                None => false,
-                Some(changes) => {
-                    let bounds: Vec<(Option<ScalarValue>, Option<ScalarValue>)> = key_ids
-                        .iter()
-                        .map(|id| {
-                            let bound = |map: &std::collections::HashMap<i32, Datum>| {
-                                id.and_then(|id| map.get(&id)).and_then(datum_scalar)
-                            };
-                            (bound(file.lower_bounds()), bound(file.upper_bounds()))
-                        })
-                        .collect();
-                    may_hold(&bounds, changes)
-                }
-            };
-            if rewrite {
-                bytes += file.file_size_in_bytes();
-                chosen.insert(file.file_path().to_string());
-            }
+        };
+        if rewrite {
+            bytes += file.file_size_in_bytes();
+            chosen.insert(file.file_path().to_string());
         }
     }
     Ok((chosen, bytes, live))

@@ -129,7 +129,13 @@ pub fn parse_data_file_name(path: &str) -> Option<DataFileName> {
 /// `compact-<hex>-g<n>-<nnnnn>.parquet`): unique, and never parsed as a job's data file by
 /// [`parse_data_file_name`], so no job's cleanup claims a file of a compaction in flight.
 pub fn compaction_file_prefix() -> String {
-    format!("compact-{}", uuid::Uuid::new_v4().simple())
+    maintenance_id("compact")
+}
+
+/// The job id a maintenance commit is tagged with (`<kind>-<32 hex digits>`), by which a
+/// commit whose answer was lost is found in the history.
+pub fn maintenance_id(kind: &str) -> String {
+    format!("{kind}-{}", uuid::Uuid::new_v4().simple())
 }
 
 /// The name of a job's scratch directory below the scratch root: the job id itself, which

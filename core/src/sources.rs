@@ -14,7 +14,6 @@ use datafusion::datasource::{MemTable, TableProvider};
 use datafusion::logical_expr::{Expr, TableProviderFilterPushDown, TableType};
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::prelude::{CsvReadOptions, JsonReadOptions, ParquetReadOptions, SessionContext};
-use futures::TryStreamExt;
 use iceberg::Catalog;
 use nightshift_spec::{ColumnContract, ResolvedSpec, SourceFormat, SourceSpec};
 
@@ -455,17 +454,10 @@ async fn current_files(
 ) -> std::result::Result<(Vec<String>, u64), UpstreamFiles> {
     let mut files = Vec::new();
     let mut bytes = 0;
-    if table.metadata().current_snapshot().is_none() {
+    let Some(current) = table.metadata().current_snapshot_id() else {
         return Ok((files, bytes));
-    }
-    let tasks: Vec<_> = table
-        .scan()
-        .build()?
-        .plan_files()
-        .await?
-        .try_collect()
-        .await?;
-    for task in tasks {
+    };
+    for task in crate::table::live::scan_tasks(table, current).await? {
         if !task.deletes.is_empty() {
             return Err(UpstreamFiles::HasDeletes);
         }

@@ -12,7 +12,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use iceberg::scan::FileScanTask;
 use iceberg::spec::ManifestContentType;
 use iceberg::table::Table;
@@ -21,6 +21,7 @@ use tracing::{info, warn};
 
 use super::catalog::CatalogConfig;
 use super::commit::{WrittenWith, commit_file_change};
+use super::live::{live_entries, scan_tasks};
 use super::overwrite::Replace;
 use super::references::TableReferences;
 use super::writer::{data_file_paths, table_output, write_batches};
@@ -106,15 +107,7 @@ pub async fn compact(
     let Some(read_at) = table.metadata().current_snapshot_id() else {
         return Ok(Compacted::default());
     };
-    let tasks: Vec<FileScanTask> = table
-        .scan()
-        .snapshot_id(read_at)
-        .select_all()
-        .build()?
-        .plan_files()
-        .await?
-        .try_collect()
-        .await?;
+    let tasks = scan_tasks(&table, read_at).await?;
     let target = policy.target_file_bytes.unwrap_or_else(|| {
         table
             .metadata()
@@ -210,25 +203,15 @@ pub async fn compact(
 /// The partition spec of each live data file of `snapshot_id`, from its manifests (the scan's
 /// tasks do not carry it).
 async fn spec_of_live_files(table: &Table, snapshot_id: i64) -> Result<HashMap<String, i32>> {
-    let mut specs = HashMap::new();
     let Some(snapshot) = table.metadata().snapshot_by_id(snapshot_id) else {
-        return Ok(specs);
+        return Ok(HashMap::new());
     };
-    let list = table.manifest_list_reader(snapshot).load().await?;
-    for manifest_file in list
-        .entries()
-        .iter()
-        .filter(|m| m.content == ManifestContentType::Data)
-    {
-        let manifest = manifest_file.load_manifest(table.file_io()).await?;
-        for entry in manifest.entries().iter().filter(|e| e.is_alive()) {
-            specs.insert(
-                entry.file_path().to_string(),
-                manifest_file.partition_spec_id,
-            );
-        }
-    }
-    Ok(specs)
+    Ok(live_entries(table, snapshot)
+        .await?
+        .into_iter()
+        .filter(|live| live.content == ManifestContentType::Data)
+        .map(|live| (live.entry.file_path().to_string(), live.spec_id))
+        .collect())
 }
 
 fn candidate(task: &FileScanTask, specs: &HashMap<String, i32>) -> Candidate {

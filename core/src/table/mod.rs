@@ -7,6 +7,7 @@ pub mod compact;
 pub mod evolution;
 pub mod job_guard;
 pub mod layout;
+pub mod live;
 pub mod maintain;
 pub mod overwrite;
 pub mod parquet_settings;

@@ -12,14 +12,14 @@ use std::time::Duration;
 
 use chrono::{Datelike, NaiveDate};
 use iceberg::spec::{
-    Literal, ManifestStatus, PartitionSpec, PrimitiveLiteral, PrimitiveType, Schema, Struct,
-    Transform, Type,
+    Literal, PartitionSpec, PrimitiveLiteral, PrimitiveType, Schema, Struct, Transform, Type,
 };
 use iceberg::{Catalog, TableIdent};
 use tracing::info;
 
 use super::catalog::CatalogConfig;
 use super::commit::{WrittenWith, commit_file_change};
+use super::live::live_entries;
 use super::overwrite::Replace;
 use crate::error::{CoreError, Result};
 use crate::ids::JobId;
@@ -118,46 +118,37 @@ pub async fn drop_old_partitions(
     let mut dropped = Dropped::default();
     let mut doomed: HashSet<String> = HashSet::new();
     let mut partitions: BTreeSet<String> = BTreeSet::new();
-    let list = table.manifest_list_reader(snapshot).load().await?;
-    for manifest_file in list.entries() {
-        let Some(spec) = metadata.partition_spec_by_id(manifest_file.partition_spec_id) else {
+    for live in live_entries(&table, snapshot).await? {
+        let Some(spec) = metadata.partition_spec_by_id(live.spec_id) else {
             continue;
         };
-        let time = time_field(spec, schema);
-        let manifest = manifest_file.load_manifest(table.file_io()).await?;
-        for entry in manifest
-            .entries()
-            .iter()
-            .filter(|e| e.status() != ManifestStatus::Deleted)
-        {
-            let file = entry.data_file();
-            let Some((index, grain)) = time else {
-                dropped.files_without_time += 1;
-                continue;
-            };
-            let partition: &Struct = file.partition();
-            let ends = partition_end_ms(
-                grain,
-                partition.fields().get(index).and_then(Option::as_ref),
-            );
-            if ends.is_none_or(|end| end > cutoff) {
-                continue;
-            }
-            partitions.insert(spec.partition_to_path(partition, schema.clone()));
-            doomed.insert(file.file_path().to_string());
-            if file.content_type() == iceberg::spec::DataContentType::Data {
-                dropped.data_files += 1;
-                dropped.rows += file.record_count();
-            } else {
-                dropped.delete_files += 1;
-            }
+        let Some((index, grain)) = time_field(spec, schema) else {
+            dropped.files_without_time += 1;
+            continue;
+        };
+        let file = live.entry.data_file();
+        let partition: &Struct = file.partition();
+        let ends = partition_end_ms(
+            grain,
+            partition.fields().get(index).and_then(Option::as_ref),
+        );
+        if ends.is_none_or(|end| end > cutoff) {
+            continue;
+        }
+        partitions.insert(spec.partition_to_path(partition, schema.clone()));
+        doomed.insert(file.file_path().to_string());
+        if file.content_type() == iceberg::spec::DataContentType::Data {
+            dropped.data_files += 1;
+            dropped.rows += file.record_count();
+        } else {
+            dropped.delete_files += 1;
         }
     }
     dropped.partitions = partitions.into_iter().collect();
     if doomed.is_empty() || dry_run {
         return Ok(dropped);
     }
-    let job = JobId::parse(&format!("retention-{}", uuid::Uuid::new_v4().simple()))
+    let job = JobId::parse(&crate::names::maintenance_id("retention"))
         .map_err(|e| CoreError::Protocol(format!("retention id: {e}")))?;
     let mut summary = std::collections::HashMap::new();
     summary.insert(

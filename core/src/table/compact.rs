@@ -9,6 +9,11 @@
 //! each attempt, so appends committed meanwhile are kept; a commit that removed a file being
 //! rewritten, or added delete files, fails the compaction and its written files are deleted.
 //! Files that delete files apply to are left alone.
+//!
+//! Why it never deletes a committed file: the files it replaces leave the *snapshot* only
+//! (older snapshots keep them until expiry, which asks `TableReferences`); the only files it
+//! deletes from storage are the ones it wrote itself, after a failed commit, and only those
+//! no snapshot of the reloaded table references (`delete_unreferenced`).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 

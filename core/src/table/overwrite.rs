@@ -64,6 +64,7 @@ pub enum Replace<'a> {
     Drop(&'a HashSet<String>),
     /// These data files (by path), whose rows the added files replace with changed ones: an
     /// `overwrite` snapshot, or an `append` when none is listed (a merge that only inserts).
+    /// Like every variant, they leave the snapshot, not storage.
     Rows(&'a HashSet<String>),
 }
 

@@ -62,7 +62,27 @@ pub fn report_text(report: &JobReport) -> String {
         report.tasks,
         report.duration_ms as f64 / 1000.0
     );
-    text + &checks_text(&report.checks)
+    text + &rejects_text(report) + &checks_text(&report.checks)
+}
+
+/// Where the quarantined rows went, when a check set rows aside.
+fn rejects_text(report: &JobReport) -> String {
+    if report.rejected_rows == 0 && report.rejects_snapshot_id.is_none() {
+        return String::new();
+    }
+    let table = nightshift_spec::rejects_table(&report.table);
+    match report.rejects_snapshot_id {
+        Some(id) => format!(
+            "  rejects   {} rows set aside in {table} (snapshot {id})
+",
+            report.rejected_rows
+        ),
+        None => format!(
+            "  rejects   {} rows set aside
+",
+            report.rejected_rows
+        ),
+    }
 }
 
 /// The checks' verdicts: a count, then a line per failed (warning) check with its samples.
@@ -77,9 +97,14 @@ fn checks_text(checks: &[CheckResult]) -> String {
         failed.len()
     );
     for check in failed {
+        let severity = if check.quarantined {
+            "quarantined"
+        } else {
+            check.severity.as_str()
+        };
         text.push_str(&format!(
-            "    {} ({}): {}\n",
-            check.name, check.severity, check.detail
+            "    {} ({severity}): {}\n",
+            check.name, check.detail
         ));
         for sample in &check.samples {
             text.push_str(&format!("      e.g. {sample}\n"));

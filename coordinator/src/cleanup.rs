@@ -121,14 +121,9 @@ pub async fn run_late_sweeps(env: &JobEnv, now_ms: i64) -> Result<Vec<JobId>> {
             continue;
         }
         // The job has ended: no run of it may adopt a winner whose files are swept now.
-        let swept = match (
-            env.state.clear_task_outputs(&job).await,
-            parse_table_ident(&table),
-        ) {
-            (Ok(()), Ok(ident)) => {
-                sweep_job_files(catalog.as_ref(), &ident, &job, &TableReferences::default()).await
-            }
-            (Err(e), _) | (_, Err(e)) => Err(e),
+        let swept = match env.state.clear_task_outputs(&job).await {
+            Ok(()) => sweep_target_and_rejects(catalog.as_ref(), &table, &job).await,
+            Err(e) => Err(e),
         };
         match swept {
             Ok(swept) => {
@@ -144,6 +139,22 @@ pub async fn run_late_sweeps(env: &JobEnv, now_ms: i64) -> Result<Vec<JobId>> {
         env.state.release_job(&job, &env.owner).await?;
     }
     Ok(done)
+}
+
+/// Sweeps the job's files from its target and from the target's rejects table (which holds
+/// files only when a check of the job quarantined rows; a missing table is nothing to sweep).
+async fn sweep_target_and_rejects(
+    catalog: &dyn Catalog,
+    target: &str,
+    job: &JobId,
+) -> Result<Swept> {
+    let nothing = TableReferences::default();
+    let mut swept = sweep_job_files(catalog, &parse_table_ident(target)?, job, &nothing).await?;
+    let rejects = parse_table_ident(&nightshift_spec::rejects_table(target))?;
+    let more = sweep_job_files(catalog, &rejects, job, &nothing).await?;
+    swept.deleted += more.deleted;
+    swept.kept += more.kept;
+    Ok(swept)
 }
 
 /// The sweeper: deletes the scratch directories of jobs that are not running and whose newest

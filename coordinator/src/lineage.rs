@@ -108,6 +108,7 @@ mod tests {
             failed_rows: 0,
             detail: "0 rows written, at least 1 rows expected".into(),
             samples: Vec::new(),
+            quarantined: false,
         };
         let events = SourceSummary {
             consumed: Some(nightshift_core::incremental::Consumption {

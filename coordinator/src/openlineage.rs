@@ -351,6 +351,7 @@ mod tests {
             failed_rows: 2,
             detail: String::new(),
             samples: Vec::new(),
+            quarantined: false,
         }];
         let specs: Vec<CheckSpec> = vec![
             toml::from_str(

@@ -324,6 +324,27 @@ impl StageTracker {
             .collect()
     }
 
+    /// Data files of the rejects table (quarantined rows) written by the final stage's
+    /// winning attempts.
+    pub fn committed_reject_files(&self) -> Vec<String> {
+        self.final_winners()
+            .flat_map(|r| match &r.outcome {
+                Some(Outcome::Files(f)) => f.reject_files_json.clone(),
+                _ => Vec::new(),
+            })
+            .collect()
+    }
+
+    /// Rows the final stage's winning attempts set aside in the rejects table.
+    pub fn final_rejected_rows(&self) -> u64 {
+        self.final_winners()
+            .map(|r| match &r.outcome {
+                Some(Outcome::Files(f)) => f.rejected_rows,
+                _ => 0,
+            })
+            .sum()
+    }
+
     /// The row-check outcomes of the final stage's winning attempts.
     pub fn final_check_outcomes(&self) -> Vec<v1::CheckOutcome> {
         self.final_winners()
@@ -438,6 +459,7 @@ mod tests {
             Outcome::Files(FilesWritten {
                 checks: Vec::new(),
                 data_files_json: vec![format!("a{attempt}")],
+                ..Default::default()
             })
         } else {
             Outcome::Shuffle(ShuffleWritten { segments: vec![] })
@@ -632,7 +654,8 @@ mod tests {
                 Just(Some(Outcome::Shuffle(ShuffleWritten { segments: vec![] }))),
                 Just(Some(Outcome::Files(FilesWritten {
                     checks: Vec::new(),
-                    data_files_json: vec!["f".into()]
+                    data_files_json: vec!["f".into()],
+                    ..Default::default()
                 }))),
                 any::<bool>().prop_map(|retryable| Some(Outcome::Failed(TaskFailed {
                     message: "x".into(),

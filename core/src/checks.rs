@@ -32,6 +32,7 @@ pub fn row_checks(checks: &[CheckSpec]) -> Vec<v1::RowCheck> {
             c.row_predicate().map(|predicate_sql| v1::RowCheck {
                 name: c.name.clone(),
                 predicate_sql,
+                quarantine: c.quarantines(),
             })
         })
         .collect()
@@ -58,44 +59,24 @@ impl RowCheckCounter {
         if checks.is_empty() {
             return Ok(RowCheckCounter { checks: Vec::new() });
         }
-        let ctx = SessionContext::new();
-        let df_schema = DFSchema::try_from(schema.as_ref().clone())?;
-        let checks = checks
-            .iter()
-            .map(|check| {
-                let compiled = ctx
-                    .parse_sql_expr(&check.predicate_sql, &df_schema)
-                    .and_then(|expr| ctx.create_physical_expr(expr, &df_schema));
-                let predicate = compiled.map_err(|e| CoreError::Target {
-                    table: "result".to_string(),
-                    message: format!("[[check]] `{}`: {e}", check.name),
-                })?;
-                Ok(Counted {
-                    name: check.name.clone(),
-                    predicate,
-                    failed: 0,
-                    samples: Vec::new(),
-                })
+        let checks = compile_row_checks(checks, schema)?
+            .into_iter()
+            .map(|(check, predicate)| Counted {
+                name: check.name.clone(),
+                predicate,
+                failed: 0,
+                samples: Vec::new(),
             })
-            .collect::<Result<_>>()?;
+            .collect();
         Ok(RowCheckCounter { checks })
     }
 
     /// Counts the rows of `batch` for which a predicate is false (NULL passes).
     pub fn observe(&mut self, batch: &RecordBatch) -> Result<()> {
         for check in &mut self.checks {
-            let value = check
-                .predicate
-                .evaluate(batch)?
-                .into_array(batch.num_rows())?;
-            let Some(passed) = value.as_any().downcast_ref::<BooleanArray>() else {
-                return Err(CoreError::Target {
-                    table: "result".to_string(),
-                    message: format!("[[check]] `{}` is not a true/false test", check.name),
-                });
-            };
-            let failing: Vec<u32> = (0..passed.len())
-                .filter(|&i| passed.is_valid(i) && !passed.value(i))
+            let failing = failing_rows_of(&check.name, &check.predicate, batch)?;
+            let failing: Vec<u32> = (0..failing.len())
+                .filter(|&i| failing.value(i))
                 .map(|i| i as u32)
                 .collect();
             check.failed += failing.len() as u64;
@@ -119,6 +100,51 @@ impl RowCheckCounter {
             })
             .collect()
     }
+}
+
+/// Compiles each check's predicate against the rows' `schema`; an error names the check and
+/// the column or function it could not resolve.
+pub(crate) fn compile_row_checks<'c>(
+    checks: &'c [v1::RowCheck],
+    schema: &SchemaRef,
+) -> Result<Vec<(&'c v1::RowCheck, Arc<dyn PhysicalExpr>)>> {
+    if checks.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ctx = SessionContext::new();
+    let df_schema = DFSchema::try_from(schema.as_ref().clone())?;
+    checks
+        .iter()
+        .map(|check| {
+            let compiled = ctx
+                .parse_sql_expr(&check.predicate_sql, &df_schema)
+                .and_then(|expr| ctx.create_physical_expr(expr, &df_schema));
+            let predicate = compiled.map_err(|e| CoreError::Target {
+                table: "result".to_string(),
+                message: format!("[[check]] `{}`: {e}", check.name),
+            })?;
+            Ok((check, predicate))
+        })
+        .collect()
+}
+
+/// True for each row of `batch` the check `name`'s `predicate` is false on (NULL passes,
+/// as in a SQL CHECK constraint).
+pub(crate) fn failing_rows_of(
+    name: &str,
+    predicate: &Arc<dyn PhysicalExpr>,
+    batch: &RecordBatch,
+) -> Result<BooleanArray> {
+    let value = predicate.evaluate(batch)?.into_array(batch.num_rows())?;
+    let Some(passed) = value.as_any().downcast_ref::<BooleanArray>() else {
+        return Err(CoreError::Target {
+            table: "result".to_string(),
+            message: format!("[[check]] `{name}` is not a true/false test"),
+        });
+    };
+    Ok((0..passed.len())
+        .map(|i| Some(passed.is_valid(i) && !passed.value(i)))
+        .collect())
 }
 
 /// Runs the checks on all the rows together (`unique`, `sql`, `freshness`, `relationship`:
@@ -240,7 +266,7 @@ fn failing_rows(check: &CheckSpec, batch: &RecordBatch) -> u64 {
 }
 
 /// The rows of `batch` at `indices`, each as a JSON object.
-fn sample_rows(batch: &RecordBatch, indices: &UInt32Array) -> Result<Vec<String>> {
+pub(crate) fn sample_rows(batch: &RecordBatch, indices: &UInt32Array) -> Result<Vec<String>> {
     let arrow_err = |e: arrow::error::ArrowError| CoreError::from(DataFusionError::from(e));
     let columns = batch
         .columns()
@@ -269,6 +295,10 @@ pub struct CheckResult {
     pub detail: String,
     /// Some failing rows, as JSON objects.
     pub samples: Vec<String>,
+    /// The failing rows went to the rejects table (`on_fail = "quarantine"`): reported, never
+    /// blocking.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub quarantined: bool,
 }
 
 /// Judges every check of the job from the winning tasks' `outcomes` and the `rows` written;
@@ -308,6 +338,7 @@ pub fn judge<'a>(
                     failed_rows: if passed { 0 } else { counted },
                     detail,
                     samples: Vec::new(),
+                    quarantined: false,
                 };
             }
             let failed: u64 = mine.clone().map(|o| o.failed).sum();
@@ -341,6 +372,10 @@ pub fn judge<'a>(
                     if failed == 0 { "not " } else { "" },
                     check.max_age.as_deref().unwrap_or_default()
                 ),
+                _ if check.quarantines() => format!(
+                    "{failed} rows set aside in the rejects table: they fail {}",
+                    check.row_predicate().unwrap_or_default()
+                ),
                 _ => format!(
                     "{failed}{of_rows} rows fail {}",
                     check.row_predicate().unwrap_or_default()
@@ -358,6 +393,7 @@ pub fn judge<'a>(
                 failed_rows: failed,
                 detail,
                 samples,
+                quarantined: check.quarantines(),
             }
         })
         .collect()
@@ -398,7 +434,7 @@ fn judge_row_count(check: &CheckSpec, rows: u64, previous: Option<u64>) -> (bool
 pub fn blocking(results: &[CheckResult]) -> Vec<&CheckResult> {
     results
         .iter()
-        .filter(|r| !r.passed && r.severity == Severity::Error.to_string())
+        .filter(|r| !r.passed && !r.quarantined && r.severity == Severity::Error.to_string())
         .collect()
 }
 

@@ -123,6 +123,8 @@ async fn execute(
                     task_result::Outcome::Files(v1::FilesWritten {
                         data_files_json: written.data_files_json,
                         checks: written.checks,
+                        reject_files_json: written.reject_files_json,
+                        rejected_rows: written.rejected_rows,
                     }),
                 ))
             }
@@ -166,7 +168,9 @@ pub async fn discard_output(result: &v1::TaskResult) -> Result<usize> {
             paths
         }
         Some(task_result::Outcome::Files(files)) => {
-            crate::table::data_file_paths(&files.data_files_json)
+            let mut paths = crate::table::data_file_paths(&files.data_files_json);
+            paths.extend(crate::table::data_file_paths(&files.reject_files_json));
+            paths
         }
         _ => Vec::new(),
     };

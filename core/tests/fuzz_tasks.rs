@@ -33,20 +33,29 @@ fn outputs(dir: String) -> impl Strategy<Value = Option<task_definition::Output>
         Just(Some(task_definition::Output::Shuffle(v1::ShuffleOutput {
             prefix: format!("{dir}/scratch"),
         }))),
-        ("\\PC{0,40}", "\\PC{0,20}").prop_map(move |(schema, predicate)| Some(
-            task_definition::Output::Table(v1::TableOutput {
-                data_location: format!("{dir}/data"),
-                schema_json: schema,
-                partition_spec_json: "{\"spec-id\":0,\"fields\":[]}".into(),
-                format_version: 2,
-                target_file_size_bytes: 1 << 20,
-                checks: vec![v1::RowCheck {
-                    name: "fuzzed".into(),
-                    predicate_sql: predicate,
-                }],
-                parquet_properties: Default::default(),
-            })
-        )),
+        ("\\PC{0,40}", "\\PC{0,20}", any::<bool>()).prop_map(
+            move |(schema, predicate, quarantine)| Some(task_definition::Output::Table(
+                v1::TableOutput {
+                    data_location: format!("{dir}/data"),
+                    schema_json: schema.clone(),
+                    partition_spec_json: "{\"spec-id\":0,\"fields\":[]}".into(),
+                    format_version: 2,
+                    target_file_size_bytes: 1 << 20,
+                    checks: vec![v1::RowCheck {
+                        name: "fuzzed".into(),
+                        predicate_sql: predicate,
+                        quarantine,
+                    }],
+                    parquet_properties: Default::default(),
+                    rejects: quarantine.then(|| v1::RejectsOutput {
+                        data_location: format!("{dir}/rejects"),
+                        schema_json: schema.clone(),
+                        format_version: 2,
+                        job_id: "fuzz".into(),
+                    }),
+                }
+            ))
+        ),
     ]
 }
 

@@ -67,7 +67,38 @@ pub struct CheckSpec {
     pub max_change: Option<String>,
     #[serde(default)]
     pub severity: Severity,
+    /// What happens to the rows a row-level check on the result fails: `"report"` (counted
+    /// and judged by `severity`), or `"quarantine"`: they go to the `<table>__rejects` table
+    /// with the check's name and reason, and the other rows are published.
+    #[serde(default)]
+    pub on_fail: OnFail,
 }
+
+/// What a row-level check does with the rows it fails.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnFail {
+    /// Counted and reported; `severity` decides whether the job fails.
+    #[default]
+    Report,
+    /// Written to the rejects table instead of the target; the job goes on.
+    Quarantine,
+}
+
+/// The table a job's quarantined rows go to: `<target>__rejects`, beside the target.
+pub fn rejects_table(target: &str) -> String {
+    format!("{target}{REJECTS_SUFFIX}")
+}
+
+/// What [`rejects_table`] appends to the target's name.
+pub const REJECTS_SUFFIX: &str = "__rejects";
+
+/// The rejects table's column naming the check a row failed (the first, when several).
+pub const REJECT_CHECK_COLUMN: &str = "__check";
+/// The rejects table's column saying why: the rule the row broke, in SQL.
+pub const REJECT_REASON_COLUMN: &str = "__reason";
+/// The rejects table's column naming the job that rejected the row.
+pub const REJECT_JOB_COLUMN: &str = "__job_id";
 
 /// `on` of a check on the rows the job publishes.
 pub const RESULT: &str = "result";
@@ -181,6 +212,11 @@ impl CheckSpec {
     /// True for a check on the rows the job publishes (not on a source).
     pub fn on_result(&self) -> bool {
         self.on == RESULT
+    }
+
+    /// True for a check whose failing rows go to the rejects table.
+    pub fn quarantines(&self) -> bool {
+        self.on_fail == OnFail::Quarantine
     }
 
     /// The query over `result` whose rows are the failures, for checks on all the rows
@@ -366,6 +402,17 @@ pub(crate) fn check_checks(
                     " (name them in its query)"
                 } else {
                     ""
+                }
+            )));
+        }
+        if check.quarantines() && (check.on != RESULT || check.row_predicate().is_none()) {
+            return Err(invalid(format!(
+                "on_fail = \"quarantine\" sets rows aside one by one: it applies to not_null, \
+                 accepted_values, range and regex checks on the result, not to {}",
+                if check.on != RESULT {
+                    format!("a check on source `{}`", check.on)
+                } else {
+                    format!("type = \"{}\"", check.kind.name())
                 }
             )));
         }
@@ -600,6 +647,14 @@ mod tests {
             (
                 "name = \"a\"\ntype = \"accepted_values\"\ncolumns = [\"n\"]",
                 "needs values",
+            ),
+            (
+                "name = \"a\"\ntype = \"unique\"\ncolumns = [\"n\"]\non_fail = \"quarantine\"",
+                "not to type = \"unique\"",
+            ),
+            (
+                "name = \"a\"\non = \"orders\"\ntype = \"not_null\"\ncolumns = [\"n\"]\non_fail = \"quarantine\"",
+                "not to a check on source `orders`",
             ),
         ] {
             let err = check_checks(&[check(text)], &["orders"], path)

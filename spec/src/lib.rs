@@ -13,8 +13,9 @@ mod partition;
 mod suggest;
 
 pub use check::{
-    CheckKind, CheckSpec, DUPLICATE_ROWS_COLUMN, RELATIONSHIP_VIEW, RESULT, ROWS_COUNTED_COLUMN,
-    Severity,
+    CheckKind, CheckSpec, DUPLICATE_ROWS_COLUMN, OnFail, REJECT_CHECK_COLUMN, REJECT_JOB_COLUMN,
+    REJECT_REASON_COLUMN, REJECTS_SUFFIX, RELATIONSHIP_VIEW, RESULT, ROWS_COUNTED_COLUMN, Severity,
+    rejects_table,
 };
 pub use contract::{ColumnContract, parse_column_type};
 pub use error::SpecError;

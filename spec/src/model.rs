@@ -403,6 +403,18 @@ pub(crate) fn check(spec: &Spec, path: &Path) -> Result<(), SpecError> {
     check_merge(&spec.target, path)?;
     let sources: Vec<&str> = spec.source.iter().map(|s| s.name.as_str()).collect();
     crate::check::check_checks(&spec.check, &sources, path)?;
+    if let Some(check) = spec.check.iter().find(|c| c.quarantines())
+        && spec.target.mode == WriteMode::Merge
+    {
+        return Err(SpecError::invalid(
+            path,
+            format!(
+                "[[check]] `{}`: on_fail = \"quarantine\" does not apply to mode = \"merge\": a merge \
+                 writes back rows already in the table, which a quarantine would remove",
+                check.name
+            ),
+        ));
+    }
     let parts: Vec<&str> = spec.target.table.split('.').collect();
     if parts.len() < 2 || parts.iter().any(|p| !is_identifier(p)) {
         return Err(SpecError::invalid(

@@ -15,7 +15,8 @@ use nightshift_core::ids::JobId;
 use nightshift_core::storage::Location;
 use nightshift_core::table::{
     CommitOutcome, JobCommit, SchemaChange, TableReferences, TargetLayout, WrittenWith,
-    commit_job_snapshot, ensure_target, find_job_snapshot, open_catalog, parse_table_ident,
+    commit_job_snapshot, ensure_rejects_table, ensure_target, find_job_snapshot, open_catalog,
+    parse_table_ident,
 };
 use nightshift_core::transport::JobState;
 use nightshift_spec::ResolvedSpec;
@@ -96,6 +97,19 @@ struct JobRun<'a> {
     inputs: Vec<nightshift_core::sources::SourceSummary>,
     /// The result's schema, once planned (for the OpenLineage events).
     output_schema: Option<datafusion::arrow::datatypes::SchemaRef>,
+    /// The rejects table, when a check quarantines rows.
+    rejects: Option<RejectsTable>,
+}
+
+/// The table a job's quarantined rows go to (`<table>__rejects`), as the job set it up.
+struct RejectsTable {
+    ident: TableIdent,
+    /// The job created it (a failed first run drops it again, if it stayed empty).
+    created: bool,
+    written_with: WrittenWith,
+    change: Option<SchemaChange>,
+    /// The rejects files the job's rejects snapshot holds, once committed.
+    just_committed: TableReferences,
 }
 
 impl<'a> JobRun<'a> {
@@ -127,6 +141,8 @@ impl<'a> JobRun<'a> {
                 tasks: 0,
                 duration_ms: 0,
                 checks: Vec::new(),
+                rejected_rows: 0,
+                rejects_snapshot_id: None,
             },
             catalog: None,
             ident: None,
@@ -134,6 +150,7 @@ impl<'a> JobRun<'a> {
             just_committed: TableReferences::default(),
             inputs: Vec::new(),
             output_schema: None,
+            rejects: None,
         }
     }
 
@@ -292,15 +309,19 @@ impl<'a> JobRun<'a> {
             .max_task_attempts
             .or(self.spec.spec.execution.max_task_attempts)
             .unwrap_or(DEFAULT_MAX_TASK_ATTEMPTS);
+        let mut output = table_output(
+            &table,
+            schema_change.as_ref().map(|c| &c.schema),
+            nightshift_core::checks::row_checks(&self.spec.spec.check),
+        )?;
+        output.rejects = self
+            .ensure_rejects(catalog.as_ref(), &job_plan.output_schema)
+            .await?;
         let mut stages = StageRunner::new(
             self.env,
             self.job(),
             self.ownership,
-            table_output(
-                &table,
-                schema_change.as_ref().map(|c| &c.schema),
-                nightshift_core::checks::row_checks(&self.spec.spec.check),
-            )?,
+            output,
             StageTracker::new(&job_plan, max_attempts),
         );
         stages.run(on_event).await?;
@@ -349,6 +370,13 @@ impl<'a> JobRun<'a> {
                 "failpoint coordinator-before-commit".into(),
             )))
         });
+        self.report.rejected_rows = stages.tracker.final_rejected_rows();
+        self.commit_rejects(catalog.as_ref(), &stages.tracker.committed_reject_files())
+            .await?;
+        fail::fail_point!("coordinator-between-commits", |_| {
+            tracing::error!("failpoint coordinator-between-commits: aborting");
+            std::process::abort()
+        });
         let outcome = self
             .commit(
                 catalog.as_ref(),
@@ -368,6 +396,86 @@ impl<'a> JobRun<'a> {
         })
     }
 
+    /// Creates or evolves the rejects table when a check quarantines rows: what the writing
+    /// tasks need to write into it.
+    async fn ensure_rejects(
+        &mut self,
+        catalog: &dyn Catalog,
+        result: &datafusion::arrow::datatypes::Schema,
+    ) -> Result<Option<nightshift_proto::v1::RejectsOutput>, JobError> {
+        if !self.spec.spec.check.iter().any(|c| c.quarantines()) {
+            return Ok(None);
+        }
+        let ident = parse_table_ident(&nightshift_spec::rejects_table(
+            &self.spec.spec.target.table,
+        ))?;
+        let existed = catalog
+            .table_exists(&ident)
+            .await
+            .map_err(CoreError::from)?;
+        let (table, change, output) =
+            ensure_rejects_table(catalog, &ident, result, self.job().as_str()).await?;
+        self.rejects = Some(RejectsTable {
+            ident,
+            created: !existed,
+            written_with: WrittenWith::current(&table),
+            change,
+            just_committed: TableReferences::default(),
+        });
+        Ok(Some(output))
+    }
+
+    /// Commits the quarantined rows to the rejects table, before the target's commit: a job
+    /// whose snapshot is in the target has its rejects in the rejects table (the rejects
+    /// commit is exactly once by job id, as the target's is, so a rerun after a crash
+    /// between the two commits only the target).
+    async fn commit_rejects(
+        &mut self,
+        catalog: &dyn Catalog,
+        files: &[String],
+    ) -> Result<(), CoreError> {
+        let job = self.options.job_id.clone();
+        let Some(rejects) = &mut self.rejects else {
+            return Ok(());
+        };
+        let summary = HashMap::from([
+            (
+                nightshift_core::table::PIPELINE_PROPERTY.to_string(),
+                self.spec.spec.pipeline.name.clone(),
+            ),
+            (
+                REJECTS_OF_PROPERTY.to_string(),
+                self.spec.spec.target.table.clone(),
+            ),
+        ]);
+        let commit = JobCommit {
+            job: &job,
+            mode: nightshift_spec::WriteMode::Append,
+            data_files_json: files,
+            written_with: rejects.written_with,
+            merge_base: None,
+            merge_files: None,
+            summary,
+            schema_change: rejects.change.as_ref(),
+        };
+        let outcome =
+            commit_job_snapshot(catalog, &self.env.catalog, &rejects.ident, commit).await?;
+        if let Some(outcome) = outcome {
+            info!(
+                table = %rejects.ident,
+                snapshot_id = outcome.snapshot_id,
+                rows = self.report.rejected_rows,
+                again = outcome.already_committed,
+                "quarantined rows committed"
+            );
+            for path in &outcome.committed_files {
+                rejects.just_committed.insert(path);
+            }
+            self.report.rejects_snapshot_id = Some(outcome.snapshot_id);
+        }
+        Ok(())
+    }
+
     /// Commits the job's files (appended, or replacing the table's rows), or nothing for an
     /// empty result.
     async fn commit(
@@ -378,8 +486,14 @@ impl<'a> JobRun<'a> {
         (written_with, schema_change): (WrittenWith, Option<&SchemaChange>),
         merge: &super::MergeRead,
     ) -> Result<Option<CommitOutcome>, CoreError> {
-        let summary =
+        let mut summary =
             crate::lineage::snapshot_summary(self.spec, &self.inputs, &self.report.checks);
+        if self.rejects.is_some() {
+            summary.insert(
+                REJECTED_ROWS_PROPERTY.to_string(),
+                self.report.rejected_rows.to_string(),
+            );
+        }
         let commit = JobCommit {
             job: self.job(),
             mode: self.spec.spec.target.mode,
@@ -485,6 +599,21 @@ impl<'a> JobRun<'a> {
             if state != JobState::Succeeded && self.created_table {
                 drop_if_empty(catalog.as_ref(), ident, job).await;
             }
+            if let Some(rejects) = &self.rejects {
+                if let Err(e) = sweep_job_files(
+                    catalog.as_ref(),
+                    &rejects.ident,
+                    job,
+                    &rejects.just_committed,
+                )
+                .await
+                {
+                    warn!(error = %e, "cannot sweep the job's rejects files; the late sweep retries");
+                }
+                if state != JobState::Succeeded && rejects.created {
+                    drop_if_empty(catalog.as_ref(), &rejects.ident, job).await;
+                }
+            }
         }
         delete_scratch(&self.env.scratch, job).await;
         if let Err(e) = self.env.queue.close_results(job).await {
@@ -550,6 +679,12 @@ async fn drop_if_empty(catalog: &dyn Catalog, ident: &TableIdent, job: &JobId) {
         let _ = dir.delete_recursive().await;
     }
 }
+
+/// The rejects table's snapshot summary property naming the table whose job set the rows aside.
+pub const REJECTS_OF_PROPERTY: &str = "nightshift.rejects-of";
+
+/// The target's snapshot summary property counting the rows the job set aside.
+pub const REJECTED_ROWS_PROPERTY: &str = "nightshift.rejected-rows";
 
 /// Unix time in milliseconds.
 pub fn now_ms() -> i64 {

@@ -165,6 +165,12 @@ pub struct JobReport {
     /// Every `[[check]]` and its verdict (failed warnings included).
     #[serde(default)]
     pub checks: Vec<CheckResult>,
+    /// Rows set aside in the rejects table by quarantining checks.
+    #[serde(default)]
+    pub rejected_rows: u64,
+    /// The rejects table's snapshot holding them.
+    #[serde(default)]
+    pub rejects_snapshot_id: Option<i64>,
 }
 
 /// Why a job failed. Nothing was committed.

@@ -152,6 +152,13 @@ impl AccessPolicy {
             }
         }
         self.check_table("target", &spec.spec.target.table)?;
+        // Quarantined rows are written to a second table, admitted like the target.
+        if spec.spec.check.iter().any(|c| c.quarantines()) {
+            self.check_table(
+                "rejects",
+                &nightshift_spec::rejects_table(&spec.spec.target.table),
+            )?;
+        }
         for to in spec.spec.check.iter().filter_map(|c| c.to.as_deref()) {
             self.check_table("check", to)?;
         }
@@ -380,6 +387,18 @@ mod tests {
         assert!(
             err.to_string().starts_with("check table `hr.salaries`"),
             "{err}"
+        );
+        // A quarantining check writes `<target>__rejects`, which must be allowed too.
+        let quarantine = "table = \"ref.countries\"\n[[check]]\nname = \"q\"\ntype = \"not_null\"\ncolumns = [\"x\"]\non_fail = \"quarantine\"";
+        let err = admit(quarantine).await.unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "rejects table `ref.countries__rejects` is outside the allowed tables (curated.*, ref.countries)"
+        );
+        assert!(
+            admit(&quarantine.replace("ref.countries", "curated.t"))
+                .await
+                .is_ok()
         );
     }
 

@@ -12,6 +12,7 @@ pub mod maintain;
 pub mod overwrite;
 pub mod parquet_settings;
 pub mod references;
+pub mod rejects;
 pub mod retention;
 pub mod schema;
 pub mod swap;
@@ -28,6 +29,7 @@ pub use layout::{
     with_table_types_for_nulls,
 };
 pub use references::TableReferences;
+pub use rejects::{ensure_rejects_table, rejects_schema};
 pub use schema::iceberg_schema_for;
 pub use writer::{
     PartitionFileCounts, TableWriteSummary, data_file_paths, files_per_partition, table_output,

@@ -24,6 +24,7 @@ use iceberg::writer::partitioning::fanout_writer::FanoutWriter;
 use iceberg::writer::partitioning::unpartitioned_writer::UnpartitionedWriter;
 use nightshift_proto::v1::TableOutput;
 
+use super::rejects::Quarantine;
 use crate::checks::RowCheckCounter;
 use crate::error::{CoreError, Result};
 
@@ -34,20 +35,24 @@ pub struct TableWriteSummary {
     pub data_files_json: Vec<String>,
     pub rows: u64,
     pub bytes: u64,
-    /// Rows that failed each of the task's row checks.
+    /// Rows that failed each of the task's row checks (for a quarantining check: the rows
+    /// it set aside).
     pub checks: Vec<nightshift_proto::v1::CheckOutcome>,
+    /// Data files of the rejects table (rows set aside by quarantining checks).
+    pub reject_files_json: Vec<String>,
+    pub rejected_rows: u64,
 }
 
 /// Decoded table description from a task.
-struct TableTarget {
-    schema: Arc<Schema>,
-    spec: Arc<PartitionSpec>,
-    format_version: FormatVersion,
-    arrow_schema: SchemaRef,
+pub(crate) struct TableTarget {
+    pub(crate) schema: Arc<Schema>,
+    pub(crate) spec: Arc<PartitionSpec>,
+    pub(crate) format_version: FormatVersion,
+    pub(crate) arrow_schema: SchemaRef,
 }
 
 impl TableTarget {
-    fn from_task(out: &TableOutput) -> Result<Self> {
+    pub(crate) fn from_task(out: &TableOutput) -> Result<Self> {
         let bad =
             |what: &str, e: serde_json::Error| CoreError::Protocol(format!("task {what}: {e}"));
         let schema: Schema =
@@ -73,7 +78,7 @@ type Builder =
     DataFileWriterBuilder<ParquetWriterBuilder, DefaultLocationGenerator, DefaultFileNameGenerator>;
 
 /// Either writer kind, as iceberg-datafusion's private `TaskWriter` does.
-enum PartitionedWriter {
+pub(crate) enum PartitionedWriter {
     Unpartitioned(Box<UnpartitionedWriter<Builder>>),
     Fanout(
         Box<FanoutWriter<Builder>>,
@@ -82,7 +87,7 @@ enum PartitionedWriter {
 }
 
 impl PartitionedWriter {
-    async fn write(&mut self, batch: RecordBatch) -> iceberg::Result<()> {
+    pub(crate) async fn write(&mut self, batch: RecordBatch) -> iceberg::Result<()> {
         match self {
             PartitionedWriter::Unpartitioned(w) => w.write(batch).await,
             PartitionedWriter::Fanout(w, splitter) => {
@@ -94,7 +99,7 @@ impl PartitionedWriter {
         }
     }
 
-    async fn close(self) -> iceberg::Result<Vec<DataFile>> {
+    pub(crate) async fn close(self) -> iceberg::Result<Vec<DataFile>> {
         match self {
             PartitionedWriter::Unpartitioned(w) => w.close().await,
             PartitionedWriter::Fanout(w, _) => w.close().await,
@@ -125,13 +130,31 @@ where
     CoreError: From<E>,
 {
     let target = TableTarget::from_task(out)?;
+    let mut quarantine = Quarantine::new(
+        &out.checks,
+        &target.arrow_schema,
+        out.rejects.as_ref(),
+        &file_prefix,
+    )?;
     let mut writer = new_writer(&target, out, file_prefix)?;
-    let mut checks = RowCheckCounter::new(&out.checks, &target.arrow_schema)?;
+    let counted: Vec<_> = out
+        .checks
+        .iter()
+        .filter(|c| !c.quarantine)
+        .cloned()
+        .collect();
+    let mut checks = RowCheckCounter::new(&counted, &target.arrow_schema)?;
     let mut rows = 0u64;
     while let Some(batch) = stream.next().await {
-        let batch = conform_batch(&batch?, &target.arrow_schema)?;
+        let mut batch = conform_batch(&batch?, &target.arrow_schema)?;
         if batch.num_rows() == 0 {
             continue;
+        }
+        if let Some(quarantine) = &mut quarantine {
+            batch = quarantine.set_aside(batch).await?;
+            if batch.num_rows() == 0 {
+                continue;
+            }
         }
         rows += batch.num_rows() as u64;
         checks.observe(&batch)?;
@@ -144,15 +167,29 @@ where
         .into_iter()
         .map(|f| serialize_data_file_to_json(f, &partition_type, target.format_version))
         .collect::<iceberg::Result<Vec<_>>>()?;
+    let mut outcomes = checks.finish();
+    let rejects = match quarantine {
+        Some(quarantine) => Some(quarantine.finish().await?),
+        None => None,
+    };
+    let (reject_files_json, rejected_rows) = match rejects {
+        Some(rejects) => {
+            outcomes.extend(rejects.checks);
+            (rejects.data_files_json, rejects.rows)
+        }
+        None => (Vec::new(), 0),
+    };
     Ok(TableWriteSummary {
         data_files_json,
         rows,
         bytes,
-        checks: checks.finish(),
+        checks: outcomes,
+        reject_files_json,
+        rejected_rows,
     })
 }
 
-fn new_writer(
+pub(crate) fn new_writer(
     target: &TableTarget,
     out: &TableOutput,
     file_prefix: String,
@@ -216,6 +253,7 @@ pub fn table_output(
             .unwrap_or(512 << 20),
         checks,
         parquet_properties: parquet_settings_checked(table)?,
+        rejects: None,
     })
 }
 

@@ -1,0 +1,318 @@
+//! Quarantine (`on_fail = "quarantine"`): the rows a quarantining check fails go to the
+//! `<table>__rejects` table instead of the target, with the check's name, the rule they broke
+//! and the job that set them aside.
+//!
+//! The coordinator creates or evolves the rejects table ([`ensure_rejects_table`]) and hands
+//! the writing tasks its location and schema ([`v1::RejectsOutput`]); each task splits its
+//! batches ([`Quarantine::set_aside`]): the failing rows are written as data files of the
+//! rejects table (named like the task's other files, so the job's cleanup finds them), the
+//! others go on to the target's writer. The coordinator commits both tables' files, the rejects
+//! first (see `ARCHITECTURE.md`, "Quarantine").
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use datafusion::arrow::array::{ArrayRef, BooleanArray, RecordBatch, StringArray};
+use datafusion::arrow::compute::filter_record_batch;
+use datafusion::arrow::datatypes::{DataType, Field, Schema as ArrowSchema, SchemaRef};
+use datafusion::physical_expr::PhysicalExpr;
+use iceberg::spec::{DataFile, PartitionSpec, serialize_data_file_to_json};
+use iceberg::table::Table;
+use iceberg::{Catalog, TableIdent};
+use nightshift_proto::v1;
+use nightshift_spec::{
+    REJECT_CHECK_COLUMN, REJECT_JOB_COLUMN, REJECT_REASON_COLUMN, SchemaEvolution,
+};
+
+use super::evolution::SchemaChange;
+use super::layout::{TargetLayout, ensure_target};
+use super::writer::{PartitionedWriter, TableTarget, conform_batch, new_writer};
+use crate::checks::{SAMPLES, compile_row_checks, failing_rows_of, sample_rows};
+use crate::error::{CoreError, Result};
+
+/// The rejects table's columns: the result's, every one optional (a rejected row may lack
+/// what the target requires), then the check, the reason and the job id. A result column
+/// with one of those three names is refused.
+pub fn rejects_schema(result: &ArrowSchema, table: &str) -> Result<ArrowSchema> {
+    let added = [REJECT_CHECK_COLUMN, REJECT_REASON_COLUMN, REJECT_JOB_COLUMN];
+    if let Some(clash) = result
+        .fields()
+        .iter()
+        .find(|f| added.contains(&f.name().as_str()))
+    {
+        return Err(CoreError::Target {
+            table: table.to_string(),
+            message: format!(
+                "the result has a column `{}`, which the rejects table keeps for itself (rename it)",
+                clash.name()
+            ),
+        });
+    }
+    let fields = result
+        .fields()
+        .iter()
+        .map(|f| f.as_ref().clone().with_nullable(true))
+        .chain(added.map(|name| Field::new(name, DataType::Utf8, true)));
+    Ok(ArrowSchema::new(fields.collect::<Vec<_>>()))
+}
+
+/// The rejects table as this job needs it: created (unpartitioned) if missing, with the
+/// result's new columns added when it exists (in the commit of its rejected rows, as for any
+/// target with `schema_evolution = "add_columns"`), and what the tasks need to write into it.
+pub async fn ensure_rejects_table(
+    catalog: &dyn Catalog,
+    ident: &TableIdent,
+    result: &ArrowSchema,
+    job_id: &str,
+) -> Result<(Table, Option<SchemaChange>, v1::RejectsOutput)> {
+    let wanted = rejects_schema(result, &ident.to_string())?;
+    let layout = TargetLayout {
+        result_schema: &wanted,
+        partition_by: &[],
+        evolution: SchemaEvolution::AddColumns,
+    };
+    let (table, change) = ensure_target(catalog, ident, &layout, &HashMap::new()).await?;
+    let metadata = table.metadata();
+    if !metadata.default_partition_spec().is_unpartitioned() {
+        return Err(CoreError::Target {
+            table: ident.to_string(),
+            message: "a rejects table is unpartitioned; this one has a partition spec (drop it or \
+                      give the pipeline's target another name)"
+                .to_string(),
+        });
+    }
+    let schema = change
+        .as_ref()
+        .map_or(metadata.current_schema().as_ref(), |c| &c.schema);
+    let output = v1::RejectsOutput {
+        data_location: format!("{}/data", metadata.location()),
+        schema_json: serde_json::to_string(schema)
+            .map_err(|e| CoreError::Protocol(format!("cannot serialize a schema: {e}")))?,
+        format_version: metadata.format_version() as u32,
+        job_id: job_id.to_string(),
+    };
+    Ok((table, change, output))
+}
+
+/// A writing task's quarantine: the quarantining checks, compiled, and the writer of the
+/// rejects table's data files.
+pub struct Quarantine {
+    checks: Vec<Quarantining>,
+    schema: SchemaRef,
+    job_id: String,
+    writer: PartitionedWriter,
+    target: TableTarget,
+    rows: u64,
+}
+
+struct Quarantining {
+    name: String,
+    reason: String,
+    predicate: Arc<dyn PhysicalExpr>,
+    failed: u64,
+    samples: Vec<String>,
+}
+
+/// What a task's quarantine wrote.
+pub struct RejectsWritten {
+    pub data_files_json: Vec<String>,
+    pub rows: u64,
+    /// Rows set aside by each quarantining check (a row counts for the first it fails).
+    pub checks: Vec<v1::CheckOutcome>,
+}
+
+impl Quarantine {
+    /// The quarantine of a task writing rows of `rows_schema` with `checks`, or `None` when
+    /// no check quarantines. Its files are named `<file_prefix>-<n>.parquet`.
+    pub fn new(
+        checks: &[v1::RowCheck],
+        rows_schema: &SchemaRef,
+        out: Option<&v1::RejectsOutput>,
+        file_prefix: &str,
+    ) -> Result<Option<Self>> {
+        let quarantining: Vec<v1::RowCheck> =
+            checks.iter().filter(|c| c.quarantine).cloned().collect();
+        if quarantining.is_empty() {
+            return Ok(None);
+        }
+        let Some(out) = out else {
+            return Err(CoreError::Protocol(
+                "a check quarantines rows but the task names no rejects table".to_string(),
+            ));
+        };
+        let compiled = compile_row_checks(&quarantining, rows_schema)?
+            .into_iter()
+            .map(|(check, predicate)| Quarantining {
+                name: check.name.clone(),
+                reason: format!("fails {}", check.predicate_sql),
+                predicate,
+                failed: 0,
+                samples: Vec::new(),
+            })
+            .collect();
+        let as_table = v1::TableOutput {
+            data_location: out.data_location.clone(),
+            schema_json: out.schema_json.clone(),
+            partition_spec_json: serde_json::to_string(&PartitionSpec::unpartition_spec())
+                .map_err(|e| CoreError::Protocol(e.to_string()))?,
+            format_version: out.format_version,
+            target_file_size_bytes: 512 << 20,
+            ..Default::default()
+        };
+        let target = TableTarget::from_task(&as_table)?;
+        let writer = new_writer(&target, &as_table, file_prefix.to_string())?;
+        Ok(Some(Quarantine {
+            checks: compiled,
+            schema: target.arrow_schema.clone(),
+            job_id: out.job_id.clone(),
+            writer,
+            target,
+            rows: 0,
+        }))
+    }
+
+    /// Writes the rows of `batch` that fail a quarantining check to the rejects table and
+    /// returns the others.
+    pub async fn set_aside(&mut self, batch: RecordBatch) -> Result<RecordBatch> {
+        let mut first_failed: Vec<Option<usize>> = vec![None; batch.num_rows()];
+        for (index, check) in self.checks.iter_mut().enumerate() {
+            let failing = failing_rows_of(&check.name, &check.predicate, &batch)?;
+            let mut mine = Vec::new();
+            for (row, first) in first_failed.iter_mut().enumerate() {
+                if first.is_none() && failing.value(row) {
+                    *first = Some(index);
+                    mine.push(row as u32);
+                }
+            }
+            check.failed += mine.len() as u64;
+            let room = SAMPLES.saturating_sub(check.samples.len()).min(mine.len());
+            if room > 0 {
+                let take = arrow::array::UInt32Array::from(mine[..room].to_vec());
+                check.samples.extend(sample_rows(&batch, &take)?);
+            }
+        }
+        if first_failed.iter().all(Option::is_none) {
+            return Ok(batch);
+        }
+        let rejected: BooleanArray = first_failed.iter().map(|f| Some(f.is_some())).collect();
+        let kept = arrow::compute::not(&rejected).map_err(arrow_error)?;
+        self.write_rejected(&batch, &rejected, &first_failed)
+            .await?;
+        filter_record_batch(&batch, &kept).map_err(arrow_error)
+    }
+
+    async fn write_rejected(
+        &mut self,
+        batch: &RecordBatch,
+        rejected: &BooleanArray,
+        first_failed: &[Option<usize>],
+    ) -> Result<()> {
+        let rows = filter_record_batch(batch, rejected).map_err(arrow_error)?;
+        let failed_checks: Vec<&Quarantining> = first_failed
+            .iter()
+            .flatten()
+            .map(|&index| &self.checks[index])
+            .collect();
+        let text = |of: &dyn Fn(&Quarantining) -> &str| -> ArrayRef {
+            Arc::new(StringArray::from_iter_values(
+                failed_checks.iter().map(|c| of(c)),
+            ))
+        };
+        let mut fields: Vec<Arc<Field>> = rows.schema().fields().iter().cloned().collect();
+        let mut columns = rows.columns().to_vec();
+        for (name, column) in [
+            (REJECT_CHECK_COLUMN, text(&|c| &c.name)),
+            (REJECT_REASON_COLUMN, text(&|c| &c.reason)),
+            (
+                REJECT_JOB_COLUMN,
+                Arc::new(StringArray::from(vec![
+                    self.job_id.as_str();
+                    rows.num_rows()
+                ])),
+            ),
+        ] {
+            fields.push(Arc::new(Field::new(name, DataType::Utf8, true)));
+            columns.push(column);
+        }
+        let with_reasons = RecordBatch::try_new(
+            Arc::new(ArrowSchema::new(
+                fields
+                    .into_iter()
+                    .map(|f| f.as_ref().clone().with_nullable(true))
+                    .collect::<Vec<_>>(),
+            )),
+            columns,
+        )
+        .map_err(arrow_error)?;
+        let conformed = conform_batch(&with_reasons, &self.schema)?;
+        self.rows += conformed.num_rows() as u64;
+        self.writer.write(conformed).await?;
+        Ok(())
+    }
+
+    /// Closes the rejects writer: its data files and each check's count and samples.
+    pub async fn finish(self) -> Result<RejectsWritten> {
+        let files = self.writer.close().await?;
+        let partition_type = self.target.spec.partition_type(&self.target.schema)?;
+        let data_files_json = files
+            .into_iter()
+            .map(|f: DataFile| {
+                serialize_data_file_to_json(f, &partition_type, self.target.format_version)
+            })
+            .collect::<iceberg::Result<Vec<_>>>()?;
+        Ok(RejectsWritten {
+            data_files_json,
+            rows: self.rows,
+            checks: self
+                .checks
+                .into_iter()
+                .map(|c| v1::CheckOutcome {
+                    name: c.name,
+                    failed: c.failed,
+                    samples: c.samples,
+                })
+                .collect(),
+        })
+    }
+}
+
+fn arrow_error(e: arrow::error::ArrowError) -> CoreError {
+    CoreError::from(datafusion::common::DataFusionError::from(e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_rejects_schema_adds_the_reasons_and_makes_every_column_optional() {
+        let result = ArrowSchema::new(vec![
+            Field::new("id", DataType::Int64, false),
+            Field::new("größe", DataType::Float64, true),
+        ]);
+        let schema = rejects_schema(&result, "a.t__rejects").unwrap();
+        let described: Vec<(String, bool)> = schema
+            .fields()
+            .iter()
+            .map(|f| (f.name().clone(), f.is_nullable()))
+            .collect();
+        assert_eq!(
+            described,
+            [
+                ("id".to_string(), true),
+                ("größe".to_string(), true),
+                ("__check".to_string(), true),
+                ("__reason".to_string(), true),
+                ("__job_id".to_string(), true),
+            ]
+        );
+        let clash = ArrowSchema::new(vec![Field::new("__reason", DataType::Utf8, true)]);
+        let err = rejects_schema(&clash, "a.t__rejects")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`__reason`") && err.contains("rename"),
+            "{err}"
+        );
+    }
+}

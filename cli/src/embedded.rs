@@ -119,7 +119,14 @@ pub async fn run_embedded(
     if !embedded.lineage {
         env.lineage = None;
     }
-    let result = run_job(&env, spec, &options, on_event).await;
+    // Each run leaves its record beside the warehouse's tables, for `nightshift report`.
+    let keep_record = |event: JobEvent| {
+        if let JobEvent::Finished(record) = &event {
+            crate::report::save_embedded_record(&embedded.warehouse, record);
+        }
+        on_event(event);
+    };
+    let result = run_job(&env, spec, &options, &keep_record).await;
     queue.close();
     for worker in workers {
         match worker.await {

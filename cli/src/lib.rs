@@ -8,6 +8,7 @@
 //! - [`example_data`] generates the TPC-H tables the examples read.
 //! - [`output`] prints job reports for people and scripts.
 //! - [`progress`] draws a progress bar per stage on a terminal.
+//! - [`report`] writes a job's HTML report page from the record its run left.
 
 pub mod backfill;
 pub mod check;
@@ -19,3 +20,4 @@ pub mod history;
 pub mod maintain;
 pub mod output;
 pub mod progress;
+pub mod report;

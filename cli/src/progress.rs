@@ -82,6 +82,7 @@ impl StageBars {
             JobEvent::Committing { files } => {
                 self.message(format!("committing {files} file(s)"));
             }
+            JobEvent::Finished(_) => {}
         }
     }
 

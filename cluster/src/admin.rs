@@ -128,6 +128,15 @@ struct AdminState {
 /// Serves the admin endpoint on `addr` (port 0 picks a free port) in the background and
 /// returns the address it listens on.
 pub async fn serve_admin(addr: SocketAddr, readiness: Arc<Readiness>) -> Result<SocketAddr> {
+    serve_admin_with(addr, readiness, Router::new()).await
+}
+
+/// [`serve_admin`] with more routes (the coordinator's job report pages).
+pub async fn serve_admin_with(
+    addr: SocketAddr,
+    readiness: Arc<Readiness>,
+    more: Router,
+) -> Result<SocketAddr> {
     let prometheus = install_metrics()?;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -142,7 +151,8 @@ pub async fn serve_admin(addr: SocketAddr, readiness: Arc<Readiness>) -> Result<
         .with_state(AdminState {
             prometheus,
             readiness,
-        });
+        })
+        .merge(more);
     info!(addr = %bound, "admin endpoint listening (/metrics, /healthz, /readyz)");
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {

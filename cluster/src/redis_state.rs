@@ -269,6 +269,22 @@ impl RedisState {
         .map_err(redis_err)
     }
 
+    /// Stores what the job's report page draws (its `RunRecord`, as JSON).
+    pub async fn set_run_record(&self, job: &JobId, record_json: &str) -> Result<()> {
+        let mut conn = self.conn.clone();
+        conn.hset(self.job_key(job), "run_record", record_json)
+            .await
+            .map_err(redis_err)
+    }
+
+    /// The job's stored `RunRecord` JSON, once it has ended.
+    pub async fn run_record(&self, job: &JobId) -> Result<Option<String>> {
+        let mut conn = self.conn.clone();
+        conn.hget(self.job_key(job), "run_record")
+            .await
+            .map_err(redis_err)
+    }
+
     /// Forgets the stored outcome of `job` before it is submitted again.
     pub async fn clear_report(&self, job: &JobId) -> Result<()> {
         let mut conn = self.conn.clone();

@@ -469,15 +469,27 @@ impl TokenAuth {
             // Constant messages: nothing in them to redact (and the redactor would mask the
             // word after "bearer").
             .ok_or_else(|| Status::unauthenticated("missing bearer token: set NIGHTSHIFT_TOKEN"))?;
-        if self
-            .tokens
-            .iter()
-            .any(|t| constant_time_eq(t.as_bytes(), presented.as_bytes()))
-        {
+        if self.accepts(presented) {
             Ok(())
         } else {
             Err(Status::unauthenticated("invalid bearer token"))
         }
+    }
+
+    /// True when `presented` is one of the tokens (compared in constant time).
+    fn accepts(&self, presented: &str) -> bool {
+        self.tokens
+            .iter()
+            .any(|t| constant_time_eq(t.as_bytes(), presented.as_bytes()))
+    }
+
+    /// Whether an HTTP request with this `authorization` header may read job reports: any
+    /// request when no token is configured, else one bearing a configured token.
+    pub fn admits_http(&self, authorization: Option<&str>) -> bool {
+        self.tokens.is_empty()
+            || authorization
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .is_some_and(|presented| self.accepts(presented))
     }
 }
 

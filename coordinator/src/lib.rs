@@ -21,6 +21,8 @@ pub mod idempotency;
 pub mod job;
 pub mod lineage;
 pub mod openlineage;
+pub mod report_http;
+pub mod report_page;
 pub mod scheduler;
 pub mod service;
 pub mod spec_ref;

@@ -51,6 +51,13 @@ impl StageRun {
     fn winners(&self) -> impl Iterator<Item = &v1::TaskResult> {
         self.tasks.iter().filter_map(|t| t.winner.as_ref())
     }
+
+    /// Rows and bytes the winning attempts wrote, and how many tasks have won.
+    pub fn winner_totals(&self) -> (u64, u64, usize) {
+        self.winners().fold((0, 0, 0), |(rows, bytes, n), w| {
+            (rows + w.rows, bytes + w.bytes, n + 1)
+        })
+    }
 }
 
 /// Why a task failed the job.

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use nightshift_cluster::admin::{
     CatalogDependency, ObjectStoreDependency, RabbitDependency, Readiness, RedisDependency,
-    serve_admin,
+    serve_admin_with,
 };
 use nightshift_cluster::submission::JobSubmission;
 use nightshift_cluster::{ClusterConfig, RabbitQueue, RedisState};
@@ -93,7 +93,10 @@ pub async fn serve_until(
         Arc::new(CatalogDependency::new(env.catalog.clone())),
     ]);
     if let Some(addr) = admin {
-        serve_admin(addr, readiness.clone()).await?;
+        let tokens = api.as_ref().map(|a| a.tokens.clone()).unwrap_or_default();
+        let reports =
+            crate::report_http::report_routes(state.clone(), crate::api::TokenAuth::new(tokens));
+        serve_admin_with(addr, readiness.clone(), reports).await?;
     }
     // After the recorder is installed (by the admin endpoint), or the series go nowhere.
     nightshift_core::metrics::register_coordinator();
@@ -219,7 +222,8 @@ async fn run_submission(
         }
     });
     let counted = std::sync::atomic::AtomicUsize::new(0);
-    let on_event = move |event: crate::JobEvent| {
+    let record = std::sync::Mutex::new(None);
+    let on_event = |event: crate::JobEvent| {
         let progress = match event {
             crate::JobEvent::Planned { tasks, stages } => Some((0, tasks, stages)),
             crate::JobEvent::TaskFinished {
@@ -233,12 +237,29 @@ async fn run_submission(
                 Some((done, total, stages))
             }
             crate::JobEvent::Committing { .. } => None,
+            crate::JobEvent::Finished(ended) => {
+                *record.lock().expect("record lock") = Some(ended);
+                None
+            }
         };
         if progress.is_some() {
             let _ = progress_tx.send(progress);
         }
     };
-    run_job(env, &spec, &options, &on_event).await
+    let result = run_job(env, &spec, &options, &on_event).await;
+    let ended = record.lock().expect("record lock").take();
+    if let Some(ended) = ended {
+        // The report page's data; a job whose record cannot be stored still ended as it did.
+        match serde_json::to_string(&ended) {
+            Ok(json) => {
+                if let Err(e) = state.set_run_record(&options.job_id, &json).await {
+                    warn!(job_id = %options.job_id, error = %e, "cannot store the job's report record");
+                }
+            }
+            Err(e) => warn!(error = %e, "cannot serialize the job's report record"),
+        }
+    }
+    result
 }
 
 /// Completes with the reason when the job API server ends; never without one.

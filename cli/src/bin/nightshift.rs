@@ -92,6 +92,17 @@ enum Command {
     ///   nightshift check pipelines/orders.toml --sample samples --junit reports/orders.xml
     #[command(verbatim_doc_comment)]
     Check(CheckArgs),
+    /// Write a job's report as one HTML page to open in a browser: the plan's stages as a
+    /// graph with rows, bytes and time per stage, the task timeline by worker, every check
+    /// with samples of failing rows, inputs → output lineage and the snapshot. Works for
+    /// failed jobs too. A cluster's coordinator serves the same page, at
+    /// /jobs/<job>/report on its admin port (with its progress while the job runs).
+    ///
+    ///   nightshift report --last
+    ///   nightshift report nightly-2024-05-01 --out reports/nightly.html
+    ///   nightshift report nightly-2024-05-01 --cluster cluster.toml
+    #[command(verbatim_doc_comment)]
+    Report(ReportArgs),
     /// Check a pipeline without writing anything: parse the spec, find the sources, check
     /// their schema contracts, plan the SQL and print the stages and the output schema.
     Validate(CommonArgs),
@@ -347,6 +358,25 @@ struct HistoryArgs {
 }
 
 #[derive(Args)]
+#[command(group(clap::ArgGroup::new("which").required(true).args(["job", "last"])))]
+struct ReportArgs {
+    /// The job id (as given to `run --job-id`, or printed by `run`).
+    job: Option<String>,
+    /// The job that ran last (in this warehouse, or submitted last to the cluster).
+    #[arg(long)]
+    last: bool,
+    /// Warehouse directory of the embedded runs (their records are kept in it).
+    #[arg(long, env = "NIGHTSHIFT_WAREHOUSE", default_value = "warehouse")]
+    warehouse: PathBuf,
+    /// Read the job's record from this cluster (Redis) instead of the warehouse.
+    #[arg(long, value_name = "CONFIG")]
+    cluster: Option<PathBuf>,
+    /// Where to write the page (default: report-<job>.html in the current directory).
+    #[arg(long, value_name = "FILE")]
+    out: Option<PathBuf>,
+}
+
+#[derive(Args)]
 #[command(group(clap::ArgGroup::new("work").required(true).multiple(true)
     .args(["drop_partitions_older_than", "compact", "expire_older_than", "remove_orphans_older_than"])))]
 struct MaintainArgs {
@@ -464,6 +494,7 @@ fn main() -> ExitCode {
             Command::Maintain(args) => maintain(args).await,
             Command::History(args) => history(args).await,
             Command::Check(args) => check(args).await,
+            Command::Report(args) => report(args).await,
             Command::Validate(args) => validate(args).await,
             Command::Dlq { command } => dlq(command).await,
             Command::ExampleData { dir, scale, parts } => example_data(&dir, scale, parts),
@@ -810,6 +841,38 @@ async fn history(args: HistoryArgs) -> ExitCode {
         }
         Err(e) => {
             eprintln!("error: cannot read the history of {}: {e}", args.table);
+            ExitCode::from(EXIT_FAILED)
+        }
+    }
+}
+
+async fn report(args: ReportArgs) -> ExitCode {
+    use nightshift::report::{Which, cluster_record, embedded_record, write_page};
+    let which = match args.job {
+        Some(job) => Which::Job(job),
+        None => Which::Last,
+    };
+    let record = match &args.cluster {
+        Some(path) => match load_cluster_config(path) {
+            Ok(config) => cluster_record(&config, &which).await,
+            Err(code) => return code,
+        },
+        None => embedded_record(&args.warehouse, &which),
+    };
+    let written = record
+        .and_then(|record| write_page(&record, args.out.as_deref()).map(|path| (record, path)));
+    match written {
+        Ok((record, path)) => {
+            println!(
+                "report of job {} ({}) written to {}",
+                record.report.job_id,
+                record.status,
+                path.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
             ExitCode::from(EXIT_FAILED)
         }
     }

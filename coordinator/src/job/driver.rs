@@ -23,6 +23,7 @@ use nightshift_spec::ResolvedSpec;
 use tracing::{Instrument, info, info_span, warn};
 
 use super::ownership::Ownership;
+use super::record::{RunRecord, StageSummary, TaskSpan, stage_summaries};
 use super::stages::StageRunner;
 use super::{
     DEFAULT_MAX_TASK_ATTEMPTS, JobEnv, JobError, JobEvent, JobOptions, JobReport, PlanReads, plan,
@@ -64,7 +65,7 @@ pub async fn run_job(
         .await?;
         let mut run = JobRun::new(env, spec, options, &ownership);
         let ended = run.phases(on_event).await;
-        let result = run.finish(ended).await;
+        let result = run.finish(ended, on_event).await;
         ownership.release().await;
         result
     }
@@ -85,7 +86,12 @@ struct JobRun<'a> {
     options: &'a JobOptions,
     ownership: &'a Ownership,
     started: Instant,
+    /// Unix milliseconds at the start.
+    started_at_ms: i64,
     report: JobReport,
+    /// Each task attempt and each stage, for the report page.
+    timeline: Vec<TaskSpan>,
+    stage_summaries: Vec<StageSummary>,
     /// The catalog and target, once opened: what cleanup needs.
     catalog: Option<Arc<dyn Catalog>>,
     ident: Option<TableIdent>,
@@ -125,6 +131,9 @@ impl<'a> JobRun<'a> {
             options,
             ownership,
             started: Instant::now(),
+            started_at_ms: now_ms(),
+            timeline: Vec::new(),
+            stage_summaries: Vec::new(),
             report: JobReport {
                 job_id: options.job_id.to_string(),
                 pipeline: spec.spec.pipeline.name.clone(),
@@ -323,8 +332,12 @@ impl<'a> JobRun<'a> {
             self.ownership,
             output,
             StageTracker::new(&job_plan, max_attempts),
+            self.started,
         );
-        stages.run(on_event).await?;
+        let ran = stages.run(on_event).await;
+        self.stage_summaries = stage_summaries(&stages.tracker, &stages.timeline);
+        self.timeline = std::mem::take(&mut stages.timeline);
+        ran?;
 
         let files = stages.tracker.committed_files();
         self.report.rows = stages.tracker.final_rows();
@@ -533,7 +546,11 @@ impl<'a> JobRun<'a> {
     /// The one way a job ends: record the outcome, then clean up, whatever happened. Cleanup
     /// failures are logged, never returned: they cannot undo a commit, and the late sweep
     /// scheduled here tries again.
-    async fn finish(mut self, ended: Ended) -> Result<JobReport, JobError> {
+    async fn finish(
+        mut self,
+        ended: Ended,
+        on_event: &(dyn Fn(JobEvent) + Send + Sync),
+    ) -> Result<JobReport, JobError> {
         self.report.duration_ms = self.started.elapsed().as_millis() as u64;
         let (state, result) = match ended {
             Ended::Committed(outcome) => {
@@ -567,6 +584,7 @@ impl<'a> JobRun<'a> {
         self.emit_lineage(lineage, result.as_ref().err().map(|_| detail.as_str()))
             .await;
         self.clean_up(state).await;
+        on_event(JobEvent::Finished(Box::new(self.record(state, &detail))));
         match result {
             Ok(()) => {
                 info!(snapshot_id = ?self.report.snapshot_id, rows = self.report.rows, files = self.report.files, "job succeeded");
@@ -576,6 +594,22 @@ impl<'a> JobRun<'a> {
                 info!(error = %e, "job ended without a commit");
                 Err(e)
             }
+        }
+    }
+
+    /// The run as the report page draws it.
+    fn record(&mut self, state: JobState, error: &str) -> RunRecord {
+        RunRecord {
+            status: state.as_str().to_string(),
+            error: (!error.is_empty()).then(|| nightshift_core::redact::redact(error).into_owned()),
+            started_at_ms: self.started_at_ms,
+            report: self.report.clone(),
+            stages: std::mem::take(&mut self.stage_summaries),
+            timeline: std::mem::take(&mut self.timeline),
+            lineage: crate::lineage::snapshot_summary(self.spec, &self.inputs, &self.report.checks)
+                .into_iter()
+                .collect(),
+            sql: self.spec.sql.clone(),
         }
     }
 

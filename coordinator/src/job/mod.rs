@@ -8,6 +8,7 @@
 
 mod driver;
 mod ownership;
+pub mod record;
 mod stages;
 
 use std::sync::Arc;
@@ -136,6 +137,8 @@ pub enum JobEvent {
     Committing {
         files: usize,
     },
+    /// The job ended (any way): its record, for the report page.
+    Finished(Box<record::RunRecord>),
 }
 
 /// What a finished job did.

@@ -19,6 +19,7 @@ use prost::Message;
 use tracing::{debug, info, warn};
 
 use super::ownership::Ownership;
+use super::record::{TaskSpan, keep_span};
 use super::{JobEnv, JobError, JobEvent};
 use crate::scheduler::{LeaseVerdict, ResultVerdict, StageTracker, TaskFailure, task_key};
 
@@ -29,6 +30,10 @@ pub(super) struct StageRunner<'a> {
     pub ownership: &'a Ownership,
     pub table_output: v1::TableOutput,
     pub tracker: StageTracker,
+    /// Every attempt's result as it arrived, for the job's report.
+    pub timeline: Vec<TaskSpan>,
+    /// When the job started (the timeline's zero).
+    started: Instant,
     /// The plan of each started stage, resolved to its inputs (retries publish it again).
     stage_plans: BTreeMap<StageId, StagePlan>,
 }
@@ -66,6 +71,7 @@ impl<'a> StageRunner<'a> {
         ownership: &'a Ownership,
         table_output: v1::TableOutput,
         tracker: StageTracker,
+        started: Instant,
     ) -> Self {
         StageRunner {
             env,
@@ -73,8 +79,16 @@ impl<'a> StageRunner<'a> {
             ownership,
             table_output,
             tracker,
+            timeline: Vec::new(),
+            started,
             stage_plans: BTreeMap::new(),
         }
+    }
+
+    /// Keeps `result`'s span, judged `outcome`, in the timeline.
+    fn record_span(&mut self, result: &v1::TaskResult, outcome: &str) {
+        let received = self.started.elapsed().as_millis() as u64;
+        keep_span(&mut self.timeline, TaskSpan::of(result, outcome, received));
     }
 
     /// Runs every stage to completion. On a task failure or a cancel, waits for the attempts
@@ -249,13 +263,16 @@ impl<'a> StageRunner<'a> {
         on_event: &(dyn Fn(JobEvent) + Send + Sync),
     ) -> Result<Option<TaskFailure>, JobError> {
         let key = task_key(&result);
-        match self.tracker.on_result(&result) {
+        let verdict = self.tracker.on_result(&result);
+        let failed = matches!(result.outcome, Some(v1::task_result::Outcome::Failed(_)));
+        match verdict {
             ResultVerdict::Claim => {
                 let won = self
                     .env
                     .state
                     .claim_task_output(self.job, key, result.encode_to_vec().into())
                     .await?;
+                self.record_span(&result, if won { "won" } else { "lost" });
                 if won {
                     self.tracker.record_win(key, result);
                 } else if let Some(stored) = self.stored_winner(key).await? {
@@ -272,14 +289,20 @@ impl<'a> StageRunner<'a> {
                 });
             }
             ResultVerdict::Lost => {
+                self.record_span(&result, "lost");
                 debug!(%key, attempt = result.attempt, "duplicate result lost; its output is swept")
             }
             ResultVerdict::Retry => {
+                self.record_span(&result, "failed");
                 warn!(%key, attempt = result.attempt, "task failed; retrying");
                 self.publish(&[key]).await?;
             }
-            ResultVerdict::Fail(failure) => return Ok(Some(failure)),
+            ResultVerdict::Fail(failure) => {
+                self.record_span(&result, "failed");
+                return Ok(Some(failure));
+            }
             ResultVerdict::Ignore => {
+                self.record_span(&result, if failed { "failed" } else { "lost" });
                 debug!(%key, attempt = result.attempt, "result of a superseded attempt ignored")
             }
         }
@@ -337,6 +360,9 @@ impl<'a> StageRunner<'a> {
             match self.next_result().await {
                 Ok(Some(result)) => {
                     self.tracker.on_result(&result);
+                    let failed =
+                        matches!(result.outcome, Some(v1::task_result::Outcome::Failed(_)));
+                    self.record_span(&result, if failed { "failed" } else { "lost" });
                     quiet_since = Instant::now();
                 }
                 Ok(None) => {

@@ -195,11 +195,11 @@ fn stage_graph(stages: &[StageSummary]) -> Markup {
             @for stage in stages {
                 @let (x, y) = at[&stage.stage];
                 g {
-                    title { "stage " (stage.stage) ": " (stage.operators.join("\n")) }
+                    title { "stage " (stage.stage) (stage_role(stage)) ": " (stage.operators.join("\n")) }
                     rect x=(x) y=(y) width=(BOX_W) height=(BOX_H) rx="6" fill="#fff" stroke=(colour(stage.stage)) stroke-width="2" {}
                     rect x=(x) y=(y) width="6" height=(BOX_H) fill=(colour(stage.stage)) {}
                     text x=(x + 14) y=(y + 20) font-weight="600" font-size="13" {
-                        "stage " (stage.stage) (if stage.is_final { " · writes the table" } else { "" })
+                        "stage " (stage.stage) (stage_role(stage))
                     }
                     text x=(x + 14) y=(y + 38) font-size="12" fill="#5b6475" {
                         (stage.tasks_done) "/" (stage.tasks) " tasks · " (stage_time(stage))
@@ -216,13 +216,22 @@ fn stage_graph(stages: &[StageSummary]) -> Markup {
     }
 }
 
+/// What a stage is for, after its number: writing the table, or a check's query.
+fn stage_role(stage: &StageSummary) -> String {
+    match (&stage.check, stage.is_final) {
+        (Some(check), _) => format!(" · check {}", short(check, 18)),
+        (None, true) => " · writes the table".to_string(),
+        (None, false) => String::new(),
+    }
+}
+
 fn stage_table(stages: &[StageSummary]) -> Markup {
     html! {
         table {
             tr { th { "stage" } th { "reads" } th class="num" { "tasks" } th class="num" { "rows" } th class="num" { "bytes" } th class="num" { "time" } th class="num" { "other attempts" } th { "plan" } }
             @for stage in stages {
                 tr {
-                    td { (stage.stage) }
+                    td { (stage.stage) @if let Some(check) = &stage.check { " (check " code { (check) } ")" } }
                     td { @if stage.upstream.is_empty() { "sources" } @else { (stage.upstream.iter().map(|u| format!("stage {u}")).collect::<Vec<_>>().join(", ")) } }
                     td class="num" { (stage.tasks_done) "/" (stage.tasks) }
                     td class="num" { (stage.rows) }

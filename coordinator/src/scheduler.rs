@@ -191,12 +191,16 @@ impl StageTracker {
 
     /// Records the winning result of `key` (this run's claim, or one the state store holds
     /// from an earlier run).
-    pub fn record_win(&mut self, key: TaskKey, result: v1::TaskResult) {
-        if let Some(task) = self.task_mut(key)
-            && task.winner.is_none()
-        {
+    /// Returns false for a task the plan does not have (a winner recorded for another
+    /// query of the job: its own stages or a check's).
+    pub fn record_win(&mut self, key: TaskKey, result: v1::TaskResult) -> bool {
+        let Some(task) = self.task_mut(key) else {
+            return false;
+        };
+        if task.winner.is_none() {
             task.winner = Some(result);
         }
+        true
     }
 
     /// The verdict on a result of attempt `result.attempt` of its task.
@@ -223,10 +227,14 @@ impl StageTracker {
                     })
                 }
             }
-            Some(Outcome::Shuffle(_) | Outcome::Files(_)) if task.winner.is_some() => {
+            Some(Outcome::Shuffle(_) | Outcome::Files(_) | Outcome::Returned(_))
+                if task.winner.is_some() =>
+            {
                 ResultVerdict::Lost
             }
-            Some(Outcome::Shuffle(_) | Outcome::Files(_)) => ResultVerdict::Claim,
+            Some(Outcome::Shuffle(_) | Outcome::Files(_) | Outcome::Returned(_)) => {
+                ResultVerdict::Claim
+            }
             None => ResultVerdict::Ignore,
         }
     }
@@ -340,6 +348,21 @@ impl StageTracker {
                 _ => Vec::new(),
             })
             .collect()
+    }
+
+    /// What the final stage's winning attempts of a check's query returned: the rows
+    /// counted and the first few samples.
+    pub fn final_returned(&self, samples: usize) -> (u64, Vec<String>) {
+        self.final_winners()
+            .filter_map(|r| match &r.outcome {
+                Some(Outcome::Returned(returned)) => Some(returned),
+                _ => None,
+            })
+            .fold((0, Vec::new()), |(count, mut kept), returned| {
+                let room = samples.saturating_sub(kept.len());
+                kept.extend(returned.samples.iter().take(room).cloned());
+                (count + returned.count, kept)
+            })
     }
 
     /// Rows the final stage's winning attempts set aside in the rejects table.
@@ -647,8 +670,18 @@ mod tests {
     #[test]
     fn recorded_winners_are_not_published_again() {
         let mut t = tracker(3);
-        t.record_win(key(1, 1), success(key(1, 1), 3));
+        assert!(t.record_win(key(1, 1), success(key(1, 1), 3)));
         assert_eq!(t.start(StageId(1)), vec![key(1, 0)]);
+    }
+
+    #[test]
+    fn winners_of_another_query_of_the_job_are_not_this_plans() {
+        // A check's stages are numbered after the job's; each tracker adopts only its own.
+        let mut t = tracker(3);
+        assert!(!t.record_win(key(1001, 0), success(key(1001, 0), 1)));
+        assert_eq!(t.progress(), (0, 3));
+        let late = success(key(7, 0), 2);
+        assert_eq!(t.on_result(&late), ResultVerdict::Ignore);
     }
 
     mod properties {

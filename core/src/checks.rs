@@ -250,19 +250,55 @@ async fn run_check_queries(
     Ok(outcomes)
 }
 
-/// The rows a batch of a set check's query stands for: one per row, except `unique` and
-/// `relationship`, whose rows are keys with the count of rows holding each.
-fn failing_rows(check: &CheckSpec, batch: &RecordBatch) -> u64 {
-    let column = match check.kind {
-        CheckKind::Unique | CheckKind::Relationship => nightshift_spec::DUPLICATE_ROWS_COLUMN,
-        CheckKind::RowCount => nightshift_spec::ROWS_COUNTED_COLUMN,
-        _ => return batch.num_rows() as u64,
-    };
+/// Counts the rows of a check query's partition (`stream`) and keeps the first few as
+/// samples: what a task with a [`v1::RowsOutput`] returns.
+pub async fn count_and_sample(
+    mut stream: datafusion::physical_plan::SendableRecordBatchStream,
+    out: &v1::RowsOutput,
+) -> Result<v1::RowsReturned> {
+    let mut returned = v1::RowsReturned::default();
+    while let Some(batch) = futures::StreamExt::next(&mut stream).await {
+        let batch = batch?;
+        returned.count += rows_stood_for(&batch, &out.count_column);
+        let room = (out.samples as usize)
+            .saturating_sub(returned.samples.len())
+            .min(batch.num_rows());
+        if room > 0 {
+            let take = UInt32Array::from((0..room as u32).collect::<Vec<_>>());
+            returned.samples.extend(sample_rows(&batch, &take)?);
+        }
+    }
+    Ok(returned)
+}
+
+/// The rows `batch` stands for: the sum of its `count_column` (a key and how many rows hold
+/// it), or one per row when that is empty or missing.
+fn rows_stood_for(batch: &RecordBatch, count_column: &str) -> u64 {
+    if count_column.is_empty() {
+        return batch.num_rows() as u64;
+    }
     batch
-        .column_by_name(column)
+        .column_by_name(count_column)
         .and_then(|c| c.as_any().downcast_ref::<arrow::array::Int64Array>())
         .map(|counts| counts.iter().flatten().map(|n| n.max(0) as u64).sum())
         .unwrap_or(batch.num_rows() as u64)
+}
+
+/// The column whose values a check query's rows stand for ([`rows_stood_for`]): `unique`
+/// and `relationship` return keys with the count of rows holding each; `row_count` on a
+/// source, one row with the count; the others, one failing row per row.
+pub fn count_column(check: &CheckSpec) -> &'static str {
+    match check.kind {
+        CheckKind::Unique | CheckKind::Relationship => nightshift_spec::DUPLICATE_ROWS_COLUMN,
+        CheckKind::RowCount => nightshift_spec::ROWS_COUNTED_COLUMN,
+        _ => "",
+    }
+}
+
+/// The rows a batch of a set check's query stands for: one per row, except `unique` and
+/// `relationship`, whose rows are keys with the count of rows holding each.
+fn failing_rows(check: &CheckSpec, batch: &RecordBatch) -> u64 {
+    rows_stood_for(batch, count_column(check))
 }
 
 /// The rows of `batch` at `indices`, each as a JSON object.

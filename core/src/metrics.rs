@@ -75,6 +75,8 @@ pub const BUILD_INFO: &str = "nightshift_build_info";
 pub enum StageKind {
     Shuffle,
     Table,
+    /// The last stage of a `[[check]]` query: counts rows, writes nothing.
+    Check,
 }
 
 impl StageKind {
@@ -82,6 +84,7 @@ impl StageKind {
         match self {
             StageKind::Shuffle => "shuffle",
             StageKind::Table => "table",
+            StageKind::Check => "check",
         }
     }
 }

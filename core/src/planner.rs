@@ -16,7 +16,9 @@
 
 use std::sync::Arc;
 
-use ballista_core::execution_plans::{ShuffleWriter, ShuffleWriterExec};
+use ballista_core::execution_plans::{
+    ShuffleWriter, ShuffleWriterExec, SortShuffleWriterExec, UnresolvedShuffleExec,
+};
 use ballista_core::extension::SessionConfigExt;
 use ballista_scheduler::planner::{DefaultDistributedPlanner, DistributedPlanner};
 use datafusion::arrow::datatypes::{DataType, SchemaRef};
@@ -228,6 +230,67 @@ fn plan_stages(
     })
 }
 
+/// `plan` with every stage id moved up by `offset` (the stage writers, the shuffle
+/// placeholders reading them, and each stage's upstream list), so the stages of a second
+/// query of the same job (a `[[check]]` over its written rows) get ids, shuffle directories
+/// and task records of their own beside the job's.
+pub fn renumber_stages(plan: JobPlan, offset: u32) -> Result<JobPlan> {
+    use datafusion::common::tree_node::{Transformed, TreeNode};
+    let stages = plan
+        .stages
+        .into_iter()
+        .map(|stage| {
+            let writer: Arc<dyn ExecutionPlan> = stage.plan.clone();
+            let child = writer.children()[0].clone().transform_up(|node| {
+                Ok(
+                    match node.as_any().downcast_ref::<UnresolvedShuffleExec>() {
+                        Some(unresolved) => {
+                            let mut moved = unresolved.clone();
+                            moved.stage_id += offset as usize;
+                            Transformed::yes(Arc::new(moved) as Arc<dyn ExecutionPlan>)
+                        }
+                        None => Transformed::no(node),
+                    },
+                )
+            })?;
+            let id = stage.plan.stage_id() + offset as usize;
+            let job = stage.plan.job_id().to_string();
+            let rebuilt: Arc<dyn ShuffleWriter> =
+                match writer.as_any().downcast_ref::<SortShuffleWriterExec>() {
+                    Some(sort) => Arc::new(SortShuffleWriterExec::try_new(
+                        job,
+                        id,
+                        child.data,
+                        String::new(),
+                        sort.shuffle_output_partitioning().clone(),
+                        sort.config().clone(),
+                    )?),
+                    None => Arc::new(ShuffleWriterExec::try_new(
+                        job,
+                        id,
+                        child.data,
+                        String::new(),
+                        stage.plan.shuffle_output_partitioning().cloned(),
+                    )?),
+                };
+            Ok(PlannedStage {
+                id: StageId(stage.id.0 + offset),
+                plan: rebuilt,
+                upstream: stage
+                    .upstream
+                    .iter()
+                    .map(|s| StageId(s.0 + offset))
+                    .collect(),
+                ..stage
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(JobPlan {
+        stages,
+        output_schema: plan.output_schema,
+    })
+}
+
 /// The whole plan as one final stage whose tasks share one instance of it.
 fn single_stage(
     job: &JobId,
@@ -329,5 +392,60 @@ fn strip_final_coalesce(plan: Arc<dyn ExecutionPlan>) -> Arc<dyn ExecutionPlan> 
         plan.children()[0].clone()
     } else {
         plan
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::arrow::array::{Int64Array, RecordBatch};
+    use datafusion::arrow::datatypes::{Field, Schema};
+    use datafusion::datasource::MemTable;
+
+    #[tokio::test]
+    async fn renumbered_stages_still_read_each_other() {
+        let ctx = crate::session::new_session(crate::session::SessionOptions::default());
+        ctx.state_ref()
+            .write()
+            .config_mut()
+            .options_mut()
+            .execution
+            .target_partitions = 2;
+        let schema = Arc::new(Schema::new(vec![Field::new("k", DataType::Int64, true)]));
+        let batch = RecordBatch::try_new(
+            schema.clone(),
+            vec![Arc::new(Int64Array::from(vec![1, 2, 2]))],
+        )
+        .unwrap();
+        let table = MemTable::try_new(schema, vec![vec![batch.clone()], vec![batch]]).unwrap();
+        ctx.register_table("t", Arc::new(table)).unwrap();
+        let options = PlanOptions {
+            mode: PlanMode::Distributed { task_memory: None },
+            partition_by: Vec::new(),
+        };
+        let query = "SELECT k, COUNT(*) AS n FROM t GROUP BY k HAVING COUNT(*) > 1";
+        let plan = plan_job(&ctx, &JobId::parse("j").unwrap(), query, &options)
+            .await
+            .unwrap();
+        let before: Vec<(u32, Vec<StageId>)> = plan
+            .stages
+            .iter()
+            .map(|s| (s.id.0, s.upstream.clone()))
+            .collect();
+        assert!(before.len() >= 2, "{before:?}");
+        let moved = renumber_stages(plan, 7).unwrap();
+        for (stage, (id, upstream)) in moved.stages.iter().zip(&before) {
+            assert_eq!(stage.id.0, id + 7);
+            assert_eq!(stage.plan.stage_id() as u32, id + 7);
+            let expected: Vec<u32> = upstream.iter().map(|s| s.0 + 7).collect();
+            assert_eq!(
+                stage.upstream.iter().map(|s| s.0).collect::<Vec<_>>(),
+                expected
+            );
+            // The placeholders inside the stage name the moved stages too.
+            let as_plan: Arc<dyn ExecutionPlan> = stage.plan.clone();
+            assert_eq!(upstream_stages(&as_plan).unwrap(), expected);
+        }
+        assert!(moved.stages.last().unwrap().is_final);
     }
 }

@@ -310,10 +310,7 @@ fn raw_table_name(source: &str) -> String {
 
 /// The Parquet files at `paths` (paths or URLs) as one table of `schema`; an empty table
 /// for none.
-pub(crate) fn parquet_files_table(
-    paths: &[String],
-    schema: &SchemaRef,
-) -> Result<Arc<dyn TableProvider>> {
+pub fn parquet_files_table(paths: &[String], schema: &SchemaRef) -> Result<Arc<dyn TableProvider>> {
     if paths.is_empty() {
         return Ok(Arc::new(MemTable::try_new(schema.clone(), vec![vec![]])?));
     }

@@ -98,6 +98,7 @@ async fn execute(
     let plan = input.clone();
     let kind = match &task.output {
         Some(task_definition::Output::Table(_)) => crate::metrics::StageKind::Table,
+        Some(task_definition::Output::Rows(_)) => crate::metrics::StageKind::Check,
         _ => crate::metrics::StageKind::Shuffle,
     };
     let run = async {
@@ -127,6 +128,11 @@ async fn execute(
                         rejected_rows: written.rejected_rows,
                     }),
                 ))
+            }
+            Some(task_definition::Output::Rows(out)) => {
+                let stream = input.execute(partition, ctx)?;
+                let returned = crate::checks::count_and_sample(stream, out).await?;
+                Ok((returned.count, 0, task_result::Outcome::Returned(returned)))
             }
             None => Err(CoreError::Protocol("task has no output".into())),
         }

@@ -274,6 +274,31 @@ pub fn python_json<T: serde::de::DeserializeOwned>(script: &str, args: &[&str]) 
     json_output(cmd)
 }
 
+/// What `tests/py/check_report.py` reads from a job report `page` (headings, stage boxes,
+/// task bars, checks, elements, text); the page must be valid HTML5 (html5lib, strict).
+pub fn check_report_page(page: &str) -> Value {
+    use std::io::Write;
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("py/check_report.py");
+    let mut child = Command::new(python())
+        .arg(script)
+        .arg("-")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run check_report.py");
+    child
+        .stdin
+        .take()
+        .expect("piped stdin")
+        .write_all(page.as_bytes())
+        .expect("write the page");
+    let out = child.wait_with_output().expect("check_report.py ends");
+    assert!(out.status.success(), "check_report.py failed");
+    let seen: Value = serde_json::from_slice(&out.stdout).expect("check_report.py prints JSON");
+    assert_eq!(seen["valid"], true, "{seen:#}\n{page}");
+    seen
+}
+
 /// The Python interpreter with pyiceberg and duckdb (`NIGHTSHIFT_PYTHON`, else `python3`).
 pub fn python() -> String {
     std::env::var("NIGHTSHIFT_PYTHON").unwrap_or_else(|_| "python3".into())

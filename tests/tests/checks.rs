@@ -3,7 +3,7 @@
 //! how many rows and which; a warning publishes and reports.
 
 use nightshift_tests::cluster::{ClusterSandbox, ClusterStorage};
-use nightshift_tests::{Sandbox, snapshot_count, unreferenced};
+use nightshift_tests::{Sandbox, check_report_page, snapshot_count, unreferenced};
 use serde_json::Value;
 
 const TABLE: &str = "tests.accounts";
@@ -388,11 +388,28 @@ fn a_relationship_check_names_the_keys_another_table_lacks() {
 async fn on_a_cluster_the_workers_count_and_a_failed_check_commits_nothing() {
     let cluster = ClusterSandbox::start(ClusterStorage::LocalWithPostgres, 2, &[]);
     let data = write_accounts(&cluster.sandbox);
-    // The unique check reads the files the workers wrote, from the coordinator.
+    // The accounts in two files, written as two: the unique check then runs on the workers
+    // over two partitions, shuffled by key.
+    let accounts = std::fs::read_to_string(data.join("accounts.csv")).unwrap();
+    let (header, rows) = accounts.split_once('\n').unwrap();
+    let rows: Vec<&str> = rows.lines().collect();
+    for (i, half) in rows.chunks(3).enumerate() {
+        cluster.sandbox.write(
+            &format!("parts/accounts-{i}.csv"),
+            format!("{header}\n{}\n", half.join("\n")),
+        );
+    }
     let checks = check("known_status", CASES[1].1, "error")
         + &check("row_total", CASES[4].0, "error")
         + &check("one_per_status", CASES[5].1, "error");
-    cluster.sandbox.spec(&spec(&data, &checks));
+    cluster.sandbox.spec(
+        &spec(&cluster.sandbox.path("parts"), &checks)
+            .replace("accounts.csv", "accounts-*.csv")
+            .replace(
+                "[target]",
+                "[execution]\nshuffle_partitions = 2\n\n[target]",
+            ),
+    );
     let outcome = cluster.submit("checks-fail", &[]);
     assert_eq!(
         outcome["status"],
@@ -409,6 +426,48 @@ async fn on_a_cluster_the_workers_count_and_a_failed_check_commits_nothing() {
                 && e.contains("check `one_per_status` failed: 3 of 5 rows share their (status)")),
         "{outcome:#}"
     );
+    // The unique check ran on the workers, as stages of the job of its own: a hash
+    // shuffle of the keys, then a count of each task's share.
+    let out = cluster.sandbox.cli(&[
+        "report",
+        "checks-fail",
+        "--cluster",
+        &cluster.config.display().to_string(),
+        "--out",
+        "checks-fail.html",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let page = std::fs::read_to_string(cluster.sandbox.path("checks-fail.html")).unwrap();
+    let seen = check_report_page(&page);
+    let boxes: Vec<&str> = seen["stage_boxes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|b| b.as_str())
+        .filter(|b| b.contains("· check one_per_status:"))
+        .collect();
+    assert!(
+        boxes.len() >= 2 && boxes.iter().any(|b| b.contains("Hash([status@")),
+        "{seen:#}"
+    );
+    let check_stage: Vec<String> = boxes
+        .iter()
+        .filter_map(|b| b.split_whitespace().nth(1).map(|id| format!("stage {id} ")))
+        .collect();
+    let on_workers = seen["task_bars"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|b| b.as_str())
+        .filter(|b| check_stage.iter().any(|s| b.starts_with(s.as_str())))
+        .filter(|b| b.contains("(won) on w"))
+        .count();
+    assert!(on_workers >= 2, "{seen:#}");
+
     let passing = check("row_total", CASES[4].0, "error");
     cluster.sandbox.spec(&spec(&data, &passing));
     let outcome = cluster.submit("checks-pass", &[]);

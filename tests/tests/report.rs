@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use nightshift_tests::cluster::{ClusterOptions, ClusterSandbox, ClusterStorage, http_get_with};
-use nightshift_tests::{Sandbox, python};
+use nightshift_tests::{Sandbox, check_report_page};
 use serde_json::Value;
 
 /// Accounts whose odd row has markup in its status: the page must show it as text.
@@ -47,30 +47,6 @@ severity = "warn"
     )
 }
 
-/// What `check_report.py` reads from `page`; it must be valid HTML5.
-fn check_page(page: &str) -> Value {
-    use std::io::Write;
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("py/check_report.py");
-    let mut child = std::process::Command::new(python())
-        .arg(script)
-        .arg("-")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("run check_report.py");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(page.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success());
-    let seen: Value = serde_json::from_slice(&out.stdout).expect("json");
-    assert_eq!(seen["valid"], true, "{seen:#}\n{page}");
-    seen
-}
-
 fn strings(value: &Value) -> Vec<String> {
     value
         .as_array()
@@ -92,7 +68,10 @@ fn assert_shows_the_run(seen: &Value, job: &str, status: &str) {
     let boxes = strings(&seen["stage_boxes"]);
     assert_eq!(boxes.len(), 2, "{seen:#}");
     assert!(boxes[0].starts_with("stage 1: ") && boxes[0].contains("AggregateExec"));
-    assert!(boxes[1].starts_with("stage 2: ") && boxes[1].contains("mode=FinalPartitioned"));
+    assert!(
+        boxes[1].starts_with("stage 2 · writes the table: ")
+            && boxes[1].contains("mode=FinalPartitioned")
+    );
     // Stage 1 scans one file (one task), stage 2 has two partitions.
     let bars = strings(&seen["task_bars"]);
     assert!(
@@ -161,7 +140,7 @@ fn nightshift_report_draws_an_embedded_run_succeeded_or_failed() {
         "report of job report-ok (succeeded) written to last.html\n"
     );
     let page = std::fs::read_to_string(sandbox.path("last.html")).unwrap();
-    let seen = check_page(&page);
+    let seen = check_report_page(&page);
     assert_shows_the_run(&seen, "report-ok", "succeeded");
 
     // A failed error check: the page says why, and shows the checks that failed.
@@ -178,7 +157,7 @@ fn nightshift_report_draws_an_embedded_run_succeeded_or_failed() {
         String::from_utf8_lossy(&out.stderr)
     );
     let page = std::fs::read_to_string(sandbox.path("report-report-failed.html")).unwrap();
-    let seen = check_page(&page);
+    let seen = check_report_page(&page);
     assert_shows_the_run(&seen, "report-failed", "failed");
     assert!(
         seen["text"].as_str().unwrap().contains("Why it failed"),
@@ -234,7 +213,7 @@ async fn the_coordinator_serves_the_page_while_and_after_the_job_runs() {
         );
         std::thread::sleep(Duration::from_millis(100));
     };
-    let seen = check_page(&progress);
+    let seen = check_report_page(&progress);
     assert!(
         seen["title"]
             .as_str()
@@ -263,7 +242,7 @@ async fn the_coordinator_serves_the_page_while_and_after_the_job_runs() {
         assert!(Instant::now() < deadline, "no report page: {status} {body}");
         std::thread::sleep(Duration::from_millis(100));
     };
-    let seen = check_page(&page);
+    let seen = check_report_page(&page);
     assert_shows_the_run(&seen, "report-cluster", "succeeded");
     // Two workers ran the tasks.
     let workers: std::collections::BTreeSet<String> = strings(&seen["task_bars"])
@@ -299,5 +278,5 @@ async fn the_coordinator_serves_the_page_while_and_after_the_job_runs() {
         String::from_utf8_lossy(&out.stderr)
     );
     let written = std::fs::read_to_string(cluster.sandbox.path("cluster.html")).unwrap();
-    assert_shows_the_run(&check_page(&written), "report-cluster", "succeeded");
+    assert_shows_the_run(&check_report_page(&written), "report-cluster", "succeeded");
 }

@@ -415,6 +415,7 @@ fn task_figures(
 ) -> TaskFigures {
     let kind = match task.output {
         Some(task_definition::Output::Table(_)) => StageKind::Table,
+        Some(task_definition::Output::Rows(_)) => StageKind::Check,
         _ => StageKind::Shuffle,
     };
     let outcome = match &result.outcome {

@@ -24,6 +24,7 @@ use tracing::{Instrument, info, info_span, warn};
 
 use super::ownership::Ownership;
 use super::record::{RunRecord, StageSummary, TaskSpan, stage_summaries};
+use super::set_checks::SetCheckRun;
 use super::stages::StageRunner;
 use super::{
     DEFAULT_MAX_TASK_ATTEMPTS, JobEnv, JobError, JobEvent, JobOptions, JobReport, PlanReads, plan,
@@ -330,7 +331,7 @@ impl<'a> JobRun<'a> {
             self.env,
             self.job(),
             self.ownership,
-            output,
+            nightshift_proto::v1::task_definition::Output::Table(output),
             StageTracker::new(&job_plan, max_attempts),
             self.started,
         );
@@ -341,13 +342,31 @@ impl<'a> JobRun<'a> {
 
         let files = stages.tracker.committed_files();
         self.report.rows = stages.tracker.final_rows();
-        let set_outcomes = nightshift_core::checks::run_set_checks(
-            &self.spec.spec.check,
-            &nightshift_core::table::data_file_paths(&files),
-            &job_plan.output_schema,
-            Some(catalog.as_ref()),
-        )
-        .await?;
+        let set_checks = SetCheckRun {
+            env: self.env,
+            job: self.job(),
+            ownership: self.ownership,
+            started: self.started,
+            max_attempts,
+            partitions: planned.partitions,
+            highest_stage: job_plan.stages.iter().map(|s| s.id.0).max().unwrap_or(0),
+        };
+        let set_checks = set_checks
+            .run(
+                &self.spec.spec.check,
+                &nightshift_core::table::data_file_paths(&files),
+                &job_plan.output_schema,
+                catalog.as_ref(),
+                &mut self.timeline,
+            )
+            .await;
+        let set_outcomes = match set_checks {
+            Ok(ran) => {
+                self.stage_summaries.extend(ran.stages);
+                ran.outcomes
+            }
+            Err(e) => return Err(e),
+        };
         self.report.checks = nightshift_core::checks::judge(
             &self.spec.spec.check,
             stages

@@ -9,6 +9,7 @@
 mod driver;
 mod ownership;
 pub mod record;
+mod set_checks;
 mod stages;
 
 use std::sync::Arc;

@@ -90,6 +90,9 @@ pub struct StageSummary {
     pub end_ms: Option<u64>,
     /// Attempts that did not win (failed, retried, duplicates), over the spans kept.
     pub other_attempts: usize,
+    /// The `[[check]]` whose query the stage belongs to; `None` for the job's own stages.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<String>,
 }
 
 /// Each stage of `tracker` with its totals, timed by `spans`.
@@ -114,6 +117,7 @@ pub fn stage_summaries(tracker: &StageTracker, spans: &[TaskSpan]) -> Vec<StageS
                 start_ms: mine.iter().map(|s| s.start_ms).min(),
                 end_ms: mine.iter().map(|s| s.end_ms).max(),
                 other_attempts: mine.iter().filter(|s| s.outcome != "won").count(),
+                check: None,
             }
         })
         .collect()

@@ -28,7 +28,8 @@ pub(super) struct StageRunner<'a> {
     pub env: &'a JobEnv,
     pub job: &'a JobId,
     pub ownership: &'a Ownership,
-    pub table_output: v1::TableOutput,
+    /// What the final stage's tasks produce: the table's data files, or a check's count.
+    pub final_output: task_definition::Output,
     pub tracker: StageTracker,
     /// Every attempt's result as it arrived, for the job's report.
     pub timeline: Vec<TaskSpan>,
@@ -69,7 +70,7 @@ impl<'a> StageRunner<'a> {
         env: &'a JobEnv,
         job: &'a JobId,
         ownership: &'a Ownership,
-        table_output: v1::TableOutput,
+        final_output: task_definition::Output,
         tracker: StageTracker,
         started: Instant,
     ) -> Self {
@@ -77,7 +78,7 @@ impl<'a> StageRunner<'a> {
             env,
             job,
             ownership,
-            table_output,
+            final_output,
             tracker,
             timeline: Vec::new(),
             started,
@@ -135,8 +136,9 @@ impl<'a> StageRunner<'a> {
         for (key, bytes) in recorded {
             match v1::TaskResult::decode(bytes.as_ref()) {
                 Ok(result) => {
-                    self.tracker.record_win(key, result);
-                    adopted += 1;
+                    if self.tracker.record_win(key, result) {
+                        adopted += 1;
+                    }
                 }
                 Err(e) => {
                     warn!(%key, error = %e, "undecodable recorded output; the task runs again")
@@ -205,7 +207,7 @@ impl<'a> StageRunner<'a> {
 
     fn task_definition(&self, key: TaskKey, attempt: u32) -> Result<v1::TaskDefinition, CoreError> {
         let output = if self.tracker.is_final(key.stage) {
-            task_definition::Output::Table(self.table_output.clone())
+            self.final_output.clone()
         } else {
             task_definition::Output::Shuffle(v1::ShuffleOutput {
                 prefix: self

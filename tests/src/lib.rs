@@ -179,11 +179,13 @@ impl Sandbox {
         run_reader(cmd)
     }
 
-    /// Every file under the warehouse except the catalog database, relative and sorted.
+    /// Every file under the warehouse except the catalog database and the runs' report
+    /// records (`.nightshift/runs/`, kept for `nightshift report`, failed runs included),
+    /// relative and sorted.
     pub fn warehouse_files(&self) -> Vec<String> {
         let mut files = Vec::new();
         collect_files(&self.warehouse(), &self.warehouse(), &mut files);
-        files.retain(|f| !f.starts_with("catalog.db"));
+        files.retain(|f| !f.starts_with("catalog.db") && !f.starts_with(".nightshift/runs/"));
         files.sort();
         files
     }

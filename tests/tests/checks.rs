@@ -401,7 +401,12 @@ async fn on_a_cluster_the_workers_count_and_a_failed_check_commits_nothing() {
     }
     let checks = check("known_status", CASES[1].1, "error")
         + &check("row_total", CASES[4].0, "error")
-        + &check("one_per_status", CASES[5].1, "error");
+        + &check("one_per_status", CASES[5].1, "error")
+        + &check(
+            "source_ids_present",
+            "on = \"accounts\"\ntype = \"not_null\"\ncolumns = [\"id\"]",
+            "error",
+        );
     cluster.sandbox.spec(
         &spec(&cluster.sandbox.path("parts"), &checks)
             .replace("accounts.csv", "accounts-*.csv")
@@ -467,6 +472,22 @@ async fn on_a_cluster_the_workers_count_and_a_failed_check_commits_nothing() {
         .filter(|b| b.contains("(won) on w"))
         .count();
     assert!(on_workers >= 2, "{seen:#}");
+    // So did the check on the source, before the job's own tasks.
+    let source_check = seen["stage_boxes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|b| b.as_str())
+        .find(|b| b.contains("· check source_ids_present:"))
+        .unwrap_or_else(|| panic!("{seen:#}"));
+    assert!(source_check.contains("accounts-0.csv"), "{source_check}");
+    let verdict = seen["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c[0] == "source_ids_present")
+        .unwrap_or_else(|| panic!("{seen:#}"));
+    assert_eq!(verdict[1], "passed", "{seen:#}");
 
     let passing = check("row_total", CASES[4].0, "error");
     cluster.sandbox.spec(&spec(&data, &passing));

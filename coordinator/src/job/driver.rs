@@ -23,7 +23,7 @@ use nightshift_spec::ResolvedSpec;
 use tracing::{Instrument, info, info_span, warn};
 
 use super::ownership::Ownership;
-use super::record::{RunRecord, StageSummary, TaskSpan, stage_summaries};
+use super::record::{RunRecord, StageSummary, TaskSpan, keep_span, stage_summaries};
 use super::set_checks::SetCheckRun;
 use super::stages::StageRunner;
 use super::{
@@ -263,8 +263,6 @@ impl<'a> JobRun<'a> {
             (self.env.plan_mode, PlanReads::Data),
         )
         .await?;
-        let source_outcomes = planned.source_checks;
-        self.fail_on_source_checks(&source_outcomes)?;
         let job_plan = planned.plan;
         let merge = planned.merge;
         self.inputs = planned.sources;
@@ -304,6 +302,36 @@ impl<'a> JobRun<'a> {
             partition_by: &self.spec.partition_by,
             evolution: self.spec.spec.target.schema_evolution,
         };
+        self.record_state(JobState::Running, "").await;
+        self.env.queue.open_results(self.job()).await?;
+        let max_attempts = self
+            .options
+            .max_task_attempts
+            .or(self.spec.spec.execution.max_task_attempts)
+            .unwrap_or(DEFAULT_MAX_TASK_ATTEMPTS);
+        let mut checks_run = SetCheckRun {
+            env: self.env,
+            job: self.job(),
+            ownership: self.ownership,
+            started: self.started,
+            max_attempts,
+            partitions: planned.partitions,
+            highest_stage: job_plan.stages.iter().map(|s| s.id.0).max().unwrap_or(0),
+        };
+        // Checks on sources run before any task of the job; a failed error check ends it
+        // with nothing written.
+        let on_sources = checks_run
+            .run_on_sources(
+                &planned.session,
+                &self.spec.spec.check,
+                catalog.as_ref(),
+                &mut self.timeline,
+            )
+            .await?;
+        self.stage_summaries.extend(on_sources.stages);
+        let source_outcomes = on_sources.outcomes;
+        self.fail_on_source_checks(&source_outcomes)?;
+
         let (table, schema_change) =
             ensure_target(catalog.as_ref(), &ident, &layout, &properties).await?;
         self.created_table = !existed;
@@ -312,13 +340,6 @@ impl<'a> JobRun<'a> {
             info!(changes = %change.changes.join("; "), "the run evolves the table's schema (committed with its rows)");
         }
 
-        self.record_state(JobState::Running, "").await;
-        self.env.queue.open_results(self.job()).await?;
-        let max_attempts = self
-            .options
-            .max_task_attempts
-            .or(self.spec.spec.execution.max_task_attempts)
-            .unwrap_or(DEFAULT_MAX_TASK_ATTEMPTS);
         let mut output = table_output(
             &table,
             schema_change.as_ref().map(|c| &c.schema),
@@ -336,23 +357,17 @@ impl<'a> JobRun<'a> {
             self.started,
         );
         let ran = stages.run(on_event).await;
-        self.stage_summaries = stage_summaries(&stages.tracker, &stages.timeline);
-        self.timeline = std::mem::take(&mut stages.timeline);
+        self.stage_summaries
+            .extend(stage_summaries(&stages.tracker, &stages.timeline));
+        for span in stages.timeline.drain(..) {
+            keep_span(&mut self.timeline, span);
+        }
         ran?;
 
         let files = stages.tracker.committed_files();
         self.report.rows = stages.tracker.final_rows();
-        let set_checks = SetCheckRun {
-            env: self.env,
-            job: self.job(),
-            ownership: self.ownership,
-            started: self.started,
-            max_attempts,
-            partitions: planned.partitions,
-            highest_stage: job_plan.stages.iter().map(|s| s.id.0).max().unwrap_or(0),
-        };
-        let set_checks = set_checks
-            .run(
+        let set_checks = checks_run
+            .run_on_result(
                 &self.spec.spec.check,
                 &nightshift_core::table::data_file_paths(&files),
                 &job_plan.output_schema,
@@ -623,7 +638,11 @@ impl<'a> JobRun<'a> {
             error: (!error.is_empty()).then(|| nightshift_core::redact::redact(error).into_owned()),
             started_at_ms: self.started_at_ms,
             report: self.report.clone(),
-            stages: std::mem::take(&mut self.stage_summaries),
+            stages: {
+                let mut stages = std::mem::take(&mut self.stage_summaries);
+                stages.sort_by_key(|s| s.stage);
+                stages
+            },
             timeline: std::mem::take(&mut self.timeline),
             lineage: crate::lineage::snapshot_summary(self.spec, &self.inputs, &self.report.checks)
                 .into_iter()

@@ -30,7 +30,6 @@ use nightshift_core::table::{
     with_table_types_for_nulls,
 };
 use nightshift_core::transport::{StateStore, TaskQueue};
-use nightshift_proto::v1;
 use nightshift_spec::{ResolvedSpec, WriteMode};
 
 pub use driver::{now_ms, ownership_ttl, run_job};
@@ -263,8 +262,9 @@ struct Planned {
     partitions: usize,
     /// For a merge: what of the table it read.
     merge: MergeRead,
-    /// What the checks on sources found (empty unless asked to read them).
-    source_checks: Vec<v1::CheckOutcome>,
+    /// The session the sources are registered in (the checks on sources run their queries
+    /// from it, on the workers).
+    session: SessionContext,
 }
 
 /// What a merge read of its table: the snapshot (`Some(None)`: the table had none; `None`:
@@ -315,20 +315,15 @@ async fn plan(
     RowCheckCounter::new(&checks::row_checks(&spec.spec.check), &plan.output_schema)?;
     // So is a `unique` or `sql` check whose query does not run: tried on no rows.
     checks::run_set_checks(&spec.spec.check, &[], &plan.output_schema, catalog).await?;
-    // Checks on sources read the sources as the job does, before any task runs.
-    let source_checks = checks::run_source_checks(
-        &session,
-        &spec.spec.check,
-        catalog,
-        reads == PlanReads::Data,
-    )
-    .await?;
+    // Checks on sources are planned here (a missing column is a spec error); a job runs
+    // them on its workers before its first task (`set_checks`).
+    checks::run_source_checks(&session, &spec.spec.check, catalog, false).await?;
     Ok(Planned {
         plan,
         sources,
         partitions,
         merge,
-        source_checks,
+        session,
     })
 }
 

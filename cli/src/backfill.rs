@@ -14,6 +14,7 @@ use chrono::{Duration as Days, NaiveDate};
 use futures::StreamExt;
 use nightshift_coordinator::JobOptions;
 use nightshift_core::ids::JobId;
+use nightshift_proto::v1::Job;
 use nightshift_spec::{ResolvedSpec, WriteMode, load_spec};
 
 use crate::embedded::{EmbeddedOptions, run_embedded};
@@ -191,9 +192,91 @@ pub enum Backend<'a> {
         config: &'a nightshift_cluster::config::ClusterConfig,
         timeout: std::time::Duration,
     },
+    /// Submitted through the job API (`SubmitJobRequest.job_id` carries the value's job id),
+    /// followed until it ends.
+    Api {
+        server: &'a str,
+        token: Option<String>,
+    },
+}
+
+/// Submits the value's job through the job API under its own id and follows it to its end:
+/// whether the submission created it (a job found succeeded before is not), and the job.
+async fn submit_through_api(
+    (server, token): (&str, &Option<String>),
+    spec_path: &Path,
+    job_id: &JobId,
+    params: Vec<(String, String)>,
+) -> Result<(bool, Job), String> {
+    let mut client = crate::client::connect(server, token.clone()).await?;
+    let mut request =
+        crate::client::submit_request(&spec_path.display().to_string(), params, None)?;
+    request.job_id = job_id.to_string();
+    let submitted = client
+        .submit_job(request)
+        .await
+        .map_err(|s| s.message().to_string())?
+        .into_inner();
+    let mut stream = client
+        .watch_job(crate::client::get(&submitted.job_id))
+        .await
+        .map_err(|s| s.message().to_string())?
+        .into_inner();
+    let mut last = None;
+    while let Some(job) = stream
+        .message()
+        .await
+        .map_err(|s| s.message().to_string())?
+    {
+        let ended = crate::client::exit_code(&job).is_some();
+        last = Some(job);
+        if ended {
+            break;
+        }
+    }
+    match last {
+        Some(job) if crate::client::exit_code(&job).is_some() => Ok((submitted.created, job)),
+        _ => Err(format!(
+            "the job API stopped following job {job_id} before it ended"
+        )),
+    }
 }
 
 impl ValueOutcome {
+    /// The outcome of a value submitted through the job API: `created` false and succeeded
+    /// means committed by an earlier submission (skipped).
+    pub fn from_api(
+        value: &str,
+        job_id: &JobId,
+        started: Instant,
+        created: bool,
+        job: &Job,
+    ) -> Self {
+        let succeeded = crate::client::exit_code(job) == Some(0);
+        let snapshot_id = (job.snapshot_id != 0).then_some(job.snapshot_id);
+        let status = match (succeeded, created, snapshot_id) {
+            (false, ..) => "failed",
+            (true, false, _) => "skipped",
+            (true, true, None) => "empty",
+            (true, true, Some(_)) => "committed",
+        };
+        ValueOutcome {
+            value: value.to_string(),
+            job_id: job_id.to_string(),
+            status,
+            snapshot_id,
+            rows: job.rows,
+            seconds: started.elapsed().as_secs_f64(),
+            error: (!succeeded).then(|| {
+                if job.error.is_empty() {
+                    format!("the job {}", crate::client::state_name(job))
+                } else {
+                    job.error.clone()
+                }
+            }),
+        }
+    }
+
     /// The outcome of a value run on a cluster, from the outcome its coordinator stored.
     pub fn from_cluster(
         value: &str,
@@ -257,6 +340,16 @@ pub async fn run_backfill(
                         let result =
                             run_embedded(&spec, embedded, &options(job_id.clone()), &|_| {}).await;
                         ValueOutcome::from_result(&value, &job_id, started, &result)
+                    }
+                    Backend::Api { server, token } => {
+                        match submit_through_api((server, token), spec_path, &job_id, value_params)
+                            .await
+                        {
+                            Ok((created, job)) => {
+                                ValueOutcome::from_api(&value, &job_id, started, created, &job)
+                            }
+                            Err(e) => ValueOutcome::failed(&value, e),
+                        }
                     }
                     Backend::Cluster { config, timeout } => {
                         match crate::cluster::submit_and_wait(

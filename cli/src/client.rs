@@ -153,6 +153,7 @@ pub fn submit_request(
         idempotency_key,
         spec_uri: String::new(),
         git_commit: submission.git_commit.unwrap_or_default(),
+        job_id: String::new(),
     })
 }
 

@@ -202,12 +202,14 @@ impl RedisState {
             .map_err(redis_err)
     }
 
-    /// Records a submitted job (state `queued`) in the job list.
+    /// Records a submitted job (state `queued`) in the job list, with the digest of the
+    /// request that submitted it.
     pub async fn register_job(
         &self,
         job: &JobId,
         pipeline: &str,
         submitted_at_ms: i64,
+        digest: &str,
     ) -> Result<()> {
         let mut conn = self.conn.clone();
         redis::pipe()
@@ -218,6 +220,7 @@ impl RedisState {
                     ("pipeline", pipeline.to_string()),
                     ("submitted_at", submitted_at_ms.to_string()),
                     ("state", JobState::Queued.as_str().to_string()),
+                    ("digest", digest.to_string()),
                 ],
             )
             .zadd(self.jobs_key(), job.as_str(), submitted_at_ms)
@@ -285,10 +288,11 @@ impl RedisState {
             .map_err(redis_err)
     }
 
-    /// Forgets the stored outcome of `job` before it is submitted again.
+    /// Forgets the stored outcome (and report record) of `job` before it is submitted
+    /// again.
     pub async fn clear_report(&self, job: &JobId) -> Result<()> {
         let mut conn = self.conn.clone();
-        conn.hdel::<_, _, ()>(self.job_key(job), "report")
+        conn.hdel::<_, _, ()>(self.job_key(job), &["report", "run_record"])
             .await
             .map_err(redis_err)
     }

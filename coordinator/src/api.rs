@@ -26,7 +26,9 @@ use tonic::{Code, Request, Response, Status};
 use tracing::{info, warn};
 
 use crate::admission::{Refusal, admit};
-use crate::idempotency::{KeyBinding, KeyDecision, decide, needs_republish};
+use crate::idempotency::{
+    ChosenIdDecision, KeyBinding, KeyDecision, decide, decide_chosen_id, needs_republish,
+};
 use crate::job::{JobError, JobOptions, validate_with_catalog};
 use crate::spec_ref::{SpecRefError, read_spec};
 
@@ -79,7 +81,7 @@ impl JobApi {
         pipeline: &str,
     ) -> Result<(), Status> {
         self.state
-            .register_job(job, pipeline, now_ms())
+            .register_job(job, pipeline, now_ms(), &submission.request_digest())
             .await
             .map_err(unavailable)?;
         let submission = JobSubmission {
@@ -264,6 +266,10 @@ impl JobService for JobApi {
             })?;
         // The same checks as `nightshift validate`: sources found, contracts hold, the SQL
         // plans, the result fits the target table. Nothing is written.
+        let chosen = match request.job_id.as_str() {
+            "" => None,
+            id => Some(JobId::parse(id).map_err(|e| refuse(Code::InvalidArgument, e))?),
+        };
         let options = JobOptions::new(JobId::generate(), 1);
         let catalog = self.open_catalog().await?;
         match validate_with_catalog(&spec, &options, Some(catalog)).await {
@@ -271,7 +277,7 @@ impl JobService for JobApi {
             Err(JobError::Invalid(e)) => return Err(refuse(Code::InvalidArgument, e)),
             Err(e) => return Err(refuse(Code::Unavailable, e)),
         }
-        let job = JobId::generate();
+        let job = chosen.clone().unwrap_or_else(JobId::generate);
         let pipeline = &spec.spec.pipeline.name;
         let key = request.idempotency_key;
         let binding = KeyBinding {
@@ -279,6 +285,30 @@ impl JobService for JobApi {
             digest: submission.request_digest(),
             bound_at_ms: now_ms(),
         };
+        if chosen.is_some() {
+            let record = self.state.job_record(&job).await.map_err(unavailable)?;
+            match decide_chosen_id(&record, &binding.digest) {
+                ChosenIdDecision::Submit => {
+                    // A rerun: the outcome of the run before is not this one's.
+                    self.state.clear_report(&job).await.map_err(unavailable)?;
+                }
+                ChosenIdDecision::Existing => {
+                    return Ok(Response::new(SubmitJobResponse {
+                        job_id: job.to_string(),
+                        created: false,
+                    }));
+                }
+                ChosenIdDecision::Conflict { state } => {
+                    return Err(refuse(
+                        Code::AlreadyExists,
+                        format!(
+                            "job `{job}` is {state} with another spec, SQL or parameters; a job id \
+                             commits at most once: choose another id for another request"
+                        ),
+                    ));
+                }
+            }
+        }
         let bound_as = binding.encode();
         if !key.is_empty() {
             let earlier = self

@@ -75,6 +75,34 @@ pub fn needs_republish(
     !queued_or_beyond && now_ms - binding.bound_at_ms >= REPUBLISH_AFTER_MS
 }
 
+/// What a submission that names its own job id (`SubmitJobRequest.job_id`, as `run
+/// --job-id` and `backfill` do) gets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChosenIdDecision {
+    /// Unknown, or ended without committing (failed, cancelled): the job is (re)queued.
+    Submit,
+    /// Queued, running or succeeded with this same request: that job is the answer.
+    Existing,
+    /// Queued, running or succeeded with another request (`state`).
+    Conflict { state: String },
+}
+
+/// The decision for a request with `digest` naming a job id whose record is `record` (empty
+/// when the job is unknown). A job id commits at most once, so a rerun of a failed job under
+/// its id is the normal way to finish it, with the same spec or a fixed one.
+pub fn decide_chosen_id(record: &HashMap<String, String>, digest: &str) -> ChosenIdDecision {
+    let state = record.get("state").map(String::as_str).unwrap_or_default();
+    match state {
+        "" | "failed" | "cancelled" => ChosenIdDecision::Submit,
+        _ => match record.get("digest") {
+            Some(stored) if stored != digest => ChosenIdDecision::Conflict {
+                state: state.to_string(),
+            },
+            _ => ChosenIdDecision::Existing,
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -103,6 +131,49 @@ mod tests {
             decide(Some(&KeyBinding::decode("j0")), "any"),
             KeyDecision::Existing { job: "j0".into() }
         );
+    }
+
+    #[test]
+    fn a_chosen_job_id_runs_again_only_when_it_did_not_commit() {
+        let record = |state: &str, digest: &str| -> HashMap<String, String> {
+            [("state", state), ("digest", digest)]
+                .into_iter()
+                .filter(|(_, v)| !v.is_empty())
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        assert_eq!(
+            decide_chosen_id(&record("", ""), "d"),
+            ChosenIdDecision::Submit
+        );
+        for ended in ["failed", "cancelled"] {
+            // Rerun, with the same request or a fixed one.
+            assert_eq!(
+                decide_chosen_id(&record(ended, "d"), "d"),
+                ChosenIdDecision::Submit
+            );
+            assert_eq!(
+                decide_chosen_id(&record(ended, "d"), "e"),
+                ChosenIdDecision::Submit
+            );
+        }
+        for alive in ["queued", "running", "committing", "succeeded"] {
+            assert_eq!(
+                decide_chosen_id(&record(alive, "d"), "d"),
+                ChosenIdDecision::Existing
+            );
+            assert_eq!(
+                decide_chosen_id(&record(alive, "d"), "e"),
+                ChosenIdDecision::Conflict {
+                    state: alive.to_string()
+                }
+            );
+            // Recorded without a digest (by `run --cluster`): the job is the answer.
+            assert_eq!(
+                decide_chosen_id(&record(alive, ""), "e"),
+                ChosenIdDecision::Existing
+            );
+        }
     }
 
     #[test]

@@ -587,6 +587,20 @@ impl ClusterSandbox {
         }
     }
 
+    /// Waits until the coordinator's job API accepts connections.
+    pub fn wait_for_api(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while std::net::TcpStream::connect(&self.api_addr).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the job API never listened on {}\n{}",
+                self.api_addr,
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Runs a `nightshift` API command (`submit`, `status`, ...) against this cluster.
     pub fn api_command(&self, args: &[&str]) -> std::process::Output {
         self.api_command_to(&self.api_url(), args, &[])

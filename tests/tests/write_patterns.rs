@@ -564,6 +564,73 @@ async fn retention_drops_whole_partitions_past_the_age_as_one_delete_snapshot() 
 
 #[test]
 fn backfill_on_a_cluster_submits_each_day_and_resumes() {
+    let cluster = backfill_cluster();
+    let config = cluster.config.display().to_string();
+    let through_queue = ["--cluster", config.as_str(), "--wait-secs", "120"];
+    assert_eq!(
+        backfill_on(&cluster, "from=2024-01-01..2024-01-02", &through_queue),
+        ["committed"; 2]
+    );
+    assert_eq!(
+        backfill_on(&cluster, "from=2024-01-01..2024-01-04", &through_queue),
+        ["skipped", "skipped", "committed", "committed"]
+    );
+    assert_backfilled_four_days(&cluster);
+}
+
+#[test]
+fn backfill_through_the_job_api_submits_each_day_under_its_id_and_resumes() {
+    let cluster = backfill_cluster();
+    cluster.wait_for_api();
+    let api = cluster.api_url();
+    let through_api = ["--api", api.as_str()];
+    assert_eq!(
+        backfill_on(&cluster, "from=2024-01-01..2024-01-02", &through_api),
+        ["committed"; 2]
+    );
+    // The same ids again: the API answers with the committed jobs; only new days run.
+    assert_eq!(
+        backfill_on(&cluster, "from=2024-01-01..2024-01-04", &through_api),
+        ["skipped", "skipped", "committed", "committed"]
+    );
+    assert_backfilled_four_days(&cluster);
+
+    // A committed job id with another request is refused, naming the job.
+    let day_one = "backfill-daily-from-2024-01-01";
+    let out = cluster.api_command(&[
+        "submit",
+        "pipeline.toml",
+        "--job-id",
+        day_one,
+        "--param",
+        "from=2024-01-09",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains(&format!("job `{day_one}` is succeeded with another spec")),
+        "{err}"
+    );
+    // The same request under that id gets the job back, queueing nothing.
+    let out = cluster.api_command(&[
+        "submit",
+        "pipeline.toml",
+        "--job-id",
+        day_one,
+        "--param",
+        "from=2024-01-01",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), day_one);
+    assert_eq!(snapshot_count(&cluster.read_table(TABLE, None)), 4);
+}
+
+/// A cluster with one worker and the day-by-day events pipeline.
+fn backfill_cluster() -> nightshift_tests::cluster::ClusterSandbox {
     use nightshift_tests::cluster::{ClusterSandbox, ClusterStorage};
     let cluster = ClusterSandbox::start(ClusterStorage::LocalWithPostgres, 1, &[]);
     write_events(&cluster.sandbox, 4, 5, 1);
@@ -580,39 +647,40 @@ fn backfill_on_a_cluster_submits_each_day_and_resumes() {
             )
             .replace("location = \"data/events.csv\"", &format!("location = \"{events}\"")),
     );
-    let backfill = |range: &str| {
-        let config = cluster.config.display().to_string();
-        let out = cluster.sandbox.cli(&[
-            "backfill",
-            "pipeline.toml",
-            "--param-range",
-            range,
-            "--cluster",
-            &config,
-            "--wait-secs",
-            "120",
-            "--output",
-            "json",
-        ]);
-        assert!(
-            out.status.success(),
-            "{}\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            cluster.logs()
-        );
-        let outcomes: Value = serde_json::from_slice(&out.stdout).unwrap();
-        outcomes["values"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v["status"].as_str().unwrap().to_string())
-            .collect::<Vec<_>>()
-    };
-    assert_eq!(backfill("from=2024-01-01..2024-01-02"), ["committed"; 2]);
-    assert_eq!(
-        backfill("from=2024-01-01..2024-01-04"),
-        ["skipped", "skipped", "committed", "committed"]
+    cluster
+}
+
+/// `nightshift backfill` over `range` with `backend` arguments: each value's status.
+fn backfill_on(
+    cluster: &nightshift_tests::cluster::ClusterSandbox,
+    range: &str,
+    backend: &[&str],
+) -> Vec<String> {
+    let out = std::process::Command::new(nightshift_tests::nightshift_bin())
+        .args(["backfill", "pipeline.toml", "--param-range", range])
+        .args(backend)
+        .args(["--output", "json"])
+        .current_dir(cluster.sandbox.path(""))
+        .env("NIGHTSHIFT_TOKEN", &cluster.api_token)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run nightshift backfill");
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        cluster.logs()
     );
+    let outcomes: Value = serde_json::from_slice(&out.stdout).unwrap();
+    outcomes["values"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["status"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn assert_backfilled_four_days(cluster: &nightshift_tests::cluster::ClusterSandbox) {
     let read = cluster.read_table(TABLE, None);
     assert_eq!(snapshot_count(&read), 4, "{read:#}");
     assert_eq!(read["pyiceberg"]["rows"], 20);

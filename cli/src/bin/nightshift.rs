@@ -281,6 +281,11 @@ struct SubmitArgs {
     /// Retries with the same key return the same job instead of starting another.
     #[arg(long)]
     idempotency_key: Option<String>,
+    /// The job's id (letters, digits, -, _, .), as `run --job-id`: a job id commits at most
+    /// once; resubmitting it returns the job while it runs or after it succeeded, and runs
+    /// it again after it failed. Default: a new id.
+    #[arg(long)]
+    job_id: Option<String>,
     /// Follow the job until it ends.
     #[arg(long)]
     wait: bool,
@@ -446,6 +451,10 @@ struct BackfillArgs {
     /// With --cluster: how long to wait for each value's outcome, in seconds.
     #[arg(long, default_value_t = 3600)]
     wait_secs: u64,
+    /// Submit each value's job through this coordinator's job API (under the value's job
+    /// id; the token from NIGHTSHIFT_TOKEN, TLS as for `submit`) and follow it to its end.
+    #[arg(long, value_name = "URL", conflicts_with = "cluster")]
+    api: Option<String>,
     /// Output format on stdout.
     #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
     output: OutputFormat,
@@ -690,12 +699,23 @@ async fn backfill(args: BackfillArgs) -> ExitCode {
         Ok(config) => config,
         Err(code) => return code,
     };
-    let backend = match &cluster {
-        Some(config) => nightshift::backfill::Backend::Cluster {
+    let token = match (&args.api, client::token_from_env()) {
+        (Some(_), Err(e)) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_INVALID);
+        }
+        (_, token) => token.ok().flatten(),
+    };
+    let backend = match (&cluster, &args.api) {
+        (Some(config), _) => nightshift::backfill::Backend::Cluster {
             config,
             timeout: std::time::Duration::from_secs(args.wait_secs),
         },
-        None => nightshift::backfill::Backend::Embedded {
+        (None, Some(server)) => nightshift::backfill::Backend::Api {
+            server,
+            token: token.clone(),
+        },
+        (None, None) => nightshift::backfill::Backend::Embedded {
             embedded: &embedded,
             options: &options,
         },
@@ -1104,7 +1124,10 @@ async fn submit(args: SubmitArgs) -> ExitCode {
         args.params.clone(),
         args.idempotency_key.clone(),
     ) {
-        Ok(r) => r,
+        Ok(r) => nightshift_proto::v1::SubmitJobRequest {
+            job_id: args.job_id.clone().unwrap_or_default(),
+            ..r
+        },
         Err(e) => {
             eprintln!("error: {e}");
             return ExitCode::from(EXIT_INVALID);
@@ -1120,11 +1143,16 @@ async fn submit(args: SubmitArgs) -> ExitCode {
     };
     println!("{}", response.job_id);
     if !response.created {
-        eprintln!(
-            "job {} was already submitted with idempotency key `{}`; nothing new was queued",
-            response.job_id,
-            args.idempotency_key.as_deref().unwrap_or_default()
-        );
+        match &args.idempotency_key {
+            Some(key) => eprintln!(
+                "job {} was already submitted with idempotency key `{key}`; nothing new was queued",
+                response.job_id
+            ),
+            None => eprintln!(
+                "job {} is already queued, running or committed; nothing new was queued",
+                response.job_id
+            ),
+        }
     }
     if args.wait {
         return follow(&mut api, &response.job_id).await;

@@ -7,6 +7,7 @@
 mod check;
 mod contract;
 mod error;
+mod maintenance;
 mod model;
 mod params;
 mod partition;
@@ -19,6 +20,7 @@ pub use check::{
 };
 pub use contract::{ColumnContract, parse_column_type};
 pub use error::SpecError;
+pub use maintenance::MaintenanceSection;
 pub use model::{
     ExecutionSection, OnSourceRewrite, PipelineSection, SchemaEvolution, SourceFormat, SourceSpec,
     Spec, TargetSpec, TransformSpec, WriteMode,

@@ -31,6 +31,9 @@ pub struct Spec {
     /// `[[check]]`: rules the published rows must satisfy.
     #[serde(default)]
     pub check: Vec<crate::check::CheckSpec>,
+    /// `[maintenance]`: the target's upkeep, run by `nightshift maintain --spec`.
+    #[serde(default)]
+    pub maintenance: crate::maintenance::MaintenanceSection,
 }
 
 /// `[pipeline]`
@@ -226,12 +229,22 @@ const SECTION_KEYS: &[(&str, &[&str])] = &[
             "target",
             "execution",
             "check",
+            "maintenance",
         ],
     ),
     ("pipeline", &["name", "description", "owner"]),
     (
         "source",
-        &["name", "format", "location", "table", "options", "schema"],
+        &[
+            "name",
+            "format",
+            "location",
+            "table",
+            "options",
+            "schema",
+            "incremental",
+            "on_source_rewrite",
+        ],
     ),
     ("transform", &["sql", "sql_file"]),
     (
@@ -251,6 +264,7 @@ const SECTION_KEYS: &[(&str, &[&str])] = &[
             "to_columns",
             "max_change",
             "severity",
+            "on_fail",
         ],
     ),
     (
@@ -272,6 +286,18 @@ const SECTION_KEYS: &[(&str, &[&str])] = &[
             "shuffle_partitions",
             "max_task_attempts",
             "broadcast_join_threshold_bytes",
+        ],
+    ),
+    (
+        "maintenance",
+        &[
+            "drop_partitions_older_than",
+            "compact",
+            "target_file_size_bytes",
+            "min_input_files",
+            "expire_older_than",
+            "keep_last",
+            "remove_orphans_older_than",
         ],
     ),
 ];
@@ -403,6 +429,7 @@ pub(crate) fn check(spec: &Spec, path: &Path) -> Result<(), SpecError> {
     check_merge(&spec.target, path)?;
     let sources: Vec<&str> = spec.source.iter().map(|s| s.name.as_str()).collect();
     crate::check::check_checks(&spec.check, &sources, path)?;
+    crate::maintenance::check_maintenance(&spec.maintenance, path)?;
     if let Some(check) = spec.check.iter().find(|c| c.quarantines())
         && spec.target.mode == WriteMode::Merge
     {

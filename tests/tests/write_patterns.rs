@@ -428,6 +428,76 @@ async fn compaction_rewrites_small_files_per_partition_and_keeps_a_concurrent_ap
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn maintenance_policies_live_in_the_spec() {
+    let sandbox = Sandbox::new();
+    let two_days = [("from", "2024-01-01"), ("to", "2024-01-02")];
+    sandbox.spec(&spec("append"));
+    for run in 1..=3 {
+        write_events(&sandbox, 2, 5, run);
+        sandbox
+            .run_with(2, Some(2), Some(&format!("load-{run}")), &two_days)
+            .await
+            .expect("append");
+    }
+    let small = sandbox.data_files().len();
+    let maintain = |args: &[&str]| {
+        let out = sandbox.cli(&[&["maintain", "--output", "json"], args].concat());
+        let json = serde_json::from_slice::<Value>(&out.stdout).unwrap_or(Value::Null);
+        (
+            out.status.code(),
+            json,
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+
+    // No policy in the spec and no flag: nothing to do, said so.
+    let (code, _, err) = maintain(&["--spec", "pipeline.toml"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("has no [maintenance] policy"), "{err}");
+
+    sandbox.spec(&format!(
+        "{}\n[maintenance]\ncompact = true\nmin_input_files = 2\nexpire_older_than = \"0s\"\nkeep_last = 1\n",
+        spec("append")
+    ));
+    let (code, dry, err) = maintain(&["--spec", "pipeline.toml", "--dry-run"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(dry["compacted"]["partitions"], 2, "{dry:#}");
+    assert_eq!(dry["compacted"]["files_rewritten"], small, "{dry:#}");
+    assert_eq!(sandbox.data_files().len(), small);
+    let (code, done, err) = maintain(&["--spec", "pipeline.toml"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(done["compacted"]["files_written"], 2, "{done:#}");
+    let read = sandbox.read_table(TABLE, None);
+    let snapshots = read["snapshots"].as_array().unwrap();
+    assert_eq!(snapshots.len(), 1, "expired to the newest: {read:#}");
+    assert_eq!(snapshots[0]["operation"], "replace");
+    assert_eq!(read["pyiceberg"]["rows"], 30);
+
+    // A flag overrides the spec: a minimum no partition reaches compacts nothing.
+    let (code, again, err) = maintain(&["--spec", "pipeline.toml", "--min-input-files", "99"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(again["compacted"]["partitions"], 0, "{again:#}");
+
+    // Another table than the spec's target, and an age that is not one, are refused.
+    let (code, _, err) = maintain(&["other.table", "--spec", "pipeline.toml"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains(&format!("publishes to {TABLE}, not other.table")),
+        "{err}"
+    );
+    sandbox.spec(&format!(
+        "{}\n[maintenance]\nexpire_older_than = \"a week\"\n",
+        spec("append")
+    ));
+    let (code, _, err) = maintain(&["--spec", "pipeline.toml"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("expire_older_than = \"a week\" is not an age"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compaction_overtaken_by_an_overwrite_fails_and_deletes_only_its_own_files() {
     let sandbox = Sandbox::new();
     sandbox.spec(&spec("append"));

@@ -383,10 +383,15 @@ struct ReportArgs {
 
 #[derive(Args)]
 #[command(group(clap::ArgGroup::new("work").required(true).multiple(true)
-    .args(["drop_partitions_older_than", "compact", "expire_older_than", "remove_orphans_older_than"])))]
+    .args(["drop_partitions_older_than", "compact", "expire_older_than", "remove_orphans_older_than", "spec"])))]
 struct MaintainArgs {
-    /// The table, `namespace.table`.
-    table: String,
+    /// The table, `namespace.table` (with --spec: the spec's target).
+    #[arg(required_unless_present = "spec")]
+    table: Option<String>,
+    /// Maintain the target of this pipeline spec with the policies of its [maintenance]
+    /// section (flags given as well override them).
+    #[arg(long, value_name = "SPEC")]
+    spec: Option<PathBuf>,
     /// Warehouse directory of the embedded catalog (<warehouse>/catalog.db).
     #[arg(long, env = "NIGHTSHIFT_WAREHOUSE", default_value = "warehouse")]
     warehouse: PathBuf,
@@ -405,15 +410,15 @@ struct MaintainArgs {
     /// write.target-file-size-bytes, else 512MiB).
     #[arg(long, value_parser = parse_size, value_name = "BYTES")]
     target_file_size: Option<u64>,
-    /// Small files a partition needs before compaction rewrites it.
-    #[arg(long, default_value_t = 2)]
-    min_input_files: usize,
+    /// Small files a partition needs before compaction rewrites it (default 2).
+    #[arg(long)]
+    min_input_files: Option<usize>,
     /// Expire snapshots created longer ago than this (e.g. 7d, 12h).
     #[arg(long, value_parser = humantime::parse_duration, value_name = "AGE")]
     expire_older_than: Option<std::time::Duration>,
-    /// Newest snapshots kept whatever their age (the current one always is).
-    #[arg(long, default_value_t = 1)]
-    keep_last: usize,
+    /// Newest snapshots kept whatever their age (default 1; the current one always is).
+    #[arg(long)]
+    keep_last: Option<usize>,
     /// Remove files no snapshot references that are older than this (e.g. 3d). Keep it
     /// above the longest job: a running job's files are not committed yet.
     #[arg(long, value_parser = humantime::parse_duration, value_name = "AGE")]
@@ -752,28 +757,44 @@ async fn backfill(args: BackfillArgs) -> ExitCode {
 
 async fn maintain(args: MaintainArgs) -> ExitCode {
     use nightshift::maintain::{Maintenance, maintain, report_text};
+    let (table, policies) = match maintenance_target(&args) {
+        Ok(found) => found,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_INVALID);
+        }
+    };
     let catalog = match table_catalog(&args.warehouse, args.cluster.as_deref()) {
         Ok(catalog) => catalog,
         Err(code) => return code,
     };
+    // Flags override the spec's [maintenance] policies.
     let work = Maintenance {
-        expire: args.expire_older_than.map(|older_than| {
-            nightshift_core::table::maintain::ExpirePolicy {
-                older_than,
-                keep_last: args.keep_last,
-            }
-        }),
-        orphans_older_than: args.remove_orphans_older_than,
-        drop_partitions_older_than: args.drop_partitions_older_than,
-        compact: args
-            .compact
-            .then_some(nightshift_core::table::compact::CompactPolicy {
-                target_file_bytes: args.target_file_size,
-                min_input_files: args.min_input_files,
-            }),
+        expire: args
+            .expire_older_than
+            .or(policies.expire_age())
+            .map(
+                |older_than| nightshift_core::table::maintain::ExpirePolicy {
+                    older_than,
+                    keep_last: args.keep_last.or(policies.keep_last).unwrap_or(1),
+                },
+            ),
+        orphans_older_than: args.remove_orphans_older_than.or(policies.orphans_age()),
+        drop_partitions_older_than: args
+            .drop_partitions_older_than
+            .or(policies.drop_partitions_age()),
+        compact: (args.compact || policies.compact).then_some(
+            nightshift_core::table::compact::CompactPolicy {
+                target_file_bytes: args.target_file_size.or(policies.target_file_size_bytes),
+                min_input_files: args
+                    .min_input_files
+                    .or(policies.min_input_files)
+                    .unwrap_or(2),
+            },
+        ),
         dry_run: args.dry_run,
     };
-    match maintain(&catalog, &args.table, &work).await {
+    match maintain(&catalog, &table, &work).await {
         Ok(report) => {
             match args.output {
                 OutputFormat::Text => print!("{}", report_text(&report)),
@@ -785,10 +806,39 @@ async fn maintain(args: MaintainArgs) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("error: maintenance of {} failed: {e}", args.table);
+            eprintln!("error: maintenance of {table} failed: {e}");
             ExitCode::from(EXIT_FAILED)
         }
     }
+}
+
+/// The table to maintain and the spec's `[maintenance]` policies (none without --spec).
+fn maintenance_target(
+    args: &MaintainArgs,
+) -> Result<(String, nightshift_spec::MaintenanceSection), String> {
+    let Some(path) = &args.spec else {
+        let table = args.table.clone().ok_or("give the table, or --spec")?;
+        return Ok((table, Default::default()));
+    };
+    let spec = load_spec(path, &[]).map_err(|e| e.to_string())?;
+    let target = spec.spec.target.table;
+    if let Some(table) = args.table.as_ref().filter(|t| **t != target) {
+        return Err(format!(
+            "{} publishes to {target}, not {table}; give one of them",
+            path.display()
+        ));
+    }
+    let explicit = args.drop_partitions_older_than.is_some()
+        || args.compact
+        || args.expire_older_than.is_some()
+        || args.remove_orphans_older_than.is_some();
+    if spec.spec.maintenance.is_empty() && !explicit {
+        return Err(format!(
+            "{} has no [maintenance] policy (drop_partitions_older_than, compact, expire_older_than, remove_orphans_older_than) and no flag asks for one",
+            path.display()
+        ));
+    }
+    Ok((target, spec.spec.maintenance))
 }
 
 /// The catalog of a cluster configuration, or else the embedded warehouse's.

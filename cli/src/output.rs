@@ -91,10 +91,16 @@ fn checks_text(checks: &[CheckResult]) -> String {
         return String::new();
     }
     let failed: Vec<&CheckResult> = checks.iter().filter(|c| !c.passed).collect();
+    let quarantined = failed.iter().filter(|c| c.quarantined).count();
     let mut text = format!(
-        "  checks    {} passed, {} failed\n",
+        "  checks    {} passed, {} failed{}\n",
         checks.len() - failed.len(),
-        failed.len()
+        failed.len() - quarantined,
+        if quarantined > 0 {
+            format!(", {quarantined} set rows aside")
+        } else {
+            String::new()
+        }
     );
     for check in failed {
         let severity = if check.quarantined {

@@ -147,6 +147,16 @@ pub(crate) fn failing_rows_of(
         .collect())
 }
 
+/// The checks of `checks` on all the result's rows together, each with its query over
+/// `result` ([`CheckSpec::set_query`]).
+pub fn result_set_queries(checks: &[CheckSpec]) -> Vec<(&CheckSpec, String)> {
+    checks
+        .iter()
+        .filter(|c| c.on_result())
+        .filter_map(|c| c.set_query().map(|q| (c, q)))
+        .collect()
+}
+
 /// Runs the checks on all the rows together (`unique`, `sql`, `freshness`, `relationship`:
 /// [`CheckSpec::set_query`]) over the job's written, not yet committed data files
 /// (`file_paths`, rows of `schema`), as the table `result`. Each query's rows are the
@@ -161,11 +171,7 @@ pub async fn run_set_checks(
     schema: &SchemaRef,
     catalog: Option<&dyn iceberg::Catalog>,
 ) -> Result<Vec<v1::CheckOutcome>> {
-    let queries: Vec<(&CheckSpec, String)> = checks
-        .iter()
-        .filter(|c| c.on_result())
-        .filter_map(|c| c.set_query().map(|q| (c, q)))
-        .collect();
+    let queries = result_set_queries(checks);
     if queries.is_empty() {
         return Ok(Vec::new());
     }

@@ -384,21 +384,77 @@ fn a_relationship_check_names_the_keys_another_table_lacks() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn on_a_cluster_the_workers_count_and_a_failed_check_commits_nothing() {
-    let cluster = ClusterSandbox::start(ClusterStorage::LocalWithPostgres, 2, &[]);
-    let data = write_accounts(&cluster.sandbox);
-    // The accounts in two files, written as two: the unique check then runs on the workers
-    // over two partitions, shuffled by key.
+/// The accounts in two files, written as two (two tasks): a `unique` check then runs on the
+/// workers over two partitions, shuffled by key. The spec with `checks`.
+fn two_file_spec(sandbox: &Sandbox, checks: &str) -> String {
+    let data = write_accounts(sandbox);
     let accounts = std::fs::read_to_string(data.join("accounts.csv")).unwrap();
     let (header, rows) = accounts.split_once('\n').unwrap();
     let rows: Vec<&str> = rows.lines().collect();
     for (i, half) in rows.chunks(3).enumerate() {
-        cluster.sandbox.write(
+        sandbox.write(
             &format!("parts/accounts-{i}.csv"),
             format!("{header}\n{}\n", half.join("\n")),
         );
     }
+    spec(&sandbox.path("parts"), checks)
+        .replace("accounts.csv", "accounts-*.csv")
+        .replace(
+            "[target]",
+            "[execution]\nshuffle_partitions = 2\n\n[target]",
+        )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_killed_while_a_check_runs_resumes_it_and_counts_once() {
+    let mut cluster = ClusterSandbox::start(
+        ClusterStorage::LocalWithPostgres,
+        2,
+        &[("FAILPOINTS", "worker-task-delay=return(700)")],
+    );
+    let checks = check("one_per_status", CASES[5].1, "error");
+    cluster
+        .sandbox
+        .spec(&two_file_spec(&cluster.sandbox, &checks));
+    let mut client = cluster.submit_in_background("checks-restart");
+    // Stage 1 writes the job's files; stages 2 and 3 are the unique check's. Stage 3
+    // starts once stage 2's outputs are recorded.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !cluster.coordinator_log().contains("stage started stage=3") {
+        assert!(std::time::Instant::now() < deadline, "{}", cluster.logs());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    cluster.kill_coordinator();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    cluster.start_coordinator();
+    let outcome = cluster.wait_for_outcome(&mut client);
+    assert_eq!(
+        outcome["status"],
+        "failed",
+        "{outcome:#}\n{}",
+        cluster.logs()
+    );
+    assert_eq!(outcome["kind"], "checks_failed", "{outcome:#}");
+    // Counted once, though the check's stages ran under two coordinators.
+    assert!(
+        outcome["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("check `one_per_status` failed: 3 of 5 rows share")),
+        "{outcome:#}"
+    );
+    assert!(
+        cluster.logs().contains("resuming"),
+        "the restarted coordinator reuses the recorded outputs\n{}",
+        cluster.logs()
+    );
+    let left = cluster.wait_until_clean(TABLE, std::time::Duration::from_secs(30));
+    assert!(left.is_empty(), "{left:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_cluster_the_workers_count_and_a_failed_check_commits_nothing() {
+    let cluster = ClusterSandbox::start(ClusterStorage::LocalWithPostgres, 2, &[]);
+    let data = write_accounts(&cluster.sandbox);
     let checks = check("known_status", CASES[1].1, "error")
         + &check("row_total", CASES[4].0, "error")
         + &check("one_per_status", CASES[5].1, "error")
@@ -407,14 +463,9 @@ async fn on_a_cluster_the_workers_count_and_a_failed_check_commits_nothing() {
             "on = \"accounts\"\ntype = \"not_null\"\ncolumns = [\"id\"]",
             "error",
         );
-    cluster.sandbox.spec(
-        &spec(&cluster.sandbox.path("parts"), &checks)
-            .replace("accounts.csv", "accounts-*.csv")
-            .replace(
-                "[target]",
-                "[execution]\nshuffle_partitions = 2\n\n[target]",
-            ),
-    );
+    cluster
+        .sandbox
+        .spec(&two_file_spec(&cluster.sandbox, &checks));
     let outcome = cluster.submit("checks-fail", &[]);
     assert_eq!(
         outcome["status"],

@@ -83,11 +83,7 @@ impl SetCheckRun<'_> {
         catalog: &dyn iceberg::Catalog,
         timeline: &mut Vec<TaskSpan>,
     ) -> Result<Ran, JobError> {
-        let queries: Vec<(&CheckSpec, String)> = checks
-            .iter()
-            .filter(|c| c.on_result())
-            .filter_map(|c| c.set_query().map(|q| (c, q)))
-            .collect();
+        let queries = nightshift_core::checks::result_set_queries(checks);
         if queries.is_empty() {
             return Ok(Ran::default());
         }

@@ -210,6 +210,8 @@ def files_per_partition(report):
 def run_once(engine, pipeline, args, data, workdir, cluster):
     spec = os.path.join(HERE, "pipelines", pipeline + ".toml")
     out = os.path.join(workdir, "out", engine, pipeline)
+    # Peers write into `out` itself: its parent must exist whichever engine runs first.
+    os.makedirs(os.path.dirname(out), exist_ok=True)
     if engine == "embedded":
         warehouse = os.path.join(workdir, "warehouse")
         shutil.rmtree(warehouse, ignore_errors=True)

@@ -43,11 +43,47 @@ pub struct RowCheckCounter {
     checks: Vec<Counted>,
 }
 
-struct Counted {
-    name: String,
-    predicate: Arc<dyn PhysicalExpr>,
+/// One row check as tasks apply it: its predicate, the rows it failed and a few of them.
+pub(crate) struct Counted {
+    pub(crate) name: String,
+    pub(crate) predicate: Arc<dyn PhysicalExpr>,
     failed: u64,
     samples: Vec<String>,
+}
+
+impl Counted {
+    pub(crate) fn new(name: &str, predicate: Arc<dyn PhysicalExpr>) -> Self {
+        Counted {
+            name: name.to_string(),
+            predicate,
+            failed: 0,
+            samples: Vec::new(),
+        }
+    }
+
+    /// True for each row of `batch` the predicate is false on.
+    pub(crate) fn failing(&self, batch: &RecordBatch) -> Result<BooleanArray> {
+        failing_rows_of(&self.name, &self.predicate, batch)
+    }
+
+    /// Counts the `rows` of `batch` that failed, keeping the first few as samples.
+    pub(crate) fn record(&mut self, batch: &RecordBatch, rows: &[u32]) -> Result<()> {
+        self.failed += rows.len() as u64;
+        let room = SAMPLES.saturating_sub(self.samples.len()).min(rows.len());
+        if room > 0 {
+            let take = UInt32Array::from(rows[..room].to_vec());
+            self.samples.extend(sample_rows(batch, &take)?);
+        }
+        Ok(())
+    }
+
+    pub(crate) fn outcome(self) -> v1::CheckOutcome {
+        v1::CheckOutcome {
+            name: self.name,
+            failed: self.failed,
+            samples: self.samples,
+        }
+    }
 }
 
 impl RowCheckCounter {
@@ -61,12 +97,7 @@ impl RowCheckCounter {
         }
         let checks = compile_row_checks(checks, schema)?
             .into_iter()
-            .map(|(check, predicate)| Counted {
-                name: check.name.clone(),
-                predicate,
-                failed: 0,
-                samples: Vec::new(),
-            })
+            .map(|(check, predicate)| Counted::new(&check.name, predicate))
             .collect();
         Ok(RowCheckCounter { checks })
     }
@@ -74,31 +105,19 @@ impl RowCheckCounter {
     /// Counts the rows of `batch` for which a predicate is false (NULL passes).
     pub fn observe(&mut self, batch: &RecordBatch) -> Result<()> {
         for check in &mut self.checks {
-            let failing = failing_rows_of(&check.name, &check.predicate, batch)?;
+            let failing = check.failing(batch)?;
             let failing: Vec<u32> = (0..failing.len())
                 .filter(|&i| failing.value(i))
                 .map(|i| i as u32)
                 .collect();
-            check.failed += failing.len() as u64;
-            let room = SAMPLES.saturating_sub(check.samples.len());
-            if room > 0 && !failing.is_empty() {
-                let take = UInt32Array::from(failing.into_iter().take(room).collect::<Vec<_>>());
-                check.samples.extend(sample_rows(batch, &take)?);
-            }
+            check.record(batch, &failing)?;
         }
         Ok(())
     }
 
     /// Each check's failing count and samples, in the order given.
     pub fn finish(self) -> Vec<v1::CheckOutcome> {
-        self.checks
-            .into_iter()
-            .map(|c| v1::CheckOutcome {
-                name: c.name,
-                failed: c.failed,
-                samples: c.samples,
-            })
-            .collect()
+        self.checks.into_iter().map(Counted::outcome).collect()
     }
 }
 
@@ -309,20 +328,24 @@ fn failing_rows(check: &CheckSpec, batch: &RecordBatch) -> u64 {
 
 /// The rows of `batch` at `indices`, each as a JSON object.
 pub(crate) fn sample_rows(batch: &RecordBatch, indices: &UInt32Array) -> Result<Vec<String>> {
-    let arrow_err = |e: arrow::error::ArrowError| CoreError::from(DataFusionError::from(e));
     let columns = batch
         .columns()
         .iter()
         .map(|c| arrow::compute::take(c, indices, None))
         .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(arrow_err)?;
-    let rows = RecordBatch::try_new(batch.schema(), columns).map_err(arrow_err)?;
+        .map_err(arrow_error)?;
+    let rows = RecordBatch::try_new(batch.schema(), columns).map_err(arrow_error)?;
     let mut writer = arrow::json::ArrayWriter::new(Vec::new());
-    writer.write(&rows).map_err(arrow_err)?;
-    writer.finish().map_err(arrow_err)?;
+    writer.write(&rows).map_err(arrow_error)?;
+    writer.finish().map_err(arrow_error)?;
     let json: Vec<serde_json::Value> =
         serde_json::from_slice(&writer.into_inner()).unwrap_or_default();
     Ok(json.iter().map(serde_json::Value::to_string).collect())
+}
+
+/// An Arrow error as ours.
+pub(crate) fn arrow_error(e: arrow::error::ArrowError) -> CoreError {
+    CoreError::from(DataFusionError::from(e))
 }
 
 /// One check's verdict over the whole job.

@@ -663,28 +663,19 @@ impl<'a> JobRun<'a> {
             warn!(error = %e, "cannot forget the job's task outputs; its files wait for the late sweep");
         }
         if let (Ok(()), Some(catalog), Some(ident)) = (&forgotten, &self.catalog, &self.ident) {
-            if let Err(e) =
-                sweep_job_files(catalog.as_ref(), ident, job, &self.just_committed).await
-            {
-                warn!(error = %e, "cannot sweep the job's data files; the late sweep retries");
-            }
-            if state != JobState::Succeeded && self.created_table {
-                drop_if_empty(catalog.as_ref(), ident, job).await;
-            }
+            let failed = state != JobState::Succeeded;
+            let catalog = catalog.as_ref();
+            clean_table(
+                catalog,
+                ident,
+                job,
+                &self.just_committed,
+                failed && self.created_table,
+            )
+            .await;
             if let Some(rejects) = &self.rejects {
-                if let Err(e) = sweep_job_files(
-                    catalog.as_ref(),
-                    &rejects.ident,
-                    job,
-                    &rejects.just_committed,
-                )
-                .await
-                {
-                    warn!(error = %e, "cannot sweep the job's rejects files; the late sweep retries");
-                }
-                if state != JobState::Succeeded && rejects.created {
-                    drop_if_empty(catalog.as_ref(), &rejects.ident, job).await;
-                }
+                let drop = failed && rejects.created;
+                clean_table(catalog, &rejects.ident, job, &rejects.just_committed, drop).await;
             }
         }
         delete_scratch(&self.env.scratch, job).await;
@@ -718,6 +709,23 @@ impl<'a> JobRun<'a> {
         {
             warn!(%state, error = %e, "cannot record the job state");
         }
+    }
+}
+
+/// Sweeps the job's unreferenced files from `ident` (`sweep_job_files`: parsed as this job's,
+/// referenced by no snapshot) and, with `drop_created`, drops the table if it stayed empty.
+async fn clean_table(
+    catalog: &dyn Catalog,
+    ident: &TableIdent,
+    job: &JobId,
+    just_committed: &TableReferences,
+    drop_created: bool,
+) {
+    if let Err(e) = sweep_job_files(catalog, ident, job, just_committed).await {
+        warn!(table = %ident, error = %e, "cannot sweep the job's data files; the late sweep retries");
+    }
+    if drop_created {
+        drop_if_empty(catalog, ident, job).await;
     }
 }
 

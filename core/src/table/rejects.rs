@@ -15,8 +15,7 @@ use std::sync::Arc;
 use datafusion::arrow::array::{ArrayRef, BooleanArray, RecordBatch, StringArray};
 use datafusion::arrow::compute::filter_record_batch;
 use datafusion::arrow::datatypes::{DataType, Field, Schema as ArrowSchema, SchemaRef};
-use datafusion::physical_expr::PhysicalExpr;
-use iceberg::spec::{DataFile, PartitionSpec, serialize_data_file_to_json};
+use iceberg::spec::PartitionSpec;
 use iceberg::table::Table;
 use iceberg::{Catalog, TableIdent};
 use nightshift_proto::v1;
@@ -26,8 +25,8 @@ use nightshift_spec::{
 
 use super::evolution::SchemaChange;
 use super::layout::{TargetLayout, ensure_target};
-use super::writer::{PartitionedWriter, TableTarget, conform_batch, new_writer};
-use crate::checks::{SAMPLES, compile_row_checks, failing_rows_of, sample_rows};
+use super::writer::{PartitionedWriter, TableTarget, conform_batch, new_writer, serialized};
+use crate::checks::{Counted, arrow_error, compile_row_checks};
 use crate::error::{CoreError, Result};
 
 /// The rejects table's columns: the result's, every one optional (a rejected row may lack
@@ -106,11 +105,8 @@ pub struct Quarantine {
 }
 
 struct Quarantining {
-    name: String,
+    counted: Counted,
     reason: String,
-    predicate: Arc<dyn PhysicalExpr>,
-    failed: u64,
-    samples: Vec<String>,
 }
 
 /// What a task's quarantine wrote.
@@ -143,11 +139,8 @@ impl Quarantine {
         let compiled = compile_row_checks(&quarantining, rows_schema)?
             .into_iter()
             .map(|(check, predicate)| Quarantining {
-                name: check.name.clone(),
+                counted: Counted::new(&check.name, predicate),
                 reason: format!("fails {}", check.predicate_sql),
-                predicate,
-                failed: 0,
-                samples: Vec::new(),
             })
             .collect();
         let as_table = v1::TableOutput {
@@ -176,7 +169,7 @@ impl Quarantine {
     pub async fn set_aside(&mut self, batch: RecordBatch) -> Result<RecordBatch> {
         let mut first_failed: Vec<Option<usize>> = vec![None; batch.num_rows()];
         for (index, check) in self.checks.iter_mut().enumerate() {
-            let failing = failing_rows_of(&check.name, &check.predicate, &batch)?;
+            let failing = check.counted.failing(&batch)?;
             let mut mine = Vec::new();
             for (row, first) in first_failed.iter_mut().enumerate() {
                 if first.is_none() && failing.value(row) {
@@ -184,12 +177,7 @@ impl Quarantine {
                     mine.push(row as u32);
                 }
             }
-            check.failed += mine.len() as u64;
-            let room = SAMPLES.saturating_sub(check.samples.len()).min(mine.len());
-            if room > 0 {
-                let take = arrow::array::UInt32Array::from(mine[..room].to_vec());
-                check.samples.extend(sample_rows(&batch, &take)?);
-            }
+            check.counted.record(&batch, &mine)?;
         }
         if first_failed.iter().all(Option::is_none) {
             return Ok(batch);
@@ -221,7 +209,7 @@ impl Quarantine {
         let mut fields: Vec<Arc<Field>> = rows.schema().fields().iter().cloned().collect();
         let mut columns = rows.columns().to_vec();
         for (name, column) in [
-            (REJECT_CHECK_COLUMN, text(&|c| &c.name)),
+            (REJECT_CHECK_COLUMN, text(&|c| &c.counted.name)),
             (REJECT_REASON_COLUMN, text(&|c| &c.reason)),
             (
                 REJECT_JOB_COLUMN,
@@ -253,31 +241,16 @@ impl Quarantine {
     /// Closes the rejects writer: its data files and each check's count and samples.
     pub async fn finish(self) -> Result<RejectsWritten> {
         let files = self.writer.close().await?;
-        let partition_type = self.target.spec.partition_type(&self.target.schema)?;
-        let data_files_json = files
-            .into_iter()
-            .map(|f: DataFile| {
-                serialize_data_file_to_json(f, &partition_type, self.target.format_version)
-            })
-            .collect::<iceberg::Result<Vec<_>>>()?;
         Ok(RejectsWritten {
-            data_files_json,
+            data_files_json: serialized(&self.target, files)?,
             rows: self.rows,
             checks: self
                 .checks
                 .into_iter()
-                .map(|c| v1::CheckOutcome {
-                    name: c.name,
-                    failed: c.failed,
-                    samples: c.samples,
-                })
+                .map(|c| c.counted.outcome())
                 .collect(),
         })
     }
-}
-
-fn arrow_error(e: arrow::error::ArrowError) -> CoreError {
-    CoreError::from(datafusion::common::DataFusionError::from(e))
 }
 
 #[cfg(test)]

@@ -196,12 +196,8 @@ where
         writer.write(batch).await?;
     }
     let files = writer.close().await?;
-    let partition_type = target.spec.partition_type(&target.schema)?;
     let bytes = files.iter().map(DataFile::file_size_in_bytes).sum();
-    let data_files_json = files
-        .into_iter()
-        .map(|f| serialize_data_file_to_json(f, &partition_type, target.format_version))
-        .collect::<iceberg::Result<Vec<_>>>()?;
+    let data_files_json = serialized(&target, files)?;
     let mut outcomes = checks.finish();
     let rejects = match quarantine {
         Some(quarantine) => Some(quarantine.finish().await?),
@@ -222,6 +218,15 @@ where
         reject_files_json,
         rejected_rows,
     })
+}
+
+/// `files` written for `target`, as the JSON a task result carries.
+pub(crate) fn serialized(target: &TableTarget, files: Vec<DataFile>) -> Result<Vec<String>> {
+    let partition_type = target.spec.partition_type(&target.schema)?;
+    Ok(files
+        .into_iter()
+        .map(|f| serialize_data_file_to_json(f, &partition_type, target.format_version))
+        .collect::<iceberg::Result<Vec<_>>>()?)
 }
 
 pub(crate) fn new_writer(

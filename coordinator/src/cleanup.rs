@@ -143,6 +143,8 @@ pub async fn run_late_sweeps(env: &JobEnv, now_ms: i64) -> Result<Vec<JobId>> {
 
 /// Sweeps the job's files from its target and from the target's rejects table (which holds
 /// files only when a check of the job quarantined rows; a missing table is nothing to sweep).
+/// Both go through [`sweep_job_files`], so in the rejects table too a file is deleted only
+/// when its name parses as this job's and no snapshot of that table references it.
 async fn sweep_target_and_rejects(
     catalog: &dyn Catalog,
     target: &str,

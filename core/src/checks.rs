@@ -626,6 +626,26 @@ min = 10
     }
 
     #[test]
+    fn a_quarantining_check_reports_its_rows_and_never_blocks() {
+        let checks = spec_checks(
+            "[[check]]\nname = \"known\"\ntype = \"accepted_values\"\ncolumns = [\"status\"]\nvalues = [\"open\"]\non_fail = \"quarantine\"\n",
+        );
+        let outcome = v1::CheckOutcome {
+            name: "known".into(),
+            failed: 2,
+            samples: vec![],
+        };
+        let results = judge(&checks, [&outcome], 6, None);
+        assert!(!results[0].passed && results[0].quarantined);
+        assert_eq!(results[0].severity, "error");
+        assert_eq!(
+            results[0].detail,
+            "2 rows set aside in the rejects table: they fail \"status\" IN ('open')"
+        );
+        assert!(blocking(&results).is_empty());
+    }
+
+    #[test]
     fn row_count_against_the_previous_run() {
         let checks = spec_checks(
             "[[check]]\nname = \"steady\"\ntype = \"row_count\"\nmax_change = \"30%\"\nmin = 1\n",

@@ -257,6 +257,68 @@ impl Quarantine {
 mod tests {
     use super::*;
 
+    #[tokio::test]
+    async fn a_row_goes_aside_once_for_the_first_check_it_fails() {
+        use datafusion::arrow::array::Int64Array;
+        let dir = tempfile::tempdir().unwrap();
+        let rows = Arc::new(ArrowSchema::new(vec![Field::new(
+            "n",
+            DataType::Int64,
+            true,
+        )]));
+        let wanted = rejects_schema(&rows, "a.t__rejects").unwrap();
+        let schema = crate::table::iceberg_schema_for("a.t__rejects", &wanted).unwrap();
+        let out = v1::RejectsOutput {
+            data_location: dir.path().display().to_string(),
+            schema_json: serde_json::to_string(&schema).unwrap(),
+            format_version: 2,
+            job_id: "j".into(),
+        };
+        let check = |name: &str, predicate: &str, quarantine| v1::RowCheck {
+            name: name.into(),
+            predicate_sql: predicate.into(),
+            quarantine,
+        };
+        let checks = [
+            check("positive", "n > 0", true),
+            check("small", "n < 10", true),
+            check("counted", "n <> 5", false),
+        ];
+        let mut quarantine = Quarantine::new(&checks, &rows, Some(&out), "j-s1-p0-a1-x")
+            .unwrap()
+            .unwrap();
+        let batch = RecordBatch::try_new(
+            rows.clone(),
+            vec![Arc::new(Int64Array::from(vec![
+                Some(-1),
+                Some(5),
+                Some(20),
+                None,
+                Some(-30),
+            ]))],
+        )
+        .unwrap();
+        let kept = quarantine.set_aside(batch).await.unwrap();
+        // NULL passes; -1 and -30 fail both and go aside once, for `positive`.
+        let kept: Vec<Option<i64>> = kept
+            .column(0)
+            .as_any()
+            .downcast_ref::<Int64Array>()
+            .unwrap()
+            .iter()
+            .collect();
+        assert_eq!(kept, [Some(5), None]);
+        let written = quarantine.finish().await.unwrap();
+        assert_eq!(written.rows, 3);
+        assert_eq!(written.data_files_json.len(), 1);
+        let counts: Vec<(&str, u64)> = written
+            .checks
+            .iter()
+            .map(|c| (c.name.as_str(), c.failed))
+            .collect();
+        assert_eq!(counts, [("positive", 2), ("small", 1)]);
+    }
+
     #[test]
     fn the_rejects_schema_adds_the_reasons_and_makes_every_column_optional() {
         let result = ArrowSchema::new(vec![

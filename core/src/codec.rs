@@ -1,5 +1,6 @@
 //! Serializes stage plans for task messages: Ballista's physical codec plus Nightshift's
-//! object-store shuffle reader and the embedded mode's shared plan (sent by key).
+//! object-store shuffle reader, the source contract's not-null check, the Iceberg scan of
+//! files with deletes and the embedded mode's shared plan (sent by key).
 
 use std::sync::Arc;
 
@@ -21,6 +22,7 @@ use datafusion_proto::protobuf;
 use nightshift_proto::v1;
 use prost::Message;
 
+use crate::iceberg_scan::IcebergScanExec;
 use crate::not_null::{NotNullCheck, NotNullCheckExec};
 use crate::shared_plan::SharedPlanExec;
 use crate::shuffle::{ObjectStoreShuffleReaderExec, Segment};
@@ -31,6 +33,8 @@ const MAGIC: &[u8] = b"NSX1";
 const SHARED_MAGIC: &[u8] = b"NSP1";
 /// Marks a [`NotNullCheckExec`]: its checks as JSON; its input is the node's one input.
 const NOT_NULL_MAGIC: &[u8] = b"NSN1";
+/// Marks an [`IcebergScanExec`]: its scan tasks as JSON.
+const ICEBERG_SCAN_MAGIC: &[u8] = b"NSI1";
 
 /// The physical extension codec for stage plans.
 #[derive(Debug, Default)]
@@ -70,6 +74,9 @@ impl PhysicalExtensionCodec for NightshiftCodec {
             };
             return Ok(Arc::new(NotNullCheckExec::new(input.clone(), checks)));
         }
+        if let Some(json) = buf.strip_prefix(ICEBERG_SCAN_MAGIC) {
+            return crate::iceberg_scan::decode(json);
+        }
         match buf.strip_prefix(MAGIC) {
             Some(body) => decode_reader(body, ctx),
             None => self.ballista.try_decode(buf, inputs, ctx),
@@ -88,6 +95,10 @@ impl PhysicalExtensionCodec for NightshiftCodec {
                 .map_err(|e| DataFusionError::Internal(format!("not-null checks: {e}")))?;
             buf.extend_from_slice(&json);
             return Ok(());
+        }
+        if let Some(scan) = node.as_any().downcast_ref::<IcebergScanExec>() {
+            buf.extend_from_slice(ICEBERG_SCAN_MAGIC);
+            return crate::iceberg_scan::encode(scan, buf);
         }
         match node.as_any().downcast_ref::<ObjectStoreShuffleReaderExec>() {
             Some(reader) => {

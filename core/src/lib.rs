@@ -17,6 +17,7 @@ pub mod access;
 pub mod checks;
 pub mod codec;
 pub mod error;
+pub mod iceberg_scan;
 pub mod ids;
 pub mod incremental;
 pub mod joins;

@@ -192,7 +192,7 @@ async fn target_history(
 
 /// An Iceberg source is read as the Parquet data files of its current snapshot (or, for an
 /// incremental source, of the snapshots appended since the last run), with the table's
-/// schema. Tables with delete files are refused rather than read wrongly.
+/// schema; the files delete files apply to are read with those deletes applied.
 async fn register_iceberg(
     ctx: &SessionContext,
     source: &SourceSpec,
@@ -236,27 +236,28 @@ async fn register_iceberg(
         )
         .map_err(|e| source_err(format!("incremental read of `{name}`: {e}")))?,
     };
-    let (paths, bytes) = match (&range, read) {
-        (_, IcebergRead::Files(files, bytes)) => Ok((files.to_vec(), bytes)),
-        (crate::incremental::Range::Everything { .. }, _) => current_files(&table).await,
-        (crate::incremental::Range::Nothing, _) => Ok((Vec::new(), 0)),
+    let upstream = match (&range, read) {
+        (_, IcebergRead::Files(files, _)) => current_files(&table, Some(files)).await,
+        (crate::incremental::Range::Everything { .. }, _) => current_files(&table, None).await,
+        (crate::incremental::Range::Nothing, _) => Ok(UpstreamFiles::default()),
         (crate::incremental::Range::Appended(snapshots), _) => {
             appended_files(&table, snapshots.as_slice()).await
         }
     }
     .map_err(|e| match e {
-        UpstreamFiles::HasDeletes => source_err(format!(
-            "table `{name}` has delete files, which Nightshift does not read yet"
+        UpstreamError::DeletesAppended => source_err(format!(
+            "table `{name}`: an appended snapshot added delete files; read it whole with on_source_rewrite = \"full\""
         )),
-        UpstreamFiles::Iceberg(e) => source_err(e.to_string()),
+        UpstreamError::Iceberg(e) => source_err(e.to_string()),
     })?;
+    let (paths, bytes) = (upstream.plain.as_slice(), upstream.bytes);
     if let IcebergRead::Since(after) = read {
         tracing::info!(source = %source.name, table = name, ?after, ?range, files = paths.len(), bytes, "incremental source");
     }
     let raw_name = raw_table_name(&source.name);
-    let provider = match renamed {
-        None => parquet_files_table(&paths, &schema)?,
-        Some(why) => by_field_id(ctx, &paths, table.metadata().current_schema(), &schema)
+    let plain = match renamed {
+        None => parquet_files_table(paths, &schema)?,
+        Some(why) => by_field_id(ctx, paths, table.metadata().current_schema(), &schema)
             .await
             .map_err(|e| {
                 source_err(format!(
@@ -264,13 +265,14 @@ async fn register_iceberg(
                 ))
             })?,
     };
+    let provider = with_deletes_applied(ctx, plain, &table, &schema, upstream.with_deletes)?;
     ctx.register_table(raw_name.as_str(), provider)?;
     register_view(ctx, source, &raw_name, &schema, contract, &location).await?;
     Ok(SourceSummary {
         name: source.name.clone(),
         format: source.format,
         location: format!("{name} ({location})"),
-        files: paths.len(),
+        files: paths.len() + upstream.deleted_from,
         bytes,
         schema,
         snapshot_id: table.metadata().current_snapshot_id(),
@@ -434,34 +436,59 @@ fn upstream_history(table: &iceberg::table::Table) -> Vec<crate::incremental::Up
 }
 
 /// Why an Iceberg source's files cannot be listed.
-enum UpstreamFiles {
-    HasDeletes,
+enum UpstreamError {
+    /// An appended snapshot added delete files (only a whole read applies them).
+    DeletesAppended,
     Iceberg(iceberg::Error),
 }
 
-impl From<iceberg::Error> for UpstreamFiles {
+impl From<iceberg::Error> for UpstreamError {
     fn from(e: iceberg::Error) -> Self {
-        UpstreamFiles::Iceberg(e)
+        UpstreamError::Iceberg(e)
     }
 }
 
-/// The data files of the table's current snapshot, and their bytes.
+/// The data files an Iceberg source reads.
+#[derive(Default)]
+struct UpstreamFiles {
+    /// Files no delete file applies to, read as plain Parquet.
+    plain: Vec<String>,
+    /// The bytes of all the data files read.
+    bytes: u64,
+    /// Scan tasks of the files some delete file applies to.
+    with_deletes: Vec<iceberg::scan::FileScanTask>,
+    /// How many files `with_deletes` holds (it is moved out before the summary is made).
+    deleted_from: usize,
+}
+
+/// The data files of the table's current snapshot (only those in `only`, when given), each
+/// with the delete files that apply to it.
 async fn current_files(
     table: &iceberg::table::Table,
-) -> std::result::Result<(Vec<String>, u64), UpstreamFiles> {
-    let mut files = Vec::new();
-    let mut bytes = 0;
+    only: Option<&[String]>,
+) -> std::result::Result<UpstreamFiles, UpstreamError> {
+    let mut files = UpstreamFiles::default();
     let Some(current) = table.metadata().current_snapshot_id() else {
-        return Ok((files, bytes));
+        return Ok(files);
     };
+    let only: Option<std::collections::HashSet<&str>> =
+        only.map(|paths| paths.iter().map(String::as_str).collect());
     for task in crate::table::live::scan_tasks(table, current).await? {
-        if !task.deletes.is_empty() {
-            return Err(UpstreamFiles::HasDeletes);
+        if only
+            .as_ref()
+            .is_some_and(|only| !only.contains(task.data_file_path.as_str()))
+        {
+            continue;
         }
-        bytes += task.file_size_in_bytes;
-        files.push(task.data_file_path);
+        files.bytes += task.file_size_in_bytes;
+        if task.deletes.is_empty() {
+            files.plain.push(task.data_file_path);
+        } else {
+            files.deleted_from += 1;
+            files.with_deletes.push(task);
+        }
     }
-    Ok((files, bytes))
+    Ok(files)
 }
 
 /// The data files `snapshots` added (each file once, in the manifest entry its own snapshot
@@ -469,19 +496,50 @@ async fn current_files(
 async fn appended_files(
     table: &iceberg::table::Table,
     snapshots: &[i64],
-) -> std::result::Result<(Vec<String>, u64), UpstreamFiles> {
-    let mut files = Vec::new();
-    let mut bytes = 0;
+) -> std::result::Result<UpstreamFiles, UpstreamError> {
+    let mut files = UpstreamFiles::default();
     for &id in snapshots {
         for entry in crate::table::commit::entries_added_by(table, id).await? {
             if entry.content_type() != iceberg::spec::DataContentType::Data {
-                return Err(UpstreamFiles::HasDeletes);
+                return Err(UpstreamError::DeletesAppended);
             }
-            bytes += entry.file_size_in_bytes();
-            files.push(entry.file_path().to_string());
+            files.bytes += entry.file_size_in_bytes();
+            files.plain.push(entry.file_path().to_string());
         }
     }
-    Ok((files, bytes))
+    Ok(files)
+}
+
+/// `plain` together with the files delete files apply to, read with the deletes applied
+/// ([`crate::iceberg_scan`]); `plain` alone when there are none.
+fn with_deletes_applied(
+    ctx: &SessionContext,
+    plain: Arc<dyn TableProvider>,
+    table: &iceberg::table::Table,
+    schema: &SchemaRef,
+    tasks: Vec<iceberg::scan::FileScanTask>,
+) -> Result<Arc<dyn TableProvider>> {
+    if tasks.is_empty() {
+        return Ok(plain);
+    }
+    let field_ids = table
+        .metadata()
+        .current_schema()
+        .as_struct()
+        .fields()
+        .iter()
+        .map(|f| f.id)
+        .collect();
+    let deletes = crate::iceberg_scan::DeletesApplied::new(
+        table.metadata().location(),
+        schema.clone(),
+        field_ids,
+        tasks,
+    );
+    let frame = ctx
+        .read_table(plain)?
+        .union(ctx.read_table(Arc::new(deletes))?)?;
+    Ok(frame.into_view())
 }
 
 async fn register_source(

@@ -366,6 +366,20 @@ impl StateStore for RedisState {
             .collect())
     }
 
+    async fn forget_task_outputs(&self, job: &JobId, tasks: &[TaskKey]) -> Result<()> {
+        if tasks.is_empty() {
+            return Ok(());
+        }
+        let fields: Vec<String> = tasks
+            .iter()
+            .map(|task| format!("{}:{}", task.stage, task.partition))
+            .collect();
+        let mut conn = self.conn.clone();
+        conn.hdel::<_, _, ()>(self.outputs_key(job), fields)
+            .await
+            .map_err(redis_err)
+    }
+
     async fn clear_task_outputs(&self, job: &JobId) -> Result<()> {
         let mut conn = self.conn.clone();
         conn.del::<_, ()>(&[self.outputs_key(job), self.attempts_key(job)])

@@ -99,10 +99,13 @@ pub struct StageTracker {
     stages: Vec<StageRun>,
     /// Failures a task may have before the job fails (at least 1).
     max_attempts: u32,
+    /// The plan's fingerprint ([`JobPlan::fingerprint`]): results echo their task's, and
+    /// only this plan's count.
+    plan: String,
 }
 
 impl StageTracker {
-    pub fn new(plan: &JobPlan, max_attempts: u32) -> Self {
+    pub fn new(plan: &JobPlan, max_attempts: u32, fingerprint: impl Into<String>) -> Self {
         StageTracker {
             stages: plan
                 .stages
@@ -114,7 +117,20 @@ impl StageTracker {
                 })
                 .collect(),
             max_attempts: max_attempts.max(1),
+            plan: fingerprint.into(),
         }
+    }
+
+    /// The fingerprint tasks of this plan carry.
+    pub fn fingerprint(&self) -> &str {
+        &self.plan
+    }
+
+    /// Whether `result` is for a task of this plan but was produced under another plan of
+    /// the job: one an earlier coordinator made before its sources changed. Such an output
+    /// is never reused; mixing it with this plan's could lose or repeat rows.
+    pub fn is_other_plans(&self, result: &v1::TaskResult) -> bool {
+        self.task(task_key(result)).is_some() && result.plan != self.plan
     }
 
     pub fn stages(&self) -> &[StageRun] {
@@ -194,6 +210,9 @@ impl StageTracker {
     /// Returns false for a task the plan does not have (a winner recorded for another
     /// query of the job: its own stages or a check's).
     pub fn record_win(&mut self, key: TaskKey, result: v1::TaskResult) -> bool {
+        if result.plan != self.plan {
+            return false;
+        }
         let Some(task) = self.task_mut(key) else {
             return false;
         };
@@ -207,6 +226,12 @@ impl StageTracker {
     pub fn on_result(&mut self, result: &v1::TaskResult) -> ResultVerdict {
         let key = task_key(result);
         let max_attempts = self.max_attempts;
+        if self.is_other_plans(result) {
+            return match result.outcome {
+                Some(Outcome::Failed(_)) | None => ResultVerdict::Ignore,
+                Some(_) => ResultVerdict::Lost,
+            };
+        }
         let Some(task) = self.task_mut(key) else {
             return ResultVerdict::Ignore;
         };
@@ -463,7 +488,7 @@ mod tests {
             stages: vec![stage(1, 2, vec![], false), stage(2, 1, vec![1], true)],
             output_schema: schema.clone(),
         };
-        StageTracker::new(&plan, max_attempts)
+        StageTracker::new(&plan, max_attempts, "")
     }
 
     fn key(stage: u32, partition: u32) -> TaskKey {
@@ -682,6 +707,40 @@ mod tests {
         assert_eq!(t.progress(), (0, 3));
         let late = success(key(7, 0), 2);
         assert_eq!(t.on_result(&late), ResultVerdict::Ignore);
+    }
+
+    /// `result` as produced under the plan `plan`.
+    fn under(plan: &str, mut result: v1::TaskResult) -> v1::TaskResult {
+        result.plan = plan.to_string();
+        result
+    }
+
+    #[test]
+    fn outputs_of_another_plan_of_the_job_are_never_taken() {
+        // A coordinator planned again after a restart, and the sources had changed: the
+        // earlier plan's recorded outputs and late results are not this plan's.
+        let plan = JobPlan {
+            stages: tracker(3).stages.iter().map(|s| s.stage.clone()).collect(),
+            output_schema: Arc::new(datafusion::arrow::datatypes::Schema::empty()),
+        };
+        let mut t = StageTracker::new(&plan, 3, "new");
+        let old = under("old", success(key(1, 0), 1));
+        assert!(t.is_other_plans(&old));
+        assert!(!t.record_win(key(1, 0), old.clone()));
+        assert_eq!(t.start(StageId(1)), vec![key(1, 0), key(1, 1)]);
+        t.record_published(key(1, 0), 2);
+        // Its late success is garbage to sweep, its late failure nothing.
+        assert_eq!(t.on_result(&old), ResultVerdict::Lost);
+        let failed = under("old", failure(key(1, 0), 1, true));
+        assert_eq!(t.on_result(&failed), ResultVerdict::Ignore);
+        assert_eq!(t.outstanding(), 1, "the new attempt is still awaited");
+        // This plan's result wins as usual.
+        let new = under("new", success(key(1, 0), 2));
+        assert!(!t.is_other_plans(&new));
+        assert_eq!(t.on_result(&new), ResultVerdict::Claim);
+        assert!(t.record_win(key(1, 0), new));
+        // A result for a task this plan does not have is another query's, not another plan's.
+        assert!(!t.is_other_plans(&under("old", success(key(9, 0), 1))));
     }
 
     mod properties {

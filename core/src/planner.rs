@@ -93,6 +93,34 @@ pub struct JobPlan {
 }
 
 impl JobPlan {
+    /// What identifies this plan across runs of its job: a digest of every stage's id, task
+    /// and output counts, and encoded plan (the files each scan task reads included). A
+    /// restarted coordinator plans the job again and reuses the task outputs an earlier run
+    /// recorded only when this is the same; tasks carry it and their results echo it, so no
+    /// output of another plan (its sources changed meanwhile) is mixed into the job's.
+    pub fn fingerprint(&self) -> Result<String> {
+        use sha2::{Digest, Sha256};
+        let mut digest = Sha256::new();
+        for stage in &self.stages {
+            for n in [
+                stage.id.0,
+                stage.tasks as u32,
+                stage.output_partitions as u32,
+            ] {
+                digest.update(n.to_le_bytes());
+            }
+            digest.update([u8::from(stage.is_final)]);
+            let plan: Arc<dyn ExecutionPlan> = stage.plan.clone();
+            let encoded = crate::codec::encode_plan(plan)?;
+            digest.update((encoded.len() as u64).to_le_bytes());
+            digest.update(&encoded);
+        }
+        Ok(digest.finalize()[..16]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect())
+    }
+
     pub fn total_tasks(&self) -> usize {
         self.stages.iter().map(|s| s.tasks).sum()
     }

@@ -48,6 +48,7 @@ pub async fn run_task(
         attempt: task.attempt,
         worker_id: worker_id.to_string(),
         elapsed_ms: started.elapsed().as_millis() as u64,
+        plan: task.plan.clone(),
         ..Default::default()
     };
     match outcome {

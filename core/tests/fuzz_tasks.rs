@@ -95,6 +95,7 @@ proptest! {
             attempt,
             stage_plan: plan,
             output,
+            plan: String::new(),
         });
     }
 }

@@ -190,6 +190,9 @@ impl StateStore for FailingAfterCommit {
     async fn task_outputs(&self, job: &JobId) -> Result<Vec<(TaskKey, Bytes)>> {
         self.0.task_outputs(job).await
     }
+    async fn forget_task_outputs(&self, job: &JobId, tasks: &[TaskKey]) -> Result<()> {
+        self.0.forget_task_outputs(job, tasks).await
+    }
     async fn clear_task_outputs(&self, _job: &JobId) -> Result<()> {
         Err(down())
     }

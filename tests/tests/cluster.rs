@@ -121,6 +121,40 @@ async fn coordinator_killed_mid_job_resumes_and_commits_once() {
         "the restarted coordinator should reuse outputs\n{}",
         cluster.logs()
     );
+    assert!(
+        !cluster.logs().contains("planned differently"),
+        "the same sources plan the same\n{}",
+        cluster.logs()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinator_restarted_after_its_sources_changed_never_mixes_two_plans() {
+    let mut cluster = start(2, &[("FAILPOINTS", "worker-task-delay=return(700)")]);
+    let mut client = cluster.submit_in_background("job-sources-change");
+    wait_for_stage(&cluster, 3);
+    cluster.kill_coordinator();
+    // A file lands in the orders directory while no coordinator runs: the restarted one
+    // plans other scan tasks, so the outputs recorded under the first plan must not be
+    // reused (they read the directory without the file).
+    let orders = cluster.sandbox.path("data/orders");
+    let first = std::fs::read_dir(&orders)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .min()
+        .expect("an orders file");
+    std::fs::copy(&first, orders.join("zz-late-arrival.parquet")).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    cluster.start_coordinator();
+    let outcome = cluster.wait_for_outcome(&mut client);
+    assert_succeeded(&cluster, &outcome);
+    // One snapshot equal to DataFusion's read of the directory as it is now.
+    assert_table_matches_reference(&cluster).await;
+    assert!(
+        cluster.logs().contains("planned differently"),
+        "the restarted coordinator should see the plan changed\n{}",
+        cluster.logs()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -374,6 +374,7 @@ impl Worker {
                 partition: task.partition,
                 attempt: task.attempt,
                 worker_id: self.id.clone(),
+                plan: task.plan.clone(),
                 outcome: Some(task_result::Outcome::Failed(v1::TaskFailed {
                     message: SKIPPED.into(),
                     // Should a coordinator still want this task, it runs it again.

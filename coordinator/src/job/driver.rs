@@ -353,7 +353,7 @@ impl<'a> JobRun<'a> {
             self.job(),
             self.ownership,
             nightshift_proto::v1::task_definition::Output::Table(output),
-            StageTracker::new(&job_plan, max_attempts),
+            StageTracker::new(&job_plan, max_attempts, job_plan.fingerprint()?),
             self.started,
         );
         let ran = stages.run(on_event).await;

@@ -157,7 +157,7 @@ impl SetCheckRun<'_> {
             self.job,
             self.ownership,
             output,
-            StageTracker::new(&plan, self.max_attempts),
+            StageTracker::new(&plan, self.max_attempts, plan.fingerprint()?),
             self.started,
         );
         let finished = runner.run(&|_| {}).await;

@@ -133,8 +133,10 @@ impl<'a> StageRunner<'a> {
     async fn adopt_recorded_winners(&mut self) -> Result<(), JobError> {
         let recorded = self.env.state.task_outputs(self.job).await?;
         let mut adopted = 0;
+        let mut other_plans = Vec::new();
         for (key, bytes) in recorded {
             match v1::TaskResult::decode(bytes.as_ref()) {
+                Ok(result) if self.tracker.is_other_plans(&result) => other_plans.push(key),
                 Ok(result) => {
                     if self.tracker.record_win(key, result) {
                         adopted += 1;
@@ -144,6 +146,17 @@ impl<'a> StageRunner<'a> {
                     warn!(%key, error = %e, "undecodable recorded output; the task runs again")
                 }
             }
+        }
+        if !other_plans.is_empty() {
+            warn!(
+                tasks = other_plans.len(),
+                "the job planned differently this time (its sources changed since an earlier run): \
+                 that run's task outputs are not reused, their tasks run again"
+            );
+            self.env
+                .state
+                .forget_task_outputs(self.job, &other_plans)
+                .await?;
         }
         if adopted > 0 {
             info!(
@@ -223,6 +236,7 @@ impl<'a> StageRunner<'a> {
             stage_id: key.stage.0,
             partition: key.partition,
             attempt,
+            plan: self.tracker.fingerprint().to_string(),
             stage_plan: self.stage_plans[&key.stage]
                 .for_task(key.partition as usize)?
                 .to_vec(),
@@ -269,11 +283,7 @@ impl<'a> StageRunner<'a> {
         let failed = matches!(result.outcome, Some(v1::task_result::Outcome::Failed(_)));
         match verdict {
             ResultVerdict::Claim => {
-                let won = self
-                    .env
-                    .state
-                    .claim_task_output(self.job, key, result.encode_to_vec().into())
-                    .await?;
+                let won = self.claim(key, &result).await?;
                 self.record_span(&result, if won { "won" } else { "lost" });
                 if won {
                     self.tracker.record_win(key, result);
@@ -309,6 +319,32 @@ impl<'a> StageRunner<'a> {
             }
         }
         Ok(None)
+    }
+
+    /// Claims `key`'s output for `result` in the state store (first result wins). An output
+    /// recorded there by another plan of the job does not count: it is forgotten and the
+    /// claim made again.
+    async fn claim(&self, key: TaskKey, result: &v1::TaskResult) -> Result<bool, JobError> {
+        let bytes: Bytes = result.encode_to_vec().into();
+        if self
+            .env
+            .state
+            .claim_task_output(self.job, key, bytes.clone())
+            .await?
+        {
+            return Ok(true);
+        }
+        match self.stored_winner(key).await? {
+            Some(stored) if self.tracker.is_other_plans(&stored) => {
+                self.env.state.forget_task_outputs(self.job, &[key]).await?;
+                Ok(self
+                    .env
+                    .state
+                    .claim_task_output(self.job, key, bytes)
+                    .await?)
+            }
+            _ => Ok(false),
+        }
     }
 
     async fn stored_winner(&self, key: TaskKey) -> Result<Option<v1::TaskResult>, JobError> {

@@ -190,6 +190,15 @@ impl StateStore for MemoryState {
             .unwrap_or_default())
     }
 
+    async fn forget_task_outputs(&self, job: &JobId, tasks: &[TaskKey]) -> Result<()> {
+        if let Some(outputs) = self.outputs.lock().expect("state lock").get_mut(job) {
+            for task in tasks {
+                outputs.remove(task);
+            }
+        }
+        Ok(())
+    }
+
     async fn clear_task_outputs(&self, job: &JobId) -> Result<()> {
         self.outputs.lock().expect("state lock").remove(job);
         self.leases

@@ -121,6 +121,9 @@ pub trait StateStore: Send + Sync {
     async fn claim_task_output(&self, job: &JobId, task: TaskKey, result: Bytes) -> Result<bool>;
     /// Every recorded task output of `job`.
     async fn task_outputs(&self, job: &JobId) -> Result<Vec<(TaskKey, Bytes)>>;
+    /// Forgets the recorded outputs of `tasks` of `job` (outputs of another plan of the job,
+    /// which are never reused), so this plan's results can claim them.
+    async fn forget_task_outputs(&self, job: &JobId, tasks: &[TaskKey]) -> Result<()>;
     /// Forgets everything about `job` except its final state.
     async fn clear_task_outputs(&self, job: &JobId) -> Result<()>;
     /// Records that `worker` runs `attempt` of `task` for the next `ttl`; renewed by the

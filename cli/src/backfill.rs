@@ -118,6 +118,10 @@ pub fn check_mode(spec: &ResolvedSpec) -> Result<(), String> {
             "[target] mode = \"overwrite\" replaces the whole table on every run, so a backfill of `{}` would leave only its last value; use mode = \"overwrite_partitions\" (each value replaces its own partitions) or \"append\"",
             spec.spec.target.table
         )),
+        WriteMode::Compact => Err(format!(
+            "[target] mode = \"compact\" rewrites the files of `{}` whatever the parameters; run `nightshift maintain --compact` instead of a backfill",
+            spec.spec.target.table
+        )),
     }
 }
 

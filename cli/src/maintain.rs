@@ -37,11 +37,14 @@ pub struct MaintenanceReport {
 
 /// Runs `work` on `table`: partition retention first (nothing to compact there), then
 /// compaction (the files both replace stay referenced by older snapshots until they
-/// expire), then expiry (its unreferenced files go with it), then orphans.
+/// expire), then expiry (its unreferenced files go with it), then orphans. With `cluster`,
+/// compaction's rewrite runs as a job of that cluster, its tasks on the workers; the other
+/// operations only change metadata and delete files, and run here.
 pub async fn maintain(
     catalog: &CatalogConfig,
     table: &str,
     work: &Maintenance,
+    cluster: Option<&nightshift_cluster::ClusterConfig>,
 ) -> Result<MaintenanceReport, CoreError> {
     let (opened, ident) = open_existing_table(catalog, table).await?;
     let mut report = MaintenanceReport {
@@ -59,8 +62,13 @@ pub async fn maintain(
         );
     }
     if let Some(policy) = work.compact {
-        report.compacted =
-            Some(compact(opened.as_ref(), catalog, &ident, policy, work.dry_run).await?);
+        report.compacted = Some(match cluster {
+            Some(config) if !work.dry_run => {
+                let table = opened.load_table(&ident).await?;
+                compact_on_cluster(config, &table, policy).await?
+            }
+            _ => compact(opened.as_ref(), catalog, &ident, policy, work.dry_run).await?,
+        });
     }
     if let Some(policy) = work.expire {
         let expired =
@@ -72,6 +80,84 @@ pub async fn maintain(
         report.orphans = remove_orphans(opened.as_ref(), &ident, age, work.dry_run).await?;
     }
     Ok(report)
+}
+
+/// How long `maintain --cluster` waits for its compaction job.
+const CLUSTER_COMPACTION_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
+
+/// Compacts `table` as a job of the cluster (`mode = "compact"`): the coordinator chooses
+/// the files again when it plans (so what it rewrites is what the table holds then), the
+/// workers read and write them, and the coordinator commits the `replace` snapshot. Nothing
+/// is submitted when nothing is to be rewritten.
+async fn compact_on_cluster(
+    config: &nightshift_cluster::ClusterConfig,
+    table: &iceberg::table::Table,
+    policy: CompactPolicy,
+) -> Result<Compacted, CoreError> {
+    let plan = nightshift_core::table::compact::plan_compaction(table, policy).await?;
+    let mut done = plan.report.clone();
+    if plan.groups.is_empty() {
+        return Ok(done);
+    }
+    let metadata = table.metadata();
+    let partition_by = nightshift_core::table::compact::partition_by_entries(
+        metadata.default_partition_spec(),
+        metadata.current_schema(),
+    )?;
+    let name = table.identifier().to_string();
+    let dir =
+        tempfile::tempdir().map_err(|e| CoreError::io("a directory for the compaction spec", e))?;
+    let spec = dir.path().join("compact.toml");
+    std::fs::write(&spec, compaction_spec(&name, &partition_by, policy))
+        .map_err(|e| CoreError::io(format!("write {}", spec.display()), e))?;
+    let job = nightshift_core::JobId::parse(&nightshift_core::names::maintenance_id("compact-job"))
+        .map_err(CoreError::Protocol)?;
+    tracing::info!(%job, table = %name, files = done.files_rewritten, "compaction submitted to the cluster");
+    let outcome = crate::cluster::submit_and_wait(
+        config,
+        &spec,
+        &job,
+        Vec::new(),
+        CLUSTER_COMPACTION_TIMEOUT,
+    )
+    .await?;
+    if outcome["status"] != "succeeded" {
+        return Err(CoreError::Target {
+            table: name,
+            message: format!(
+                "compaction job {job} failed: {}",
+                outcome["error"].as_str().unwrap_or("no error given")
+            ),
+        });
+    }
+    done.files_written = outcome["files"].as_u64().unwrap_or_default() as usize;
+    done.snapshot_id = outcome["snapshot_id"].as_i64();
+    Ok(done)
+}
+
+/// The spec of a compaction job of `table`: the table is its one source and its target,
+/// every row selected unchanged, partitioned as the table is, `policy` in `[maintenance]`.
+pub fn compaction_spec(table: &str, partition_by: &[String], policy: CompactPolicy) -> String {
+    let quote = |s: &str| format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""));
+    let mut spec = format!(
+        "[pipeline]\nname = {}\n\n[[source]]\nname = \"compacted\"\nformat = \"iceberg\"\ntable = {}\n\n\
+         [transform]\nsql = \"SELECT * FROM compacted\"\n\n[target]\ntable = {}\nmode = \"compact\"\n",
+        quote(&format!("compact {table}")),
+        quote(table),
+        quote(table),
+    );
+    if !partition_by.is_empty() {
+        let entries: Vec<String> = partition_by.iter().map(|p| quote(p)).collect();
+        spec.push_str(&format!("partition_by = [{}]\n", entries.join(", ")));
+    }
+    spec.push_str(&format!(
+        "\n[maintenance]\ncompact = true\nmin_input_files = {}\n",
+        policy.min_input_files
+    ));
+    if let Some(bytes) = policy.target_file_bytes {
+        spec.push_str(&format!("target_file_size_bytes = {bytes}\n"));
+    }
+    spec
 }
 
 /// The report for people.
@@ -162,4 +248,46 @@ pub fn report_text(report: &MaintenanceReport) -> String {
         out.push_str(&format!("    {orphan}\n"));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_compaction_spec_is_a_valid_compact_spec() {
+        let policy = CompactPolicy {
+            target_file_bytes: Some(1 << 20),
+            min_input_files: 3,
+        };
+        let entries = ["day(ts)".to_string(), "bucket(8, id)".to_string()];
+        let text = compaction_spec("sales.daily", &entries, policy);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("compact.toml");
+        std::fs::write(&path, &text).unwrap();
+        let spec = nightshift_spec::load_spec(&path, &[]).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        assert_eq!(spec.spec.target.mode, nightshift_spec::WriteMode::Compact);
+        assert_eq!(spec.spec.target.table, "sales.daily");
+        assert_eq!(spec.partition_by.len(), 2);
+        assert_eq!(spec.spec.maintenance.min_input_files, Some(3));
+        assert_eq!(spec.spec.maintenance.target_file_size_bytes, Some(1 << 20));
+        // The same spec with another SQL, another source table, or no compaction policy is
+        // refused, naming the mode.
+        for (from, to) in [
+            ("SELECT * FROM compacted", "SELECT id FROM compacted"),
+            (
+                "table = \"sales.daily\"\n\n[transform]",
+                "table = \"sales.other\"\n\n[transform]",
+            ),
+            ("compact = true", "compact = false"),
+        ] {
+            let changed = text.replacen(from, to, 1);
+            assert_ne!(changed, text, "{from}");
+            std::fs::write(&path, changed).unwrap();
+            let refused = nightshift_spec::load_spec(&path, &[])
+                .unwrap_err()
+                .to_string();
+            assert!(refused.contains("mode = \"compact\""), "{refused}");
+        }
+    }
 }

@@ -144,6 +144,32 @@ pub async fn register_merge_target(
     Ok(Some((base, files)))
 }
 
+/// Registers, as `source`'s view, the data files a compaction of `source`'s table (the
+/// job's target, `mode = "compact"`) rewrites under `policy`, and returns what it chose.
+/// The files are read as any Iceberg source's (by field id after renames, deletes applied).
+pub async fn register_compaction_input(
+    ctx: &SessionContext,
+    source: &SourceSpec,
+    catalog: &dyn Catalog,
+    policy: crate::table::compact::CompactPolicy,
+) -> Result<(SourceSummary, crate::table::compact::CompactionPlan)> {
+    let name = source.table.as_deref().unwrap_or_default();
+    let ident = crate::table::parse_table_ident(name)?;
+    if !catalog.table_exists(&ident).await? {
+        return Err(CoreError::Target {
+            table: name.to_string(),
+            message: "no such table in the catalog: nothing to compact".into(),
+        });
+    }
+    let table = catalog.load_table(&ident).await?;
+    let plan = crate::table::compact::plan_compaction(&table, policy).await?;
+    let mut paths: Vec<String> = plan.replaced().into_iter().collect();
+    paths.sort();
+    let read = IcebergRead::Files(&paths, plan.report.bytes_rewritten);
+    let summary = register_iceberg(ctx, source, &[], Some(catalog), read).await?;
+    Ok((summary, plan))
+}
+
 /// A `[[source]]` reading the Iceberg `table` under `name`.
 fn iceberg_source(name: &str, table: &str) -> SourceSpec {
     SourceSpec {

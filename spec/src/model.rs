@@ -136,6 +136,11 @@ pub enum WriteMode {
     /// Rows of the result replace the table's rows with the same `merge_keys`; the others
     /// are inserted (copy-on-write upsert).
     Merge,
+    /// Rewrite the table's small data files into files near the target size, rows
+    /// unchanged (a `replace` snapshot): what `nightshift maintain --compact --cluster`
+    /// submits, so the rewrite runs as tasks on the workers. The one source is the table
+    /// itself, the SQL `SELECT * FROM <source>`, and `[maintenance]` gives the policy.
+    Compact,
 }
 
 impl std::fmt::Display for WriteMode {
@@ -145,6 +150,7 @@ impl std::fmt::Display for WriteMode {
             WriteMode::Overwrite => "overwrite",
             WriteMode::OverwritePartitions => "overwrite_partitions",
             WriteMode::Merge => "merge",
+            WriteMode::Compact => "compact",
         })
     }
 }
@@ -427,6 +433,7 @@ pub(crate) fn check(spec: &Spec, path: &Path) -> Result<(), SpecError> {
         ));
     }
     check_merge(&spec.target, path)?;
+    check_compact(spec, path)?;
     let sources: Vec<&str> = spec.source.iter().map(|s| s.name.as_str()).collect();
     crate::check::check_checks(&spec.check, &sources, path)?;
     crate::maintenance::check_maintenance(&spec.maintenance, path)?;
@@ -451,6 +458,59 @@ pub(crate) fn check(spec: &Spec, path: &Path) -> Result<(), SpecError> {
                 spec.target.table
             ),
         ));
+    }
+    Ok(())
+}
+
+/// `mode = "compact"` rewrites the target's own files and nothing else: one Iceberg source
+/// that is the target, all its columns selected unchanged, no checks, a `[maintenance]`
+/// section with `compact = true`.
+fn check_compact(spec: &Spec, path: &Path) -> Result<(), SpecError> {
+    if spec.target.mode != WriteMode::Compact {
+        return Ok(());
+    }
+    let refuse = |why: String| {
+        Err(SpecError::invalid(
+            path,
+            format!("[target] mode = \"compact\" {why}"),
+        ))
+    };
+    let [source] = spec.source.as_slice() else {
+        return refuse(format!(
+            "reads one source, the target table itself (this spec has {})",
+            spec.source.len()
+        ));
+    };
+    if source.format != SourceFormat::Iceberg
+        || source.table.as_deref() != Some(spec.target.table.as_str())
+        || source.incremental
+    {
+        return refuse(format!(
+            "reads the target itself: its source must be format = \"iceberg\", table = \"{}\", not incremental",
+            spec.target.table
+        ));
+    }
+    let wanted = format!("select * from {}", source.name.to_lowercase());
+    let sql = spec.transform.sql.as_deref().unwrap_or_default();
+    if sql
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .to_lowercase()
+        != wanted
+    {
+        return refuse(format!(
+            "keeps every row as it is: its sql must be `SELECT * FROM {}`",
+            source.name
+        ));
+    }
+    if !spec.check.is_empty() {
+        return refuse(
+            "does not check rows (it changes files, not rows): remove the [[check]]s".into(),
+        );
+    }
+    if !spec.maintenance.compact {
+        return refuse("needs [maintenance] compact = true (and may set target_file_size_bytes, min_input_files)".into());
     }
     Ok(())
 }

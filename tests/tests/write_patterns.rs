@@ -935,3 +935,84 @@ async fn a_merge_rewrites_only_the_files_that_may_hold_a_changed_key() {
         after.len().to_string()
     );
 }
+
+#[test]
+fn compaction_on_a_cluster_runs_as_a_job_on_the_workers() {
+    use nightshift_tests::cluster::{ClusterSandbox, ClusterStorage};
+    let cluster = ClusterSandbox::start(ClusterStorage::LocalWithPostgres, 2, &[]);
+    let events = cluster.sandbox.path("data/events.csv");
+    cluster.sandbox.spec(&spec("append").replace(
+        "location = \"data/events.csv\"",
+        &format!("location = \"{}\"", events.display()),
+    ));
+    for run in 1..=3 {
+        write_events(&cluster.sandbox, 2, 5, run);
+        let outcome = cluster.submit(
+            &format!("load-{run}"),
+            &[("from", "2024-01-01"), ("to", "2024-01-02")],
+        );
+        assert_eq!(outcome["status"], "succeeded", "{outcome}");
+    }
+    let before = cluster.read_table(TABLE, None);
+    let small = cluster.sandbox.data_files().len();
+    assert!(small >= 6, "{small} files");
+
+    let maintain = || {
+        let out = std::process::Command::new(nightshift_tests::nightshift_bin())
+            .args([
+                "maintain",
+                TABLE,
+                "--compact",
+                "--output",
+                "json",
+                "--cluster",
+            ])
+            .arg(&cluster.config)
+            .current_dir(cluster.sandbox.path(""))
+            .env_remove("RUST_LOG")
+            .output()
+            .expect("run nightshift maintain");
+        assert!(
+            out.status.success(),
+            "{}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            cluster.logs()
+        );
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()
+    };
+    let done = maintain();
+    assert_eq!(done["compacted"]["partitions"], 2, "{done:#}");
+    assert_eq!(done["compacted"]["files_rewritten"], small, "{done:#}");
+    assert_eq!(done["compacted"]["files_written"], 2, "{done:#}");
+    assert!(done["compacted"]["snapshot_id"].is_i64(), "{done:#}");
+    // The workers did the rewrite: a task of the compaction job ran on one of them.
+    assert!(
+        (0..2).any(|i| cluster.worker_log(i).contains("compact-job-")),
+        "{}",
+        cluster.logs()
+    );
+
+    // The same rows, read alike by PyIceberg and DuckDB; one replace snapshot holding one
+    // file per day.
+    let after = cluster.read_table(TABLE, None);
+    for reader in ["pyiceberg", "duckdb"] {
+        assert_eq!(after[reader]["rows"], 30, "{after:#}");
+        assert_eq!(
+            after[reader]["checksum"], before["pyiceberg"]["checksum"],
+            "{after:#}"
+        );
+    }
+    let snapshots = after["snapshots"].as_array().unwrap();
+    let last = snapshots.last().unwrap();
+    assert_eq!(snapshots.len(), 4, "{after:#}");
+    assert_eq!(last["operation"], "replace", "{last:#}");
+    assert_eq!(last["summary"]["nightshift.maintenance"], "compact");
+    assert_eq!(last["summary"]["deleted-data-files"], small.to_string());
+    assert_eq!(last["summary"]["total-data-files"], "2", "{last:#}");
+
+    // Nothing is left to compact: no job is submitted.
+    let again = maintain();
+    assert_eq!(again["compacted"]["partitions"], 0, "{again:#}");
+    assert_eq!(again["compacted"]["snapshot_id"], Value::Null);
+    assert_eq!(snapshot_count(&cluster.read_table(TABLE, None)), 4);
+}

@@ -395,7 +395,9 @@ struct MaintainArgs {
     /// Warehouse directory of the embedded catalog (<warehouse>/catalog.db).
     #[arg(long, env = "NIGHTSHIFT_WAREHOUSE", default_value = "warehouse")]
     warehouse: PathBuf,
-    /// Use the catalog of this cluster configuration instead of the warehouse's.
+    /// Maintain a table of this cluster: its catalog instead of the warehouse's, and
+    /// --compact submitted as a job whose tasks rewrite the files on the cluster's workers
+    /// (the other operations change metadata and run here).
     #[arg(long, value_name = "CONFIG")]
     cluster: Option<PathBuf>,
     /// Drop the partitions whose time range (from the first day/month/year/hour partition
@@ -768,6 +770,11 @@ async fn maintain(args: MaintainArgs) -> ExitCode {
         Ok(catalog) => catalog,
         Err(code) => return code,
     };
+    let cluster = match args.cluster.as_deref().map(load_cluster_config) {
+        Some(Ok(config)) => Some(config),
+        Some(Err(code)) => return code,
+        None => None,
+    };
     // Flags override the spec's [maintenance] policies.
     let work = Maintenance {
         expire: args
@@ -794,7 +801,7 @@ async fn maintain(args: MaintainArgs) -> ExitCode {
         ),
         dry_run: args.dry_run,
     };
-    match maintain(&catalog, &table, &work).await {
+    match maintain(&catalog, &table, &work, cluster.as_ref()).await {
         Ok(report) => {
             match args.output {
                 OutputFormat::Text => print!("{}", report_text(&report)),

@@ -265,6 +265,7 @@ impl<'a> JobRun<'a> {
         .await?;
         let job_plan = planned.plan;
         let merge = planned.merge;
+        let compaction = planned.compaction;
         self.inputs = planned.sources;
         self.output_schema = Some(job_plan.output_schema.clone());
         self.emit_lineage(EventType::Start, None).await;
@@ -348,6 +349,9 @@ impl<'a> JobRun<'a> {
         output.rejects = self
             .ensure_rejects(catalog.as_ref(), &job_plan.output_schema)
             .await?;
+        if let Some(compaction) = &compaction {
+            output.target_file_size_bytes = compaction.target_file_bytes;
+        }
         let mut stages = StageRunner::new(
             self.env,
             self.job(),
@@ -393,6 +397,19 @@ impl<'a> JobRun<'a> {
             self.report.rows,
             nightshift_core::table::previous_run_rows(&table, &self.spec.spec.pipeline.name),
         );
+        // A compaction changes files, never rows: one that wrote other than what it read
+        // commits nothing (its files are swept like any failed job's).
+        if let Some(compaction) = &compaction
+            && self.report.rows != compaction.rows
+        {
+            return Err(JobError::Internal(CoreError::Target {
+                table: self.spec.spec.target.table.clone(),
+                message: format!(
+                    "compaction wrote {} rows where the files it rewrote hold {} by their manifests; nothing committed",
+                    self.report.rows, compaction.rows
+                ),
+            }));
+        }
         // A failed error check ends the job here, before any commit: the finish path then
         // deletes only this job's own files (names parsed as its, none referenced by any
         // snapshot, see `cleanup::sweep_job_files`), so committed data is never touched.

@@ -260,8 +260,10 @@ struct Planned {
     plan: JobPlan,
     sources: Vec<SourceSummary>,
     partitions: usize,
-    /// For a merge: what of the table it read.
+    /// For a merge or a compaction: what of the table it read.
     merge: MergeRead,
+    /// For a compaction: what it must write.
+    compaction: Option<CompactionInput>,
     /// The session the sources are registered in (the checks on sources run their queries
     /// from it, on the workers).
     session: SessionContext,
@@ -269,10 +271,19 @@ struct Planned {
 
 /// What a merge read of its table: the snapshot (`Some(None)`: the table had none; `None`:
 /// not a merge) and the data files of it that it rewrites (`None`: none to keep apart).
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub(crate) struct MergeRead {
     pub base: Option<Option<i64>>,
     pub files: Option<std::collections::HashSet<String>>,
+}
+
+/// What a compaction job rewrites, besides the files and snapshot in its [`MergeRead`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CompactionInput {
+    /// The rows the rewritten files hold, by their manifests: the job writes exactly these.
+    pub rows: u64,
+    /// The size the written files aim for.
+    pub target_file_bytes: u64,
 }
 
 /// Whether planning may read data: to run the checks on sources and to find a merge's key
@@ -290,7 +301,13 @@ async fn plan(
     (mode, reads): (PlanMode, PlanReads),
 ) -> Result<Planned, JobError> {
     let session = new_session(SessionOptions::default());
-    let sources = register_sources(&session, spec, catalog).await?;
+    let (sources, compaction) = match (spec.spec.target.mode, catalog) {
+        (WriteMode::Compact, Some(catalog)) => {
+            let (source, chosen) = compaction_input(&session, spec, catalog).await?;
+            (vec![source], Some(chosen))
+        }
+        _ => (register_sources(&session, spec, catalog).await?, None),
+    };
     let partitions = choose_partitions(spec, options, &sources);
     set_partitions(&session, partitions);
     if let Some(bytes) = spec.spec.execution.broadcast_join_threshold_bytes {
@@ -306,10 +323,12 @@ async fn plan(
         mode,
         partition_by: spec.partition_by.clone(),
     };
-    let (sql, merge) = match spec.spec.target.mode {
-        WriteMode::Merge => merge_sql_of(&session, spec, catalog, reads).await?,
+    let (sql, merge) = match (spec.spec.target.mode, &compaction) {
+        (WriteMode::Merge, _) => merge_sql_of(&session, spec, catalog, reads).await?,
+        (_, Some((_, read))) => (spec.sql.clone(), read.clone()),
         _ => (spec.sql.clone(), MergeRead::default()),
     };
+    let compaction = compaction.map(|(input, _)| input);
     let plan = plan_job(&session, &options.job_id, &sql, &plan_options).await?;
     // A check naming a column the result lacks is a spec error, found before any task runs.
     RowCheckCounter::new(&checks::row_checks(&spec.spec.check), &plan.output_schema)?;
@@ -323,8 +342,47 @@ async fn plan(
         sources,
         partitions,
         merge,
+        compaction,
         session,
     })
+}
+
+/// For `mode = "compact"`: registers the files the `[maintenance]` policy rewrites as the
+/// one source, and what the job must write and commit.
+async fn compaction_input(
+    session: &SessionContext,
+    spec: &ResolvedSpec,
+    catalog: &dyn iceberg::Catalog,
+) -> Result<(SourceSummary, (CompactionInput, MergeRead)), JobError> {
+    let [source] = spec.spec.source.as_slice() else {
+        return Err(JobError::Invalid(CoreError::Target {
+            table: spec.spec.target.table.clone(),
+            message: "mode = \"compact\" reads one source, the target itself".into(),
+        }));
+    };
+    let policy = nightshift_core::table::compact::CompactPolicy {
+        target_file_bytes: spec.spec.maintenance.target_file_size_bytes,
+        min_input_files: spec.spec.maintenance.min_input_files.unwrap_or(2),
+    };
+    let (summary, chosen) =
+        nightshift_core::sources::register_compaction_input(session, source, catalog, policy)
+            .await?;
+    tracing::info!(
+        partitions = chosen.report.partitions,
+        files = chosen.report.files_rewritten,
+        bytes = chosen.report.bytes_rewritten,
+        skipped_with_deletes = chosen.report.skipped_with_deletes,
+        "compaction rewrites these small files"
+    );
+    let input = CompactionInput {
+        rows: chosen.rows(),
+        target_file_bytes: chosen.target_file_bytes,
+    };
+    let read = MergeRead {
+        base: Some(chosen.read_at),
+        files: Some(chosen.replaced()),
+    };
+    Ok((summary, (input, read)))
 }
 
 /// The SQL a merge runs (see [`nightshift_core::merge`]), and the snapshot it reads the

@@ -29,6 +29,8 @@ use crate::ids::JobId;
 pub const JOB_ID_PROPERTY: &str = "nightshift.job-id";
 /// Snapshot summary key holding the pipeline name.
 pub const PIPELINE_PROPERTY: &str = "nightshift.pipeline";
+/// The summary property naming the maintenance a snapshot did (`compact`, `retention`).
+pub const MAINTENANCE_PROPERTY: &str = "nightshift.maintenance";
 
 /// Attempts at an overwrite swap before the job fails (each one after a conflict with
 /// another writer or an unknown outcome).
@@ -151,6 +153,30 @@ pub async fn commit_job_snapshot(
         WriteMode::Append if schema_change.is_none() => {
             append(catalog, table, job, files, summary).await.map(Some)
         }
+        WriteMode::Compact => {
+            // The files the job rewrote, chosen from snapshot `read_at`: they leave, the job's
+            // come in with the same rows; appends since are kept, and a commit since that
+            // removed one of them or added delete files refuses this one.
+            let (Some(replaced), Some(Some(read_at))) = (merge_files, merge_base) else {
+                return Err(CoreError::Protocol(
+                    "a compaction commit needs the files it rewrote and the snapshot it read"
+                        .into(),
+                ));
+            };
+            let target = OverwriteTarget {
+                config,
+                ident,
+                spec_id: written_with.partition_spec_id,
+                replace: Replace::Files(replaced),
+                base: None,
+                schema_change,
+                no_deletes_since: Some(read_at),
+            };
+            summary.insert(MAINTENANCE_PROPERTY.to_string(), "compact".to_string());
+            overwrite(catalog, &target, job, files, summary)
+                .await
+                .map(Some)
+        }
         WriteMode::Append
         | WriteMode::Overwrite
         | WriteMode::OverwritePartitions
@@ -159,7 +185,7 @@ pub async fn commit_job_snapshot(
                 (WriteMode::Append, _) => Replace::Nothing,
                 (WriteMode::OverwritePartitions, _) => Replace::PartitionsOf,
                 (WriteMode::Merge, Some(files)) => Replace::Rows(files),
-                (WriteMode::Overwrite | WriteMode::Merge, _) => Replace::All,
+                (WriteMode::Overwrite | WriteMode::Merge | WriteMode::Compact, _) => Replace::All,
             };
             let target = OverwriteTarget {
                 config,

@@ -100,19 +100,41 @@ pub struct Compacted {
     pub snapshot_id: Option<i64>,
 }
 
-/// Rewrites the table's small files per `policy` as one `replace` snapshot.
-pub async fn compact(
-    catalog: &dyn Catalog,
-    config: &CatalogConfig,
-    ident: &TableIdent,
-    policy: CompactPolicy,
-    dry_run: bool,
-) -> Result<Compacted> {
-    let table = catalog.load_table(ident).await?;
-    let Some(read_at) = table.metadata().current_snapshot_id() else {
-        return Ok(Compacted::default());
-    };
-    let tasks = scan_tasks(&table, read_at).await?;
+/// What a compaction of a table's current snapshot rewrites.
+#[derive(Debug, Default)]
+pub struct CompactionPlan {
+    /// The snapshot the files were chosen from (none: the table has no snapshot).
+    pub read_at: Option<i64>,
+    /// The size written files aim for.
+    pub target_file_bytes: u64,
+    /// The scan tasks of the files to rewrite, one group per partition.
+    pub groups: Vec<Vec<FileScanTask>>,
+    /// The counts so far (nothing written yet).
+    pub report: Compacted,
+}
+
+impl CompactionPlan {
+    /// The paths of the files to rewrite.
+    pub fn replaced(&self) -> HashSet<String> {
+        self.groups
+            .iter()
+            .flatten()
+            .map(|t| t.data_file_path().to_string())
+            .collect()
+    }
+
+    /// The rows the files to rewrite hold, by their manifests: what the rewrite must write.
+    pub fn rows(&self) -> u64 {
+        self.groups
+            .iter()
+            .flatten()
+            .filter_map(|t| t.record_count)
+            .sum()
+    }
+}
+
+/// Chooses the files of the table's current snapshot that `policy` rewrites.
+pub async fn plan_compaction(table: &Table, policy: CompactPolicy) -> Result<CompactionPlan> {
     let target = policy.target_file_bytes.unwrap_or_else(|| {
         table
             .metadata()
@@ -121,12 +143,19 @@ pub async fn compact(
             .and_then(|v| v.parse().ok())
             .unwrap_or(DEFAULT_TARGET_FILE_BYTES)
     });
-    let specs = spec_of_live_files(&table, read_at).await?;
+    let Some(read_at) = table.metadata().current_snapshot_id() else {
+        return Ok(CompactionPlan {
+            target_file_bytes: target,
+            ..Default::default()
+        });
+    };
+    let tasks = scan_tasks(table, read_at).await?;
+    let specs = spec_of_live_files(table, read_at).await?;
     let candidates: Vec<Candidate> = tasks.iter().map(|t| candidate(t, &specs)).collect();
     let current_spec = table.metadata().default_partition_spec_id();
     let groups = plan_groups(&candidates, current_spec, target, policy.min_input_files);
     let small = target.saturating_mul(3) / 4;
-    let mut done = Compacted {
+    let report = Compacted {
         partitions: groups.len(),
         files_rewritten: groups.iter().map(Vec::len).sum(),
         bytes_rewritten: groups.iter().flatten().map(|c| c.bytes).sum(),
@@ -136,23 +165,89 @@ pub async fn compact(
             .count(),
         ..Default::default()
     };
-    if groups.is_empty() || dry_run {
+    let groups = groups
+        .iter()
+        .map(|group| {
+            let paths: HashSet<&str> = group.iter().map(|c| c.path.as_str()).collect();
+            tasks
+                .iter()
+                .filter(|t| paths.contains(t.data_file_path()))
+                .cloned()
+                .collect()
+        })
+        .collect();
+    Ok(CompactionPlan {
+        read_at: Some(read_at),
+        target_file_bytes: target,
+        groups,
+        report,
+    })
+}
+
+/// The table's partitioning as a spec's `partition_by` entries (`day(ts)`, `bucket(16, id)`),
+/// for a compaction job that writes the table as it is partitioned.
+pub fn partition_by_entries(
+    spec: &iceberg::spec::PartitionSpec,
+    schema: &iceberg::spec::Schema,
+) -> Result<Vec<String>> {
+    use iceberg::spec::Transform;
+    spec.fields()
+        .iter()
+        .map(|field| {
+            let column = schema
+                .field_by_id(field.source_id)
+                .map(|f| f.name.clone())
+                .ok_or_else(|| {
+                    CoreError::Protocol(format!(
+                        "partition field `{}` reads column id {}, which the current schema lacks",
+                        field.name, field.source_id
+                    ))
+                })?;
+            Ok(match field.transform {
+                Transform::Identity => format!("identity({column})"),
+                Transform::Year => format!("year({column})"),
+                Transform::Month => format!("month({column})"),
+                Transform::Day => format!("day({column})"),
+                Transform::Hour => format!("hour({column})"),
+                Transform::Bucket(n) => format!("bucket({n}, {column})"),
+                Transform::Truncate(w) => format!("truncate({w}, {column})"),
+                other => {
+                    return Err(CoreError::Protocol(format!(
+                        "partition field `{}` uses the {other} transform, which a job cannot write",
+                        field.name
+                    )));
+                }
+            })
+        })
+        .collect()
+}
+
+/// Rewrites the table's small files per `policy` as one `replace` snapshot, in this process.
+pub async fn compact(
+    catalog: &dyn Catalog,
+    config: &CatalogConfig,
+    ident: &TableIdent,
+    policy: CompactPolicy,
+    dry_run: bool,
+) -> Result<Compacted> {
+    let table = catalog.load_table(ident).await?;
+    let plan = plan_compaction(&table, policy).await?;
+    let mut done = plan.report.clone();
+    let (Some(read_at), false) = (plan.read_at, plan.groups.is_empty() || dry_run) else {
         return Ok(done);
-    }
+    };
+    let target = plan.target_file_bytes;
+    let groups = &plan.groups;
     let job = JobId::parse(&crate::names::compaction_file_prefix())
         .map_err(|e| CoreError::Protocol(format!("compaction id: {e}")))?;
     let mut out = table_output(&table, None, Vec::new())?;
     out.target_file_size_bytes = target;
     let mut written: Vec<String> = Vec::new();
-    let replaced: HashSet<String> = groups.iter().flatten().map(|c| c.path.clone()).collect();
+    let replaced = plan.replaced();
     let rewrite = async {
-        for (n, group) in groups.iter().enumerate() {
-            let paths: HashSet<&str> = group.iter().map(|c| c.path.as_str()).collect();
-            let group_tasks: Vec<FileScanTask> = tasks
-                .iter()
-                .filter(|t| paths.contains(t.data_file_path()))
-                .cloned()
-                .collect();
+        for (n, group_tasks) in groups.iter().enumerate() {
+            let group_tasks = group_tasks.clone();
+            let files = group_tasks.len();
             let expected: u64 = group_tasks.iter().filter_map(|t| t.record_count).sum();
             let stream = futures::stream::iter(group_tasks.into_iter().map(Ok)).boxed();
             let batches = table.reader_builder().build().read(stream)?.stream();
@@ -164,8 +259,7 @@ pub async fn compact(
                     table: ident.to_string(),
                     message: format!(
                         "compaction read {} rows from {} files whose manifests say {expected}; nothing committed",
-                        summary.rows,
-                        paths.len()
+                        summary.rows, files
                     ),
                 });
             }
@@ -173,7 +267,10 @@ pub async fn compact(
         // Tests hold the compaction here while another job appends.
         fail::fail_point!("compact-before-commit");
         let mut summary = std::collections::HashMap::new();
-        summary.insert("nightshift.maintenance".to_string(), "compact".to_string());
+        summary.insert(
+            super::commit::MAINTENANCE_PROPERTY.to_string(),
+            "compact".to_string(),
+        );
         commit_file_change(
             catalog,
             config,
@@ -256,6 +353,38 @@ async fn delete_unreferenced(catalog: &dyn Catalog, ident: &TableIdent, paths: &
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn partitioning_reads_back_as_partition_by_entries() {
+        use iceberg::spec::{NestedField, PartitionSpec, PrimitiveType, Schema, Transform, Type};
+        let schema = Schema::builder()
+            .with_fields(vec![
+                NestedField::required(1, "ts", Type::Primitive(PrimitiveType::Timestamp)).into(),
+                NestedField::optional(2, "id", Type::Primitive(PrimitiveType::Long)).into(),
+                NestedField::optional(3, "région", Type::Primitive(PrimitiveType::String)).into(),
+            ])
+            .build()
+            .unwrap();
+        let spec = PartitionSpec::builder(schema.clone())
+            .add_partition_field("ts", "ts_day", Transform::Day)
+            .unwrap()
+            .add_partition_field("id", "id_bucket", Transform::Bucket(16))
+            .unwrap()
+            .add_partition_field("région", "région", Transform::Identity)
+            .unwrap()
+            .build()
+            .unwrap();
+        assert_eq!(
+            partition_by_entries(&spec, &schema).unwrap(),
+            ["day(ts)", "bucket(16, id)", "identity(région)"]
+        );
+        let unpartitioned = PartitionSpec::builder(schema.clone()).build().unwrap();
+        assert!(
+            partition_by_entries(&unpartitioned, &schema)
+                .unwrap()
+                .is_empty()
+        );
+    }
 
     fn file(path: &str, bytes: u64, partition: &str) -> Candidate {
         Candidate {

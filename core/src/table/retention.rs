@@ -152,7 +152,7 @@ pub async fn drop_old_partitions(
         .map_err(|e| CoreError::Protocol(format!("retention id: {e}")))?;
     let mut summary = std::collections::HashMap::new();
     summary.insert(
-        "nightshift.maintenance".to_string(),
+        super::commit::MAINTENANCE_PROPERTY.to_string(),
         "drop-partitions".to_string(),
     );
     let outcome = commit_file_change(

@@ -667,6 +667,7 @@ impl RabbitDelivery {
             stage_id: task.stage_id,
             partition: task.partition,
             attempt: task.attempt,
+            plan: task.plan,
             outcome: Some(v1::task_result::Outcome::Failed(v1::TaskFailed {
                 message: "poison task: every worker that took it died before reporting; \
                           dead-lettered after the queue's delivery limit"

@@ -434,12 +434,17 @@ mod tests {
         .unwrap();
         let path = dir.join(file);
         let size = write_parquet(&path, batch);
+        scan_task(path.display().to_string(), size, Some(ids.count() as u64))
+    }
+
+    /// The scan task of the whole data file at `path`.
+    fn scan_task(path: String, size: u64, record_count: Option<u64>) -> FileScanTask {
         FileScanTask {
             file_size_in_bytes: size,
             start: 0,
             length: size,
-            record_count: Some(ids.count() as u64),
-            data_file_path: path.display().to_string(),
+            record_count,
+            data_file_path: path,
             data_file_format: DataFileFormat::Parquet,
             schema: iceberg_schema(),
             project_field_ids: vec![1, 2],
@@ -577,22 +582,7 @@ mod tests {
     }
 
     fn sized(size: u64) -> FileScanTask {
-        FileScanTask {
-            file_size_in_bytes: size,
-            start: 0,
-            length: size,
-            record_count: None,
-            data_file_path: format!("s3://b/t/data/{size}.parquet"),
-            data_file_format: DataFileFormat::Parquet,
-            schema: iceberg_schema(),
-            project_field_ids: vec![1],
-            predicate: None,
-            deletes: Vec::new(),
-            partition: None,
-            partition_spec: None,
-            name_mapping: None,
-            case_sensitive: true,
-        }
+        scan_task(format!("s3://b/t/data/{size}.parquet"), size, None)
     }
 
     #[test]

@@ -104,18 +104,29 @@ async fn worker_killed_mid_task_is_replaced_without_duplicates() {
     assert_table_matches_reference(&cluster).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn coordinator_killed_mid_job_resumes_and_commits_once() {
+/// Runs `job` and kills the coordinator once stage 3 starts (stages 1 and 2 complete, their
+/// outputs in Redis); runs `while_down`, starts a coordinator again, and asserts the job
+/// succeeds with one snapshot equal to DataFusion's read of the sources as they are then.
+async fn restart_coordinator_at_stage_3(
+    job: &str,
+    while_down: impl FnOnce(&ClusterSandbox),
+) -> ClusterSandbox {
     let mut cluster = start(2, &[("FAILPOINTS", "worker-task-delay=return(700)")]);
-    let mut client = cluster.submit_in_background("job-kill-coordinator");
-    // Stage 3 starts once stages 1 and 2 are complete, i.e. their outputs are in Redis.
+    let mut client = cluster.submit_in_background(job);
     wait_for_stage(&cluster, 3);
     cluster.kill_coordinator();
+    while_down(&cluster);
     std::thread::sleep(Duration::from_millis(500));
     cluster.start_coordinator();
     let outcome = cluster.wait_for_outcome(&mut client);
     assert_succeeded(&cluster, &outcome);
     assert_table_matches_reference(&cluster).await;
+    cluster
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinator_killed_mid_job_resumes_and_commits_once() {
+    let cluster = restart_coordinator_at_stage_3("job-kill-coordinator", |_| {}).await;
     assert!(
         cluster.logs().contains("resuming"),
         "the restarted coordinator should reuse outputs\n{}",
@@ -130,26 +141,19 @@ async fn coordinator_killed_mid_job_resumes_and_commits_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn coordinator_restarted_after_its_sources_changed_never_mixes_two_plans() {
-    let mut cluster = start(2, &[("FAILPOINTS", "worker-task-delay=return(700)")]);
-    let mut client = cluster.submit_in_background("job-sources-change");
-    wait_for_stage(&cluster, 3);
-    cluster.kill_coordinator();
     // A file lands in the orders directory while no coordinator runs: the restarted one
     // plans other scan tasks, so the outputs recorded under the first plan must not be
     // reused (they read the directory without the file).
-    let orders = cluster.sandbox.path("data/orders");
-    let first = std::fs::read_dir(&orders)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .min()
-        .expect("an orders file");
-    std::fs::copy(&first, orders.join("zz-late-arrival.parquet")).unwrap();
-    std::thread::sleep(Duration::from_millis(500));
-    cluster.start_coordinator();
-    let outcome = cluster.wait_for_outcome(&mut client);
-    assert_succeeded(&cluster, &outcome);
-    // One snapshot equal to DataFusion's read of the directory as it is now.
-    assert_table_matches_reference(&cluster).await;
+    let cluster = restart_coordinator_at_stage_3("job-sources-change", |cluster| {
+        let orders = cluster.sandbox.path("data/orders");
+        let first = std::fs::read_dir(&orders)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .min()
+            .expect("an orders file");
+        std::fs::copy(&first, orders.join("zz-late-arrival.parquet")).unwrap();
+    })
+    .await;
     assert!(
         cluster.logs().contains("planned differently"),
         "the restarted coordinator should see the plan changed\n{}",

@@ -4,7 +4,10 @@ Spark and Flink do for merge-on-read tables), then a last insert that no delete 
 
 Prints one JSON object: the table's data and delete files as PyIceberg plans them.
 
-Usage: merge_on_read.py REST_URI S3_ENDPOINT WAREHOUSE NAMESPACE.TABLE
+With --run SQL it writes no table: it runs SQL (`{table}` standing for the table) on the
+catalog, e.g. a DELETE that leaves position delete files in a table Nightshift wrote.
+
+Usage: merge_on_read.py REST_URI S3_ENDPOINT WAREHOUSE NAMESPACE.TABLE [--run SQL]
        (credentials from AWS_* env; the catalog's OAuth2 client is the same key pair)
 """
 
@@ -81,7 +84,10 @@ def planned_files(rest_uri, s3_endpoint, warehouse, table):
 def main():
     rest_uri, s3_endpoint, warehouse, table = sys.argv[1:5]
     con = connect(rest_uri, s3_endpoint, warehouse)
-    write(con, table)
+    if sys.argv[5:6] == ["--run"]:
+        con.execute(sys.argv[6].replace("{table}", f"upstream.{table}"))
+    else:
+        write(con, table)
     print(json.dumps({"files": planned_files(rest_uri, s3_endpoint, warehouse, table)}))
 
 

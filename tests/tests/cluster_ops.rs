@@ -635,6 +635,12 @@ async fn dead_letters_are_listed_and_replayed_for_running_jobs_only() {
         replayed.contains("kept 1 task(s) of job job-poison: the job has failed"),
         "{replayed}"
     );
+    // The kept task returns to the dead-letter queue when replay's channel closes, which
+    // the broker applies a moment later.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while queue.queue_depth(&dead).await.unwrap() != 1 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert_eq!(queue.queue_depth(&dead).await.unwrap(), 1);
     // Back in the task queue (this test's consumer takes it at once).
     let requeued = tokio::time::timeout(Duration::from_secs(10), queue.next_task())

@@ -12,12 +12,19 @@ const UPSTREAM: &str = "upstream.orders";
 
 /// Writes the upstream table with DuckDB; returns its planned files as PyIceberg sees them.
 fn write_upstream(seaweed: &Seaweed) -> Value {
+    duckdb_on(seaweed, UPSTREAM, &[])
+}
+
+/// Runs the DuckDB script on `table` of the REST catalog (with `extra` arguments); returns
+/// the table's planned files as PyIceberg sees them.
+fn duckdb_on(seaweed: &Seaweed, table: &str, extra: &[&str]) -> Value {
     let mut cmd = Command::new(python());
     cmd.arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("py/merge_on_read.py"))
         .arg(&seaweed.rest_uri)
         .arg(&seaweed.s3_endpoint)
         .arg(format!("s3://{}/", seaweed.table_bucket))
-        .arg(UPSTREAM)
+        .arg(table)
+        .args(extra)
         .env("AWS_ACCESS_KEY_ID", &seaweed.access_key)
         .env("AWS_SECRET_ACCESS_KEY", &seaweed.secret_key);
     json_output(cmd)
@@ -113,4 +120,50 @@ async fn a_merge_on_read_source_is_read_with_its_deletes_applied() {
         "{summed} != {total}: {counted:#}"
     );
     assert_eq!(row[2], 2, "{counted:#}");
+
+    // DuckDB deletes rows of the table Nightshift wrote (position delete files in our
+    // table); then a merge updates ids up to 100. The files it rewrites are read with those
+    // deletes applied: no deleted row comes back, except the ids the merge itself brings.
+    let planned = duckdb_on(
+        &seaweed,
+        "tests.orders_copy",
+        &["--run", "DELETE FROM {table} WHERE id % 5 = 0"],
+    );
+    assert!(
+        planned["files"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| !f["deletes"].as_array().unwrap().is_empty()),
+        "{planned:#}"
+    );
+    cluster.sandbox.spec(
+        &spec(
+            "SELECT id, region, amount + 1000 AS amount, note FROM orders WHERE id <= 100",
+            "tests.orders_copy",
+        )
+        .replace(
+            "mode = \"overwrite\"",
+            "mode = \"merge\"\nmerge_keys = [\"id\"]",
+        ),
+    );
+    succeeded(&cluster, "merge-1");
+    let upstream_ids = || {
+        (1..=3000)
+            .filter(|i| i % 7 != 0)
+            .chain(3001..3501)
+            .collect::<Vec<i64>>()
+    };
+    let kept = upstream_ids()
+        .into_iter()
+        .filter(|i| i % 5 != 0 || *i <= 100)
+        .count();
+    let merged = cluster.read_table("tests.orders_copy", None);
+    for reader in ["pyiceberg", "duckdb"] {
+        assert_eq!(merged[reader]["rows"], kept, "{reader}: {merged:#}");
+    }
+    assert_eq!(
+        merged["pyiceberg"]["checksum"], merged["duckdb"]["checksum"],
+        "{merged:#}"
+    );
 }

@@ -72,6 +72,7 @@ enum Command {
     ///   nightshift maintain analytics.daily_revenue --compact
     ///   nightshift maintain analytics.daily_revenue --expire-older-than 7d --keep-last 10
     ///   nightshift maintain analytics.daily_revenue --remove-orphans-older-than 3d --dry-run
+    ///   nightshift maintain --spec pipeline.toml --cluster cluster.toml   # compaction on the workers
     #[command(verbatim_doc_comment)]
     Maintain(MaintainArgs),
     /// List a table's snapshots, newest first, with what made each: the job and pipeline,

@@ -39,9 +39,10 @@ use prost::Message;
 #[derive(Debug, Clone)]
 pub struct DeletesApplied {
     scan: TableScan,
+    tasks: Vec<FileScanTask>,
 }
 
-/// What a scan of such files needs, on the planner and on a worker.
+/// The table a scan of such files reads, on the planner and on a worker.
 #[derive(Debug, Clone)]
 struct TableScan {
     /// The table's location: which storage the worker reads through.
@@ -50,7 +51,6 @@ struct TableScan {
     schema: SchemaRef,
     /// The Iceberg field id of each column of `schema`, in order.
     field_ids: Vec<i32>,
-    tasks: Vec<FileScanTask>,
 }
 
 impl DeletesApplied {
@@ -69,14 +69,14 @@ impl DeletesApplied {
                 location: location.to_string(),
                 schema,
                 field_ids,
-                tasks,
             },
+            tasks,
         }
     }
 
     /// How many data files this reads.
     pub fn files(&self) -> usize {
-        self.scan.tasks.len()
+        self.tasks.len()
     }
 }
 
@@ -114,7 +114,7 @@ impl TableProvider for DeletesApplied {
             Some(columns) => columns.clone(),
             None => (0..self.scan.schema.fields().len()).collect(),
         };
-        let groups = balanced_groups(&self.scan.tasks, state.config().target_partitions().max(1));
+        let groups = balanced_groups(&self.tasks, state.config().target_partitions().max(1));
         Ok(Arc::new(IcebergScanExec::new(
             self.scan.clone(),
             projection,
@@ -361,12 +361,10 @@ pub fn decode(body: &[u8]) -> Result<Arc<dyn ExecutionPlan>> {
     let schema = protobuf::Schema::decode(node.schema.as_slice())
         .map_err(|e| DataFusionError::Internal(format!("decode Iceberg scan schema: {e}")))?;
     let schema: Schema = (&schema).try_into()?;
-    let tasks = node.groups.iter().flatten().cloned().collect();
     let scan = TableScan {
         location: node.location,
         schema: Arc::new(schema),
         field_ids: node.field_ids,
-        tasks,
     };
     Ok(Arc::new(IcebergScanExec::new(
         scan,
@@ -479,14 +477,28 @@ mod tests {
             ],
         )
         .unwrap();
-        let path = dir.join(file);
+        delete_file(
+            dir.join(file),
+            batch,
+            DataContentType::PositionDeletes,
+            None,
+        )
+    }
+
+    /// Writes `batch` as a delete file of `kind` at `path`.
+    fn delete_file(
+        path: std::path::PathBuf,
+        batch: RecordBatch,
+        kind: DataContentType,
+        equality_ids: Option<Vec<i32>>,
+    ) -> FileScanTaskDeleteFile {
         let size = write_parquet(&path, batch);
         FileScanTaskDeleteFile {
             file_path: path.display().to_string(),
             file_size_in_bytes: size,
-            file_type: DataContentType::PositionDeletes,
+            file_type: kind,
             partition_spec_id: 0,
-            equality_ids: None,
+            equality_ids,
         }
     }
 
@@ -495,15 +507,12 @@ mod tests {
         let schema = Arc::new(Schema::new(vec![id_field("id", DataType::Int64, 1)]));
         let batch =
             RecordBatch::try_new(schema, vec![Arc::new(Int64Array::from(ids.to_vec()))]).unwrap();
-        let path = dir.join(file);
-        let size = write_parquet(&path, batch);
-        FileScanTaskDeleteFile {
-            file_path: path.display().to_string(),
-            file_size_in_bytes: size,
-            file_type: DataContentType::EqualityDeletes,
-            partition_spec_id: 0,
-            equality_ids: Some(vec![1]),
-        }
+        delete_file(
+            dir.join(file),
+            batch,
+            DataContentType::EqualityDeletes,
+            Some(vec![1]),
+        )
     }
 
     fn table(dir: &std::path::Path, tasks: Vec<FileScanTask>) -> DeletesApplied {

@@ -291,6 +291,7 @@ async fn register_iceberg(
                 ))
             })?,
     };
+    let files = paths.len() + upstream.with_deletes.len();
     let provider = with_deletes_applied(ctx, plain, &table, &schema, upstream.with_deletes)?;
     ctx.register_table(raw_name.as_str(), provider)?;
     register_view(ctx, source, &raw_name, &schema, contract, &location).await?;
@@ -298,7 +299,7 @@ async fn register_iceberg(
         name: source.name.clone(),
         format: source.format,
         location: format!("{name} ({location})"),
-        files: paths.len() + upstream.deleted_from,
+        files,
         bytes,
         schema,
         snapshot_id: table.metadata().current_snapshot_id(),
@@ -483,8 +484,6 @@ struct UpstreamFiles {
     bytes: u64,
     /// Scan tasks of the files some delete file applies to.
     with_deletes: Vec<iceberg::scan::FileScanTask>,
-    /// How many files `with_deletes` holds (it is moved out before the summary is made).
-    deleted_from: usize,
 }
 
 /// The data files of the table's current snapshot (only those in `only`, when given), each
@@ -510,7 +509,6 @@ async fn current_files(
         if task.deletes.is_empty() {
             files.plain.push(task.data_file_path);
         } else {
-            files.deleted_from += 1;
             files.with_deletes.push(task);
         }
     }

@@ -271,7 +271,7 @@ struct Planned {
 
 /// What a merge read of its table: the snapshot (`Some(None)`: the table had none; `None`:
 /// not a merge) and the data files of it that it rewrites (`None`: none to keep apart).
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default)]
 pub(crate) struct MergeRead {
     pub base: Option<Option<i64>>,
     pub files: Option<std::collections::HashSet<String>>,
@@ -301,12 +301,12 @@ async fn plan(
     (mode, reads): (PlanMode, PlanReads),
 ) -> Result<Planned, JobError> {
     let session = new_session(SessionOptions::default());
-    let (sources, compaction) = match (spec.spec.target.mode, catalog) {
+    let (sources, compaction, compaction_read) = match (spec.spec.target.mode, catalog) {
         (WriteMode::Compact, Some(catalog)) => {
-            let (source, chosen) = compaction_input(&session, spec, catalog).await?;
-            (vec![source], Some(chosen))
+            let (source, (input, read)) = compaction_input(&session, spec, catalog).await?;
+            (vec![source], Some(input), Some(read))
         }
-        _ => (register_sources(&session, spec, catalog).await?, None),
+        _ => (register_sources(&session, spec, catalog).await?, None, None),
     };
     let partitions = choose_partitions(spec, options, &sources);
     set_partitions(&session, partitions);
@@ -323,12 +323,10 @@ async fn plan(
         mode,
         partition_by: spec.partition_by.clone(),
     };
-    let (sql, merge) = match (spec.spec.target.mode, &compaction) {
-        (WriteMode::Merge, _) => merge_sql_of(&session, spec, catalog, reads).await?,
-        (_, Some((_, read))) => (spec.sql.clone(), read.clone()),
-        _ => (spec.sql.clone(), MergeRead::default()),
+    let (sql, merge) = match spec.spec.target.mode {
+        WriteMode::Merge => merge_sql_of(&session, spec, catalog, reads).await?,
+        _ => (spec.sql.clone(), compaction_read.unwrap_or_default()),
     };
-    let compaction = compaction.map(|(input, _)| input);
     let plan = plan_job(&session, &options.job_id, &sql, &plan_options).await?;
     // A check naming a column the result lacks is a spec error, found before any task runs.
     RowCheckCounter::new(&checks::row_checks(&spec.spec.check), &plan.output_schema)?;

@@ -153,6 +153,9 @@ impl<'a> StageRunner<'a> {
                 "the job planned differently this time (its sources changed since an earlier run): \
                  that run's task outputs are not reused, their tasks run again"
             );
+            // Only the records go: their files stay until the job's sweep
+            // (`cleanup::sweep_job_files`), which deletes a file only when its name parses as
+            // this job's and no snapshot of the table references it.
             self.env
                 .state
                 .forget_task_outputs(self.job, &other_plans)

@@ -154,8 +154,9 @@ pub async fn commit_job_snapshot(
             append(catalog, table, job, files, summary).await.map(Some)
         }
         WriteMode::Compact => {
-            // The files the job rewrote, chosen from snapshot `read_at`: they leave, the job's
-            // come in with the same rows; appends since are kept, and a commit since that
+            // The files the job rewrote, chosen from snapshot `read_at`: they leave the
+            // snapshot (not storage: older snapshots keep them until expiry), the job's come
+            // in with the same rows; appends since are kept, and a commit since that
             // removed one of them or added delete files refuses this one.
             let (Some(replaced), Some(Some(read_at))) = (merge_files, merge_base) else {
                 return Err(CoreError::Protocol(
@@ -164,13 +165,13 @@ pub async fn commit_job_snapshot(
                 ));
             };
             let target = OverwriteTarget {
-                config,
-                ident,
-                spec_id: written_with.partition_spec_id,
-                replace: Replace::Files(replaced),
-                base: None,
                 schema_change,
-                no_deletes_since: Some(read_at),
+                ..OverwriteTarget::file_change(
+                    (config, ident),
+                    written_with.partition_spec_id,
+                    Replace::Files(replaced),
+                    read_at,
+                )
             };
             summary.insert(MAINTENANCE_PROPERTY.to_string(), "compact".to_string());
             overwrite(catalog, &target, job, files, summary)
@@ -414,6 +415,27 @@ struct OverwriteTarget<'a> {
     no_deletes_since: Option<i64>,
 }
 
+impl<'a> OverwriteTarget<'a> {
+    /// A rewrite or a drop of files read at snapshot `read_at` (compaction, retention):
+    /// appends since are kept; a rewrite also fails on delete files added since.
+    fn file_change(
+        (config, ident): (&'a CatalogConfig, &'a TableIdent),
+        spec_id: i32,
+        replace: Replace<'a>,
+        read_at: i64,
+    ) -> Self {
+        OverwriteTarget {
+            config,
+            ident,
+            spec_id,
+            replace,
+            base: None,
+            schema_change: None,
+            no_deletes_since: matches!(replace, Replace::Files(_)).then_some(read_at),
+        }
+    }
+}
+
 async fn overwrite(
     catalog: &dyn Catalog,
     target: &OverwriteTarget<'_>,
@@ -567,15 +589,12 @@ pub async fn commit_file_change(
     let table = catalog.load_table(ident).await?;
     let files = decode_data_files(&table, files_json, written_with, None)?;
     summary.insert(JOB_ID_PROPERTY.to_string(), job.to_string());
-    let target = OverwriteTarget {
-        config,
-        ident,
-        spec_id: written_with.partition_spec_id,
+    let target = OverwriteTarget::file_change(
+        (config, ident),
+        written_with.partition_spec_id,
         replace,
-        base: None,
-        schema_change: None,
-        no_deletes_since: matches!(replace, Replace::Files(_)).then_some(read_at),
-    };
+        read_at,
+    );
     overwrite(catalog, &target, job, files, summary).await
 }
 

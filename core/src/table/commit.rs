@@ -630,3 +630,28 @@ fn job_snapshot_after_commit(table: &Table, job: &JobId) -> Result<i64> {
         message: "commit succeeded but the new snapshot is not in the table history".into(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rewrite_refuses_deletes_added_since_its_read_and_a_drop_does_not() {
+        let config = CatalogConfig::Rest {
+            name: "c".into(),
+            uri: "http://127.0.0.1:1".into(),
+            warehouse: "w".into(),
+            credential: None,
+        };
+        let ident = TableIdent::from_strs(["ns", "t"]).unwrap();
+        let files: HashSet<String> = ["s3://b/t/data/a.parquet".to_string()].into();
+        let rewrite =
+            OverwriteTarget::file_change((&config, &ident), 3, Replace::Files(&files), 42);
+        assert_eq!(rewrite.no_deletes_since, Some(42));
+        assert_eq!(rewrite.base, None, "appends since the read are kept");
+        assert_eq!(rewrite.spec_id, 3);
+        let drop = OverwriteTarget::file_change((&config, &ident), 3, Replace::Drop(&files), 42);
+        assert_eq!(drop.no_deletes_since, None);
+        assert_eq!(drop.base, None);
+    }
+}

@@ -8,6 +8,7 @@ use std::time::Duration;
 use nightshift_cluster::admin::{
     ObjectStoreDependency, RabbitDependency, Readiness, RedisDependency, serve_admin,
 };
+use nightshift_cluster::poll::poll_delay;
 use nightshift_cluster::submission::JobSubmission;
 use nightshift_cluster::{ClusterConfig, DeadTask, RabbitQueue, RedisState};
 use nightshift_core::CoreError;
@@ -96,6 +97,10 @@ pub async fn terminated() {
     }
 }
 
+/// How often a waiter looks for the job's snapshot in the table, should Redis have lost
+/// the outcome.
+const CATALOG_READ_EVERY: Duration = Duration::from_secs(5);
+
 /// Submits `spec` as job `job_id` and waits for its outcome (the JSON the coordinator
 /// stores). Returns that JSON.
 pub async fn submit_and_wait(
@@ -119,20 +124,23 @@ pub async fn submit_and_wait(
         nightshift_spec::resolve_submitted(&submission.spec, &submission.files, &submission.params)
             .ok()
             .map(|spec| spec.spec.target.table);
-    let mut polls: u64 = 0;
+    let started = tokio::time::Instant::now();
+    let mut catalog_read_at = started;
     loop {
         if let Some(report) = state.report(job_id).await? {
             return serde_json::from_str(&report)
                 .map_err(|e| CoreError::Protocol(format!("job outcome: {e}")));
         }
-        polls += 1;
         // Redis holds the outcome only as a hint: should it be lost (a flushed or replaced
         // Redis), the table's history still tells whether the job committed.
-        if polls.is_multiple_of(25)
+        if catalog_read_at.elapsed() >= CATALOG_READ_EVERY
             && let Some(table) = &table
             && let Some(outcome) = committed_outcome(config, table, job_id).await
         {
             return Ok(outcome);
+        }
+        if catalog_read_at.elapsed() >= CATALOG_READ_EVERY {
+            catalog_read_at = tokio::time::Instant::now();
         }
         if tokio::time::Instant::now() > deadline {
             return Err(CoreError::Transport(format!(
@@ -140,7 +148,7 @@ pub async fn submit_and_wait(
                 timeout.as_secs()
             )));
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(poll_delay(started.elapsed())).await;
     }
 }
 

@@ -2,6 +2,7 @@
 //!
 //! - [`admin`]: the admin endpoint (`/metrics`, `/healthz`, `/readyz`) of the cluster processes.
 //! - [`config`]: the cluster configuration file with environment overrides.
+//! - [`poll`]: how often a waiter reads a job's state again.
 //! - [`rabbitmq`]: the [`TaskQueue`](nightshift_core::transport::TaskQueue) on RabbitMQ
 //!   (durable quorum queues, publisher confirms, manual acks, delivery limit, dead letters,
 //!   reconnection).
@@ -10,6 +11,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod poll;
 pub mod rabbitmq;
 pub mod redis_state;
 pub mod submission;

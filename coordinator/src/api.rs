@@ -7,9 +7,9 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
 
 use futures::Stream;
+use nightshift_cluster::poll::poll_delay;
 use nightshift_cluster::submission::JobSubmission;
 use nightshift_cluster::{RabbitQueue, RedisState};
 use nightshift_core::access::AccessPolicy;
@@ -443,7 +443,7 @@ impl JobService for JobApi {
     }
 }
 
-/// The job each time it changes (polled every 200 ms), ending with its final state.
+/// The job each time it changes (read again after [`poll_delay`]), ending with its final state.
 fn async_stream_of_changes(
     api: JobApi,
     id: String,
@@ -459,6 +459,7 @@ fn async_stream_of_changes(
                     return None;
                 }
                 let mut current = pending;
+                let started = tokio::time::Instant::now();
                 loop {
                     if let Some(job) = current.take()
                         && last.as_ref() != Some(&job)
@@ -466,7 +467,7 @@ fn async_stream_of_changes(
                         let end = is_terminal(&job);
                         return Some((Ok(job.clone()), (None, Some(job), end)));
                     }
-                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    tokio::time::sleep(poll_delay(started.elapsed())).await;
                     match api.job(&id).await {
                         Ok(job) => current = Some(job),
                         Err(status) => return Some((Err(status), (None, last, true))),

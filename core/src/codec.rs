@@ -1,20 +1,27 @@
 //! Serializes stage plans for task messages: Ballista's physical codec plus Nightshift's
 //! object-store shuffle reader, the source contract's not-null check, the Iceberg scan of
-//! files with deletes and the embedded mode's shared plan (sent by key).
+//! files with deletes, the window's per-partition top K and the embedded mode's shared plan
+//! (sent by key).
 
 use std::sync::Arc;
 
 use ballista_core::serde::BallistaPhysicalExtensionCodec;
 use bytes::Bytes;
+use datafusion::arrow::compute::SortOptions;
 use datafusion::arrow::datatypes::Schema;
 use datafusion::error::{DataFusionError, Result};
 use datafusion::execution::TaskContext;
+use datafusion::physical_expr::PhysicalSortExpr;
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion_proto::bytes::{
     physical_plan_from_bytes_with_extension_codec, physical_plan_to_bytes_with_extension_codec,
 };
-use datafusion_proto::physical_plan::from_proto::parse_protobuf_partitioning;
-use datafusion_proto::physical_plan::to_proto::serialize_partitioning;
+use datafusion_proto::physical_plan::from_proto::{
+    parse_physical_sort_exprs, parse_protobuf_partitioning,
+};
+use datafusion_proto::physical_plan::to_proto::{
+    serialize_partitioning, serialize_physical_sort_exprs,
+};
 use datafusion_proto::physical_plan::{
     DefaultPhysicalExtensionCodec, DefaultPhysicalProtoConverter, PhysicalExtensionCodec,
 };
@@ -26,6 +33,7 @@ use crate::iceberg_scan::IcebergScanExec;
 use crate::not_null::{NotNullCheck, NotNullCheckExec};
 use crate::shared_plan::SharedPlanExec;
 use crate::shuffle::{ObjectStoreShuffleReaderExec, Segment};
+use crate::window_topk::PartitionTopKExec;
 
 /// Marks an extension node as Nightshift's rather than Ballista's.
 const MAGIC: &[u8] = b"NSX1";
@@ -35,6 +43,10 @@ const SHARED_MAGIC: &[u8] = b"NSP1";
 const NOT_NULL_MAGIC: &[u8] = b"NSN1";
 /// Marks an [`IcebergScanExec`]: its scan tasks as JSON.
 const ICEBERG_SCAN_MAGIC: &[u8] = b"NSI1";
+/// Marks a [`PartitionTopKExec`]: K, the number of partition keys and whether it is exact
+/// (u32 little-endian each), then the partition keys (as ascending sort expressions) and the order as one
+/// protobuf sort-expression list; its input is the node's one input.
+const TOP_K_MAGIC: &[u8] = b"NSK1";
 
 /// The physical extension codec for stage plans.
 #[derive(Debug, Default)]
@@ -77,6 +89,9 @@ impl PhysicalExtensionCodec for NightshiftCodec {
         if let Some(json) = buf.strip_prefix(ICEBERG_SCAN_MAGIC) {
             return crate::iceberg_scan::decode(json);
         }
+        if let Some(body) = buf.strip_prefix(TOP_K_MAGIC) {
+            return decode_top_k(body, inputs, ctx);
+        }
         match buf.strip_prefix(MAGIC) {
             Some(body) => decode_reader(body, ctx),
             None => self.ballista.try_decode(buf, inputs, ctx),
@@ -99,6 +114,10 @@ impl PhysicalExtensionCodec for NightshiftCodec {
         if let Some(scan) = node.as_any().downcast_ref::<IcebergScanExec>() {
             buf.extend_from_slice(ICEBERG_SCAN_MAGIC);
             return crate::iceberg_scan::encode(scan, buf);
+        }
+        if let Some(top_k) = node.as_any().downcast_ref::<PartitionTopKExec>() {
+            buf.extend_from_slice(TOP_K_MAGIC);
+            return encode_top_k(top_k, buf);
         }
         match node.as_any().downcast_ref::<ObjectStoreShuffleReaderExec>() {
             Some(reader) => {
@@ -163,5 +182,65 @@ fn decode_reader(body: &[u8], ctx: &TaskContext) -> Result<Arc<dyn ExecutionPlan
         partitioning,
         partitions,
         node.broadcast,
+    )))
+}
+
+fn encode_top_k(node: &PartitionTopKExec, buf: &mut Vec<u8>) -> Result<()> {
+    let keys = node.partition_by().iter().map(|expr| PhysicalSortExpr {
+        expr: expr.clone(),
+        options: SortOptions::default(),
+    });
+    let exprs = serialize_physical_sort_exprs(
+        keys.chain(node.order_by().iter().cloned()),
+        &NightshiftCodec::default(),
+        &DefaultPhysicalProtoConverter {},
+    )?;
+    let count = |n: usize| {
+        u32::try_from(n).map_err(|_| DataFusionError::Internal(format!("top k: {n} too large")))
+    };
+    buf.extend_from_slice(&count(node.k())?.to_le_bytes());
+    buf.extend_from_slice(&count(node.partition_by().len())?.to_le_bytes());
+    buf.extend_from_slice(&u32::from(node.exact()).to_le_bytes());
+    protobuf::PhysicalSortExprNodeCollection {
+        physical_sort_expr_nodes: exprs,
+    }
+    .encode(buf)
+    .map_err(|e| DataFusionError::Internal(format!("encode top k: {e}")))
+}
+
+fn decode_top_k(
+    body: &[u8],
+    inputs: &[Arc<dyn ExecutionPlan>],
+    ctx: &TaskContext,
+) -> Result<Arc<dyn ExecutionPlan>> {
+    let malformed = |what: &str| DataFusionError::Internal(format!("decode top k: {what}"));
+    let [input] = inputs else {
+        return Err(malformed("a top k has one input"));
+    };
+    let word = |at: usize| -> Result<usize> {
+        let bytes = body.get(at..at + 4).ok_or_else(|| malformed("short"))?;
+        Ok(u32::from_le_bytes(bytes.try_into().expect("4 bytes")) as usize)
+    };
+    let (k, keys, exact) = (word(0)?, word(4)?, word(8)? == 1);
+    let list = protobuf::PhysicalSortExprNodeCollection::decode(&body[12..])
+        .map_err(|e| malformed(&e.to_string()))?;
+    let mut exprs = parse_physical_sort_exprs(
+        &list.physical_sort_expr_nodes,
+        ctx,
+        &input.schema(),
+        &NightshiftCodec::default(),
+        &DefaultPhysicalProtoConverter {},
+    )?;
+    if keys > exprs.len() {
+        return Err(malformed("more keys than expressions"));
+    }
+    let order = exprs.split_off(keys);
+    let keys = exprs.into_iter().map(|e| e.expr).collect();
+    Ok(Arc::new(PartitionTopKExec::new(
+        input.clone(),
+        keys,
+        order,
+        k,
+        exact,
     )))
 }

@@ -3,7 +3,8 @@
 //! - [`access`] limits what a submitted pipeline may read and write.
 //! - [`planner`] turns a pipeline's SQL into Ballista query stages, or into one shared
 //!   in-process stage for the embedded mode ([`shared_plan`]); [`joins`] picks join
-//!   strategies that stay correct when partitions run as separate tasks.
+//!   strategies that stay correct when partitions run as separate tasks; [`window_topk`]
+//!   keeps only the rows a `ROW_NUMBER() ... <= K` filter can keep before the window's sort.
 //! - [`session`] builds DataFusion sessions and the bounded, spilling runtime tasks run in.
 //! - [`shuffle`] moves stage outputs through object storage; [`codec`] serializes stage plans.
 //! - [`names`] builds and parses every object name the engine writes.
@@ -36,6 +37,7 @@ pub mod storage;
 pub mod table;
 pub mod task;
 pub mod transport;
+pub mod window_topk;
 
 pub use error::{CoreError, Result};
 pub use ids::{JobId, StageId, TaskKey};

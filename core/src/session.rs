@@ -159,6 +159,13 @@ fn physical_optimizer_rules()
         .position(|r| r.name() == "join_selection")
         .map_or(0, |i| i + 1);
     rules.insert(at, Arc::new(DistributedJoins));
+    // After distribution and sorting are enforced (the sort it goes below is in place), and
+    // before the sanity check.
+    let at = rules
+        .iter()
+        .position(|r| r.name() == "SanityCheckPlan")
+        .unwrap_or(rules.len());
+    rules.insert(at, Arc::new(crate::window_topk::WindowTopK));
     rules
 }
 

@@ -1,0 +1,880 @@
+//! The first rows of each window partition, kept before the window's sort.
+//!
+//! The nightly dedupe `ROW_NUMBER() OVER (PARTITION BY key ORDER BY ...) AS rn ... WHERE rn = 1`
+//! (or `rn <= K`) plans as a filter over a window over a sort of every input row: at TPC-H SF1
+//! the latest order per customer sorts 1.5 M orders to keep 100 k, and the sort's merge was
+//! most of the run. DataFusion 53 has no per-partition top K (upstream added one later), so
+//! [`WindowTopK`] puts a [`PartitionTopKExec`] below the sort: it passes on only the first K
+//! rows of each window partition in the window's order, and the sort, the window and the
+//! filter above it compute the same rows from far fewer. For K = 1 the sort and the window
+//! go: every row passed on is the first of its key, numbered 1 by a projection. When the
+//! sort's input is a hash repartition between stages (a shuffle through object storage on a
+//! cluster), a second top K goes below it, so the shuffle carries each task's first K rows
+//! per key rather than every row; in one process the exchange is in memory, and that second
+//! pass would cost more than it saves.
+//!
+//! Correctness: the rows passed on are a subset of the input holding, for each partition key,
+//! K rows of the smallest order keys (with ties, any K of them: `ROW_NUMBER` numbers tied
+//! rows in any order). The window numbers those rows 1..K as it would have numbered them over
+//! the whole input, and the filter keeps `rn <= K`. The rule applies only when the window
+//! computes `row_number()` alone (any other window function, such as a running sum, sees the
+//! whole partition) and the filter bounds that column by a constant.
+//!
+//! Memory: the node holds at most K rows per key (plus rows it has replaced, dropped when they
+//! outnumber the kept ones). Should its memory pool refuse that, it passes what it holds and
+//! then every remaining row on unchanged: the sort above, which spills, sees the rows it would
+//! have seen without this node. In the K = 1 plan nothing above would drop a second row of a
+//! key, so there the node is `exact`: a refused pool fails the task with an error that names
+//! the keys held and what to change (a larger memory limit, or more partitions so each task
+//! holds fewer keys). A grace-hash spill would lift that; it is not built.
+
+use std::any::Any;
+use std::fmt;
+use std::sync::Arc;
+
+use datafusion::arrow::array::{RecordBatch, UInt32Array};
+use datafusion::arrow::compute::{interleave_record_batch, take_record_batch};
+use datafusion::arrow::datatypes::{DataType, SchemaRef};
+use datafusion::arrow::row::{RowConverter, Rows, SortField};
+use datafusion::common::ScalarValue;
+use datafusion::common::config::ConfigOptions;
+use datafusion::common::tree_node::{Transformed, TransformedResult, TreeNode};
+use datafusion::error::{DataFusionError, Result};
+use datafusion::execution::memory_pool::{MemoryConsumer, MemoryReservation};
+use datafusion::execution::{SendableRecordBatchStream, TaskContext};
+use datafusion::logical_expr::Operator;
+use datafusion::physical_expr::expressions::{BinaryExpr, CastExpr, Column, Literal, TryCastExpr};
+use datafusion::physical_expr::window::StandardWindowExpr;
+use datafusion::physical_expr::{
+    EquivalenceProperties, PhysicalExpr, PhysicalSortExpr, split_conjunction,
+};
+use datafusion::physical_optimizer::PhysicalOptimizerRule;
+use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
+use datafusion::physical_plan::filter::FilterExec;
+use datafusion::physical_plan::metrics::{BaselineMetrics, ExecutionPlanMetricsSet, MetricsSet};
+use datafusion::physical_plan::projection::ProjectionExec;
+use datafusion::physical_plan::repartition::RepartitionExec;
+use datafusion::physical_plan::sorts::sort::SortExec;
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use datafusion::physical_plan::windows::{BoundedWindowAggExec, WindowAggExec, WindowUDFExpr};
+use datafusion::physical_plan::{
+    DisplayAs, DisplayFormatType, ExecutionPlan, Partitioning, PlanProperties, WindowExpr,
+};
+use futures::{StreamExt, TryStreamExt};
+use hashbrown::{DefaultHashBuilder, HashTable};
+
+use crate::session::NightshiftOptions;
+use std::hash::BuildHasher;
+
+/// The largest K the rule applies to: each key's rows are kept in a list scanned per row.
+pub const MAX_TOP_K: usize = 1000;
+
+/// Passes on the first `k` rows of each `partition_by` key in `order_by` order (a subset of
+/// its input, in no particular order); see the module documentation. When not `exact`, it may
+/// pass on more rows than that (every row, past a refused memory reservation).
+#[derive(Debug)]
+pub struct PartitionTopKExec {
+    input: Arc<dyn ExecutionPlan>,
+    partition_by: Vec<Arc<dyn PhysicalExpr>>,
+    order_by: Vec<PhysicalSortExpr>,
+    k: usize,
+    exact: bool,
+    properties: Arc<PlanProperties>,
+    metrics: ExecutionPlanMetricsSet,
+}
+
+impl PartitionTopKExec {
+    pub fn new(
+        input: Arc<dyn ExecutionPlan>,
+        partition_by: Vec<Arc<dyn PhysicalExpr>>,
+        order_by: Vec<PhysicalSortExpr>,
+        k: usize,
+        exact: bool,
+    ) -> Self {
+        let properties = Arc::new(PlanProperties::new(
+            EquivalenceProperties::new(input.schema()),
+            input.properties().output_partitioning().clone(),
+            EmissionType::Final,
+            Boundedness::Bounded,
+        ));
+        PartitionTopKExec {
+            input,
+            partition_by,
+            order_by,
+            k,
+            exact,
+            properties,
+            metrics: ExecutionPlanMetricsSet::new(),
+        }
+    }
+
+    pub fn partition_by(&self) -> &[Arc<dyn PhysicalExpr>] {
+        &self.partition_by
+    }
+
+    pub fn order_by(&self) -> &[PhysicalSortExpr] {
+        &self.order_by
+    }
+
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    pub fn exact(&self) -> bool {
+        self.exact
+    }
+}
+
+impl DisplayAs for PartitionTopKExec {
+    fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
+        let keys: Vec<String> = self.partition_by.iter().map(|e| e.to_string()).collect();
+        let order: Vec<String> = self.order_by.iter().map(|e| e.to_string()).collect();
+        write!(
+            f,
+            "PartitionTopKExec: k={}{}, partition_by=[{}], order_by=[{}]",
+            self.k,
+            if self.exact { " (exact)" } else { "" },
+            keys.join(", "),
+            order.join(", ")
+        )
+    }
+}
+
+impl ExecutionPlan for PartitionTopKExec {
+    fn name(&self) -> &str {
+        "PartitionTopKExec"
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+
+    fn properties(&self) -> &Arc<PlanProperties> {
+        &self.properties
+    }
+
+    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
+        vec![&self.input]
+    }
+
+    fn with_new_children(
+        self: Arc<Self>,
+        children: Vec<Arc<dyn ExecutionPlan>>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        match children.as_slice() {
+            [child] => Ok(Arc::new(PartitionTopKExec::new(
+                child.clone(),
+                self.partition_by.clone(),
+                self.order_by.clone(),
+                self.k,
+                self.exact,
+            ))),
+            _ => Err(DataFusionError::Internal(
+                "PartitionTopKExec has one child".into(),
+            )),
+        }
+    }
+
+    fn metrics(&self) -> Option<MetricsSet> {
+        Some(self.metrics.clone_inner())
+    }
+
+    fn execute(
+        &self,
+        partition: usize,
+        context: Arc<TaskContext>,
+    ) -> Result<SendableRecordBatchStream> {
+        let mut input = self.input.execute(partition, context.clone())?;
+        let schema = self.input.schema();
+        let reservation = MemoryConsumer::new(format!("PartitionTopKExec[{partition}]"))
+            .register(context.memory_pool());
+        let mut top = TopRows::new(
+            &schema,
+            self.partition_by.clone(),
+            self.order_by.clone(),
+            self.k,
+            reservation,
+        )?;
+        let batch_size = context.session_config().batch_size();
+        let metrics = BaselineMetrics::new(&self.metrics, partition);
+        let rows_out = metrics.output_rows().clone();
+        let exact = self.exact;
+        let output = futures::stream::once(async move {
+            type Batches = futures::stream::BoxStream<'static, Result<RecordBatch>>;
+            while let Some(batch) = input.next().await {
+                let batch = batch?;
+                let _timer = metrics.elapsed_compute().timer();
+                if !top.push(&batch)? {
+                    if exact {
+                        return Err(top.refused());
+                    }
+                    // The pool refused to hold more: pass on what is held, then the rest.
+                    let held = futures::stream::iter(top.into_held().into_iter().map(Ok));
+                    return Ok::<Batches, DataFusionError>(held.chain(input).boxed());
+                }
+            }
+            let kept = top.finish(batch_size)?;
+            Ok(futures::stream::iter(kept.into_iter().map(Ok)).boxed())
+        })
+        .try_flatten()
+        .inspect_ok(move |batch| rows_out.add(batch.num_rows()));
+        Ok(Box::pin(RecordBatchStreamAdapter::new(schema, output)))
+    }
+}
+
+/// Bytes of a key in the index beside its row (the table's entry, the list).
+const KEY_OVERHEAD: usize = 64;
+/// Bytes of a kept row in the index beside its order key.
+const ROW_OVERHEAD: usize = std::mem::size_of::<Kept>() + 16;
+
+/// A kept row: its order key (compares as the window orders) and where it is held.
+struct Kept {
+    order: Box<[u8]>,
+    batch: u32,
+    row: u32,
+}
+
+/// The first `k` rows of each key seen so far, held as slices of the batches they came in.
+struct TopRows {
+    partition_by: Vec<Arc<dyn PhysicalExpr>>,
+    order_by: Vec<PhysicalSortExpr>,
+    k: usize,
+    keys: RowConverter,
+    orders: RowConverter,
+    /// Each key's number in `key_rows` and `kept`, by the hash of its row.
+    numbers: HashTable<u32>,
+    hasher: DefaultHashBuilder,
+    /// The keys, one row each, in one buffer (compared in place on a lookup).
+    key_rows: Rows,
+    /// Each key's kept rows, at most `k`.
+    kept: Vec<Vec<Kept>>,
+    /// Rows that were first of their key when they came; some replaced since.
+    held: Vec<RecordBatch>,
+    held_rows: usize,
+    held_bytes: usize,
+    live_rows: usize,
+    /// Bytes of `kept`, estimated.
+    index_bytes: usize,
+    reservation: MemoryReservation,
+}
+
+impl TopRows {
+    fn new(
+        schema: &SchemaRef,
+        partition_by: Vec<Arc<dyn PhysicalExpr>>,
+        order_by: Vec<PhysicalSortExpr>,
+        k: usize,
+        reservation: MemoryReservation,
+    ) -> Result<Self> {
+        let keys = RowConverter::new(
+            partition_by
+                .iter()
+                .map(|e| Ok(SortField::new(e.data_type(schema)?)))
+                .collect::<Result<_>>()?,
+        )?;
+        let orders = RowConverter::new(
+            order_by
+                .iter()
+                .map(|e| {
+                    Ok(SortField::new_with_options(
+                        e.expr.data_type(schema)?,
+                        e.options,
+                    ))
+                })
+                .collect::<Result<_>>()?,
+        )?;
+        Ok(TopRows {
+            partition_by,
+            order_by,
+            k: k.max(1),
+            numbers: HashTable::new(),
+            hasher: DefaultHashBuilder::default(),
+            key_rows: keys.empty_rows(0, 0),
+            keys,
+            orders,
+            kept: Vec::new(),
+            held: Vec::new(),
+            held_rows: 0,
+            held_bytes: 0,
+            live_rows: 0,
+            index_bytes: 0,
+            reservation,
+        })
+    }
+
+    fn rows_of(
+        converter: &RowConverter,
+        exprs: impl Iterator<Item = Arc<dyn PhysicalExpr>>,
+        batch: &RecordBatch,
+    ) -> Result<Rows> {
+        let columns = exprs
+            .map(|e| e.evaluate(batch)?.into_array(batch.num_rows()))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(converter.convert_columns(&columns)?)
+    }
+
+    /// Takes `batch`'s rows that are among the first of their key so far. False when the
+    /// memory pool refuses what that holds (nothing is lost: see [`TopRows::into_held`]).
+    fn push(&mut self, batch: &RecordBatch) -> Result<bool> {
+        if batch.num_rows() == 0 {
+            return Ok(true);
+        }
+        let keys = Self::rows_of(&self.keys, self.partition_by.iter().cloned(), batch)?;
+        let orders = Self::rows_of(
+            &self.orders,
+            self.order_by.iter().map(|e| e.expr.clone()),
+            batch,
+        )?;
+        let slot = self.held.len() as u32;
+        let mut taken: Vec<u32> = Vec::new();
+        for row in 0..batch.num_rows() {
+            let (key, order) = (keys.row(row), orders.row(row).data());
+            let place = || Kept {
+                order: order.into(),
+                batch: slot,
+                row: taken.len() as u32,
+            };
+            let hash = self.hasher.hash_one(key.data());
+            let key_rows = &self.key_rows;
+            let found = self
+                .numbers
+                .find(hash, |&n| key_rows.row(n as usize).data() == key.data());
+            match found {
+                None => {
+                    let number = self.kept.len() as u32;
+                    self.key_rows.push(key);
+                    let (key_rows, hasher) = (&self.key_rows, &self.hasher);
+                    self.numbers.insert_unique(hash, number, |&n| {
+                        hasher.hash_one(key_rows.row(n as usize).data())
+                    });
+                    self.index_bytes += KEY_OVERHEAD + ROW_OVERHEAD + order.len();
+                    self.kept.push(vec![place()]);
+                    self.live_rows += 1;
+                }
+                Some(&number) => {
+                    let rows = &mut self.kept[number as usize];
+                    if rows.len() < self.k {
+                        self.index_bytes += ROW_OVERHEAD + order.len();
+                        rows.push(place());
+                        self.live_rows += 1;
+                    } else {
+                        let (last, _) = rows
+                            .iter()
+                            .enumerate()
+                            .max_by(|a, b| a.1.order.cmp(&b.1.order))
+                            .expect("k > 0 rows");
+                        let replaced = &mut rows[last];
+                        if *order >= *replaced.order {
+                            continue;
+                        }
+                        if replaced.order.len() == order.len() {
+                            replaced.order.copy_from_slice(order);
+                        } else {
+                            self.index_bytes =
+                                self.index_bytes + order.len() - replaced.order.len();
+                            replaced.order = order.into();
+                        }
+                        (replaced.batch, replaced.row) = (slot, taken.len() as u32);
+                    }
+                }
+            }
+            taken.push(row as u32);
+        }
+        if !taken.is_empty() {
+            self.held_rows += taken.len();
+            let held = take_record_batch(batch, &UInt32Array::from(taken))?;
+            self.held_bytes += held.get_array_memory_size();
+            self.held.push(held);
+        }
+        if self.held_rows > 2 * self.live_rows + 8192 {
+            self.compact()?;
+        }
+        Ok(self
+            .reservation
+            .try_resize(self.held_bytes + self.index_bytes + self.key_rows.size())
+            .is_ok())
+    }
+
+    /// Gathers the kept rows into one batch, dropping those replaced since they came.
+    fn compact(&mut self) -> Result<()> {
+        let mut from = Vec::with_capacity(self.live_rows);
+        for (i, place) in self.kept.iter_mut().flatten().enumerate() {
+            from.push((place.batch as usize, place.row as usize));
+            (place.batch, place.row) = (0, i as u32);
+        }
+        let batches: Vec<&RecordBatch> = self.held.iter().collect();
+        let gathered = match batches.first() {
+            Some(first) if from.is_empty() => first.slice(0, 0),
+            Some(_) => interleave_record_batch(&batches, &from)?,
+            None => return Ok(()),
+        };
+        self.held_bytes = gathered.get_array_memory_size();
+        self.held = vec![gathered];
+        self.held_rows = self.live_rows;
+        Ok(())
+    }
+
+    /// The error of an exact node whose memory pool refused what it holds.
+    fn refused(&self) -> DataFusionError {
+        DataFusionError::ResourcesExhausted(format!(
+            "PartitionTopKExec (the first row of each window partition, for `ROW_NUMBER() ... = 1`): \
+             {} partition keys and their rows take {} bytes, more than this task's share of the \
+             memory limit ({}); raise the memory limit or add partitions \
+             ([execution] shuffle_partitions) so each task holds fewer keys",
+            self.kept.len(),
+            self.held_bytes + self.index_bytes + self.key_rows.size(),
+            self.reservation.size(),
+        ))
+    }
+
+    /// Every row held, replaced ones included: a superset of the first rows of each key.
+    fn into_held(self) -> Vec<RecordBatch> {
+        self.held
+    }
+
+    /// The first rows of each key, in batches of at most `batch_size` rows.
+    fn finish(mut self, batch_size: usize) -> Result<Vec<RecordBatch>> {
+        self.compact()?;
+        let Some(all) = self.held.pop() else {
+            return Ok(Vec::new());
+        };
+        let batch_size = batch_size.max(1);
+        Ok((0..all.num_rows())
+            .step_by(batch_size)
+            .map(|at| all.slice(at, batch_size.min(all.num_rows() - at)))
+            .collect())
+    }
+}
+
+/// The physical optimizer rule of the module documentation.
+#[derive(Debug, Default)]
+pub struct WindowTopK;
+
+impl PhysicalOptimizerRule for WindowTopK {
+    fn optimize(
+        &self,
+        plan: Arc<dyn ExecutionPlan>,
+        config: &ConfigOptions,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        plan.transform_up(|node| {
+            Ok(match with_top_k_below_sort(&node, config)? {
+                Some(rewritten) => Transformed::yes(rewritten),
+                None => Transformed::no(node),
+            })
+        })
+        .data()
+    }
+
+    fn name(&self) -> &str {
+        "nightshift_window_top_k"
+    }
+
+    fn schema_check(&self) -> bool {
+        true
+    }
+}
+
+/// `filter` with a [`PartitionTopKExec`] below its window's sort, when the pattern of the
+/// module documentation matches.
+fn with_top_k_below_sort(
+    filter: &Arc<dyn ExecutionPlan>,
+    config: &ConfigOptions,
+) -> Result<Option<Arc<dyn ExecutionPlan>>> {
+    let Some(filter_exec) = filter.as_any().downcast_ref::<FilterExec>() else {
+        return Ok(None);
+    };
+    let window = filter_exec.input();
+    let (exprs, window_input) =
+        if let Some(w) = window.as_any().downcast_ref::<BoundedWindowAggExec>() {
+            (w.window_expr(), w.input())
+        } else if let Some(w) = window.as_any().downcast_ref::<WindowAggExec>() {
+            (w.window_expr(), w.input())
+        } else {
+            return Ok(None);
+        };
+    let [expr] = exprs else {
+        return Ok(None);
+    };
+    if !is_row_number(expr) || expr.partition_by().is_empty() || expr.order_by().is_empty() {
+        return Ok(None);
+    }
+    let row_number_column = window_input.schema().fields().len();
+    let Some(k) = rows_kept(filter_exec.predicate(), row_number_column) else {
+        return Ok(None);
+    };
+    let Some(sort) = window_input.as_any().downcast_ref::<SortExec>() else {
+        return Ok(None);
+    };
+    if sort.fetch().is_some() || sort.input().as_any().is::<PartitionTopKExec>() {
+        return Ok(None);
+    }
+    let top_k = |input: Arc<dyn ExecutionPlan>, exact: bool| -> Arc<dyn ExecutionPlan> {
+        Arc::new(PartitionTopKExec::new(
+            input,
+            expr.partition_by().to_vec(),
+            expr.order_by().to_vec(),
+            k,
+            exact,
+        ))
+    };
+    let single_process = config
+        .extensions
+        .get::<NightshiftOptions>()
+        .is_some_and(|o| o.single_process);
+    let mut below_sort = sort.input().clone();
+    if let Some(shuffle) = below_sort.as_any().downcast_ref::<RepartitionExec>()
+        && matches!(shuffle.partitioning(), Partitioning::Hash(..))
+        && !single_process
+    {
+        let before = top_k(shuffle.input().clone(), false);
+        below_sort = below_sort.clone().with_new_children(vec![before])?;
+    }
+    let window = if k == 1 {
+        // Every row left is the first of its key: its row number is 1, with no sort.
+        numbered_one(top_k(below_sort, true), window)?
+    } else {
+        let sort = window_input
+            .clone()
+            .with_new_children(vec![top_k(below_sort, false)])?;
+        window.clone().with_new_children(vec![sort])?
+    };
+    Ok(Some(filter.clone().with_new_children(vec![window])?))
+}
+
+/// `input`'s columns and a row number of 1, in the schema of `window`.
+fn numbered_one(
+    input: Arc<dyn ExecutionPlan>,
+    window: &Arc<dyn ExecutionPlan>,
+) -> Result<Arc<dyn ExecutionPlan>> {
+    let schema = window.schema();
+    let (number, columns) = schema.fields().split_last().expect("a window column");
+    let mut exprs: Vec<(Arc<dyn PhysicalExpr>, String)> = columns
+        .iter()
+        .enumerate()
+        .map(|(i, f)| {
+            let column: Arc<dyn PhysicalExpr> = Arc::new(Column::new(f.name(), i));
+            (column, f.name().clone())
+        })
+        .collect();
+    let one = ScalarValue::UInt64(Some(1)).cast_to(number.data_type())?;
+    exprs.push((Arc::new(Literal::new(one)), number.name().clone()));
+    Ok(Arc::new(ProjectionExec::try_new(exprs, input)?))
+}
+
+fn is_row_number(expr: &Arc<dyn WindowExpr>) -> bool {
+    expr.as_any()
+        .downcast_ref::<StandardWindowExpr>()
+        .and_then(|e| {
+            e.get_standard_func_expr()
+                .as_any()
+                .downcast_ref::<WindowUDFExpr>()
+        })
+        .is_some_and(|e| e.fun().name() == "row_number")
+}
+
+/// The K such that `predicate` keeps only rows whose `column` (a row number) is at most K:
+/// a conjunct `column = n`, `column <= n` or `column < n + 1` (either way round), n ≤
+/// [`MAX_TOP_K`].
+pub fn rows_kept(predicate: &Arc<dyn PhysicalExpr>, column: usize) -> Option<usize> {
+    split_conjunction(predicate)
+        .into_iter()
+        .filter_map(|conjunct| {
+            let binary = conjunct.as_any().downcast_ref::<BinaryExpr>()?;
+            let (op, n) = if is_column(binary.left(), column) {
+                (*binary.op(), integer(binary.right())?)
+            } else if is_column(binary.right(), column) {
+                (binary.op().swap()?, integer(binary.left())?)
+            } else {
+                return None;
+            };
+            let k = match op {
+                Operator::Eq | Operator::LtEq => n,
+                Operator::Lt => n - 1,
+                _ => return None,
+            };
+            (1..=MAX_TOP_K as i64).contains(&k).then_some(k as usize)
+        })
+        .min()
+}
+
+fn is_column(expr: &Arc<dyn PhysicalExpr>, index: usize) -> bool {
+    let any = expr.as_any();
+    if let Some(column) = any.downcast_ref::<Column>() {
+        return column.index() == index;
+    }
+    if let Some(cast) = any.downcast_ref::<CastExpr>() {
+        return is_column(cast.expr(), index);
+    }
+    if let Some(cast) = any.downcast_ref::<TryCastExpr>() {
+        return is_column(cast.expr(), index);
+    }
+    false
+}
+
+fn integer(expr: &Arc<dyn PhysicalExpr>) -> Option<i64> {
+    let literal = expr.as_any().downcast_ref::<Literal>()?;
+    match literal.value().cast_to(&DataType::Int64).ok()? {
+        ScalarValue::Int64(Some(n)) => Some(n),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::session::{SessionOptions, new_session};
+    use datafusion::arrow::array::{Int32Array, Int64Array, StringArray};
+    use datafusion::arrow::datatypes::{Field, Schema};
+    use datafusion::arrow::util::pretty::pretty_format_batches;
+    use datafusion::datasource::MemTable;
+    use datafusion::datasource::memory::MemorySourceConfig;
+    use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+    use datafusion::physical_plan::{collect, displayable};
+    use datafusion::prelude::{SessionConfig, SessionContext};
+
+    /// Rows of a nightly dedupe: keys with nulls and non-ASCII text, times with nulls and
+    /// repeats, unique ids; in several batches over two partitions.
+    fn table() -> MemTable {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("k", DataType::Utf8, true),
+            Field::new("g", DataType::Int32, false),
+            Field::new("ts", DataType::Int64, true),
+            Field::new("id", DataType::Int64, false),
+        ]));
+        let names = ["é", "日本", "ß", "a", "ab", "abc", "x y"];
+        let mut seed: u64 = 7;
+        let mut next = move |n: u64| {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (seed >> 33) % n
+        };
+        let mut partitions = vec![Vec::new(), Vec::new()];
+        for b in 0..12 {
+            let rows = if b == 5 { 0 } else { 700 };
+            let base = b as i64 * 1000;
+            let k: StringArray = (0..rows)
+                .map(|_| match next(20) as usize {
+                    0 => None,
+                    i => Some(format!("{}{}", names[i % names.len()], i % 3)),
+                })
+                .collect();
+            let g: Int32Array = (0..rows).map(|_| next(3) as i32).collect();
+            let ts: Int64Array = (0..rows)
+                .map(|_| (next(10) != 0).then(|| next(50) as i64))
+                .collect();
+            let id: Int64Array = (0..rows).map(|i| base + i).collect();
+            let batch = RecordBatch::try_new(
+                schema.clone(),
+                vec![Arc::new(k), Arc::new(g), Arc::new(ts), Arc::new(id)],
+            )
+            .unwrap();
+            partitions[b % 2].push(batch);
+        }
+        MemTable::try_new(schema, partitions).unwrap()
+    }
+
+    fn contexts() -> (SessionContext, SessionContext) {
+        let ours = new_session(SessionOptions {
+            partitions: 3,
+            batch_size: 256,
+            ..Default::default()
+        });
+        let plain = SessionContext::new_with_config(
+            SessionConfig::new()
+                .with_target_partitions(3)
+                .with_batch_size(256),
+        );
+        for ctx in [&ours, &plain] {
+            ctx.register_table("t", Arc::new(table())).unwrap();
+        }
+        (ours, plain)
+    }
+
+    async fn run(ctx: &SessionContext, sql: &str) -> (String, Vec<String>) {
+        let frame = ctx.sql(sql).await.unwrap();
+        let plan = frame.create_physical_plan().await.unwrap();
+        let shown = displayable(plan.as_ref()).indent(true).to_string();
+        let batches = collect(plan, ctx.task_ctx()).await.unwrap();
+        let text = pretty_format_batches(&batches).unwrap().to_string();
+        let mut rows: Vec<String> = text
+            .lines()
+            .filter(|l| l.starts_with("| ") && !l.contains(" id "))
+            .map(str::to_string)
+            .collect();
+        rows.sort();
+        (shown, rows)
+    }
+
+    fn dedupe(partition_by: &str, order_by: &str, filter: &str) -> String {
+        format!(
+            "SELECT k, g, ts, id, rn FROM (SELECT k, g, ts, id, ROW_NUMBER() OVER \
+             (PARTITION BY {partition_by} ORDER BY {order_by}) AS rn FROM t) WHERE {filter}"
+        )
+    }
+
+    #[tokio::test]
+    async fn the_first_rows_of_each_key_are_those_plain_datafusion_keeps() {
+        let (ours, plain) = contexts();
+        for sql in [
+            dedupe("k", "ts DESC, id DESC", "rn = 1"),
+            dedupe("k, g", "ts ASC NULLS FIRST, id", "rn <= 3"),
+            dedupe("k", "ts, id DESC", "rn < 3 AND id % 2 = 0"),
+            dedupe("g", "id", "2 >= rn"),
+            dedupe("k", "ts DESC NULLS LAST, id", "rn = 2"),
+            dedupe("upper(k)", "id", "rn = 1 AND rn <= 5"),
+        ] {
+            let (shown, rows) = run(&ours, &sql).await;
+            assert!(shown.contains("PartitionTopKExec"), "{sql}\n{shown}");
+            let (_, expected) = run(&plain, &sql).await;
+            assert!(!expected.is_empty(), "{sql}");
+            assert_eq!(rows, expected, "{sql}\n{shown}");
+        }
+    }
+
+    #[tokio::test]
+    async fn windows_that_see_the_whole_partition_are_left_alone() {
+        let (ours, plain) = contexts();
+        for sql in [
+            // A running sum beside the row number needs every row of the partition.
+            "SELECT k, id, rn, s FROM (SELECT k, id, ROW_NUMBER() OVER (PARTITION BY k ORDER BY id) AS rn, \
+             SUM(id) OVER (PARTITION BY k ORDER BY id) AS s FROM t) WHERE rn = 1"
+                .to_string(),
+            // Ranks keep ties; a filter that does not bound the number from above.
+            "SELECT k, id, r FROM (SELECT k, id, RANK() OVER (PARTITION BY k ORDER BY ts) AS r FROM t) WHERE r = 1"
+                .to_string(),
+            dedupe("k", "id", "rn > 1 AND rn < 4 OR rn = 7"),
+            dedupe("k", "id", "rn >= 2"),
+            dedupe("k", "id", &format!("rn <= {}", MAX_TOP_K + 1)),
+        ] {
+            let (shown, rows) = run(&ours, &sql).await;
+            assert!(!shown.contains("PartitionTopKExec"), "{sql}\n{shown}");
+            let (_, expected) = run(&plain, &sql).await;
+            assert_eq!(rows, expected, "{sql}");
+        }
+    }
+
+    #[test]
+    fn the_bound_is_read_from_either_side_of_the_comparison() {
+        let rn = || -> Arc<dyn PhysicalExpr> { Arc::new(Column::new("rn", 4)) };
+        let n = |v: i64| -> Arc<dyn PhysicalExpr> {
+            Arc::new(Literal::new(ScalarValue::UInt64(Some(v as u64))))
+        };
+        let cmp = |l, op, r| -> Arc<dyn PhysicalExpr> { Arc::new(BinaryExpr::new(l, op, r)) };
+        assert_eq!(rows_kept(&cmp(rn(), Operator::Eq, n(1)), 4), Some(1));
+        assert_eq!(rows_kept(&cmp(n(5), Operator::Gt, rn()), 4), Some(4));
+        assert_eq!(rows_kept(&cmp(rn(), Operator::Lt, n(1)), 4), None);
+        assert_eq!(rows_kept(&cmp(rn(), Operator::Eq, n(1)), 3), None);
+        assert_eq!(rows_kept(&cmp(rn(), Operator::GtEq, n(1)), 4), None);
+        let both = cmp(
+            cmp(rn(), Operator::LtEq, n(9)),
+            Operator::And,
+            cmp(rn(), Operator::Lt, n(4)),
+        );
+        assert_eq!(rows_kept(&both, 4), Some(3));
+        let either = cmp(
+            cmp(rn(), Operator::LtEq, n(9)),
+            Operator::Or,
+            cmp(rn(), Operator::Lt, n(4)),
+        );
+        assert_eq!(rows_kept(&either, 4), None);
+    }
+
+    fn top_k_over(batches: Vec<RecordBatch>, k: usize, exact: bool) -> Arc<dyn ExecutionPlan> {
+        let schema = batches[0].schema();
+        let scan = MemorySourceConfig::try_new_exec(&[batches], schema.clone(), None).unwrap();
+        let column = |name: &str| -> Arc<dyn PhysicalExpr> {
+            Arc::new(Column::new_with_schema(name, &schema).unwrap())
+        };
+        Arc::new(PartitionTopKExec::new(
+            scan,
+            vec![column("k")],
+            vec![PhysicalSortExpr {
+                expr: column("id"),
+                options: Default::default(),
+            }],
+            k,
+            exact,
+        ))
+    }
+
+    fn batches_of(rows: usize) -> Vec<RecordBatch> {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("k", DataType::Int64, false),
+            Field::new("id", DataType::Int64, false),
+        ]));
+        (0..rows as i64)
+            .collect::<Vec<_>>()
+            .chunks(1000)
+            .map(|ids| {
+                let keys: Int64Array = ids.iter().map(|i| i % 10).collect();
+                let ids: Int64Array = ids.iter().rev().copied().collect();
+                RecordBatch::try_new(schema.clone(), vec![Arc::new(keys), Arc::new(ids)]).unwrap()
+            })
+            .collect()
+    }
+
+    async fn rows_out(plan: Arc<dyn ExecutionPlan>, memory: Option<usize>) -> Result<usize> {
+        let mut runtime = RuntimeEnvBuilder::new();
+        if let Some(bytes) = memory {
+            runtime = runtime.with_memory_limit(bytes, 1.0);
+        }
+        let ctx = SessionContext::new_with_config_rt(
+            SessionConfig::new().with_batch_size(100),
+            runtime.build_arc().unwrap(),
+        );
+        let batches = collect(plan, ctx.task_ctx()).await?;
+        Ok(batches.iter().map(|b| b.num_rows()).sum())
+    }
+
+    #[tokio::test]
+    async fn a_key_keeps_k_rows_and_a_refusing_pool_lets_every_row_through() {
+        // 10 keys, 3 rows each kept, out of 50,000 rows in 50 batches (compaction runs).
+        for exact in [false, true] {
+            let kept = rows_out(top_k_over(batches_of(50_000), 3, exact), None).await;
+            assert_eq!(kept.unwrap(), 30);
+            let kept = rows_out(top_k_over(batches_of(1), 3, exact), None).await;
+            assert_eq!(kept.unwrap(), 1);
+        }
+        // With no memory to hold rows, the node passes on what it held and the rest: no
+        // row the window could number is lost, and the task does not fail.
+        let passed = rows_out(top_k_over(batches_of(5_000), 3, false), Some(1))
+            .await
+            .unwrap();
+        assert!(passed > 30, "{passed}");
+        assert!(passed <= 5_000, "{passed}");
+        // An exact node (nothing above it drops a second row of a key) fails instead, and
+        // says what to change.
+        let err = rows_out(top_k_over(batches_of(5_000), 1, true), Some(1)).await;
+        let err = err.unwrap_err().to_string();
+        assert!(
+            err.contains("PartitionTopKExec") && err.contains("10 partition keys"),
+            "{err}"
+        );
+        assert!(err.contains("raise the memory limit"), "{err}");
+    }
+
+    #[test]
+    fn the_node_survives_the_task_codec() {
+        let plan = top_k_over(batches_of(10), 2, true);
+        let sort = Arc::new(SortExec::new(
+            datafusion::physical_expr::LexOrdering::new(vec![PhysicalSortExpr {
+                expr: Arc::new(Column::new("id", 1)),
+                options: Default::default(),
+            }])
+            .unwrap(),
+            plan,
+        ));
+        let encoded = crate::codec::encode_plan(sort.clone()).unwrap();
+        let ctx = SessionContext::new();
+        let decoded = crate::codec::decode_plan(&encoded, &ctx.task_ctx()).unwrap();
+        let shown = |p: &Arc<dyn ExecutionPlan>| displayable(p.as_ref()).indent(true).to_string();
+        let sort: Arc<dyn ExecutionPlan> = sort;
+        assert!(
+            shown(&decoded).contains("PartitionTopKExec: k=2 (exact)"),
+            "{}",
+            shown(&decoded)
+        );
+        assert_eq!(shown(&decoded), shown(&sort));
+    }
+}

@@ -238,6 +238,7 @@ impl RabbitQueue {
     }
 
     async fn publish_with(&self, queue: &str, payload: &[u8], job: Option<&str>) -> Result<()> {
+        let mut refusals = 0;
         loop {
             let link = self.link().await;
             match publish(&link, queue, payload, job).await {
@@ -245,6 +246,15 @@ impl RabbitQueue {
                 Err(e) if !link.publish.status().connected() => {
                     warn!(error = %e, queue, "publish failed; reconnecting");
                     self.reconnect(link.generation).await?;
+                }
+                Err(e @ CoreError::Refused { .. }) => {
+                    let wait = retry_refused_after(refusals).ok_or(e)?;
+                    warn!(
+                        queue,
+                        refusals, "rabbitmq refused a message; sending it again"
+                    );
+                    refusals += 1;
+                    tokio::time::sleep(wait).await;
                 }
                 Err(e) => return Err(e),
             }
@@ -580,6 +590,13 @@ async fn send(
         .map_err(amqp_err)
 }
 
+/// How long to wait before sending a refused message again, after `refusals` refusals of
+/// it; `None` once it has been refused six times (about 3 s in all): the refusal is then
+/// not the moment a new quorum queue elects its leader, and the caller's error says so.
+fn retry_refused_after(refusals: u32) -> Option<Duration> {
+    (refusals < 6).then(|| Duration::from_millis(50 << refusals))
+}
+
 /// What the broker's confirm of a message to `queue` means.
 fn confirmed(queue: &str, confirm: Confirmation) -> Result<()> {
     match confirm {
@@ -588,9 +605,9 @@ fn confirmed(queue: &str, confirm: Confirmation) -> Result<()> {
         Confirmation::Ack(Some(_)) => Err(CoreError::Unroutable {
             queue: queue.to_string(),
         }),
-        Confirmation::Nack(_) => Err(CoreError::Transport(format!(
-            "rabbitmq refused a message for {queue}"
-        ))),
+        Confirmation::Nack(_) => Err(CoreError::Refused {
+            queue: queue.to_string(),
+        }),
     }
 }
 
@@ -765,6 +782,7 @@ impl TaskQueue for RabbitQueue {
             attempts.push(attempt);
         }
         let queue = self.tasks_queue();
+        let mut refusals = 0;
         loop {
             let link = self.link().await;
             match publish_all(&link, &queue, &headed).await {
@@ -772,6 +790,17 @@ impl TaskQueue for RabbitQueue {
                 Err(e) if !link.publish.status().connected() => {
                     warn!(error = %e, queue, "publish failed; reconnecting");
                     self.reconnect(link.generation).await?;
+                }
+                // Some tasks of the batch may be enqueued already: a task sent twice runs
+                // twice, which first-result-wins makes harmless (as after a reconnect).
+                Err(e @ CoreError::Refused { .. }) => {
+                    let wait = retry_refused_after(refusals).ok_or(e)?;
+                    warn!(
+                        queue,
+                        refusals, "rabbitmq refused a task; sending the batch again"
+                    );
+                    refusals += 1;
+                    tokio::time::sleep(wait).await;
                 }
                 Err(e) => return Err(e),
             }
@@ -852,5 +881,20 @@ impl TaskQueue for RabbitQueue {
             .await
             .map_err(amqp_err)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod refusal_tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_message_is_sent_again_six_times_over_about_three_seconds() {
+        let waits: Vec<Duration> = (0..).map_while(retry_refused_after).collect();
+        assert_eq!(waits.len(), 6);
+        assert_eq!(waits[0], Duration::from_millis(50));
+        assert!(waits.windows(2).all(|w| w[1] == w[0] * 2), "{waits:?}");
+        let total: Duration = waits.iter().sum();
+        assert_eq!(total, Duration::from_millis(3150));
     }
 }

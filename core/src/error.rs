@@ -66,6 +66,11 @@ pub enum CoreError {
     #[error("transport: no queue named {queue} took the message")]
     Unroutable { queue: String },
 
+    /// The broker refused a message (a negative confirm): nothing was enqueued, e.g. by a
+    /// quorum queue declared a moment before, still electing its leader.
+    #[error("transport: rabbitmq refused a message for {queue}")]
+    Refused { queue: String },
+
     #[error("protocol: {0}")]
     Protocol(String),
 
@@ -90,7 +95,10 @@ impl CoreError {
     pub fn is_retryable(&self) -> bool {
         match self {
             CoreError::Task { retryable, .. } => *retryable,
-            CoreError::ObjectStore(_) | CoreError::Io { .. } | CoreError::Transport(_) => true,
+            CoreError::ObjectStore(_)
+            | CoreError::Io { .. }
+            | CoreError::Transport(_)
+            | CoreError::Refused { .. } => true,
             CoreError::DataFusion(e) => datafusion_error_is_retryable(e),
             CoreError::Iceberg(e) => e.retryable(),
             _ => false,

@@ -1,7 +1,9 @@
 //! Join strategies: broadcast joins of every kind give the reference rows when the probe side
 //! runs as several tasks (Ballista's issue 1055: a broadcast left/full/semi/anti join emits
 //! its unmatched build rows once per task), the spec's broadcast threshold changes the plan,
-//! and a job under a small memory limit spills and gives the rows of an unlimited one.
+//! and a job under a small memory limit spills and gives the rows of an unlimited one. The
+//! `ROW_NUMBER() ... WHERE rn <= K` dedupe (a per-key top K below the window) gives DuckDB's
+//! rows both ways too.
 
 use datafusion::prelude::SessionContext;
 use nightshift::embedded::EmbeddedOptions;
@@ -89,17 +91,17 @@ mode = "overwrite"
     )
 }
 
-/// The rows of [`EVERY_JOIN`] computed by DuckDB, as `reference.parquet`. Not DataFusion:
-/// DataFusion 53 on one node gets this query wrong (unmatched rows of `big LEFT JOIN small`
+/// The rows of `sql` computed by DuckDB, as `reference.parquet`. Not DataFusion:
+/// DataFusion 53 on one node gets [`EVERY_JOIN`] wrong (unmatched rows of `big LEFT JOIN small`
 /// keep a value of `small.s`, an anti-join row goes missing), while DuckDB and DataFusion 55
 /// agree with each other, and with Nightshift.
-fn reference(sandbox: &Sandbox) -> std::path::PathBuf {
+fn reference(sandbox: &Sandbox, sql: &str) -> std::path::PathBuf {
     let path = sandbox.path("reference.parquet");
     let script = format!(
         "import duckdb\ncon = duckdb.connect()\n\
          con.execute(\"CREATE VIEW big AS SELECT * FROM '{big}/*.parquet'\")\n\
          con.execute(\"CREATE VIEW small AS SELECT * FROM '{small}/*.parquet'\")\n\
-         con.execute(\"\"\"COPY ({EVERY_JOIN}) TO '{out}' (FORMAT parquet)\"\"\")\n",
+         con.execute(\"\"\"COPY ({sql}) TO '{out}' (FORMAT parquet)\"\"\")\n",
         big = sandbox.path("data/big").display(),
         small = sandbox.path("data/small").display(),
         out = path.display(),
@@ -159,7 +161,7 @@ async fn every_join_kind_with_broadcasts_matches_duckdb_across_tasks() {
             "unsafe broadcast:\n{line}\n{plan}"
         );
     }
-    let reference = reference(&sandbox);
+    let reference = reference(&sandbox, EVERY_JOIN);
 
     // Stages exchanging through shuffle files, three tasks per stage: the cluster's plan.
     sandbox.run_staged(2, Some(3)).await.expect("staged run");
@@ -234,4 +236,49 @@ async fn a_job_under_a_small_memory_limit_spills_and_matches_an_unlimited_one() 
         .to_string();
     assert!(err.contains("memory limit of 1.0 MiB"), "{err}");
     assert!(err.contains("operator "), "{err}");
+}
+
+/// Dedupes of the nightly kind: the latest row per key (`rn = 1`), the first three per
+/// non-ASCII key (`rn <= 3`, written `4 > rn`), and keys that are null.
+const DEDUPES: &str = "
+SELECT 'latest' AS kind, g, k, v, rn FROM (
+  SELECT CAST(k % 37 AS VARCHAR) AS g, k, v,
+         ROW_NUMBER() OVER (PARTITION BY k % 37 ORDER BY v DESC) AS rn FROM big) AS t
+  WHERE rn = 1
+UNION ALL
+SELECT 'first three', g, k, v, rn FROM (
+  SELECT CASE k % 3 WHEN 0 THEN 'é' WHEN 1 THEN '日本' ELSE 'ß' END || CAST(k % 5 AS VARCHAR) AS g, k, v,
+         ROW_NUMBER() OVER (PARTITION BY CASE k % 3 WHEN 0 THEN 'é' WHEN 1 THEN '日本' ELSE 'ß' END, k % 5
+                            ORDER BY v) AS rn FROM big) AS t
+  WHERE 4 > rn
+UNION ALL
+SELECT 'null keys', g, k, v, rn FROM (
+  SELECT CAST(k AS VARCHAR) AS g, s AS k, s AS v,
+         ROW_NUMBER() OVER (PARTITION BY k ORDER BY s DESC) AS rn FROM small) AS t
+  WHERE rn = 1
+";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row_number_dedupes_keep_duckdbs_rows_across_tasks() {
+    let sandbox = Sandbox::new();
+    write_tables(&sandbox).await;
+    sandbox.spec(&spec(DEDUPES, ""));
+    let plan = plan_of(&sandbox).await;
+    // A top K before the shuffle and one after it; `small` (one file) is read by one task,
+    // with no shuffle. For rn = 1 no window.
+    assert_eq!(plan.matches("PartitionTopKExec").count(), 5, "{plan}");
+    assert_eq!(plan.matches("k=1 (exact)").count(), 2, "{plan}");
+    assert_eq!(plan.matches("BoundedWindowAggExec").count(), 1, "{plan}");
+    let reference = reference(&sandbox, DEDUPES);
+
+    sandbox.run_staged(2, Some(3)).await.expect("staged run");
+    let rows = assert_matches_reference(&sandbox.read_table("tests.joins", Some(&reference)));
+    // 37 latest; 3 rows of each of 3 x 5 keys; 55 keys of `small` and its null key.
+    assert_eq!(rows, 37 + 45 + 56);
+
+    sandbox
+        .run(3, Some(3), None)
+        .await
+        .expect("single-process run");
+    assert_matches_reference(&sandbox.read_table("tests.joins", Some(&reference)));
 }

@@ -248,13 +248,7 @@ impl RabbitQueue {
                     self.reconnect(link.generation).await?;
                 }
                 Err(e @ CoreError::Refused { .. }) => {
-                    let wait = retry_refused_after(refusals).ok_or(e)?;
-                    warn!(
-                        queue,
-                        refusals, "rabbitmq refused a message; sending it again"
-                    );
-                    refusals += 1;
-                    tokio::time::sleep(wait).await;
+                    wait_after_refusal(&mut refusals, e, queue).await?
                 }
                 Err(e) => return Err(e),
             }
@@ -597,6 +591,20 @@ fn retry_refused_after(refusals: u32) -> Option<Duration> {
     (refusals < 6).then(|| Duration::from_millis(50 << refusals))
 }
 
+/// Waits before a refused message is sent again, or gives `refusal` back once the message
+/// has been refused too often ([`retry_refused_after`]).
+async fn wait_after_refusal(refusals: &mut u32, refusal: CoreError, queue: &str) -> Result<()> {
+    let wait = retry_refused_after(*refusals).ok_or(refusal)?;
+    warn!(
+        queue,
+        refusals = *refusals,
+        "rabbitmq refused a message; sending it again"
+    );
+    *refusals += 1;
+    tokio::time::sleep(wait).await;
+    Ok(())
+}
+
 /// What the broker's confirm of a message to `queue` means.
 fn confirmed(queue: &str, confirm: Confirmation) -> Result<()> {
     match confirm {
@@ -794,13 +802,7 @@ impl TaskQueue for RabbitQueue {
                 // Some tasks of the batch may be enqueued already: a task sent twice runs
                 // twice, which first-result-wins makes harmless (as after a reconnect).
                 Err(e @ CoreError::Refused { .. }) => {
-                    let wait = retry_refused_after(refusals).ok_or(e)?;
-                    warn!(
-                        queue,
-                        refusals, "rabbitmq refused a task; sending the batch again"
-                    );
-                    refusals += 1;
-                    tokio::time::sleep(wait).await;
+                    wait_after_refusal(&mut refusals, e, &queue).await?
                 }
                 Err(e) => return Err(e),
             }

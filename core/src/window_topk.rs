@@ -589,7 +589,7 @@ pub fn rows_kept(predicate: &Arc<dyn PhysicalExpr>, column: usize) -> Option<usi
             };
             let k = match op {
                 Operator::Eq | Operator::LtEq => n,
-                Operator::Lt => n - 1,
+                Operator::Lt => n.checked_sub(1)?,
                 _ => return None,
             };
             (1..=MAX_TOP_K as i64).contains(&k).then_some(k as usize)
@@ -766,6 +766,9 @@ mod tests {
         assert_eq!(rows_kept(&cmp(rn(), Operator::Lt, n(1)), 4), None);
         assert_eq!(rows_kept(&cmp(rn(), Operator::Eq, n(1)), 3), None);
         assert_eq!(rows_kept(&cmp(rn(), Operator::GtEq, n(1)), 4), None);
+        let lowest: Arc<dyn PhysicalExpr> =
+            Arc::new(Literal::new(ScalarValue::Int64(Some(i64::MIN))));
+        assert_eq!(rows_kept(&cmp(rn(), Operator::Lt, lowest), 4), None);
         let both = cmp(
             cmp(rn(), Operator::LtEq, n(9)),
             Operator::And,

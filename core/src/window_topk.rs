@@ -204,9 +204,9 @@ impl ExecutionPlan for PartitionTopKExec {
             while let Some(batch) = input.next().await {
                 let batch = batch?;
                 let _timer = metrics.elapsed_compute().timer();
-                if !top.push(&batch)? {
+                if let Some(refusal) = top.push(&batch)? {
                     if exact {
-                        return Err(top.refused());
+                        return Err(top.refused(refusal));
                     }
                     // The pool refused to hold more: pass on what is held, then the rest.
                     let held = futures::stream::iter(top.into_held().into_iter().map(Ok));
@@ -313,11 +313,12 @@ impl TopRows {
         Ok(converter.convert_columns(&columns)?)
     }
 
-    /// Takes `batch`'s rows that are among the first of their key so far. False when the
-    /// memory pool refuses what that holds (nothing is lost: see [`TopRows::into_held`]).
-    fn push(&mut self, batch: &RecordBatch) -> Result<bool> {
+    /// Takes `batch`'s rows that are among the first of their key so far. Gives the memory
+    /// pool's refusal when the pool will not count what that holds (nothing is lost then:
+    /// see [`TopRows::into_held`]).
+    fn push(&mut self, batch: &RecordBatch) -> Result<Option<DataFusionError>> {
         if batch.num_rows() == 0 {
-            return Ok(true);
+            return Ok(None);
         }
         let keys = Self::rows_of(&self.keys, self.partition_by.iter().cloned(), batch)?;
         let orders = Self::rows_of(
@@ -389,10 +390,12 @@ impl TopRows {
         if self.held_rows > 2 * self.live_rows + 8192 {
             self.compact()?;
         }
-        Ok(self
-            .reservation
-            .try_resize(self.held_bytes + self.index_bytes + self.key_rows.size())
-            .is_ok())
+        Ok(self.reservation.try_resize(self.memory()).err())
+    }
+
+    /// Bytes held: the rows, the keys and the index.
+    fn memory(&self) -> usize {
+        self.held_bytes + self.index_bytes + self.key_rows.size()
     }
 
     /// Gathers the kept rows into one batch, dropping those replaced since they came.
@@ -414,16 +417,15 @@ impl TopRows {
         Ok(())
     }
 
-    /// The error of an exact node whose memory pool refused what it holds.
-    fn refused(&self) -> DataFusionError {
+    /// The pool's `refusal` (which names the operator and the memory limit) with what this
+    /// node holds and what else helps.
+    fn refused(&self, refusal: DataFusionError) -> DataFusionError {
         DataFusionError::ResourcesExhausted(format!(
             "PartitionTopKExec (the first row of each window partition, for `ROW_NUMBER() ... = 1`): \
-             {} partition keys and their rows take {} bytes, more than this task's share of the \
-             memory limit ({}); raise the memory limit or add partitions \
-             ([execution] shuffle_partitions) so each task holds fewer keys",
+             {} partition keys and their rows take {} bytes; raise the memory limit or add \
+             partitions ([execution] shuffle_partitions) so each task holds fewer keys: {refusal}",
             self.kept.len(),
-            self.held_bytes + self.index_bytes + self.key_rows.size(),
-            self.reservation.size(),
+            self.memory(),
         ))
     }
 
@@ -855,6 +857,8 @@ mod tests {
             "{err}"
         );
         assert!(err.contains("raise the memory limit"), "{err}");
+        // The pool's own refusal follows, naming the node's reservation.
+        assert!(err.contains("PartitionTopKExec[0]"), "{err}");
     }
 
     #[test]

@@ -133,14 +133,13 @@ pub async fn submit_and_wait(
         }
         // Redis holds the outcome only as a hint: should it be lost (a flushed or replaced
         // Redis), the table's history still tells whether the job committed.
-        if catalog_read_at.elapsed() >= CATALOG_READ_EVERY
-            && let Some(table) = &table
-            && let Some(outcome) = committed_outcome(config, table, job_id).await
-        {
-            return Ok(outcome);
-        }
         if catalog_read_at.elapsed() >= CATALOG_READ_EVERY {
             catalog_read_at = tokio::time::Instant::now();
+            if let Some(table) = &table
+                && let Some(outcome) = committed_outcome(config, table, job_id).await
+            {
+                return Ok(outcome);
+            }
         }
         if tokio::time::Instant::now() > deadline {
             return Err(CoreError::Transport(format!(

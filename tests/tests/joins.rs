@@ -131,6 +131,22 @@ async fn plan_of(sandbox: &Sandbox) -> String {
         .describe()
 }
 
+/// Runs the sandbox's spec (whose SQL is `sql`) twice and checks both tables against
+/// DuckDB's rows of `sql`: once as stages exchanging through shuffle files, three tasks per
+/// stage (the cluster's plan), once as one in-process stage shared by three tasks
+/// (DataFusion's own plan). Returns the row count.
+async fn matches_duckdb_staged_and_in_one_process(sandbox: &Sandbox, sql: &str) -> u64 {
+    let reference = reference(sandbox, sql);
+    sandbox.run_staged(2, Some(3)).await.expect("staged run");
+    let rows = assert_matches_reference(&sandbox.read_table("tests.joins", Some(&reference)));
+    sandbox
+        .run(3, Some(3), None)
+        .await
+        .expect("single-process run");
+    assert_matches_reference(&sandbox.read_table("tests.joins", Some(&reference)));
+    rows
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_join_kind_with_broadcasts_matches_duckdb_across_tasks() {
     let sandbox = Sandbox::new();
@@ -161,19 +177,8 @@ async fn every_join_kind_with_broadcasts_matches_duckdb_across_tasks() {
             "unsafe broadcast:\n{line}\n{plan}"
         );
     }
-    let reference = reference(&sandbox, EVERY_JOIN);
-
-    // Stages exchanging through shuffle files, three tasks per stage: the cluster's plan.
-    sandbox.run_staged(2, Some(3)).await.expect("staged run");
-    let rows = assert_matches_reference(&sandbox.read_table("tests.joins", Some(&reference)));
+    let rows = matches_duckdb_staged_and_in_one_process(&sandbox, EVERY_JOIN).await;
     assert!(rows > 3000, "{rows}");
-
-    // One in-process stage shared by three tasks: DataFusion's own plan.
-    sandbox
-        .run(3, Some(3), None)
-        .await
-        .expect("single-process run");
-    assert_matches_reference(&sandbox.read_table("tests.joins", Some(&reference)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -269,16 +274,7 @@ async fn row_number_dedupes_keep_duckdbs_rows_across_tasks() {
     assert_eq!(plan.matches("PartitionTopKExec").count(), 5, "{plan}");
     assert_eq!(plan.matches("k=1 (exact)").count(), 2, "{plan}");
     assert_eq!(plan.matches("BoundedWindowAggExec").count(), 1, "{plan}");
-    let reference = reference(&sandbox, DEDUPES);
-
-    sandbox.run_staged(2, Some(3)).await.expect("staged run");
-    let rows = assert_matches_reference(&sandbox.read_table("tests.joins", Some(&reference)));
+    let rows = matches_duckdb_staged_and_in_one_process(&sandbox, DEDUPES).await;
     // 37 latest; 3 rows of each of 3 x 5 keys; 55 keys of `small` and its null key.
     assert_eq!(rows, 37 + 45 + 56);
-
-    sandbox
-        .run(3, Some(3), None)
-        .await
-        .expect("single-process run");
-    assert_matches_reference(&sandbox.read_table("tests.joins", Some(&reference)));
 }

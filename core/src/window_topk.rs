@@ -21,12 +21,12 @@
 //! whole partition) and the filter bounds that column by a constant.
 //!
 //! Memory: the node holds at most K rows per key (plus rows it has replaced, dropped when they
-//! outnumber the kept ones). Should its memory pool refuse that, it passes what it holds and
-//! then every remaining row on unchanged: the sort above, which spills, sees the rows it would
-//! have seen without this node. In the K = 1 plan nothing above would drop a second row of a
-//! key, so there the node is `exact`: a refused pool fails the task with an error that names
-//! the keys held and what to change (a larger memory limit, or more partitions so each task
-//! holds fewer keys). A grace-hash spill would lift that; it is not built.
+//! outnumber the kept ones). Should its memory pool refuse that, it gives its reservation back
+//! and passes what it holds and then every remaining row on. With a sort above it (K > 1), that
+//! sort, which spills, sees the rows it would have seen without this node. In the K = 1 plan
+//! nothing above would drop a second row of a key, so there the node is `exact`: it sorts
+//! those rows itself by key and order with DataFusion's spilling sort and passes on the first
+//! K of each key ([`by_sort`]): the plan's cost before this node existed, not a failed task.
 
 use std::any::Any;
 use std::fmt;
@@ -65,6 +65,8 @@ use hashbrown::{DefaultHashBuilder, HashTable};
 
 use crate::session::NightshiftOptions;
 use std::hash::BuildHasher;
+
+mod by_sort;
 
 /// The largest K the rule applies to: each key's rows are kept in a list scanned per row.
 pub const MAX_TOP_K: usize = 1000;
@@ -186,6 +188,7 @@ impl ExecutionPlan for PartitionTopKExec {
     ) -> Result<SendableRecordBatchStream> {
         let mut input = self.input.execute(partition, context.clone())?;
         let schema = self.input.schema();
+        let output_schema = schema.clone();
         let reservation = MemoryConsumer::new(format!("PartitionTopKExec[{partition}]"))
             .register(context.memory_pool());
         let mut top = TopRows::new(
@@ -198,19 +201,34 @@ impl ExecutionPlan for PartitionTopKExec {
         let batch_size = context.session_config().batch_size();
         let metrics = BaselineMetrics::new(&self.metrics, partition);
         let rows_out = metrics.output_rows().clone();
-        let exact = self.exact;
+        let sorted_instead = self.exact.then(|| {
+            let (keys, order, k) = (self.partition_by.clone(), self.order_by.clone(), self.k);
+            move |rows| by_sort::first_k_by_sort(rows, &keys, &order, k, context)
+        });
         let output = futures::stream::once(async move {
             type Batches = futures::stream::BoxStream<'static, Result<RecordBatch>>;
             while let Some(batch) = input.next().await {
                 let batch = batch?;
                 let _timer = metrics.elapsed_compute().timer();
                 if let Some(refusal) = top.push(&batch)? {
-                    if exact {
-                        return Err(top.refused(refusal));
-                    }
-                    // The pool refused to hold more: pass on what is held, then the rest.
+                    // The pool refused to hold more: what is held (its reservation given
+                    // back), then the rest.
+                    let keys = top.keys_held();
                     let held = futures::stream::iter(top.into_held().into_iter().map(Ok));
-                    return Ok::<Batches, DataFusionError>(held.chain(input).boxed());
+                    let rows = held.chain(input);
+                    let Some(sort) = sorted_instead else {
+                        // A sort above drops what is not among the first K.
+                        return Ok::<Batches, DataFusionError>(rows.boxed());
+                    };
+                    // Nothing above does: sort here, spilling as the sort above did
+                    // before this node was put in.
+                    tracing::info!(
+                        keys,
+                        %refusal,
+                        "a first-row-per-key dedupe outgrew its memory; sorting, with spill"
+                    );
+                    let rows = Box::pin(RecordBatchStreamAdapter::new(schema.clone(), rows));
+                    return Ok(sort(rows)?.boxed());
                 }
             }
             let kept = top.finish(batch_size)?;
@@ -218,7 +236,10 @@ impl ExecutionPlan for PartitionTopKExec {
         })
         .try_flatten()
         .inspect_ok(move |batch| rows_out.add(batch.num_rows()));
-        Ok(Box::pin(RecordBatchStreamAdapter::new(schema, output)))
+        Ok(Box::pin(RecordBatchStreamAdapter::new(
+            output_schema,
+            output,
+        )))
     }
 }
 
@@ -417,16 +438,9 @@ impl TopRows {
         Ok(())
     }
 
-    /// The pool's `refusal` (which names the operator and the memory limit) with what this
-    /// node holds and what else helps.
-    fn refused(&self, refusal: DataFusionError) -> DataFusionError {
-        DataFusionError::ResourcesExhausted(format!(
-            "PartitionTopKExec (the first row of each window partition, for `ROW_NUMBER() ... = 1`): \
-             {} partition keys and their rows take {} bytes; raise the memory limit or add \
-             partitions ([execution] shuffle_partitions) so each task holds fewer keys: {refusal}",
-            self.kept.len(),
-            self.memory(),
-        ))
+    /// Keys held so far.
+    fn keys_held(&self) -> usize {
+        self.kept.len()
     }
 
     /// Every row held, replaced ones included: a superset of the first rows of each key.
@@ -803,7 +817,12 @@ mod tests {
         ))
     }
 
+    /// `rows` rows of 10 keys (`k`), ids (`id`) descending.
     fn batches_of(rows: usize) -> Vec<RecordBatch> {
+        batches_with_keys(rows, 10)
+    }
+
+    fn batches_with_keys(rows: usize, keys: i64) -> Vec<RecordBatch> {
         let schema = Arc::new(Schema::new(vec![
             Field::new("k", DataType::Int64, false),
             Field::new("id", DataType::Int64, false),
@@ -812,7 +831,7 @@ mod tests {
             .collect::<Vec<_>>()
             .chunks(1000)
             .map(|ids| {
-                let keys: Int64Array = ids.iter().map(|i| i % 10).collect();
+                let keys: Int64Array = ids.iter().map(|i| i % keys).collect();
                 let ids: Int64Array = ids.iter().rev().copied().collect();
                 RecordBatch::try_new(schema.clone(), vec![Arc::new(keys), Arc::new(ids)]).unwrap()
             })
@@ -820,16 +839,26 @@ mod tests {
     }
 
     async fn rows_out(plan: Arc<dyn ExecutionPlan>, memory: Option<usize>) -> Result<usize> {
+        Ok(run_top_k(plan, memory)
+            .await?
+            .iter()
+            .map(|b| b.num_rows())
+            .sum())
+    }
+
+    async fn run_top_k(
+        plan: Arc<dyn ExecutionPlan>,
+        memory: Option<usize>,
+    ) -> Result<Vec<RecordBatch>> {
         let mut runtime = RuntimeEnvBuilder::new();
         if let Some(bytes) = memory {
             runtime = runtime.with_memory_limit(bytes, 1.0);
         }
-        let ctx = SessionContext::new_with_config_rt(
-            SessionConfig::new().with_batch_size(100),
-            runtime.build_arc().unwrap(),
-        );
-        let batches = collect(plan, ctx.task_ctx()).await?;
-        Ok(batches.iter().map(|b| b.num_rows()).sum())
+        let config = SessionConfig::new()
+            .with_batch_size(100)
+            .set_u64("datafusion.execution.sort_spill_reservation_bytes", 8 << 10);
+        let ctx = SessionContext::new_with_config_rt(config, runtime.build_arc().unwrap());
+        collect(plan, ctx.task_ctx()).await
     }
 
     #[tokio::test]
@@ -848,17 +877,50 @@ mod tests {
             .unwrap();
         assert!(passed > 30, "{passed}");
         assert!(passed <= 5_000, "{passed}");
-        // An exact node (nothing above it drops a second row of a key) fails instead, and
-        // says what to change.
-        let err = rows_out(top_k_over(batches_of(5_000), 1, true), Some(1)).await;
-        let err = err.unwrap_err().to_string();
-        assert!(
-            err.contains("PartitionTopKExec") && err.contains("10 partition keys"),
-            "{err}"
-        );
-        assert!(err.contains("raise the memory limit"), "{err}");
-        // The pool's own refusal follows, naming the node's reservation.
-        assert!(err.contains("PartitionTopKExec[0]"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn an_exact_node_past_its_memory_sorts_with_spill_and_keeps_the_same_rows() {
+        // 20,000 keys: far more than 256 KiB holds one entry each.
+        for k in [1, 2] {
+            let plan = top_k_over(batches_with_keys(60_000, 20_000), k, true);
+            let spilled = run_top_k(plan.clone(), Some(256 << 10)).await.unwrap();
+            let in_memory = run_top_k(plan, None).await.unwrap();
+            let rows = |batches: &[RecordBatch]| -> Vec<(i64, i64)> {
+                let mut rows: Vec<(i64, i64)> = batches
+                    .iter()
+                    .flat_map(|b| {
+                        let column = |i: usize| {
+                            b.column(i)
+                                .as_any()
+                                .downcast_ref::<Int64Array>()
+                                .unwrap()
+                                .values()
+                                .to_vec()
+                        };
+                        column(0).into_iter().zip(column(1))
+                    })
+                    .collect();
+                rows.sort();
+                rows
+            };
+            let (spilled, in_memory) = (rows(&spilled), rows(&in_memory));
+            assert_eq!(spilled, in_memory);
+            // Each key's `k` smallest ids, counted the long way.
+            let all = rows(&batches_with_keys(60_000, 20_000));
+            let expected: Vec<(i64, i64)> = all
+                .chunk_by(|a, b| a.0 == b.0)
+                .flat_map(|run| run.iter().take(k).copied())
+                .collect();
+            assert_eq!(expected.len(), 20_000 * k);
+            assert_eq!(spilled, expected);
+        }
+        // With no memory even to sort, the task fails, naming the sort and the limit.
+        let err = rows_out(top_k_over(batches_of(5_000), 1, true), Some(1))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("Resources exhausted"), "{err}");
     }
 
     #[test]

@@ -212,6 +212,23 @@ async fn a_job_under_a_small_memory_limit_spills_and_matches_an_unlimited_one() 
     let sql = "SELECT a.k * 3000 + b.k AS id, count(*) AS c, sum(a.v + b.v) AS total \
                FROM big a JOIN (SELECT k, v FROM big WHERE k < 1000) b ON a.k % 7 = b.k % 7 \
                GROUP BY 1 ORDER BY 1 DESC";
+    let spill = under_12_mib_matches_unlimited(&sandbox, sql).await;
+
+    // Far too little memory: the job fails, naming the operator and the limit.
+    let mut embedded = EmbeddedOptions::new(sandbox.warehouse(), 2);
+    embedded.memory = MemorySettings::new(Some(1 << 20), Some(spill), 2);
+    let err = sandbox
+        .run_embedded(embedded, Some(2), None, &[])
+        .await
+        .expect_err("1 MiB is not enough")
+        .to_string();
+    assert!(err.contains("memory limit of 1.0 MiB"), "{err}");
+    assert!(err.contains("operator "), "{err}");
+}
+
+/// Runs `sql` unlimited, then under 12 MiB for two tasks, and checks both wrote the same
+/// rows. Returns the spill directory.
+async fn under_12_mib_matches_unlimited(sandbox: &Sandbox, sql: &str) -> std::path::PathBuf {
     sandbox.spec(&spec(sql, ""));
     let unlimited = sandbox.run(2, Some(2), None).await.expect("unlimited");
     let unlimited_read = sandbox.read_table("tests.joins", None);
@@ -230,17 +247,26 @@ async fn a_job_under_a_small_memory_limit_spills_and_matches_an_unlimited_one() 
         unlimited_read["duckdb"]["checksum"]
     );
     assert!(spill.exists(), "the spill directory was not set up");
+    spill
+}
 
-    // Far too little memory: the job fails, naming the operator and the limit.
-    let mut embedded = EmbeddedOptions::new(sandbox.warehouse(), 2);
-    embedded.memory = MemorySettings::new(Some(1 << 20), Some(spill), 2);
-    let err = sandbox
-        .run_embedded(embedded, Some(2), None, &[])
-        .await
-        .expect_err("1 MiB is not enough")
-        .to_string();
-    assert!(err.contains("memory limit of 1.0 MiB"), "{err}");
-    assert!(err.contains("operator "), "{err}");
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dedupe_over_more_keys_than_memory_holds_sorts_with_spill() {
+    let sandbox = Sandbox::new();
+    write_tables(&sandbox).await;
+    // 430,000 rows, 200,000 keys: one entry per key is several times a task's 6 MiB.
+    let sql = "SELECT id, total FROM ( \
+                 SELECT a.k * 3000 + b.k AS id, a.v + b.v AS total, \
+                        ROW_NUMBER() OVER (PARTITION BY (a.k * 3000 + b.k) % 200000 \
+                                           ORDER BY a.v + b.v DESC, a.k, b.k) AS rn \
+                 FROM big a JOIN (SELECT k, v FROM big WHERE k < 1000) b ON a.k % 7 = b.k % 7) t \
+               WHERE rn = 1";
+    sandbox.spec(&spec(sql, ""));
+    let plan = plan_of(&sandbox).await;
+    assert!(plan.contains("k=1 (exact)"), "{plan}");
+    under_12_mib_matches_unlimited(&sandbox, sql).await;
+    let rows = sandbox.read_table("tests.joins", None)["duckdb"]["rows"].clone();
+    assert_eq!(rows, 200_000, "{rows}");
 }
 
 /// Dedupes of the nightly kind: the latest row per key (`rn = 1`), the first three per

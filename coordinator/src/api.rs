@@ -25,11 +25,11 @@ use nightshift_proto::v1::{
 use tonic::{Code, Request, Response, Status};
 use tracing::{info, warn};
 
-use crate::admission::{Refusal, admit};
+use crate::admission::{RecentTables, Refusal, admit};
 use crate::idempotency::{
     ChosenIdDecision, KeyBinding, KeyDecision, decide, decide_chosen_id, needs_republish,
 };
-use crate::job::{JobError, JobOptions, validate_with_catalog};
+use crate::job::{JobError, check_submission};
 use crate::spec_ref::{SpecRefError, read_spec};
 
 /// Largest spec plus SQL files accepted in one submission. The one size limit: a request
@@ -45,6 +45,8 @@ pub struct JobApi {
     catalog: CatalogConfig,
     /// The catalog, opened by the first submission and shared by all after it.
     opened: Arc<tokio::sync::OnceCell<Arc<dyn iceberg::Catalog>>>,
+    /// Target tables looked up by the last second's submissions.
+    recent_tables: Arc<RecentTables>,
 }
 
 impl JobApi {
@@ -60,6 +62,7 @@ impl JobApi {
             access,
             catalog,
             opened: Arc::default(),
+            recent_tables: Arc::default(),
         }
     }
 
@@ -264,15 +267,15 @@ impl JobService for JobApi {
                 Refusal::Spec(e) => refuse(Code::InvalidArgument, e),
                 Refusal::Denied(e) => refuse(Code::PermissionDenied, e),
             })?;
-        // The same checks as `nightshift validate`: sources found, contracts hold, the SQL
-        // plans, the result fits the target table. Nothing is written.
         let chosen = match request.job_id.as_str() {
             "" => None,
             id => Some(JobId::parse(id).map_err(|e| refuse(Code::InvalidArgument, e))?),
         };
-        let options = JobOptions::new(JobId::generate(), 1);
+        // `nightshift validate`'s checks as far as the logical plan: sources found,
+        // contracts hold, the SQL's names and types resolve, the result fits the target
+        // table. Nothing is written.
         let catalog = self.open_catalog().await?;
-        match validate_with_catalog(&spec, &options, Some(catalog)).await {
+        match check_submission(&spec, catalog.as_ref(), &self.recent_tables).await {
             Ok(_) => {}
             Err(JobError::Invalid(e)) => return Err(refuse(Code::InvalidArgument, e)),
             Err(e) => return Err(refuse(Code::Unavailable, e)),

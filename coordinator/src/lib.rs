@@ -28,7 +28,7 @@ pub mod service;
 pub mod spec_ref;
 
 pub use job::{
-    JobEnv, JobError, JobEvent, JobOptions, JobReport, ValidationReport, outcome_json, run_job,
-    validate_job, validate_with_catalog,
+    JobEnv, JobError, JobEvent, JobOptions, JobReport, ValidationReport, check_submission,
+    outcome_json, run_job, validate_job,
 };
 pub use scheduler::StageCount;

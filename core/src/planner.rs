@@ -22,6 +22,7 @@ use ballista_core::execution_plans::{
 use ballista_core::extension::SessionConfigExt;
 use ballista_scheduler::planner::{DefaultDistributedPlanner, DistributedPlanner};
 use datafusion::arrow::datatypes::{DataType, SchemaRef};
+use datafusion::error::DataFusionError;
 use datafusion::execution::context::SQLOptions;
 use datafusion::physical_expr::expressions::{CastExpr, Column, Literal};
 use datafusion::physical_expr::{PhysicalExpr, ScalarFunctionExpr};
@@ -168,12 +169,8 @@ pub async fn plan_job(
     options: &PlanOptions,
 ) -> Result<JobPlan> {
     configure_planning(ctx, options.mode)?;
-    let sql_options = SQLOptions::new()
-        .with_allow_ddl(false)
-        .with_allow_dml(false)
-        .with_allow_statements(false);
     let df = ctx
-        .sql_with_options(sql, sql_options)
+        .sql_with_options(sql, queries_only())
         .await
         .map_err(|e| CoreError::Sql(crate::task::clean_message(&e.to_string())))?;
     let output_schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
@@ -190,6 +187,25 @@ pub async fn plan_job(
         }
         PlanMode::SingleProcess { .. } => Ok(single_stage(job, physical, output_schema)?),
     }
+}
+
+/// What a job's SQL may be: a query, nothing that defines or changes tables or settings.
+fn queries_only() -> SQLOptions {
+    SQLOptions::new()
+        .with_allow_ddl(false)
+        .with_allow_dml(false)
+        .with_allow_statements(false)
+}
+
+/// The columns `sql` gives against the tables registered in `ctx`, from its logical plan
+/// (names and types resolved, nothing optimized or planned to run). Only queries are
+/// accepted, as by [`plan_job`].
+pub async fn output_schema(ctx: &SessionContext, sql: &str) -> Result<SchemaRef> {
+    let sql_error = |e: DataFusionError| CoreError::Sql(crate::task::clean_message(&e.to_string()));
+    let state = ctx.state();
+    let plan = state.create_logical_plan(sql).await.map_err(sql_error)?;
+    queries_only().verify_plan(&plan).map_err(sql_error)?;
+    Ok(Arc::new(plan.schema().as_arrow().clone()))
 }
 
 /// Moves the broadcast threshold (a spec's `broadcast_join_threshold_bytes`, stored under

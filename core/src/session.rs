@@ -7,18 +7,21 @@
 use std::any::Any;
 use std::num::NonZeroUsize;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use ballista_core::extension::SessionConfigExt;
 use datafusion::arrow::datatypes::{DataType, Field, FieldRef};
+use datafusion::catalog::{CatalogProviderList, MemoryCatalogProviderList};
 use datafusion::common::config::ConfigExtension;
 use datafusion::common::{DataFusionError, ScalarValue, exec_err, extensions_options};
-use datafusion::execution::SessionStateBuilder;
+use datafusion::execution::SessionStateDefaults;
+use datafusion::execution::cache::cache_manager::CacheManagerConfig;
 use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
 use datafusion::execution::memory_pool::{
     FairSpillPool, MemoryConsumer, MemoryLimit, MemoryPool, MemoryReservation, TrackConsumersPool,
 };
 use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
+use datafusion::execution::{SessionState, SessionStateBuilder};
 use datafusion::physical_optimizer::optimizer::PhysicalOptimizer;
 
 use crate::joins::DistributedJoins;
@@ -132,6 +135,44 @@ pub fn new_session(options: SessionOptions) -> SessionContext {
     ctx.register_udf(ScalarUDF::new_from_impl(
         crate::merge::RequireUniqueKey::default(),
     ));
+    ctx
+}
+
+/// A session to plan in (no task runs in it), as [`new_session`] builds by default but
+/// cloned from one built once per process: building one registers every DataFusion function
+/// anew, a large part of admitting a submission. Its tables are its own (a fresh catalog),
+/// and its runtime caches no listing or file metadata, so a planner always sees the files
+/// a source has now: DataFusion 53 would otherwise keep a directory's listing for the life
+/// of the runtime.
+pub fn planning_session() -> SessionContext {
+    static TEMPLATE: OnceLock<SessionState> = OnceLock::new();
+    let template = TEMPLATE.get_or_init(|| {
+        let caches = CacheManagerConfig::default()
+            .with_list_files_cache_limit(0)
+            .with_metadata_cache_limit(0);
+        let runtime = RuntimeEnvBuilder::new()
+            .with_object_store_registry(Arc::new(NightshiftStoreRegistry))
+            .with_cache_manager(caches)
+            .build_arc()
+            .expect("runtime environment");
+        new_session(SessionOptions {
+            runtime: Some(runtime),
+            ..SessionOptions::default()
+        })
+        .state()
+    });
+    let catalog = SessionStateDefaults::default_catalog(
+        template.config(),
+        template.table_factories(),
+        template.runtime_env(),
+    );
+    let catalogs = MemoryCatalogProviderList::new();
+    catalogs.register_catalog(
+        template.config().options().catalog.default_catalog.clone(),
+        Arc::new(catalog),
+    );
+    let ctx = SessionContext::new_with_state(template.clone());
+    ctx.register_catalog_list(Arc::new(catalogs));
     ctx
 }
 
@@ -417,6 +458,42 @@ mod tests {
         assert_eq!(parse_bytes("1048576"), Ok(1 << 20));
         assert!(parse_bytes("lots").is_err());
         assert!(parse_bytes("2 parsecs").is_err());
+    }
+
+    #[tokio::test]
+    async fn planning_sessions_share_functions_but_not_tables_or_listings() {
+        let dir = tempfile::tempdir().unwrap();
+        let csv = |name: &str| {
+            std::fs::write(dir.path().join(name), "a,b\n1,x\n2,y\n").unwrap();
+        };
+        csv("one.csv");
+        let location = format!("{}/", dir.path().display());
+        let count = |ctx: SessionContext| {
+            let location = location.clone();
+            async move {
+                ctx.register_csv("t", &location, Default::default())
+                    .await
+                    .unwrap();
+                let rows = ctx
+                    .sql("SELECT count(*) FROM t WHERE nightshift_require_not_null(a, 'a') > 0")
+                    .await
+                    .unwrap()
+                    .collect()
+                    .await
+                    .unwrap();
+                let counted = rows[0].column(0).as_any();
+                let counted = counted
+                    .downcast_ref::<datafusion::arrow::array::Int64Array>()
+                    .unwrap();
+                counted.value(0)
+            }
+        };
+        // Each session registers `t` of its own (a shared catalog would refuse the second),
+        // and sees Nightshift's functions.
+        assert_eq!(count(planning_session()).await, 2);
+        // A file that arrives later is listed by the next session.
+        csv("two.csv");
+        assert_eq!(count(planning_session()).await, 4);
     }
 
     #[test]

@@ -17,17 +17,18 @@ use std::time::Duration;
 
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::prelude::SessionContext;
+use iceberg::table::Table;
 use nightshift_core::CoreError;
 use nightshift_core::checks::{self, CheckResult, RowCheckCounter};
 use nightshift_core::ids::JobId;
-use nightshift_core::planner::{JobPlan, PlanMode, PlanOptions, plan_job};
+use nightshift_core::planner::{JobPlan, PlanMode, PlanOptions, output_schema, plan_job};
 use nightshift_core::redact::redact;
-use nightshift_core::session::{SessionOptions, new_session};
+use nightshift_core::session::planning_session;
 use nightshift_core::sources::{SourceSummary, register_merge_target, register_sources};
 use nightshift_core::storage::Location;
 use nightshift_core::table::{
-    CatalogConfig, check_compatible, open_catalog, parse_table_ident, target_layout,
-    with_table_types_for_nulls,
+    CatalogConfig, check_compatible, load_if_exists, open_catalog, parse_table_ident,
+    target_layout, with_table_types_for_nulls,
 };
 use nightshift_core::transport::{StateStore, TaskQueue};
 use nightshift_spec::{ResolvedSpec, WriteMode};
@@ -35,6 +36,7 @@ use nightshift_spec::{ResolvedSpec, WriteMode};
 pub use driver::{now_ms, ownership_ttl, run_job};
 pub use nightshift_core::table::table_output;
 
+use crate::admission::RecentTables;
 use crate::scheduler::StageCount;
 
 /// Default input bytes per scan task.
@@ -300,7 +302,46 @@ async fn plan(
     catalog: Option<&dyn iceberg::Catalog>,
     (mode, reads): (PlanMode, PlanReads),
 ) -> Result<Planned, JobError> {
-    let session = new_session(SessionOptions::default());
+    let prepared = prepare(spec, options, catalog, reads).await?;
+    let plan_options = PlanOptions {
+        mode,
+        partition_by: spec.partition_by.clone(),
+    };
+    let plan = plan_job(
+        &prepared.session,
+        &options.job_id,
+        &prepared.sql,
+        &plan_options,
+    )
+    .await?;
+    check_against_result(spec, &plan.output_schema, &prepared.session, catalog).await?;
+    Ok(Planned {
+        plan,
+        sources: prepared.sources,
+        partitions: prepared.partitions,
+        merge: prepared.merge,
+        compaction: prepared.compaction,
+        session: prepared.session,
+    })
+}
+
+/// A session with the spec's sources registered and sized, and the query the job runs.
+struct Prepared {
+    session: SessionContext,
+    sources: Vec<SourceSummary>,
+    partitions: usize,
+    sql: String,
+    merge: MergeRead,
+    compaction: Option<CompactionInput>,
+}
+
+async fn prepare(
+    spec: &ResolvedSpec,
+    options: &JobOptions,
+    catalog: Option<&dyn iceberg::Catalog>,
+    reads: PlanReads,
+) -> Result<Prepared, JobError> {
+    let session = planning_session();
     let (sources, compaction, compaction_read) = match (spec.spec.target.mode, catalog) {
         (WriteMode::Compact, Some(catalog)) => {
             let (source, (input, read)) = compaction_input(&session, spec, catalog).await?;
@@ -319,30 +360,36 @@ async fn plan(
             .set(BROADCAST_THRESHOLD_KEY, &bytes.to_string())
             .map_err(|e| JobError::Internal(e.into()))?;
     }
-    let plan_options = PlanOptions {
-        mode,
-        partition_by: spec.partition_by.clone(),
-    };
     let (sql, merge) = match spec.spec.target.mode {
         WriteMode::Merge => merge_sql_of(&session, spec, catalog, reads).await?,
         _ => (spec.sql.clone(), compaction_read.unwrap_or_default()),
     };
-    let plan = plan_job(&session, &options.job_id, &sql, &plan_options).await?;
-    // A check naming a column the result lacks is a spec error, found before any task runs.
-    RowCheckCounter::new(&checks::row_checks(&spec.spec.check), &plan.output_schema)?;
-    // So is a `unique` or `sql` check whose query does not run: tried on no rows.
-    checks::run_set_checks(&spec.spec.check, &[], &plan.output_schema, catalog).await?;
-    // Checks on sources are planned here (a missing column is a spec error); a job runs
-    // them on its workers before its first task (`set_checks`).
-    checks::run_source_checks(&session, &spec.spec.check, catalog, false).await?;
-    Ok(Planned {
-        plan,
+    Ok(Prepared {
+        session,
         sources,
         partitions,
+        sql,
         merge,
         compaction,
-        session,
     })
+}
+
+/// The `[[check]]`s against the job's result columns and its sources: spec errors found
+/// before any task runs.
+async fn check_against_result(
+    spec: &ResolvedSpec,
+    output_schema: &SchemaRef,
+    session: &SessionContext,
+    catalog: Option<&dyn iceberg::Catalog>,
+) -> Result<(), JobError> {
+    // A check naming a column the result lacks.
+    RowCheckCounter::new(&checks::row_checks(&spec.spec.check), output_schema)?;
+    // A `unique` or `sql` check whose query does not run: tried on no rows.
+    checks::run_set_checks(&spec.spec.check, &[], output_schema, catalog).await?;
+    // Checks on sources are planned here (a missing column is a spec error); a job runs
+    // them on its workers before its first task (`set_checks`).
+    checks::run_source_checks(session, &spec.spec.check, catalog, false).await?;
+    Ok(())
 }
 
 /// For `mode = "compact"`: registers the files the `[maintenance]` policy rewrites as the
@@ -538,17 +585,6 @@ pub async fn validate_job(
         Some(config) => Some(open_catalog(config).await?),
         None => None,
     };
-    validate_with_catalog(spec, options, catalog).await
-}
-
-/// [`validate_job`] with a catalog already open (the job API keeps one for every
-/// submission: opening a catalog per request cost about a fifth of admission).
-pub async fn validate_with_catalog(
-    spec: &ResolvedSpec,
-    options: &JobOptions,
-    catalog: Option<Arc<dyn iceberg::Catalog>>,
-) -> Result<ValidationReport, JobError> {
-    let table = &spec.spec.target.table;
     let planned = plan(
         spec,
         options,
@@ -556,36 +592,14 @@ pub async fn validate_with_catalog(
         (PlanMode::default(), PlanReads::Nothing),
     )
     .await?;
-    let mut existing = None;
-    if let Some(catalog) = &catalog {
-        let ident = parse_table_ident(table)?;
-        if catalog
-            .table_exists(&ident)
-            .await
-            .map_err(CoreError::from)?
-        {
-            existing = Some(catalog.load_table(&ident).await.map_err(CoreError::from)?);
+    let existing = match &catalog {
+        Some(catalog) => {
+            let ident = parse_table_ident(&spec.spec.target.table)?;
+            load_if_exists(catalog.as_ref(), &ident).await?
         }
-    }
-    let mut schema_changes = Vec::new();
-    match existing {
-        Some(existing) => {
-            let result = with_table_types_for_nulls(&existing, &planned.plan.output_schema)?;
-            let (schema, _) = target_layout(table, &result, &spec.partition_by)?;
-            if let Some(change) = check_compatible(
-                table,
-                &existing,
-                &schema,
-                &spec.partition_by,
-                spec.spec.target.schema_evolution,
-            )? {
-                schema_changes = change.changes;
-            }
-        }
-        None => {
-            target_layout(table, &planned.plan.output_schema, &spec.partition_by)?;
-        }
-    }
+        None => None,
+    };
+    let schema_changes = check_target(spec, &planned.plan.output_schema, existing.as_ref())?;
     Ok(ValidationReport {
         sources: planned.sources,
         output_schema: planned.plan.output_schema.clone(),
@@ -593,4 +607,50 @@ pub async fn validate_with_catalog(
         plan: planned.plan,
         schema_changes,
     })
+}
+
+/// What the job API checks before it accepts a submission: [`validate_job`]'s checks as far
+/// as the query's logical plan (sources found, contracts, the SQL's names and types, the
+/// checks, the result against the target table), with `catalog` kept open across
+/// submissions and the target looked up through `recent`. The physical plan and its stages
+/// are made when the job runs: they cost a large part of a submission's time (see
+/// `load-tests/README.md`), and an error only they find fails the job at its planning,
+/// before any task runs, with the same message.
+pub async fn check_submission(
+    spec: &ResolvedSpec,
+    catalog: &dyn iceberg::Catalog,
+    recent: &RecentTables,
+) -> Result<(), JobError> {
+    let options = JobOptions::new(JobId::generate(), 1);
+    let prepared = prepare(spec, &options, Some(catalog), PlanReads::Nothing).await?;
+    let output_schema = output_schema(&prepared.session, &prepared.sql).await?;
+    check_against_result(spec, &output_schema, &prepared.session, Some(catalog)).await?;
+    let ident = parse_table_ident(&spec.spec.target.table)?;
+    let existing = recent.existing(catalog, &ident).await?;
+    check_target(spec, &output_schema, existing.as_ref())?;
+    Ok(())
+}
+
+/// Whether a result of `output_schema` fits the target table (its partition spec, and the
+/// `existing` table's schema); what it would change in that schema (`schema_evolution`).
+fn check_target(
+    spec: &ResolvedSpec,
+    output_schema: &SchemaRef,
+    existing: Option<&Table>,
+) -> Result<Vec<String>, JobError> {
+    let table = &spec.spec.target.table;
+    let Some(existing) = existing else {
+        target_layout(table, output_schema, &spec.partition_by)?;
+        return Ok(Vec::new());
+    };
+    let result = with_table_types_for_nulls(existing, output_schema)?;
+    let (schema, _) = target_layout(table, &result, &spec.partition_by)?;
+    let change = check_compatible(
+        table,
+        existing,
+        &schema,
+        &spec.partition_by,
+        spec.spec.target.schema_evolution,
+    )?;
+    Ok(change.map(|c| c.changes).unwrap_or_default())
 }

@@ -79,6 +79,17 @@ pub async fn open_existing_table(
     Ok((catalog, ident))
 }
 
+/// The table `ident` in `catalog`, or `None` when there is no such table.
+pub async fn load_if_exists(
+    catalog: &dyn Catalog,
+    ident: &iceberg::TableIdent,
+) -> Result<Option<iceberg::table::Table>> {
+    if !catalog.table_exists(ident).await? {
+        return Ok(None);
+    }
+    Ok(Some(catalog.load_table(ident).await?))
+}
+
 /// Opens the catalog, creating the SQLite file and the catalog tables if needed.
 pub async fn open_catalog(config: &CatalogConfig) -> Result<Arc<dyn Catalog>> {
     match config {

@@ -18,7 +18,7 @@ pub mod schema;
 pub mod swap;
 pub mod writer;
 
-pub use catalog::{CatalogConfig, Secret, open_catalog, open_existing_table};
+pub use catalog::{CatalogConfig, Secret, load_if_exists, open_catalog, open_existing_table};
 pub use commit::{
     CommitOutcome, JOB_ID_PROPERTY, JobCommit, PIPELINE_PROPERTY, WrittenWith, commit_job_snapshot,
     committed_before, find_job_snapshot, parse_table_ident, previous_run_rows,

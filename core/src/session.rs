@@ -138,13 +138,15 @@ pub fn new_session(options: SessionOptions) -> SessionContext {
     ctx
 }
 
-/// A session to plan in (no task runs in it), as [`new_session`] builds by default but
-/// cloned from one built once per process: building one registers every DataFusion function
-/// anew, a large part of admitting a submission. Its tables are its own (a fresh catalog),
-/// and its runtime caches no listing or file metadata, so a planner always sees the files
-/// a source has now: DataFusion 53 would otherwise keep a directory's listing for the life
-/// of the runtime.
-pub fn planning_session() -> SessionContext {
+/// A session to check a query in, as far as its logical plan (names and types: the job
+/// API's admission), as [`new_session`] builds by default but cloned from one built once per
+/// process: building one registers every DataFusion function anew, a large part of
+/// admitting a submission. Its tables are its own (a fresh catalog), and its runtime caches
+/// no listing or file metadata, so a check always sees the files a source has now:
+/// DataFusion 53 would otherwise keep a directory's listing for the life of the runtime.
+/// Not for plans that run: a Parquet scan planned here would read its files' metadata
+/// anew in every task, where a session of its own caches it for the job.
+pub fn checking_session() -> SessionContext {
     static TEMPLATE: OnceLock<SessionState> = OnceLock::new();
     let template = TEMPLATE.get_or_init(|| {
         let caches = CacheManagerConfig::default()
@@ -461,7 +463,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn planning_sessions_share_functions_but_not_tables_or_listings() {
+    async fn checking_sessions_share_functions_but_not_tables_or_listings() {
         let dir = tempfile::tempdir().unwrap();
         let csv = |name: &str| {
             std::fs::write(dir.path().join(name), "a,b\n1,x\n2,y\n").unwrap();
@@ -490,10 +492,10 @@ mod tests {
         };
         // Each session registers `t` of its own (a shared catalog would refuse the second),
         // and sees Nightshift's functions.
-        assert_eq!(count(planning_session()).await, 2);
+        assert_eq!(count(checking_session()).await, 2);
         // A file that arrives later is listed by the next session.
         csv("two.csv");
-        assert_eq!(count(planning_session()).await, 4);
+        assert_eq!(count(checking_session()).await, 4);
     }
 
     #[test]

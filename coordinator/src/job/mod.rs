@@ -23,7 +23,7 @@ use nightshift_core::checks::{self, CheckResult, RowCheckCounter};
 use nightshift_core::ids::JobId;
 use nightshift_core::planner::{JobPlan, PlanMode, PlanOptions, output_schema, plan_job};
 use nightshift_core::redact::redact;
-use nightshift_core::session::planning_session;
+use nightshift_core::session::{SessionOptions, checking_session, new_session};
 use nightshift_core::sources::{SourceSummary, register_merge_target, register_sources};
 use nightshift_core::storage::Location;
 use nightshift_core::table::{
@@ -302,7 +302,8 @@ async fn plan(
     catalog: Option<&dyn iceberg::Catalog>,
     (mode, reads): (PlanMode, PlanReads),
 ) -> Result<Planned, JobError> {
-    let prepared = prepare(spec, options, catalog, reads).await?;
+    let session = new_session(SessionOptions::default());
+    let prepared = prepare(session, spec, options, catalog, reads).await?;
     let plan_options = PlanOptions {
         mode,
         partition_by: spec.partition_by.clone(),
@@ -326,6 +327,8 @@ async fn plan(
 }
 
 /// A session with the spec's sources registered and sized, and the query the job runs.
+/// A job plans in a session of its own ([`new_session`]: its Parquet scans cache their
+/// files' metadata for the job's tasks); admission checks in a [`checking_session`].
 struct Prepared {
     session: SessionContext,
     sources: Vec<SourceSummary>,
@@ -336,12 +339,12 @@ struct Prepared {
 }
 
 async fn prepare(
+    session: SessionContext,
     spec: &ResolvedSpec,
     options: &JobOptions,
     catalog: Option<&dyn iceberg::Catalog>,
     reads: PlanReads,
 ) -> Result<Prepared, JobError> {
-    let session = planning_session();
     let (sources, compaction, compaction_read) = match (spec.spec.target.mode, catalog) {
         (WriteMode::Compact, Some(catalog)) => {
             let (source, (input, read)) = compaction_input(&session, spec, catalog).await?;
@@ -622,7 +625,14 @@ pub async fn check_submission(
     recent: &RecentTables,
 ) -> Result<(), JobError> {
     let options = JobOptions::new(JobId::generate(), 1);
-    let prepared = prepare(spec, &options, Some(catalog), PlanReads::Nothing).await?;
+    let prepared = prepare(
+        checking_session(),
+        spec,
+        &options,
+        Some(catalog),
+        PlanReads::Nothing,
+    )
+    .await?;
     let output_schema = output_schema(&prepared.session, &prepared.sql).await?;
     check_against_result(spec, &output_schema, &prepared.session, Some(catalog)).await?;
     let ident = parse_table_ident(&spec.spec.target.table)?;

@@ -243,6 +243,31 @@ impl ExecutionPlan for PartitionTopKExec {
     }
 }
 
+/// Converts the window's partition keys of `schema` to comparable rows.
+fn key_converter(
+    schema: &SchemaRef,
+    partition_by: &[Arc<dyn PhysicalExpr>],
+) -> Result<RowConverter> {
+    Ok(RowConverter::new(
+        partition_by
+            .iter()
+            .map(|e| Ok(SortField::new(e.data_type(schema)?)))
+            .collect::<Result<_>>()?,
+    )?)
+}
+
+/// `exprs` evaluated over `batch`, as rows of `converter`.
+fn rows_of(
+    converter: &RowConverter,
+    exprs: impl Iterator<Item = Arc<dyn PhysicalExpr>>,
+    batch: &RecordBatch,
+) -> Result<Rows> {
+    let columns = exprs
+        .map(|e| e.evaluate(batch)?.into_array(batch.num_rows()))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(converter.convert_columns(&columns)?)
+}
+
 /// Bytes of a key in the index beside its row (the table's entry, the list).
 const KEY_OVERHEAD: usize = 64;
 /// Bytes of a kept row in the index beside its order key.
@@ -287,12 +312,7 @@ impl TopRows {
         k: usize,
         reservation: MemoryReservation,
     ) -> Result<Self> {
-        let keys = RowConverter::new(
-            partition_by
-                .iter()
-                .map(|e| Ok(SortField::new(e.data_type(schema)?)))
-                .collect::<Result<_>>()?,
-        )?;
+        let keys = key_converter(schema, &partition_by)?;
         let orders = RowConverter::new(
             order_by
                 .iter()
@@ -323,17 +343,6 @@ impl TopRows {
         })
     }
 
-    fn rows_of(
-        converter: &RowConverter,
-        exprs: impl Iterator<Item = Arc<dyn PhysicalExpr>>,
-        batch: &RecordBatch,
-    ) -> Result<Rows> {
-        let columns = exprs
-            .map(|e| e.evaluate(batch)?.into_array(batch.num_rows()))
-            .collect::<Result<Vec<_>>>()?;
-        Ok(converter.convert_columns(&columns)?)
-    }
-
     /// Takes `batch`'s rows that are among the first of their key so far. Gives the memory
     /// pool's refusal when the pool will not count what that holds (nothing is lost then:
     /// see [`TopRows::into_held`]).
@@ -341,8 +350,8 @@ impl TopRows {
         if batch.num_rows() == 0 {
             return Ok(None);
         }
-        let keys = Self::rows_of(&self.keys, self.partition_by.iter().cloned(), batch)?;
-        let orders = Self::rows_of(
+        let keys = rows_of(&self.keys, self.partition_by.iter().cloned(), batch)?;
+        let orders = rows_of(
             &self.orders,
             self.order_by.iter().map(|e| e.expr.clone()),
             batch,

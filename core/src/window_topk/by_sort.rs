@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use datafusion::arrow::array::{RecordBatch, UInt32Array};
 use datafusion::arrow::compute::take_record_batch;
 use datafusion::arrow::datatypes::SchemaRef;
-use datafusion::arrow::row::{OwnedRow, RowConverter, SortField};
+use datafusion::arrow::row::{OwnedRow, RowConverter};
 use datafusion::error::{DataFusionError, Result};
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::physical_expr::{LexOrdering, PhysicalExpr, PhysicalSortExpr};
@@ -107,12 +107,7 @@ struct KeyRuns {
 
 impl KeyRuns {
     fn new(schema: &SchemaRef, partition_by: Vec<Arc<dyn PhysicalExpr>>, k: usize) -> Result<Self> {
-        let keys = RowConverter::new(
-            partition_by
-                .iter()
-                .map(|e| Ok(SortField::new(e.data_type(schema)?)))
-                .collect::<Result<_>>()?,
-        )?;
+        let keys = super::key_converter(schema, &partition_by)?;
         Ok(KeyRuns {
             partition_by,
             keys,
@@ -125,12 +120,7 @@ impl KeyRuns {
     /// The rows of `batch` among the first `k` of their key's run (which may have begun in
     /// an earlier batch).
     fn first_k(&mut self, batch: &RecordBatch) -> Result<RecordBatch> {
-        let columns = self
-            .partition_by
-            .iter()
-            .map(|e| e.evaluate(batch)?.into_array(batch.num_rows()))
-            .collect::<Result<Vec<_>>>()?;
-        let keys = self.keys.convert_columns(&columns)?;
+        let keys = super::rows_of(&self.keys, self.partition_by.iter().cloned(), batch)?;
         let mut taken = Vec::new();
         for (row, key) in keys.iter().enumerate() {
             if self.current.as_ref().is_some_and(|c| c.row() == key) {

@@ -12,7 +12,9 @@
 //!
 //! The result of a job writing a partitioned table is hash-distributed by the partition
 //! values first (Iceberg's `write.distribution-mode = hash`): each table partition is written
-//! by one task, into files of the target size, not one small file per task.
+//! by one task, into files of the target size, not one small file per task. Each task then
+//! sorts its rows by the partition source columns (a spilling sort), so its writer holds one
+//! partition's file open at a time instead of one per partition it was given.
 
 use std::sync::Arc;
 
@@ -25,9 +27,11 @@ use datafusion::arrow::datatypes::{DataType, SchemaRef};
 use datafusion::error::DataFusionError;
 use datafusion::execution::context::SQLOptions;
 use datafusion::physical_expr::expressions::{CastExpr, Column, Literal};
+use datafusion::physical_expr::{LexOrdering, PhysicalSortExpr};
 use datafusion::physical_expr::{PhysicalExpr, ScalarFunctionExpr};
 use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
 use datafusion::physical_plan::repartition::RepartitionExec;
+use datafusion::physical_plan::sorts::sort::SortExec;
 use datafusion::physical_plan::{ExecutionPlan, Partitioning, displayable};
 use datafusion::prelude::SessionContext;
 use datafusion::scalar::ScalarValue;
@@ -180,6 +184,7 @@ pub async fn plan_job(
         .map_err(|e| CoreError::Sql(crate::task::clean_message(&e.to_string())))?;
     let physical = strip_final_coalesce(physical);
     let physical = distribute_by_partition(ctx, physical, &options.partition_by)?;
+    let physical = cluster_by_partition(physical, &options.partition_by)?;
     match options.mode {
         PlanMode::Distributed { .. } => {
             let physical = single_probe_for_build_emitting_joins(physical)?;
@@ -412,6 +417,49 @@ fn distribute_by_partition(
     )?))
 }
 
+/// The result columns a partitioned write sorts by within each task: the source columns of
+/// the partition fields up to the first bucket. Every other transform keeps order (identity,
+/// time units, truncate), so rows sorted by these arrive partition after partition; a bucket
+/// scatters its source's order.
+pub fn clustering_columns(partition_by: &[PartitionField]) -> Vec<&str> {
+    let mut columns: Vec<&str> = Vec::new();
+    for field in partition_by {
+        if matches!(field.transform, PartitionTransform::Bucket(_)) {
+            break;
+        }
+        if !columns.contains(&field.column.as_str()) {
+            columns.push(&field.column);
+        }
+    }
+    columns
+}
+
+/// Sorts each partition of `plan` by [`clustering_columns`], so a task's writer can close a
+/// table partition's file when the rows move past it (see `table::open_files`). The sort
+/// spills under the task's memory limit; without it a task holds a file open for every
+/// table partition it writes until its last row.
+fn cluster_by_partition(
+    plan: Arc<dyn ExecutionPlan>,
+    partition_by: &[PartitionField],
+) -> Result<Arc<dyn ExecutionPlan>> {
+    let schema = plan.schema();
+    let mut keys = Vec::new();
+    for column in clustering_columns(partition_by) {
+        let Ok(index) = schema.index_of(column) else {
+            return Ok(plan);
+        };
+        keys.push(PhysicalSortExpr::new_default(Arc::new(Column::new(
+            column, index,
+        ))));
+    }
+    let Some(ordering) = LexOrdering::new(keys) else {
+        return Ok(plan);
+    };
+    Ok(Arc::new(
+        SortExec::new(ordering, plan).with_preserve_partitioning(true),
+    ))
+}
+
 /// `date_trunc(unit, expr)`.
 fn truncate(
     unit: &str,
@@ -445,6 +493,29 @@ mod tests {
     use datafusion::arrow::array::{Int64Array, RecordBatch};
     use datafusion::arrow::datatypes::{Field, Schema};
     use datafusion::datasource::MemTable;
+
+    fn field(column: &str, transform: PartitionTransform) -> PartitionField {
+        PartitionField {
+            column: column.to_string(),
+            transform,
+        }
+    }
+
+    #[test]
+    fn a_write_sorts_by_the_sources_of_the_fields_before_the_first_bucket() {
+        use PartitionTransform::*;
+        let by = [
+            field("ts", Day),
+            field("region", Identity),
+            field("ts", Hour),
+            field("name", Truncate(3)),
+            field("id", Bucket(16)),
+            field("kind", Identity),
+        ];
+        assert_eq!(clustering_columns(&by), ["ts", "region", "name"]);
+        assert!(clustering_columns(&[field("id", Bucket(8)), field("ts", Day)]).is_empty());
+        assert!(clustering_columns(&[]).is_empty());
+    }
 
     #[tokio::test]
     async fn renumbered_stages_still_read_each_other() {

@@ -29,7 +29,7 @@ use super::commit::{WrittenWith, commit_file_change};
 use super::live::{live_entries, scan_tasks};
 use super::overwrite::Replace;
 use super::references::TableReferences;
-use super::writer::{data_file_paths, table_output, write_batches};
+use super::writer::{WriteLayout, data_file_paths, table_output, write_batches};
 use crate::error::{CoreError, Result};
 use crate::ids::JobId;
 
@@ -251,7 +251,13 @@ pub async fn compact(
             let expected: u64 = group_tasks.iter().filter_map(|t| t.record_count).sum();
             let stream = futures::stream::iter(group_tasks.into_iter().map(Ok)).boxed();
             let batches = table.reader_builder().build().read(stream)?.stream();
-            let summary = write_batches(batches, &out, format!("{job}-g{n}")).await?;
+            let summary = write_batches(
+                batches,
+                &out,
+                format!("{job}-g{n}"),
+                WriteLayout::unbounded(),
+            )
+            .await?;
             written.extend(summary.data_files_json);
             // Compaction must not change rows: never commit a rewrite that lost or gained any.
             if summary.rows != expected {

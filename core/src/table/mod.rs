@@ -9,6 +9,7 @@ pub mod job_guard;
 pub mod layout;
 pub mod live;
 pub mod maintain;
+mod open_files;
 pub mod overwrite;
 pub mod parquet_settings;
 pub mod references;
@@ -32,6 +33,6 @@ pub use references::TableReferences;
 pub use rejects::{ensure_rejects_table, rejects_schema};
 pub use schema::iceberg_schema_for;
 pub use writer::{
-    PartitionFileCounts, TableWriteSummary, data_file_paths, files_per_partition, table_output,
-    write_batches, write_data_files,
+    PartitionFileCounts, TableWriteSummary, WriteLayout, data_file_paths, files_per_partition,
+    table_output, write_batches, write_data_files,
 };

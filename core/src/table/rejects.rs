@@ -153,7 +153,12 @@ impl Quarantine {
             ..Default::default()
         };
         let target = TableTarget::from_task(&as_table)?;
-        let writer = new_writer(&target, &as_table, file_prefix.to_string())?;
+        let writer = new_writer(
+            &target,
+            &as_table,
+            file_prefix.to_string(),
+            super::writer::WriteLayout::unbounded(),
+        )?;
         Ok(Some(Quarantine {
             checks: compiled,
             schema: target.arrow_schema.clone(),

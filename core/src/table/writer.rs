@@ -19,11 +19,10 @@ use iceberg::writer::file_writer::location_generator::{
     DefaultFileNameGenerator, DefaultLocationGenerator,
 };
 use iceberg::writer::file_writer::rolling_writer::RollingFileWriterBuilder;
-use iceberg::writer::partitioning::PartitioningWriter;
-use iceberg::writer::partitioning::fanout_writer::FanoutWriter;
 use iceberg::writer::partitioning::unpartitioned_writer::UnpartitionedWriter;
 use nightshift_proto::v1::TableOutput;
 
+use super::open_files::{OpenFiles, RowGroupLimits};
 use super::rejects::Quarantine;
 use crate::checks::RowCheckCounter;
 use crate::error::{CoreError, Result};
@@ -74,17 +73,18 @@ impl TableTarget {
     }
 }
 
-type Builder =
+pub(crate) type Builder =
     DataFileWriterBuilder<ParquetWriterBuilder, DefaultLocationGenerator, DefaultFileNameGenerator>;
 
 /// Either writer kind, as iceberg-datafusion's private `TaskWriter` does.
 pub(crate) enum PartitionedWriter {
     Unpartitioned(Box<UnpartitionedWriter<Builder>>),
     Fanout(
-        Box<FanoutWriter<Builder>>,
+        Box<OpenFiles>,
         Box<RecordBatchPartitionSplitter>,
-        /// The partition fields' source columns, by name: batches are ordered by them first.
-        Vec<String>,
+        /// The partition fields' source columns, by name: a batch of unsorted input is
+        /// ordered by them first (input clustered by them is already).
+        Option<Vec<String>>,
     ),
 }
 
@@ -97,17 +97,19 @@ impl PartitionedWriter {
     pub(crate) async fn write(&mut self, batch: RecordBatch) -> iceberg::Result<()> {
         match self {
             PartitionedWriter::Unpartitioned(w) => w.write(batch).await,
-            PartitionedWriter::Fanout(w, splitter, sources) => {
-                let batch = ordered_by(&batch, sources)?;
+            PartitionedWriter::Fanout(w, splitter, order_by) => {
+                let batch = match order_by {
+                    Some(sources) => ordered_by(&batch, sources)?,
+                    None => batch,
+                };
                 let mut start = 0;
                 while start < batch.num_rows() {
                     let len = SPLIT_SLICE_ROWS.min(batch.num_rows() - start);
-                    for (key, part) in splitter.split(&batch.slice(start, len))? {
-                        w.write(key, part).await?;
-                    }
+                    w.write_slice(splitter.split(&batch.slice(start, len))?)
+                        .await?;
                     start += len;
                 }
-                Ok(())
+                w.end_batch().await
             }
         }
     }
@@ -129,7 +131,58 @@ pub async fn write_data_files(
     file_prefix: String,
     ctx: Arc<TaskContext>,
 ) -> Result<TableWriteSummary> {
-    write_batches(input.execute(partition, ctx)?, out, file_prefix).await
+    let target = TableTarget::from_task(out)?;
+    let layout = WriteLayout {
+        clustered: clustered_by_partition(&input, &target),
+        pool: ctx.memory_pool().clone(),
+    };
+    write_batches(input.execute(partition, ctx)?, out, file_prefix, layout).await
+}
+
+/// How a task's rows reach its writer.
+pub struct WriteLayout {
+    /// The rows arrive sorted by the first partition field's source column (a partition
+    /// passed is not met again).
+    pub clustered: bool,
+    /// The memory pool the open files count against.
+    pub pool: Arc<dyn datafusion::execution::memory_pool::MemoryPool>,
+}
+
+impl WriteLayout {
+    /// Unsorted rows, open files bounded only by the process's memory.
+    pub fn unbounded() -> Self {
+        WriteLayout {
+            clustered: false,
+            pool: Arc::new(datafusion::execution::memory_pool::UnboundedMemoryPool::default()),
+        }
+    }
+}
+
+/// Whether `input` yields its rows sorted by the source column of `target`'s first
+/// partition field, and that field keeps its source's order (any transform but a bucket):
+/// then the writer can close a partition's file once the rows move past it.
+fn clustered_by_partition(input: &Arc<dyn ExecutionPlan>, target: &TableTarget) -> bool {
+    let Some(first) = target.spec.fields().first() else {
+        return false;
+    };
+    if matches!(first.transform, iceberg::spec::Transform::Bucket(_)) {
+        return false;
+    }
+    let Some(source) = target.schema.name_by_field_id(first.source_id) else {
+        return false;
+    };
+    input
+        .properties()
+        .output_ordering()
+        .and_then(|ordering| {
+            ordering
+                .first()
+                .expr
+                .as_any()
+                .downcast_ref::<datafusion::physical_expr::expressions::Column>()
+                .map(|c| c.name() == source)
+        })
+        .unwrap_or(false)
 }
 
 /// `batch` ordered by the columns `by` (by name; a name it lacks is skipped). Rows of one
@@ -160,6 +213,7 @@ pub async fn write_batches<E>(
     mut stream: impl futures::Stream<Item = std::result::Result<RecordBatch, E>> + Unpin,
     out: &TableOutput,
     file_prefix: String,
+    layout: WriteLayout,
 ) -> Result<TableWriteSummary>
 where
     CoreError: From<E>,
@@ -171,7 +225,7 @@ where
         out.rejects.as_ref(),
         &file_prefix,
     )?;
-    let mut writer = new_writer(&target, out, file_prefix)?;
+    let mut writer = new_writer(&target, out, file_prefix, layout)?;
     let counted: Vec<_> = out
         .checks
         .iter()
@@ -233,6 +287,7 @@ pub(crate) fn new_writer(
     target: &TableTarget,
     out: &TableOutput,
     file_prefix: String,
+    layout: WriteLayout,
 ) -> Result<PartitionedWriter> {
     let props =
         super::parquet_settings::writer_properties(&out.parquet_properties).map_err(|message| {
@@ -241,6 +296,7 @@ pub(crate) fn new_writer(
                 retryable: false,
             }
         })?;
+    let row_groups = RowGroupLimits::of(&props);
     let parquet = ParquetWriterBuilder::new_with_match_mode(
         props,
         target.schema.clone(),
@@ -268,10 +324,17 @@ pub(crate) fn new_writer(
             .filter_map(|f| target.schema.name_by_field_id(f.source_id))
             .map(str::to_string)
             .collect();
+        let files = OpenFiles::new(
+            builder,
+            row_groups,
+            layout.clustered,
+            &layout.pool,
+            "TableWriter".to_string(),
+        );
         PartitionedWriter::Fanout(
-            Box::new(FanoutWriter::new(builder)),
+            Box::new(files),
             Box::new(splitter),
-            sources,
+            (!layout.clustered).then_some(sources),
         )
     })
 }

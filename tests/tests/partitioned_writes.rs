@@ -1,0 +1,108 @@
+//! A partitioned write under a memory limit: rows sorted by day within each task leave one
+//! file per day however many days a task writes, and a bucket spec (whose rows cannot be
+//! sorted into buckets) closes files to stay within the limit instead of holding one open
+//! per bucket. Both give the rows of an unlimited run.
+
+use datafusion::prelude::SessionContext;
+use nightshift::embedded::EmbeddedOptions;
+use nightshift_coordinator::JobReport;
+use nightshift_core::session::MemorySettings;
+use nightshift_tests::Sandbox;
+
+/// `events` as 3 Parquet files of 20,000 rows: 400 days in a scattered order (so every
+/// task meets every one of its days throughout its input), an id, an amount, a unicode label
+/// and a null amount in every 97th row.
+async fn write_events(sandbox: &Sandbox) {
+    let ctx = SessionContext::new();
+    std::fs::create_dir_all(sandbox.path("data/events")).unwrap();
+    for part in 0..3 {
+        let sql = format!(
+            "SELECT CAST(v AS BIGINT) AS id, \
+                    CAST(DATE '2024-01-01' + CAST((v * 7919) % 400 AS INT) AS DATE) AS day, \
+                    CASE WHEN v % 97 = 0 THEN NULL ELSE CAST(v % 1000 AS DOUBLE) END AS amount, \
+                    concat('größe-', CAST(v % 13 AS VARCHAR)) AS label \
+             FROM generate_series({}, {}) AS t(v)",
+            part * 20_000,
+            part * 20_000 + 19_999
+        );
+        let batches = ctx.sql(&sql).await.unwrap().collect().await.unwrap();
+        nightshift_tests::write_parquet(
+            &sandbox.path(&format!("data/events/part-{part}.parquet")),
+            &batches,
+        );
+    }
+}
+
+fn spec(partition_by: &str) -> String {
+    format!(
+        r#"[pipeline]
+name = "events_by_day"
+
+[[source]]
+name = "events"
+format = "parquet"
+location = "data/events/"
+
+[transform]
+sql = "SELECT id, day, amount, label FROM events"
+
+[target]
+table = "tests.events"
+mode = "overwrite"
+partition_by = [{partition_by}]
+"#
+    )
+}
+
+/// Runs the sandbox's spec unlimited, then under `limit` bytes for two tasks; checks both
+/// wrote the same rows and returns the limited run's report.
+async fn limited_matches_unlimited(sandbox: &Sandbox, limit: u64) -> JobReport {
+    let unlimited = sandbox.run(2, Some(2), None).await.expect("unlimited");
+    let unlimited_read = sandbox.read_table("tests.events", None);
+
+    let mut embedded = EmbeddedOptions::new(sandbox.warehouse(), 2);
+    embedded.memory = MemorySettings::new(Some(limit), Some(sandbox.path("spill")), 2);
+    let limited = sandbox
+        .run_embedded(embedded, Some(2), None, &[])
+        .await
+        .expect("a limited run closes files rather than fails");
+    let limited_read = sandbox.read_table("tests.events", None);
+    assert_eq!(limited.rows, 60_000);
+    assert_eq!(limited.rows, unlimited.rows);
+    assert_eq!(
+        limited_read["duckdb"]["checksum"],
+        unlimited_read["duckdb"]["checksum"]
+    );
+    assert_eq!(limited_read["duckdb"]["rows"], 60_000);
+    limited
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_by_day_under_a_small_limit_leaves_one_file_per_day() {
+    let sandbox = Sandbox::new();
+    write_events(&sandbox).await;
+    sandbox.spec(&spec("\"day(day)\""));
+    // Each task writes about 200 days. Held open together they would need far more than
+    // the limit (an open Parquet writer alone holds about half a MiB), and a writer that
+    // must close files to fit leaves several files in a day.
+    let report = limited_matches_unlimited(&sandbox, 16 << 20).await;
+    assert_eq!(report.partitions, 400);
+    assert_eq!(report.max_files_per_partition, 1, "{report:?}");
+    assert_eq!(report.files, 400);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_by_bucket_under_a_small_limit_closes_files_to_stay_within_it() {
+    let sandbox = Sandbox::new();
+    write_events(&sandbox).await;
+    sandbox.spec(&spec("\"bucket(64, id)\""));
+    // Rows are distributed by `id`, so both tasks meet every bucket: at most 2 files each.
+    let unlimited = sandbox.run(2, Some(2), None).await.expect("unlimited");
+    assert_eq!(unlimited.partitions, 64);
+    assert!(unlimited.files <= 128, "{unlimited:?}");
+    // 64 buckets open at once in each task hold more than its share of 16 MiB: the writer
+    // closes the files it wrote least recently and opens new ones as their rows come.
+    let limited = limited_matches_unlimited(&sandbox, 16 << 20).await;
+    assert_eq!(limited.partitions, 64);
+    assert!(limited.files > unlimited.files, "{limited:?}");
+}

@@ -100,6 +100,9 @@ pub async fn terminated() {
 /// How often a waiter looks for the job's snapshot in the table, should Redis have lost
 /// the outcome.
 const CATALOG_READ_EVERY: Duration = Duration::from_secs(5);
+/// How long a client that found its job committed in the table's history waits for the
+/// coordinator's report (rows, files, checks) before it answers from the history alone.
+const REPORT_AFTER_COMMIT: Duration = Duration::from_secs(10);
 
 /// Submits `spec` as job `job_id` and waits for its outcome (the JSON the coordinator
 /// stores). Returns that JSON.
@@ -138,6 +141,16 @@ pub async fn submit_and_wait(
             if let Some(table) = &table
                 && let Some(outcome) = committed_outcome(config, table, job_id).await
             {
+                // The coordinator stores its report just after the commit: a job seen in
+                // the history first has it a moment later, unless Redis lost it.
+                let grace = tokio::time::Instant::now() + REPORT_AFTER_COMMIT;
+                while tokio::time::Instant::now() < grace {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    if let Some(report) = state.report(job_id).await? {
+                        return serde_json::from_str(&report)
+                            .map_err(|e| CoreError::Protocol(format!("job outcome: {e}")));
+                    }
+                }
                 return Ok(outcome);
             }
         }

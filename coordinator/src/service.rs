@@ -173,6 +173,14 @@ pub async fn serve_until(
             };
             nightshift_core::metrics::job_finished(finished);
             let json = json.to_string();
+            // Tests hold the report back to see a client find the commit first.
+            if let Some(ms) = fail::eval("coordinator-report-delay", |ms| {
+                ms.and_then(|ms| ms.parse::<u64>().ok())
+            })
+            .flatten()
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+            }
             if let Ok(job) = JobId::parse(&job_id)
                 && let Err(e) = state.set_report(&job, &json).await
             {

@@ -88,6 +88,22 @@ async fn coordinator_and_three_workers_commit_one_snapshot() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_sees_the_commit_first_still_answers_with_the_report() {
+    // The coordinator stores its report 8 s after the commit; the client reads the table's
+    // history every 5 s, so it finds the snapshot first. It waits for the report (rows,
+    // files) rather than answer from the history alone.
+    let cluster = start(
+        1,
+        &[("FAILPOINTS", "coordinator-report-delay=return(8000)")],
+    );
+    let outcome = cluster.submit("job-late-report", &[]);
+    assert_succeeded(&cluster, &outcome);
+    assert!(outcome["rows"].as_u64().unwrap_or(0) > 0, "{outcome}");
+    assert!(outcome["files"].as_u64().unwrap_or(0) > 0, "{outcome}");
+    assert!(outcome.get("note").is_none(), "{outcome}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_killed_mid_task_is_replaced_without_duplicates() {
     let mut cluster = start(1, &[("FAILPOINTS", "worker-task-delay=return(1500)")]);
     let mut client = cluster.submit_in_background("job-kill-worker");

@@ -32,9 +32,9 @@ use std::any::Any;
 use std::fmt;
 use std::sync::Arc;
 
-use datafusion::arrow::array::{RecordBatch, UInt32Array};
+use datafusion::arrow::array::{Array, AsArray, Int64Array, RecordBatch, UInt32Array};
 use datafusion::arrow::compute::{interleave_record_batch, take_record_batch};
-use datafusion::arrow::datatypes::{DataType, SchemaRef};
+use datafusion::arrow::datatypes::{DataType, Int64Type, SchemaRef};
 use datafusion::arrow::row::{RowConverter, Rows, SortField};
 use datafusion::common::ScalarValue;
 use datafusion::common::config::ConfigOptions;
@@ -273,6 +273,72 @@ const KEY_OVERHEAD: usize = 64;
 /// Bytes of a kept row in the index beside its order key.
 const ROW_OVERHEAD: usize = std::mem::size_of::<Kept>() + 16;
 
+/// [`TopRows`]'s keys when they are one integer or date column: each value (nulls apart)
+/// and its key's number, side by side in the table.
+struct IntKeys {
+    numbers: HashTable<(i64, u32)>,
+    null: Option<u32>,
+}
+
+impl IntKeys {
+    /// Keys for `partition_by` when it is one column of a type that casts to `i64` without
+    /// loss, else `None`.
+    fn fit(schema: &SchemaRef, partition_by: &[Arc<dyn PhysicalExpr>]) -> Result<Option<Self>> {
+        let [expr] = partition_by else {
+            return Ok(None);
+        };
+        Ok(matches!(
+            expr.data_type(schema)?,
+            DataType::Int8
+                | DataType::Int16
+                | DataType::Int32
+                | DataType::Int64
+                | DataType::UInt8
+                | DataType::UInt16
+                | DataType::UInt32
+                | DataType::Date32
+        )
+        .then(|| IntKeys {
+            numbers: HashTable::new(),
+            null: None,
+        }))
+    }
+
+    /// `expr` over `batch`, as `i64`.
+    fn values(expr: &Arc<dyn PhysicalExpr>, batch: &RecordBatch) -> Result<Int64Array> {
+        let values = expr.evaluate(batch)?.into_array(batch.num_rows())?;
+        let values = datafusion::arrow::compute::cast(&values, &DataType::Int64)?;
+        Ok(values.as_primitive::<Int64Type>().clone())
+    }
+
+    /// The number of the key of `values[row]`, or `None` after giving it `next` (a new key).
+    fn number_of(
+        &mut self,
+        values: &Int64Array,
+        row: usize,
+        next: u32,
+        hasher: &DefaultHashBuilder,
+    ) -> Option<u32> {
+        if values.is_null(row) {
+            return match self.null {
+                Some(number) => Some(number),
+                None => {
+                    self.null = Some(next);
+                    None
+                }
+            };
+        }
+        let value = values.value(row);
+        let hash = hasher.hash_one(value);
+        if let Some(&(_, number)) = self.numbers.find(hash, |&(v, _)| v == value) {
+            return Some(number);
+        }
+        self.numbers
+            .insert_unique(hash, (value, next), |&(v, _)| hasher.hash_one(v));
+        None
+    }
+}
+
 /// A kept row: its order key (compares as the window orders) and where it is held.
 struct Kept {
     order: Box<[u8]>,
@@ -289,6 +355,9 @@ struct TopRows {
     orders: RowConverter,
     /// Each key's number in `key_rows` and `kept`, by the hash of its row.
     numbers: HashTable<u32>,
+    /// Instead of `numbers` and `key_rows`, when the key is one integer (or date) column:
+    /// its values and numbers in the table itself, no row bytes to compare.
+    int_keys: Option<IntKeys>,
     hasher: DefaultHashBuilder,
     /// The keys, one row each, in one buffer (compared in place on a lookup).
     key_rows: Rows,
@@ -313,6 +382,7 @@ impl TopRows {
         reservation: MemoryReservation,
     ) -> Result<Self> {
         let keys = key_converter(schema, &partition_by)?;
+        let int_keys = IntKeys::fit(schema, &partition_by)?;
         let orders = RowConverter::new(
             order_by
                 .iter()
@@ -329,6 +399,7 @@ impl TopRows {
             order_by,
             k: k.max(1),
             numbers: HashTable::new(),
+            int_keys,
             hasher: DefaultHashBuilder::default(),
             key_rows: keys.empty_rows(0, 0),
             keys,
@@ -350,7 +421,14 @@ impl TopRows {
         if batch.num_rows() == 0 {
             return Ok(None);
         }
-        let keys = rows_of(&self.keys, self.partition_by.iter().cloned(), batch)?;
+        let int_values = match &self.int_keys {
+            Some(_) => Some(IntKeys::values(&self.partition_by[0], batch)?),
+            None => None,
+        };
+        let keys = match int_values {
+            Some(_) => self.keys.empty_rows(0, 0),
+            None => rows_of(&self.keys, self.partition_by.iter().cloned(), batch)?,
+        };
         let orders = rows_of(
             &self.orders,
             self.order_by.iter().map(|e| e.expr.clone()),
@@ -359,30 +437,40 @@ impl TopRows {
         let slot = self.held.len() as u32;
         let mut taken: Vec<u32> = Vec::new();
         for row in 0..batch.num_rows() {
-            let (key, order) = (keys.row(row), orders.row(row).data());
+            let order = orders.row(row).data();
             let place = || Kept {
                 order: order.into(),
                 batch: slot,
                 row: taken.len() as u32,
             };
-            let hash = self.hasher.hash_one(key.data());
-            let key_rows = &self.key_rows;
-            let found = self
-                .numbers
-                .find(hash, |&n| key_rows.row(n as usize).data() == key.data());
+            let next = self.kept.len() as u32;
+            let found = match (&mut self.int_keys, &int_values) {
+                (Some(ints), Some(values)) => ints.number_of(values, row, next, &self.hasher),
+                _ => {
+                    let key = keys.row(row);
+                    let hash = self.hasher.hash_one(key.data());
+                    let key_rows = &self.key_rows;
+                    let found = self
+                        .numbers
+                        .find(hash, |&n| key_rows.row(n as usize).data() == key.data())
+                        .copied();
+                    if found.is_none() {
+                        self.key_rows.push(key);
+                        let (key_rows, hasher) = (&self.key_rows, &self.hasher);
+                        self.numbers.insert_unique(hash, next, |&n| {
+                            hasher.hash_one(key_rows.row(n as usize).data())
+                        });
+                    }
+                    found
+                }
+            };
             match found {
                 None => {
-                    let number = self.kept.len() as u32;
-                    self.key_rows.push(key);
-                    let (key_rows, hasher) = (&self.key_rows, &self.hasher);
-                    self.numbers.insert_unique(hash, number, |&n| {
-                        hasher.hash_one(key_rows.row(n as usize).data())
-                    });
                     self.index_bytes += KEY_OVERHEAD + ROW_OVERHEAD + order.len();
                     self.kept.push(vec![place()]);
                     self.live_rows += 1;
                 }
-                Some(&number) => {
+                Some(number) => {
                     let rows = &mut self.kept[number as usize];
                     if rows.len() < self.k {
                         self.index_bytes += ROW_OVERHEAD + order.len();
@@ -748,6 +836,10 @@ mod tests {
             dedupe("g", "id", "2 >= rn"),
             dedupe("k", "ts DESC NULLS LAST, id", "rn = 2"),
             dedupe("upper(k)", "id", "rn = 1 AND rn <= 5"),
+            // One integer key column (its values kept in the table), nulls among them.
+            dedupe("ts", "id DESC", "rn = 1"),
+            dedupe("ts", "g, id", "rn <= 3"),
+            dedupe("ts * -4000000000000", "id", "rn = 1"),
         ] {
             let (shown, rows) = run(&ours, &sql).await;
             assert!(shown.contains("PartitionTopKExec"), "{sql}\n{shown}");

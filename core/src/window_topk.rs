@@ -273,69 +273,131 @@ const KEY_OVERHEAD: usize = 64;
 /// Bytes of a kept row in the index beside its order key.
 const ROW_OVERHEAD: usize = std::mem::size_of::<Kept>() + 16;
 
-/// [`TopRows`]'s keys when they are one integer or date column: each value (nulls apart)
-/// and its key's number, side by side in the table.
-struct IntKeys {
-    numbers: HashTable<(i64, u32)>,
-    null: Option<u32>,
+/// [`TopRows`]'s keys and each key's number (its place in `kept`).
+enum KeyIndex {
+    /// One integer or date column: each value beside its number in the table, compared
+    /// without row bytes (nulls apart).
+    Ints {
+        numbers: HashTable<(i64, u32)>,
+        null: Option<u32>,
+    },
+    /// Any other keys, as rows of `converter`, one buffer of them (compared in place on a
+    /// lookup) and each one's number by the hash of its row.
+    Rows {
+        converter: RowConverter,
+        key_rows: Rows,
+        numbers: HashTable<u32>,
+    },
 }
 
-impl IntKeys {
-    /// Keys for `partition_by` when it is one column of a type that casts to `i64` without
-    /// loss, else `None`.
-    fn fit(schema: &SchemaRef, partition_by: &[Arc<dyn PhysicalExpr>]) -> Result<Option<Self>> {
-        let [expr] = partition_by else {
-            return Ok(None);
-        };
-        Ok(matches!(
-            expr.data_type(schema)?,
-            DataType::Int8
-                | DataType::Int16
-                | DataType::Int32
-                | DataType::Int64
-                | DataType::UInt8
-                | DataType::UInt16
-                | DataType::UInt32
-                | DataType::Date32
-        )
-        .then(|| IntKeys {
+/// One batch's keys, as the [`KeyIndex`] looks them up.
+enum BatchKeys {
+    Ints(Int64Array),
+    Rows(Rows),
+}
+
+impl KeyIndex {
+    /// The index for `partition_by`: [`KeyIndex::Ints`] when it is one column of a type that
+    /// casts to `i64` without loss.
+    fn for_keys(schema: &SchemaRef, partition_by: &[Arc<dyn PhysicalExpr>]) -> Result<Self> {
+        if let [expr] = partition_by
+            && matches!(
+                expr.data_type(schema)?,
+                DataType::Int8
+                    | DataType::Int16
+                    | DataType::Int32
+                    | DataType::Int64
+                    | DataType::UInt8
+                    | DataType::UInt16
+                    | DataType::UInt32
+                    | DataType::Date32
+            )
+        {
+            return Ok(KeyIndex::Ints {
+                numbers: HashTable::new(),
+                null: None,
+            });
+        }
+        let converter = key_converter(schema, partition_by)?;
+        Ok(KeyIndex::Rows {
+            key_rows: converter.empty_rows(0, 0),
+            converter,
             numbers: HashTable::new(),
-            null: None,
-        }))
+        })
     }
 
-    /// `expr` over `batch`, as `i64`.
-    fn values(expr: &Arc<dyn PhysicalExpr>, batch: &RecordBatch) -> Result<Int64Array> {
-        let values = expr.evaluate(batch)?.into_array(batch.num_rows())?;
-        let values = datafusion::arrow::compute::cast(&values, &DataType::Int64)?;
-        Ok(values.as_primitive::<Int64Type>().clone())
+    /// `partition_by` over `batch`, as this index compares keys.
+    fn keys_of(
+        &self,
+        partition_by: &[Arc<dyn PhysicalExpr>],
+        batch: &RecordBatch,
+    ) -> Result<BatchKeys> {
+        Ok(match self {
+            KeyIndex::Ints { .. } => {
+                let values = partition_by[0]
+                    .evaluate(batch)?
+                    .into_array(batch.num_rows())?;
+                let values = datafusion::arrow::compute::cast(&values, &DataType::Int64)?;
+                BatchKeys::Ints(values.as_primitive::<Int64Type>().clone())
+            }
+            KeyIndex::Rows { converter, .. } => {
+                BatchKeys::Rows(rows_of(converter, partition_by.iter().cloned(), batch)?)
+            }
+        })
     }
 
-    /// The number of the key of `values[row]`, or `None` after giving it `next` (a new key).
+    /// The number of the key of `keys[row]`, or `None` after giving it `next` (a new key).
     fn number_of(
         &mut self,
-        values: &Int64Array,
+        keys: &BatchKeys,
         row: usize,
         next: u32,
         hasher: &DefaultHashBuilder,
     ) -> Option<u32> {
-        if values.is_null(row) {
-            return match self.null {
-                Some(number) => Some(number),
-                None => {
-                    self.null = Some(next);
-                    None
+        match (self, keys) {
+            (KeyIndex::Ints { null, .. }, BatchKeys::Ints(values)) if values.is_null(row) => {
+                let found = *null;
+                null.get_or_insert(next);
+                found
+            }
+            (KeyIndex::Ints { numbers, .. }, BatchKeys::Ints(values)) => {
+                let value = values.value(row);
+                let hash = hasher.hash_one(value);
+                if let Some(&(_, number)) = numbers.find(hash, |&(v, _)| v == value) {
+                    return Some(number);
                 }
-            };
+                numbers.insert_unique(hash, (value, next), |&(v, _)| hasher.hash_one(v));
+                None
+            }
+            (
+                KeyIndex::Rows {
+                    key_rows, numbers, ..
+                },
+                BatchKeys::Rows(rows),
+            ) => {
+                let key = rows.row(row);
+                let hash = hasher.hash_one(key.data());
+                let found = numbers
+                    .find(hash, |&n| key_rows.row(n as usize).data() == key.data())
+                    .copied();
+                if found.is_none() {
+                    key_rows.push(key);
+                    numbers.insert_unique(hash, next, |&n| {
+                        hasher.hash_one(key_rows.row(n as usize).data())
+                    });
+                }
+                found
+            }
+            _ => unreachable!("a batch's keys are taken by the index that reads them"),
         }
-        let value = values.value(row);
-        let hash = hasher.hash_one(value);
-        if let Some(&(_, number)) = self.numbers.find(hash, |&(v, _)| v == value) {
-            return Some(number);
+    }
+
+    /// Bytes of the key rows held (the table's entries are in `KEY_OVERHEAD`).
+    fn size(&self) -> usize {
+        match self {
+            KeyIndex::Ints { .. } => 0,
+            KeyIndex::Rows { key_rows, .. } => key_rows.size(),
         }
-        self.numbers
-            .insert_unique(hash, (value, next), |&(v, _)| hasher.hash_one(v));
-        None
     }
 }
 
@@ -351,16 +413,9 @@ struct TopRows {
     partition_by: Vec<Arc<dyn PhysicalExpr>>,
     order_by: Vec<PhysicalSortExpr>,
     k: usize,
-    keys: RowConverter,
+    keys: KeyIndex,
     orders: RowConverter,
-    /// Each key's number in `key_rows` and `kept`, by the hash of its row.
-    numbers: HashTable<u32>,
-    /// Instead of `numbers` and `key_rows`, when the key is one integer (or date) column:
-    /// its values and numbers in the table itself, no row bytes to compare.
-    int_keys: Option<IntKeys>,
     hasher: DefaultHashBuilder,
-    /// The keys, one row each, in one buffer (compared in place on a lookup).
-    key_rows: Rows,
     /// Each key's kept rows, at most `k`.
     kept: Vec<Vec<Kept>>,
     /// Rows that were first of their key when they came; some replaced since.
@@ -381,8 +436,7 @@ impl TopRows {
         k: usize,
         reservation: MemoryReservation,
     ) -> Result<Self> {
-        let keys = key_converter(schema, &partition_by)?;
-        let int_keys = IntKeys::fit(schema, &partition_by)?;
+        let keys = KeyIndex::for_keys(schema, &partition_by)?;
         let orders = RowConverter::new(
             order_by
                 .iter()
@@ -398,10 +452,7 @@ impl TopRows {
             partition_by,
             order_by,
             k: k.max(1),
-            numbers: HashTable::new(),
-            int_keys,
             hasher: DefaultHashBuilder::default(),
-            key_rows: keys.empty_rows(0, 0),
             keys,
             orders,
             kept: Vec::new(),
@@ -421,14 +472,7 @@ impl TopRows {
         if batch.num_rows() == 0 {
             return Ok(None);
         }
-        let int_values = match &self.int_keys {
-            Some(_) => Some(IntKeys::values(&self.partition_by[0], batch)?),
-            None => None,
-        };
-        let keys = match int_values {
-            Some(_) => self.keys.empty_rows(0, 0),
-            None => rows_of(&self.keys, self.partition_by.iter().cloned(), batch)?,
-        };
+        let keys = self.keys.keys_of(&self.partition_by, batch)?;
         let orders = rows_of(
             &self.orders,
             self.order_by.iter().map(|e| e.expr.clone()),
@@ -444,27 +488,7 @@ impl TopRows {
                 row: taken.len() as u32,
             };
             let next = self.kept.len() as u32;
-            let found = match (&mut self.int_keys, &int_values) {
-                (Some(ints), Some(values)) => ints.number_of(values, row, next, &self.hasher),
-                _ => {
-                    let key = keys.row(row);
-                    let hash = self.hasher.hash_one(key.data());
-                    let key_rows = &self.key_rows;
-                    let found = self
-                        .numbers
-                        .find(hash, |&n| key_rows.row(n as usize).data() == key.data())
-                        .copied();
-                    if found.is_none() {
-                        self.key_rows.push(key);
-                        let (key_rows, hasher) = (&self.key_rows, &self.hasher);
-                        self.numbers.insert_unique(hash, next, |&n| {
-                            hasher.hash_one(key_rows.row(n as usize).data())
-                        });
-                    }
-                    found
-                }
-            };
-            match found {
+            match self.keys.number_of(&keys, row, next, &self.hasher) {
                 None => {
                     self.index_bytes += KEY_OVERHEAD + ROW_OVERHEAD + order.len();
                     self.kept.push(vec![place()]);
@@ -513,7 +537,7 @@ impl TopRows {
 
     /// Bytes held: the rows, the keys and the index.
     fn memory(&self) -> usize {
-        self.held_bytes + self.index_bytes + self.key_rows.size()
+        self.held_bytes + self.index_bytes + self.keys.size()
     }
 
     /// Gathers the kept rows into one batch, dropping those replaced since they came.

@@ -130,9 +130,8 @@ pub async fn submit_and_wait(
     let started = tokio::time::Instant::now();
     let mut catalog_read_at = started;
     loop {
-        if let Some(report) = state.report(job_id).await? {
-            return serde_json::from_str(&report)
-                .map_err(|e| CoreError::Protocol(format!("job outcome: {e}")));
+        if let Some(outcome) = stored_outcome(&state, job_id).await? {
+            return Ok(outcome);
         }
         // Redis holds the outcome only as a hint: should it be lost (a flushed or replaced
         // Redis), the table's history still tells whether the job committed.
@@ -146,9 +145,8 @@ pub async fn submit_and_wait(
                 let grace = tokio::time::Instant::now() + REPORT_AFTER_COMMIT;
                 while tokio::time::Instant::now() < grace {
                     tokio::time::sleep(Duration::from_millis(100)).await;
-                    if let Some(report) = state.report(job_id).await? {
-                        return serde_json::from_str(&report)
-                            .map_err(|e| CoreError::Protocol(format!("job outcome: {e}")));
+                    if let Some(outcome) = stored_outcome(&state, job_id).await? {
+                        return Ok(outcome);
                     }
                 }
                 return Ok(outcome);
@@ -161,6 +159,19 @@ pub async fn submit_and_wait(
             )));
         }
         tokio::time::sleep(poll_delay(started.elapsed())).await;
+    }
+}
+
+/// The outcome of `job` the coordinator stored, if it has.
+async fn stored_outcome(
+    state: &RedisState,
+    job: &JobId,
+) -> Result<Option<serde_json::Value>, CoreError> {
+    match state.report(job).await? {
+        Some(report) => serde_json::from_str(&report)
+            .map(Some)
+            .map_err(|e| CoreError::Protocol(format!("job outcome: {e}"))),
+        None => Ok(None),
     }
 }
 

@@ -168,6 +168,10 @@ impl OpenFiles {
         let file = match self.open.get_mut(key.data()) {
             Some(file) => file,
             None => {
+                // A partition closed earlier gets a new file, never its old one again: every
+                // writer the builder makes shares one file counter (`<attempt prefix>-<n>`),
+                // and the prefix is this task attempt's own, so no file another attempt,
+                // job or snapshot holds is written over (nothing here deletes a file).
                 let writer = self.builder.build(Some(key.clone())).await?;
                 let use_ = FileUse {
                     last_slice: self.slice,

@@ -136,7 +136,8 @@ pub async fn write_data_files(
         clustered: clustered_by_partition(&input, &target),
         pool: ctx.memory_pool().clone(),
     };
-    write_batches(input.execute(partition, ctx)?, out, file_prefix, layout).await
+    let stream = input.execute(partition, ctx)?;
+    write_to_target(stream, &target, out, file_prefix, layout).await
 }
 
 /// How a task's rows reach its writer.
@@ -210,7 +211,7 @@ fn ordered_by(batch: &RecordBatch, by: &[String]) -> iceberg::Result<RecordBatch
 /// Writes the rows of `stream` as data files named `<file_prefix>-<n>.parquet` under the
 /// table's data location, counting the row checks `out` carries.
 pub async fn write_batches<E>(
-    mut stream: impl futures::Stream<Item = std::result::Result<RecordBatch, E>> + Unpin,
+    stream: impl futures::Stream<Item = std::result::Result<RecordBatch, E>> + Unpin,
     out: &TableOutput,
     file_prefix: String,
     layout: WriteLayout,
@@ -219,13 +220,27 @@ where
     CoreError: From<E>,
 {
     let target = TableTarget::from_task(out)?;
+    write_to_target(stream, &target, out, file_prefix, layout).await
+}
+
+/// [`write_batches`] for the table `out` describes, already decoded as `target`.
+async fn write_to_target<E>(
+    mut stream: impl futures::Stream<Item = std::result::Result<RecordBatch, E>> + Unpin,
+    target: &TableTarget,
+    out: &TableOutput,
+    file_prefix: String,
+    layout: WriteLayout,
+) -> Result<TableWriteSummary>
+where
+    CoreError: From<E>,
+{
     let mut quarantine = Quarantine::new(
         &out.checks,
         &target.arrow_schema,
         out.rejects.as_ref(),
         &file_prefix,
     )?;
-    let mut writer = new_writer(&target, out, file_prefix, layout)?;
+    let mut writer = new_writer(target, out, file_prefix, layout)?;
     let counted: Vec<_> = out
         .checks
         .iter()
@@ -251,7 +266,7 @@ where
     }
     let files = writer.close().await?;
     let bytes = files.iter().map(DataFile::file_size_in_bytes).sum();
-    let data_files_json = serialized(&target, files)?;
+    let data_files_json = serialized(target, files)?;
     let mut outcomes = checks.finish();
     let rejects = match quarantine {
         Some(quarantine) => Some(quarantine.finish().await?),

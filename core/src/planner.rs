@@ -184,7 +184,7 @@ pub async fn plan_job(
         .map_err(|e| CoreError::Sql(crate::task::clean_message(&e.to_string())))?;
     let physical = strip_final_coalesce(physical);
     let physical = distribute_by_partition(ctx, physical, &options.partition_by)?;
-    let physical = cluster_by_partition(physical, &options.partition_by)?;
+    let physical = cluster_by_partition(ctx, physical, &options.partition_by)?;
     match options.mode {
         PlanMode::Distributed { .. } => {
             let physical = single_probe_for_build_emitting_joins(physical)?;
@@ -378,13 +378,30 @@ fn distribute_by_partition(
     if partition_by.is_empty() || partitions <= 1 {
         return Ok(plan);
     }
-    let schema = plan.schema();
+    let Some(exprs) = partition_key_exprs(ctx, &plan.schema(), partition_by)? else {
+        // The target layout reports a missing partition column with a better message.
+        return Ok(plan);
+    };
+    Ok(Arc::new(RepartitionExec::try_new(
+        plan,
+        Partitioning::Hash(exprs, partitions),
+    )?))
+}
+
+/// For each field of `partition_by`, an expression of the result's columns with the same
+/// value for rows of one partition: the truncated time for a time transform (the date
+/// itself for the day of a date), the source column otherwise. `None` when a source column
+/// is not in the result.
+fn partition_key_exprs(
+    ctx: &SessionContext,
+    schema: &SchemaRef,
+    partition_by: &[PartitionField],
+) -> Result<Option<Vec<Arc<dyn PhysicalExpr>>>> {
     let config = Arc::new(ctx.state().config_options().as_ref().clone());
     let mut exprs: Vec<Arc<dyn PhysicalExpr>> = Vec::new();
     for field in partition_by {
         let Ok(index) = schema.index_of(&field.column) else {
-            // The target layout reports a missing partition column with a better message.
-            return Ok(plan);
+            return Ok(None);
         };
         let column: Arc<dyn PhysicalExpr> = Arc::new(Column::new(&field.column, index));
         let unit = match field.transform {
@@ -405,54 +422,48 @@ fn distribute_by_partition(
                     DataType::Timestamp(datafusion::arrow::datatypes::TimeUnit::Second, None),
                     None,
                 ));
-                truncate(unit, as_timestamp, &schema, config.clone())?
+                truncate(unit, as_timestamp, schema, config.clone())?
             }
-            _ => truncate(unit, column, &schema, config.clone())?,
+            _ => truncate(unit, column, schema, config.clone())?,
         };
         exprs.push(expr);
     }
-    Ok(Arc::new(RepartitionExec::try_new(
-        plan,
-        Partitioning::Hash(exprs, partitions),
-    )?))
+    Ok(Some(exprs))
 }
 
-/// The result columns a partitioned write sorts by within each task: the source columns of
-/// the partition fields up to the first bucket. Every other transform keeps order (identity,
-/// time units, truncate), so rows sorted by these arrive partition after partition; a bucket
-/// scatters its source's order.
-pub fn clustering_columns(partition_by: &[PartitionField]) -> Vec<&str> {
-    let mut columns: Vec<&str> = Vec::new();
+/// How many leading fields of `partition_by` a partitioned write sorts by, so that its rows
+/// arrive partition after partition. Sorting by an identity or time field's value keeps each
+/// of its partitions in one run, and the next field then sorts within it. A truncate is
+/// sorted by its source column: that keeps its own partitions in one run, but not those of a
+/// field after it, so it is the last. A bucket scatters its source's order: the sort stops
+/// before it.
+pub fn clustering_fields(partition_by: &[PartitionField]) -> usize {
+    let mut fields = 0;
     for field in partition_by {
-        if matches!(field.transform, PartitionTransform::Bucket(_)) {
-            break;
-        }
-        if !columns.contains(&field.column.as_str()) {
-            columns.push(&field.column);
+        match field.transform {
+            PartitionTransform::Bucket(_) => break,
+            PartitionTransform::Truncate(_) => return fields + 1,
+            _ => fields += 1,
         }
     }
-    columns
+    fields
 }
 
-/// Sorts each partition of `plan` by [`clustering_columns`], so a task's writer can close a
-/// table partition's file when the rows move past it (see `table::open_files`). The sort
-/// spills under the task's memory limit; without it a task holds a file open for every
-/// table partition it writes until its last row.
+/// Sorts each partition of `plan` by the partition keys of its [`clustering_fields`], so a
+/// task's writer can close a table partition's file when the rows move past it (see
+/// `table::open_files`). The sort spills under the task's memory limit; without it a task
+/// holds a file open for every table partition it writes until its last row.
 fn cluster_by_partition(
+    ctx: &SessionContext,
     plan: Arc<dyn ExecutionPlan>,
     partition_by: &[PartitionField],
 ) -> Result<Arc<dyn ExecutionPlan>> {
-    let schema = plan.schema();
-    let mut keys = Vec::new();
-    for column in clustering_columns(partition_by) {
-        let Ok(index) = schema.index_of(column) else {
-            return Ok(plan);
-        };
-        keys.push(PhysicalSortExpr::new_default(Arc::new(Column::new(
-            column, index,
-        ))));
-    }
-    let Some(ordering) = LexOrdering::new(keys) else {
+    let sorted = &partition_by[..clustering_fields(partition_by)];
+    let Some(exprs) = partition_key_exprs(ctx, &plan.schema(), sorted)? else {
+        return Ok(plan);
+    };
+    let Some(ordering) = LexOrdering::new(exprs.into_iter().map(PhysicalSortExpr::new_default))
+    else {
         return Ok(plan);
     };
     Ok(Arc::new(
@@ -502,19 +513,27 @@ mod tests {
     }
 
     #[test]
-    fn a_write_sorts_by_the_sources_of_the_fields_before_the_first_bucket() {
+    fn a_write_sorts_by_the_fields_before_a_bucket_and_up_to_a_truncate() {
         use PartitionTransform::*;
         let by = [
             field("ts", Day),
             field("region", Identity),
             field("ts", Hour),
             field("name", Truncate(3)),
-            field("id", Bucket(16)),
             field("kind", Identity),
+            field("id", Bucket(16)),
         ];
-        assert_eq!(clustering_columns(&by), ["ts", "region", "name"]);
-        assert!(clustering_columns(&[field("id", Bucket(8)), field("ts", Day)]).is_empty());
-        assert!(clustering_columns(&[]).is_empty());
+        assert_eq!(clustering_fields(&by), 4);
+        assert_eq!(clustering_fields(&by[..3]), 3);
+        assert_eq!(
+            clustering_fields(&[field("id", Bucket(8)), field("ts", Day)]),
+            0
+        );
+        assert_eq!(
+            clustering_fields(&[field("ts", Month), field("id", Bucket(8))]),
+            1
+        );
+        assert_eq!(clustering_fields(&[]), 0);
     }
 
     #[tokio::test]

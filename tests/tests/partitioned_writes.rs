@@ -1,5 +1,6 @@
 //! A partitioned write under a memory limit: rows sorted by day within each task leave one
-//! file per day however many days a task writes, and a bucket spec (whose rows cannot be
+//! file per day however many days a task writes (and one per year and region when
+//! partitioned by both), and a bucket spec (whose rows cannot be
 //! sorted into buckets) closes files to stay within the limit instead of holding one open
 //! per bucket. Both give the rows of an unlimited run.
 
@@ -10,8 +11,8 @@ use nightshift_core::session::MemorySettings;
 use nightshift_tests::Sandbox;
 
 /// `events` as 3 Parquet files of 20,000 rows: 400 days in a scattered order (so every
-/// task meets every one of its days throughout its input), an id, an amount, a unicode label
-/// and a null amount in every 97th row.
+/// task meets every one of its days throughout its input), an id, an amount, unicode labels
+/// (13 and 300 values) and a null amount in every 97th row.
 async fn write_events(sandbox: &Sandbox) {
     let ctx = SessionContext::new();
     std::fs::create_dir_all(sandbox.path("data/events")).unwrap();
@@ -20,7 +21,8 @@ async fn write_events(sandbox: &Sandbox) {
             "SELECT CAST(v AS BIGINT) AS id, \
                     CAST(DATE '2024-01-01' + CAST((v * 7919) % 400 AS INT) AS DATE) AS day, \
                     CASE WHEN v % 97 = 0 THEN NULL ELSE CAST(v % 1000 AS DOUBLE) END AS amount, \
-                    concat('größe-', CAST(v % 13 AS VARCHAR)) AS label \
+                    concat('größe-', CAST(v % 13 AS VARCHAR)) AS label, \
+                    concat('région-', CAST(v % 300 AS VARCHAR)) AS region \
              FROM generate_series({}, {}) AS t(v)",
             part * 20_000,
             part * 20_000 + 19_999
@@ -44,7 +46,7 @@ format = "parquet"
 location = "data/events/"
 
 [transform]
-sql = "SELECT id, day, amount, label FROM events"
+sql = "SELECT id, day, amount, label, region FROM events"
 
 [target]
 table = "tests.events"
@@ -89,6 +91,23 @@ async fn a_write_by_day_under_a_small_limit_leaves_one_file_per_day() {
     assert_eq!(report.partitions, 400);
     assert_eq!(report.max_files_per_partition, 1, "{report:?}");
     assert_eq!(report.files, 400);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_by_year_and_region_under_a_small_limit_leaves_one_file_per_partition() {
+    let sandbox = Sandbox::new();
+    write_events(&sandbox).await;
+    sandbox.spec(&spec("\"year(day)\", \"region\""));
+    // 2 years, 300 regions. Rows sorted by day, then region, would meet most of a
+    // year's regions in every slice of it: about 150 files open at once in each task, more
+    // than the limit holds, and files closed to fit (or missed by a slice) would leave
+    // several in a partition. Sorted by year, then region, each partition's rows come
+    // together.
+    let report = limited_matches_unlimited(&sandbox, 16 << 20).await;
+    // Every region in 2024; in the 34 days of 2025, those its rows meet.
+    assert!(report.partitions > 300, "{report:?}");
+    assert_eq!(report.max_files_per_partition, 1, "{report:?}");
+    assert_eq!(report.files, report.partitions);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

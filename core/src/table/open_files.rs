@@ -3,13 +3,12 @@
 //! Iceberg's `FanoutWriter` keeps a Parquet writer open for every table partition a task
 //! meets until the task ends, and each holds its unwritten row group in memory: a task
 //! writing 350 days held all 350 days (3.4 GiB at TPC-H SF10 under a 2 GiB limit). Here:
-//! - rows that arrive sorted by the partition source columns (`planner::cluster_by_partition`)
-//!   close a partition's file as soon as the rows move past it (the last slice of a batch
-//!   does not touch it), so a few files are open at a time and each partition still gets
-//!   one file;
+//! - rows that arrive sorted by partition (`planner::cluster_by_partition`) close a
+//!   partition's file as soon as the rows move past it (the last slice of a batch does not
+//!   touch it), so a few files are open at a time and each partition still gets one file;
 //! - the open files count against the task's memory pool; when the pool refuses, the files
 //!   written least recently are closed until half of that memory is free. Unsorted rows (a
-//!   bucket first in the partition spec) then leave more, smaller files rather than exceed
+//!   bucket in the partition spec) then leave more, smaller files rather than exceed
 //!   the limit.
 
 use std::collections::HashMap;
@@ -130,7 +129,7 @@ pub(crate) struct OpenFiles {
 
 impl OpenFiles {
     /// Files for `builder`'s table whose memory counts against `pool` as `consumer`.
-    /// `clustered`: the rows arrive sorted by the partition fields' source columns.
+    /// `clustered`: the rows arrive partition after partition.
     pub(crate) fn new(
         builder: Builder,
         limits: RowGroupLimits,

@@ -142,8 +142,7 @@ pub async fn write_data_files(
 
 /// How a task's rows reach its writer.
 pub struct WriteLayout {
-    /// The rows arrive sorted by the first partition field's source column (a partition
-    /// passed is not met again).
+    /// The rows arrive sorted by partition (a partition passed is not met again).
     pub clustered: bool,
     /// The memory pool the open files count against.
     pub pool: Arc<dyn datafusion::execution::memory_pool::MemoryPool>,
@@ -159,31 +158,39 @@ impl WriteLayout {
     }
 }
 
-/// Whether `input` yields its rows sorted by the source column of `target`'s first
-/// partition field, and that field keeps its source's order (any transform but a bucket):
-/// then the writer can close a partition's file once the rows move past it.
+/// Whether `input` yields its rows partition after partition: sorted by a key of each of
+/// `target`'s partition fields in turn (the planner's sort by partition keys, each key
+/// reading its field's source column), with no bucket (its values do not follow its
+/// source's order) and a truncate only last (sorted by its source, the fields after it are
+/// not). Then the writer can close a partition's file once the rows move past it.
 fn clustered_by_partition(input: &Arc<dyn ExecutionPlan>, target: &TableTarget) -> bool {
-    let Some(first) = target.spec.fields().first() else {
+    use iceberg::spec::Transform;
+    let fields = target.spec.fields();
+    let Some(ordering) = input.properties().output_ordering() else {
         return false;
     };
-    if matches!(first.transform, iceberg::spec::Transform::Bucket(_)) {
-        return false;
-    }
-    let Some(source) = target.schema.name_by_field_id(first.source_id) else {
-        return false;
-    };
-    input
-        .properties()
-        .output_ordering()
-        .and_then(|ordering| {
-            ordering
-                .first()
-                .expr
-                .as_any()
-                .downcast_ref::<datafusion::physical_expr::expressions::Column>()
-                .map(|c| c.name() == source)
-        })
-        .unwrap_or(false)
+    !fields.is_empty()
+        && fields.len() <= ordering.len()
+        && fields
+            .iter()
+            .zip(ordering.iter())
+            .enumerate()
+            .all(|(i, (field, key))| {
+                let keeps_runs = match field.transform {
+                    Transform::Bucket(_) => false,
+                    Transform::Truncate(_) => i + 1 == fields.len(),
+                    _ => true,
+                };
+                keeps_runs
+                    && target
+                        .schema
+                        .name_by_field_id(field.source_id)
+                        .is_some_and(|source| {
+                            datafusion::physical_expr::utils::collect_columns(&key.expr)
+                                .iter()
+                                .any(|column| column.name() == source)
+                        })
+            })
 }
 
 /// `batch` ordered by the columns `by` (by name; a name it lacks is skipped). Rows of one
@@ -524,5 +531,91 @@ mod tests {
         assert_eq!(ordered_by(&small, &["day".to_string()]).unwrap(), small);
         let big = batch(days);
         assert_eq!(ordered_by(&big, &["nope".to_string()]).unwrap(), big);
+    }
+
+    /// A target partitioned by `fields` (transform, source) over `day` (a date), `region`,
+    /// `name` and `id`, and a plan of those columns sorted by `sorted_by`.
+    fn layout(
+        fields: &[(iceberg::spec::Transform, &str)],
+        sorted_by: &[&str],
+    ) -> (Arc<dyn ExecutionPlan>, TableTarget) {
+        use datafusion::physical_expr::expressions::Column;
+        use datafusion::physical_expr::{LexOrdering, PhysicalSortExpr};
+        use datafusion::physical_plan::empty::EmptyExec;
+        use datafusion::physical_plan::sorts::sort::SortExec;
+        use iceberg::spec::{NestedField, PrimitiveType, Type};
+        let columns = [
+            ("day", PrimitiveType::Date),
+            ("region", PrimitiveType::String),
+            ("name", PrimitiveType::String),
+            ("id", PrimitiveType::Long),
+        ];
+        let schema = Schema::builder()
+            .with_fields(columns.iter().enumerate().map(|(i, (name, kind))| {
+                NestedField::optional(i as i32 + 1, *name, Type::Primitive(kind.clone())).into()
+            }))
+            .build()
+            .unwrap();
+        let mut spec = PartitionSpec::builder(schema.clone());
+        for (i, (transform, source)) in fields.iter().enumerate() {
+            spec = spec
+                .add_partition_field(*source, format!("field_{i}"), *transform)
+                .unwrap();
+        }
+        let arrow_schema = Arc::new(schema_to_arrow_schema(&schema).unwrap());
+        let mut plan: Arc<dyn ExecutionPlan> = Arc::new(EmptyExec::new(arrow_schema.clone()));
+        let keys = sorted_by.iter().map(|name| {
+            let index = arrow_schema.index_of(name).unwrap();
+            PhysicalSortExpr::new_default(Arc::new(Column::new(name, index)))
+        });
+        if let Some(ordering) = LexOrdering::new(keys) {
+            plan = Arc::new(SortExec::new(ordering, plan));
+        }
+        let target = TableTarget {
+            spec: Arc::new(spec.build().unwrap()),
+            schema: Arc::new(schema),
+            format_version: FormatVersion::V2,
+            arrow_schema,
+        };
+        (plan, target)
+    }
+
+    #[test]
+    fn rows_are_clustered_when_sorted_by_every_field_in_turn_with_no_bucket_and_truncate_last() {
+        use iceberg::spec::Transform::*;
+        let clustered = |fields: &[(iceberg::spec::Transform, &str)], sorted_by: &[&str]| {
+            let (plan, target) = layout(fields, sorted_by);
+            clustered_by_partition(&plan, &target)
+        };
+        assert!(clustered(
+            &[(Month, "day"), (Identity, "region")],
+            &["day", "region"]
+        ));
+        assert!(clustered(&[(Day, "day")], &["day", "region"]));
+        assert!(clustered(
+            &[(Identity, "region"), (Truncate(2), "name")],
+            &["region", "name"]
+        ));
+        // A field the sort leaves out, or sorts after another.
+        assert!(!clustered(
+            &[(Month, "day"), (Identity, "region")],
+            &["day"]
+        ));
+        assert!(!clustered(
+            &[(Month, "day"), (Identity, "region")],
+            &["region", "day"]
+        ));
+        // A bucket anywhere, a truncate before another field, no sort, no partition.
+        assert!(!clustered(&[(Bucket(8), "id")], &["id"]));
+        assert!(!clustered(
+            &[(Day, "day"), (Bucket(8), "id")],
+            &["day", "id"]
+        ));
+        assert!(!clustered(
+            &[(Truncate(2), "name"), (Identity, "region")],
+            &["name", "region"]
+        ));
+        assert!(!clustered(&[(Day, "day")], &[]));
+        assert!(!clustered(&[], &["day"]));
     }
 }

@@ -62,6 +62,7 @@ use datafusion::physical_plan::{
 };
 use futures::{StreamExt, TryStreamExt};
 use hashbrown::{DefaultHashBuilder, HashTable};
+use smallvec::{SmallVec, smallvec};
 
 use crate::session::NightshiftOptions;
 use std::hash::BuildHasher;
@@ -401,12 +402,20 @@ impl KeyIndex {
     }
 }
 
-/// A kept row: its order key (compares as the window orders) and where it is held.
+/// A row's order key (compares as the window orders). Up to 16 bytes (a date and an integer
+/// are 14) it is held in place, not allocated apart: a replaced row's key is read without a
+/// second cache miss.
+type OrderKey = SmallVec<[u8; 16]>;
+
+/// A kept row: its order key and where it is held.
 struct Kept {
-    order: Box<[u8]>,
+    order: OrderKey,
     batch: u32,
     row: u32,
 }
+
+/// One key's kept rows, at most K; the first in place (K = 1 allocates nothing per key).
+type KeptRows = SmallVec<[Kept; 1]>;
 
 /// The first `k` rows of each key seen so far, held as slices of the batches they came in.
 struct TopRows {
@@ -417,7 +426,7 @@ struct TopRows {
     orders: RowConverter,
     hasher: DefaultHashBuilder,
     /// Each key's kept rows, at most `k`.
-    kept: Vec<Vec<Kept>>,
+    kept: Vec<KeptRows>,
     /// Rows that were first of their key when they came; some replaced since.
     held: Vec<RecordBatch>,
     held_rows: usize,
@@ -483,7 +492,7 @@ impl TopRows {
         for row in 0..batch.num_rows() {
             let order = orders.row(row).data();
             let place = || Kept {
-                order: order.into(),
+                order: OrderKey::from_slice(order),
                 batch: slot,
                 row: taken.len() as u32,
             };
@@ -491,7 +500,7 @@ impl TopRows {
             match self.keys.number_of(&keys, row, next, &self.hasher) {
                 None => {
                     self.index_bytes += KEY_OVERHEAD + ROW_OVERHEAD + order.len();
-                    self.kept.push(vec![place()]);
+                    self.kept.push(smallvec![place()]);
                     self.live_rows += 1;
                 }
                 Some(number) => {
@@ -515,7 +524,7 @@ impl TopRows {
                         } else {
                             self.index_bytes =
                                 self.index_bytes + order.len() - replaced.order.len();
-                            replaced.order = order.into();
+                            replaced.order = OrderKey::from_slice(order);
                         }
                         (replaced.batch, replaced.row) = (slot, taken.len() as u32);
                     }

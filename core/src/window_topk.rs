@@ -190,7 +190,11 @@ impl ExecutionPlan for PartitionTopKExec {
         let mut input = self.input.execute(partition, context.clone())?;
         let schema = self.input.schema();
         let output_schema = schema.clone();
+        // Spillable: on a refusal it gives its memory back (see the module documentation),
+        // so the pool holds it to its fair share, and one task's top K does not take the
+        // memory another task's sort needs to spill.
         let reservation = MemoryConsumer::new(format!("PartitionTopKExec[{partition}]"))
+            .with_can_spill(true)
             .register(context.memory_pool());
         let mut top = TopRows::new(
             &schema,

@@ -190,6 +190,20 @@ fn to_iceberg(t: PartitionTransform) -> Transform {
     }
 }
 
+/// The spec transform `t` is, if a job can write it (not `void` or an unknown one).
+pub(crate) fn from_iceberg(t: Transform) -> Option<PartitionTransform> {
+    Some(match t {
+        Transform::Identity => PartitionTransform::Identity,
+        Transform::Year => PartitionTransform::Year,
+        Transform::Month => PartitionTransform::Month,
+        Transform::Day => PartitionTransform::Day,
+        Transform::Hour => PartitionTransform::Hour,
+        Transform::Bucket(n) => PartitionTransform::Bucket(n),
+        Transform::Truncate(w) => PartitionTransform::Truncate(w),
+        _ => return None,
+    })
+}
+
 /// An existing table must have the partitioning the spec asks for, and every result column
 /// with a type it can hold, unless `evolution` allows the schema change the result needs
 /// (returned).

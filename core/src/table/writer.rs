@@ -159,38 +159,36 @@ impl WriteLayout {
 }
 
 /// Whether `input` yields its rows partition after partition: sorted by a key of each of
-/// `target`'s partition fields in turn (the planner's sort by partition keys, each key
-/// reading its field's source column), with no bucket (its values do not follow its
-/// source's order) and a truncate only last (sorted by its source, the fields after it are
-/// not). Then the writer can close a partition's file once the rows move past it.
+/// `target`'s partition fields in turn, each key reading its field's source column, and
+/// every field one the planner sorts by (`planner::clustering_fields`: no bucket, a
+/// truncate only last). Then the writer can close a partition's file once the rows move
+/// past it.
 fn clustered_by_partition(input: &Arc<dyn ExecutionPlan>, target: &TableTarget) -> bool {
-    use iceberg::spec::Transform;
-    let fields = target.spec.fields();
     let Some(ordering) = input.properties().output_ordering() else {
         return false;
     };
-    !fields.is_empty()
-        && fields.len() <= ordering.len()
-        && fields
-            .iter()
-            .zip(ordering.iter())
-            .enumerate()
-            .all(|(i, (field, key))| {
-                let keeps_runs = match field.transform {
-                    Transform::Bucket(_) => false,
-                    Transform::Truncate(_) => i + 1 == fields.len(),
-                    _ => true,
-                };
-                keeps_runs
-                    && target
-                        .schema
-                        .name_by_field_id(field.source_id)
-                        .is_some_and(|source| {
-                            datafusion::physical_expr::utils::collect_columns(&key.expr)
-                                .iter()
-                                .any(|column| column.name() == source)
-                        })
+    let Some(fields) = target
+        .spec
+        .fields()
+        .iter()
+        .map(|field| {
+            Some(nightshift_spec::PartitionField {
+                column: target.schema.name_by_field_id(field.source_id)?.to_string(),
+                transform: super::layout::from_iceberg(field.transform)?,
             })
+        })
+        .collect::<Option<Vec<_>>>()
+    else {
+        return false;
+    };
+    !fields.is_empty()
+        && crate::planner::clustering_fields(&fields) == fields.len()
+        && fields.len() <= ordering.len()
+        && fields.iter().zip(ordering.iter()).all(|(field, key)| {
+            datafusion::physical_expr::utils::collect_columns(&key.expr)
+                .iter()
+                .any(|column| column.name() == field.column)
+        })
 }
 
 /// `batch` ordered by the columns `by` (by name; a name it lacks is skipped). Rows of one

@@ -424,6 +424,17 @@ fn partition_key_exprs(
                 ));
                 truncate(unit, as_timestamp, schema, config.clone())?
             }
+            // Iceberg cuts a `timestamptz` at UTC midnight; `date_trunc` of a value in
+            // another zone would cut at that zone's, and one table partition would span two
+            // runs of the sort (and two tasks of the distribution).
+            DataType::Timestamp(time_unit, Some(_)) => {
+                let in_utc = Arc::new(CastExpr::new(
+                    column,
+                    DataType::Timestamp(*time_unit, Some("+00:00".into())),
+                    None,
+                ));
+                truncate(unit, in_utc, schema, config.clone())?
+            }
             _ => truncate(unit, column, schema, config.clone())?,
         };
         exprs.push(expr);
@@ -534,6 +545,39 @@ mod tests {
             1
         );
         assert_eq!(clustering_fields(&[]), 0);
+    }
+
+    #[test]
+    fn a_zoned_time_partition_is_keyed_by_its_utc_day_as_iceberg_cuts_it() {
+        use datafusion::arrow::array::{Array, TimestampMicrosecondArray};
+        use datafusion::arrow::datatypes::TimeUnit;
+        let ctx = crate::session::new_session(crate::session::SessionOptions::default());
+        let zoned = DataType::Timestamp(TimeUnit::Microsecond, Some("+02:00".into()));
+        let schema = Arc::new(Schema::new(vec![Field::new("ts", zoned, true)]));
+        let hour = 3_600_000_000_i64;
+        let jan_1_utc = 19_723 * 24 * hour;
+        // 21:30 and 23:30 on 1 January in UTC (23:30 on the 1st and 01:30 on the 2nd in
+        // the column's zone), then 00:30 on the 2nd in UTC.
+        let values = [21, 23, 24].map(|h| Some(jan_1_utc + h * hour + hour / 2));
+        let column = TimestampMicrosecondArray::from(values.to_vec()).with_timezone("+02:00");
+        let batch = RecordBatch::try_new(schema.clone(), vec![Arc::new(column)]).unwrap();
+        let exprs = partition_key_exprs(&ctx, &schema, &[field("ts", PartitionTransform::Day)])
+            .unwrap()
+            .unwrap();
+        let keys = exprs[0].evaluate(&batch).unwrap().into_array(3).unwrap();
+        let days = datafusion::arrow::compute::cast(
+            &keys,
+            &DataType::Timestamp(TimeUnit::Microsecond, None),
+        )
+        .unwrap();
+        let days = days
+            .as_any()
+            .downcast_ref::<TimestampMicrosecondArray>()
+            .unwrap();
+        assert_eq!(days.len(), 3);
+        assert_eq!(days.value(0), jan_1_utc);
+        assert_eq!(days.value(1), jan_1_utc);
+        assert_eq!(days.value(2), jan_1_utc + 24 * hour);
     }
 
     #[tokio::test]

@@ -212,6 +212,34 @@ fn physical_optimizer_rules()
     rules
 }
 
+/// Input rows after which a partial aggregate of the single-process mode judges whether it
+/// pays (DataFusion judges after 100 k): a sample of 100 k rows counts most groups of a
+/// table of tens of thousands (a day and a nation: 63 k groups over millions of rows) as
+/// new, and would skip an aggregate that reduces the rows a hundredfold.
+pub const SINGLE_PROCESS_PARTIAL_AGGREGATE_PROBE_ROWS: usize = 1_000_000;
+
+/// A partial aggregate of the single-process mode that has seen at least this many groups
+/// per input row after [`SINGLE_PROCESS_PARTIAL_AGGREGATE_PROBE_ROWS`] stops aggregating and
+/// passes its rows on (DataFusion's default: 0.8). In one process the exchange after it is
+/// an in-memory repartition, not a shuffle through storage, so a partial aggregate pays only
+/// where it shrinks the rows about tenfold; short of that, its table (as large as the
+/// final one: `GROUP BY l_orderkey` keeps 7.5 M groups per task) costs a second cache miss
+/// per row and the memory that makes the final aggregate spill.
+pub const SINGLE_PROCESS_PARTIAL_AGGREGATE_SKIP_RATIO: f64 = 0.1;
+
+/// The settings a task of the single-process mode runs with: `config` with the partial
+/// aggregates' skip rule of that mode (above). The cluster's, and the embedded staged
+/// mode's, keep DataFusion's: their partial aggregates shrink what goes through the shuffle.
+pub fn single_process_config(config: &SessionConfig) -> SessionConfig {
+    let mut config = config.clone();
+    let execution = &mut config.options_mut().execution;
+    execution.skip_partial_aggregation_probe_rows_threshold =
+        SINGLE_PROCESS_PARTIAL_AGGREGATE_PROBE_ROWS;
+    execution.skip_partial_aggregation_probe_ratio_threshold =
+        SINGLE_PROCESS_PARTIAL_AGGREGATE_SKIP_RATIO;
+    config
+}
+
 /// Memory of one process that runs tasks (a worker, or an embedded run).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MemorySettings {

@@ -3,11 +3,17 @@
 //! On object storage the output partitions are buffered in local files (LZ4) and uploaded as
 //! one object. On a local scratch directory each output partition is written in place as its
 //! own uncompressed file: no copy, no compression, no object-store round trip.
+//!
+//! Split rows are gathered per output partition into batches of up to the session's batch
+//! size before they are written ([`rows_per_written_batch`]): split 50 ways, a batch of
+//! 8,192 rows leaves pieces of about 160, and every piece written alone is an IPC message
+//! to encode and decode, and a batch that small for every operator of the reading stage.
 
 use std::fs::File;
 use std::io::{BufWriter, Seek, SeekFrom};
 use std::sync::Arc;
 
+use datafusion::arrow::compute::BatchCoalescer;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::ipc::CompressionType;
 use datafusion::arrow::ipc::writer::{IpcWriteOptions, StreamWriter};
@@ -23,6 +29,23 @@ use tokio::io::AsyncWriteExt;
 use super::Segment;
 use crate::error::{CoreError, Result};
 use crate::storage::Location;
+
+/// Rows a map task holds back across all its output partitions to write each in batches of
+/// [`rows_per_written_batch`]: with rows of ~100 bytes, about 25 MiB.
+const GATHERED_ROWS_PER_TASK: usize = 256 * 1024;
+
+/// Fewest rows an output partition gathers before it writes them, however many partitions
+/// there are (unless the batch size is smaller).
+const MIN_ROWS_PER_WRITTEN_BATCH: usize = 1024;
+
+/// Rows an output partition gathers before it writes them as one batch: the session's
+/// `batch_size`, or fewer where `output_partitions` of that many would hold more than
+/// [`GATHERED_ROWS_PER_TASK`], but not below [`MIN_ROWS_PER_WRITTEN_BATCH`].
+pub fn rows_per_written_batch(batch_size: usize, output_partitions: usize) -> usize {
+    let batch_size = batch_size.max(1);
+    (GATHERED_ROWS_PER_TASK / output_partitions.max(1))
+        .clamp(MIN_ROWS_PER_WRITTEN_BATCH.min(batch_size), batch_size)
+}
 
 /// What a map task wrote.
 #[derive(Debug, Clone)]
@@ -72,16 +95,28 @@ pub async fn write_shuffle_output(
         Some(p) => Some(BatchPartitioner::try_new(p, Time::new(), partition, 1)?),
         None => None,
     };
+    let gathered_rows = rows_per_written_batch(ctx.session_config().batch_size(), output_count);
+    let mut gathering: Vec<BatchCoalescer> = (0..output_count)
+        .map(|_| BatchCoalescer::new(schema.clone(), gathered_rows))
+        .collect();
     let mut stream = input.execute(partition, ctx)?;
     while let Some(batch) = stream.next().await {
         let batch = batch?;
         match partitioner.as_mut() {
             Some(partitioner) => partitioner.partition(batch, |out, part| {
-                spill(&mut spills[out], out, &target, &schema, &part)
+                gathering[out].push_batch(part)?;
+                spill_gathered(&mut gathering[out], &mut spills[out], out, &target, &schema)
                     .map_err(|e| datafusion::error::DataFusionError::External(Box::new(e)))
             })?,
+            // Whole batches, as the plan made them.
             None => spill(&mut spills[0], 0, &target, &schema, &batch)?,
         }
+    }
+    for (out, gathered) in gathering.iter_mut().enumerate() {
+        gathered
+            .finish_buffered_batch()
+            .map_err(datafusion::error::DataFusionError::from)?;
+        spill_gathered(gathered, &mut spills[out], out, &target, &schema)?;
     }
     let output_index = |i: usize| {
         if output_count == 1 && partitioner.is_none() {
@@ -94,6 +129,20 @@ pub async fn write_shuffle_output(
         SpillTarget::Upload => upload(spills, &attempt_dir.join("data.arrow"), output_index).await,
         SpillTarget::InPlace(_) => finish_in_place(spills, attempt_dir, output_index),
     }
+}
+
+/// Writes the batches `gathered` has completed to output partition `index`.
+fn spill_gathered(
+    gathered: &mut BatchCoalescer,
+    slot: &mut Option<PartitionSpill>,
+    index: usize,
+    target: &SpillTarget,
+    schema: &SchemaRef,
+) -> Result<()> {
+    while let Some(batch) = gathered.next_completed_batch() {
+        spill(slot, index, target, schema, &batch)?;
+    }
+    Ok(())
 }
 
 fn spill(
@@ -238,4 +287,65 @@ async fn upload(
         rows,
         bytes: offset,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::arrow::array::Int64Array;
+    use datafusion::arrow::datatypes::{DataType, Field, Schema};
+    use datafusion::arrow::ipc::reader::StreamReader;
+    use datafusion::datasource::memory::MemorySourceConfig;
+    use datafusion::physical_expr::expressions::col;
+    use datafusion::prelude::SessionContext;
+    use std::path::Path;
+
+    #[test]
+    fn an_output_partition_is_written_in_batches_of_the_batch_size_up_to_a_budget() {
+        assert_eq!(rows_per_written_batch(8192, 1), 8192);
+        assert_eq!(rows_per_written_batch(8192, 32), 8192);
+        assert_eq!(rows_per_written_batch(8192, 50), 5242);
+        assert_eq!(rows_per_written_batch(8192, 10_000), 1024);
+        assert_eq!(rows_per_written_batch(100, 10_000), 100);
+        assert_eq!(rows_per_written_batch(0, 0), 1);
+    }
+
+    #[tokio::test]
+    async fn split_rows_are_gathered_into_whole_batches_per_output_partition() {
+        // Three input batches of 8,192 rows split four ways: each output partition gets
+        // a piece of every batch (about 2,048 rows) and writes them as one batch of ~6,144.
+        let schema = Arc::new(Schema::new(vec![Field::new("k", DataType::Int64, false)]));
+        let batches: Vec<RecordBatch> = (0..3)
+            .map(|b| {
+                let keys = (b * 8192..(b + 1) * 8192).collect::<Int64Array>();
+                RecordBatch::try_new(schema.clone(), vec![Arc::new(keys)]).unwrap()
+            })
+            .collect();
+        let input = MemorySourceConfig::try_new_exec(&[batches], schema.clone(), None).unwrap();
+        let partitioning = Partitioning::Hash(vec![col("k", &schema).unwrap()], 4);
+        let dir = tempfile::tempdir().unwrap();
+        let location = Location::parse(dir.path().to_str().unwrap(), Path::new("/")).unwrap();
+        let ctx = SessionContext::new().task_ctx();
+
+        let written = write_shuffle_output(input, 0, Some(partitioning), &location, ctx)
+            .await
+            .unwrap();
+
+        assert_eq!(written.rows, 3 * 8192);
+        assert_eq!(written.segments.len(), 4);
+        let mut keys = Vec::new();
+        for segment in &written.segments {
+            let path = dir
+                .path()
+                .join(in_place_name(segment.output_partition as usize));
+            let reader = StreamReader::try_new(File::open(&path).unwrap(), None).unwrap();
+            let batches = reader.collect::<std::result::Result<Vec<_>, _>>().unwrap();
+            assert_eq!(batches.len(), 1, "one batch in {}", path.display());
+            assert_eq!(batches[0].num_rows() as u64, segment.rows);
+            let column = batches[0].column(0).as_any().downcast_ref::<Int64Array>();
+            keys.extend(column.unwrap().values().iter().copied());
+        }
+        keys.sort();
+        assert_eq!(keys, (0..3 * 8192).collect::<Vec<i64>>());
+    }
 }

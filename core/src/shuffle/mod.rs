@@ -1,8 +1,9 @@
 //! Shuffle through object storage.
 //!
-//! A map task writes its whole output as **one object per task attempt**: the Arrow IPC
-//! streams of its output partitions laid end to end (`writer`). The task result lists each
-//! partition's byte range as a [`Segment`]. Once a stage is done, the coordinator replaces
+//! A map task writes its whole output as **one object per task attempt**: chunks of Arrow
+//! IPC streams, one stream per output partition in each chunk, laid end to end (`writer`).
+//! The task result lists each stream's byte range as a [`Segment`]; a partition has one per
+//! chunk it has rows in. Once a stage is done, the coordinator replaces
 //! Ballista's `UnresolvedShuffleExec` placeholders downstream with an
 //! [`ObjectStoreShuffleReaderExec`] holding the segments of the winning attempts (`resolve`),
 //! which reads them with ranged GETs (`reader`).

@@ -46,12 +46,12 @@ const MIN_ROWS_PER_WRITTEN_BATCH: usize = 1024;
 
 /// Encoded bytes a map task holds in memory, across its output partitions, before it
 /// appends them to its file as a chunk.
-pub const CHUNK_BYTES: usize = 32 << 20;
+const CHUNK_BYTES: usize = 32 << 20;
 
 /// Rows an output partition gathers before it writes them as one batch: the session's
 /// `batch_size`, or fewer where `output_partitions` of that many would hold more than
 /// [`GATHERED_ROWS_PER_TASK`], but not below [`MIN_ROWS_PER_WRITTEN_BATCH`].
-pub fn rows_per_written_batch(batch_size: usize, output_partitions: usize) -> usize {
+fn rows_per_written_batch(batch_size: usize, output_partitions: usize) -> usize {
     let batch_size = batch_size.max(1);
     (GATHERED_ROWS_PER_TASK / output_partitions.max(1))
         .clamp(MIN_ROWS_PER_WRITTEN_BATCH.min(batch_size), batch_size)
@@ -201,7 +201,11 @@ pub async fn write_shuffle_output(
                 std::fs::create_dir_all(dir)
                     .map_err(|e| CoreError::io(format!("create {}", dir.display()), e))?;
             }
-            let file = File::create(path)
+            // Created, never opened over an existing file: the path is in this execution's
+            // own attempt directory (`map-<p>/attempt-<a>-<nonce>`, a fresh nonce per
+            // execution) under the scratch root, so no other attempt's output, and no table
+            // file a snapshot references, can be truncated here; a clash fails the task.
+            let file = File::create_new(path)
                 .map_err(|e| CoreError::io(format!("create {}", path.display()), e))?;
             (file, None)
         }

@@ -41,7 +41,7 @@ pub const REQUIRE_NOT_NULL_UDF: &str = "nightshift_require_not_null";
 pub const DEFAULT_BROADCAST_THRESHOLD_BYTES: u64 = 32 << 20;
 
 /// A hash join on one integer key looks its build rows up in an array indexed by the key
-/// (DataFusion's "perfect hash join", `ArrayMap`) when the build side's keys fill at least
+/// (DataFusion's "perfect hash join", `ArrayMap`) when the build side's keys fill more than
 /// this share of their range (DataFusion's default: 0.15). The array costs 4 bytes per value
 /// of the range plus 4 per row: at 0.1, at most 44 bytes per row. The hash table it replaces
 /// costs 23–43 bytes per row (a 17-byte bucket, at most 7/8 full and rounded up to a power
@@ -564,10 +564,19 @@ mod memory_tests {
             + plan.children().into_iter().map(spills).sum::<usize>()
     }
 
-    async fn run(ctx: &SessionContext, sql: &str) -> datafusion::error::Result<(String, usize)> {
+    /// The rows of `sql` as a table, and the executed plan (its metrics filled in).
+    async fn run_plan(
+        ctx: &SessionContext,
+        sql: &str,
+    ) -> datafusion::error::Result<(String, Arc<dyn ExecutionPlan>)> {
         let plan = ctx.sql(sql).await?.create_physical_plan().await?;
         let batches = collect(plan.clone(), ctx.task_ctx()).await?;
         let text = datafusion::arrow::util::pretty::pretty_format_batches(&batches)?.to_string();
+        Ok((text, plan))
+    }
+
+    async fn run(ctx: &SessionContext, sql: &str) -> datafusion::error::Result<(String, usize)> {
+        let (text, plan) = run_plan(ctx, sql).await?;
         Ok((text, spills(&plan)))
     }
 
@@ -617,17 +626,7 @@ mod memory_tests {
         let sql = "SELECT count(*) AS c, sum(k) AS s \
                    FROM (SELECT u * 4 AS k FROM generate_series(1, 400000) AS p(u)) AS p \
                    JOIN (SELECT v * 4 AS b FROM generate_series(1, 100000) AS t(v)) AS d ON k = b";
-        let plan = ctx
-            .sql(sql)
-            .await
-            .unwrap()
-            .create_physical_plan()
-            .await
-            .unwrap();
-        let batches = collect(plan.clone(), ctx.task_ctx()).await.unwrap();
-        let text = datafusion::arrow::util::pretty::pretty_format_batches(&batches)
-            .unwrap()
-            .to_string();
+        let (text, plan) = run_plan(&ctx, sql).await.unwrap();
         assert!(text.contains("| 100000 | 20000200000 |"), "{text}");
         assert!(
             array_joins(&plan) > 0,

@@ -554,14 +554,27 @@ mod tests {
 
 #[cfg(test)]
 mod memory_tests {
+    use datafusion::physical_plan::metrics::MetricsSet;
     use datafusion::physical_plan::{ExecutionPlan, collect};
 
     use super::*;
 
+    /// `metric` summed over every operator of an executed plan.
+    fn plan_total(
+        plan: &Arc<dyn ExecutionPlan>,
+        metric: &dyn Fn(&MetricsSet) -> Option<usize>,
+    ) -> usize {
+        plan.metrics().and_then(|m| metric(&m)).unwrap_or(0)
+            + plan
+                .children()
+                .into_iter()
+                .map(|child| plan_total(child, metric))
+                .sum::<usize>()
+    }
+
     /// Spills counted by every operator of an executed plan.
     fn spills(plan: &Arc<dyn ExecutionPlan>) -> usize {
-        plan.metrics().and_then(|m| m.spill_count()).unwrap_or(0)
-            + plan.children().into_iter().map(spills).sum::<usize>()
+        plan_total(plan, &|m| m.spill_count())
     }
 
     /// The rows of `sql` as a table, and the executed plan (its metrics filled in).
@@ -609,11 +622,10 @@ mod memory_tests {
 
     /// Hash tables a plan's joins replaced with an array indexed by the key.
     fn array_joins(plan: &Arc<dyn ExecutionPlan>) -> usize {
-        let own = plan
-            .metrics()
-            .and_then(|m| m.sum_by_name("array_map_created_count"))
-            .map_or(0, |v| v.as_usize());
-        own + plan.children().into_iter().map(array_joins).sum::<usize>()
+        plan_total(plan, &|m| {
+            m.sum_by_name("array_map_created_count")
+                .map(|v| v.as_usize())
+        })
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

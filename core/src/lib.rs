@@ -8,7 +8,8 @@
 //! - [`session`] builds DataFusion sessions and the bounded, spilling runtime tasks run in.
 //! - [`shuffle`] moves stage outputs through object storage; [`codec`] serializes stage plans.
 //! - [`names`] builds and parses every object name the engine writes.
-//! - [`task`] runs one partition of one stage on a worker.
+//! - [`task`] runs one partition of one stage on a worker; [`shared_builds`] lets the tasks
+//!   of a stage in one process build each broadcast join's table once.
 //! - [`table`] creates Iceberg tables, writes data files and commits snapshots.
 //! - [`metrics`] names every exported metric and records each event.
 //! - [`redact`] masks credentials in logs, job records and snapshot summaries.
@@ -30,6 +31,7 @@ pub mod not_null;
 pub mod planner;
 pub mod redact;
 pub mod session;
+pub mod shared_builds;
 pub mod shared_plan;
 pub mod shuffle;
 pub mod sources;

@@ -60,6 +60,9 @@ pub const ROWS_READ: &str = "nightshift_rows_read_total";
 pub const BYTES_READ: &str = "nightshift_bytes_read_total";
 /// Bytes of shuffle objects written (the intermediate data between stages).
 pub const SHUFFLE_BYTES: &str = "nightshift_shuffle_bytes_written_total";
+/// Broadcast joins run by a worker's tasks, by `table`: `built` (the task built the hash
+/// table) or `shared` (it probed the table an earlier task of its stage built there).
+pub const BROADCAST_JOINS: &str = "nightshift_broadcast_joins_total";
 /// Task lease renewals that failed (Redis unreachable).
 pub const LEASE_RENEWAL_FAILURES: &str = "nightshift_task_lease_renewal_failures_total";
 /// Graceful stops (SIGTERM), by what happened to the running task.
@@ -186,6 +189,10 @@ pub fn describe_all() {
     describe_counter!(ROWS_READ, "Rows read by tasks");
     describe_counter!(BYTES_READ, Unit::Bytes, "Bytes read by tasks");
     describe_counter!(SHUFFLE_BYTES, Unit::Bytes, "Shuffle bytes written");
+    describe_counter!(
+        BROADCAST_JOINS,
+        "Broadcast joins run by tasks, by whether the task built the table or shared another task's"
+    );
     describe_counter!(LEASE_RENEWAL_FAILURES, "Task lease renewals that failed");
     describe_counter!(
         DRAINS,
@@ -229,6 +236,9 @@ pub fn register_worker() {
         }
     }
     counter!(SHUFFLE_BYTES).absolute(0);
+    for table in ["built", "shared"] {
+        counter!(BROADCAST_JOINS, "table" => table).absolute(0);
+    }
     counter!(TASK_REDELIVERIES).absolute(0);
     counter!(LEASE_RENEWAL_FAILURES).absolute(0);
 }
@@ -391,6 +401,13 @@ pub fn task_read(kind: StageKind, rows: u64, bytes: u64) {
     let kind = kind.as_str();
     counter!(ROWS_READ, "stage_kind" => kind).increment(rows);
     counter!(BYTES_READ, "stage_kind" => kind).increment(bytes);
+}
+
+/// A task ran a broadcast join on a table it built, or on one an earlier task of its stage
+/// built in this process (`shared`).
+pub fn broadcast_join(shared: bool) {
+    let table = if shared { "shared" } else { "built" };
+    counter!(BROADCAST_JOINS, "table" => table).increment(1);
 }
 
 /// A worker could not renew a task lease.

@@ -131,6 +131,8 @@ pub fn new_session(options: SessionOptions) -> SessionContext {
             single_process: false,
             task_memory_bytes: task_memory as usize,
         });
+    // The tasks of a stage that run in this session share its broadcast joins' tables.
+    let config = config.with_extension(Arc::new(crate::shared_builds::SharedBuilds::default()));
     let mut config = with_broadcast_threshold(config, threshold);
     config
         .options_mut()

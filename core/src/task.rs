@@ -21,6 +21,7 @@ use crate::codec::decode_plan;
 use crate::error::{CoreError, Result};
 use crate::ids::JobId;
 use crate::names::AttemptId;
+use crate::shared_builds::{BuildLease, SharedBuilds};
 use crate::shuffle::write_shuffle_output;
 use crate::storage::Location;
 use crate::table::write_data_files;
@@ -94,6 +95,8 @@ async fn execute(
     let ctx = session.task_ctx();
     let (input, partitioning) =
         decode_stage(&task.stage_plan, &ctx).map_err(|e| (e, vec![], vec![]))?;
+    let (input, builds) =
+        share_builds(&ctx, &task.job_id, task.stage_id, input).map_err(|e| (e, vec![], vec![]))?;
     let partition = task.partition as usize;
     let (inputs, columns) = scan_context(&input, partition);
     let plan = input.clone();
@@ -138,15 +141,41 @@ async fn execute(
             None => Err(CoreError::Protocol("task has no output".into())),
         }
     };
-    let executed = run.await.map_err(|e| (e, inputs, columns))?;
-    let (rows, bytes) = rows_and_bytes_read(&plan);
+    let executed = match run.await {
+        Ok(executed) => executed,
+        Err(e) => {
+            builds.failed();
+            return Err((e, inputs, columns));
+        }
+    };
+    let (rows, bytes) = rows_and_bytes_read(&plan, builds.reused_build_sides());
     crate::metrics::task_read(kind, rows, bytes);
     Ok(executed)
 }
 
+/// `plan` with its broadcast joins' tables shared with the other tasks of the stage in this
+/// process ([`crate::shared_builds`]), if the session carries the process's builds.
+fn share_builds(
+    ctx: &TaskContext,
+    job: &str,
+    stage: u32,
+    plan: Arc<dyn ExecutionPlan>,
+) -> Result<(Arc<dyn ExecutionPlan>, BuildLease)> {
+    match ctx.session_config().get_extension::<SharedBuilds>() {
+        Some(builds) => Ok(builds.share(job, stage, plan)?),
+        None => Ok((plan, BuildLease::default())),
+    }
+}
+
 /// Rows the plan's leaves (scans and shuffle readers) produced, and the bytes its scans read,
-/// from the plan's execution metrics.
-fn rows_and_bytes_read(plan: &Arc<dyn ExecutionPlan>) -> (u64, u64) {
+/// from the plan's execution metrics; `skip` are build sides another task read.
+fn rows_and_bytes_read(
+    plan: &Arc<dyn ExecutionPlan>,
+    skip: &[Arc<dyn ExecutionPlan>],
+) -> (u64, u64) {
+    if skip.iter().any(|s| Arc::ptr_eq(s, plan)) {
+        return (0, 0);
+    }
     let children = plan.children();
     if children.is_empty() {
         let Some(metrics) = plan.metrics() else {
@@ -160,7 +189,7 @@ fn rows_and_bytes_read(plan: &Arc<dyn ExecutionPlan>) -> (u64, u64) {
     }
     children
         .into_iter()
-        .map(rows_and_bytes_read)
+        .map(|child| rows_and_bytes_read(child, skip))
         .fold((0, 0), |(r, b), (r2, b2)| (r + r2, b + b2))
 }
 

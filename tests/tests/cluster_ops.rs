@@ -134,6 +134,11 @@ async fn metrics_of_coordinator_and_workers_during_a_real_job() {
         ],
         ..ClusterOptions::default()
     });
+    // Customers broadcast to the join's tasks (the other tests here shuffle both sides).
+    let data = cluster.sandbox.path("data");
+    let broadcast = spec(&data).replace("broadcast_join_threshold_bytes = 0\n", "");
+    assert_ne!(broadcast, spec(&data));
+    cluster.sandbox.spec(&broadcast);
     let coordinator = admin(&cluster, &cluster.coordinator_log_name());
     let workers = [
         admin(&cluster, "worker-0.log"),
@@ -273,6 +278,15 @@ async fn metrics_of_coordinator_and_workers_during_a_real_job() {
         );
     }
     assert!(sum("nightshift_shuffle_bytes_written_total", &[]) > 0.0);
+    // The join with `customer` is broadcast; each worker builds its table for the stage
+    // once, and a worker that runs two of the stage's four tasks probes it again.
+    let built = sum("nightshift_broadcast_joins_total", &["table=\"built\""]);
+    let shared = sum("nightshift_broadcast_joins_total", &["table=\"shared\""]);
+    assert!((1.0..=2.0).contains(&built), "built {built}: {w:?}");
+    assert!(
+        shared >= 1.0 && built + shared == 4.0,
+        "built {built}, shared {shared}: {w:?}"
+    );
     assert_eq!(sum("nightshift_tasks_running", &[]), 0.0);
     // Scans of the sources and readers of shuffle output both count what they read: the
     // final stage reads only shuffle output.

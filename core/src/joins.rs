@@ -13,6 +13,10 @@
 //!   type allows, so a `big LEFT JOIN small` is still broadcast (as a right join).
 //!   A null-aware anti join (`NOT IN`) must see every probe row in one place: its probe side
 //!   is merged into one partition ([`single_probe_for_build_emitting_joins`]).
+//! - DataFusion sizes a join side with string columns at 64 bytes a row (the row threshold),
+//!   too little for long strings. A broadcast whose build side, counted column by column,
+//!   reaches the broadcast threshold is shuffled instead: its table would not fit where the
+//!   threshold meant it to.
 //! - A partitioned hash join holds its build partition in memory and does not spill. When the
 //!   build side's estimated size per task exceeds what a task can hold, the join becomes a
 //!   sort-merge join, whose sorts spill.
@@ -23,6 +27,7 @@
 use std::sync::Arc;
 
 use datafusion::arrow::compute::SortOptions;
+use datafusion::arrow::datatypes::DataType;
 use datafusion::common::JoinType;
 use datafusion::common::config::ConfigOptions;
 use datafusion::common::tree_node::{Transformed, TransformedResult, TreeNode};
@@ -71,10 +76,11 @@ impl PhysicalOptimizerRule for DistributedJoins {
             let Some(join) = node.as_any().downcast_ref::<HashJoinExec>() else {
                 return Ok(Transformed::no(node));
             };
-            if !options.single_process
-                && *join.partition_mode() == PartitionMode::CollectLeft
-                && emits_build_rows_at_end(*join.join_type())
+            let threshold = config.optimizer.hash_join_single_partition_threshold;
+            if *join.partition_mode() == PartitionMode::CollectLeft
                 && !join.null_aware
+                && ((!options.single_process && emits_build_rows_at_end(*join.join_type()))
+                    || build_in_memory_reaches(join, threshold))
             {
                 let partitioned = join
                     .builder()
@@ -101,6 +107,41 @@ impl PhysicalOptimizerRule for DistributedJoins {
 
     fn schema_check(&self) -> bool {
         true
+    }
+}
+
+/// Whether a broadcast join's build side, counted column by column, is not below the
+/// broadcast threshold after all. DataFusion has a total size only for sides of fixed-width
+/// columns; a side with strings it sizes at 64 bytes a row (our row threshold), low for long
+/// strings. This adds the columns' own estimates (a string's Parquet bytes), each at least
+/// what Arrow holds per row for its type (a 16-byte view for a string view).
+fn build_in_memory_reaches(join: &HashJoinExec, threshold: usize) -> bool {
+    let build = join.left();
+    let Ok(stats) = build.partition_statistics(None) else {
+        return false;
+    };
+    let Some(&rows) = stats.num_rows.get_value() else {
+        return false;
+    };
+    let schema = build.schema();
+    let mut bytes = 0usize;
+    for (field, column) in schema.fields().iter().zip(&stats.column_statistics) {
+        let floor = rows.saturating_mul(in_memory_bytes_per_row(field.data_type()));
+        let estimate = column.byte_size.get_value().copied().unwrap_or(0);
+        bytes = bytes.saturating_add(estimate.max(floor));
+    }
+    bytes >= threshold
+}
+
+/// The least bytes per row Arrow holds for a column of this type: its fixed width, a string
+/// or binary view, or an offset.
+fn in_memory_bytes_per_row(data_type: &DataType) -> usize {
+    match data_type {
+        DataType::Utf8View | DataType::BinaryView => 16,
+        DataType::Utf8 | DataType::Binary => 4,
+        DataType::LargeUtf8 | DataType::LargeBinary => 8,
+        DataType::Dictionary(key, _) => in_memory_bytes_per_row(key),
+        other => other.primitive_width().unwrap_or(0),
     }
 }
 
@@ -179,4 +220,93 @@ pub fn single_probe_for_build_emitting_joins(
         ))
     })
     .data()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use datafusion::arrow::array::{Int32Array, RecordBatch, StringArray};
+    use datafusion::arrow::datatypes::{DataType, Field, Schema};
+    use datafusion::physical_plan::displayable;
+    use datafusion::prelude::ParquetReadOptions;
+
+    use crate::session::{SessionOptions, new_session, with_broadcast_threshold};
+
+    fn write(path: &std::path::Path, batch: RecordBatch) {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        let file = std::fs::File::create(path).unwrap();
+        let mut writer = parquet::arrow::ArrowWriter::try_new(file, batch.schema(), None).unwrap();
+        writer.write(&batch).unwrap();
+        writer.close().unwrap();
+    }
+
+    /// `dim` has 100,000 rows of a key, a 200-byte string and a column the query does not
+    /// read: 20 MB. DataFusion sizes a side with strings at 64 bytes a row (6.4 MB) and would
+    /// broadcast it under an 8 MiB threshold; it is shuffled with `fact` (16 MB) instead.
+    #[tokio::test]
+    async fn a_build_side_of_long_strings_is_sized_by_its_columns() {
+        let dir = tempfile::tempdir().unwrap();
+        let rows = 100_000;
+        // Two files a table, one a task.
+        let keys = |from: i32, to: i32| Arc::new(Int32Array::from_iter_values(from..to));
+        for (part, (from, to)) in [(0, rows / 2), (rows / 2, rows)].into_iter().enumerate() {
+            let dim = RecordBatch::try_new(
+                Arc::new(Schema::new(vec![
+                    Field::new("k", DataType::Int32, false),
+                    Field::new("comment", DataType::Utf8, false),
+                    Field::new("unread", DataType::Int32, false),
+                ])),
+                vec![
+                    keys(from, to),
+                    Arc::new(StringArray::from_iter_values(
+                        (from..to).map(|i| format!("{i:0>200}")),
+                    )),
+                    keys(from, to),
+                ],
+            )
+            .unwrap();
+            write(&dir.path().join(format!("dim/{part}.parquet")), dim);
+            let fact = RecordBatch::try_new(
+                Arc::new(Schema::new(vec![Field::new("k", DataType::Int32, false)])),
+                vec![keys(40 * from, 40 * to)],
+            )
+            .unwrap();
+            write(&dir.path().join(format!("fact/{part}.parquet")), fact);
+        }
+
+        let plan_under = |threshold: u64| {
+            let dir = dir.path().to_path_buf();
+            async move {
+                let ctx = new_session(SessionOptions {
+                    partitions: 2,
+                    ..Default::default()
+                });
+                {
+                    let state = ctx.state_ref();
+                    let mut state = state.write();
+                    let config = state.config_mut();
+                    *config = with_broadcast_threshold(config.clone(), threshold);
+                }
+                for table in ["dim", "fact"] {
+                    let path = format!("{}/", dir.join(table).display());
+                    ctx.register_parquet(table, &path, ParquetReadOptions::default())
+                        .await
+                        .unwrap();
+                }
+                let df = ctx
+                    .sql("SELECT dim.comment, fact.k FROM fact JOIN dim ON fact.k = dim.k")
+                    .await
+                    .unwrap();
+                let plan = df.create_physical_plan().await.unwrap();
+                displayable(plan.as_ref()).indent(true).to_string()
+            }
+        };
+        // The same join broadcasts under a threshold its Arrow size is below.
+        let roomy = plan_under(64 << 20).await;
+        assert!(roomy.contains("mode=CollectLeft"), "{roomy}");
+        let tight = plan_under(8 << 20).await;
+        assert!(!tight.contains("mode=CollectLeft"), "{tight}");
+        assert!(tight.contains("mode=Partitioned"), "{tight}");
+    }
 }

@@ -60,6 +60,20 @@ pub enum PlanMode {
     },
 }
 
+impl PlanMode {
+    /// What one broadcast join's table may count on, if known: a task's memory on workers
+    /// (each builds the table once per stage, beside tasks of other stages), all the tasks'
+    /// in one process, where they probe one table.
+    pub fn broadcast_memory(&self) -> Option<u64> {
+        match *self {
+            PlanMode::Distributed { task_memory } => task_memory,
+            PlanMode::SingleProcess { tasks, task_memory } => {
+                task_memory.map(|bytes| bytes * tasks.max(1) as u64)
+            }
+        }
+    }
+}
+
 impl Default for PlanMode {
     fn default() -> Self {
         PlanMode::Distributed { task_memory: None }
@@ -578,6 +592,54 @@ mod tests {
         assert_eq!(days.value(0), jan_1_utc);
         assert_eq!(days.value(1), jan_1_utc);
         assert_eq!(days.value(2), jan_1_utc + 24 * hour);
+    }
+
+    /// A 40 MB dimension (five million keys) joined to a 48 MB fact: broadcast when a task
+    /// has 1 GiB (threshold 128 MiB), shuffled with the fact when it has 128 MiB (32 MiB).
+    #[tokio::test]
+    async fn the_broadcast_threshold_follows_the_memory_of_a_task() {
+        let plan_with = |task_memory: u64| async move {
+            let ctx = crate::session::new_session(crate::session::SessionOptions {
+                partitions: 2,
+                task_memory: PlanMode::Distributed {
+                    task_memory: Some(task_memory),
+                }
+                .broadcast_memory(),
+                ..Default::default()
+            });
+            let schema = Arc::new(Schema::new(vec![Field::new("k", DataType::Int64, false)]));
+            let keys = |range: std::ops::Range<i64>| {
+                RecordBatch::try_new(
+                    schema.clone(),
+                    vec![Arc::new(Int64Array::from_iter_values(range))],
+                )
+                .unwrap()
+            };
+            let dim = MemTable::try_new(schema.clone(), vec![vec![keys(0..5_000_000)]]).unwrap();
+            let fact = MemTable::try_new(
+                schema.clone(),
+                vec![vec![keys(0..3_000_000)], vec![keys(3_000_000..6_000_000)]],
+            )
+            .unwrap();
+            ctx.register_table("dim", Arc::new(dim)).unwrap();
+            ctx.register_table("fact", Arc::new(fact)).unwrap();
+            let options = PlanOptions {
+                mode: PlanMode::Distributed {
+                    task_memory: Some(task_memory),
+                },
+                partition_by: Vec::new(),
+            };
+            let query = "SELECT fact.k FROM fact JOIN dim ON fact.k = dim.k";
+            plan_job(&ctx, &JobId::parse("j").unwrap(), query, &options)
+                .await
+                .unwrap()
+                .describe()
+        };
+        let roomy = plan_with(1 << 30).await;
+        assert!(roomy.contains("mode=CollectLeft"), "{roomy}");
+        let tight = plan_with(128 << 20).await;
+        assert!(!tight.contains("mode=CollectLeft"), "{tight}");
+        assert!(tight.contains("mode=Partitioned"), "{tight}");
     }
 
     #[tokio::test]

@@ -35,10 +35,32 @@ use datafusion::prelude::{SessionConfig, SessionContext};
 /// Name of the UDF that enforces `not null` in a source's schema contract.
 pub const REQUIRE_NOT_NULL_UDF: &str = "nightshift_require_not_null";
 
-/// A join side whose estimated size is below this is broadcast (built once per task from a
-/// copy of the whole side) instead of shuffled with the other side. `[execution]
-/// broadcast_join_threshold_bytes` overrides it; 0 turns broadcasts off.
+/// The least broadcast threshold [`broadcast_threshold_for`] gives (the fixed threshold
+/// before it followed memory).
 pub const DEFAULT_BROADCAST_THRESHOLD_BYTES: u64 = 32 << 20;
+
+/// The most it gives, however much memory there is: a broadcast side is read whole by the
+/// first task of its stage on every worker before any probe row moves.
+pub const MAX_BROADCAST_THRESHOLD_BYTES: u64 = 512 << 20;
+
+/// A join side whose estimated size (Parquet statistics) is below this is broadcast instead
+/// of shuffled with the other side: an eighth of the `memory` the table may count on (a
+/// task's on workers, all tasks' in one process: `PlanMode::broadcast_memory`), between
+/// [`DEFAULT_BROADCAST_THRESHOLD_BYTES`] and [`MAX_BROADCAST_THRESHOLD_BYTES`].
+/// `[execution] broadcast_join_threshold_bytes` overrides it; 0 turns broadcasts off.
+///
+/// Why an eighth: the table holds the side's rows and an index of them (an array of 4 bytes
+/// per key value, or a hash table of 23–43 bytes per row), two to three times the estimate
+/// for narrow rows, and a side with strings is only estimated (`joins`). A worker builds the
+/// table once per stage, not per task (`shared_builds`), and the embedded mode once per
+/// run, so it is held once beside the tasks' other operators. What it saves: the probe
+/// side, usually the fact table, is not shuffled at all.
+pub fn broadcast_threshold_for(memory: u64) -> u64 {
+    (memory / 8).clamp(
+        DEFAULT_BROADCAST_THRESHOLD_BYTES,
+        MAX_BROADCAST_THRESHOLD_BYTES,
+    )
+}
 
 /// A hash join on one integer key looks its build rows up in an array indexed by the key
 /// (DataFusion's "perfect hash join", `ArrayMap`) when the build side's keys fill more than
@@ -106,7 +128,7 @@ pub fn new_session(options: SessionOptions) -> SessionContext {
     let task_memory = options
         .task_memory
         .unwrap_or_else(|| MemorySettings::new(None, None, 1).limit);
-    let threshold = DEFAULT_BROADCAST_THRESHOLD_BYTES;
+    let threshold = broadcast_threshold_for(task_memory);
     let config = SessionConfig::new_with_ballista()
         .with_target_partitions(options.partitions.max(1))
         .with_batch_size(options.batch_size)
@@ -499,6 +521,16 @@ impl ScalarUDFImpl for RequireNotNull {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_broadcast_may_take_an_eighth_of_a_task_between_32_and_512_mib() {
+        assert_eq!(broadcast_threshold_for(2 << 30), 256 << 20);
+        assert_eq!(broadcast_threshold_for(1 << 30), 128 << 20);
+        // Small tasks keep the fixed default they had; large ones stop at the ceiling.
+        assert_eq!(broadcast_threshold_for(64 << 20), 32 << 20);
+        assert_eq!(broadcast_threshold_for(0), 32 << 20);
+        assert_eq!(broadcast_threshold_for(64 << 30), 512 << 20);
+    }
 
     #[test]
     fn sizes_parse_in_powers_of_1024() {

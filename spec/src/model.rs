@@ -218,7 +218,8 @@ pub struct ExecutionSection {
     #[serde(default)]
     pub max_task_attempts: Option<u32>,
     /// A join side smaller than this is broadcast instead of shuffled (Ballista's
-    /// `broadcast_join_threshold_bytes`; 0 always shuffles both sides).
+    /// `broadcast_join_threshold_bytes`; 0 always shuffles both sides). By default an eighth
+    /// of the memory the broadcast table may count on, between 32 and 512 MiB.
     #[serde(default)]
     pub broadcast_join_threshold_bytes: Option<u64>,
 }

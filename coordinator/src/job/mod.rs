@@ -23,7 +23,9 @@ use nightshift_core::checks::{self, CheckResult, RowCheckCounter};
 use nightshift_core::ids::JobId;
 use nightshift_core::planner::{JobPlan, PlanMode, PlanOptions, output_schema, plan_job};
 use nightshift_core::redact::redact;
-use nightshift_core::session::{SessionOptions, checking_session, new_session};
+use nightshift_core::session::{
+    SessionOptions, broadcast_threshold_for, checking_session, new_session,
+};
 use nightshift_core::sources::{SourceSummary, register_merge_target, register_sources};
 use nightshift_core::storage::Location;
 use nightshift_core::table::{
@@ -303,6 +305,9 @@ async fn plan(
     (mode, reads): (PlanMode, PlanReads),
 ) -> Result<Planned, JobError> {
     let session = new_session(SessionOptions::default());
+    if let Some(memory) = mode.broadcast_memory() {
+        set_broadcast_threshold(&session, broadcast_threshold_for(memory))?;
+    }
     let prepared = prepare(session, spec, options, catalog, reads).await?;
     let plan_options = PlanOptions {
         mode,
@@ -355,13 +360,7 @@ async fn prepare(
     let partitions = choose_partitions(spec, options, &sources);
     set_partitions(&session, partitions);
     if let Some(bytes) = spec.spec.execution.broadcast_join_threshold_bytes {
-        session
-            .state_ref()
-            .write()
-            .config_mut()
-            .options_mut()
-            .set(BROADCAST_THRESHOLD_KEY, &bytes.to_string())
-            .map_err(|e| JobError::Internal(e.into()))?;
+        set_broadcast_threshold(&session, bytes)?;
     }
     let (sql, merge) = match spec.spec.target.mode {
         WriteMode::Merge => merge_sql_of(&session, spec, catalog, reads).await?,
@@ -566,6 +565,18 @@ fn choose_partitions(
     let input: u64 = sources.iter().map(|s| s.bytes).sum();
     let by_size = input.div_ceil(task_bytes) as usize;
     by_size.clamp(1, MAX_DEFAULT_PARTITIONS)
+}
+
+/// Join sides estimated below `bytes` are broadcast (the spec's setting, or by default
+/// [`broadcast_threshold_for`] the memory of the tasks that will probe them).
+fn set_broadcast_threshold(session: &SessionContext, bytes: u64) -> Result<(), JobError> {
+    session
+        .state_ref()
+        .write()
+        .config_mut()
+        .options_mut()
+        .set(BROADCAST_THRESHOLD_KEY, &bytes.to_string())
+        .map_err(|e| JobError::Internal(e.into()))
 }
 
 fn set_partitions(session: &SessionContext, partitions: usize) {

@@ -374,7 +374,7 @@ pub fn decode(body: &[u8]) -> Result<Arc<dyn ExecutionPlan>> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::collections::HashMap;
 
     use datafusion::arrow::array::{Int64Array, StringArray};
@@ -395,7 +395,7 @@ mod tests {
     }
 
     /// Writes `batch` as a Parquet file at `path`; returns its size.
-    fn write_parquet(path: &std::path::Path, batch: RecordBatch) -> u64 {
+    pub(crate) fn write_parquet(path: &std::path::Path, batch: RecordBatch) -> u64 {
         let file = std::fs::File::create(path).unwrap();
         let mut writer = parquet::arrow::ArrowWriter::try_new(file, batch.schema(), None).unwrap();
         writer.write(&batch).unwrap();

@@ -235,10 +235,7 @@ mod tests {
 
     fn write(path: &std::path::Path, batch: RecordBatch) {
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        let file = std::fs::File::create(path).unwrap();
-        let mut writer = parquet::arrow::ArrowWriter::try_new(file, batch.schema(), None).unwrap();
-        writer.write(&batch).unwrap();
-        writer.close().unwrap();
+        crate::iceberg_scan::tests::write_parquet(path, batch);
     }
 
     /// `dim` has 100,000 rows of a key, a 200-byte string and a column the query does not

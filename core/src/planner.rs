@@ -594,6 +594,21 @@ mod tests {
         assert_eq!(days.value(2), jan_1_utc + 24 * hour);
     }
 
+    #[test]
+    fn a_broadcast_table_counts_on_a_task_on_workers_and_on_every_task_in_one_process() {
+        let gib = 1 << 30;
+        let workers = PlanMode::Distributed {
+            task_memory: Some(gib),
+        };
+        assert_eq!(workers.broadcast_memory(), Some(gib));
+        let one_process = PlanMode::SingleProcess {
+            tasks: 2,
+            task_memory: Some(gib),
+        };
+        assert_eq!(one_process.broadcast_memory(), Some(2 * gib));
+        assert_eq!(PlanMode::default().broadcast_memory(), None);
+    }
+
     /// A 40 MB dimension (five million keys) joined to a 48 MB fact: broadcast when a task
     /// has 1 GiB (threshold 128 MiB), shuffled with the fact when it has 128 MiB (32 MiB).
     #[tokio::test]

@@ -37,7 +37,7 @@ pub const REQUIRE_NOT_NULL_UDF: &str = "nightshift_require_not_null";
 
 /// The least broadcast threshold [`broadcast_threshold_for`] gives (the fixed threshold
 /// before it followed memory).
-pub const DEFAULT_BROADCAST_THRESHOLD_BYTES: u64 = 32 << 20;
+pub const MIN_BROADCAST_THRESHOLD_BYTES: u64 = 32 << 20;
 
 /// The most it gives, however much memory there is: a broadcast side is read whole by the
 /// first task of its stage on every worker before any probe row moves.
@@ -46,7 +46,7 @@ pub const MAX_BROADCAST_THRESHOLD_BYTES: u64 = 512 << 20;
 /// A join side whose estimated size (Parquet statistics) is below this is broadcast instead
 /// of shuffled with the other side: an eighth of the `memory` the table may count on (a
 /// task's on workers, all tasks' in one process: `PlanMode::broadcast_memory`), between
-/// [`DEFAULT_BROADCAST_THRESHOLD_BYTES`] and [`MAX_BROADCAST_THRESHOLD_BYTES`].
+/// [`MIN_BROADCAST_THRESHOLD_BYTES`] and [`MAX_BROADCAST_THRESHOLD_BYTES`].
 /// `[execution] broadcast_join_threshold_bytes` overrides it; 0 turns broadcasts off.
 ///
 /// Why an eighth: the table holds the side's rows and an index of them (an array of 4 bytes
@@ -56,10 +56,7 @@ pub const MAX_BROADCAST_THRESHOLD_BYTES: u64 = 512 << 20;
 /// run, so it is held once beside the tasks' other operators. What it saves: the probe
 /// side, usually the fact table, is not shuffled at all.
 pub fn broadcast_threshold_for(memory: u64) -> u64 {
-    (memory / 8).clamp(
-        DEFAULT_BROADCAST_THRESHOLD_BYTES,
-        MAX_BROADCAST_THRESHOLD_BYTES,
-    )
+    (memory / 8).clamp(MIN_BROADCAST_THRESHOLD_BYTES, MAX_BROADCAST_THRESHOLD_BYTES)
 }
 
 /// A hash join on one integer key looks its build rows up in an array indexed by the key

@@ -24,7 +24,7 @@ use nightshift_core::ids::JobId;
 use nightshift_core::planner::{JobPlan, PlanMode, PlanOptions, output_schema, plan_job};
 use nightshift_core::redact::redact;
 use nightshift_core::session::{
-    SessionOptions, broadcast_threshold_for, checking_session, new_session,
+    BROADCAST_THRESHOLD_KEY, SessionOptions, broadcast_threshold_for, checking_session, new_session,
 };
 use nightshift_core::sources::{SourceSummary, register_merge_target, register_sources};
 use nightshift_core::storage::Location;
@@ -46,7 +46,6 @@ pub const DEFAULT_TARGET_TASK_BYTES: u64 = 64 << 20;
 /// Default attempts per task.
 pub const DEFAULT_MAX_TASK_ATTEMPTS: u32 = 3;
 /// Ballista's setting for broadcast joins.
-const BROADCAST_THRESHOLD_KEY: &str = "ballista.optimizer.broadcast_join_threshold_bytes";
 /// Most partitions a stage is split into by default.
 const MAX_DEFAULT_PARTITIONS: usize = 256;
 

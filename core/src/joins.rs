@@ -116,21 +116,23 @@ impl PhysicalOptimizerRule for DistributedJoins {
 /// strings. This adds the columns' own estimates (a string's Parquet bytes), each at least
 /// what Arrow holds per row for its type (a 16-byte view for a string view).
 fn build_in_memory_reaches(join: &HashJoinExec, threshold: usize) -> bool {
-    let build = join.left();
-    let Ok(stats) = build.partition_statistics(None) else {
-        return false;
-    };
-    let Some(&rows) = stats.num_rows.get_value() else {
-        return false;
-    };
-    let schema = build.schema();
+    in_memory_bytes(join.left().as_ref()).is_some_and(|bytes| bytes >= threshold)
+}
+
+/// What `plan`'s rows take in memory by its statistics, counted column by column: each
+/// column's own estimate (a string's Parquet bytes), at least what Arrow holds per row for
+/// its type. `None` without a row count.
+pub(crate) fn in_memory_bytes(plan: &dyn ExecutionPlan) -> Option<usize> {
+    let stats = plan.partition_statistics(None).ok()?;
+    let rows = *stats.num_rows.get_value()?;
+    let schema = plan.schema();
     let mut bytes = 0usize;
     for (field, column) in schema.fields().iter().zip(&stats.column_statistics) {
         let floor = rows.saturating_mul(in_memory_bytes_per_row(field.data_type()));
         let estimate = column.byte_size.get_value().copied().unwrap_or(0);
         bytes = bytes.saturating_add(estimate.max(floor));
     }
-    bytes >= threshold
+    Some(bytes)
 }
 
 /// The least bytes per row Arrow holds for a column of this type: its fixed width, a string

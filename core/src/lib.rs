@@ -4,7 +4,9 @@
 //! - [`planner`] turns a pipeline's SQL into Ballista query stages, or into one shared
 //!   in-process stage for the embedded mode ([`shared_plan`]); [`joins`] picks join
 //!   strategies that stay correct when partitions run as separate tasks; [`window_topk`]
-//!   keeps only the rows a `ROW_NUMBER() ... <= K` filter can keep before the window's sort.
+//!   keeps only the rows a `ROW_NUMBER() ... <= K` filter can keep before the window's sort;
+//!   [`broadcast_scans`] lets a stage read a small broadcast table from its source instead
+//!   of from a stage of its own.
 //! - [`session`] builds DataFusion sessions and the bounded, spilling runtime tasks run in.
 //! - [`shuffle`] moves stage outputs through object storage; [`codec`] serializes stage plans.
 //! - [`names`] builds and parses every object name the engine writes.
@@ -16,6 +18,7 @@
 //! - [`transport`] holds the seams (task queue, state store) and their in-process versions.
 
 pub mod access;
+pub mod broadcast_scans;
 pub mod checks;
 pub mod codec;
 pub mod error;

@@ -18,9 +18,7 @@
 
 use std::sync::Arc;
 
-use ballista_core::execution_plans::{
-    ShuffleWriter, ShuffleWriterExec, SortShuffleWriterExec, UnresolvedShuffleExec,
-};
+use ballista_core::execution_plans::{ShuffleWriter, ShuffleWriterExec, UnresolvedShuffleExec};
 use ballista_core::extension::SessionConfigExt;
 use ballista_scheduler::planner::{DefaultDistributedPlanner, DistributedPlanner};
 use datafusion::arrow::datatypes::{DataType, SchemaRef};
@@ -37,6 +35,7 @@ use datafusion::prelude::SessionContext;
 use datafusion::scalar::ScalarValue;
 use nightshift_spec::{PartitionField, PartitionTransform};
 
+use crate::broadcast_scans::{read_small_broadcasts_in_place, rebuild_writer};
 use crate::error::{CoreError, Result};
 use crate::ids::{JobId, StageId};
 use crate::joins::single_probe_for_build_emitting_joins;
@@ -262,8 +261,10 @@ fn plan_stages(
     output_schema: SchemaRef,
 ) -> Result<JobPlan> {
     let mut planner = DefaultDistributedPlanner::new();
-    let writers =
-        planner.plan_query_stages(job.as_str(), physical, ctx.state().config().options())?;
+    let options = ctx.state().config().options().clone();
+    let writers = planner.plan_query_stages(job.as_str(), physical, &options)?;
+    let threshold = options.optimizer.hash_join_single_partition_threshold;
+    let writers = read_small_broadcasts_in_place(writers, threshold)?;
     let last = writers.len().saturating_sub(1);
     let stages = writers
         .into_iter()
@@ -317,28 +318,9 @@ pub fn renumber_stages(plan: JobPlan, offset: u32) -> Result<JobPlan> {
                 )
             })?;
             let id = stage.plan.stage_id() + offset as usize;
-            let job = stage.plan.job_id().to_string();
-            let rebuilt: Arc<dyn ShuffleWriter> =
-                match writer.as_any().downcast_ref::<SortShuffleWriterExec>() {
-                    Some(sort) => Arc::new(SortShuffleWriterExec::try_new(
-                        job,
-                        id,
-                        child.data,
-                        String::new(),
-                        sort.shuffle_output_partitioning().clone(),
-                        sort.config().clone(),
-                    )?),
-                    None => Arc::new(ShuffleWriterExec::try_new(
-                        job,
-                        id,
-                        child.data,
-                        String::new(),
-                        stage.plan.shuffle_output_partitioning().cloned(),
-                    )?),
-                };
             Ok(PlannedStage {
                 id: StageId(stage.id.0 + offset),
-                plan: rebuilt,
+                plan: rebuild_writer(&stage.plan, id, child.data)?,
                 upstream: stage
                     .upstream
                     .iter()

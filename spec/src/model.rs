@@ -211,7 +211,8 @@ pub struct ExecutionSection {
     /// Input bytes per scan task (default 64 MiB).
     #[serde(default)]
     pub target_task_bytes: Option<u64>,
-    /// Partitions of each shuffle (default: 2 × workers, at least 4).
+    /// Partitions of each shuffle, tasks per stage (default: input bytes ÷
+    /// `target_task_bytes`, at most 256).
     #[serde(default)]
     pub shuffle_partitions: Option<usize>,
     /// Attempts per task before the job fails (default 3).

@@ -161,7 +161,8 @@ async fn metrics_of_coordinator_and_workers_during_a_real_job() {
     );
 
     let mut client = cluster.submit_in_background("job-metrics");
-    wait_for_log(&cluster, "stage started stage=3");
+    // Stage 1 joins (customers read in place) and stage 2 aggregates and writes.
+    wait_for_log(&cluster, "stage started stage=2");
     // Mid-job: the job is running on the coordinator and tasks on the workers.
     let during = scrape(&coordinator);
     assert_eq!(

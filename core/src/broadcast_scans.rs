@@ -24,7 +24,7 @@ use ballista_core::execution_plans::{
 };
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
 use datafusion::datasource::source::DataSourceExec;
-use datafusion::error::Result;
+use datafusion::error::{DataFusionError, Result};
 use datafusion::physical_expr_common::physical_expr::is_volatile;
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
@@ -55,6 +55,11 @@ pub fn read_small_broadcasts_in_place(
         .enumerate()
         .map(|(i, w)| (w.stage_id(), i + 1))
         .collect();
+    let new_id = |old: usize| {
+        new_ids.get(&old).copied().ok_or_else(|| {
+            DataFusionError::Internal(format!("stage {old} is read but was not planned"))
+        })
+    };
     kept.into_iter()
         .map(|writer| {
             let as_plan: Arc<dyn ExecutionPlan> = writer.clone();
@@ -66,10 +71,10 @@ pub fn read_small_broadcasts_in_place(
                     return Ok(Transformed::yes(single_partition(scan.clone())));
                 }
                 let mut moved = unresolved.clone();
-                moved.stage_id = new_ids[&unresolved.stage_id];
+                moved.stage_id = new_id(unresolved.stage_id)?;
                 Ok(Transformed::yes(Arc::new(moved) as Arc<dyn ExecutionPlan>))
             })?;
-            rebuild_writer(&writer, new_ids[&writer.stage_id()], child.data)
+            rebuild_writer(&writer, new_id(writer.stage_id())?, child.data)
         })
         .collect()
 }

@@ -22,7 +22,8 @@ use std::sync::Arc;
 use ballista_core::execution_plans::{
     ShuffleWriter, ShuffleWriterExec, SortShuffleWriterExec, UnresolvedShuffleExec,
 };
-use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
+use ballista_scheduler::planner::find_unresolved_shuffles;
+use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::datasource::source::DataSourceExec;
 use datafusion::error::{DataFusionError, Result};
 use datafusion::physical_expr_common::physical_expr::is_volatile;
@@ -87,13 +88,12 @@ fn scans_to_read_in_place(
     let mut broadcast_only: HashMap<usize, bool> = HashMap::new();
     for writer in writers {
         let as_plan: Arc<dyn ExecutionPlan> = writer.clone();
-        as_plan.apply(|node| {
-            if let Some(unresolved) = node.as_any().downcast_ref::<UnresolvedShuffleExec>() {
-                let only = broadcast_only.entry(unresolved.stage_id).or_insert(true);
-                *only &= unresolved.broadcast;
-            }
-            Ok(TreeNodeRecursion::Continue)
-        })?;
+        let readers = find_unresolved_shuffles(&as_plan)
+            .map_err(|e| DataFusionError::External(Box::new(e)))?;
+        for unresolved in readers {
+            let only = broadcast_only.entry(unresolved.stage_id).or_insert(true);
+            *only &= unresolved.broadcast;
+        }
     }
     let last = writers.len().saturating_sub(1);
     let mut inlined = HashMap::new();
@@ -114,7 +114,7 @@ fn scans_to_read_in_place(
 
 /// Whether `plan` is a deterministic scan (a source read, projections, filters, the
 /// not-null check) whose input, as read, is estimated below `threshold` bytes.
-pub(crate) fn scan_input_below(plan: &Arc<dyn ExecutionPlan>, threshold: usize) -> bool {
+fn scan_input_below(plan: &Arc<dyn ExecutionPlan>, threshold: usize) -> bool {
     let mut node = plan.clone();
     loop {
         let any = node.as_any();

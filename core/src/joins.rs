@@ -72,11 +72,11 @@ impl PhysicalOptimizerRule for DistributedJoins {
             .cloned()
             .unwrap_or_default();
         let partitions = config.execution.target_partitions.max(1);
+        let threshold = config.optimizer.hash_join_single_partition_threshold;
         plan.transform_up(|node| {
             let Some(join) = node.as_any().downcast_ref::<HashJoinExec>() else {
                 return Ok(Transformed::no(node));
             };
-            let threshold = config.optimizer.hash_join_single_partition_threshold;
             if *join.partition_mode() == PartitionMode::CollectLeft
                 && !join.null_aware
                 && ((!options.single_process && emits_build_rows_at_end(*join.join_type()))

@@ -45,7 +45,6 @@ use crate::scheduler::StageCount;
 pub const DEFAULT_TARGET_TASK_BYTES: u64 = 64 << 20;
 /// Default attempts per task.
 pub const DEFAULT_MAX_TASK_ATTEMPTS: u32 = 3;
-/// Ballista's setting for broadcast joins.
 /// Most partitions a stage is split into by default.
 const MAX_DEFAULT_PARTITIONS: usize = 256;
 

@@ -33,7 +33,7 @@ use crate::iceberg_scan::IcebergScanExec;
 use crate::not_null::{NotNullCheck, NotNullCheckExec};
 use crate::shared_plan::SharedPlanExec;
 use crate::shuffle::{ObjectStoreShuffleReaderExec, Segment};
-use crate::window_topk::PartitionTopKExec;
+use crate::window_topk::{PartitionTopKExec, TopKMode};
 
 /// Marks an extension node as Nightshift's rather than Ballista's.
 const MAGIC: &[u8] = b"NSX1";
@@ -43,8 +43,8 @@ const SHARED_MAGIC: &[u8] = b"NSP1";
 const NOT_NULL_MAGIC: &[u8] = b"NSN1";
 /// Marks an [`IcebergScanExec`]: its scan tasks as JSON.
 const ICEBERG_SCAN_MAGIC: &[u8] = b"NSI1";
-/// Marks a [`PartitionTopKExec`]: K, the number of partition keys and whether it is exact
-/// (u32 little-endian each), then the partition keys (as ascending sort expressions) and the order as one
+/// Marks a [`PartitionTopKExec`]: K, the number of partition keys and its mode (0 at least
+/// K rows, 1 exact, 2 before a shuffle; u32 little-endian each), then the partition keys (as ascending sort expressions) and the order as one
 /// protobuf sort-expression list; its input is the node's one input.
 const TOP_K_MAGIC: &[u8] = b"NSK1";
 
@@ -200,7 +200,12 @@ fn encode_top_k(node: &PartitionTopKExec, buf: &mut Vec<u8>) -> Result<()> {
     };
     buf.extend_from_slice(&count(node.k())?.to_le_bytes());
     buf.extend_from_slice(&count(node.partition_by().len())?.to_le_bytes());
-    buf.extend_from_slice(&u32::from(node.exact()).to_le_bytes());
+    let mode: u32 = match node.mode() {
+        TopKMode::AtLeast => 0,
+        TopKMode::Exact => 1,
+        TopKMode::BeforeShuffle => 2,
+    };
+    buf.extend_from_slice(&mode.to_le_bytes());
     protobuf::PhysicalSortExprNodeCollection {
         physical_sort_expr_nodes: exprs,
     }
@@ -221,7 +226,13 @@ fn decode_top_k(
         let bytes = body.get(at..at + 4).ok_or_else(|| malformed("short"))?;
         Ok(u32::from_le_bytes(bytes.try_into().expect("4 bytes")) as usize)
     };
-    let (k, keys, exact) = (word(0)?, word(4)?, word(8)? == 1);
+    let (k, keys) = (word(0)?, word(4)?);
+    let mode = match word(8)? {
+        0 => TopKMode::AtLeast,
+        1 => TopKMode::Exact,
+        2 => TopKMode::BeforeShuffle,
+        other => return Err(malformed(&format!("mode {other}"))),
+    };
     let list = protobuf::PhysicalSortExprNodeCollection::decode(&body[12..])
         .map_err(|e| malformed(&e.to_string()))?;
     let mut exprs = parse_physical_sort_exprs(
@@ -241,6 +252,6 @@ fn decode_top_k(
         keys,
         order,
         k,
-        exact,
+        mode,
     )))
 }

@@ -11,7 +11,9 @@
 //! sort's input is a hash repartition between stages (a shuffle through object storage on a
 //! cluster), a second top K goes below it, so the shuffle carries each task's first K rows
 //! per key rather than every row; in one process the exchange is in memory, and that second
-//! pass would cost more than it saves.
+//! pass would cost more than it saves. That second pass gives up when its first rows show
+//! it keeping most of them (each task's slice of the input has nearly every key once), and
+//! passes the rest on as they come ([`TopKMode::BeforeShuffle`]).
 //!
 //! Correctness: the rows passed on are a subset of the input holding, for each partition key,
 //! K rows of the smallest order keys (with ties, any K of them: `ROW_NUMBER` numbers tied
@@ -72,16 +74,45 @@ mod by_sort;
 /// The largest K the rule applies to: each key's rows are kept in a list scanned per row.
 pub const MAX_TOP_K: usize = 1000;
 
+/// Rows a [`TopKMode::BeforeShuffle`] node reads before it judges whether it pays.
+const PROBE_ROWS: usize = 100_000;
+
+/// What a [`PartitionTopKExec`] passes on, and what it does when holding rows does not pay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TopKMode {
+    /// Exactly the first K rows of each key: nothing above it drops a row. Past its memory it
+    /// sorts, with spill ([`by_sort`]).
+    Exact,
+    /// At least the first K rows of each key: a sort and the window's filter above drop the
+    /// rest. Past its memory it passes every row on.
+    AtLeast,
+    /// As `AtLeast`, below a shuffle, with an exact node above the shuffle: and when its
+    /// first [`PROBE_ROWS`] rows show it keeping most of what it reads ([`holding_pays`]), it
+    /// passes what it holds and every later row on as they come. Each task of a cluster
+    /// reads a slice of the input; when the keys of a slice are nearly all distinct (the
+    /// latest order per customer at SF10: 51 tasks, each keeping 87 % of its rows), holding
+    /// them costs a hash table's lookups and a copy per row to spare the shuffle a few rows.
+    BeforeShuffle,
+}
+
+/// Whether a [`TopKMode::BeforeShuffle`] node that kept `kept` of the first `read` rows
+/// should go on holding rows: it should when it drops at least a fifth of them, the ratio
+/// DataFusion's partial aggregate judges itself by
+/// (`skip_partial_aggregation_probe_ratio_threshold`, 0.8).
+pub fn holding_pays(read: usize, kept: usize) -> bool {
+    kept as u128 * 5 <= read as u128 * 4
+}
+
 /// Passes on the first `k` rows of each `partition_by` key in `order_by` order (a subset of
-/// its input, in no particular order); see the module documentation. When not `exact`, it may
-/// pass on more rows than that (every row, past a refused memory reservation).
+/// its input, in no particular order); see the module documentation. Unless its `mode` is
+/// [`TopKMode::Exact`], it may pass on more rows than that.
 #[derive(Debug)]
 pub struct PartitionTopKExec {
     input: Arc<dyn ExecutionPlan>,
     partition_by: Vec<Arc<dyn PhysicalExpr>>,
     order_by: Vec<PhysicalSortExpr>,
     k: usize,
-    exact: bool,
+    mode: TopKMode,
     properties: Arc<PlanProperties>,
     metrics: ExecutionPlanMetricsSet,
 }
@@ -92,7 +123,7 @@ impl PartitionTopKExec {
         partition_by: Vec<Arc<dyn PhysicalExpr>>,
         order_by: Vec<PhysicalSortExpr>,
         k: usize,
-        exact: bool,
+        mode: TopKMode,
     ) -> Self {
         let properties = Arc::new(PlanProperties::new(
             EquivalenceProperties::new(input.schema()),
@@ -105,7 +136,7 @@ impl PartitionTopKExec {
             partition_by,
             order_by,
             k,
-            exact,
+            mode,
             properties,
             metrics: ExecutionPlanMetricsSet::new(),
         }
@@ -123,8 +154,8 @@ impl PartitionTopKExec {
         self.k
     }
 
-    pub fn exact(&self) -> bool {
-        self.exact
+    pub fn mode(&self) -> TopKMode {
+        self.mode
     }
 }
 
@@ -136,7 +167,11 @@ impl DisplayAs for PartitionTopKExec {
             f,
             "PartitionTopKExec: k={}{}, partition_by=[{}], order_by=[{}]",
             self.k,
-            if self.exact { " (exact)" } else { "" },
+            match self.mode {
+                TopKMode::Exact => " (exact)",
+                TopKMode::AtLeast => "",
+                TopKMode::BeforeShuffle => " (before shuffle)",
+            },
             keys.join(", "),
             order.join(", ")
         )
@@ -170,7 +205,7 @@ impl ExecutionPlan for PartitionTopKExec {
                 self.partition_by.clone(),
                 self.order_by.clone(),
                 self.k,
-                self.exact,
+                self.mode,
             ))),
             _ => Err(DataFusionError::Internal(
                 "PartitionTopKExec has one child".into(),
@@ -206,16 +241,32 @@ impl ExecutionPlan for PartitionTopKExec {
         let batch_size = context.session_config().batch_size();
         let metrics = BaselineMetrics::new(&self.metrics, partition);
         let rows_out = metrics.output_rows().clone();
-        let sorted_instead = self.exact.then(|| {
+        let sorted_instead = (self.mode == TopKMode::Exact).then(|| {
             let (keys, order, k) = (self.partition_by.clone(), self.order_by.clone(), self.k);
             move |rows| by_sort::first_k_by_sort(rows, &keys, &order, k, context)
         });
+        let mut probing = self.mode == TopKMode::BeforeShuffle;
         let output = futures::stream::once(async move {
             type Batches = futures::stream::BoxStream<'static, Result<RecordBatch>>;
             while let Some(batch) = input.next().await {
                 let batch = batch?;
                 let _timer = metrics.elapsed_compute().timer();
-                if let Some(refusal) = top.push(&batch)? {
+                let refused = top.push(&batch)?;
+                if probing && refused.is_none() && top.rows_read >= PROBE_ROWS {
+                    probing = false;
+                    if !holding_pays(top.rows_read, top.live_rows) {
+                        // The shuffle carries the rest; the exact node above it drops them.
+                        tracing::debug!(
+                            read = top.rows_read,
+                            kept = top.live_rows,
+                            "a top K before a shuffle keeps most rows: passing them on"
+                        );
+                        let held =
+                            futures::stream::iter(top.finish(batch_size)?.into_iter().map(Ok));
+                        return Ok::<Batches, DataFusionError>(held.chain(input).boxed());
+                    }
+                }
+                if let Some(refusal) = refused {
                     // The pool refused to hold more: what is held (its reservation given
                     // back), then the rest.
                     let keys = top.keys_held();
@@ -455,6 +506,8 @@ struct TopRows {
     held_rows: usize,
     held_bytes: usize,
     live_rows: usize,
+    /// Rows pushed, kept or not.
+    rows_read: usize,
     /// Bytes of the index's entries and kept rows, estimated.
     index_bytes: usize,
     reservation: MemoryReservation,
@@ -491,6 +544,7 @@ impl TopRows {
             held_rows: 0,
             held_bytes: 0,
             live_rows: 0,
+            rows_read: 0,
             index_bytes: 0,
             reservation,
         })
@@ -503,6 +557,7 @@ impl TopRows {
         if batch.num_rows() == 0 {
             return Ok(None);
         }
+        self.rows_read += batch.num_rows();
         let keys = self.keys.keys_of(&self.partition_by, batch)?;
         let orders = rows_of(
             &self.orders,
@@ -668,13 +723,13 @@ fn with_top_k_below_sort(
     if sort.fetch().is_some() || sort.input().as_any().is::<PartitionTopKExec>() {
         return Ok(None);
     }
-    let top_k = |input: Arc<dyn ExecutionPlan>, exact: bool| -> Arc<dyn ExecutionPlan> {
+    let top_k = |input: Arc<dyn ExecutionPlan>, mode: TopKMode| -> Arc<dyn ExecutionPlan> {
         Arc::new(PartitionTopKExec::new(
             input,
             expr.partition_by().to_vec(),
             expr.order_by().to_vec(),
             k,
-            exact,
+            mode,
         ))
     };
     let single_process = config
@@ -686,16 +741,16 @@ fn with_top_k_below_sort(
         && matches!(shuffle.partitioning(), Partitioning::Hash(..))
         && !single_process
     {
-        let before = top_k(shuffle.input().clone(), false);
+        let before = top_k(shuffle.input().clone(), TopKMode::BeforeShuffle);
         below_sort = below_sort.clone().with_new_children(vec![before])?;
     }
     let window = if k == 1 {
         // Every row left is the first of its key: its row number is 1, with no sort.
-        numbered_one(top_k(below_sort, true), window)?
+        numbered_one(top_k(below_sort, TopKMode::Exact), window)?
     } else {
         let sort = window_input
             .clone()
-            .with_new_children(vec![top_k(below_sort, false)])?;
+            .with_new_children(vec![top_k(below_sort, TopKMode::AtLeast)])?;
         window.clone().with_new_children(vec![sort])?
     };
     Ok(Some(filter.clone().with_new_children(vec![window])?))
@@ -947,7 +1002,7 @@ mod tests {
         assert_eq!(rows_kept(&either, 4), None);
     }
 
-    fn top_k_over(batches: Vec<RecordBatch>, k: usize, exact: bool) -> Arc<dyn ExecutionPlan> {
+    fn top_k_over(batches: Vec<RecordBatch>, k: usize, mode: TopKMode) -> Arc<dyn ExecutionPlan> {
         let schema = batches[0].schema();
         let scan = MemorySourceConfig::try_new_exec(&[batches], schema.clone(), None).unwrap();
         let column = |name: &str| -> Arc<dyn PhysicalExpr> {
@@ -961,7 +1016,7 @@ mod tests {
                 options: Default::default(),
             }],
             k,
-            exact,
+            mode,
         ))
     }
 
@@ -1012,15 +1067,15 @@ mod tests {
     #[tokio::test]
     async fn a_key_keeps_k_rows_and_a_refusing_pool_lets_every_row_through() {
         // 10 keys, 3 rows each kept, out of 50,000 rows in 50 batches (compaction runs).
-        for exact in [false, true] {
-            let kept = rows_out(top_k_over(batches_of(50_000), 3, exact), None).await;
+        for mode in [TopKMode::AtLeast, TopKMode::Exact, TopKMode::BeforeShuffle] {
+            let kept = rows_out(top_k_over(batches_of(50_000), 3, mode), None).await;
             assert_eq!(kept.unwrap(), 30);
-            let kept = rows_out(top_k_over(batches_of(1), 3, exact), None).await;
+            let kept = rows_out(top_k_over(batches_of(1), 3, mode), None).await;
             assert_eq!(kept.unwrap(), 1);
         }
         // With no memory to hold rows, the node passes on what it held and the rest: no
         // row the window could number is lost, and the task does not fail.
-        let passed = rows_out(top_k_over(batches_of(5_000), 3, false), Some(1))
+        let passed = rows_out(top_k_over(batches_of(5_000), 3, TopKMode::AtLeast), Some(1))
             .await
             .unwrap();
         assert!(passed > 30, "{passed}");
@@ -1031,7 +1086,7 @@ mod tests {
     async fn an_exact_node_past_its_memory_sorts_with_spill_and_keeps_the_same_rows() {
         // 20,000 keys: far more than 256 KiB holds one entry each.
         for k in [1, 2] {
-            let plan = top_k_over(batches_with_keys(60_000, 20_000), k, true);
+            let plan = top_k_over(batches_with_keys(60_000, 20_000), k, TopKMode::Exact);
             let spilled = run_top_k(plan.clone(), Some(256 << 10)).await.unwrap();
             let in_memory = run_top_k(plan, None).await.unwrap();
             let rows = |batches: &[RecordBatch]| -> Vec<(i64, i64)> {
@@ -1064,7 +1119,7 @@ mod tests {
             assert_eq!(spilled, expected);
         }
         // With no memory even to sort, the task fails, naming the sort and the limit.
-        let err = rows_out(top_k_over(batches_of(5_000), 1, true), Some(1))
+        let err = rows_out(top_k_over(batches_of(5_000), 1, TopKMode::Exact), Some(1))
             .await
             .unwrap_err()
             .to_string();
@@ -1072,26 +1127,84 @@ mod tests {
     }
 
     #[test]
+    fn holding_rows_before_a_shuffle_pays_while_it_drops_a_fifth_of_them() {
+        assert!(holding_pays(100_000, 0));
+        assert!(holding_pays(100_000, 80_000));
+        assert!(!holding_pays(100_000, 80_001));
+        assert!(!holding_pays(100_000, 100_000));
+        // The latest order per customer at SF10, one of 51 tasks: 95 % of the first 100 k.
+        assert!(!holding_pays(100_000, 95_000));
+        // At SF1, one of 6 tasks: 65 %.
+        assert!(holding_pays(100_000, 65_000));
+        assert!(!holding_pays(usize::MAX, usize::MAX));
+    }
+
+    #[tokio::test]
+    async fn a_top_k_before_a_shuffle_passes_rows_on_once_it_keeps_most_of_them() {
+        // Keys nearly all distinct: 100 k rows read keep 90 k, so after its probe the node
+        // holds nothing and every later row passes. Each key's first row is among them.
+        let rows = 150_000;
+        let distinct = batches_with_keys(rows, 90_000);
+        for mode in [TopKMode::BeforeShuffle, TopKMode::AtLeast] {
+            let out = run_top_k(top_k_over(distinct.clone(), 1, mode), None)
+                .await
+                .unwrap();
+            let passed: usize = out.iter().map(|b| b.num_rows()).sum();
+            match mode {
+                TopKMode::BeforeShuffle => assert_eq!(passed, 90_000 + (rows - 100_000)),
+                _ => assert_eq!(passed, 90_000),
+            }
+            let smallest_ids = |batches: &[RecordBatch]| {
+                let mut smallest = std::collections::HashMap::<i64, i64>::new();
+                for batch in batches {
+                    let column = |i: usize| batch.column(i).as_primitive::<Int64Type>().clone();
+                    for (key, id) in column(0).values().iter().zip(column(1).values()) {
+                        let first = smallest.entry(*key).or_insert(*id);
+                        *first = (*first).min(*id);
+                    }
+                }
+                smallest
+            };
+            let kept = smallest_ids(&out);
+            assert_eq!(kept.len(), 90_000);
+            assert_eq!(kept, smallest_ids(&distinct));
+        }
+        // Ten keys: it holds on, and passes on ten rows.
+        let few = rows_out(
+            top_k_over(batches_of(rows), 1, TopKMode::BeforeShuffle),
+            None,
+        )
+        .await;
+        assert_eq!(few.unwrap(), 10);
+    }
+
+    #[test]
     fn the_node_survives_the_task_codec() {
-        let plan = top_k_over(batches_of(10), 2, true);
-        let sort = Arc::new(SortExec::new(
-            datafusion::physical_expr::LexOrdering::new(vec![PhysicalSortExpr {
-                expr: Arc::new(Column::new("id", 1)),
-                options: Default::default(),
-            }])
-            .unwrap(),
-            plan,
-        ));
-        let encoded = crate::codec::encode_plan(sort.clone()).unwrap();
-        let ctx = SessionContext::new();
-        let decoded = crate::codec::decode_plan(&encoded, &ctx.task_ctx()).unwrap();
-        let shown = |p: &Arc<dyn ExecutionPlan>| displayable(p.as_ref()).indent(true).to_string();
-        let sort: Arc<dyn ExecutionPlan> = sort;
-        assert!(
-            shown(&decoded).contains("PartitionTopKExec: k=2 (exact)"),
-            "{}",
-            shown(&decoded)
-        );
-        assert_eq!(shown(&decoded), shown(&sort));
+        for (mode, shown_as) in [
+            (TopKMode::Exact, "PartitionTopKExec: k=2 (exact),"),
+            (TopKMode::AtLeast, "PartitionTopKExec: k=2,"),
+            (
+                TopKMode::BeforeShuffle,
+                "PartitionTopKExec: k=2 (before shuffle),",
+            ),
+        ] {
+            let plan = top_k_over(batches_of(10), 2, mode);
+            let sort = Arc::new(SortExec::new(
+                datafusion::physical_expr::LexOrdering::new(vec![PhysicalSortExpr {
+                    expr: Arc::new(Column::new("id", 1)),
+                    options: Default::default(),
+                }])
+                .unwrap(),
+                plan,
+            ));
+            let encoded = crate::codec::encode_plan(sort.clone()).unwrap();
+            let ctx = SessionContext::new();
+            let decoded = crate::codec::decode_plan(&encoded, &ctx.task_ctx()).unwrap();
+            let shown =
+                |p: &Arc<dyn ExecutionPlan>| displayable(p.as_ref()).indent(true).to_string();
+            let sort: Arc<dyn ExecutionPlan> = sort;
+            assert!(shown(&decoded).contains(shown_as), "{}", shown(&decoded));
+            assert_eq!(shown(&decoded), shown(&sort));
+        }
     }
 }

@@ -285,6 +285,27 @@ async fn a_dedupe_over_more_keys_than_memory_holds_sorts_with_spill() {
     assert_eq!(rows, 200_000, "{rows}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dedupe_whose_tasks_see_nearly_distinct_keys_passes_them_through_the_shuffle() {
+    let sandbox = Sandbox::new();
+    write_tables(&sandbox).await;
+    // 430,000 rows, about 143,000 a task, over 400,000 keys: a task's first 100,000 rows
+    // are each of another key, so the top K before the shuffle passes the rest on, and the
+    // exact one after it keeps the first row of each key (checked once by hand: all three
+    // tasks gave up after 106,496 rows).
+    let sql = "SELECT id, total FROM ( \
+                 SELECT a.k * 3000 + b.k AS id, a.v + b.v AS total, \
+                        ROW_NUMBER() OVER (PARTITION BY (a.k * 3000 + b.k) % 400000 \
+                                           ORDER BY a.v + b.v DESC, a.k, b.k) AS rn \
+                 FROM big a JOIN (SELECT k, v FROM big WHERE k < 1000) b ON a.k % 7 = b.k % 7) t \
+               WHERE rn = 1";
+    sandbox.spec(&spec(sql, ""));
+    let plan = plan_of(&sandbox).await;
+    assert!(plan.contains("k=1 (before shuffle)"), "{plan}");
+    let rows = matches_duckdb_staged_and_in_one_process(&sandbox, sql).await;
+    assert_eq!(rows, 400_000);
+}
+
 /// Dedupes of the nightly kind: the latest row per key (`rn = 1`), the first three per
 /// non-ASCII key (`rn <= 3`, written `4 > rn`), and keys that are null.
 const DEDUPES: &str = "
@@ -315,6 +336,7 @@ async fn row_number_dedupes_keep_duckdbs_rows_across_tasks() {
     // with no shuffle. For rn = 1 no window.
     assert_eq!(plan.matches("PartitionTopKExec").count(), 5, "{plan}");
     assert_eq!(plan.matches("k=1 (exact)").count(), 2, "{plan}");
+    assert_eq!(plan.matches("(before shuffle)").count(), 2, "{plan}");
     assert_eq!(plan.matches("BoundedWindowAggExec").count(), 1, "{plan}");
     let rows = matches_duckdb_staged_and_in_one_process(&sandbox, DEDUPES).await;
     // 37 latest; 3 rows of each of 3 x 5 keys; 55 keys of `small` and its null key.

@@ -266,17 +266,25 @@ async fn under_12_mib_matches_unlimited(sandbox: &Sandbox, sql: &str) -> std::pa
     spill
 }
 
+/// The latest row of each of `keys` keys among `big` joined with its first 1,000 rows
+/// (430,000 rows).
+fn joined_dedupe(keys: u32) -> String {
+    format!(
+        "SELECT id, total FROM ( \
+           SELECT a.k * 3000 + b.k AS id, a.v + b.v AS total, \
+                  ROW_NUMBER() OVER (PARTITION BY (a.k * 3000 + b.k) % {keys} \
+                                     ORDER BY a.v + b.v DESC, a.k, b.k) AS rn \
+           FROM big a JOIN (SELECT k, v FROM big WHERE k < 1000) b ON a.k % 7 = b.k % 7) t \
+         WHERE rn = 1"
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dedupe_over_more_keys_than_memory_holds_sorts_with_spill() {
     let sandbox = Sandbox::new();
     write_tables(&sandbox).await;
-    // 430,000 rows, 200,000 keys: one entry per key is several times a task's 6 MiB.
-    let sql = "SELECT id, total FROM ( \
-                 SELECT a.k * 3000 + b.k AS id, a.v + b.v AS total, \
-                        ROW_NUMBER() OVER (PARTITION BY (a.k * 3000 + b.k) % 200000 \
-                                           ORDER BY a.v + b.v DESC, a.k, b.k) AS rn \
-                 FROM big a JOIN (SELECT k, v FROM big WHERE k < 1000) b ON a.k % 7 = b.k % 7) t \
-               WHERE rn = 1";
+    // 200,000 keys: one entry per key is several times a task's 6 MiB.
+    let sql = &joined_dedupe(200_000);
     sandbox.spec(&spec(sql, ""));
     let plan = plan_of(&sandbox).await;
     assert!(plan.contains("k=1 (exact)"), "{plan}");
@@ -289,16 +297,11 @@ async fn a_dedupe_over_more_keys_than_memory_holds_sorts_with_spill() {
 async fn a_dedupe_whose_tasks_see_nearly_distinct_keys_passes_them_through_the_shuffle() {
     let sandbox = Sandbox::new();
     write_tables(&sandbox).await;
-    // 430,000 rows, about 143,000 a task, over 400,000 keys: a task's first 100,000 rows
-    // are each of another key, so the top K before the shuffle passes the rest on, and the
-    // exact one after it keeps the first row of each key (checked once by hand: all three
-    // tasks gave up after 106,496 rows).
-    let sql = "SELECT id, total FROM ( \
-                 SELECT a.k * 3000 + b.k AS id, a.v + b.v AS total, \
-                        ROW_NUMBER() OVER (PARTITION BY (a.k * 3000 + b.k) % 400000 \
-                                           ORDER BY a.v + b.v DESC, a.k, b.k) AS rn \
-                 FROM big a JOIN (SELECT k, v FROM big WHERE k < 1000) b ON a.k % 7 = b.k % 7) t \
-               WHERE rn = 1";
+    // About 143,000 rows a task over 400,000 keys: a task's first 100,000 rows are each of
+    // another key, so the top K before the shuffle passes the rest on, and the exact one
+    // after it keeps the first row of each key (checked once by hand: all three tasks gave
+    // up after 106,496 rows).
+    let sql = &joined_dedupe(400_000);
     sandbox.spec(&spec(sql, ""));
     let plan = plan_of(&sandbox).await;
     assert!(plan.contains("k=1 (before shuffle)"), "{plan}");

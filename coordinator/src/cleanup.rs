@@ -2,10 +2,12 @@
 //! attempts, and shuffle objects.
 //!
 //! Architecture invariant: every deletion of data files goes through [`sweep_job_files`],
-//! which deletes a file only when (1) its name parses ([`names`]) as written by exactly this
-//! job — never by prefix, so `etl` never touches `etl-sales`'s files — and (2) no snapshot of
-//! the table references it, current or historical, whoever committed it
-//! ([`TableReferences`], read after the listing). Only the coordinator owning the job sweeps
+//! which deletes a file only when (1) it lies in the table's own layout ([`is_table_file`]:
+//! not in another table nested in its directory, such as `ns.t.data` in `ns.t`'s `data`),
+//! (2) its name parses ([`names`]) as written by exactly this job — never by prefix, so
+//! `etl` never touches `etl-sales`'s files — and (3) no snapshot of the table references
+//! it, current or historical, whoever committed it ([`TableReferences`], read after the
+//! listing). Only the coordinator owning the job sweeps
 //! it, so no other coordinator can be committing the same job's files meanwhile.
 
 use std::collections::HashMap;
@@ -16,6 +18,7 @@ use nightshift_core::Result;
 use nightshift_core::ids::JobId;
 use nightshift_core::names::{self, parse_data_file_name};
 use nightshift_core::storage::{Location, delete_objects, list_objects, list_objects_meta};
+use nightshift_core::table::files::is_table_file;
 use nightshift_core::table::{TableReferences, open_catalog, parse_table_ident};
 use nightshift_core::transport::StateStore;
 use tracing::{debug, info, warn};
@@ -31,10 +34,11 @@ pub struct Swept {
     pub kept: usize,
 }
 
-/// The files among `listed` to delete: written by `job` (by their parsed names) and
-/// referenced by no snapshot.
+/// The files among `listed` (below the table location `root`) to delete: in the table's
+/// own layout, written by `job` (by their parsed names) and referenced by no snapshot.
 pub fn unreferenced_job_files<'a>(
     listed: &'a [Location],
+    root: &Location,
     job: &JobId,
     references: &TableReferences,
 ) -> Vec<&'a Location> {
@@ -42,7 +46,8 @@ pub fn unreferenced_job_files<'a>(
         .iter()
         .filter(|location| {
             let path = location.url().path();
-            parse_data_file_name(path).is_some_and(|name| name.attempt.job == *job)
+            is_table_file(root.url().path(), path)
+                && parse_data_file_name(path).is_some_and(|name| name.attempt.job == *job)
                 && !references.references(path)
         })
         .collect()
@@ -61,19 +66,18 @@ pub async fn sweep_job_files(
         return Ok(Swept::default());
     }
     let table = catalog.load_table(ident).await?;
-    let data_dir = Location::parse(
-        &format!("{}/data", table.metadata().location()),
-        std::path::Path::new("/"),
-    )?;
-    let listed: Vec<Location> = list_objects(&data_dir)
+    let root = Location::parse(table.metadata().location(), std::path::Path::new("/"))?;
+    let listed: Vec<Location> = list_objects(&root.join("data"))
         .await?
         .into_iter()
         .map(|(location, _)| location)
         .filter(|location| {
-            parse_data_file_name(location.url().path()).is_some_and(|n| n.attempt.job == *job)
+            let path = location.url().path();
+            is_table_file(root.url().path(), path)
+                && parse_data_file_name(path).is_some_and(|n| n.attempt.job == *job)
         })
         .collect();
-    if unreferenced_job_files(&listed, job, just_committed).is_empty() {
+    if unreferenced_job_files(&listed, &root, job, just_committed).is_empty() {
         return Ok(Swept {
             deleted: 0,
             kept: listed.len(),
@@ -83,7 +87,7 @@ pub async fn sweep_job_files(
     // load is seen as referenced.
     let table = catalog.load_table(ident).await?;
     let references = TableReferences::load(&table).await?;
-    let doomed: Vec<Location> = unreferenced_job_files(&listed, job, &references)
+    let doomed: Vec<Location> = unreferenced_job_files(&listed, &root, job, &references)
         .into_iter()
         .cloned()
         .collect();
@@ -238,8 +242,35 @@ mod tests {
         .collect();
         let mut references = TableReferences::default();
         references.insert(&ours_committed);
-        let doomed = unreferenced_job_files(&listed, &JobId::parse("etl").unwrap(), &references);
+        let doomed = unreferenced_job_files(
+            &listed,
+            &at("/w/ns/t"),
+            &JobId::parse("etl").unwrap(),
+            &references,
+        );
         assert_eq!(doomed, vec![&listed[1]]);
+    }
+
+    /// `ns.t.data` (namespace `ns.t`) lives in `ns.t`'s data directory; a job id shared by
+    /// both tables' runs (one per night, say) must not let `ns.t`'s sweep delete the other
+    /// table's committed files, which `ns.t`'s snapshots do not reference.
+    #[test]
+    fn files_of_a_table_nested_in_the_data_directory_are_not_the_tables() {
+        let nested =
+            "/w/ns/t/data/data/".to_string() + file("nightly", 1).rsplit('/').next().unwrap();
+        let own = file("nightly", 1);
+        let listed = vec![at(&nested), at(&own)];
+        let job = JobId::parse("nightly").unwrap();
+        let doomed =
+            unreferenced_job_files(&listed, &at("/w/ns/t"), &job, &TableReferences::default());
+        assert_eq!(doomed, vec![&listed[1]]);
+        let doomed = unreferenced_job_files(
+            &listed,
+            &at("/w/ns/t/data"),
+            &job,
+            &TableReferences::default(),
+        );
+        assert_eq!(doomed, vec![&listed[0]]);
     }
 
     #[test]
@@ -249,8 +280,13 @@ mod tests {
         let mut references = TableReferences::default();
         references.insert(&format!("file://{ours}"));
         assert!(
-            unreferenced_job_files(&listed, &JobId::parse("daily").unwrap(), &references)
-                .is_empty()
+            unreferenced_job_files(
+                &listed,
+                &at("/w/ns/t"),
+                &JobId::parse("daily").unwrap(),
+                &references
+            )
+            .is_empty()
         );
     }
 }

@@ -249,7 +249,10 @@ async fn run_check_queries(
                 })
             })?;
         }
-        let frame = ctx.sql(query).await.map_err(failed_query)?;
+        let frame = ctx
+            .sql_with_options(query, crate::planner::queries_only())
+            .await
+            .map_err(failed_query)?;
         if !execute {
             continue;
         }
@@ -675,6 +678,45 @@ min = 10
         assert!(verdict(5, Some(0)).0);
         // The absolute bound still holds.
         assert!(!verdict(0, None).0);
+    }
+
+    /// A check's `sql` is a query: DataFusion would run `CREATE EXTERNAL TABLE` while
+    /// planning and `COPY ... TO` when executed, reading and writing any file the process
+    /// can (a submitter of the job API could copy the coordinator's files into a location
+    /// it may read). Both are refused, and nothing is written.
+    #[tokio::test]
+    async fn a_check_that_defines_a_table_or_writes_a_file_is_refused_and_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret.csv");
+        std::fs::write(&secret, "k\n42\n").unwrap();
+        let copied = dir.path().join("copied.csv");
+        let schema = batch().schema();
+        for sql in [
+            format!(
+                "COPY (SELECT 1 AS a) TO '{}' STORED AS CSV",
+                copied.display()
+            ),
+            format!(
+                "CREATE EXTERNAL TABLE stolen STORED AS CSV LOCATION '{}'",
+                secret.display()
+            ),
+            "SET datafusion.execution.batch_size = 1".to_string(),
+        ] {
+            let checks = spec_checks(&format!(
+                "[[check]]\nname = \"sneaky\"\ntype = \"sql\"\nsql = \"{}\"\n",
+                sql.replace('\\', "\\\\").replace('"', "\\\"")
+            ));
+            let err = run_set_checks(&checks, &[], &schema, None)
+                .await
+                .err()
+                .unwrap_or_else(|| panic!("{sql} was run"))
+                .to_string();
+            assert!(
+                err.contains("[[check]] `sneaky`") && err.contains("not supported"),
+                "{sql}: {err}"
+            );
+        }
+        assert!(!copied.exists());
     }
 
     #[test]

@@ -207,8 +207,11 @@ pub async fn plan_job(
     }
 }
 
-/// What a job's SQL may be: a query, nothing that defines or changes tables or settings.
-fn queries_only() -> SQLOptions {
+/// What SQL from a spec may be (the transform, a check, a merge's key bounds): a query,
+/// nothing that defines or changes tables, files or settings. DataFusion runs DDL such as
+/// `CREATE EXTERNAL TABLE` while planning and `COPY ... TO` when executed, so every
+/// statement from a spec is planned with these options.
+pub fn queries_only() -> SQLOptions {
     SQLOptions::new()
         .with_allow_ddl(false)
         .with_allow_dml(false)

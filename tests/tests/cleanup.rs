@@ -340,3 +340,89 @@ async fn a_cancelled_job_is_recorded_as_cancelled() {
         sandbox.data_files()
     );
 }
+
+fn spec_for(table: &str, checks: &str) -> String {
+    format!(
+        "[pipeline]\nname = \"nested\"\n\n[[source]]\nname = \"sales\"\nformat = \"csv\"\n\
+         location = \"data/sales/*.csv\"\n\n[transform]\nsql = \"SELECT id, region, amount FROM sales\"\n\n\
+         [target]\ntable = \"{table}\"\npartition_by = [\"identity(region)\"]\n{checks}"
+    )
+}
+
+/// Catalogs place `a.b.c` (namespace `a.b`) inside `a.b`'s directory and `ns.t.data` inside
+/// `ns.t`'s data directory. Neither a failed first run of the outer table (which drops it
+/// and deletes its files), nor its job's sweep under the same job id (one id per night for
+/// every pipeline is a common scheduler convention), nor orphan removal on it may delete a
+/// file of the inner table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_nested_in_another_tables_directory_keeps_its_files() {
+    let sandbox = Sandbox::new();
+    write_sales(&sandbox, "data/sales", 2, 10, 0);
+    for inner in ["a.b.c", "ns.t.data"] {
+        sandbox.spec(&spec_for(inner, ""));
+        run(&sandbox, "nightly-1").await.expect(inner);
+    }
+    let failing = "\n[[check]]\nname = \"never\"\ntype = \"row_count\"\nmax = 0\n";
+    sandbox.spec(&spec_for("a.b", failing));
+    let err = run(&sandbox, "nightly-1")
+        .await
+        .expect_err("a failing check");
+    assert!(err.to_string().contains("never"), "{err}");
+    sandbox.spec(&spec_for("ns.t", ""));
+    run(&sandbox, "nightly-1").await.expect("ns.t");
+    let warehouse = sandbox.warehouse();
+    let out = sandbox.cli(&[
+        "maintain",
+        "ns.t",
+        "--warehouse",
+        warehouse.to_str().unwrap(),
+        "--remove-orphans-older-than",
+        "0d",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    for table in ["a.b.c", "ns.t.data", "ns.t"] {
+        let read = sandbox.read_table(table, None);
+        assert_eq!(read["pyiceberg"]["rows"], 20, "{table}: {read:#}");
+        assert_eq!(read["duckdb"]["rows"], 20, "{table}: {read:#}");
+    }
+}
+
+/// A partition value is one directory, escaped as Iceberg's Java writer escapes it: `/` and
+/// `..` in a value cannot put a data file outside the table's data directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partition_values_stay_inside_the_tables_data_directory() {
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "data/odd/part-0.csv",
+        "id,region,amount\n1,../../../../escaped,1.5\n2,a/b,2.5\n3,50%,3.5\n4,é ü,4.5\n5,..,5.5\n",
+    );
+    sandbox.spec(&spec("append", "data/odd/*.csv"));
+    let report = run(&sandbox, "odd").await.expect("odd partition values");
+    assert_eq!(report.rows, 5);
+    let read = read_all(&sandbox, &[]);
+    assert_eq!(read["pyiceberg"]["rows"], 5, "{read:#}");
+    let data = sandbox.warehouse().join("tests/sales/data");
+    let mut dirs: Vec<String> = std::fs::read_dir(&data)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    dirs.sort();
+    assert_eq!(
+        dirs,
+        [
+            "region=%C3%A9+%C3%BC",
+            "region=..",
+            "region=..%2F..%2F..%2F..%2Fescaped",
+            "region=50%25",
+            "region=a%2Fb"
+        ]
+    );
+    for dir in &dirs {
+        assert_eq!(
+            std::fs::read_dir(data.join(dir)).unwrap().count(),
+            1,
+            "{dir}"
+        );
+    }
+    assert!(!sandbox.path("escaped").exists());
+}

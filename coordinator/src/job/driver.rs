@@ -33,6 +33,7 @@ use super::{
 use crate::cleanup::{delete_scratch, sweep_job_files};
 use crate::openlineage::{EventType, RunFacts, Written, run_event};
 use crate::scheduler::{StageCount, StageTracker};
+use nightshift_core::table::files::{delete_table_files, is_table_file};
 
 /// How a job's phases ended.
 #[derive(Debug)]
@@ -756,13 +757,14 @@ async fn drop_if_empty(catalog: &dyn Catalog, ident: &TableIdent, job: &JobId) {
     if table.metadata().snapshots().len() > 0 {
         return;
     }
-    if let Ok(data) = Location::parse(
-        &format!("{}/data", table.metadata().location()),
-        std::path::Path::new("/"),
-    ) && let Ok(files) = nightshift_core::storage::list_objects(&data).await
+    let Ok(root) = Location::parse(table.metadata().location(), std::path::Path::new("/")) else {
+        return;
+    };
+    if let Ok(files) = nightshift_core::storage::list_objects(&root.join("data")).await
         && files.iter().any(|(file, _)| {
-            nightshift_core::names::parse_data_file_name(file.url().path())
-                .is_some_and(|name| name.attempt.job != *job)
+            is_table_file(root.url().path(), file.url().path())
+                && nightshift_core::names::parse_data_file_name(file.url().path())
+                    .is_some_and(|name| name.attempt.job != *job)
         })
     {
         info!(table = %ident, "another job writes into the table this job created; it stays");
@@ -770,10 +772,10 @@ async fn drop_if_empty(catalog: &dyn Catalog, ident: &TableIdent, job: &JobId) {
     }
     if let Err(e) = catalog.drop_table(ident).await {
         warn!(table = %ident, error = %e, "cannot drop the table created by the failed job");
-    } else if let Ok(dir) = Location::parse(table.metadata().location(), std::path::Path::new("/"))
-    {
-        // No snapshot, so nothing in it is referenced.
-        let _ = dir.delete_recursive().await;
+    } else if let Err(e) = delete_table_files(&root).await {
+        // No snapshot, so nothing of the table's is referenced. Only the table's own files
+        // go: another table can live inside its directory (`a.b.c` in `a.b`'s).
+        warn!(table = %ident, error = %e, "cannot delete the files of the dropped table");
     }
 }
 

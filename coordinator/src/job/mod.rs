@@ -440,7 +440,7 @@ async fn merge_sql_of(
 ) -> Result<(String, MergeRead), JobError> {
     let target = &spec.spec.target;
     let result = session
-        .sql(&spec.sql)
+        .sql_with_options(&spec.sql, nightshift_core::planner::queries_only())
         .await
         .map_err(|e| JobError::Invalid(CoreError::Sql(e.to_string())))?;
     let columns: Vec<String> = result
@@ -520,7 +520,7 @@ async fn change_key_ranges(
     let sql_err =
         |e: datafusion::error::DataFusionError| JobError::Invalid(CoreError::Sql(e.to_string()));
     let batches = session
-        .sql(&query)
+        .sql_with_options(&query, nightshift_core::planner::queries_only())
         .await
         .map_err(sql_err)?
         .collect()

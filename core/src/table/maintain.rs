@@ -143,8 +143,10 @@ pub async fn expire_snapshots(
     })
 }
 
-/// Files under `table`'s location that no snapshot references, that are not a metadata file
-/// of the table's log, and that were last written before `older_than` ago.
+/// Files of `table`'s own layout ([`super::files::is_table_file`]: not another table's nested
+/// in its directory, nor anything else beside its `metadata` and `data`) that no snapshot
+/// references, that are not a metadata file of the table's log, and that were last written
+/// before `older_than` ago.
 pub async fn find_orphans(table: &Table, older_than: Duration) -> Result<Vec<Location>> {
     let metadata = table.metadata();
     let references = TableReferences::load(table).await?;
@@ -161,6 +163,9 @@ pub async fn find_orphans(table: &Table, older_than: Duration) -> Result<Vec<Loc
     let mut orphans = Vec::new();
     for (location, meta) in list_objects_meta(&root).await? {
         let path = location.url().path().to_string();
+        if !super::files::is_table_file(root.url().path(), &path) {
+            continue;
+        }
         let name = file_name(&path);
         let modified: std::time::SystemTime = meta.last_modified.into();
         let kept = references.references(&path)

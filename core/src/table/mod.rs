@@ -5,6 +5,7 @@ pub mod catalog;
 pub mod commit;
 pub mod compact;
 pub mod evolution;
+pub mod files;
 pub mod job_guard;
 pub mod layout;
 pub mod live;

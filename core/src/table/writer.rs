@@ -15,13 +15,12 @@ use iceberg::spec::{
 };
 use iceberg::writer::base_writer::data_file_writer::DataFileWriterBuilder;
 use iceberg::writer::file_writer::ParquetWriterBuilder;
-use iceberg::writer::file_writer::location_generator::{
-    DefaultFileNameGenerator, DefaultLocationGenerator,
-};
+use iceberg::writer::file_writer::location_generator::DefaultFileNameGenerator;
 use iceberg::writer::file_writer::rolling_writer::RollingFileWriterBuilder;
 use iceberg::writer::partitioning::unpartitioned_writer::UnpartitionedWriter;
 use nightshift_proto::v1::TableOutput;
 
+use super::files::PartitionPathGenerator;
 use super::open_files::{OpenFiles, RowGroupLimits};
 use super::rejects::Quarantine;
 use crate::checks::RowCheckCounter;
@@ -74,7 +73,7 @@ impl TableTarget {
 }
 
 pub(crate) type Builder =
-    DataFileWriterBuilder<ParquetWriterBuilder, DefaultLocationGenerator, DefaultFileNameGenerator>;
+    DataFileWriterBuilder<ParquetWriterBuilder, PartitionPathGenerator, DefaultFileNameGenerator>;
 
 /// Either writer kind, as iceberg-datafusion's private `TaskWriter` does.
 pub(crate) enum PartitionedWriter {
@@ -326,7 +325,7 @@ pub(crate) fn new_writer(
         parquet,
         out.target_file_size_bytes.max(1 << 20) as usize,
         crate::storage::iceberg_file_io(&out.data_location),
-        DefaultLocationGenerator::with_data_location(out.data_location.clone()),
+        PartitionPathGenerator::new(out.data_location.clone()),
         DefaultFileNameGenerator::new(file_prefix, None, DataFileFormat::Parquet),
     );
     let builder = DataFileWriterBuilder::new(rolling);

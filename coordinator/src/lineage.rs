@@ -70,10 +70,65 @@ pub fn snapshot_summary(
     summary
 }
 
+/// Why the snapshot that holds a job's id (its `summary`) was not made by `spec`: another
+/// pipeline, other code, or other parameters under the same job id. `None` when it was
+/// this spec's: the job is done, a rerun does nothing. A property the snapshot lacks is no
+/// evidence either way; a secret-named parameter is masked there and not compared.
+pub fn committed_by_another(
+    spec: &ResolvedSpec,
+    summary: &HashMap<String, String>,
+) -> Option<String> {
+    let differs = |key: &str, ours: &str| summary.get(key).is_some_and(|theirs| theirs != ours);
+    if differs(PIPELINE_PROPERTY, &spec.spec.pipeline.name) {
+        return Some(format!(
+            "by pipeline `{}`, not `{}`",
+            summary[PIPELINE_PROPERTY], spec.spec.pipeline.name
+        ));
+    }
+    if differs(CODE_DIGEST_PROPERTY, &spec.code_digest) {
+        return Some("with another spec or SQL (its code digest differs)".to_string());
+    }
+    let mut params: Vec<_> = spec.params.iter().collect();
+    params.sort();
+    for (name, value) in params {
+        if !is_secret_name(name) && differs(&format!("nightshift.param.{name}"), value) {
+            return Some(format!(
+                "with {name} = `{}`, not `{value}`",
+                summary[&format!("nightshift.param.{name}")]
+            ));
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::path::Path;
+
+    #[test]
+    fn a_job_id_found_in_a_snapshot_of_another_pipeline_code_or_parameters_is_refused() {
+        let ours = spec("SELECT 1");
+        let summary = snapshot_summary(&ours, &[], &[]);
+        assert_eq!(committed_by_another(&ours, &summary), None);
+        assert_eq!(committed_by_another(&ours, &HashMap::new()), None);
+        let mut other_pipeline = summary.clone();
+        other_pipeline.insert(PIPELINE_PROPERTY.into(), "orders".into());
+        assert!(
+            committed_by_another(&ours, &other_pipeline)
+                .is_some_and(|why| why.contains("`orders`") && why.contains("`p`"))
+        );
+        let other_sql = snapshot_summary(&spec("SELECT 2"), &[], &[]);
+        assert!(committed_by_another(&ours, &other_sql).is_some_and(|why| why.contains("SQL")));
+        let mut other_day = summary.clone();
+        other_day.insert("nightshift.param.day".into(), "2".into());
+        assert!(
+            committed_by_another(&ours, &other_day).is_some_and(|why| why.contains("day = `2`"))
+        );
+        let mut masked = summary;
+        masked.insert("nightshift.param.api_token".into(), "***".into());
+        assert_eq!(committed_by_another(&ours, &masked), None);
+    }
     use std::sync::Arc;
 
     fn spec(sql: &str) -> ResolvedSpec {

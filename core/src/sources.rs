@@ -579,16 +579,22 @@ async fn register_source(
     let location_text = source.location.as_deref().unwrap_or_default();
     check_options(source)?;
     let location = Location::parse(location_text, base_dir)?;
-    let (files, bytes) = find_files(&location)
+    let table_path = listing_path(&location);
+    check_glob(&table_path).map_err(source_err)?;
+    let extension = file_extension(source, &table_path, default_extension(source.format));
+    let found = find_files(&location, extension)
         .await
         .map_err(|e| source_err(format!("cannot list {location}: {e}")))?;
-    if files == 0 {
-        return Err(source_err(format!(
-            "no files found at {location} (from location = \"{location_text}\")"
+    if found.files == 0 {
+        return Err(source_err(no_files_message(
+            &location,
+            location_text,
+            extension,
+            &found.other_names,
         )));
     }
+    let (files, bytes) = (found.files, found.bytes);
     let raw_name = raw_table_name(&source.name);
-    let table_path = listing_path(&location);
     register_raw(ctx, source, &raw_name, &table_path, None).await?;
     let raw_schema = ctx.table_provider(raw_name.as_str()).await?.schema();
     let schema = match source.format {
@@ -639,13 +645,89 @@ fn check_options(source: &SourceSpec) -> Result<()> {
     Ok(())
 }
 
-/// Counts the files (and their bytes) a location names: a file, a directory or a glob.
-async fn find_files(location: &Location) -> Result<(usize, u64)> {
+/// The files a location names, as the reader reads them.
+#[derive(Debug, Default)]
+struct FoundFiles {
+    /// Files read, and their bytes.
+    files: usize,
+    bytes: u64,
+    /// A few names of the files there that are not read (in a sub-directory, or not ending
+    /// in the extension).
+    other_names: Vec<String>,
+}
+
+impl FoundFiles {
+    /// Counts `path` (of `size` bytes) if `read`.
+    fn add(&mut self, path: &str, size: u64, read: bool) {
+        if read {
+            self.files += 1;
+            self.bytes += size;
+        } else if self.other_names.len() < 3 {
+            self.other_names
+                .push(path.rsplit('/').next().unwrap_or(path).to_string());
+        }
+    }
+}
+
+/// The extension a directory's files are read by when the source names none.
+fn default_extension(format: SourceFormat) -> &'static str {
+    match format {
+        SourceFormat::Csv => ".csv",
+        SourceFormat::Json => ".json",
+        SourceFormat::Parquet | SourceFormat::Iceberg => ".parquet",
+    }
+}
+
+/// Why a location gave no file to read, and what to do.
+fn no_files_message(
+    location: &Location,
+    location_text: &str,
+    extension: &str,
+    other_names: &[String],
+) -> String {
+    let mut message = format!("no files found at {location} (from location = \"{location_text}\")");
+    if !other_names.is_empty() {
+        message.push_str(&format!(
+            "; files there in a sub-directory or not ending in `{extension}` are not read (such as {}): name them with a glob such as dir/*.CSV, or set options.file_extension",
+            other_names.join(", ")
+        ));
+    }
+    message
+}
+
+/// Whether DataFusion's listing of a directory reads the file at `relative` (below the
+/// directory): a file directly in it or in `key=value` directories only (its
+/// `listing_table_ignore_subdirectory`), ending in `extension` (case and all; any file when
+/// empty).
+pub fn listing_reads(relative: &str, extension: &str) -> bool {
+    let plain_segments = relative
+        .split('/')
+        .filter(|s| !s.is_empty() && !s.contains('='))
+        .count();
+    plain_segments == 1 && relative.ends_with(extension)
+}
+
+/// A glob whose wildcard is in a directory (`data/*/x.csv`) reads nothing with DataFusion's
+/// listing, which matches the pattern against file names in the fixed prefix only.
+fn check_glob(text: &str) -> std::result::Result<(), String> {
+    let Some((dirs, _file)) = text.rsplit_once('/') else {
+        return Ok(());
+    };
+    if dirs.contains(['*', '?', '[']) {
+        return Err(format!(
+            "a wildcard may only be in the file name, as in data/*.csv, not in a directory: {text}; list the directories as sources of their own, or name their common parent"
+        ));
+    }
+    Ok(())
+}
+
+/// Counts the files (and their bytes) a location names as the reader reads them: a file; a
+/// directory's visible files ([`listing_reads`]); the files a glob on file names matches.
+async fn find_files(location: &Location, extension: &str) -> Result<FoundFiles> {
+    let mut found = FoundFiles::default();
     if let Some(path) = location.local_path() {
         let text = path.display().to_string();
         if text.contains(['*', '?', '[']) {
-            let mut files = 0;
-            let mut bytes = 0;
             let paths = glob::glob(&text).map_err(|e| {
                 CoreError::io(
                     format!("bad glob {text}: {e}"),
@@ -656,28 +738,42 @@ async fn find_files(location: &Location) -> Result<(usize, u64)> {
                 if let Ok(meta) = std::fs::metadata(&entry)
                     && meta.is_file()
                 {
-                    files += 1;
-                    bytes += meta.len();
+                    found.add(&entry.display().to_string(), meta.len(), true);
                 }
             }
-            return Ok((files, bytes));
+            return Ok(found);
         }
         return match std::fs::metadata(&path) {
-            Ok(meta) if meta.is_file() => Ok((1, meta.len())),
-            Ok(_) => {
-                let listed = list_objects(location).await?;
-                let visible = listed
-                    .iter()
-                    .filter(|(l, _)| !is_hidden(l.url().path()))
-                    .collect::<Vec<_>>();
-                Ok((visible.len(), visible.iter().map(|(_, s)| s).sum()))
+            Ok(meta) if meta.is_file() => {
+                found.add(&text, meta.len(), true);
+                Ok(found)
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok((0, 0)),
+            Ok(_) => {
+                let dir = location.url().path().trim_end_matches('/').to_string();
+                for (l, size) in list_objects(location).await? {
+                    let file = l.url().path();
+                    if !is_hidden(file) {
+                        let relative = file.strip_prefix(&dir).unwrap_or(file);
+                        found.add(file, size, listing_reads(relative, extension));
+                    }
+                }
+                if found.files > 0 && !found.other_names.is_empty() {
+                    tracing::warn!(
+                        location = %location,
+                        not_read = ?found.other_names,
+                        "files below the source's directory that are not read: in a sub-directory, or not ending in `{extension}`"
+                    );
+                }
+                Ok(found)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(found),
             Err(e) => Err(CoreError::io(format!("read {}", path.display()), e)),
         };
     }
-    let listed = list_objects(location).await?;
-    Ok((listed.len(), listed.iter().map(|(_, s)| s).sum()))
+    for (l, size) in list_objects(location).await? {
+        found.add(l.url().path(), size, l.url().path().ends_with(extension));
+    }
+    Ok(found)
 }
 
 fn is_hidden(path: &str) -> bool {
@@ -700,8 +796,9 @@ fn file_extension<'a>(source: &'a SourceSpec, table_path: &'a str, default: &'a 
     if let Some(ext) = source.options.get("file_extension") {
         return ext;
     }
-    // A single named file is read whatever its extension.
-    if !table_path.ends_with('/') && !table_path.contains(['*', '?']) {
+    // A single named file is read whatever its extension, and a glob's pattern names its
+    // files itself (`data/*.CSV`).
+    if !table_path.ends_with('/') || table_path.contains(['*', '?', '[']) {
         return "";
     }
     default
@@ -1118,5 +1215,55 @@ impl TableProvider for NotNullCheckedTable {
             })
             .collect();
         Ok(Arc::new(NotNullCheckExec::new(scan, checks)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_directory_is_read_by_its_files_and_key_value_directories_with_the_extension() {
+        for read in ["a.csv", "/a.csv", "day=2024-01-01/a.csv", "k=1/n=2/a.csv"] {
+            assert!(listing_reads(read, ".csv"), "{read}");
+        }
+        for skipped in [
+            "x/y/deep.csv",
+            "sub/a.csv",
+            "A.CSV",
+            "a.csv.gz",
+            "k=1/sub/a.csv",
+        ] {
+            assert!(!listing_reads(skipped, ".csv"), "{skipped}");
+        }
+        assert!(listing_reads("A.CSV", ""));
+    }
+
+    #[test]
+    fn a_wildcard_in_a_directory_is_refused_by_name() {
+        assert!(check_glob("/data/lineitem/*.csv").is_ok());
+        assert!(check_glob("/data/part-?.parquet").is_ok());
+        for bad in [
+            "/data/*/big.csv",
+            "/data/m*/p.parquet",
+            "/data/**/p.parquet",
+        ] {
+            let err = check_glob(bad).unwrap_err().to_string();
+            assert!(
+                err.contains("only be in the file name") && err.contains(bad),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn no_files_names_what_is_there_and_not_read() {
+        let at = Location::parse("/d/", Path::new("/")).unwrap();
+        let message = no_files_message(&at, "d/", ".csv", &["A.CSV".to_string()]);
+        assert!(
+            message.contains("not ending in `.csv`") && message.contains("A.CSV"),
+            "{message}"
+        );
+        assert!(!no_files_message(&at, "d/", ".csv", &[]).contains("not read"));
     }
 }

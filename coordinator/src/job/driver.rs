@@ -248,6 +248,20 @@ impl<'a> JobRun<'a> {
         if existed {
             let table = catalog.load_table(&ident).await.map_err(CoreError::from)?;
             if let Some(snapshot_id) = find_job_snapshot(&table, self.job()) {
+                let summary = table
+                    .metadata()
+                    .snapshot_by_id(snapshot_id)
+                    .map(|s| s.summary().additional_properties.clone())
+                    .unwrap_or_default();
+                if let Some(why) = crate::lineage::committed_by_another(self.spec, &summary) {
+                    return Err(JobError::Invalid(CoreError::Target {
+                        table: ident.to_string(),
+                        message: format!(
+                            "job id `{}` was committed to this table (snapshot {snapshot_id}) {why}; a job id names one run of one pipeline: give this run its own --job-id",
+                            self.job()
+                        ),
+                    }));
+                }
                 info!(snapshot_id, "job was committed before; nothing to do");
                 return Ok(Ended::Committed(CommitOutcome {
                     snapshot_id,

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use datafusion::arrow::array::{ArrayRef, RecordBatch};
-use datafusion::arrow::compute::cast;
+use datafusion::arrow::compute::{CastOptions, cast_with_options};
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::execution::TaskContext;
 use datafusion::physical_plan::ExecutionPlan;
@@ -440,6 +440,9 @@ pub fn data_file_paths(data_files_json: &[String]) -> Vec<String> {
 }
 
 /// Reorders and casts a result batch to the table's Arrow schema, matching columns by name.
+/// A value the table's type cannot hold (an unsigned 64-bit value past `i64::MAX` for a
+/// `long`) fails the task naming the column and the value; Arrow's default cast would
+/// write it as NULL.
 pub fn conform_batch(batch: &RecordBatch, target: &SchemaRef) -> Result<RecordBatch> {
     let columns = target
         .fields()
@@ -459,7 +462,11 @@ pub fn conform_batch(batch: &RecordBatch, target: &SchemaRef) -> Result<RecordBa
             if column.data_type() == field.data_type() {
                 Ok(column.clone())
             } else {
-                cast(column, field.data_type()).map_err(|e| CoreError::Task {
+                let strict = CastOptions {
+                    safe: false,
+                    ..CastOptions::default()
+                };
+                cast_with_options(column, field.data_type(), &strict).map_err(|e| CoreError::Task {
                     message: format!(
                         "column `{}`: cannot convert {} to the table's {}: {e}",
                         field.name(),
@@ -480,7 +487,36 @@ pub fn conform_batch(batch: &RecordBatch, target: &SchemaRef) -> Result<RecordBa
 #[cfg(test)]
 mod tests {
     use super::*;
-    use datafusion::arrow::array::{Int32Array, StringArray};
+    use datafusion::arrow::array::{Int32Array, StringArray, UInt64Array};
+
+    #[test]
+    fn a_value_the_tables_type_cannot_hold_fails_by_column_and_value() {
+        let schema = Arc::new(ArrowSchema::new(vec![Field::new(
+            "h",
+            DataType::UInt64,
+            true,
+        )]));
+        let target = Arc::new(ArrowSchema::new(vec![Field::new(
+            "h",
+            DataType::Int64,
+            true,
+        )]));
+        let fits = RecordBatch::try_new(
+            schema.clone(),
+            vec![Arc::new(UInt64Array::from(vec![Some(5), None]))],
+        )
+        .unwrap();
+        let conformed = conform_batch(&fits, &target).unwrap();
+        assert_eq!(conformed.column(0).null_count(), 1);
+        let too_large =
+            RecordBatch::try_new(schema, vec![Arc::new(UInt64Array::from(vec![5, u64::MAX]))])
+                .unwrap();
+        let err = conform_batch(&too_large, &target).unwrap_err().to_string();
+        assert!(
+            err.contains("column `h`") && err.contains("18446744073709551615"),
+            "{err}"
+        );
+    }
     use datafusion::arrow::datatypes::{DataType, Field, Schema as ArrowSchema};
 
     fn batch(days: Vec<i32>) -> RecordBatch {

@@ -60,6 +60,22 @@ pub fn redact(text: &str) -> Cow<'_, str> {
     out
 }
 
+/// The shortest value [`mask_values`] masks: a shorter one would mask common text, and is no
+/// secret anyway.
+pub const MIN_MASKED_VALUE_LEN: usize = 4;
+
+/// `text` with every occurrence of the values in `secrets` (the values of secret-named
+/// parameters, substituted into a spec's SQL and so into its plan) masked.
+pub fn mask_values<'a>(text: &'a str, secrets: &[&str]) -> Cow<'a, str> {
+    let mut out = Cow::Borrowed(text);
+    for secret in secrets {
+        if secret.len() >= MIN_MASKED_VALUE_LEN && out.contains(secret) {
+            out = Cow::Owned(out.replace(secret, MASK));
+        }
+    }
+    out
+}
+
 /// Whether a setting or parameter called `name` holds a secret (`db_password`, `API_TOKEN`).
 pub fn is_secret_name(name: &str) -> bool {
     let name = name.to_ascii_lowercase();
@@ -85,6 +101,17 @@ impl<W: std::io::Write> std::io::Write for RedactingWriter<W> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn secret_parameter_values_are_masked_wherever_they_were_substituted() {
+        let sql = "SELECT id, 'hunter2' AS pw FROM src WHERE 'tkn-SECRET-123' = token";
+        assert_eq!(
+            mask_values(sql, &["hunter2", "tkn-SECRET-123"]),
+            "SELECT id, '***' AS pw FROM src WHERE '***' = token"
+        );
+        // Too short to be a secret, and masking it would garble the text.
+        assert_eq!(mask_values(sql, &["id", ""]), sql);
+    }
 
     #[test]
     fn masks_url_passwords_tokens_and_settings() {

@@ -1190,6 +1190,11 @@ impl TableProvider for NotNullCheckedTable {
         self.inner.statistics()
     }
 
+    /// Scans the checked columns whatever the query reads: `not null` is enforced on every
+    /// row, also for `SELECT COUNT(*)` or a query of other columns (which, without them,
+    /// read no checked column, and `COUNT(*)` was answered from the files' row counts). The
+    /// check's node reports no statistics, so nothing is answered without the scan; the
+    /// columns only the check reads are projected away above it.
     async fn scan(
         &self,
         state: &dyn Session,
@@ -1197,15 +1202,15 @@ impl TableProvider for NotNullCheckedTable {
         filters: &[Expr],
         limit: Option<usize>,
     ) -> datafusion::error::Result<Arc<dyn ExecutionPlan>> {
-        let scan = self.inner.scan(state, projection, filters, limit).await?;
-        let scanned = scan.schema();
-        if !scanned
-            .fields()
-            .iter()
-            .any(|f| self.checks.iter().any(|(name, _)| name == f.name()))
-        {
-            return Ok(scan);
-        }
+        let wanted: Vec<usize> = match projection {
+            Some(p) => p.clone(),
+            None => (0..self.schema.fields().len()).collect(),
+        };
+        let scanned_columns = with_checked_columns(&wanted, &self.schema, &self.checks);
+        let scan = self
+            .inner
+            .scan(state, Some(&scanned_columns), filters, limit)
+            .await?;
         let checks = self
             .checks
             .iter()
@@ -1214,8 +1219,40 @@ impl TableProvider for NotNullCheckedTable {
                 message: message.clone(),
             })
             .collect();
-        Ok(Arc::new(NotNullCheckExec::new(scan, checks)))
+        let checked: Arc<dyn ExecutionPlan> = Arc::new(NotNullCheckExec::new(scan, checks));
+        if scanned_columns.len() == wanted.len() {
+            return Ok(checked);
+        }
+        let output = checked.schema();
+        let exprs: Vec<(Arc<dyn datafusion::physical_expr::PhysicalExpr>, String)> = (0..wanted
+            .len())
+            .map(|i| {
+                let name = output.field(i).name().clone();
+                let column = datafusion::physical_expr::expressions::Column::new(&name, i);
+                (Arc::new(column) as _, name)
+            })
+            .collect();
+        Ok(Arc::new(
+            datafusion::physical_plan::projection::ProjectionExec::try_new(exprs, checked)?,
+        ))
     }
+}
+
+/// The columns to scan for a query of `wanted`: those, then the checked columns it lacks.
+fn with_checked_columns(
+    wanted: &[usize],
+    schema: &Schema,
+    checks: &[(String, String)],
+) -> Vec<usize> {
+    let mut columns = wanted.to_vec();
+    for (name, _) in checks {
+        if let Ok(i) = schema.index_of(name)
+            && !columns.contains(&i)
+        {
+            columns.push(i);
+        }
+    }
+    columns
 }
 
 #[cfg(test)]
@@ -1237,6 +1274,58 @@ mod tests {
             assert!(!listing_reads(skipped, ".csv"), "{skipped}");
         }
         assert!(listing_reads("A.CSV", ""));
+    }
+
+    #[test]
+    fn the_checked_columns_are_scanned_whatever_the_query_reads() {
+        let schema = Schema::new(vec![
+            Field::new("id", DataType::Int64, false),
+            Field::new("v", DataType::Utf8, true),
+        ]);
+        let checks = vec![("id".to_string(), "id holds nulls".to_string())];
+        assert_eq!(with_checked_columns(&[1], &schema, &checks), [1, 0]);
+        assert_eq!(with_checked_columns(&[], &schema, &checks), [0]);
+        assert_eq!(with_checked_columns(&[0, 1], &schema, &checks), [0, 1]);
+    }
+
+    /// `SELECT COUNT(*)` and a query of other columns reach the check too.
+    #[tokio::test]
+    async fn a_null_in_a_not_null_column_fails_queries_that_do_not_read_it() {
+        use datafusion::arrow::array::{Int64Array, StringArray};
+        use datafusion::arrow::record_batch::RecordBatch;
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Int64, true),
+            Field::new("v", DataType::Utf8, true),
+        ]));
+        let batch = RecordBatch::try_new(
+            schema.clone(),
+            vec![
+                Arc::new(Int64Array::from(vec![Some(1), None, Some(3)])),
+                Arc::new(StringArray::from(vec!["a", "b", "c"])),
+            ],
+        )
+        .unwrap();
+        let raw = Arc::new(MemTable::try_new(schema, vec![vec![batch]]).unwrap());
+        let checks = vec![(
+            "id".to_string(),
+            "source `src`: column `id` holds nulls".to_string(),
+        )];
+        let ctx = SessionContext::new();
+        ctx.register_table("src", Arc::new(NotNullCheckedTable::new(raw, checks)))
+            .unwrap();
+        for sql in [
+            "SELECT COUNT(*) FROM src",
+            "SELECT v FROM src",
+            "SELECT COUNT(v) FROM src",
+            "SELECT * FROM src",
+        ] {
+            let result = ctx.sql(sql).await.unwrap().collect().await;
+            let err = result
+                .err()
+                .unwrap_or_else(|| panic!("{sql} passed"))
+                .to_string();
+            assert!(err.contains("column `id` holds nulls"), "{sql}: {err}");
+        }
     }
 
     #[test]

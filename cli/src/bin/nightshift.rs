@@ -277,6 +277,7 @@ struct SubmitArgs {
     /// such as s3://lake/pipelines/daily.toml that the coordinator reads itself (it must lie
     /// under the coordinator's allowed locations, and its sources must be absolute URLs).
     pipeline: String,
+    /// Override a [params] value, e.g. --param run_date=2024-03-01. Repeatable.
     #[arg(long = "param", value_name = "KEY=VALUE", value_parser = parse_param_arg)]
     params: Vec<(String, String)>,
     /// Retries with the same key return the same job instead of starting another.

@@ -663,23 +663,33 @@ impl<'a> JobRun<'a> {
         }
     }
 
-    /// The run as the report page draws it.
+    /// The run as the report page draws it. The values of secret-named parameters, which the
+    /// SQL and so the plan and errors may hold, are masked.
     fn record(&mut self, state: JobState, error: &str) -> RunRecord {
+        use nightshift_core::redact::{is_secret_name, mask_values, redact};
+        let secrets: Vec<&str> = (self.spec.params.iter())
+            .filter(|(name, _)| is_secret_name(name))
+            .map(|(_, value)| value.as_str())
+            .collect();
+        let mask = |text: &str| mask_values(&redact(text), &secrets).into_owned();
+        let mut stages = std::mem::take(&mut self.stage_summaries);
+        stages.sort_by_key(|s| s.stage);
+        for stage in &mut stages {
+            for operator in &mut stage.operators {
+                *operator = mask(operator);
+            }
+        }
         RunRecord {
             status: state.as_str().to_string(),
-            error: (!error.is_empty()).then(|| nightshift_core::redact::redact(error).into_owned()),
+            error: (!error.is_empty()).then(|| mask(error)),
             started_at_ms: self.started_at_ms,
             report: self.report.clone(),
-            stages: {
-                let mut stages = std::mem::take(&mut self.stage_summaries);
-                stages.sort_by_key(|s| s.stage);
-                stages
-            },
+            stages,
             timeline: std::mem::take(&mut self.timeline),
             lineage: crate::lineage::snapshot_summary(self.spec, &self.inputs, &self.report.checks)
                 .into_iter()
                 .collect(),
-            sql: self.spec.sql.clone(),
+            sql: mask(&self.spec.sql),
         }
     }
 

@@ -101,15 +101,17 @@ impl<'a> StageRunner<'a> {
         self.adopt_recorded_winners().await?;
         loop {
             self.start_ready_stages().await?;
-            if self.tracker.all_complete() {
-                return Ok(());
+            let cancelled = self.env.state.cancel_requested(self.job).await?;
+            match after_results(cancelled, self.tracker.all_complete()) {
+                StagesStep::Cancel => {
+                    info!(running = self.tracker.outstanding(), "job cancelled");
+                    return Err(self.drain(JobError::Cancelled).await);
+                }
+                StagesStep::Done => return Ok(()),
+                StagesStep::Wait => {}
             }
             if self.ownership.lost() {
                 return Err(Ownership::lost_error());
-            }
-            if self.env.state.cancel_requested(self.job).await? {
-                info!(running = self.tracker.outstanding(), "job cancelled");
-                return Err(self.drain(JobError::Cancelled).await);
             }
             let failure = match self.next_result().await? {
                 Some(result) => self.handle_result(result, on_event).await?,
@@ -427,5 +429,38 @@ impl<'a> StageRunner<'a> {
             );
         }
         error
+    }
+}
+
+/// What the stage loop does after the results it has: stop for a cancel, end with every
+/// stage complete, or wait for more.
+#[derive(Debug, PartialEq, Eq)]
+enum StagesStep {
+    Cancel,
+    Done,
+    Wait,
+}
+
+/// A cancel wins over completion: a job cancelled while its last tasks ran ends cancelled
+/// with nothing committed (`nightshift cancel` promises it), not committed as if the cancel
+/// came late.
+fn after_results(cancel_requested: bool, all_complete: bool) -> StagesStep {
+    match (cancel_requested, all_complete) {
+        (true, _) => StagesStep::Cancel,
+        (false, true) => StagesStep::Done,
+        (false, false) => StagesStep::Wait,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cancel_during_the_last_stage_wins_over_its_completion() {
+        assert_eq!(after_results(true, true), StagesStep::Cancel);
+        assert_eq!(after_results(true, false), StagesStep::Cancel);
+        assert_eq!(after_results(false, true), StagesStep::Done);
+        assert_eq!(after_results(false, false), StagesStep::Wait);
     }
 }

@@ -131,12 +131,22 @@ pub fn with_table_types_for_nulls(table: &Table, result: &ArrowSchema) -> Result
 }
 
 /// The schema and partition spec a table created from `result_schema` gets. Binding the spec
-/// now turns a transform that does not fit its column into a clear error.
+/// now turns a transform that does not fit its column into a clear error. A result without
+/// columns (`SELECT *` of an empty, 0-byte CSV file) has nothing a table could hold: creating
+/// one would leave a table no later run fits.
 pub fn target_layout(
     name: &str,
     result_schema: &ArrowSchema,
     partition_by: &[PartitionField],
 ) -> Result<(iceberg::spec::Schema, UnboundPartitionSpec)> {
+    if result_schema.fields().is_empty() {
+        return Err(CoreError::Target {
+            table: name.to_string(),
+            message: "the result has no columns (a source read from empty files has none: \
+                      declare its columns in [source.schema], or select named columns)"
+                .to_string(),
+        });
+    }
     let schema = iceberg_schema_for(name, result_schema)?;
     let spec = unbound_partition_spec(name, &schema, partition_by)?;
     spec.clone()
@@ -255,4 +265,20 @@ fn describe_partitioning(fields: &[(String, Transform)]) -> String {
         .map(|(c, t)| format!("{t}({c})"))
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_result_without_columns_makes_no_table() {
+        let err = target_layout("t.empty", &ArrowSchema::empty(), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("t.empty") && err.contains("no columns"),
+            "{err}"
+        );
+    }
 }

@@ -220,6 +220,7 @@ fn resolve(
         .iter()
         .map(|p| partition::parse_partition_field(p))
         .collect::<Result<Vec<_>, _>>()?;
+    partition::check_not_redundant(&partition_by, &spec.target.partition_by)?;
     Ok(ResolvedSpec {
         path: path.to_path_buf(),
         base_dir: base_dir.to_path_buf(),

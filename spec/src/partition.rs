@@ -97,6 +97,41 @@ pub(crate) fn parse_partition_field(entry: &str) -> Result<PartitionField, SpecE
     Ok(PartitionField { column, transform })
 }
 
+/// Refuses two entries Iceberg would refuse only when the table is created (as a failure
+/// while running): the same field twice, or two time transforms (year, month, day, hour) of
+/// one column, which are redundant (`day(ts)` and `hour(ts)`: the hour names the day).
+pub(crate) fn check_not_redundant(
+    fields: &[PartitionField],
+    entries: &[String],
+) -> Result<(), SpecError> {
+    let is_time = |t: PartitionTransform| {
+        matches!(
+            t,
+            PartitionTransform::Year
+                | PartitionTransform::Month
+                | PartitionTransform::Day
+                | PartitionTransform::Hour
+        )
+    };
+    for (i, a) in fields.iter().enumerate() {
+        for (j, b) in fields.iter().enumerate().skip(i + 1) {
+            let redundant = a.column == b.column
+                && (a.field_name() == b.field_name()
+                    || (is_time(a.transform) && is_time(b.transform)));
+            if redundant {
+                return Err(SpecError::Partition {
+                    entry: entries[j].clone(),
+                    message: format!(
+                        "redundant with `{}`: a column takes one time transform (year, month, day or hour) and no entry twice",
+                        entries[i]
+                    ),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
 fn is_column(s: &str) -> bool {
     !s.is_empty() && s.chars().all(|c| c.is_alphanumeric() || c == '_')
 }
@@ -116,6 +151,25 @@ mod tests {
             parse_partition_field("region").unwrap().field_name(),
             "region"
         );
+    }
+
+    #[test]
+    fn refuses_redundant_entries_by_name() {
+        let check = |entries: &[&str]| {
+            let entries: Vec<String> = entries.iter().map(|e| e.to_string()).collect();
+            let fields: Vec<_> = entries
+                .iter()
+                .map(|e| parse_partition_field(e).unwrap())
+                .collect();
+            check_not_redundant(&fields, &entries).map_err(|e| e.to_string())
+        };
+        let err = check(&["day(ts)", "hour(ts)"]).unwrap_err();
+        assert!(
+            err.contains("hour(ts)") && err.contains("redundant with `day(ts)`"),
+            "{err}"
+        );
+        assert!(check(&["region", "identity(region)"]).is_err());
+        assert!(check(&["day(ts)", "bucket(4, ts)", "month(created)", "region"]).is_ok());
     }
 
     #[test]

@@ -34,8 +34,17 @@ pub struct Swept {
     pub kept: usize,
 }
 
-/// The files among `listed` (below the table location `root`) to delete: in the table's
-/// own layout, written by `job` (by their parsed names) and referenced by no snapshot.
+/// Whether `location`, below the table location `root`, is a file of `job` in the table's
+/// own layout: not another table's nested in its directory, and written by exactly this job
+/// (by its parsed name, never by prefix).
+fn is_job_file(root: &Location, job: &JobId, location: &Location) -> bool {
+    let path = location.url().path();
+    is_table_file(root.url().path(), path)
+        && parse_data_file_name(path).is_some_and(|name| name.attempt.job == *job)
+}
+
+/// The files among `listed` (below the table location `root`) to delete: files of `job`
+/// ([`is_job_file`]) referenced by no snapshot.
 pub fn unreferenced_job_files<'a>(
     listed: &'a [Location],
     root: &Location,
@@ -45,10 +54,7 @@ pub fn unreferenced_job_files<'a>(
     listed
         .iter()
         .filter(|location| {
-            let path = location.url().path();
-            is_table_file(root.url().path(), path)
-                && parse_data_file_name(path).is_some_and(|name| name.attempt.job == *job)
-                && !references.references(path)
+            is_job_file(root, job, location) && !references.references(location.url().path())
         })
         .collect()
 }
@@ -71,11 +77,7 @@ pub async fn sweep_job_files(
         .await?
         .into_iter()
         .map(|(location, _)| location)
-        .filter(|location| {
-            let path = location.url().path();
-            is_table_file(root.url().path(), path)
-                && parse_data_file_name(path).is_some_and(|n| n.attempt.job == *job)
-        })
+        .filter(|location| is_job_file(&root, job, location))
         .collect();
     if unreferenced_job_files(&listed, &root, job, just_committed).is_empty() {
         return Ok(Swept {

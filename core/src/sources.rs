@@ -669,7 +669,8 @@ impl FoundFiles {
     }
 }
 
-/// The extension a directory's files are read by when the source names none.
+/// The extension a directory's files are read by when the source names none (the reader's,
+/// [`register_raw`], and the count's, [`find_files`]).
 fn default_extension(format: SourceFormat) -> &'static str {
     match format {
         SourceFormat::Csv => ".csv",
@@ -699,7 +700,7 @@ fn no_files_message(
 /// directory): a file directly in it or in `key=value` directories only (its
 /// `listing_table_ignore_subdirectory`), ending in `extension` (case and all; any file when
 /// empty).
-pub fn listing_reads(relative: &str, extension: &str) -> bool {
+fn listing_reads(relative: &str, extension: &str) -> bool {
     let plain_segments = relative
         .split('/')
         .filter(|s| !s.is_empty() && !s.contains('='))
@@ -811,10 +812,11 @@ async fn register_raw(
     table_path: &str,
     schema: Option<&Schema>,
 ) -> Result<()> {
+    // The extension `find_files` counted the source's files by.
+    let extension = file_extension(source, table_path, default_extension(source.format));
     let registered = match source.format {
         SourceFormat::Parquet => {
-            let options = ParquetReadOptions::default()
-                .file_extension(file_extension(source, table_path, ".parquet"));
+            let options = ParquetReadOptions::default().file_extension(extension);
             ctx.register_parquet(raw_name, table_path, options).await
         }
         SourceFormat::Csv => {
@@ -845,7 +847,7 @@ async fn register_raw(
                 .has_header(header)
                 // Keeps each CSV file in one task, so line numbers in errors are the file's.
                 .newlines_in_values(true)
-                .file_extension(file_extension(source, table_path, ".csv"))
+                .file_extension(extension)
                 .null_regex(
                     source
                         .options
@@ -867,8 +869,7 @@ async fn register_raw(
             ctx.register_csv(raw_name, table_path, options).await
         }
         SourceFormat::Json => {
-            let mut options = JsonReadOptions::default()
-                .file_extension(file_extension(source, table_path, ".json"));
+            let mut options = JsonReadOptions::default().file_extension(extension);
             if let Some(schema) = schema {
                 options = options.schema(schema);
             }

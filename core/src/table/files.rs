@@ -36,8 +36,10 @@ pub fn escape_path_segment(text: &str) -> String {
 /// The partition directory of `key`: `<field>=<value>` per field, each escaped.
 pub fn partition_path(key: &PartitionKey) -> String {
     let Ok(partition_type) = key.spec().partition_type(key.schema()) else {
-        // Not expected for a key the writer built from the same spec and schema; still one
-        // escaped segment per field is kept by escaping iceberg-rust's own path whole.
+        // Not expected for a key the writer built from the same spec and schema. Escaping
+        // iceberg-rust's own path whole keeps the file inside the data directory, in one
+        // segment without a raw `=`: `is_table_file` does not count it as the table's, so
+        // at worst cleanup leaves it behind; it never lands outside the table.
         return escape_path_segment(&key.to_path());
     };
     key.spec()
@@ -104,8 +106,13 @@ pub fn is_table_file(root: &str, path: &str) -> bool {
 }
 
 /// Deletes the files of the table at `root` ([`is_table_file`]), and, for a local table, the
-/// directories that are left empty; another table's files below `root` stay. For a table
-/// dropped with nothing committed; returns how many files it deleted.
+/// directories that are left empty; another table's files below `root` stay. Returns how
+/// many files it deleted.
+///
+/// Only for a table that has just been dropped with no snapshot (the failed first run's
+/// `drop_if_empty` checks both, and that no other job's data file is in it): no snapshot of
+/// it can reference anything, and a file any other table's snapshot references lies below
+/// that table's own `metadata` or `data` segment, which [`is_table_file`] never matches.
 pub async fn delete_table_files(root: &crate::storage::Location) -> crate::Result<usize> {
     let files: Vec<crate::storage::Location> = crate::storage::list_objects(root)
         .await?

@@ -7,7 +7,8 @@ DataFusion computed directly on the sources), so the caller compares all three.
 
 With --every-snapshot it also reads each snapshot (time travel) with both readers; with
 --references it lists the name of every file any snapshot references (manifest lists,
-manifests, data and delete files), read by PyIceberg; --rollback-to ID first rolls the table
+manifests, data and delete files), read by PyIceberg, and as live_references the data and
+delete files some snapshot reads (entries not DELETED); --rollback-to ID first rolls the table
 back to that snapshot, --set-current ID makes any snapshot current (PyIceberg's
 manage_snapshots).
 
@@ -125,8 +126,9 @@ def read_every_snapshot(table, args):
     return out
 
 
-def referenced_files(table):
-    """Names of every file any snapshot references, whatever the manifest entry's status."""
+def referenced_files(table, discard_deleted=False):
+    """Names of every file any snapshot references: manifest lists, manifests, and the data
+    and delete files of their entries (with discard_deleted, of the entries not DELETED)."""
 
     io = table.io
     names = set()
@@ -134,7 +136,7 @@ def referenced_files(table):
         names.add(s.manifest_list.rsplit("/", 1)[-1])
         for manifest in s.manifests(io):
             names.add(manifest.manifest_path.rsplit("/", 1)[-1])
-            for entry in manifest.fetch_manifest_entry(io, discard_deleted=False):
+            for entry in manifest.fetch_manifest_entry(io, discard_deleted=discard_deleted):
                 names.add(entry.data_file.file_path.rsplit("/", 1)[-1])
     return sorted(names)
 
@@ -186,6 +188,7 @@ def main():
             out["by_snapshot"] = read_every_snapshot(table, args)
         if args.references:
             out["references"] = referenced_files(table)
+            out["live_references"] = referenced_files(table, discard_deleted=True)
     if args.reference:
         out["reference"] = read_reference(args.reference)
     json.dump(out, sys.stdout)

@@ -357,7 +357,19 @@ pub fn snapshot_count(read: &Value) -> usize {
 /// The data files among `files` (paths of any form) that no snapshot references, by the
 /// reader's `--references` list (PyIceberg's view, independent of Nightshift's code).
 pub fn unreferenced<'a>(files: &'a [String], read: &Value) -> Vec<&'a String> {
-    let references: std::collections::HashSet<&str> = read["references"]
+    not_named_in(files, read, "references")
+}
+
+/// The data files among `files` that no snapshot reads (named by no manifest entry that is
+/// not `DELETED`), by the reader's `--references` output: what expiry and orphan removal
+/// may delete.
+pub fn unread<'a>(files: &'a [String], read: &Value) -> Vec<&'a String> {
+    not_named_in(files, read, "live_references")
+}
+
+/// The files among `files` whose names the reader's `list` does not hold.
+fn not_named_in<'a>(files: &'a [String], read: &Value, list: &str) -> Vec<&'a String> {
+    let references: std::collections::HashSet<&str> = read[list]
         .as_array()
         .expect("read with --references")
         .iter()

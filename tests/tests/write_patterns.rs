@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use nightshift_tests::{Sandbox, snapshot_count, unreferenced};
+use nightshift_tests::{Sandbox, snapshot_count, unread, unreferenced};
 use serde_json::Value;
 
 const TABLE: &str = "tests.daily";
@@ -329,9 +329,11 @@ async fn maintain_expires_snapshots_and_removes_only_old_unreferenced_files() {
             snapshot["duckdb"]["checksum"]
         );
     }
+    // Every file left is one a remaining snapshot reads: the two expired rebuilds' files
+    // are gone, including those the remaining snapshots name only as replaced (DELETED).
     let files = sandbox.data_files();
     assert!(files.len() < committed_files, "{files:?}");
-    assert_eq!(unreferenced(&files, &read), Vec::<&String>::new());
+    assert_eq!(unread(&files, &read), Vec::<&String>::new(), "{read:#}");
     let (days, _) = per_day(&sandbox);
     assert_eq!(days["2024-01-01"], (5, 60));
 }
@@ -416,15 +418,24 @@ async fn compaction_rewrites_small_files_per_partition_and_keeps_a_concurrent_ap
     );
     assert_eq!(last["summary"]["total-data-files"], "3", "{last:#}");
 
-    // Nothing left to compact. Expiry keeps the rows (the replaced files stay while a
-    // manifest still lists them, as after an overwrite) and leaves no unreferenced file.
+    // Nothing left to compact. Expiry to the compaction's snapshot keeps the rows and
+    // deletes the replaced small files (that snapshot names them only as DELETED): the
+    // two compacted files and the late append are all that is left.
     let again = finish(maintain(&["--compact"], ""));
     assert_eq!(again["compacted"]["partitions"], 0, "{again:#}");
-    finish(maintain(
+    let expired = finish(maintain(
         &["--expire-older-than", "0s", "--keep-last", "1"],
         "",
     ));
+    assert!(
+        expired["files_deleted_by_expiry"].as_u64().unwrap() >= small as u64,
+        "{expired:#}"
+    );
     assert_eq!(per_day(&sandbox).0, expected);
+    let files = sandbox.data_files();
+    let read = sandbox.read_table_with(TABLE, None, &["--references"]);
+    assert_eq!(files.len(), 3, "{files:?}");
+    assert_eq!(unread(&files, &read), Vec::<&String>::new(), "{read:#}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

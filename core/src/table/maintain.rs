@@ -1,10 +1,12 @@
 //! Table maintenance: expiring old snapshots and removing orphan files.
 //!
 //! Both delete files, so both ask [`TableReferences`]: expiry deletes only files that the
-//! expired snapshots referenced and no remaining snapshot does; orphan removal deletes only
-//! files under the table's location that no snapshot references, that no metadata file in
-//! the table's log is, and that are older than a safety age (a job still writing its files
-//! has not committed them yet).
+//! expired snapshots referenced and no remaining snapshot reads; orphan removal deletes only
+//! files of the table's own layout that no snapshot reads, that no metadata file in the
+//! table's log is, and that are older than a safety age (a job still writing its files has
+//! not committed them yet). "Reads" is [`TableReferences::load_live`]: a file an overwrite
+//! or a compaction replaced is named by the replacing snapshot's `DELETED` entry only, so it
+//! goes once the snapshots that read it have expired.
 
 use std::collections::{BTreeSet, HashSet};
 use std::time::Duration;
@@ -118,7 +120,7 @@ pub async fn expire_snapshots(
         }];
         match swap_table_metadata(config, &table, updates, requirements).await {
             Ok(()) => {
-                let after = TableReferences::load(&catalog.load_table(ident).await?).await?;
+                let after = TableReferences::load_live(&catalog.load_table(ident).await?).await?;
                 let unreferenced: Vec<Location> = before
                     .paths()
                     .filter(|path| !after.references(path))
@@ -145,11 +147,11 @@ pub async fn expire_snapshots(
 
 /// Files of `table`'s own layout ([`super::files::is_table_file`]: not another table's nested
 /// in its directory, nor anything else beside its `metadata` and `data`) that no snapshot
-/// references, that are not a metadata file of the table's log, and that were last written
+/// reads, that are not a metadata file of the table's log, and that were last written
 /// before `older_than` ago.
 pub async fn find_orphans(table: &Table, older_than: Duration) -> Result<Vec<Location>> {
     let metadata = table.metadata();
-    let references = TableReferences::load(table).await?;
+    let references = TableReferences::load_live(table).await?;
     let mut metadata_files: BTreeSet<String> = metadata
         .metadata_log()
         .iter()

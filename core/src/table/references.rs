@@ -1,9 +1,18 @@
 //! What a table's snapshots reference: the one answer every cleanup asks before deleting.
 //!
 //! Architecture invariant: no cleanup deletes a file that any snapshot of the table
-//! references, current or historical, whoever wrote it. [`TableReferences`] holds every
-//! data and delete file named by any manifest of any snapshot (whatever the entry's status),
-//! plus the manifests and manifest lists themselves.
+//! references, current or historical, whoever wrote it. [`TableReferences`] holds the data
+//! and delete files named by the manifests of the table's snapshots, plus the manifests and
+//! manifest lists themselves.
+//!
+//! Which manifest entries count is [`Entries`]: a job's own cleanups count every entry, a
+//! `DELETED` one included ([`Entries::All`], keeping more than they must); snapshot expiry
+//! and orphan removal count what a reader of some snapshot reads ([`Entries::Live`]:
+//! `ADDED` and `EXISTING`). A `DELETED` entry only records that its snapshot stopped reading
+//! the file; a snapshot that still reads it lists it as live in one of its own manifests,
+//! so no snapshot's reader loses a file that `Live` leaves out. Counting `DELETED` entries
+//! there kept every file an overwrite or a compaction replaced for as long as the replacing
+//! snapshot lived.
 //!
 //! Files are compared by their last path segment. The engine's data-file and manifest names
 //! are unique (job, attempt, random nonce; commit UUIDs), so a name is as good as the whole
@@ -14,6 +23,7 @@
 
 use std::collections::HashMap;
 
+use iceberg::spec::ManifestStatus;
 use iceberg::table::Table;
 
 use crate::error::Result;
@@ -25,9 +35,41 @@ pub struct TableReferences {
     names: HashMap<String, String>,
 }
 
+/// Which manifest entries name a referenced file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Entries {
+    /// Every entry, `DELETED` included: what a job's own cleanups keep.
+    All,
+    /// `ADDED` and `EXISTING` entries, the files some snapshot's reader reads: what expiry
+    /// and orphan removal keep.
+    Live,
+}
+
+impl Entries {
+    /// Whether an entry of `status` names a referenced file.
+    pub fn counts(self, status: ManifestStatus) -> bool {
+        match self {
+            Entries::All => true,
+            Entries::Live => status != ManifestStatus::Deleted,
+        }
+    }
+}
+
 impl TableReferences {
-    /// Reads every snapshot's manifest list and every manifest they name (each manifest once).
+    /// Every file any entry of any manifest of any snapshot names ([`Entries::All`]).
     pub async fn load(table: &Table) -> Result<Self> {
+        Self::load_entries(table, Entries::All).await
+    }
+
+    /// The files some snapshot's reader reads ([`Entries::Live`]), with every manifest list
+    /// and manifest.
+    pub async fn load_live(table: &Table) -> Result<Self> {
+        Self::load_entries(table, Entries::Live).await
+    }
+
+    /// Reads every snapshot's manifest list and every manifest they name (each manifest once),
+    /// keeping the files of the entries `entries` counts.
+    async fn load_entries(table: &Table, entries: Entries) -> Result<Self> {
         let mut references = TableReferences::default();
         let mut manifests_seen = std::collections::HashSet::new();
         let metadata = table.metadata();
@@ -41,7 +83,9 @@ impl TableReferences {
                 references.insert(&manifest_file.manifest_path);
                 let manifest = manifest_file.load_manifest(table.file_io()).await?;
                 for entry in manifest.entries() {
-                    references.insert(entry.file_path());
+                    if entries.counts(entry.status()) {
+                        references.insert(entry.file_path());
+                    }
                 }
             }
         }
@@ -98,5 +142,16 @@ mod tests {
         }
         assert!(!refs.references("/w/ns/t/data/etl-s1-p0-a1-deadbeef-00001.parquet"));
         assert!(!refs.references("/w/ns/t/data/etl-s1-p0-a1-deadbeee-00000.parquet"));
+    }
+
+    #[test]
+    fn a_deleted_entry_is_a_reference_for_job_cleanups_and_not_for_expiry_or_orphans() {
+        use ManifestStatus::*;
+        for status in [Added, Existing, Deleted] {
+            assert!(Entries::All.counts(status), "{status:?}");
+        }
+        assert!(Entries::Live.counts(Added));
+        assert!(Entries::Live.counts(Existing));
+        assert!(!Entries::Live.counts(Deleted));
     }
 }

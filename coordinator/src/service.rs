@@ -17,7 +17,7 @@ use nightshift_cluster::{ClusterConfig, RabbitQueue, RedisState};
 use nightshift_core::CoreError;
 use nightshift_core::access::AccessPolicy;
 use nightshift_core::ids::JobId;
-use nightshift_core::transport::Delivery;
+use nightshift_core::transport::{Delivery, JobState, StateStore};
 use tokio::sync::{Mutex, Semaphore};
 use tracing::{debug, error, info, warn};
 
@@ -150,6 +150,13 @@ pub async fn serve_until(
                 continue;
             }
         };
+        if stopped_too_often(delivery.redeliveries()) {
+            give_up_on_submission(&state, &submission.job_id, delivery.redeliveries()).await;
+            if let Err(e) = delivery.ack().await {
+                warn!(job_id = %submission.job_id, error = %e, "cannot ack the submission given up on");
+            }
+            continue;
+        }
         {
             let mut running = running.lock().await;
             if let Some(deliveries) = running.get_mut(&submission.job_id) {
@@ -197,6 +204,42 @@ pub async fn serve_until(
     }
 }
 
+/// Deliveries of one submission after which it is given up on: each coordinator that took
+/// it before stopped while running it (redeliveries count the coordinators that stopped).
+pub const MAX_SUBMISSION_DELIVERIES: u32 = 5;
+
+/// Whether a submission delivered `redeliveries` times before is given up on instead of run:
+/// a job whose planning stops the process (a crash in a library, the memory it asks for)
+/// would otherwise stop every coordinator that takes it, again after each restart. A job
+/// that committed before a coordinator stopped ends at once on its next delivery (it finds
+/// its snapshot), so only a job that keeps stopping coordinators gets here.
+pub fn stopped_too_often(redeliveries: u32) -> bool {
+    redeliveries >= MAX_SUBMISSION_DELIVERIES - 1
+}
+
+/// Records the job of a submission [`stopped_too_often`] as failed, saying why.
+async fn give_up_on_submission(state: &Arc<RedisState>, job_id: &str, redeliveries: u32) {
+    let message = format!(
+        "the submission was delivered {} times and each coordinator that took it stopped while running it; \
+         it is not run again (its SQL or settings may stop the coordinator). Nothing was committed by this delivery; \
+         the table's history shows whether an earlier one did",
+        redeliveries + 1
+    );
+    error!(job_id, %message, "giving up on a submission");
+    let error = JobError::Internal(CoreError::Transport(message.clone()));
+    let report = outcome_json(job_id, Err(&error)).to_string();
+    let Ok(job) = JobId::parse(job_id) else {
+        return;
+    };
+    nightshift_core::metrics::job_finished("failed");
+    if let Err(e) = state.set_job_state(&job, JobState::Failed, &message).await {
+        warn!(job_id, error = %e, "cannot record the job given up on");
+    }
+    if let Err(e) = state.set_report(&job, &report).await {
+        warn!(job_id, error = %e, "cannot store the outcome of the job given up on");
+    }
+}
+
 async fn run_submission(
     env: &JobEnv,
     state: &Arc<RedisState>,
@@ -205,6 +248,11 @@ async fn run_submission(
 ) -> Result<crate::JobReport, JobError> {
     let job_id =
         JobId::parse(&submission.job_id).map_err(|e| JobError::Invalid(CoreError::Protocol(e)))?;
+    // Tests stop the process here, as a crash while planning a job's SQL did.
+    fail::fail_point!(
+        "coordinator-abort-while-admitting",
+        |_| std::process::abort()
+    );
     let spec = crate::admission::admit(&submission, access)
         .await
         .map_err(|refusal| JobError::Invalid(refusal.into()))?;
@@ -354,4 +402,18 @@ fn spawn_sweepers(env: JobEnv, state: Arc<RedisState>, scratch_ttl: std::time::D
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_submission_is_given_up_on_at_its_fifth_delivery() {
+        for redeliveries in 0..4 {
+            assert!(!stopped_too_often(redeliveries), "{redeliveries}");
+        }
+        assert!(stopped_too_often(4));
+        assert!(stopped_too_often(40));
+    }
 }

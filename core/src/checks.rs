@@ -249,8 +249,7 @@ async fn run_check_queries(
                 })
             })?;
         }
-        let frame = ctx
-            .sql_with_options(query, crate::planner::queries_only())
+        let frame = crate::planner::spec_query(ctx, query)
             .await
             .map_err(failed_query)?;
         if !execute {

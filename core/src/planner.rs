@@ -42,6 +42,7 @@ use crate::joins::single_probe_for_build_emitting_joins;
 use crate::session::{BROADCAST_THRESHOLD_KEY, with_broadcast_threshold};
 use crate::shared_plan::SharedPlanExec;
 use crate::shuffle::upstream_stages;
+use crate::sql_depth::check_expression_depth;
 
 /// Where a job's tasks run, which decides how its plan is cut. `task_memory` is what one
 /// task may hold (the workers' memory limit over their concurrent tasks); `None` assumes
@@ -186,8 +187,7 @@ pub async fn plan_job(
     options: &PlanOptions,
 ) -> Result<JobPlan> {
     configure_planning(ctx, options.mode)?;
-    let df = ctx
-        .sql_with_options(sql, queries_only())
+    let df = spec_query(ctx, sql)
         .await
         .map_err(|e| CoreError::Sql(crate::task::clean_message(&e.to_string())))?;
     let output_schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
@@ -218,11 +218,25 @@ pub fn queries_only() -> SQLOptions {
         .with_allow_statements(false)
 }
 
+/// Plans SQL from a spec: a query ([`queries_only`]) whose expressions are not too deep
+/// for the planner ([`check_expression_depth`]).
+pub async fn spec_query(
+    ctx: &SessionContext,
+    sql: &str,
+) -> datafusion::error::Result<datafusion::dataframe::DataFrame> {
+    check_expression_depth(sql).map_err(|e| match e {
+        CoreError::Sql(message) => DataFusionError::Plan(message),
+        other => DataFusionError::Plan(other.to_string()),
+    })?;
+    ctx.sql_with_options(sql, queries_only()).await
+}
+
 /// The columns `sql` gives against the tables registered in `ctx`, from its logical plan
 /// (names and types resolved, nothing optimized or planned to run). Only queries are
 /// accepted, as by [`plan_job`].
 pub async fn output_schema(ctx: &SessionContext, sql: &str) -> Result<SchemaRef> {
     let sql_error = |e: DataFusionError| CoreError::Sql(crate::task::clean_message(&e.to_string()));
+    check_expression_depth(sql)?;
     let state = ctx.state();
     let plan = state.create_logical_plan(sql).await.map_err(sql_error)?;
     queries_only().verify_plan(&plan).map_err(sql_error)?;

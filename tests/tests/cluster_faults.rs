@@ -298,3 +298,39 @@ fn keep_alive(cluster: &mut ClusterSandbox) {
         cluster.start_coordinator();
     }
 }
+
+/// A submission that stops every coordinator taking it (a failpoint aborts the process while
+/// the job is admitted, as a stack overflow in planning did) is given up on at its fifth
+/// delivery instead of stopping coordinators forever: the job ends failed, saying why, and
+/// the coordinator that gave up keeps running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submission_that_stops_every_coordinator_is_given_up_on() {
+    let mut cluster = start(ClusterOptions {
+        workers: 0,
+        env: &[("FAILPOINTS", "coordinator-abort-while-admitting=return")],
+        ..ClusterOptions::default()
+    });
+    let mut client = cluster.submit_in_background("poison-1");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut starts = 1;
+    while client.try_wait().expect("client status").is_none() {
+        assert!(Instant::now() < deadline, "{}", cluster.logs());
+        if !cluster.coordinator_running() {
+            cluster.reap_coordinator();
+            cluster.start_coordinator();
+            starts += 1;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let outcome = cluster.wait_for_outcome(&mut client);
+    assert_eq!(outcome["status"], "failed", "{outcome:#}");
+    let error = outcome.to_string();
+    assert!(
+        error.contains("delivered 5 times"),
+        "{outcome:#}\n{}",
+        cluster.logs()
+    );
+    assert_eq!(starts, 5, "four coordinators stopped, the fifth gave up");
+    assert!(cluster.coordinator_running(), "{}", cluster.logs());
+    assert_eq!(snapshot_count(&cluster.read_table(TABLE, None)), 0);
+}

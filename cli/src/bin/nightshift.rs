@@ -503,6 +503,12 @@ fn default_workers() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get())
 }
 
+/// The stack of every thread that runs a command. DataFusion plans (names, displays,
+/// rewrites) expressions recursively, some of it without its stack guard, so a deep
+/// expression (`a + b + ...`, thousands of terms) needs far more than tokio's 2 MiB;
+/// the pages are only committed as they are used.
+const PLANNING_STACK_BYTES: usize = 256 << 20;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if !cli.command.serves() {
@@ -516,70 +522,81 @@ fn main() -> ExitCode {
     let _failpoints = fail::FailScenario::setup();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .thread_stack_size(PLANNING_STACK_BYTES)
         .build()
         .expect("tokio runtime");
-    runtime.block_on(async {
-        match cli.command {
-            Command::Run(args) => run(args).await,
-            Command::Backfill(args) => backfill(args).await,
-            Command::Maintain(args) => maintain(args).await,
-            Command::History(args) => history(args).await,
-            Command::Check(args) => check(args).await,
-            Command::Report(args) => report(args).await,
-            Command::Validate(args) => validate(args).await,
-            Command::Dlq { command } => dlq(command).await,
-            Command::ExampleData { dir, scale, parts } => example_data(&dir, scale, parts),
-            Command::Coordinator {
-                config,
-                max_jobs,
-                listen,
-                tokens_file,
-                no_auth,
-                tls_cert,
-                tls_key,
-                tls_client_ca,
-                metrics_listen,
-            } => {
-                let tls = tls_cert.zip(tls_key).map(|(cert, key)| {
-                    nightshift_coordinator::api::TlsFiles {
-                        cert,
-                        key,
-                        client_ca: tls_client_ca,
-                    }
-                });
-                let api = ApiServe {
+    // The command runs on a thread with the same large stack, not on the main thread.
+    let command = move || {
+        runtime.block_on(async {
+            match cli.command {
+                Command::Run(args) => run(args).await,
+                Command::Backfill(args) => backfill(args).await,
+                Command::Maintain(args) => maintain(args).await,
+                Command::History(args) => history(args).await,
+                Command::Check(args) => check(args).await,
+                Command::Report(args) => report(args).await,
+                Command::Validate(args) => validate(args).await,
+                Command::Dlq { command } => dlq(command).await,
+                Command::ExampleData { dir, scale, parts } => example_data(&dir, scale, parts),
+                Command::Coordinator {
+                    config,
+                    max_jobs,
                     listen,
                     tokens_file,
                     no_auth,
-                    tls,
-                };
-                coordinator(&config, max_jobs, api, metrics_listen).await
-            }
-            Command::Submit(args) => submit(args).await,
-            Command::Status { api, job_id } => status(&api, &job_id).await,
-            Command::Watch { api, job_id } => watch(&api, &job_id).await,
-            Command::Cancel { api, job_id } => cancel(&api, &job_id).await,
-            Command::Jobs {
-                api,
-                pipeline,
-                state,
-                limit,
-                page_token,
-            } => jobs(&api, client::list(pipeline, state, limit, page_token)).await,
-            Command::Worker {
-                config,
-                id,
-                metrics_listen,
-                drain_grace_secs,
-            } => {
-                let ops = nightshift::cluster::WorkerOps {
+                    tls_cert,
+                    tls_key,
+                    tls_client_ca,
                     metrics_listen,
-                    drain_grace: std::time::Duration::from_secs(drain_grace_secs),
-                };
-                worker(&config, id, ops).await
+                } => {
+                    let tls = tls_cert.zip(tls_key).map(|(cert, key)| {
+                        nightshift_coordinator::api::TlsFiles {
+                            cert,
+                            key,
+                            client_ca: tls_client_ca,
+                        }
+                    });
+                    let api = ApiServe {
+                        listen,
+                        tokens_file,
+                        no_auth,
+                        tls,
+                    };
+                    coordinator(&config, max_jobs, api, metrics_listen).await
+                }
+                Command::Submit(args) => submit(args).await,
+                Command::Status { api, job_id } => status(&api, &job_id).await,
+                Command::Watch { api, job_id } => watch(&api, &job_id).await,
+                Command::Cancel { api, job_id } => cancel(&api, &job_id).await,
+                Command::Jobs {
+                    api,
+                    pipeline,
+                    state,
+                    limit,
+                    page_token,
+                } => jobs(&api, client::list(pipeline, state, limit, page_token)).await,
+                Command::Worker {
+                    config,
+                    id,
+                    metrics_listen,
+                    drain_grace_secs,
+                } => {
+                    let ops = nightshift::cluster::WorkerOps {
+                        metrics_listen,
+                        drain_grace: std::time::Duration::from_secs(drain_grace_secs),
+                    };
+                    worker(&config, id, ops).await
+                }
             }
-        }
-    })
+        })
+    };
+    std::thread::Builder::new()
+        .name("nightshift".into())
+        .stack_size(PLANNING_STACK_BYTES)
+        .spawn(command)
+        .expect("start the command's thread")
+        .join()
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
 }
 
 fn init_tracing(verbose: u8, format: LogFormat) {

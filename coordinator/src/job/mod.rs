@@ -439,8 +439,7 @@ async fn merge_sql_of(
     reads: PlanReads,
 ) -> Result<(String, MergeRead), JobError> {
     let target = &spec.spec.target;
-    let result = session
-        .sql_with_options(&spec.sql, nightshift_core::planner::queries_only())
+    let result = nightshift_core::planner::spec_query(session, &spec.sql)
         .await
         .map_err(|e| JobError::Invalid(CoreError::Sql(e.to_string())))?;
     let columns: Vec<String> = result
@@ -519,8 +518,7 @@ async fn change_key_ranges(
     );
     let sql_err =
         |e: datafusion::error::DataFusionError| JobError::Invalid(CoreError::Sql(e.to_string()));
-    let batches = session
-        .sql_with_options(&query, nightshift_core::planner::queries_only())
+    let batches = nightshift_core::planner::spec_query(session, &query)
         .await
         .map_err(sql_err)?
         .collect()

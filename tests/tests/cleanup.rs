@@ -371,13 +371,15 @@ async fn a_table_nested_in_another_tables_directory_keeps_its_files() {
     sandbox.spec(&spec_for("ns.t", ""));
     run(&sandbox, "nightly-1").await.expect("ns.t");
     let warehouse = sandbox.warehouse();
+    // Every file two days old: all of them are old enough for orphan removal's age.
+    age_every_file(&warehouse, 2 * 86_400);
     let out = sandbox.cli(&[
         "maintain",
         "ns.t",
         "--warehouse",
         warehouse.to_str().unwrap(),
         "--remove-orphans-older-than",
-        "0d",
+        "1d",
     ]);
     assert!(out.status.success(), "{out:?}");
     for table in ["a.b.c", "ns.t.data", "ns.t"] {
@@ -425,4 +427,62 @@ async fn partition_values_stay_inside_the_tables_data_directory() {
         );
     }
     assert!(!sandbox.path("escaped").exists());
+}
+
+/// Sets the modification time of every file below `dir` to `secs` ago.
+fn age_every_file(dir: &std::path::Path, secs: u64) {
+    let then = std::time::SystemTime::now() - std::time::Duration::from_secs(secs);
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            age_every_file(&path, secs);
+        } else {
+            std::fs::File::options()
+                .write(true)
+                .open(&path)
+                .unwrap()
+                .set_modified(then)
+                .unwrap();
+        }
+    }
+}
+
+/// A snapshot never names a file that is gone: a data file deleted while its job runs (in
+/// life by orphan removal, or by the cleanup of another run under the same job id; here
+/// while the job waits before its commit) fails the commit, and nothing is committed.
+#[test]
+fn a_data_file_deleted_before_the_commit_fails_the_job_and_nothing_is_committed() {
+    let sandbox = Sandbox::new();
+    write_sales(&sandbox, "data/sales", 2, 10, 0);
+    sandbox.spec(&spec("append", "data/sales/"));
+    let warehouse = sandbox.warehouse();
+    let child = std::process::Command::new(nightshift_tests::nightshift_bin())
+        .args(["run", "pipeline.toml", "--job-id", "gone-1", "--warehouse"])
+        .arg(&warehouse)
+        .current_dir(sandbox.path(""))
+        .env("FAILPOINTS", "coordinator-before-commit=sleep(5000)")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run nightshift");
+    let started = std::time::Instant::now();
+    let victim = loop {
+        if let Some(file) = sandbox
+            .data_files()
+            .into_iter()
+            .find(|f| f.contains("/gone-1-"))
+        {
+            break file;
+        }
+        assert!(started.elapsed().as_secs() < 60, "the job wrote no file");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    // The tasks of 20 rows are done well within the failpoint's wait before the commit.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    std::fs::remove_file(warehouse.join(&victim)).expect("delete a data file of the job");
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("are gone before its commit"), "{stderr}");
+    assert_eq!(snapshot_count(&sandbox.read_table(TABLE, None)), 0);
 }

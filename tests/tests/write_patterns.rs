@@ -259,14 +259,14 @@ async fn maintain_expires_snapshots_and_removes_only_old_unreferenced_files() {
     assert_eq!(snapshot_count(&read), 4);
     let committed_files = sandbox.data_files().len();
 
-    // An old orphan (a crashed writer's file, a day old) and a young one (a job still
-    // writing): only the old one may go.
+    // An old orphan (a crashed writer's file, two days old) and a young one (a job still
+    // writing): only the old one may go. An age below a day is refused.
     let data_dir = sandbox.warehouse().join("tests/daily/data");
     let old = data_dir.join("crashed-s1-p0-a1-deadbeef-00000.parquet");
     let young = data_dir.join("running-s1-p0-a1-cafebabe-00000.parquet");
     std::fs::write(&old, b"not committed").unwrap();
     std::fs::write(&young, b"not committed yet").unwrap();
-    let day_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(86_400);
+    let day_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(2 * 86_400);
     std::fs::File::options()
         .write(true)
         .open(&old)
@@ -285,13 +285,18 @@ async fn maintain_expires_snapshots_and_removes_only_old_unreferenced_files() {
         );
         serde_json::from_slice::<Value>(&out.stdout).unwrap()
     };
+    let refused = sandbox.cli(&["maintain", TABLE, "--remove-orphans-older-than", "1h"]);
+    assert!(!refused.status.success());
+    let refusal = String::from_utf8_lossy(&refused.stderr);
+    assert!(refusal.contains("at least 1d"), "{refusal}");
+    assert!(old.exists() && young.exists());
     let dry = maintain(&[
         "--expire-older-than",
         "0s",
         "--keep-last",
         "2",
         "--remove-orphans-older-than",
-        "1h",
+        "1d",
         "--dry-run",
     ]);
     assert_eq!(
@@ -309,7 +314,7 @@ async fn maintain_expires_snapshots_and_removes_only_old_unreferenced_files() {
         "--keep-last",
         "2",
         "--remove-orphans-older-than",
-        "1h",
+        "1d",
     ]);
     assert_eq!(done["expired_snapshots"], dry["expired_snapshots"]);
     assert!(

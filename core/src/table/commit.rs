@@ -135,6 +135,7 @@ pub async fn commit_job_snapshot(
     }
     refuse_if_overtaken(&table, &summary)?;
     let files = decode_data_files(&table, data_files_json, written_with, schema_change)?;
+    ensure_files_exist(&table, job, &files).await?;
     summary.insert(JOB_ID_PROPERTY.to_string(), job.to_string());
     let nothing_to_replace = table.metadata().current_snapshot().is_none();
     // An empty result appends nothing and replaces no partition; an empty full overwrite
@@ -305,6 +306,46 @@ pub(crate) async fn entries_added_by(
         );
     }
     Ok(entries)
+}
+
+/// Fails the commit if a data file the job wrote is gone: a snapshot must never name a
+/// file that does not exist. Something deleted it while the job ran (orphan removal with
+/// too short an age, or the cleanup of another run under the same job id); the job fails
+/// with nothing committed, and a rerun writes its files again.
+async fn ensure_files_exist(table: &Table, job: &JobId, files: &[DataFile]) -> Result<()> {
+    use futures::StreamExt;
+    let io = table.file_io().clone();
+    let paths: Vec<String> = files.iter().map(|f| f.file_path().to_string()).collect();
+    let checks: Vec<_> = paths
+        .into_iter()
+        .map(|path| {
+            let io = io.clone();
+            async move {
+                let exists = io.exists(&path).await;
+                (path, exists)
+            }
+        })
+        .collect();
+    let checked: Vec<(String, iceberg::Result<bool>)> = futures::stream::iter(checks)
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    let mut missing = Vec::new();
+    for (path, exists) in checked {
+        if !exists? {
+            missing.push(path);
+        }
+    }
+    match missing.first() {
+        None => Ok(()),
+        Some(first) => Err(CoreError::Task {
+            message: format!(
+                "{} data file(s) job {job} wrote are gone before its commit, e.g. {first}: something deleted them while the job ran (orphan removal, or the cleanup of another run with the same job id); nothing was committed",
+                missing.len()
+            ),
+            retryable: false,
+        }),
+    }
 }
 
 fn decode_data_files(

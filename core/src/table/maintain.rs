@@ -12,7 +12,6 @@ use std::collections::{BTreeSet, HashSet};
 use std::time::Duration;
 
 use iceberg::spec::TableMetadata;
-use iceberg::table::Table;
 use iceberg::{Catalog, TableIdent, TableRequirement, TableUpdate};
 use tracing::{info, warn};
 
@@ -149,9 +148,21 @@ pub async fn expire_snapshots(
 /// in its directory, nor anything else beside its `metadata` and `data`) that no snapshot
 /// reads, that are not a metadata file of the table's log, and that were last written
 /// before `older_than` ago.
-pub async fn find_orphans(table: &Table, older_than: Duration) -> Result<Vec<Location>> {
+pub async fn find_orphans(
+    catalog: &dyn Catalog,
+    ident: &TableIdent,
+    older_than: Duration,
+) -> Result<Vec<Location>> {
+    let listed_table = catalog.load_table(ident).await?;
+    let root = Location::parse(
+        listed_table.metadata().location(),
+        std::path::Path::new("/"),
+    )?;
+    // The table is read again after the listing: a file committed meanwhile is referenced.
+    let listed = list_objects_meta(&root).await?;
+    let table = catalog.load_table(ident).await?;
     let metadata = table.metadata();
-    let references = TableReferences::load_live(table).await?;
+    let references = TableReferences::load_live(&table).await?;
     let mut metadata_files: BTreeSet<String> = metadata
         .metadata_log()
         .iter()
@@ -160,10 +171,9 @@ pub async fn find_orphans(table: &Table, older_than: Duration) -> Result<Vec<Loc
     if let Some(current) = table.metadata_location() {
         metadata_files.insert(file_name(current).to_string());
     }
-    let root = Location::parse(metadata.location(), std::path::Path::new("/"))?;
     let cutoff = std::time::SystemTime::now() - older_than;
     let mut orphans = Vec::new();
-    for (location, meta) in list_objects_meta(&root).await? {
+    for (location, meta) in listed {
         let path = location.url().path().to_string();
         if !super::files::is_table_file(root.url().path(), &path) {
             continue;
@@ -181,15 +191,47 @@ pub async fn find_orphans(table: &Table, older_than: Duration) -> Result<Vec<Loc
     Ok(orphans)
 }
 
+/// The youngest files orphan removal may consider: a job's files are unreferenced until
+/// its commit, so a shorter age deletes the files of jobs still running, and they would
+/// fail or, before the commit checked its files, publish a snapshot missing them. Spark's
+/// `remove_orphan_files` refuses less than a day for the same reason.
+pub const MIN_ORPHAN_AGE: Duration = Duration::from_secs(24 * 3600);
+
+/// Refuses an orphan age below [`MIN_ORPHAN_AGE`] for `table`.
+pub fn check_orphan_age(table: &str, older_than: Duration) -> Result<()> {
+    if older_than < MIN_ORPHAN_AGE {
+        return Err(CoreError::Target {
+            table: table.to_string(),
+            message: format!(
+                "orphan removal needs an age of at least 1d (got {}): younger unreferenced files may belong to a job still running",
+                short_duration(older_than)
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// `90m`, `2h`, `3d`, `45s`: a duration as a spec or a flag spells it.
+fn short_duration(d: Duration) -> String {
+    let secs = d.as_secs();
+    match secs {
+        s if s >= 86_400 && s % 86_400 == 0 => format!("{}d", s / 86_400),
+        s if s >= 3_600 && s % 3_600 == 0 => format!("{}h", s / 3_600),
+        s if s >= 60 && s % 60 == 0 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
+}
+
 /// Deletes [`find_orphans`] of `ident`; returns what it deleted (or would, with `dry_run`).
+/// `older_than` is at least [`MIN_ORPHAN_AGE`].
 pub async fn remove_orphans(
     catalog: &dyn Catalog,
     ident: &TableIdent,
     older_than: Duration,
     dry_run: bool,
 ) -> Result<Vec<String>> {
-    let table = catalog.load_table(ident).await?;
-    let orphans = find_orphans(&table, older_than).await?;
+    check_orphan_age(&ident.to_string(), older_than)?;
+    let orphans = find_orphans(catalog, ident, older_than).await?;
     if !dry_run {
         delete_objects(&orphans).await?;
         info!(table = %ident, files = orphans.len(), "removed orphan files");
@@ -212,6 +254,25 @@ mod tests {
     use super::*;
 
     const DAY: i64 = 86_400_000;
+
+    #[test]
+    fn orphan_removal_needs_an_age_of_a_day() {
+        for young in [0, 59, 3_600, 86_399] {
+            let err = check_orphan_age("ns.t", Duration::from_secs(young))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("at least 1d"), "{err}");
+            assert!(err.contains("ns.t"), "{err}");
+        }
+        assert!(
+            check_orphan_age("ns.t", Duration::from_secs(5_400))
+                .unwrap_err()
+                .to_string()
+                .contains("got 90m")
+        );
+        assert!(check_orphan_age("ns.t", MIN_ORPHAN_AGE).is_ok());
+        assert!(check_orphan_age("ns.t", Duration::from_secs(3 * 86_400)).is_ok());
+    }
 
     fn policy(days: u64, keep_last: usize) -> ExpirePolicy {
         ExpirePolicy {

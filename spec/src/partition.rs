@@ -23,7 +23,15 @@ pub struct PartitionField {
 
 impl PartitionField {
     /// The partition field name, as Iceberg's Java library names it (`ts_day`, `id_bucket`).
+    /// The partition field's name: the column, with the transform's suffix, made a valid
+    /// Avro name ([`avro_compatible_name`]): manifests store partition values in an Avro
+    /// record whose fields these names are, and an invalid one (`Région`, `1region`) wrote
+    /// manifests no reader, iceberg-rust included, could read again.
     pub fn field_name(&self) -> String {
+        avro_compatible_name(&self.plain_field_name())
+    }
+
+    fn plain_field_name(&self) -> String {
         let suffix = match self.transform {
             PartitionTransform::Identity => return self.column.clone(),
             PartitionTransform::Year => "year",
@@ -35,6 +43,32 @@ impl PartitionField {
         };
         format!("{}_{suffix}", self.column)
     }
+}
+
+/// `name` as Iceberg's Java `AvroSchemaUtil.makeCompatibleName` makes it a valid Avro name
+/// (`[A-Za-z_][A-Za-z0-9_]*`): a leading digit `d` becomes `_d`, any other character that
+/// does not fit `_x` and its code point in upper-case hex (`Région` → `R_xE9gion`). Valid
+/// names stay as they are. Unlike Java, letters outside ASCII are replaced too: Avro's
+/// names are ASCII, and the Rust Avro library refuses others.
+pub fn avro_compatible_name(name: &str) -> String {
+    let fits = |c: char, first: bool| {
+        c == '_' || c.is_ascii_alphabetic() || (!first && c.is_ascii_digit())
+    };
+    let mut out = String::with_capacity(name.len());
+    for (i, c) in name.chars().enumerate() {
+        if fits(c, i == 0) {
+            out.push(c);
+        } else if c.is_ascii_digit() {
+            out.push('_');
+            out.push(c);
+        } else {
+            out.push_str(&format!("_x{:X}", c as u32));
+        }
+    }
+    if out.is_empty() {
+        out.push('_');
+    }
+    out
 }
 
 const KNOWN: &str = "identity(col), year(col), month(col), day(col), hour(col), \
@@ -139,6 +173,26 @@ fn is_column(s: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn partition_field_names_are_valid_avro_names_as_icebergs_java_makes_them() {
+        for (name, avro) in [
+            ("region", "region"),
+            ("order_date_day", "order_date_day"),
+            ("_x", "_x"),
+            ("Région", "R_xE9gion"),
+            ("1region", "_1region"),
+            ("Date Jour_month", "Date_x20Jour_month"),
+            ("a-b", "a_x2Db"),
+            ("", "_"),
+        ] {
+            assert_eq!(avro_compatible_name(name), avro, "{name}");
+        }
+        let field = |entry: &str| parse_partition_field(entry).unwrap().field_name();
+        assert_eq!(field("identity(Région)"), "R_xE9gion");
+        assert_eq!(field("month(1day)"), "_1day_month");
+        assert_eq!(field("day(order_date)"), "order_date_day");
+    }
 
     #[test]
     fn parses_transforms() {

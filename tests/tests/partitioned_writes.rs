@@ -125,3 +125,45 @@ async fn a_write_by_bucket_under_a_small_limit_closes_files_to_stay_within_it() 
     assert_eq!(limited.partitions, 64);
     assert!(limited.files > unlimited.files, "{limited:?}");
 }
+
+/// Partition columns whose names are no Avro names (`Région`, `1day`) get partition fields
+/// named as Iceberg's Java writer names them in Avro (`R_xE9gion`, `_1day_month`): the
+/// manifests stay readable, so a second run appends and both readers read every row (the
+/// first run used to write manifests that DuckDB, and every later run, failed to read).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partition_columns_named_outside_avro_names_keep_the_table_readable() {
+    let sandbox = Sandbox::new();
+    write_events(&sandbox).await;
+    sandbox.spec(
+        r#"[pipeline]
+name = "unicode_partitions"
+
+[[source]]
+name = "events"
+format = "parquet"
+location = "data/events/"
+
+[transform]
+sql = 'SELECT id, day AS "1day", region AS "Région" FROM events WHERE id % 100 = 0'
+
+[target]
+table = "tests.unicode"
+mode = "append"
+partition_by = ["identity(Région)", "month(1day)"]
+"#,
+    );
+    for job in ["first", "second"] {
+        sandbox.run(2, Some(2), Some(job)).await.expect(job);
+    }
+    let read = sandbox.read_table("tests.unicode", None);
+    assert_eq!(read["pyiceberg"]["rows"], 1200, "{read:#}");
+    assert_eq!(read["duckdb"]["rows"], 1200, "{read:#}");
+    assert_eq!(read["pyiceberg"]["checksum"], read["duckdb"]["checksum"]);
+    let files = sandbox.data_files();
+    assert!(
+        files
+            .iter()
+            .all(|f| f.contains("/R_xE9gion=r%C3%A9gion-") && f.contains("/_1day_month=")),
+        "{files:?}"
+    );
+}

@@ -486,3 +486,43 @@ fn a_data_file_deleted_before_the_commit_fails_the_job_and_nothing_is_committed(
     assert!(stderr.contains("are gone before its commit"), "{stderr}");
     assert_eq!(snapshot_count(&sandbox.read_table(TABLE, None)), 0);
 }
+
+/// A task that panics (a library's overflow on a sentinel date did) fails its job with the
+/// panic's message, nothing committed; the run used to wait for the task's result forever.
+#[test]
+fn a_task_that_panics_fails_the_job_instead_of_hanging_it() {
+    let sandbox = Sandbox::new();
+    write_sales(&sandbox, "data/sales", 2, 10, 0);
+    sandbox.spec(&spec("append", "data/sales/"));
+    let mut child = std::process::Command::new(nightshift_tests::nightshift_bin())
+        .args([
+            "run",
+            "pipeline.toml",
+            "--job-id",
+            "panics-1",
+            "--warehouse",
+        ])
+        .arg(sandbox.warehouse())
+        .current_dir(sandbox.path(""))
+        .env("FAILPOINTS", "worker-task-panic=return")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run nightshift");
+    let started = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed().as_secs() > 60 {
+            let _ = child.kill();
+            panic!("the run still waits a minute after its task panicked");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("the task panicked: failpoint worker-task-panic"),
+        "{stderr}"
+    );
+    assert_eq!(snapshot_count(&sandbox.read_table(TABLE, None)), 0);
+}

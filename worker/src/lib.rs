@@ -321,8 +321,15 @@ impl Worker {
             tracing::error!(worker = %self.id, stage = task.stage_id, "failpoint worker-crash-on-stage: aborting");
             std::process::abort();
         }
+        // A panic in the task's code (DataFusion's included) fails the task instead of
+        // ending this lane unseen: the job would wait for its result forever.
+        let run = std::panic::AssertUnwindSafe(self.run_one_inner(task));
         let result = tokio::select! {
-            result = self.run_one_inner(task) => result,
+            result = futures::FutureExt::catch_unwind(run) => result.unwrap_or_else(|panic| {
+                let message = format!("the task panicked: {}", panic_message(panic.as_ref()));
+                tracing::error!(worker = %self.id, job_id = %task.job_id, stage = task.stage_id, task = task.partition, %message);
+                failed_result(task, &self.id, message, false)
+            }),
             () = self.heartbeat(task) => unreachable!("the heartbeat never ends"),
         };
         info!(
@@ -367,21 +374,8 @@ impl Worker {
         };
         if ended {
             debug!(job_id = %task.job_id, stage = task.stage_id, task = task.partition, "job has ended; task skipped");
-            return v1::TaskResult {
-                protocol_version: PROTOCOL_VERSION,
-                job_id: task.job_id.clone(),
-                stage_id: task.stage_id,
-                partition: task.partition,
-                attempt: task.attempt,
-                worker_id: self.id.clone(),
-                plan: task.plan.clone(),
-                outcome: Some(task_result::Outcome::Failed(v1::TaskFailed {
-                    message: SKIPPED.into(),
-                    // Should a coordinator still want this task, it runs it again.
-                    retryable: true,
-                })),
-                ..Default::default()
-            };
+            // Should a coordinator still want this task, it runs it again.
+            return failed_result(task, &self.id, SKIPPED.into(), true);
         }
         // A slow task, for tests: the delay is part of the task's run.
         #[cfg(feature = "failpoints")]
@@ -390,6 +384,10 @@ impl Worker {
         {
             tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
         }
+        #[cfg(feature = "failpoints")]
+        fail::fail_point!("worker-task-panic", |_| panic!(
+            "failpoint worker-task-panic"
+        ));
         run_task(task, &self.session, &self.id).await
     }
 
@@ -403,6 +401,38 @@ impl Worker {
             Ok(Some((state, _))) if state.refuses_task_output()
         )
     }
+}
+
+/// The result of `task` failed on worker `worker` with `message`.
+fn failed_result(
+    task: &v1::TaskDefinition,
+    worker: &str,
+    message: String,
+    retryable: bool,
+) -> v1::TaskResult {
+    v1::TaskResult {
+        protocol_version: PROTOCOL_VERSION,
+        job_id: task.job_id.clone(),
+        stage_id: task.stage_id,
+        partition: task.partition,
+        attempt: task.attempt,
+        worker_id: worker.to_string(),
+        plan: task.plan.clone(),
+        outcome: Some(task_result::Outcome::Failed(v1::TaskFailed {
+            message,
+            retryable,
+        })),
+        ..Default::default()
+    }
+}
+
+/// What a panic said, if it said it with a string.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
 }
 
 /// The failure message of a task not run because its job had ended.

@@ -7,8 +7,7 @@
 //!   keeps only the rows a `ROW_NUMBER() ... <= K` filter can keep before the window's sort;
 //!   [`broadcast_scans`] lets a stage read a small broadcast table from its source instead
 //!   of from a stage of its own.
-//! - [`session`] builds DataFusion sessions and the bounded, spilling runtime tasks run in;
-//!   [`memory_pool`] shares its limit among the operators that hold state.
+//! - [`session`] builds DataFusion sessions and the bounded, spilling runtime tasks run in.
 //! - [`shuffle`] moves stage outputs through object storage; [`codec`] serializes stage plans.
 //! - [`names`] builds and parses every object name the engine writes.
 //! - [`task`] runs one partition of one stage on a worker; [`shared_builds`] lets the tasks
@@ -27,7 +26,6 @@ pub mod iceberg_scan;
 pub mod ids;
 pub mod incremental;
 pub mod joins;
-pub mod memory_pool;
 pub mod merge;
 pub mod merge_files;
 pub mod metrics;

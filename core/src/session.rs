@@ -18,14 +18,13 @@ use datafusion::execution::SessionStateDefaults;
 use datafusion::execution::cache::cache_manager::CacheManagerConfig;
 use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
 use datafusion::execution::memory_pool::{
-    MemoryConsumer, MemoryLimit, MemoryPool, MemoryReservation, TrackConsumersPool,
+    FairSpillPool, MemoryConsumer, MemoryLimit, MemoryPool, MemoryReservation, TrackConsumersPool,
 };
 use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
 use datafusion::execution::{SessionState, SessionStateBuilder};
 use datafusion::physical_optimizer::optimizer::PhysicalOptimizer;
 
 use crate::joins::DistributedJoins;
-use crate::memory_pool::OperatorSharePool;
 use crate::storage::NightshiftStoreRegistry;
 use datafusion::logical_expr::{
     ColumnarValue, ReturnFieldArgs, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature,
@@ -309,13 +308,12 @@ impl MemorySettings {
         self.limit / self.concurrent_tasks as u64
     }
 
-    /// The runtime tasks execute in: a fair spilling pool of `limit` ([`OperatorSharePool`])
-    /// that names the largest consumers when it refuses memory, and a disk manager on
-    /// `spill_dir`.
+    /// The runtime tasks execute in: a fair spilling pool of `limit` that names the largest
+    /// consumers when it refuses memory, and a disk manager on `spill_dir`.
     pub fn runtime(&self) -> crate::Result<Arc<RuntimeEnv>> {
         let pool = BoundedPool {
             inner: TrackConsumersPool::new(
-                OperatorSharePool::new(self.limit as usize),
+                FairSpillPool::new(self.limit as usize),
                 NonZeroUsize::new(3).expect("non-zero"),
             ),
             settings: self.clone(),
@@ -395,11 +393,11 @@ pub fn human_bytes(bytes: u64) -> String {
     }
 }
 
-/// The process's memory pool: [`OperatorSharePool`], whose refusals say which
+/// The process's memory pool: DataFusion's fair spilling pool, whose refusals say which
 /// operator asked, how much the limit is and how to raise it.
 #[derive(Debug)]
 struct BoundedPool {
-    inner: TrackConsumersPool<OperatorSharePool>,
+    inner: TrackConsumersPool<FairSpillPool>,
     settings: MemorySettings,
 }
 

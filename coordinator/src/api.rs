@@ -616,9 +616,25 @@ pub async fn bind_api(
     )))
 }
 
+/// The bearer tokens of a tokens file: one per line, trimmed; blank lines and lines
+/// starting with `#` (a revoked token commented out) are not tokens.
+pub fn tokens_in_file(text: &str) -> Vec<String> {
+    text.lines()
+        .map(str::trim)
+        .filter(|t| !t.is_empty() && !t.starts_with('#'))
+        .map(String::from)
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tokens_file_holds_one_token_per_line_and_comments_are_none() {
+        let text = "tok-alice\n  tok-bob  \n\n# tok-revoked\n   #tok-old\n";
+        assert_eq!(tokens_in_file(text), ["tok-alice", "tok-bob"]);
+    }
 
     #[test]
     fn constant_time_eq_compares_whole_tokens() {

@@ -99,6 +99,14 @@ async fn read_text(location: &Location, limit: usize) -> Result<String, SpecRefE
         message: e.to_string(),
         not_found,
     };
+    // A local path must be a regular file: opening a named pipe waits for a writer, and
+    // held a coordinator thread for good (a client could wedge the API with a few hundred).
+    if let Some(path) = location.local_path()
+        && let Ok(meta) = std::fs::metadata(&path)
+        && !meta.is_file()
+    {
+        return Err(read_error(&"not a regular file", false));
+    }
     let (store, key) = location.store().map_err(|e| read_error(&e, false))?;
     let object = store.get(&key).await.map_err(|e| {
         let not_found = matches!(e, object_store::Error::NotFound { .. });
@@ -135,6 +143,22 @@ mod tests {
         let (text, files) = read_spec(&uri, &local(dir.path()), 1 << 20).await.unwrap();
         assert_eq!(text, spec);
         assert_eq!(files["sql/t.sql"], "SELECT 1");
+    }
+
+    #[tokio::test]
+    async fn a_named_pipe_is_refused_without_waiting_for_a_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("p.toml");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+        assert!(made.unwrap().success());
+        let uri = format!("file://{}", fifo.display());
+        let policy = local(dir.path());
+        let read = read_spec(&uri, &policy, 1 << 20);
+        let err = tokio::time::timeout(std::time::Duration::from_secs(10), read)
+            .await
+            .expect("the read waited for a writer")
+            .unwrap_err();
+        assert!(err.to_string().contains("not a regular file"), "{err}");
     }
 
     #[tokio::test]

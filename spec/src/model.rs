@@ -367,10 +367,31 @@ pub(crate) fn substitute(
     Ok(spec)
 }
 
+/// The most tasks a stage may have (`[execution] shuffle_partitions`): each is a task
+/// message and a lease, and the planner sizes structures by the count (4294967296 made it
+/// allocate a terabyte and abort).
+pub const MAX_SHUFFLE_PARTITIONS: usize = 100_000;
+
 /// Checks that do not need to touch any file: names, required keys per format.
 pub(crate) fn check(spec: &Spec, path: &Path) -> Result<(), SpecError> {
     if spec.pipeline.name.trim().is_empty() {
         return Err(SpecError::invalid(path, "[pipeline] name is empty"));
+    }
+    if spec.pipeline.name.chars().any(char::is_control) {
+        return Err(SpecError::invalid(
+            path,
+            "[pipeline] name holds a control character (a line break, a tab): it is one line of text in logs and snapshot summaries",
+        ));
+    }
+    if let Some(partitions) = spec.execution.shuffle_partitions
+        && partitions > MAX_SHUFFLE_PARTITIONS
+    {
+        return Err(SpecError::invalid(
+            path,
+            format!(
+                "[execution] shuffle_partitions = {partitions} is more than the {MAX_SHUFFLE_PARTITIONS} tasks a stage may have"
+            ),
+        ));
     }
     let mut seen = std::collections::BTreeSet::new();
     for source in &spec.source {
@@ -581,6 +602,24 @@ table = "ns.t"
         assert!(msg.contains("p.toml: line 8"), "{msg}");
         assert!(msg.contains("unknown field `partiton_by`"), "{msg}");
         assert!(msg.contains("did you mean `partition_by`?"), "{msg}");
+    }
+
+    #[test]
+    fn a_pipeline_name_is_one_line_and_a_stage_has_at_most_100000_tasks() {
+        let checked = |text: &str| {
+            check(
+                &parse(text, Path::new("p.toml")).unwrap(),
+                Path::new("p.toml"),
+            )
+        };
+        let forged = MINIMAL.replace("name = \"p\"", "name = \"p\\nINFO job succeeded\"");
+        let err = checked(&forged).unwrap_err().to_string();
+        assert!(err.contains("control character"), "{err}");
+        let huge = format!("{MINIMAL}\n[execution]\nshuffle_partitions = 4294967296\n");
+        let err = checked(&huge).unwrap_err().to_string();
+        assert!(err.contains("more than the 100000 tasks"), "{err}");
+        let fine = format!("{MINIMAL}\n[execution]\nshuffle_partitions = 100000\n");
+        assert!(checked(&fine).is_ok());
     }
 
     #[test]

@@ -119,7 +119,8 @@ enum Command {
         /// Serve the gRPC job API (JobService, health, reflection) on this address.
         #[arg(long, env = "NIGHTSHIFT_LISTEN", value_name = "ADDR")]
         listen: Option<std::net::SocketAddr>,
-        /// File with the API's bearer tokens, one per line (e.g. a mounted Kubernetes Secret).
+        /// File with the API's bearer tokens, one per line (e.g. a mounted Kubernetes Secret);
+        /// blank lines and lines starting with `#` are not tokens.
         /// NIGHTSHIFT_API_TOKENS (comma-separated) also works.
         #[arg(long, value_name = "FILE")]
         tokens_file: Option<PathBuf>,
@@ -1074,12 +1075,7 @@ async fn coordinator(
                 .collect();
             if let Some(file) = &tokens_file {
                 match std::fs::read_to_string(file) {
-                    Ok(text) => tokens.extend(
-                        text.lines()
-                            .map(str::trim)
-                            .filter(|t| !t.is_empty())
-                            .map(String::from),
-                    ),
+                    Ok(text) => tokens.extend(nightshift_coordinator::api::tokens_in_file(&text)),
                     Err(e) => {
                         eprintln!("error: cannot read {}: {e}", file.display());
                         return ExitCode::from(EXIT_INVALID);

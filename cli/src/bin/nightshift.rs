@@ -213,14 +213,6 @@ enum Command {
     },
 }
 
-impl Command {
-    /// Whether the command is a long-running server (coordinator, worker), which keeps
-    /// running when whatever reads its output goes away.
-    fn serves(&self) -> bool {
-        matches!(self, Command::Coordinator { .. } | Command::Worker { .. })
-    }
-}
-
 #[derive(Subcommand)]
 enum DlqCommand {
     /// List dead-lettered tasks: job, stage, task, attempt, deliveries, why, and the job's
@@ -512,11 +504,6 @@ const PLANNING_STACK_BYTES: usize = 256 << 20;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if !cli.command.serves() {
-        // `nightshift history ... | head` ends quietly when the reader stops, as other
-        // command-line tools do, instead of panicking on the broken pipe.
-        sigpipe::reset();
-    }
     init_tracing(cli.verbose, cli.log_format);
     // Test builds only: failpoints named in `FAILPOINTS` (e.g. `worker-task-delay=return(1500)`).
     #[cfg(feature = "failpoints")]

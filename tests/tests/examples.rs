@@ -93,3 +93,25 @@ fn customer_summary_is_rebuilt_by_each_run() {
         before["pyiceberg"]["checksum"]
     );
 }
+
+/// `nightshift validate ... | head -1`: a reader that stops early ends the command quietly
+/// with exit code 0, without a panic on the broken pipe.
+#[test]
+fn a_reader_that_stops_reading_ends_the_command_without_a_panic() {
+    let sandbox = Sandbox::new();
+    sandbox.tpch();
+    let data_dir = format!("data_dir={}", sandbox.path("data").display());
+    let mut child = std::process::Command::new(nightshift_tests::nightshift_bin())
+        .args(["validate", example("daily_revenue").to_str().unwrap()])
+        .args(["--param", &data_dir])
+        .current_dir(sandbox.path(""))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run nightshift");
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+}

@@ -17,6 +17,37 @@ use nightshift_core::session::MemorySettings;
 use nightshift_proto::v1::ListJobsRequest;
 use nightshift_spec::{ResolvedSpec, load_spec, parse_param_arg};
 
+/// `print!` to stdout; when its reader has gone (`nightshift history t | head -1`), the
+/// command ends quietly with exit code 0, as the reader asked for no more, instead of
+/// panicking. (Restoring the default SIGPIPE would also end the process when a network
+/// peer closes a connection it writes to.)
+macro_rules! out {
+    ($($arg:tt)*) => {
+        write_stdout(format_args!($($arg)*))
+    };
+}
+
+/// [`out!`] with a line break.
+macro_rules! outln {
+    () => {
+        write_stdout(format_args!("\n"))
+    };
+    ($($arg:tt)*) => {
+        write_stdout(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+fn write_stdout(text: std::fmt::Arguments<'_>) {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = stdout.write_fmt(text).and_then(|()| stdout.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        panic!("cannot write to stdout: {e}");
+    }
+}
+
 /// Nightly batch pipelines that publish Apache Iceberg tables.
 ///
 /// A pipeline is a TOML spec plus SQL: sources to read, a transform, a target table. Each
@@ -661,16 +692,16 @@ async fn run(args: RunArgs) -> ExitCode {
     progress.finish();
     match (result, args.output) {
         (Ok(report), OutputFormat::Text) => {
-            print!("{}", output::report_text(&report));
+            out!("{}", output::report_text(&report));
             ExitCode::SUCCESS
         }
         (Ok(report), OutputFormat::Json) => {
-            println!("{}", output::report_json(&report));
+            outln!("{}", output::report_json(&report));
             ExitCode::SUCCESS
         }
         (Err(e), format) => {
             if matches!(format, OutputFormat::Json) {
-                println!("{}", output::error_json(job_id.as_str(), &e));
+                outln!("{}", output::error_json(job_id.as_str(), &e));
             }
             eprintln!("error: job {job_id} failed, nothing was committed: {e}");
             ExitCode::from(output::exit_code(&e))
@@ -764,8 +795,8 @@ async fn backfill(args: BackfillArgs) -> ExitCode {
     .await;
     bar.finish_and_clear();
     match args.output {
-        OutputFormat::Text => print!("{}", summary_table(&range.key, &outcomes)),
-        OutputFormat::Json => println!(
+        OutputFormat::Text => out!("{}", summary_table(&range.key, &outcomes)),
+        OutputFormat::Json => outln!(
             "{}",
             serde_json::json!({ "param": range.key, "values": outcomes })
         ),
@@ -824,8 +855,8 @@ async fn maintain(args: MaintainArgs) -> ExitCode {
     match maintain(&catalog, &table, &work, cluster.as_ref()).await {
         Ok(report) => {
             match args.output {
-                OutputFormat::Text => print!("{}", report_text(&report)),
-                OutputFormat::Json => println!(
+                OutputFormat::Text => out!("{}", report_text(&report)),
+                OutputFormat::Json => outln!(
                     "{}",
                     serde_json::to_string(&report).expect("report serializes")
                 ),
@@ -904,8 +935,8 @@ async fn check(args: CheckArgs) -> ExitCode {
         return ExitCode::from(EXIT_FAILED);
     }
     match args.output {
-        OutputFormat::Text => print!("{}", cases_text(&pipeline, &cases)),
-        OutputFormat::Json => println!(
+        OutputFormat::Text => out!("{}", cases_text(&pipeline, &cases)),
+        OutputFormat::Json => outln!(
             "{}",
             serde_json::json!({ "pipeline": pipeline, "cases": cases })
         ),
@@ -928,8 +959,8 @@ async fn history(args: HistoryArgs) -> ExitCode {
     match history(&catalog, &args.table).await {
         Ok(entries) => {
             match args.output {
-                OutputFormat::Text => print!("{}", history_text(&args.table, &entries)),
-                OutputFormat::Json => println!(
+                OutputFormat::Text => out!("{}", history_text(&args.table, &entries)),
+                OutputFormat::Json => outln!(
                     "{}",
                     serde_json::to_string(&entries).expect("history serializes")
                 ),
@@ -960,7 +991,7 @@ async fn report(args: ReportArgs) -> ExitCode {
         .and_then(|record| write_page(&record, args.out.as_deref()).map(|path| (record, path)));
     match written {
         Ok((record, path)) => {
-            println!(
+            outln!(
                 "report of job {} ({}) written to {}",
                 record.report.job_id,
                 record.status,
@@ -1004,11 +1035,11 @@ async fn run_on_cluster(config: &std::path::Path, args: &RunArgs, job_id: &JobId
     };
     let succeeded = outcome["status"] == "succeeded";
     match args.output {
-        OutputFormat::Json => println!("{outcome}"),
+        OutputFormat::Json => outln!("{outcome}"),
         OutputFormat::Text if succeeded => {
             match serde_json::from_value::<nightshift_coordinator::JobReport>(outcome.clone()) {
-                Ok(report) => print!("{}", output::report_text(&report)),
-                Err(_) => println!("{outcome}"),
+                Ok(report) => out!("{}", output::report_text(&report)),
+                Err(_) => outln!("{outcome}"),
             }
         }
         OutputFormat::Text => {}
@@ -1132,10 +1163,10 @@ async fn dlq(command: DlqCommand) -> ExitCode {
             Ok(letters) => {
                 if json {
                     for letter in &letters {
-                        println!("{}", serde_json::to_string(letter).expect("serializes"));
+                        outln!("{}", serde_json::to_string(letter).expect("serializes"));
                     }
                 } else {
-                    print!("{}", output::dead_letters_text(&letters));
+                    out!("{}", output::dead_letters_text(&letters));
                 }
                 ExitCode::SUCCESS
             }
@@ -1147,7 +1178,7 @@ async fn dlq(command: DlqCommand) -> ExitCode {
         DlqCommand::Replay { job_id, .. } => {
             match nightshift::cluster::replay_dead_letters(&config, job_id.as_deref()).await {
                 Ok(replayed) => {
-                    print!("{}", output::replayed_text(&replayed));
+                    out!("{}", output::replayed_text(&replayed));
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
@@ -1213,7 +1244,7 @@ async fn submit(args: SubmitArgs) -> ExitCode {
         Ok(r) => r.into_inner(),
         Err(status) => return rpc_error(status),
     };
-    println!("{}", response.job_id);
+    outln!("{}", response.job_id);
     if !response.created {
         match &args.idempotency_key {
             Some(key) => eprintln!(
@@ -1275,7 +1306,7 @@ async fn status(api: &ApiArgs, job_id: &str) -> ExitCode {
     };
     match api.get_job(client::get(job_id)).await {
         Ok(job) => {
-            println!("{}", client::describe(job.get_ref()));
+            outln!("{}", client::describe(job.get_ref()));
             ExitCode::SUCCESS
         }
         Err(status) => rpc_error(status),
@@ -1296,7 +1327,7 @@ async fn cancel(api: &ApiArgs, job_id: &str) -> ExitCode {
     };
     match api.cancel_job(client::get(job_id)).await {
         Ok(job) => {
-            println!("{}", client::describe(job.get_ref()));
+            outln!("{}", client::describe(job.get_ref()));
             ExitCode::SUCCESS
         }
         Err(status) => rpc_error(status),
@@ -1312,7 +1343,7 @@ async fn jobs(api: &ApiArgs, request: ListJobsRequest) -> ExitCode {
         Ok(list) => {
             let list = list.into_inner();
             for job in &list.jobs {
-                println!("{}", client::describe(job));
+                outln!("{}", client::describe(job));
             }
             if !list.next_page_token.is_empty() {
                 eprintln!("more jobs: --page-token {}", list.next_page_token);
@@ -1344,10 +1375,10 @@ async fn validate(args: CommonArgs) -> ExitCode {
     };
     match validate_job(&spec, &options, catalog.as_ref()).await {
         Ok(report) => {
-            println!("pipeline {} is valid", spec.spec.pipeline.name);
-            println!("\nsources:");
+            outln!("pipeline {} is valid", spec.spec.pipeline.name);
+            outln!("\nsources:");
             for s in &report.sources {
-                println!(
+                outln!(
                     "  {:<16} {:<8} {} file(s), {}  {}",
                     s.name,
                     s.format.to_string(),
@@ -1356,22 +1387,24 @@ async fn validate(args: CommonArgs) -> ExitCode {
                     s.location
                 );
             }
-            println!(
+            outln!(
                 "\ntarget {} (mode {}, {} partitions per stage), output schema:",
-                spec.spec.target.table, spec.spec.target.mode, report.partitions
+                spec.spec.target.table,
+                spec.spec.target.mode,
+                report.partitions
             );
             for field in report.output_schema.fields() {
-                println!("  {:<24} {}", field.name(), field.data_type());
+                outln!("  {:<24} {}", field.name(), field.data_type());
             }
             if !report.schema_changes.is_empty() {
-                println!(
+                outln!(
                     "\nschema changes a run commits with its rows (schema_evolution = \"add_columns\"):"
                 );
                 for change in &report.schema_changes {
-                    println!("  {change}");
+                    outln!("  {change}");
                 }
             }
-            println!("\nplan:\n{}", report.plan.describe());
+            outln!("\nplan:\n{}", report.plan.describe());
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -1387,7 +1420,7 @@ async fn validate(args: CommonArgs) -> ExitCode {
 fn example_data(dir: &std::path::Path, scale: f64, parts: usize) -> ExitCode {
     match nightshift::example_data::generate(dir, scale, parts) {
         Ok(data) => {
-            println!(
+            outln!(
                 "wrote {} orders, {} line items, {} customers in {} files under {}",
                 data.orders,
                 data.lineitems,

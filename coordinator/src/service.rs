@@ -173,13 +173,6 @@ pub async fn serve_until(
         tokio::spawn(async move {
             let job_id = submission.job_id.clone();
             let outcome = run_submission(&env, &state, &access, submission).await;
-            let json = outcome_json(&job_id, outcome.as_ref());
-            let finished = match json["status"].as_str() {
-                Some("succeeded") => "succeeded",
-                _ => json["kind"].as_str().unwrap_or("failed"),
-            };
-            nightshift_core::metrics::job_finished(finished);
-            let json = json.to_string();
             // Tests hold the report back to see a client find the commit first.
             if let Some(ms) = fail::eval("coordinator-report-delay", |ms| {
                 ms.and_then(|ms| ms.parse::<u64>().ok())
@@ -188,11 +181,7 @@ pub async fn serve_until(
             {
                 tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
             }
-            if let Ok(job) = JobId::parse(&job_id)
-                && let Err(e) = state.set_report(&job, &json).await
-            {
-                warn!(job_id, error = %e, "cannot store the job outcome");
-            }
+            store_outcome(&state, &job_id, outcome.as_ref()).await;
             let deliveries = running.lock().await.remove(&job_id).unwrap_or_default();
             for delivery in deliveries {
                 if let Err(e) = delivery.ack().await {
@@ -226,17 +215,31 @@ async fn give_up_on_submission(state: &Arc<RedisState>, job_id: &str, redeliveri
         redeliveries + 1
     );
     error!(job_id, %message, "giving up on a submission");
-    let error = JobError::Internal(CoreError::Transport(message.clone()));
-    let report = outcome_json(job_id, Err(&error)).to_string();
-    let Ok(job) = JobId::parse(job_id) else {
-        return;
-    };
-    nightshift_core::metrics::job_finished("failed");
-    if let Err(e) = state.set_job_state(&job, JobState::Failed, &message).await {
+    if let Ok(job) = JobId::parse(job_id)
+        && let Err(e) = state.set_job_state(&job, JobState::Failed, &message).await
+    {
         warn!(job_id, error = %e, "cannot record the job given up on");
     }
-    if let Err(e) = state.set_report(&job, &report).await {
-        warn!(job_id, error = %e, "cannot store the outcome of the job given up on");
+    let error = JobError::Internal(CoreError::Transport(message));
+    store_outcome(state, job_id, Err(&error)).await;
+}
+
+/// Counts a job's end in the metrics and stores its outcome (the report clients wait for).
+async fn store_outcome(
+    state: &RedisState,
+    job_id: &str,
+    outcome: Result<&crate::JobReport, &JobError>,
+) {
+    let json = outcome_json(job_id, outcome);
+    let finished = match json["status"].as_str() {
+        Some("succeeded") => "succeeded",
+        _ => json["kind"].as_str().unwrap_or("failed"),
+    };
+    nightshift_core::metrics::job_finished(finished);
+    if let Ok(job) = JobId::parse(job_id)
+        && let Err(e) = state.set_report(&job, &json.to_string()).await
+    {
+        warn!(job_id, error = %e, "cannot store the job outcome");
     }
 }
 

@@ -26,6 +26,21 @@ use crate::shuffle::write_shuffle_output;
 use crate::storage::Location;
 use crate::table::write_data_files;
 
+/// The result of `task` on `worker_id` as far as the task names it (job, stage, partition,
+/// attempt, plan), without an outcome.
+pub fn result_of(task: &v1::TaskDefinition, worker_id: &str) -> v1::TaskResult {
+    v1::TaskResult {
+        protocol_version: PROTOCOL_VERSION,
+        job_id: task.job_id.clone(),
+        stage_id: task.stage_id,
+        partition: task.partition,
+        attempt: task.attempt,
+        worker_id: worker_id.to_string(),
+        plan: task.plan.clone(),
+        ..Default::default()
+    }
+}
+
 /// Runs `task` and always returns a result; failures are described, not raised.
 pub async fn run_task(
     task: &v1::TaskDefinition,
@@ -42,15 +57,8 @@ pub async fn run_task(
     let started = Instant::now();
     let outcome = execute(task, session).instrument(span).await;
     let mut result = v1::TaskResult {
-        protocol_version: PROTOCOL_VERSION,
-        job_id: task.job_id.clone(),
-        stage_id: task.stage_id,
-        partition: task.partition,
-        attempt: task.attempt,
-        worker_id: worker_id.to_string(),
         elapsed_ms: started.elapsed().as_millis() as u64,
-        plan: task.plan.clone(),
-        ..Default::default()
+        ..result_of(task, worker_id)
     };
     match outcome {
         Ok((rows, bytes, outcome)) => {

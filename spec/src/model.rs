@@ -566,9 +566,16 @@ fn check_merge(target: &TargetSpec, path: &Path) -> Result<(), SpecError> {
 }
 
 fn is_identifier(s: &str) -> bool {
-    let mut chars = s.chars();
-    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+    !s.is_empty()
+        && s.chars()
+            .enumerate()
+            .all(|(i, c)| identifier_char(c, i == 0))
+}
+
+/// Whether `c` may stand in an identifier (`[A-Za-z_][A-Za-z0-9_]*`, also Avro's names) at
+/// the first place (`first`) or a later one.
+pub(crate) fn identifier_char(c: char, first: bool) -> bool {
+    c == '_' || c.is_ascii_alphabetic() || (!first && c.is_ascii_digit())
 }
 
 #[cfg(test)]

@@ -51,12 +51,9 @@ impl PartitionField {
 /// names stay as they are. Unlike Java, letters outside ASCII are replaced too: Avro's
 /// names are ASCII, and the Rust Avro library refuses others.
 pub fn avro_compatible_name(name: &str) -> String {
-    let fits = |c: char, first: bool| {
-        c == '_' || c.is_ascii_alphabetic() || (!first && c.is_ascii_digit())
-    };
     let mut out = String::with_capacity(name.len());
     for (i, c) in name.chars().enumerate() {
-        if fits(c, i == 0) {
+        if crate::model::identifier_char(c, i == 0) {
             out.push(c);
         } else if c.is_ascii_digit() {
             out.push('_');

@@ -456,15 +456,7 @@ fn a_data_file_deleted_before_the_commit_fails_the_job_and_nothing_is_committed(
     write_sales(&sandbox, "data/sales", 2, 10, 0);
     sandbox.spec(&spec("append", "data/sales/"));
     let warehouse = sandbox.warehouse();
-    let child = std::process::Command::new(nightshift_tests::nightshift_bin())
-        .args(["run", "pipeline.toml", "--job-id", "gone-1", "--warehouse"])
-        .arg(&warehouse)
-        .current_dir(sandbox.path(""))
-        .env("FAILPOINTS", "coordinator-before-commit=sleep(5000)")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("run nightshift");
+    let child = spawn_run(&sandbox, "gone-1", "coordinator-before-commit=sleep(5000)");
     let started = std::time::Instant::now();
     let victim = loop {
         if let Some(file) = sandbox
@@ -494,21 +486,7 @@ fn a_task_that_panics_fails_the_job_instead_of_hanging_it() {
     let sandbox = Sandbox::new();
     write_sales(&sandbox, "data/sales", 2, 10, 0);
     sandbox.spec(&spec("append", "data/sales/"));
-    let mut child = std::process::Command::new(nightshift_tests::nightshift_bin())
-        .args([
-            "run",
-            "pipeline.toml",
-            "--job-id",
-            "panics-1",
-            "--warehouse",
-        ])
-        .arg(sandbox.warehouse())
-        .current_dir(sandbox.path(""))
-        .env("FAILPOINTS", "worker-task-panic=return")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("run nightshift");
+    let mut child = spawn_run(&sandbox, "panics-1", "worker-task-panic=return");
     let started = std::time::Instant::now();
     while child.try_wait().unwrap().is_none() {
         if started.elapsed().as_secs() > 60 {
@@ -525,4 +503,18 @@ fn a_task_that_panics_fails_the_job_instead_of_hanging_it() {
         "{stderr}"
     );
     assert_eq!(snapshot_count(&sandbox.read_table(TABLE, None)), 0);
+}
+
+/// `nightshift run pipeline.toml --job-id JOB` on the sandbox's warehouse with `failpoints`,
+/// in the background, its output piped.
+fn spawn_run(sandbox: &Sandbox, job: &str, failpoints: &str) -> std::process::Child {
+    std::process::Command::new(nightshift_tests::nightshift_bin())
+        .args(["run", "pipeline.toml", "--job-id", job, "--warehouse"])
+        .arg(sandbox.warehouse())
+        .current_dir(sandbox.path(""))
+        .env("FAILPOINTS", failpoints)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run nightshift")
 }

@@ -19,7 +19,6 @@ use nightshift_core::session::{SessionOptions, new_session};
 use nightshift_core::task::{discard_output, run_task};
 use nightshift_core::transport::{StateStore, TaskQueue};
 use nightshift_core::{CoreError, Result};
-use nightshift_proto::PROTOCOL_VERSION;
 use nightshift_proto::v1::{self, task_definition, task_result};
 use prost::Message;
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -411,18 +410,11 @@ fn failed_result(
     retryable: bool,
 ) -> v1::TaskResult {
     v1::TaskResult {
-        protocol_version: PROTOCOL_VERSION,
-        job_id: task.job_id.clone(),
-        stage_id: task.stage_id,
-        partition: task.partition,
-        attempt: task.attempt,
-        worker_id: worker.to_string(),
-        plan: task.plan.clone(),
         outcome: Some(task_result::Outcome::Failed(v1::TaskFailed {
             message,
             retryable,
         })),
-        ..Default::default()
+        ..nightshift_core::task::result_of(task, worker)
     }
 }
 

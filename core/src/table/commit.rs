@@ -314,12 +314,12 @@ pub(crate) async fn entries_added_by(
 /// with nothing committed, and a rerun writes its files again.
 async fn ensure_files_exist(table: &Table, job: &JobId, files: &[DataFile]) -> Result<()> {
     use futures::StreamExt;
-    let io = table.file_io().clone();
-    let paths: Vec<String> = files.iter().map(|f| f.file_path().to_string()).collect();
-    let checks: Vec<_> = paths
-        .into_iter()
-        .map(|path| {
-            let io = io.clone();
+    // Futures that own their path and FileIO: the stream then borrows nothing across awaits.
+    let checks: Vec<_> = files
+        .iter()
+        .map(|file| {
+            let io = table.file_io().clone();
+            let path = file.file_path().to_string();
             async move {
                 let exists = io.exists(&path).await;
                 (path, exists)

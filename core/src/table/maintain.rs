@@ -204,22 +204,11 @@ pub fn check_orphan_age(table: &str, older_than: Duration) -> Result<()> {
             table: table.to_string(),
             message: format!(
                 "orphan removal needs an age of at least 1d (got {}): younger unreferenced files may belong to a job still running",
-                short_duration(older_than)
+                humantime::format_duration(older_than)
             ),
         });
     }
     Ok(())
-}
-
-/// `90m`, `2h`, `3d`, `45s`: a duration as a spec or a flag spells it.
-fn short_duration(d: Duration) -> String {
-    let secs = d.as_secs();
-    match secs {
-        s if s >= 86_400 && s % 86_400 == 0 => format!("{}d", s / 86_400),
-        s if s >= 3_600 && s % 3_600 == 0 => format!("{}h", s / 3_600),
-        s if s >= 60 && s % 60 == 0 => format!("{}m", s / 60),
-        s => format!("{s}s"),
-    }
 }
 
 /// Deletes [`find_orphans`] of `ident`; returns what it deleted (or would, with `dry_run`).
@@ -268,7 +257,7 @@ mod tests {
             check_orphan_age("ns.t", Duration::from_secs(5_400))
                 .unwrap_err()
                 .to_string()
-                .contains("got 90m")
+                .contains("got 1h 30m")
         );
         assert!(check_orphan_age("ns.t", MIN_ORPHAN_AGE).is_ok());
         assert!(check_orphan_age("ns.t", Duration::from_secs(3 * 86_400)).is_ok());

@@ -80,7 +80,7 @@ pub async fn run_embedded(
 ) -> Result<JobReport, JobError> {
     let warehouse = prepare_warehouse(&embedded.warehouse)?;
     let queue = Arc::new(MemoryQueue::default());
-    let state = Arc::new(MemoryState::default());
+    let state = Arc::new(MemoryState::for_one_process());
     let runtime = embedded.memory.runtime()?;
     let task_memory = Some(embedded.memory.per_task());
     let workers: Vec<_> = (0..embedded.workers.max(1))

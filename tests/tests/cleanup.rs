@@ -505,6 +505,29 @@ fn a_task_that_panics_fails_the_job_instead_of_hanging_it() {
     assert_eq!(snapshot_count(&sandbox.read_table(TABLE, None)), 0);
 }
 
+/// A task that keeps its thread busy for longer than the 30 s task lease (a large in-memory
+/// sort does) is not taken for a dead worker's: the run commits every row. It used to fail
+/// with "its worker stopped renewing the task lease".
+#[test]
+fn a_task_that_holds_its_thread_past_the_lease_still_commits() {
+    let sandbox = Sandbox::new();
+    write_sales(&sandbox, "data/sales", 2, 10, 0);
+    sandbox.spec(&spec("append", "data/sales/"));
+    let out = spawn_run(
+        &sandbox,
+        "holds-1",
+        "worker-task-hold-thread=1*return(35000)",
+    )
+    .wait_with_output()
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let table = sandbox.read_table(TABLE, None);
+    assert_eq!(snapshot_count(&table), 1);
+    assert_eq!(table["pyiceberg"]["rows"], 20, "{table:#}");
+    assert_eq!(table["duckdb"]["rows"], 20, "{table:#}");
+}
+
 /// `nightshift run pipeline.toml --job-id JOB` on the sandbox's warehouse with `failpoints`,
 /// in the background, its output piped.
 fn spawn_run(sandbox: &Sandbox, job: &str, failpoints: &str) -> std::process::Child {

@@ -323,14 +323,29 @@ impl Worker {
         // A panic in the task's code (DataFusion's included) fails the task instead of
         // ending this lane unseen: the job would wait for its result forever.
         let run = std::panic::AssertUnwindSafe(self.run_one_inner(task));
-        let result = tokio::select! {
-            result = futures::FutureExt::catch_unwind(run) => result.unwrap_or_else(|panic| {
+        // The heartbeat is a task of its own, not a branch of the task's future: a step that
+        // keeps this thread busy (a large sort) would starve it there, and the task would be
+        // taken for a dead worker's. Dropping the set ends it.
+        let mut heartbeat = tokio::task::JoinSet::new();
+        heartbeat.spawn(renew_lease_while_running(
+            self.state.clone(),
+            self.id.clone(),
+            self.lease_ttl,
+            task.job_id.clone(),
+            TaskKey {
+                stage: StageId(task.stage_id),
+                partition: task.partition,
+            },
+            task.attempt,
+        ));
+        let result = futures::FutureExt::catch_unwind(run)
+            .await
+            .unwrap_or_else(|panic| {
                 let message = format!("the task panicked: {}", panic_message(panic.as_ref()));
                 tracing::error!(worker = %self.id, job_id = %task.job_id, stage = task.stage_id, task = task.partition, %message);
                 failed_result(task, &self.id, message, false)
-            }),
-            () = self.heartbeat(task) => unreachable!("the heartbeat never ends"),
-        };
+            });
+        drop(heartbeat);
         info!(
             worker = %self.id,
             job_id = %task.job_id,
@@ -342,28 +357,6 @@ impl Worker {
             "task finished"
         );
         result
-    }
-
-    /// Renews the task's lease every third of its time to live, for as long as it runs.
-    async fn heartbeat(&self, task: &v1::TaskDefinition) {
-        let Ok(job) = JobId::parse(&task.job_id) else {
-            return std::future::pending().await;
-        };
-        let key = TaskKey {
-            stage: StageId(task.stage_id),
-            partition: task.partition,
-        };
-        loop {
-            if let Err(e) = self
-                .state
-                .renew_lease(&job, key, task.attempt, &self.id, self.lease_ttl)
-                .await
-            {
-                metrics::lease_renewal_failed();
-                warn!(worker = %self.id, error = %e, "cannot renew the task lease");
-            }
-            tokio::time::sleep(self.lease_ttl / 3).await;
-        }
     }
 
     async fn run_one_inner(&self, task: &v1::TaskDefinition) -> v1::TaskResult {
@@ -382,6 +375,13 @@ impl Worker {
             fail::eval("worker-task-delay", |ms| ms.and_then(|ms| ms.parse().ok()))
         {
             tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+        }
+        // A step that keeps the thread busy (as a large sort does), for tests.
+        #[cfg(feature = "failpoints")]
+        if let Some(Some(ms)) = fail::eval("worker-task-hold-thread", |ms| {
+            ms.and_then(|ms| ms.parse().ok())
+        }) {
+            std::thread::sleep(std::time::Duration::from_millis(ms));
         }
         #[cfg(feature = "failpoints")]
         fail::fail_point!("worker-task-panic", |_| panic!(
@@ -415,6 +415,27 @@ fn failed_result(
             retryable,
         })),
         ..nightshift_core::task::result_of(task, worker)
+    }
+}
+
+/// Renews the lease of `attempt` of task `key` every third of its time to live, until it is aborted.
+async fn renew_lease_while_running(
+    state: Arc<dyn StateStore>,
+    worker: String,
+    ttl: Duration,
+    job: String,
+    key: TaskKey,
+    attempt: u32,
+) {
+    let Ok(job) = JobId::parse(&job) else {
+        return;
+    };
+    loop {
+        if let Err(e) = state.renew_lease(&job, key, attempt, &worker, ttl).await {
+            metrics::lease_renewal_failed();
+            warn!(%worker, error = %e, "cannot renew the task lease");
+        }
+        tokio::time::sleep(ttl / 3).await;
     }
 }
 

@@ -150,10 +150,25 @@ pub struct MemoryState {
     jobs: Mutex<HashMap<JobId, (JobState, String)>>,
     outputs: Mutex<HashMap<JobId, BTreeMap<TaskKey, Bytes>>>,
     leases: Mutex<HashMap<(JobId, TaskKey), (u32, std::time::Instant)>>,
+    /// Leases last until the job's outputs are cleared, whatever their time to live.
+    leases_never_expire: bool,
     cancelled: Mutex<std::collections::HashSet<JobId>>,
     attempts: Mutex<HashMap<(JobId, TaskKey), u32>>,
     owners: Mutex<HashMap<JobId, (String, std::time::Instant)>>,
     sweeps: Mutex<HashMap<JobId, (String, i64)>>,
+}
+
+impl MemoryState {
+    /// State for workers that live and die with the process that holds it (the embedded
+    /// run). A lease there cannot outlive its worker, so it never expires: a task whose
+    /// thread is busy for longer than the lease (a large in-memory sort) is not taken for
+    /// a dead worker's.
+    pub fn for_one_process() -> Self {
+        Self {
+            leases_never_expire: true,
+            ..Self::default()
+        }
+    }
 }
 
 #[async_trait]
@@ -306,7 +321,42 @@ impl StateStore for MemoryState {
             .lock()
             .expect("state lock")
             .get(&(job.clone(), task))
-            .filter(|(_, until)| *until > std::time::Instant::now())
+            .filter(|(_, until)| self.leases_never_expire || *until > std::time::Instant::now())
             .map(|(attempt, _)| *attempt))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::StageId;
+    use std::time::Duration;
+
+    const TASK: TaskKey = TaskKey {
+        stage: StageId(1),
+        partition: 0,
+    };
+
+    async fn lease_after_its_ttl(state: &MemoryState) -> Option<u32> {
+        let job = JobId::parse("job-1").unwrap();
+        state
+            .renew_lease(&job, TASK, 2, "w", Duration::ZERO)
+            .await
+            .unwrap();
+        state.lease(&job, TASK).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_lease_expires_after_its_ttl_where_workers_are_other_processes() {
+        assert_eq!(lease_after_its_ttl(&MemoryState::default()).await, None);
+    }
+
+    #[tokio::test]
+    async fn a_lease_in_one_process_is_held_past_its_ttl_until_the_job_is_cleared() {
+        let state = MemoryState::for_one_process();
+        assert_eq!(lease_after_its_ttl(&state).await, Some(2));
+        let job = JobId::parse("job-1").unwrap();
+        state.clear_task_outputs(&job).await.unwrap();
+        assert_eq!(state.lease(&job, TASK).await.unwrap(), None);
     }
 }

@@ -25,6 +25,12 @@ pub enum SpecError {
         context: String,
         hint: String,
     },
+    /// A text that substitution of `${param}` values grows past the limit.
+    #[error(
+        "{context} grows past {limit} bytes with its ${{param}} values substituted (all texts of \
+         the spec together); keep large values in the files the spec reads, not in parameters"
+    )]
+    TooLarge { context: String, limit: usize },
     /// A column type in a `[source.schema]` contract that is not understood.
     #[error("source `{source_name}`, column `{column}`: {message}")]
     Contract {

@@ -206,8 +206,9 @@ fn resolve(
         }
     };
     let code_digest = code_digest(text, &sql_text);
-    let sql = substitute_params(&sql_text, &params, "[transform] sql")?;
-    let spec = model::substitute(spec, &params)?;
+    let mut budget = params::MAX_SUBSTITUTED_BYTES;
+    let sql = params::substitute_within(&sql_text, &params, "[transform] sql", &mut budget)?;
+    let spec = model::substitute(spec, &params, &mut budget)?;
     model::check(&spec, path)?;
     let mut contracts = BTreeMap::new();
     for source in &spec.source {

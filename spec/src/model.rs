@@ -6,7 +6,7 @@ use std::path::Path;
 use serde::Deserialize;
 
 use crate::error::SpecError;
-use crate::params::substitute_params;
+use crate::params::substitute_within;
 use crate::suggest;
 
 /// A whole pipeline spec file.
@@ -343,7 +343,11 @@ fn unknown_field_hint(message: &str) -> Option<String> {
 pub(crate) fn substitute(
     mut spec: Spec,
     params: &BTreeMap<String, String>,
+    budget: &mut usize,
 ) -> Result<Spec, SpecError> {
+    let mut substitute_params = |text: &str, params: &BTreeMap<String, String>, context: &str| {
+        substitute_within(text, params, context, budget)
+    };
     for source in &mut spec.source {
         let ctx = format!("source `{}`", source.name);
         if let Some(loc) = &source.location {
@@ -451,6 +455,20 @@ pub(crate) fn check(spec: &Spec, path: &Path) -> Result<(), SpecError> {
             path,
             format!(
                 "source `{}`: on_source_rewrite applies to incremental = true sources only",
+                source.name
+            ),
+        ));
+    }
+    if let Some(source) = spec.source.iter().find(|s| s.incremental)
+        && spec.target.mode == WriteMode::OverwritePartitions
+    {
+        return Err(SpecError::invalid(
+            path,
+            format!(
+                "source `{}`: incremental = true reads only the rows new since the last run, and \
+                 mode = \"overwrite_partitions\" would replace each partition they touch with those \
+                 rows alone (a late row would empty its day); use mode = \"merge\" with a key, or \
+                 \"append\", or read the source whole",
                 source.name
             ),
         ));
@@ -609,6 +627,31 @@ table = "ns.t"
         assert!(msg.contains("p.toml: line 8"), "{msg}");
         assert!(msg.contains("unknown field `partiton_by`"), "{msg}");
         assert!(msg.contains("did you mean `partition_by`?"), "{msg}");
+    }
+
+    #[test]
+    fn an_incremental_source_cannot_feed_a_partition_overwrite() {
+        let spec = |mode: &str| {
+            MINIMAL.replace(
+                "[target]\ntable = \"ns.t\"",
+                &format!(
+                    "[[source]]\nname = \"up\"\nformat = \"iceberg\"\ntable = \"ns.up\"\nincremental = true\n\
+                     [target]\ntable = \"ns.t\"\nmode = \"{mode}\"\npartition_by = [\"d\"]"
+                ),
+            )
+        };
+        let checked = |text: &str| {
+            check(
+                &parse(text, Path::new("p.toml")).unwrap(),
+                Path::new("p.toml"),
+            )
+        };
+        let err = checked(&spec("overwrite_partitions"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("source `up`: incremental = true"), "{err}");
+        assert!(err.contains("mode = \"merge\""), "{err}");
+        assert!(checked(&spec("append")).is_ok());
     }
 
     #[test]

@@ -25,13 +25,34 @@ pub(crate) fn effective_params(
     Ok(params)
 }
 
-/// Replaces every `${name}` in `text`; `$${` stands for a literal `${`.
+/// The most bytes the texts of one spec may hold with their `${param}` references
+/// substituted, all together: a large value used many times would otherwise grow a small
+/// spec (a 1 MiB job submission) into gigabytes.
+pub const MAX_SUBSTITUTED_BYTES: usize = 16 << 20;
+
+/// Replaces every `${name}` in `text`; `$${` stands for a literal `${`. The result may hold
+/// at most [`MAX_SUBSTITUTED_BYTES`].
 pub fn substitute_params(
     text: &str,
     params: &BTreeMap<String, String>,
     context: &str,
 ) -> Result<String, SpecError> {
-    let mut out = String::with_capacity(text.len());
+    substitute_within(text, params, context, &mut MAX_SUBSTITUTED_BYTES.clone())
+}
+
+/// [`substitute_params`] taking the result's bytes from `budget`, shared by the texts of
+/// one spec.
+pub(crate) fn substitute_within(
+    text: &str,
+    params: &BTreeMap<String, String>,
+    context: &str,
+    budget: &mut usize,
+) -> Result<String, SpecError> {
+    let too_large = || SpecError::TooLarge {
+        context: context.to_string(),
+        limit: MAX_SUBSTITUTED_BYTES,
+    };
+    let mut out = String::with_capacity(text.len().min(*budget));
     let mut rest = text;
     while let Some(pos) = rest.find('$') {
         out.push_str(&rest[..pos]);
@@ -51,6 +72,9 @@ pub fn substitute_params(
                 context: context.to_string(),
                 hint: suggest::hint(name, params.keys().map(String::as_str)),
             })?;
+            if out.len() + value.len() > *budget {
+                return Err(too_large());
+            }
             out.push_str(value);
             rest = &after[end + 1..];
         } else {
@@ -59,6 +83,7 @@ pub fn substitute_params(
         }
     }
     out.push_str(rest);
+    *budget = budget.checked_sub(out.len()).ok_or_else(too_large)?;
     Ok(out)
 }
 
@@ -68,6 +93,29 @@ mod tests {
 
     fn params() -> BTreeMap<String, String> {
         [("run_date".to_string(), "2024-01-02".to_string())].into()
+    }
+
+    #[test]
+    fn substitution_stops_at_the_size_limit_of_the_whole_spec() {
+        let big: BTreeMap<String, String> = [("p".to_string(), "x".repeat(1 << 20))].into();
+        let many = "${p}".repeat(17);
+        let err = substitute_params(&many, &big, "[transform] sql").unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("[transform] sql grows past 16777216 bytes"),
+            "{err}"
+        );
+        let mut budget = MAX_SUBSTITUTED_BYTES;
+        for _ in 0..16 {
+            assert!(substitute_within("${p}", &big, "option", &mut budget).is_ok());
+        }
+        assert!(substitute_within("${p}", &big, "option", &mut budget).is_err());
+        assert_eq!(
+            substitute_params(&"${p}".repeat(16), &big, "sql")
+                .unwrap()
+                .len(),
+            16 << 20
+        );
     }
 
     #[test]

@@ -84,6 +84,31 @@ pub fn last_consumed<'a>(
         .find_map(|summary| summary.get(&key)?.parse().ok())
 }
 
+/// The snapshots of `history` (newest first, as `(id, summary)`) that snapshot expiry must
+/// keep so that every incremental pipeline still finds where it stands: each pipeline's
+/// newest snapshot with a consumed record, and every snapshot after it (the history is
+/// walked from the current snapshot through parents, so a gap would hide the record). An
+/// expired record makes the next run read its sources whole again, into the same target.
+pub fn kept_for_consumed_records<'a>(
+    history: impl IntoIterator<Item = (i64, &'a HashMap<String, String>)>,
+) -> Vec<i64> {
+    let mut seen = Vec::new();
+    let mut through = 0;
+    let mut pipelines_found = std::collections::HashSet::new();
+    for (at, (id, summary)) in history.into_iter().enumerate() {
+        seen.push(id);
+        let pipeline = summary.get(PIPELINE_PROPERTY);
+        if let Some(pipeline) = pipeline
+            && summary.keys().any(|k| k.starts_with(CONSUMED_PREFIX))
+            && pipelines_found.insert(pipeline.clone())
+        {
+            through = at + 1;
+        }
+    }
+    seen.truncate(through);
+    seen
+}
+
 /// One upstream snapshot, as the range decision needs it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Upstream {
@@ -91,6 +116,9 @@ pub struct Upstream {
     /// `append`, `overwrite`, `delete` or `replace`.
     pub operation: String,
 }
+
+/// The operation of a snapshot that rewrites files without changing rows.
+const REPLACE: &str = "replace";
 
 /// What an incremental source reads this run.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -138,8 +166,14 @@ pub fn range_to_read(
         None => Err(RangeError::Lost { consumed }),
         Some(0) => return Ok(Range::Nothing),
         Some(at) => {
-            let newer = &history[..at];
+            // A `replace` (a compaction, a manifest rewrite) changes files, not rows: the rows
+            // of the appends it rewrote are still read from the files those appends added.
+            let newer: Vec<&Upstream> = history[..at]
+                .iter()
+                .filter(|s| s.operation != REPLACE)
+                .collect();
             match newer.iter().rev().find(|s| s.operation != "append") {
+                _ if newer.is_empty() => return Ok(Range::Nothing),
                 Some(rewrite) => Err(RangeError::Rewritten {
                     snapshot_id: rewrite.snapshot_id,
                     operation: rewrite.operation.clone(),
@@ -256,18 +290,61 @@ mod tests {
     }
 
     #[test]
+    fn expiry_keeps_each_pipelines_newest_record_and_what_follows_it() {
+        let with_id = |summaries: &[HashMap<String, String>]| -> Vec<i64> {
+            let history = summaries
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (100 - i as i64, s));
+            kept_for_consumed_records(history)
+        };
+        let compaction = HashMap::new();
+        let newest_first = [
+            compaction.clone(),                         // 100
+            summary("daily", Some(("raw.events", 9))),  // 99
+            compaction.clone(),                         // 98
+            summary("hourly", Some(("raw.clicks", 7))), // 97
+            summary("daily", Some(("raw.events", 8))),  // 96
+            summary("hourly", None),                    // 95
+        ];
+        assert_eq!(with_id(&newest_first), vec![100, 99, 98, 97]);
+        // No incremental pipeline: nothing is kept for records.
+        assert!(with_id(&[compaction.clone(), summary("daily", None)]).is_empty());
+        assert!(with_id(&[]).is_empty());
+    }
+
+    #[test]
+    fn a_compaction_upstream_is_passed_over() {
+        let h = history(&[
+            (7, "replace"),
+            (6, "append"),
+            (5, "replace"),
+            (4, "append"),
+            (3, "append"),
+        ]);
+        assert_eq!(
+            range_to_read(Some(3), &h, OnSourceRewrite::Fail),
+            Ok(Range::Appended(vec![4, 6]))
+        );
+        assert_eq!(
+            range_to_read(Some(6), &h, OnSourceRewrite::Fail),
+            Ok(Range::Nothing)
+        );
+    }
+
+    #[test]
     fn a_rewrite_or_a_lost_record_fails_or_reads_everything() {
         let h = history(&[
             (6, "append"),
-            (5, "overwrite"),
-            (4, "replace"),
+            (5, "delete"),
+            (4, "overwrite"),
             (3, "append"),
         ]);
         assert_eq!(
             range_to_read(Some(3), &h, OnSourceRewrite::Fail),
             Err(RangeError::Rewritten {
                 snapshot_id: 4,
-                operation: "replace".into(),
+                operation: "overwrite".into(),
                 consumed: 3
             })
         );

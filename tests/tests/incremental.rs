@@ -202,6 +202,81 @@ fn upstream_appends_are_consumed_exactly_once_across_failures_and_reruns() {
     assert_eq!(read["duckdb"]["rows"], 10, "{read:#}");
 }
 
+/// `nightshift maintain TABLE ARGS` succeeds.
+fn maintain(sandbox: &Sandbox, table: &str, args: &[&str]) -> Value {
+    let out = sandbox.cli(&[&["maintain", table, "--output", "json"], args].concat());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("maintenance json")
+}
+
+/// Compaction upstream changes its files, not its rows: a consumer reads each appended row
+/// once, before and after (it used to fail every later run: "rewrote the source").
+/// Compaction and expiry of the consumer's own target keep its record of what it consumed
+/// (the next run used to read everything again and append it twice).
+#[test]
+fn compaction_and_expiry_upstream_and_downstream_keep_each_row_once() {
+    let sandbox = Sandbox::new();
+    for (batch, ids) in [
+        (1, 1..=3),
+        (2, 4..=5),
+        (3, 6..=8),
+        (4, 9..=10),
+        (5, 11..=12),
+    ] {
+        let rows: String = ids.map(|id| format!("{id},p{id}\n")).collect();
+        sandbox.write(
+            &format!("data/batch_{batch}.csv"),
+            format!("id,payload\n{rows}"),
+        );
+    }
+    sandbox.write("loader.toml", loader("append"));
+    sandbox.write("consumer.toml", consumer(None));
+    load(&sandbox, 1);
+    load(&sandbox, 2);
+    let (code, out) = consume(&sandbox, &[]);
+    assert_eq!(code, 0, "{out}");
+
+    // Appended, then compacted (the append's file rewritten), then consumed.
+    load(&sandbox, 3);
+    let compacted = maintain(&sandbox, UPSTREAM, &["--compact"]);
+    assert_eq!(
+        compacted["compacted"]["files_rewritten"], 3,
+        "{compacted:#}"
+    );
+    let (code, out) = consume(&sandbox, &[]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(downstream_ids(&sandbox), (1..=8).collect::<Vec<_>>());
+
+    // Compacted with nothing appended since: nothing to read, nothing committed.
+    load(&sandbox, 4);
+    let (code, out) = consume(&sandbox, &[]);
+    assert_eq!(code, 0, "{out}");
+    maintain(&sandbox, UPSTREAM, &["--compact"]);
+    let (code, out) = consume(&sandbox, &[]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(downstream_ids(&sandbox), (1..=10).collect::<Vec<_>>());
+    assert_eq!(snapshot_count(&sandbox.read_table(DOWNSTREAM, None)), 3);
+
+    // Downstream compacted, and every snapshot expired that expiry may take: the newest
+    // one with the consumer's record stays, so the next run reads the fifth batch alone.
+    let expiry = ["--compact", "--expire-older-than", "0s", "--keep-last", "1"];
+    let maintained = maintain(&sandbox, DOWNSTREAM, &expiry);
+    assert_eq!(
+        maintained["expired_snapshots"].as_array().map(Vec::len),
+        Some(2),
+        "{maintained:#}"
+    );
+    assert_eq!(downstream_ids(&sandbox), (1..=10).collect::<Vec<_>>());
+    load(&sandbox, 5);
+    let (code, out) = consume(&sandbox, &[]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(downstream_ids(&sandbox), (1..=12).collect::<Vec<_>>());
+}
+
 #[test]
 fn a_rewritten_upstream_fails_the_run_or_is_read_whole() {
     let sandbox = Sandbox::new();

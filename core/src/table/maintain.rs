@@ -30,18 +30,35 @@ pub struct ExpirePolicy {
     pub keep_last: usize,
 }
 
-/// The snapshots `policy` expires at `now_ms`: older than the cut-off, not among the newest
-/// `keep_last`, not the current snapshot and not the head of any branch or tag.
+/// The snapshots `policy` expires at `now_ms` on `table`: older than the cut-off, not among
+/// the newest `keep_last`, not the current snapshot, not the head of any branch or tag, and
+/// not one an incremental pipeline needs to find where it stands
+/// ([`crate::incremental::kept_for_consumed_records`]).
 pub fn snapshots_to_expire(
-    metadata: &TableMetadata,
+    table: &iceberg::table::Table,
     now_ms: i64,
     policy: ExpirePolicy,
 ) -> Vec<i64> {
+    let metadata = table.metadata();
     let snapshots: Vec<(i64, i64)> = metadata
         .snapshots()
         .map(|s| (s.timestamp_ms(), s.snapshot_id()))
         .collect();
-    choose_expired(&snapshots, &referenced_by_refs(metadata), now_ms, policy)
+    let mut protected = referenced_by_refs(metadata);
+    let history = super::commit::current_history(table);
+    let records = crate::incremental::kept_for_consumed_records(
+        history
+            .iter()
+            .map(|s| (s.snapshot_id(), &s.summary().additional_properties)),
+    );
+    if let Some(oldest) = records.last() {
+        info!(
+            snapshots = records.len(),
+            oldest, "kept for the consumed records of incremental pipelines"
+        );
+    }
+    protected.extend(records);
+    choose_expired(&snapshots, &protected, now_ms, policy)
 }
 
 /// [`snapshots_to_expire`] on plain data: `snapshots` as (created at ms, id).
@@ -97,7 +114,7 @@ pub async fn expire_snapshots(
 ) -> Result<Expired> {
     for _attempt in 0..8 {
         let table = catalog.load_table(ident).await?;
-        let doomed = snapshots_to_expire(table.metadata(), now_ms(), policy);
+        let doomed = snapshots_to_expire(&table, now_ms(), policy);
         if doomed.is_empty() || dry_run {
             return Ok(Expired {
                 snapshots: doomed,

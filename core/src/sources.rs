@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use datafusion::catalog::Session;
+use datafusion::datasource::file_format::options::ReadOptions;
 use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::{
     ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
@@ -771,8 +772,16 @@ async fn find_files(location: &Location, extension: &str) -> Result<FoundFiles> 
             Err(e) => Err(CoreError::io(format!("read {}", path.display()), e)),
         };
     }
+    // A remote directory is read as a local one is ([`visible_files`]).
+    let dir = location.url().path();
+    let directory = dir.ends_with('/');
     for (l, size) in list_objects(location).await? {
-        found.add(l.url().path(), size, l.url().path().ends_with(extension));
+        let file = l.url().path();
+        let read = match file.strip_prefix(dir) {
+            Some(relative) if directory => !is_hidden(file) && listing_reads(relative, extension),
+            _ => file.ends_with(extension),
+        };
+        found.add(file, size, read);
     }
     Ok(found)
 }
@@ -817,7 +826,7 @@ async fn register_raw(
     let registered = match source.format {
         SourceFormat::Parquet => {
             let options = ParquetReadOptions::default().file_extension(extension);
-            ctx.register_parquet(raw_name, table_path, options).await
+            register_listing(ctx, raw_name, table_path, options, None).await
         }
         SourceFormat::Csv => {
             let byte_option = |key: &str| -> Result<Option<u8>> {
@@ -866,14 +875,14 @@ async fn register_raw(
             if let Some(schema) = schema {
                 options = options.schema(schema);
             }
-            ctx.register_csv(raw_name, table_path, options).await
+            register_listing(ctx, raw_name, table_path, options, schema).await
         }
         SourceFormat::Json => {
             let mut options = JsonReadOptions::default().file_extension(extension);
             if let Some(schema) = schema {
                 options = options.schema(schema);
             }
-            ctx.register_json(raw_name, table_path, options).await
+            register_listing(ctx, raw_name, table_path, options, schema).await
         }
         SourceFormat::Iceberg => unreachable!("iceberg sources are registered by register_iceberg"),
     };
@@ -896,6 +905,51 @@ async fn register_raw(
             message,
         }
     })
+}
+
+/// Registers the files at `table_path` as the table `name`, read with `options` and of
+/// `schema` (inferred when `None`), as `SessionContext::register_csv` and its siblings do,
+/// except that a directory's hidden files (named `.*` or `_*`: an upload in progress, a
+/// writer's marker) are not read, as Spark and Hive skip them and as [`find_files`]
+/// counts.
+async fn register_listing<'a>(
+    ctx: &SessionContext,
+    name: &str,
+    table_path: &str,
+    options: impl ReadOptions<'a>,
+    schema: Option<&Schema>,
+) -> datafusion::error::Result<()> {
+    let listing = options.to_listing_options(&ctx.copied_config(), ctx.copied_table_options());
+    let url = visible_files(
+        ListingTableUrl::parse(table_path)?,
+        table_path,
+        &listing.file_extension,
+    )?;
+    let schema = match schema {
+        Some(schema) => Arc::new(schema.clone()),
+        None => listing.infer_schema(&ctx.state(), &url).await?,
+    };
+    let config = ListingTableConfig::new(url)
+        .with_listing_options(listing)
+        .with_schema(schema);
+    ctx.register_table(name, Arc::new(ListingTable::try_new(config)?))?;
+    Ok(())
+}
+
+/// `url` (of `table_path`) reading only the visible files of a directory: those whose name
+/// starts with neither `.` nor `_` and ends in `extension`. A file, a glob and a directory
+/// read by any extension are left as they are.
+fn visible_files(
+    url: ListingTableUrl,
+    table_path: &str,
+    extension: &str,
+) -> datafusion::error::Result<ListingTableUrl> {
+    if !table_path.ends_with('/') || table_path.contains(['*', '?', '[']) || extension.is_empty() {
+        return Ok(url);
+    }
+    let pattern = glob::Pattern::new(&format!("[!._]*{}", glob::Pattern::escape(extension)))
+        .map_err(|e| datafusion::error::DataFusionError::External(Box::new(e)))?;
+    ListingTableUrl::try_new(url.get_url().clone(), Some(pattern))
 }
 
 /// The local files under `table_path` (a file, a directory or a glob), sorted.
@@ -1327,6 +1381,38 @@ mod tests {
                 .to_string();
             assert!(err.contains("column `id` holds nulls"), "{sql}: {err}");
         }
+    }
+
+    #[test]
+    fn a_directorys_hidden_files_are_not_read() {
+        use datafusion::datasource::listing::ListingTableUrl;
+        use object_store::path::Path as ObjectPath;
+        for dir in ["/data/sales/", "s3://bucket/sales/"] {
+            let url = ListingTableUrl::parse(dir).unwrap();
+            let url = visible_files(url, dir, ".csv").unwrap();
+            let prefix = dir
+                .trim_start_matches("s3://bucket")
+                .trim_start_matches('/');
+            let reads =
+                |file: &str| url.contains(&ObjectPath::from(format!("{prefix}{file}")), true);
+            assert!(
+                reads("a.csv") && reads("day=1/b.csv") && reads("é ü.csv"),
+                "{dir}"
+            );
+            for hidden in [
+                ".a.csv",
+                "_tmp.csv",
+                "day=1/.b.csv",
+                "sub/c.csv",
+                "a.csv.tmp",
+            ] {
+                assert!(!reads(hidden), "{dir} {hidden}");
+            }
+        }
+        // A glob or one file stays as written.
+        let glob = ListingTableUrl::parse("/data/_x*.csv").unwrap();
+        let kept = visible_files(glob.clone(), "/data/_x*.csv", ".csv").unwrap();
+        assert_eq!(kept, glob);
     }
 
     #[test]

@@ -366,3 +366,26 @@ async fn malformed_json_names_the_file_and_line() {
     );
     assert_fails_cleanly(&sandbox, &before, &["column `id`", "a.json", "b.json"]).await;
 }
+
+/// A directory's hidden files (an upload in progress, a writer's marker, named `.*` or `_*`)
+/// are not read, as Spark and Hive skip them: here one holds a torn row that would fail the
+/// run. Files in `key=value` directories are read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hidden_files_in_a_directory_source_are_not_read() {
+    let sandbox = Sandbox::new();
+    sandbox.write("data/in/good.csv", GOOD_CSV);
+    sandbox.write("data/in/day=2/late.csv", "id,city,amount\n4,Oslo,4.00\n");
+    sandbox.write("data/in/.good.csv.partial.csv", "id,city,amount\n5,Tor");
+    sandbox.write("data/in/_temporary.csv", "id,city,amount\n6,Lima,6.00\n");
+    sandbox.spec(&spec(
+        "data/in/",
+        "csv",
+        "[source.schema]\nid = \"bigint not null\"\namount = \"decimal(10, 2)\"",
+        "SELECT * FROM src",
+        "",
+    ));
+    let report = sandbox.run(2, Some(2), None).await.expect("run");
+    assert_eq!(report.rows, 4, "{report:?}");
+    let read = sandbox.read_table("tests.t", None);
+    assert_eq!(read["pyiceberg"]["rows"], 4, "{read:#}");
+}

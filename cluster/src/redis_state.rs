@@ -288,11 +288,11 @@ impl RedisState {
             .map_err(redis_err)
     }
 
-    /// Forgets the stored outcome (and report record) of `job` before it is submitted
-    /// again.
+    /// Forgets the stored outcome (and report record) of `job`, and a cancel asked of its
+    /// last run, before it is submitted again.
     pub async fn clear_report(&self, job: &JobId) -> Result<()> {
         let mut conn = self.conn.clone();
-        conn.hdel::<_, _, ()>(self.job_key(job), &["report", "run_record"])
+        conn.hdel::<_, _, ()>(self.job_key(job), &["report", "run_record", "cancel"])
             .await
             .map_err(redis_err)
     }

@@ -146,7 +146,9 @@ async fn cancel_mid_job_commits_nothing_and_drains_the_queue() {
         cluster.logs()
     );
     let job = client
-        .get_job(GetJobRequest { job_id })
+        .get_job(GetJobRequest {
+            job_id: job_id.clone(),
+        })
         .await
         .unwrap()
         .into_inner();
@@ -175,6 +177,30 @@ async fn cancel_mid_job_commits_nothing_and_drains_the_queue() {
         std::thread::sleep(Duration::from_millis(200));
     }
     assert_eq!(queued(), Some(0), "tasks left in {tasks_queue}");
+
+    // Submitted again under its id, the cancelled job runs (the cancel was the last run's).
+    let mut again = nightshift::client::submit_request(
+        cluster.sandbox.path("pipeline.toml").to_str().unwrap(),
+        vec![],
+        None,
+    )
+    .unwrap();
+    again.job_id = job_id.clone();
+    client.submit_job(again).await.unwrap();
+    let watch = cluster.api_command(&["watch", &job_id]);
+    assert_eq!(
+        watch.status.code(),
+        Some(0),
+        "{}\n{}",
+        String::from_utf8_lossy(&watch.stderr),
+        cluster.logs()
+    );
+    let read = cluster.read_table("tests.api", None);
+    assert_eq!(snapshot_count(&read), 1, "{read:#}");
+    assert_eq!(
+        read["snapshots"][0]["summary"]["nightshift.job-id"],
+        job_id.as_str()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

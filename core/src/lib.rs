@@ -18,6 +18,7 @@
 //! - [`transport`] holds the seams (task queue, state store) and their in-process versions.
 
 pub mod access;
+pub mod bounded_functions;
 pub mod broadcast_scans;
 pub mod checks;
 pub mod codec;

@@ -170,6 +170,7 @@ pub fn new_session(options: SessionOptions) -> SessionContext {
         .with_physical_optimizer_rules(physical_optimizer_rules())
         .build();
     let ctx = SessionContext::new_with_state(state);
+    crate::bounded_functions::register(&ctx);
     ctx.register_udf(ScalarUDF::new_from_impl(RequireNotNull::new()));
     ctx.register_udf(ScalarUDF::new_from_impl(
         crate::merge::RequireUniqueKey::default(),

@@ -389,3 +389,30 @@ async fn hidden_files_in_a_directory_source_are_not_read() {
     let read = sandbox.read_table("tests.t", None);
     assert_eq!(read["pyiceberg"]["rows"], 4, "{read:#}");
 }
+
+/// A function that makes a value as large as an argument says (`repeat`, `lpad`, `range`)
+/// fails past 64 MiB in one value, naming itself, before the value is made: DataFusion
+/// folds such constant calls while planning, outside any memory pool (3 GB on the
+/// coordinator from one request).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_value_too_large_to_make_fails_by_function_name() {
+    let (sandbox, before) = with_committed_table().await;
+    for sql in [
+        "SELECT id, repeat(city, 800000000) AS city, amount FROM src",
+        "SELECT id, city, amount FROM src WHERE length(lpad(city, 900000000)) > 0",
+    ] {
+        sandbox.spec(&spec(
+            "data/good.csv",
+            "csv",
+            "[source.schema]\nid = \"bigint not null\"\namount = \"decimal(10, 2)\"",
+            sql,
+            "",
+        ));
+        assert_fails_cleanly(
+            &sandbox,
+            &before,
+            &["would make a value of", "at most 67108864"],
+        )
+        .await;
+    }
+}

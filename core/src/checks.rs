@@ -16,7 +16,7 @@ use datafusion::common::{DFSchema, DataFusionError};
 use datafusion::physical_expr::PhysicalExpr;
 use datafusion::prelude::SessionContext;
 use nightshift_proto::v1;
-use nightshift_spec::{CheckKind, CheckSpec, Severity};
+use nightshift_spec::{CheckKind, CheckSpec, Severity, WriteMode};
 
 use crate::error::{CoreError, Result};
 
@@ -505,6 +505,19 @@ pub fn blocking(results: &[CheckResult]) -> Vec<&CheckResult> {
         .collect()
 }
 
+/// Why a run must not commit although no check blocks it: an overwrite (`mode`) whose every
+/// row (`rejected` of them, `rows` left) a check quarantined would replace the table's rows
+/// with none. `None`: it may commit.
+pub fn quarantine_would_empty(mode: WriteMode, rows: u64, rejected: u64) -> Option<String> {
+    (mode == WriteMode::Overwrite && rows == 0 && rejected > 0).then(|| {
+        format!(
+            "checks quarantined every one of the {rejected} row(s) this run produced; an \
+             overwrite would leave the table empty, so nothing was committed, to the table or to \
+             its rejects table: fix the input and run again"
+        )
+    })
+}
+
 /// The failed checks in words, one per line with its samples, for the job's error.
 pub fn describe_failures(failed: &[&CheckResult]) -> String {
     failed
@@ -625,6 +638,22 @@ min = 10
                 .find(|r| r.name == "id_positive")
                 .is_some_and(|r| !r.passed)
         );
+    }
+
+    #[test]
+    fn an_overwrite_of_only_quarantined_rows_is_refused() {
+        let refused = quarantine_would_empty(WriteMode::Overwrite, 0, 3).unwrap();
+        assert!(refused.contains("every one of the 3 row(s)"), "{refused}");
+        assert_eq!(quarantine_would_empty(WriteMode::Overwrite, 1, 3), None);
+        // Nothing quarantined: an empty overwrite is what the input says.
+        assert_eq!(quarantine_would_empty(WriteMode::Overwrite, 0, 0), None);
+        for mode in [
+            WriteMode::Append,
+            WriteMode::OverwritePartitions,
+            WriteMode::Merge,
+        ] {
+            assert_eq!(quarantine_would_empty(mode, 0, 3), None);
+        }
     }
 
     #[test]

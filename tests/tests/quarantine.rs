@@ -286,3 +286,36 @@ async fn on_a_cluster_the_workers_set_the_rows_aside() {
         "quarantine-cluster"
     );
 }
+
+/// An overwrite whose every row a check quarantines fails and leaves the table as it was:
+/// it used to commit, replacing the table's rows with none.
+#[test]
+fn an_overwrite_of_only_quarantined_rows_keeps_the_table() {
+    let sandbox = Sandbox::new();
+    let data = sandbox.write("data/accounts.csv", ACCOUNTS);
+    let overwrite = spec(&data, "id, status, balance, email", "").replace(
+        "schema_evolution = \"add_columns\"",
+        "schema_evolution = \"add_columns\"\nmode = \"overwrite\"",
+    );
+    sandbox.spec(&overwrite);
+    let (code, report, err) = run(&sandbox, "overwrite-1", None);
+    assert_eq!(code, Some(0), "{report:#}\n{err}");
+    assert_eq!(report["rows"], 4, "{report:#}");
+
+    sandbox.write(
+        "data/accounts.csv",
+        "id,status,balance,email\n7,frozen,1,x@example.com\n8,open,-2,ÿ@example.com\n",
+    );
+    let (code, report, err) = run(&sandbox, "overwrite-2", None);
+    assert_eq!(code, Some(1), "{report:#}\n{err}");
+    assert!(
+        err.contains("quarantined every one of the 2 row(s)")
+            && err.contains("nothing was committed"),
+        "{err}"
+    );
+    let target = sandbox.read_table(TABLE, None);
+    assert_eq!(rows(&target), (4, 4), "{target:#}");
+    assert_eq!(snapshot_count(&target), 1, "{target:#}");
+    assert_eq!(snapshot_count(&sandbox.read_table(REJECTS, None)), 1);
+    assert!(leftovers(&sandbox).is_empty(), "{:?}", leftovers(&sandbox));
+}

@@ -431,6 +431,16 @@ impl<'a> JobRun<'a> {
         if !nightshift_core::checks::blocking(&self.report.checks).is_empty() {
             return Err(JobError::ChecksFailed(self.report.checks.clone()));
         }
+        if let Some(why) = nightshift_core::checks::quarantine_would_empty(
+            self.spec.spec.target.mode,
+            self.report.rows,
+            stages.tracker.final_rejected_rows(),
+        ) {
+            return Err(JobError::Internal(CoreError::Target {
+                table: self.spec.spec.target.table.clone(),
+                message: why,
+            }));
+        }
         for warned in self.report.checks.iter().filter(|c| !c.passed) {
             tracing::warn!(check = %warned.name, detail = %warned.detail, "check failed (warn): publishing anyway");
         }

@@ -284,11 +284,37 @@ pub async fn list_objects_meta(
             Err(object_store::Error::NotFound { .. }) => break,
             Err(e) => return Err(e.into()),
         };
-        let mut url = location.url().clone();
-        url.set_path(&format!("/{}", meta.location));
+        let url = object_url(location, &meta.location)?;
         out.push((Location::from_url(url), meta));
     }
     Ok(out)
+}
+
+/// The URL of the object `key` listed below `location`, naming exactly that object: the
+/// key's segments are percent-encoded, so a `%` in a name (a partition directory escapes
+/// `:` as `%3A`) is not decoded into another name when the URL is opened. (Writing the key
+/// into the URL raw made every cleanup, expiry and orphan removal miss the files of such
+/// partitions: it deleted names that did not exist.)
+fn object_url(location: &Location, key: &ObjectPath) -> Result<Url> {
+    let bad_url = || {
+        CoreError::io(
+            format!("cannot name the object {key} below {location} as a URL"),
+            std::io::Error::from(std::io::ErrorKind::InvalidData),
+        )
+    };
+    if location.is_local() {
+        let path = LocalFileSystem::new()
+            .path_to_filesystem(key)
+            .map_err(CoreError::ObjectStore)?;
+        return Url::from_file_path(path).map_err(|()| bad_url());
+    }
+    let mut url = location.url().clone();
+    url.set_path("/");
+    url.path_segments_mut()
+        .map_err(|()| bad_url())?
+        .pop_if_empty()
+        .extend(key.as_ref().split('/'));
+    Ok(url)
 }
 
 /// Deletes the given objects; missing ones are skipped.
@@ -315,5 +341,52 @@ mod tests {
         let s3 = Location::parse("s3://bucket/wh", Path::new("/")).unwrap();
         assert!(!s3.is_local());
         assert_eq!(s3.join("ns/t").as_url_string(), "s3://bucket/wh/ns/t");
+    }
+}
+
+#[cfg(test)]
+mod listing_tests {
+    use super::*;
+
+    /// Partition directories hold escaped values (`%3A` for `:`, `%C3%A9` for `é`): what
+    /// a listing names is the file on disk, and deleting it deletes that file.
+    #[tokio::test]
+    async fn listed_files_with_escapes_in_their_names_can_be_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let names = [
+            "data/ts=2024-03-10+07%3A00%3A00+UTC/a.parquet",
+            "data/k=%C3%A9/b.parquet",
+            "data/k=50%25/c.parquet",
+            "data/k=é ü/d.parquet",
+            "data/plain.parquet",
+        ];
+        for name in names {
+            let path = dir.path().join(name);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, b"x").unwrap();
+        }
+        let root = Location::parse(dir.path().to_str().unwrap(), Path::new("/")).unwrap();
+        let listed = list_objects(&root).await.unwrap();
+        let mut on_disk: Vec<String> = listed
+            .iter()
+            .map(|(l, _)| {
+                let path = l.local_path().unwrap();
+                assert!(
+                    path.is_file(),
+                    "{path:?} (from {}) is not the listed file",
+                    l.url()
+                );
+                path.strip_prefix(dir.path()).unwrap().display().to_string()
+            })
+            .collect();
+        on_disk.sort();
+        let mut expected: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        expected.sort();
+        assert_eq!(on_disk, expected);
+        let files: Vec<Location> = listed.into_iter().map(|(l, _)| l).collect();
+        delete_objects(&files).await.unwrap();
+        for name in names {
+            assert!(!dir.path().join(name).exists(), "{name} was not deleted");
+        }
     }
 }

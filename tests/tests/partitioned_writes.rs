@@ -167,3 +167,108 @@ partition_by = ["identity(Région)", "month(1day)"]
         "{files:?}"
     );
 }
+
+/// Partition values that directory names escape (`:` as `%3A`, `é`, `%`) are written and
+/// read back, and a failed run's files in such directories are swept: the sweep deleted
+/// names that did not exist (the key's `%3A` was decoded to `:`), so every failed run's
+/// files in such partitions stayed. A zoned timestamp before 1970 with a fraction of a
+/// second, which iceberg-rust cannot name (the task panicked), fails by column and value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn escaped_partition_values_are_written_and_a_failed_runs_files_are_swept() {
+    let sandbox = Sandbox::new();
+    std::fs::create_dir_all(sandbox.path("data")).unwrap();
+    write_stamped(
+        &sandbox,
+        vec![-1_000_000, 0, 1_710_045_000_123_456, 86_400_000_000],
+    );
+    let spec = |checks: &str| {
+        format!(
+            r#"[pipeline]
+name = "escaped"
+
+[[source]]
+name = "src"
+format = "parquet"
+location = "data/in.parquet"
+
+[transform]
+sql = "SELECT id, ts, city FROM src"
+
+[target]
+table = "tests.escaped"
+partition_by = ["identity(ts)", "identity(city)"]
+{checks}"#
+        )
+    };
+    sandbox.spec(&spec(""));
+    sandbox
+        .run(2, Some(2), Some("first"))
+        .await
+        .expect("first run");
+    let read = sandbox.read_table("tests.escaped", None);
+    assert_eq!(read["pyiceberg"]["rows"], 4, "{read:#}");
+    assert_eq!(read["duckdb"]["rows"], 4, "{read:#}");
+    let committed = sandbox.data_files();
+    assert_eq!(committed.len(), 4, "{committed:?}");
+    assert!(
+        committed
+            .iter()
+            .any(|f| f.contains("ts=1969-12-31+23%3A59%3A59+UTC/city=Z%C3%BCrich/")),
+        "{committed:?}"
+    );
+
+    // A run whose check fails after its tasks wrote: its files go, the first run's stay.
+    sandbox.spec(&spec(
+        "\n[[check]]\nname = \"never\"\ntype = \"row_count\"\nmax = 0\n",
+    ));
+    let err = sandbox
+        .run(2, Some(2), Some("second"))
+        .await
+        .expect_err("the check fails");
+    assert!(err.to_string().contains("never"), "{err}");
+    assert_eq!(sandbox.data_files(), committed);
+
+    // Half a second before the epoch, with zone: refused by name, nothing left behind.
+    write_stamped(&sandbox, vec![-500_000, 0, 1, 2]);
+    sandbox.spec(&spec(""));
+    let err = sandbox
+        .run(2, Some(2), Some("third"))
+        .await
+        .expect_err("refused")
+        .to_string();
+    assert!(
+        err.contains(
+            "column `ts`: the value 1969-12-31T23:59:59.500Z cannot be an identity partition value"
+        ),
+        "{err}"
+    );
+    assert_eq!(sandbox.data_files(), committed);
+}
+
+/// `data/in.parquet`: ids 1.., timestamps with zone (microseconds `ts`), and cities whose
+/// names a directory escapes.
+fn write_stamped(sandbox: &Sandbox, ts: Vec<i64>) {
+    use datafusion::arrow::array::{
+        ArrayRef, Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray,
+    };
+    use std::sync::Arc;
+    let cities = ["Zürich", "a:b", "50%", "São Paulo"];
+    let batch = RecordBatch::try_from_iter([
+        (
+            "id",
+            Arc::new(Int64Array::from_iter_values(1..=ts.len() as i64)) as ArrayRef,
+        ),
+        (
+            "city",
+            Arc::new(StringArray::from_iter_values(
+                cities.iter().cycle().take(ts.len()),
+            )) as ArrayRef,
+        ),
+        (
+            "ts",
+            Arc::new(TimestampMicrosecondArray::from(ts).with_timezone("UTC")) as ArrayRef,
+        ),
+    ])
+    .unwrap();
+    nightshift_tests::write_parquet(&sandbox.path("data/in.parquet"), &[batch]);
+}

@@ -264,6 +264,7 @@ where
                 continue;
             }
         }
+        refuse_unnameable_partition_values(&batch, target)?;
         rows += batch.num_rows() as u64;
         checks.observe(&batch)?;
         writer.write(batch).await?;
@@ -291,6 +292,56 @@ where
         reject_files_json,
         rejected_rows,
     })
+}
+
+/// Fails on an identity partition value that iceberg-rust 0.10 cannot name: a timestamp
+/// with time zone before 1970 that is not a whole second (or nanosecond-precision one not
+/// a whole second), whose conversion to text (the partition directory, the snapshot
+/// summary) panics on a negative remainder. The error names the column and the value, and
+/// nothing is written; `day()`, `hour()` or a timestamp without zone name such values.
+fn refuse_unnameable_partition_values(batch: &RecordBatch, target: &TableTarget) -> Result<()> {
+    use iceberg::spec::{PrimitiveType, Transform, Type};
+    for field in target.spec.fields() {
+        if field.transform != Transform::Identity {
+            continue;
+        }
+        let Some(source) = target.schema.field_by_id(field.source_id) else {
+            continue;
+        };
+        let per_second = match *source.field_type {
+            Type::Primitive(PrimitiveType::Timestamptz) => 1_000_000,
+            Type::Primitive(PrimitiveType::TimestamptzNs) => 1_000_000_000,
+            _ => continue,
+        };
+        let Some(column) = batch.column_by_name(&source.name) else {
+            continue;
+        };
+        let Ok(values) = arrow::compute::cast(column, &arrow::datatypes::DataType::Int64) else {
+            continue;
+        };
+        let values = values
+            .as_any()
+            .downcast_ref::<arrow::array::Int64Array>()
+            .expect("cast to Int64");
+        if let Some(row) = values
+            .iter()
+            .position(|v| v.is_some_and(|v| v < 0 && v % per_second != 0))
+        {
+            let shown = arrow::util::display::array_value_to_string(column, row)
+                .unwrap_or_else(|_| values.value(row).to_string());
+            return Err(CoreError::Task {
+                message: format!(
+                    "column `{}`: the value {shown} cannot be an identity partition value: \
+                     Iceberg's Rust library cannot name a timestamp with time zone before 1970 \
+                     that is not a whole second; partition by day({0}) or hour({0}), or by a \
+                     timestamp without zone",
+                    source.name
+                ),
+                retryable: false,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// `files` written for `target`, as the JSON a task result carries.

@@ -93,10 +93,20 @@ fn walk<T: PartialOrd + Copy>(
     Ok(values)
 }
 
-/// The job id of one value: `backfill-<pipeline>-<key>-<value>`, with characters a job id
-/// cannot hold replaced by `_`. The same backfill always gives the same ids.
-pub fn value_job_id(pipeline: &str, key: &str, value: &str) -> Result<JobId, String> {
-    let raw = format!("backfill-{pipeline}-{key}-{value}");
+/// The job id of one value: `backfill-<pipeline>-<key>-<value>`, or with a run id
+/// `backfill-<pipeline>-<run>-<key>-<value>`, with characters a job id cannot hold replaced
+/// by `_`. The same backfill always gives the same ids (so it resumes); a new run id gives
+/// new ones (so it redoes values committed before, after a bug fix).
+pub fn value_job_id(
+    pipeline: &str,
+    run: Option<&str>,
+    key: &str,
+    value: &str,
+) -> Result<JobId, String> {
+    let raw = match run {
+        Some(run) => format!("backfill-{pipeline}-{run}-{key}-{value}"),
+        None => format!("backfill-{pipeline}-{key}-{value}"),
+    };
     let clean: String = raw
         .chars()
         .map(|c| {
@@ -321,6 +331,7 @@ pub async fn run_backfill(
     spec_path: &Path,
     params: &[(String, String)],
     range: &ParamRange,
+    run_id: Option<&str>,
     backend: &Backend<'_>,
     parallel: usize,
     on_done: impl Fn(&ValueOutcome),
@@ -334,8 +345,8 @@ pub async fn run_backfill(
             value_params.push((range.key.clone(), value.clone()));
             let spec = load_spec(spec_path, &value_params);
             let job_id = match &spec {
-                Ok(spec) => value_job_id(&spec.spec.pipeline.name, &range.key, &value),
-                Err(_) => value_job_id("invalid", &range.key, &value),
+                Ok(spec) => value_job_id(&spec.spec.pipeline.name, run_id, &range.key, &value),
+                Err(_) => value_job_id("invalid", run_id, &range.key, &value),
             };
             let outcome = match (spec, job_id) {
                 _ if stop.load(Ordering::SeqCst) => ValueOutcome::not_run(&value),
@@ -475,16 +486,22 @@ mod tests {
 
     #[test]
     fn value_job_ids_are_stable_and_valid() {
-        let a = value_job_id("daily revenue", "run_date", "2024-01-01").unwrap();
+        let a = value_job_id("daily revenue", None, "run_date", "2024-01-01").unwrap();
         assert_eq!(a.as_str(), "backfill-daily_revenue-run_date-2024-01-01");
         assert_eq!(
             a,
-            value_job_id("daily revenue", "run_date", "2024-01-01").unwrap()
+            value_job_id("daily revenue", None, "run_date", "2024-01-01").unwrap()
         );
         assert_ne!(
             a,
-            value_job_id("daily revenue", "run_date", "2024-01-02").unwrap()
+            value_job_id("daily revenue", None, "run_date", "2024-01-02").unwrap()
         );
-        assert!(value_job_id("p", "k", "é/../x").is_ok());
+        assert!(value_job_id("p", None, "k", "é/../x").is_ok());
+        // A run id gives every value new ids.
+        let fixed = value_job_id("daily revenue", Some("fix 2"), "run_date", "2024-01-01");
+        assert_eq!(
+            fixed.unwrap().as_str(),
+            "backfill-daily_revenue-fix_2-run_date-2024-01-01"
+        );
     }
 }

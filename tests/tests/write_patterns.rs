@@ -223,6 +223,42 @@ async fn backfill_commits_one_snapshot_per_day_and_resumes() {
     assert!(days.values().all(|d| *d == (5, 15)), "{days:?}");
     assert_eq!(snapshot_count(&read), 10);
 
+    // A fix to the SQL: the same backfill is refused at its first value, which the code
+    // before committed, and says how to redo it; under a new --run-id every value is
+    // redone with the fixed SQL, each value's outcome printed as it ends.
+    sandbox.spec(&spec("overwrite_partitions").replace(
+        "sql = \"SELECT id, event_date, amount FROM events WHERE event_date BETWEEN DATE '${from}' AND DATE '${to}'\"",
+        "sql = \"SELECT id, event_date, amount * 2 AS amount FROM events WHERE event_date = DATE '${from}'\"",
+    ));
+    let backfill = |extra: &[&str]| {
+        let range = [
+            "backfill",
+            "pipeline.toml",
+            "--param-range",
+            "from=2024-01-01..2024-01-10",
+        ];
+        sandbox.cli(&[&range[..], extra].concat())
+    };
+    let refused = backfill(&[]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("for a backfill, a new --run-id"),
+        "{stderr}"
+    );
+    let redone = backfill(&["--run-id", "fix-1"]);
+    let stderr = String::from_utf8_lossy(&redone.stderr);
+    assert!(redone.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("from=2024-01-01: committed (5 rows, job backfill-")
+            && stderr.contains("-fix-1-from-2024-01-10)"),
+        "{stderr}"
+    );
+    let (days, read) = per_day(&sandbox);
+    assert_eq!(days.len(), 10, "{days:?}");
+    assert!(days.values().all(|d| *d == (5, 30)), "{days:?}");
+    assert_eq!(snapshot_count(&read), 20);
+
     // A full overwrite is refused: each day would replace the one before.
     sandbox.spec(&spec("overwrite"));
     let refused = sandbox.cli(&[

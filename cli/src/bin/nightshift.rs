@@ -88,8 +88,13 @@ enum Command {
     ///
     /// Each value's job id is derived from the pipeline, the parameter and the value, so
     /// running the same backfill again skips the values already committed and resumes where
-    /// a stopped or failed one ended. After a failure no further value starts. The target
-    /// must add to the table (mode "append" or "overwrite_partitions"). Exit codes as for run.
+    /// a stopped or failed one ended. After a failure no further value starts. To redo
+    /// values committed before (a backfill after a bug fix), give the backfill a new
+    /// --run-id: its values get new job ids. The target must add to the table (mode
+    /// "append" or "overwrite_partitions"). Each value's outcome is printed on stderr as it
+    /// ends, the table of all on stdout at the end. Exit codes as for run.
+    ///
+    ///   nightshift backfill pipeline.toml --param-range run_date=2024-01-01..2024-01-31 --run-id fix-1
     #[command(verbatim_doc_comment)]
     Backfill(BackfillArgs),
     /// Keep a table small and cheap: drop partitions past a retention period (one `delete`
@@ -478,6 +483,11 @@ struct BackfillArgs {
     /// Step between values: days for dates, units for integers.
     #[arg(long, default_value_t = 1)]
     step: u32,
+    /// Name of this backfill, part of each value's job id: the same name resumes it, a new
+    /// one redoes values an earlier backfill committed (after a fix to the SQL). Default:
+    /// no name.
+    #[arg(long, value_name = "NAME")]
+    run_id: Option<String>,
     /// Values run at once (commits to one table then retry on each other; each value is
     /// still one snapshot).
     #[arg(long, default_value_t = 1)]
@@ -782,14 +792,22 @@ async fn backfill(args: BackfillArgs) -> ExitCode {
         &args.common.pipeline,
         &args.common.params,
         &range,
+        args.run_id.as_deref(),
         &backend,
         parallel,
         |outcome| {
             bar.inc(1);
             bar.set_message(format!("{} {}", outcome.value, outcome.status));
-            if let Some(error) = &outcome.error {
-                bar.suspend(|| eprintln!("error: {}: {error}", outcome.value));
-            }
+            // One line per value as it ends, so a log shows how far a backfill got even
+            // when it is stopped before its table is printed.
+            bar.suspend(|| match &outcome.error {
+                Some(error) => eprintln!("error: {}: {error}", outcome.value),
+                None if outcome.job_id.is_empty() => {}
+                None => eprintln!(
+                    "{}={}: {} ({} rows, job {})",
+                    range.key, outcome.value, outcome.status, outcome.rows, outcome.job_id
+                ),
+            });
         },
     )
     .await;

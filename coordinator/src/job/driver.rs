@@ -257,7 +257,7 @@ impl<'a> JobRun<'a> {
                     return Err(JobError::Invalid(CoreError::Target {
                         table: ident.to_string(),
                         message: format!(
-                            "job id `{}` was committed to this table (snapshot {snapshot_id}) {why}; a job id names one run of one pipeline: give this run its own --job-id",
+                            "job id `{}` was committed to this table (snapshot {snapshot_id}) {why}; a job id names one run of one pipeline: give this run its own job id (run --job-id; for a backfill, a new --run-id)",
                             self.job()
                         ),
                     }));

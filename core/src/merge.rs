@@ -28,19 +28,21 @@ fn quote(column: &str) -> String {
 }
 
 /// The SQL of a merge: `changes_sql` is the pipeline's SQL, `columns` its result columns,
-/// `keys` the merge keys (among `columns`). With `with_target`, the current rows are read
-/// from [`TARGET_VIEW`]; without (no table or no snapshot yet) the result is the changes.
+/// `keys` the merge keys (among `columns`). With `target_columns` (the table's), the current
+/// rows are read from [`TARGET_VIEW`], a result column the table lacks as null (one the
+/// spec's `schema_evolution` adds); without (no table or no snapshot yet) the result is
+/// the changes.
 pub fn merge_sql(
     changes_sql: &str,
-    columns: &[String],
+    columns: &[(String, DataType)],
     keys: &[String],
     delete_when: Option<&str>,
-    with_target: bool,
+    target_columns: Option<&[String]>,
 ) -> String {
     let list = |prefix: &str| {
         columns
             .iter()
-            .map(|c| format!("{prefix}{}", quote(c)))
+            .map(|(c, _)| format!("{prefix}{}", quote(c)))
             .collect::<Vec<_>>()
             .join(", ")
     };
@@ -53,7 +55,7 @@ pub fn merge_sql(
     // Null keys never match a row: name them instead of inserting them again every run.
     let checked: Vec<String> = columns
         .iter()
-        .map(|c| {
+        .map(|(c, _)| {
             if keys.contains(c) {
                 format!(
                     "nightshift_require_not_null({q}, 'merge key {c} is null in the result') AS {q}",
@@ -77,18 +79,29 @@ pub fn merge_sql(
         None => String::new(),
     };
     let inserted = format!("SELECT {} FROM __nightshift_changes{keep}", list(""));
-    if !with_target {
+    let Some(target_columns) = target_columns else {
         return format!("WITH {changes} {inserted}");
-    }
+    };
+    let current = columns
+        .iter()
+        .map(|(c, data_type)| match target_columns.contains(c) {
+            true => format!("__nightshift_t.{}", quote(c)),
+            false => format!(
+                "arrow_cast(NULL, '{}') AS {}",
+                data_type.to_string().replace('\'', "''"),
+                quote(c)
+            ),
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
     let matched = keys
         .iter()
         .map(|k| format!("__nightshift_m.{q} = __nightshift_t.{q}", q = quote(k)))
         .collect::<Vec<_>>()
         .join(" AND ");
     format!(
-        "WITH {changes} SELECT {} FROM {TARGET_VIEW} __nightshift_t WHERE NOT EXISTS \
-         (SELECT 1 FROM __nightshift_changes __nightshift_m WHERE {matched}) UNION ALL {inserted}",
-        list("__nightshift_t.")
+        "WITH {changes} SELECT {current} FROM {TARGET_VIEW} __nightshift_t WHERE NOT EXISTS \
+         (SELECT 1 FROM __nightshift_changes __nightshift_m WHERE {matched}) UNION ALL {inserted}"
     )
 }
 
@@ -155,14 +168,21 @@ mod tests {
         names.iter().map(|s| s.to_string()).collect()
     }
 
+    fn typed(names: &[&str]) -> Vec<(String, DataType)> {
+        names
+            .iter()
+            .map(|s| (s.to_string(), DataType::Utf8))
+            .collect()
+    }
+
     #[test]
     fn the_merge_sql_keeps_unmatched_rows_and_adds_non_deleted_changes() {
         let sql = merge_sql(
             "SELECT id, v, op FROM src",
-            &cols(&["id", "v", "op"]),
+            &typed(&["id", "v", "op"]),
             &cols(&["id"]),
             Some("op = 'D'"),
-            true,
+            Some(&cols(&["id", "v", "op"])),
         );
         assert!(sql.contains("NOT EXISTS"), "{sql}");
         assert!(
@@ -176,11 +196,28 @@ mod tests {
         assert!(sql.contains("PARTITION BY \"id\""), "{sql}");
         let first = merge_sql(
             "SELECT 1 AS id",
-            &cols(&["id"]),
+            &typed(&["id"]),
             &cols(&["id"]),
             None,
-            false,
+            None,
         );
         assert!(!first.contains(TARGET_VIEW), "{first}");
+    }
+
+    #[test]
+    fn a_column_the_table_lacks_is_null_in_its_current_rows() {
+        let sql = merge_sql(
+            "SELECT id, name, email FROM src",
+            &typed(&["id", "name", "email"]),
+            &cols(&["id"]),
+            None,
+            Some(&cols(&["id", "name"])),
+        );
+        assert!(
+            sql.contains(
+                "SELECT __nightshift_t.\"id\", __nightshift_t.\"name\", arrow_cast(NULL, 'Utf8') AS \"email\" FROM"
+            ),
+            "{sql}"
+        );
     }
 }

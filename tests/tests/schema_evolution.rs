@@ -516,3 +516,40 @@ table = "tests.events"
         assert_eq!(read["pyiceberg"]["checksum"], read["duckdb"]["checksum"]);
     }
 }
+
+/// A merge adds a column as an append does: the table's rows the changes do not touch get
+/// null, changed and new rows their value (it failed: "No field named __nightshift_t.note").
+#[tokio::test(flavor = "multi_thread")]
+async fn a_merge_adds_a_column_in_its_own_commit() {
+    let sandbox = Sandbox::new();
+    let merge = |columns: &str, schema: &[(&str, &str)]| {
+        spec(schema, columns, "merge", "add_columns")
+            .replace("mode = \"merge\"", "mode = \"merge\"\nmerge_keys = [\"id\"]")
+    };
+    sandbox.write("data/day.csv", "id,name\n1,Ann\n2,Bob\n");
+    sandbox.spec(&merge("id, name", &[("id", "bigint")]));
+    sandbox.run(2, None, None).await.expect("first merge");
+    sandbox.write("data/day.csv", "id,name,note\n2,Bob,späte Lieferung\n3,Cy,neu\n");
+    sandbox.spec(&merge("id, name, note", &[("id", "bigint"), ("note", "string")]));
+    sandbox.run(2, None, None).await.expect("merge adding a column");
+    let script = format!(
+        "import json, sys\n\
+         from pyiceberg.catalog.sql import SqlCatalog\n\
+         w = '{w}'\n\
+         t = SqlCatalog('nightshift', uri=f'sqlite:///{{w}}/catalog.db', warehouse=w).load_table('{TABLE}')\n\
+         json.dump(sorted(t.scan().to_arrow().to_pylist(), key=lambda r: r['id']), sys.stdout)\n",
+        w = sandbox.warehouse().display()
+    );
+    let read: Value = nightshift_tests::python_json(&script, &[]);
+    assert_eq!(
+        read,
+        serde_json::json!([
+            {"id": 1, "name": "Ann", "note": null},
+            {"id": 2, "name": "Bob", "note": "späte Lieferung"},
+            {"id": 3, "name": "Cy", "note": "neu"},
+        ]),
+        "{read:#}"
+    );
+    let (_, both) = rows(&sandbox);
+    assert_eq!(snapshot_count(&both), 2);
+}

@@ -442,12 +442,13 @@ async fn merge_sql_of(
     let result = nightshift_core::planner::spec_query(session, &spec.sql)
         .await
         .map_err(|e| JobError::Invalid(CoreError::Sql(e.to_string())))?;
-    let columns: Vec<String> = result
+    let typed_columns: Vec<(String, datafusion::arrow::datatypes::DataType)> = result
         .schema()
         .fields()
         .iter()
-        .map(|f| f.name().clone())
+        .map(|f| (f.name().clone(), f.data_type().clone()))
         .collect();
+    let columns: Vec<String> = typed_columns.iter().map(|(c, _)| c.clone()).collect();
     if let Some(key) = target.merge_keys.iter().find(|k| !columns.contains(k)) {
         return Err(JobError::Invalid(CoreError::Target {
             table: target.table.clone(),
@@ -475,12 +476,26 @@ async fn merge_sql_of(
         }
         None => None,
     };
+    let target_columns = match target_read {
+        Some(_) => Some(
+            session
+                .table(nightshift_core::merge::TARGET_VIEW)
+                .await
+                .map_err(|e| JobError::Internal(CoreError::Sql(e.to_string())))?
+                .schema()
+                .fields()
+                .iter()
+                .map(|f| f.name().clone())
+                .collect::<Vec<_>>(),
+        ),
+        None => None,
+    };
     let sql = nightshift_core::merge::merge_sql(
         &spec.sql,
-        &columns,
+        &typed_columns,
         &target.merge_keys,
         target.delete_when.as_deref(),
-        target_read.is_some(),
+        target_columns.as_deref(),
     );
     Ok(match target_read {
         Some((base, files)) => (

@@ -68,10 +68,12 @@ pub fn history_text(table: &str, entries: &[SnapshotEntry]) -> String {
             entry.operation
         ));
         if let Some(job) = get("nightshift.job-id") {
-            text.push_str(&format!(
-                "  job      {job} (pipeline {})\n",
-                get("nightshift.pipeline").unwrap_or("?")
-            ));
+            let by = match (get("nightshift.pipeline"), get("nightshift.maintenance")) {
+                (Some(pipeline), _) => format!("pipeline {pipeline}"),
+                (None, Some(maintenance)) => format!("maintenance: {maintenance}"),
+                (None, None) => "pipeline ?".to_string(),
+            };
+            text.push_str(&format!("  job      {job} ({by})\n"));
         }
         let mut code = Vec::new();
         if let Some(digest) = get("nightshift.code-sha256") {
@@ -105,6 +107,18 @@ pub fn history_text(table: &str, entries: &[SnapshotEntry]) -> String {
             get("added-records").unwrap_or("0"),
             get("added-data-files").unwrap_or("0")
         ));
+        // An overwrite, a retention drop or a compaction also removes: say so, and what the
+        // table holds after, or "added 0 rows" reads as a run that changed nothing.
+        let deleted_files = get("deleted-data-files").unwrap_or("0");
+        if deleted_files != "0" {
+            text.push_str(&format!(
+                "  deleted  {} rows, {deleted_files} files\n",
+                get("deleted-records").unwrap_or("0"),
+            ));
+        }
+        if let Some(total) = get("total-records") {
+            text.push_str(&format!("  table    {total} rows after it\n"));
+        }
         for check in prefixed("nightshift.check.") {
             text.push_str(&format!("  check    {check}\n"));
         }
@@ -151,5 +165,34 @@ mod tests {
              \x20 check    rows: passed\n"
         );
         assert_eq!(history_text("a.b", &[]), "a.b has no snapshots\n");
+        // A compaction: it removed as many rows as it added, and says whose it is.
+        let summary = [
+            ("nightshift.job-id", "compact-job-1"),
+            ("nightshift.maintenance", "compact"),
+            ("added-records", "1200"),
+            ("added-data-files", "2"),
+            ("deleted-records", "1200"),
+            ("deleted-data-files", "40"),
+            ("total-records", "1200"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let compaction = SnapshotEntry {
+            snapshot_id: 8,
+            parent_id: Some(7),
+            committed_at_ms: 0,
+            operation: "replace".into(),
+            current: true,
+            summary,
+        };
+        assert_eq!(
+            history_text("a.b", &[compaction]),
+            "snapshot 8 (current)  1970-01-01T00:00:00Z  replace\n\
+             \x20 job      compact-job-1 (maintenance: compact)\n\
+             \x20 added    1200 rows, 2 files\n\
+             \x20 deleted  1200 rows, 40 files\n\
+             \x20 table    1200 rows after it\n"
+        );
     }
 }

@@ -523,15 +523,26 @@ table = "tests.events"
 async fn a_merge_adds_a_column_in_its_own_commit() {
     let sandbox = Sandbox::new();
     let merge = |columns: &str, schema: &[(&str, &str)]| {
-        spec(schema, columns, "merge", "add_columns")
-            .replace("mode = \"merge\"", "mode = \"merge\"\nmerge_keys = [\"id\"]")
+        spec(schema, columns, "merge", "add_columns").replace(
+            "mode = \"merge\"",
+            "mode = \"merge\"\nmerge_keys = [\"id\"]",
+        )
     };
     sandbox.write("data/day.csv", "id,name\n1,Ann\n2,Bob\n");
     sandbox.spec(&merge("id, name", &[("id", "bigint")]));
     sandbox.run(2, None, None).await.expect("first merge");
-    sandbox.write("data/day.csv", "id,name,note\n2,Bob,späte Lieferung\n3,Cy,neu\n");
-    sandbox.spec(&merge("id, name, note", &[("id", "bigint"), ("note", "string")]));
-    sandbox.run(2, None, None).await.expect("merge adding a column");
+    sandbox.write(
+        "data/day.csv",
+        "id,name,note\n2,Bob,späte Lieferung\n3,Cy,neu\n",
+    );
+    sandbox.spec(&merge(
+        "id, name, note",
+        &[("id", "bigint"), ("note", "string")],
+    ));
+    sandbox
+        .run(2, None, None)
+        .await
+        .expect("merge adding a column");
     let script = format!(
         "import json, sys\n\
          from pyiceberg.catalog.sql import SqlCatalog\n\

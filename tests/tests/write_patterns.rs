@@ -1068,3 +1068,50 @@ fn compaction_on_a_cluster_runs_as_a_job_on_the_workers() {
     assert_eq!(again["compacted"]["snapshot_id"], Value::Null);
     assert_eq!(snapshot_count(&cluster.read_table(TABLE, None)), 4);
 }
+
+/// A job whose snapshot a rollback took out of the table is not reported done again: its
+/// rerun fails saying so (it used to report success without its rows), and under a new job
+/// id the rows come back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rerun_of_a_rolled_back_job_says_its_rows_are_gone() {
+    let sandbox = Sandbox::new();
+    sandbox.spec(&spec("append"));
+    write_events(&sandbox, 1, 3, 1);
+    let day = [("from", "2024-01-01"), ("to", "2024-01-01")];
+    let first = sandbox
+        .run_with(2, Some(2), Some("day-1"), &day)
+        .await
+        .expect("first");
+    sandbox
+        .run_with(2, Some(2), Some("day-1-late"), &day)
+        .await
+        .expect("second");
+    let script = format!(
+        "import json, sys\n\
+         from pyiceberg.catalog.sql import SqlCatalog\n\
+         w = '{w}'\n\
+         t = SqlCatalog('nightshift', uri=f'sqlite:///{{w}}/catalog.db', warehouse=w).load_table('{TABLE}')\n\
+         t.manage_snapshots().rollback_to_snapshot({id}).commit()\n\
+         json.dump(len(t.scan().to_arrow()), sys.stdout)\n",
+        w = sandbox.warehouse().display(),
+        id = first.snapshot_id.unwrap()
+    );
+    let rows: Value = nightshift_tests::python_json(&script, &[]);
+    assert_eq!(rows, 3);
+    let err = sandbox
+        .run_with(2, Some(2), Some("day-1-late"), &day)
+        .await
+        .expect_err("the rolled-back job is not done")
+        .to_string();
+    assert!(
+        err.contains("rolled back") && err.contains("its own job id"),
+        "{err}"
+    );
+    sandbox
+        .run_with(2, Some(2), Some("day-1-late-again"), &day)
+        .await
+        .expect("under a new id");
+    let read = sandbox.read_table(TABLE, None);
+    assert_eq!(read["pyiceberg"]["rows"], 6, "{read:#}");
+    assert_eq!(read["duckdb"]["rows"], 6, "{read:#}");
+}

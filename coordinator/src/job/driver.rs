@@ -262,6 +262,15 @@ impl<'a> JobRun<'a> {
                         ),
                     }));
                 }
+                if !nightshift_core::table::in_current_history(&table, snapshot_id) {
+                    return Err(JobError::Invalid(CoreError::Target {
+                        table: ident.to_string(),
+                        message: format!(
+                            "job id `{}` committed snapshot {snapshot_id}, which the table no longer includes (it was rolled back to an earlier snapshot), so its rows are not in the table; to commit them again, give this run its own job id (run --job-id; for a backfill, a new --run-id)",
+                            self.job()
+                        ),
+                    }));
+                }
                 info!(snapshot_id, "job was committed before; nothing to do");
                 return Ok(Ended::Committed(CommitOutcome {
                     snapshot_id,

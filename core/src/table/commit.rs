@@ -219,6 +219,14 @@ pub(crate) fn current_history(table: &Table) -> Vec<iceberg::spec::SnapshotRef> 
     }
 }
 
+/// Whether `snapshot_id` is in the table's current history (the current snapshot and its
+/// ancestors): a snapshot a rollback left behind is not, though it stays in the metadata.
+pub fn in_current_history(table: &Table, snapshot_id: i64) -> bool {
+    current_history(table)
+        .iter()
+        .any(|s| s.snapshot_id() == snapshot_id)
+}
+
 /// The snapshot summaries of the table's current history, newest first.
 pub(crate) fn history_summaries(table: &Table) -> Vec<HashMap<String, String>> {
     current_history(table)

@@ -23,7 +23,7 @@ pub mod writer;
 pub use catalog::{CatalogConfig, Secret, load_if_exists, open_catalog, open_existing_table};
 pub use commit::{
     CommitOutcome, JOB_ID_PROPERTY, JobCommit, PIPELINE_PROPERTY, WrittenWith, commit_job_snapshot,
-    committed_before, find_job_snapshot, parse_table_ident, previous_run_rows,
+    committed_before, find_job_snapshot, in_current_history, parse_table_ident, previous_run_rows,
 };
 pub use evolution::SchemaChange;
 pub use layout::{

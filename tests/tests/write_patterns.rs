@@ -1115,3 +1115,48 @@ async fn a_rerun_of_a_rolled_back_job_says_its_rows_are_gone() {
     assert_eq!(read["pyiceberg"]["rows"], 6, "{read:#}");
     assert_eq!(read["duckdb"]["rows"], 6, "{read:#}");
 }
+
+/// A job whose snapshot expiry removed is still done: its rerun commits nothing (it used to
+/// append its rows a second time, the history no longer naming it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rerun_after_its_snapshot_expired_appends_nothing() {
+    let sandbox = Sandbox::new();
+    sandbox.spec(&spec("append"));
+    write_events(&sandbox, 1, 3, 1);
+    let day = [("from", "2024-01-01"), ("to", "2024-01-01")];
+    for job in ["day-1", "day-1-late"] {
+        sandbox
+            .run_with(2, Some(2), Some(job), &day)
+            .await
+            .expect(job);
+    }
+    let out = sandbox.cli(&[
+        "maintain",
+        TABLE,
+        "--expire-older-than",
+        "0s",
+        "--keep-last",
+        "1",
+        "--output",
+        "json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let expired: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        expired["expired_snapshots"].as_array().map(Vec::len),
+        Some(1)
+    );
+    let again = sandbox
+        .run_with(2, Some(2), Some("day-1"), &day)
+        .await
+        .expect("rerun");
+    assert!(again.already_committed, "{again:?}");
+    let read = sandbox.read_table(TABLE, None);
+    assert_eq!(read["pyiceberg"]["rows"], 6, "{read:#}");
+    assert_eq!(read["duckdb"]["rows"], 6, "{read:#}");
+    assert_eq!(snapshot_count(&read), 1, "{read:#}");
+}

@@ -278,6 +278,23 @@ impl<'a> JobRun<'a> {
                     committed_files: Default::default(),
                 }));
             }
+            // Committed, and its snapshot expired since: done as well (its files stay
+            // referenced by the snapshots after it, so the cleanup keeps them).
+            use nightshift_core::table::maintain::{EXPIRED_JOBS_PROPERTY, expired_job_snapshot};
+            let expired = table.metadata().properties().get(EXPIRED_JOBS_PROPERTY);
+            if let Some(snapshot_id) =
+                expired_job_snapshot(expired.map(String::as_str), self.job().as_str())
+            {
+                info!(
+                    snapshot_id,
+                    "job was committed before (its snapshot has expired); nothing to do"
+                );
+                return Ok(Ended::Committed(CommitOutcome {
+                    snapshot_id,
+                    already_committed: true,
+                    committed_files: Default::default(),
+                }));
+            }
         }
 
         let planned = plan(

@@ -95,6 +95,41 @@ fn referenced_by_refs(metadata: &TableMetadata) -> HashSet<i64> {
     ids
 }
 
+/// Table property recording the jobs whose snapshots expiry removed, newest last, as
+/// `<job id>:<snapshot id>` separated by spaces: a rerun of such a job is still done, not a
+/// second commit of its rows (the history no longer names it).
+pub const EXPIRED_JOBS_PROPERTY: &str = "nightshift.expired-jobs";
+
+/// The most jobs [`EXPIRED_JOBS_PROPERTY`] remembers (the newest; each adds up to 150 bytes
+/// to every metadata file of the table).
+pub const MAX_EXPIRED_JOBS: usize = 100;
+
+/// [`EXPIRED_JOBS_PROPERTY`]'s new value: `existing` and then `expired` (job id, snapshot
+/// id), the newest [`MAX_EXPIRED_JOBS`] kept.
+pub fn expired_jobs_value(existing: Option<&str>, expired: &[(String, i64)]) -> String {
+    let mut entries: Vec<String> = existing
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(str::to_string)
+        .collect();
+    entries.extend(
+        expired
+            .iter()
+            .map(|(job, snapshot)| format!("{job}:{snapshot}")),
+    );
+    let skip = entries.len().saturating_sub(MAX_EXPIRED_JOBS);
+    entries[skip..].join(" ")
+}
+
+/// The snapshot `job` committed, if [`EXPIRED_JOBS_PROPERTY`]'s `value` records it.
+pub fn expired_job_snapshot(value: Option<&str>, job: &str) -> Option<i64> {
+    value?
+        .split_whitespace()
+        .filter_map(|entry| entry.rsplit_once(':'))
+        .find(|(id, _)| *id == job)
+        .and_then(|(_, snapshot)| snapshot.parse().ok())
+}
+
 /// What an expiry did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Expired {
@@ -131,9 +166,33 @@ pub async fn expire_snapshots(
                 snapshot_id: Some(current),
             });
         }
-        let updates = vec![TableUpdate::RemoveSnapshots {
+        // The jobs of the expired snapshots stay known in the same swap: their reruns
+        // are done, not appended again.
+        let expired_jobs: Vec<(String, i64)> = table
+            .metadata()
+            .snapshots()
+            .filter(|s| doomed.contains(&s.snapshot_id()))
+            .filter_map(|s| {
+                let job = s
+                    .summary()
+                    .additional_properties
+                    .get(super::JOB_ID_PROPERTY)?;
+                Some((job.clone(), s.snapshot_id()))
+            })
+            .collect();
+        let mut updates = vec![TableUpdate::RemoveSnapshots {
             snapshot_ids: doomed.clone(),
         }];
+        if !expired_jobs.is_empty() {
+            let existing = table.metadata().properties().get(EXPIRED_JOBS_PROPERTY);
+            updates.push(TableUpdate::SetProperties {
+                updates: [(
+                    EXPIRED_JOBS_PROPERTY.to_string(),
+                    expired_jobs_value(existing.map(String::as_str), &expired_jobs),
+                )]
+                .into(),
+            });
+        }
         match swap_table_metadata(config, &table, updates, requirements).await {
             Ok(()) => {
                 let after = TableReferences::load_live(&catalog.load_table(ident).await?).await?;
@@ -260,6 +319,27 @@ mod tests {
     use super::*;
 
     const DAY: i64 = 86_400_000;
+
+    #[test]
+    fn expired_jobs_are_remembered_newest_last_up_to_the_bound() {
+        let value = expired_jobs_value(None, &[("a".into(), 1), ("backfill-p-d-1".into(), 2)]);
+        assert_eq!(value, "a:1 backfill-p-d-1:2");
+        assert_eq!(expired_job_snapshot(Some(&value), "a"), Some(1));
+        assert_eq!(
+            expired_job_snapshot(Some(&value), "backfill-p-d-1"),
+            Some(2)
+        );
+        // Ids that share a prefix are not each other.
+        assert_eq!(expired_job_snapshot(Some(&value), "backfill-p-d"), None);
+        assert_eq!(expired_job_snapshot(None, "a"), None);
+        let many: Vec<(String, i64)> = (0..150).map(|i| (format!("j{i}"), i)).collect();
+        let value = expired_jobs_value(Some(&value), &many);
+        assert_eq!(value.split(' ').count(), MAX_EXPIRED_JOBS);
+        assert_eq!(expired_job_snapshot(Some(&value), "a"), None);
+        assert_eq!(expired_job_snapshot(Some(&value), "j149"), Some(149));
+        assert_eq!(expired_job_snapshot(Some(&value), "j50"), Some(50));
+        assert_eq!(expired_job_snapshot(Some(&value), "j49"), None);
+    }
 
     #[test]
     fn orphan_removal_needs_an_age_of_a_day() {

@@ -28,16 +28,17 @@ fn quote(column: &str) -> String {
 }
 
 /// The SQL of a merge: `changes_sql` is the pipeline's SQL, `columns` its result columns,
-/// `keys` the merge keys (among `columns`). With `target_columns` (the table's), the current
-/// rows are read from [`TARGET_VIEW`], a result column the table lacks as null (one the
-/// spec's `schema_evolution` adds); without (no table or no snapshot yet) the result is
-/// the changes.
+/// `keys` the merge keys (among `columns`). With `target_columns` (the table's, with their
+/// types), the current rows are read from [`TARGET_VIEW`]: a result column the table lacks
+/// as null, one the result widens (`int` to `bigint`) cast to the result's type (a union
+/// takes its first side's types, and the spec's `schema_evolution` decides by the union's);
+/// without (no table or no snapshot yet) the result is the changes.
 pub fn merge_sql(
     changes_sql: &str,
     columns: &[(String, DataType)],
     keys: &[String],
     delete_when: Option<&str>,
-    target_columns: Option<&[String]>,
+    target_columns: Option<&[(String, DataType)]>,
 ) -> String {
     let list = |prefix: &str| {
         columns
@@ -84,13 +85,21 @@ pub fn merge_sql(
     };
     let current = columns
         .iter()
-        .map(|(c, data_type)| match target_columns.contains(c) {
-            true => format!("__nightshift_t.{}", quote(c)),
-            false => format!(
-                "arrow_cast(NULL, '{}') AS {}",
-                data_type.to_string().replace('\'', "''"),
-                quote(c)
-            ),
+        .map(|(c, data_type)| {
+            let cast = |value: &str| {
+                format!(
+                    "arrow_cast({value}, '{}') AS {}",
+                    data_type.to_string().replace('\'', "''"),
+                    quote(c)
+                )
+            };
+            match target_columns.iter().find(|(name, _)| name == c) {
+                None => cast("NULL"),
+                Some((_, table_type)) if widens(table_type, data_type) => {
+                    cast(&format!("__nightshift_t.{}", quote(c)))
+                }
+                Some(_) => format!("__nightshift_t.{}", quote(c)),
+            }
         })
         .collect::<Vec<_>>()
         .join(", ");
@@ -102,6 +111,18 @@ pub fn merge_sql(
     format!(
         "WITH {changes} SELECT {current} FROM {TARGET_VIEW} __nightshift_t WHERE NOT EXISTS \
          (SELECT 1 FROM __nightshift_changes __nightshift_m WHERE {matched}) UNION ALL {inserted}"
+    )
+}
+
+/// Whether `to` is a type Iceberg lets a column of `from` widen to (`int` to `long`, `float`
+/// to `double`, a decimal to more digits of the same scale).
+fn widens(from: &DataType, to: &DataType) -> bool {
+    matches!(
+        (from, to),
+        (DataType::Int32, DataType::Int64) | (DataType::Float32, DataType::Float64)
+    ) || matches!(
+        (from, to),
+        (DataType::Decimal128(p1, s1), DataType::Decimal128(p2, s2)) if s1 == s2 && p2 > p1
     )
 }
 
@@ -182,7 +203,7 @@ mod tests {
             &typed(&["id", "v", "op"]),
             &cols(&["id"]),
             Some("op = 'D'"),
-            Some(&cols(&["id", "v", "op"])),
+            Some(&typed(&["id", "v", "op"])),
         );
         assert!(sql.contains("NOT EXISTS"), "{sql}");
         assert!(
@@ -205,13 +226,43 @@ mod tests {
     }
 
     #[test]
+    fn a_column_the_result_widens_is_read_widened_from_the_table() {
+        let result = [
+            ("k".to_string(), DataType::Int64),
+            ("v".to_string(), DataType::Int64),
+            ("d".to_string(), DataType::Decimal128(12, 2)),
+            ("f".to_string(), DataType::Float32),
+        ];
+        let table = [
+            ("k".to_string(), DataType::Int64),
+            ("v".to_string(), DataType::Int32),
+            ("d".to_string(), DataType::Decimal128(10, 2)),
+            ("f".to_string(), DataType::Float64),
+        ];
+        let sql = merge_sql(
+            "SELECT * FROM src",
+            &result,
+            &cols(&["k"]),
+            None,
+            Some(&table),
+        );
+        assert!(
+            sql.contains(
+                "SELECT __nightshift_t.\"k\", arrow_cast(__nightshift_t.\"v\", 'Int64') AS \"v\", \
+                 arrow_cast(__nightshift_t.\"d\", 'Decimal128(12, 2)') AS \"d\", __nightshift_t.\"f\" FROM"
+            ),
+            "{sql}"
+        );
+    }
+
+    #[test]
     fn a_column_the_table_lacks_is_null_in_its_current_rows() {
         let sql = merge_sql(
             "SELECT id, name, email FROM src",
             &typed(&["id", "name", "email"]),
             &cols(&["id"]),
             None,
-            Some(&cols(&["id", "name"])),
+            Some(&typed(&["id", "name"])),
         );
         assert!(
             sql.contains(

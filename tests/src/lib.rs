@@ -276,6 +276,25 @@ pub fn python_json<T: serde::de::DeserializeOwned>(script: &str, args: &[&str]) 
     json_output(cmd)
 }
 
+impl Sandbox {
+    /// Runs Python `body` with `t`, the sandbox warehouse's table `table` loaded by
+    /// PyIceberg; `body` ends by `json.dump`-ing its answer to `sys.stdout`.
+    pub fn with_pyiceberg_table<T: serde::de::DeserializeOwned>(
+        &self,
+        table: &str,
+        body: &str,
+    ) -> T {
+        let script = format!(
+            "import json, sys\n\
+             from pyiceberg.catalog.sql import SqlCatalog\n\
+             w = sys.argv[1]\n\
+             t = SqlCatalog('nightshift', uri=f'sqlite:///{{w}}/catalog.db', warehouse=w).load_table(sys.argv[2])\n\
+             {body}\n"
+        );
+        python_json(&script, &[&self.warehouse().display().to_string(), table])
+    }
+}
+
 /// What `tests/py/check_report.py` reads from a job report `page` (headings, stage boxes,
 /// task bars, checks, elements, text); the page must be valid HTML5 (html5lib, strict).
 pub fn check_report_page(page: &str) -> Value {

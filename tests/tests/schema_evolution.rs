@@ -517,8 +517,10 @@ table = "tests.events"
     }
 }
 
-/// A merge adds a column as an append does: the table's rows the changes do not touch get
-/// null, changed and new rows their value (it failed: "No field named __nightshift_t.note").
+/// A merge adds a column and widens one as an append does: the table's rows the changes do
+/// not touch get null in the new column, changed and new rows their value (it failed: "No
+/// field named __nightshift_t.note"), and an `int` column becomes `long` (it stayed `int`,
+/// and a value past it failed the task).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_merge_adds_a_column_in_its_own_commit() {
     let sandbox = Sandbox::new();
@@ -528,39 +530,42 @@ async fn a_merge_adds_a_column_in_its_own_commit() {
             "mode = \"merge\"\nmerge_keys = [\"id\"]",
         )
     };
-    sandbox.write("data/day.csv", "id,name\n1,Ann\n2,Bob\n");
-    sandbox.spec(&merge("id, name", &[("id", "bigint")]));
+    sandbox.write("data/day.csv", "id,name,qty\n1,Ann,5\n2,Bob,6\n");
+    sandbox.spec(&merge("id, name, qty", &[("id", "bigint"), ("qty", "int")]));
     sandbox.run(2, None, None).await.expect("first merge");
     sandbox.write(
         "data/day.csv",
-        "id,name,note\n2,Bob,späte Lieferung\n3,Cy,neu\n",
+        "id,name,note,qty\n2,Bob,späte Lieferung,3000000000\n3,Cy,neu,7\n",
     );
     sandbox.spec(&merge(
-        "id, name, note",
-        &[("id", "bigint"), ("note", "string")],
+        "id, name, note, qty",
+        &[("id", "bigint"), ("note", "string"), ("qty", "bigint")],
     ));
     sandbox
         .run(2, None, None)
         .await
         .expect("merge adding a column");
-    let script = format!(
-        "import json, sys\n\
-         from pyiceberg.catalog.sql import SqlCatalog\n\
-         w = '{w}'\n\
-         t = SqlCatalog('nightshift', uri=f'sqlite:///{{w}}/catalog.db', warehouse=w).load_table('{TABLE}')\n\
-         json.dump(sorted(t.scan().to_arrow().to_pylist(), key=lambda r: r['id']), sys.stdout)\n",
-        w = sandbox.warehouse().display()
+    let read: Value = sandbox.with_pyiceberg_table(
+        TABLE,
+        "json.dump(sorted(t.scan().to_arrow().to_pylist(), key=lambda r: r['id']), sys.stdout)",
     );
-    let read: Value = nightshift_tests::python_json(&script, &[]);
     assert_eq!(
         read,
         serde_json::json!([
-            {"id": 1, "name": "Ann", "note": null},
-            {"id": 2, "name": "Bob", "note": "späte Lieferung"},
-            {"id": 3, "name": "Cy", "note": "neu"},
+            {"id": 1, "name": "Ann", "qty": 5, "note": null},
+            {"id": 2, "name": "Bob", "qty": 3_000_000_000i64, "note": "späte Lieferung"},
+            {"id": 3, "name": "Cy", "qty": 7, "note": "neu"},
         ]),
         "{read:#}"
     );
     let (_, both) = rows(&sandbox);
     assert_eq!(snapshot_count(&both), 2);
+    let schemas = schemas(&sandbox);
+    let current = schemas["current"].to_string();
+    assert!(
+        schemas["schemas"][&current]
+            .as_array()
+            .is_some_and(|columns| columns.iter().any(|c| c == "qty:long")),
+        "{schemas:#}"
+    );
 }

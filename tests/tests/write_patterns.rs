@@ -1086,17 +1086,12 @@ async fn a_rerun_of_a_rolled_back_job_says_its_rows_are_gone() {
         .run_with(2, Some(2), Some("day-1-late"), &day)
         .await
         .expect("second");
-    let script = format!(
-        "import json, sys\n\
-         from pyiceberg.catalog.sql import SqlCatalog\n\
-         w = '{w}'\n\
-         t = SqlCatalog('nightshift', uri=f'sqlite:///{{w}}/catalog.db', warehouse=w).load_table('{TABLE}')\n\
-         t.manage_snapshots().rollback_to_snapshot({id}).commit()\n\
-         json.dump(len(t.scan().to_arrow()), sys.stdout)\n",
-        w = sandbox.warehouse().display(),
-        id = first.snapshot_id.unwrap()
+    let rollback = format!(
+        "t.manage_snapshots().rollback_to_snapshot({}).commit()\n\
+         json.dump(len(t.scan().to_arrow()), sys.stdout)",
+        first.snapshot_id.unwrap()
     );
-    let rows: Value = nightshift_tests::python_json(&script, &[]);
+    let rows: Value = sandbox.with_pyiceberg_table(TABLE, &rollback);
     assert_eq!(rows, 3);
     let err = sandbox
         .run_with(2, Some(2), Some("day-1-late"), &day)

@@ -485,7 +485,7 @@ async fn merge_sql_of(
                 .schema()
                 .fields()
                 .iter()
-                .map(|f| f.name().clone())
+                .map(|f| (f.name().clone(), f.data_type().clone()))
                 .collect::<Vec<_>>(),
         ),
         None => None,

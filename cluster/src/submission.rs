@@ -66,9 +66,33 @@ impl JobSubmission {
     }
 }
 
+/// The job id of a submission with idempotency key `key` and request digest `digest` that
+/// names no job id: the same key and request always give the same id. The key's binding in
+/// Redis answers a retry while it lives; when it is gone (Redis flushed or restarted, the
+/// binding expired), the retry still runs under the first one's id, which the table's
+/// history knows as committed, so the rows are not written twice.
+pub fn keyed_job_id(key: &str, digest: &str) -> nightshift_core::ids::JobId {
+    use sha2::{Digest, Sha256};
+    let pair = serde_json::json!([key, digest]).to_string();
+    let hash = hex::encode(Sha256::digest(pair.as_bytes()));
+    nightshift_core::ids::JobId::parse(&format!("keyed-{}", &hash[..32]))
+        .expect("hex digits make a job id")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_key_and_request_give_one_job_id() {
+        let first = keyed_job_id("nightly-2024-01-01", "d1");
+        assert_eq!(first, keyed_job_id("nightly-2024-01-01", "d1"));
+        assert_eq!(first.as_str().len(), "keyed-".len() + 32);
+        assert_ne!(first, keyed_job_id("nightly-2024-01-01", "d2"));
+        assert_ne!(first, keyed_job_id("nightly-2024-01-0", "d1"));
+        // No key and digest run together into another's.
+        assert_ne!(keyed_job_id("a\nb", "c"), keyed_job_id("a", "b\nc"));
+    }
 
     fn submission(spec: &str, files: &[(&str, &str)], params: &[(&str, &str)]) -> JobSubmission {
         JobSubmission {

@@ -280,12 +280,19 @@ impl JobService for JobApi {
             Err(JobError::Invalid(e)) => return Err(refuse(Code::InvalidArgument, e)),
             Err(e) => return Err(refuse(Code::Unavailable, e)),
         }
-        let job = chosen.clone().unwrap_or_else(JobId::generate);
-        let pipeline = &spec.spec.pipeline.name;
         let key = request.idempotency_key;
+        let digest = submission.request_digest();
+        let job = match (&chosen, key.is_empty()) {
+            (Some(chosen), _) => chosen.clone(),
+            (None, true) => JobId::generate(),
+            // Derived, not drawn: a retry the key's binding no longer answers (Redis was
+            // flushed) runs under the same id, which the table knows as committed.
+            (None, false) => nightshift_cluster::submission::keyed_job_id(&key, &digest),
+        };
+        let pipeline = &spec.spec.pipeline.name;
         let binding = KeyBinding {
             job: job.to_string(),
-            digest: submission.request_digest(),
+            digest,
             bound_at_ms: now_ms(),
         };
         if chosen.is_some() {

@@ -333,4 +333,44 @@ async fn an_idempotency_key_is_bound_to_the_request_it_first_came_with() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // Redis loses everything of this cluster (flushed, restarted without persistence): the
+    // same request again runs under the same job id, which the table knows as committed,
+    // so its rows are not written twice (a new id used to be drawn, and every row doubled).
+    let flushed = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "redis-cli --scan --pattern '{}*' | xargs -r redis-cli del",
+            cluster.prefix
+        ))
+        .output()
+        .expect("redis-cli");
+    assert!(flushed.status.success(), "{flushed:?}");
+    let after_flush = client
+        .submit_job(request(spec.clone(), &[("day", "1")], "nightly-1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(after_flush.job_id, retried.job_id);
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let job = client
+            .get_job(GetJobRequest {
+                job_id: after_flush.job_id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if job.state == JobState::Succeeded as i32 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline && job.state != JobState::Failed as i32,
+            "{job:?}\n{}",
+            cluster.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let read = cluster.read_table("tests.idem", None);
+    assert_eq!(read["pyiceberg"]["rows"], 2, "{read:#}");
+    assert_eq!(nightshift_tests::snapshot_count(&read), 1, "{read:#}");
 }

@@ -502,6 +502,11 @@ impl TokenAuth {
     }
 
     fn check(&self, request: &Request<()>) -> Result<(), Status> {
+        // No token configured: the API is served without authentication (`--no-auth`; the
+        // coordinator refuses to start with no tokens otherwise), as `admits_http` does.
+        if self.tokens.is_empty() {
+            return Ok(());
+        }
         let presented = request
             .metadata()
             .get("authorization")
@@ -641,6 +646,32 @@ mod tests {
     fn a_tokens_file_holds_one_token_per_line_and_comments_are_none() {
         let text = "tok-alice\n  tok-bob  \n\n# tok-revoked\n   #tok-old\n";
         assert_eq!(tokens_in_file(text), ["tok-alice", "tok-bob"]);
+    }
+
+    #[test]
+    fn without_tokens_every_call_is_let_in_and_with_them_only_a_bearer_of_one() {
+        let bearing = |token: Option<&str>| {
+            let mut request = Request::new(());
+            if let Some(token) = token {
+                request
+                    .metadata_mut()
+                    .insert("authorization", format!("Bearer {token}").parse().unwrap());
+            }
+            request
+        };
+        let open = TokenAuth::new(vec![]);
+        assert!(open.check(&bearing(None)).is_ok());
+        assert!(open.check(&bearing(Some("anything"))).is_ok());
+        let guarded = TokenAuth::new(vec!["tok-a".into()]);
+        assert!(guarded.check(&bearing(Some("tok-a"))).is_ok());
+        assert!(guarded.check(&bearing(Some("tok-b"))).is_err());
+        assert!(guarded.check(&bearing(None)).is_err());
+        // An empty token in the list never lets an empty bearer in.
+        assert!(
+            TokenAuth::new(vec!["".into(), "tok-a".into()])
+                .check(&bearing(Some("")))
+                .is_err()
+        );
     }
 
     #[test]

@@ -294,7 +294,11 @@ pub async fn list_objects_meta(
 /// key's segments are percent-encoded, so a `%` in a name (a partition directory escapes
 /// `:` as `%3A`) is not decoded into another name when the URL is opened. (Writing the key
 /// into the URL raw made every cleanup, expiry and orphan removal miss the files of such
-/// partitions: it deleted names that did not exist.)
+/// partitions: it deleted names that did not exist.) This changes which file a deletion
+/// reaches, never whether a file may be deleted: every caller still deletes only what its
+/// own checks allow (a job's sweep: names parsed as the job's that no snapshot's manifest
+/// entry names; expiry: files no retained snapshot reads; orphan removal: those, a day
+/// old), and references are compared by file name, which holds no `%`.
 fn object_url(location: &Location, key: &ObjectPath) -> Result<Url> {
     let bad_url = || {
         CoreError::io(

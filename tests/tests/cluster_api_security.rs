@@ -313,26 +313,8 @@ async fn an_idempotency_key_is_bound_to_the_request_it_first_came_with() {
     assert_ne!(out.status.code(), Some(0), "{stderr}");
     assert!(stderr.contains("nightly-1"), "{stderr}");
     // The job behind the key ran once.
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    loop {
-        let job = client
-            .get_job(GetJobRequest {
-                job_id: retried.job_id.clone(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        if job.state == JobState::Succeeded as i32 {
-            assert_eq!(job.rows, 2, "{job:?}");
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline && job.state != JobState::Failed as i32,
-            "{job:?}\n{}",
-            cluster.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let job = succeeded(&mut client, &retried.job_id, &cluster).await;
+    assert_eq!(job.rows, 2, "{job:?}");
     // Redis loses everything of this cluster (flushed, restarted without persistence): the
     // same request again runs under the same job id, which the table knows as committed,
     // so its rows are not written twice (a new id used to be drawn, and every row doubled).
@@ -351,17 +333,30 @@ async fn an_idempotency_key_is_bound_to_the_request_it_first_came_with() {
         .unwrap()
         .into_inner();
     assert_eq!(after_flush.job_id, retried.job_id);
+    succeeded(&mut client, &after_flush.job_id, &cluster).await;
+    let read = cluster.read_table("tests.idem", None);
+    assert_eq!(read["pyiceberg"]["rows"], 2, "{read:#}");
+    assert_eq!(nightshift_tests::snapshot_count(&read), 1, "{read:#}");
+}
+
+/// Job `job_id` once it has succeeded, polled through the API for at most two minutes; a
+/// failure or the deadline fails the test with the cluster's logs.
+async fn succeeded(
+    client: &mut nightshift::client::ApiClient,
+    job_id: &str,
+    cluster: &ClusterSandbox,
+) -> nightshift_proto::v1::Job {
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     loop {
         let job = client
             .get_job(GetJobRequest {
-                job_id: after_flush.job_id.clone(),
+                job_id: job_id.to_string(),
             })
             .await
             .unwrap()
             .into_inner();
         if job.state == JobState::Succeeded as i32 {
-            break;
+            return job;
         }
         assert!(
             std::time::Instant::now() < deadline && job.state != JobState::Failed as i32,
@@ -370,7 +365,4 @@ async fn an_idempotency_key_is_bound_to_the_request_it_first_came_with() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let read = cluster.read_table("tests.idem", None);
-    assert_eq!(read["pyiceberg"]["rows"], 2, "{read:#}");
-    assert_eq!(nightshift_tests::snapshot_count(&read), 1, "{read:#}");
 }

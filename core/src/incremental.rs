@@ -113,6 +113,8 @@ pub fn kept_for_consumed_records<'a>(
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Upstream {
     pub snapshot_id: i64,
+    /// The snapshot it was committed on (kept when expiry has removed that one).
+    pub parent_id: Option<i64>,
     /// `append`, `overwrite`, `delete` or `replace`.
     pub operation: String,
 }
@@ -162,7 +164,15 @@ pub fn range_to_read(
             why: "no earlier run of this pipeline consumed it".to_string(),
         });
     };
-    let verdict = match history.iter().position(|s| s.snapshot_id == consumed) {
+    // Expiry upstream may have removed the consumed snapshot but kept every one after it
+    // (the usual nightly case: `expire older than a day` after the next load): the oldest
+    // snapshot left was committed on it, so the history since the record is whole.
+    let after_expired_record = history
+        .last()
+        .is_some_and(|oldest| oldest.parent_id == Some(consumed))
+        .then_some(history.len());
+    let position = history.iter().position(|s| s.snapshot_id == consumed);
+    let verdict = match position.or(after_expired_record) {
         None => Err(RangeError::Lost { consumed }),
         Some(0) => return Ok(Range::Nothing),
         Some(at) => {
@@ -205,13 +215,25 @@ mod tests {
         s
     }
 
+    /// Newest first, each committed on the one after it; the oldest is the table's first.
     fn history(ops: &[(i64, &str)]) -> Vec<Upstream> {
         ops.iter()
-            .map(|(id, op)| Upstream {
+            .enumerate()
+            .map(|(at, (id, op))| Upstream {
                 snapshot_id: *id,
+                parent_id: ops.get(at + 1).map(|(parent, _)| *parent),
                 operation: op.to_string(),
             })
             .collect()
+    }
+
+    /// [`history`] whose oldest snapshot was committed on `expired`, which expiry removed.
+    fn after_expired(expired: i64, ops: &[(i64, &str)]) -> Vec<Upstream> {
+        let mut h = history(ops);
+        if let Some(oldest) = h.last_mut() {
+            oldest.parent_id = Some(expired);
+        }
+        h
     }
 
     #[test]
@@ -328,6 +350,39 @@ mod tests {
         );
         assert_eq!(
             range_to_read(Some(6), &h, OnSourceRewrite::Fail),
+            Ok(Range::Nothing)
+        );
+    }
+
+    #[test]
+    fn an_expired_record_is_read_on_from_when_every_later_snapshot_is_left() {
+        // 3 was consumed and expired; 4 (committed on 3) and 5 are left.
+        let h = after_expired(3, &[(5, "append"), (4, "append")]);
+        assert_eq!(
+            range_to_read(Some(3), &h, OnSourceRewrite::Fail),
+            Ok(Range::Appended(vec![4, 5]))
+        );
+        // 3 and 4 expired: what 4 appended is unknown, so the run fails as before.
+        let h = after_expired(4, &[(5, "append")]);
+        assert_eq!(
+            range_to_read(Some(3), &h, OnSourceRewrite::Fail),
+            Err(RangeError::Lost { consumed: 3 })
+        );
+        // What followed the record is still judged: a rewrite fails, a compaction is passed.
+        let h = after_expired(3, &[(6, "replace"), (5, "append"), (4, "overwrite")]);
+        assert!(matches!(
+            range_to_read(Some(3), &h, OnSourceRewrite::Fail),
+            Err(RangeError::Rewritten { snapshot_id: 4, .. })
+        ));
+        let h = after_expired(3, &[(5, "replace"), (4, "append")]);
+        assert_eq!(
+            range_to_read(Some(3), &h, OnSourceRewrite::Fail),
+            Ok(Range::Appended(vec![4]))
+        );
+        // Only the expired compaction left: nothing since the record.
+        let h = after_expired(3, &[(4, "replace")]);
+        assert_eq!(
+            range_to_read(Some(3), &h, OnSourceRewrite::Fail),
             Ok(Range::Nothing)
         );
     }

@@ -458,6 +458,7 @@ fn upstream_history(table: &iceberg::table::Table) -> Vec<crate::incremental::Up
         .iter()
         .map(|s| crate::incremental::Upstream {
             snapshot_id: s.snapshot_id(),
+            parent_id: s.parent_snapshot_id(),
             operation: s.summary().operation.as_str().to_string(),
         })
         .collect()

@@ -277,6 +277,51 @@ fn compaction_and_expiry_upstream_and_downstream_keep_each_row_once() {
     assert_eq!(downstream_ids(&sandbox), (1..=12).collect::<Vec<_>>());
 }
 
+/// Upstream expiry after the next load (the nightly `expire older than a day`) removes the
+/// snapshot a consumer last read; the snapshots after it are all left, so the consumer reads
+/// on from there (every run used to fail: "no longer in the source's history"). When the
+/// snapshots after it are gone too, what they appended is unknown: the run fails, nothing is
+/// appended twice, and `on_source_rewrite = "full"` is named as the way on.
+#[test]
+fn an_upstream_expiry_of_the_consumed_snapshot_is_read_on_from() {
+    let sandbox = Sandbox::new();
+    for batch in 1..=4 {
+        let id = batch * 10;
+        sandbox.write(
+            &format!("data/batch_{batch}.csv"),
+            format!("id,payload\n{id},p{id}\n{},é\n", id + 1),
+        );
+    }
+    sandbox.write("loader.toml", loader("append"));
+    sandbox.write("consumer.toml", consumer(None));
+    load(&sandbox, 1);
+    let (code, out) = consume(&sandbox, &[]);
+    assert_eq!(code, 0, "{out}");
+    load(&sandbox, 2);
+    let expiry = ["--expire-older-than", "0s", "--keep-last", "1"];
+    let expired = maintain(&sandbox, UPSTREAM, &expiry);
+    assert_eq!(
+        expired["expired_snapshots"].as_array().map(Vec::len),
+        Some(1),
+        "{expired:#}"
+    );
+    let (code, out) = consume(&sandbox, &[]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(downstream_ids(&sandbox), vec![10, 11, 20, 21]);
+
+    // Two loads, and both the consumed snapshot and the one after it expired.
+    load(&sandbox, 3);
+    load(&sandbox, 4);
+    maintain(&sandbox, UPSTREAM, &expiry);
+    let (code, out) = consume(&sandbox, &[]);
+    assert_ne!(code, 0, "{out}");
+    assert!(
+        out.contains("no longer in the source's history") && out.contains("on_source_rewrite"),
+        "{out}"
+    );
+    assert_eq!(downstream_ids(&sandbox), vec![10, 11, 20, 21]);
+}
+
 #[test]
 fn a_rewritten_upstream_fails_the_run_or_is_read_whole() {
     let sandbox = Sandbox::new();

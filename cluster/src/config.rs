@@ -299,6 +299,9 @@ impl ClusterConfig {
             }
         }
         set_iceberg_props(props);
+        // Admission checks sources against [access] locations; every read of a local file
+        // inside one then opens beneath it, in the coordinator and in each worker.
+        nightshift_core::access::confine_local_reads(self.access.policy()?.local_roots());
         let scratch = Location::parse(&self.storage.scratch, Path::new("/"))
             .map_err(|e| ConfigError::Invalid(format!("[storage] scratch: {e}")))?;
         let catalog = match self.catalog.kind.as_str() {

@@ -27,6 +27,7 @@ pub mod iceberg_scan;
 pub mod ids;
 pub mod incremental;
 pub mod joins;
+pub mod local_store;
 pub mod merge;
 pub mod merge_files;
 pub mod metrics;

@@ -975,7 +975,7 @@ fn local_files(table_path: &str) -> Vec<std::path::PathBuf> {
 /// says which file of a directory or glob is broken.
 fn find_bad_parquet(table_path: &str) -> Option<String> {
     local_files(table_path).into_iter().find_map(|path| {
-        let file = std::fs::File::open(&path).ok()?;
+        let file = crate::access::open_local(&path).ok()?;
         match parquet::file::reader::SerializedFileReader::new(file) {
             Ok(_) => None,
             Err(e) => Some(format!(
@@ -991,7 +991,7 @@ fn find_bad_parquet(table_path: &str) -> Option<String> {
 fn find_bad_json(table_path: &str) -> Option<String> {
     use std::io::BufRead;
     local_files(table_path).into_iter().find_map(|path| {
-        let file = std::fs::File::open(&path).ok()?;
+        let file = crate::access::open_local(&path).ok()?;
         for (index, line) in std::io::BufReader::new(file).lines().enumerate() {
             let line = match line {
                 Ok(line) => line,
@@ -1023,7 +1023,7 @@ fn find_bad_json(table_path: &str) -> Option<String> {
 fn find_json_type_conflict(table_path: &str) -> Option<String> {
     let mut seen: Vec<(String, DataType, std::path::PathBuf)> = Vec::new();
     for path in local_files(table_path) {
-        let file = std::fs::File::open(&path).ok()?;
+        let file = crate::access::open_local(&path).ok()?;
         let (schema, _) =
             arrow::json::reader::infer_json_schema(std::io::BufReader::new(file), None).ok()?;
         for field in schema.fields() {

@@ -15,6 +15,7 @@ use object_store::{ObjectStore, ObjectStoreExt};
 use url::Url;
 
 use crate::error::{CoreError, Result};
+use crate::local_store::LocalStore;
 
 /// How this process reaches S3 (set once at start-up from the configuration). Credentials
 /// come from the environment / AWS default chain / web identity, never from a file.
@@ -54,7 +55,7 @@ pub fn register_store(prefix: &str, store: Arc<dyn ObjectStore>) {
 /// client built from the configured settings (cached per bucket).
 pub fn store_for_url(url: &Url) -> Result<Arc<dyn ObjectStore>> {
     if url.scheme() == "file" {
-        return Ok(Arc::new(LocalFileSystem::new()));
+        return Ok(Arc::new(LocalStore::new()));
     }
     let prefix = url[..url::Position::BeforePath].to_string();
     if let Some(store) = STORES.read().expect("store registry lock").get(&prefix) {
@@ -218,7 +219,7 @@ impl Location {
             })?;
             let key = ObjectPath::from_absolute_path(&path)
                 .map_err(|e| CoreError::ObjectStore(e.into()))?;
-            return Ok((Arc::new(LocalFileSystem::new()), key));
+            return Ok((Arc::new(LocalStore::new()), key));
         }
         let key = ObjectPath::from_url_path(self.url.path())
             .map_err(|e| CoreError::ObjectStore(e.into()))?;

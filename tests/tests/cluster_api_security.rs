@@ -339,9 +339,25 @@ async fn an_idempotency_key_is_bound_to_the_request_it_first_came_with() {
     assert_eq!(nightshift_tests::snapshot_count(&read), 1, "{read:#}");
 }
 
-/// Job `job_id` once it has succeeded, polled through the API for at most two minutes; a
-/// failure or the deadline fails the test with the cluster's logs.
+/// Job `job_id` once it has succeeded; a failure fails the test with the cluster's logs.
 async fn succeeded(
+    client: &mut nightshift::client::ApiClient,
+    job_id: &str,
+    cluster: &ClusterSandbox,
+) -> nightshift_proto::v1::Job {
+    let job = finished(client, job_id, cluster).await;
+    assert_eq!(
+        job.state,
+        JobState::Succeeded as i32,
+        "{job:?}\n{}",
+        cluster.logs()
+    );
+    job
+}
+
+/// Job `job_id` once it has succeeded or failed, polled through the API for at most two
+/// minutes; the deadline fails the test with the cluster's logs.
+async fn finished(
     client: &mut nightshift::client::ApiClient,
     job_id: &str,
     cluster: &ClusterSandbox,
@@ -355,14 +371,59 @@ async fn succeeded(
             .await
             .unwrap()
             .into_inner();
-        if job.state == JobState::Succeeded as i32 {
+        if job.state == JobState::Succeeded as i32 || job.state == JobState::Failed as i32 {
             return job;
         }
         assert!(
-            std::time::Instant::now() < deadline && job.state != JobState::Failed as i32,
+            std::time::Instant::now() < deadline,
             "{job:?}\n{}",
             cluster.logs()
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A file admitted inside the allowed directory, and a directory, each swapped for a link out
+/// of it after admission, before they are read: nothing outside is read (the planner's
+/// schema inference on the coordinator and the worker's scan both open beneath the allowed
+/// location), and each job fails saying a link leads out. Both used to read the file the
+/// link led to and publish its rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_swapped_for_a_link_after_admission_is_not_read() {
+    let mut cluster = start(0, &[]);
+    let data = cluster.sandbox.path("data");
+    let outside = cluster.sandbox.path("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::write(outside.join("secret.csv"), "id,name\n99,secret\n").unwrap();
+    std::fs::create_dir_all(data.join("swapped_dir")).unwrap();
+    std::fs::write(data.join("swapped_dir/secret.csv"), "id,name\n5,five\n").unwrap();
+    std::fs::write(data.join("swapped.csv"), "id,name\n6,six\n").unwrap();
+    let d = data.display().to_string();
+    let mut client = cluster.api_client().await;
+    let mut jobs = Vec::new();
+    for (location, table) in [
+        (format!("{d}/swapped.csv"), "tests.swapped_file"),
+        (format!("{d}/swapped_dir/"), "tests.swapped_dir"),
+    ] {
+        let job = client
+            .submit_job(inline(csv_spec(&location, table)))
+            .await
+            .unwrap_or_else(|s| panic!("{location}: {s:?}"))
+            .into_inner();
+        jobs.push(job.job_id);
+    }
+    std::fs::remove_file(data.join("swapped.csv")).unwrap();
+    std::os::unix::fs::symlink(outside.join("secret.csv"), data.join("swapped.csv")).unwrap();
+    std::fs::remove_dir_all(data.join("swapped_dir")).unwrap();
+    std::os::unix::fs::symlink(&outside, data.join("swapped_dir")).unwrap();
+    cluster.start_worker();
+    for job_id in &jobs {
+        let job = finished(&mut client, job_id, &cluster).await;
+        assert_eq!(job.state, JobState::Failed as i32, "{job:?}");
+        assert!(
+            job.error.contains("leads out of the allowed location"),
+            "{job:?}"
+        );
+        assert_eq!(job.rows, 0, "{job:?}");
     }
 }

@@ -11,10 +11,10 @@
 //! also checks every file the reader would list, so a link planted inside the allowed
 //! directory cannot point out of it.
 
+mod beneath;
 mod canonical;
 
-use std::path::Path;
-
+pub use beneath::{confine_local_reads, open_local};
 pub use canonical::{LocationError, canonical_location, contains, spec_text};
 use nightshift_spec::{ResolvedSpec, SourceFormat};
 
@@ -101,6 +101,15 @@ impl AccessPolicy {
         !self.locations.is_empty()
     }
 
+    /// The allowed locations on the local file system, which reads are confined to
+    /// ([`confine_local_reads`]).
+    pub fn local_roots(&self) -> Vec<std::path::PathBuf> {
+        self.locations
+            .iter()
+            .filter_map(Location::local_path)
+            .collect()
+    }
+
     fn allowed_list(&self) -> String {
         self.locations
             .iter()
@@ -176,7 +185,7 @@ impl AccessPolicy {
     }
 
     /// For a local directory or glob under a restricting policy: every file the reader would
-    /// list, resolved through its links, must lie inside the allowed locations too.
+    /// list must open without a link leading out of its allowed location.
     async fn admit_listed_files(
         &self,
         what: &str,
@@ -209,12 +218,13 @@ impl AccessPolicy {
         } else {
             return Ok(());
         };
+        // The rule the readers open by (`beneath`): a file reached through a link out of its
+        // allowed location is refused here, before the job is queued, as it would be later.
+        let roots = self.local_roots();
         for file in files {
-            let inside = std::fs::canonicalize(&file)
-                .ok()
-                .and_then(|real| Location::parse(&real.display().to_string(), Path::new("/")).ok())
-                .is_some_and(|real| self.locations.iter().any(|p| contains(p, &real)));
-            if !inside {
+            if let Err(e) = beneath::open_within(&roots, &file)
+                && e.kind() == std::io::ErrorKind::PermissionDenied
+            {
                 return Err(AccessError::Location {
                     what: what.to_string(),
                     location: text.to_string(),
@@ -255,6 +265,8 @@ impl AccessPolicy {
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
 
     fn spec(sources: &str, target: &str) -> ResolvedSpec {

@@ -252,3 +252,79 @@ pub fn exit_code(job: &Job) -> Option<u8> {
         _ => None,
     }
 }
+
+/// How long `watch` and `submit --wait` keep following a job through a coordinator that does
+/// not answer (a restart hands the job to the next coordinator; Redis may blip) before they
+/// give up and exit 1. The budget starts again with every update received.
+pub const FOLLOW_THROUGH_OUTAGE: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// Whether, and after how long, to watch a job again that has not finished when its watch
+/// ended: `code` is the error that ended it (`None`: the server closed the stream, as a
+/// coordinator shutting down does), `lost_for` how long no update has come, `attempt` the
+/// retries so far. Errors the server means (the job is unknown, the token refused) end
+/// the watch; an unreachable or restarting coordinator is waited for, up to
+/// [`FOLLOW_THROUGH_OUTAGE`].
+pub fn follow_again_after(
+    code: Option<tonic::Code>,
+    lost_for: std::time::Duration,
+    attempt: u32,
+) -> Option<std::time::Duration> {
+    use tonic::Code;
+    let transient = match code {
+        None => true,
+        Some(
+            Code::Unavailable
+            | Code::Unknown
+            | Code::Internal
+            | Code::Cancelled
+            | Code::DeadlineExceeded
+            | Code::Aborted,
+        ) => true,
+        Some(_) => false,
+    };
+    if !transient || lost_for >= FOLLOW_THROUGH_OUTAGE {
+        return None;
+    }
+    let backoff = std::time::Duration::from_millis(250) * 2u32.saturating_pow(attempt.min(5));
+    Some(backoff.min(std::time::Duration::from_secs(5)))
+}
+
+#[cfg(test)]
+mod follow_tests {
+    use std::time::Duration;
+
+    use tonic::Code;
+
+    use super::*;
+
+    #[test]
+    fn a_restarting_coordinator_is_waited_for_with_a_growing_pause() {
+        let pauses: Vec<_> = (0..8)
+            .map(|attempt| follow_again_after(Some(Code::Unavailable), Duration::ZERO, attempt))
+            .collect();
+        assert_eq!(pauses[0], Some(Duration::from_millis(250)));
+        assert_eq!(pauses[1], Some(Duration::from_millis(500)));
+        assert!(pauses.windows(2).all(|w| w[0] <= w[1]), "{pauses:?}");
+        assert_eq!(pauses[7], Some(Duration::from_secs(5)));
+        // A stream closed by a coordinator shutting down, or cut below gRPC.
+        for code in [None, Some(Code::Unknown), Some(Code::Internal)] {
+            assert!(follow_again_after(code, Duration::from_secs(60), 3).is_some());
+        }
+    }
+
+    #[test]
+    fn the_servers_own_refusals_and_a_long_outage_end_the_watch() {
+        for code in [
+            Code::NotFound,
+            Code::Unauthenticated,
+            Code::PermissionDenied,
+            Code::InvalidArgument,
+        ] {
+            assert_eq!(follow_again_after(Some(code), Duration::ZERO, 0), None);
+        }
+        assert_eq!(
+            follow_again_after(Some(Code::Unavailable), FOLLOW_THROUGH_OUTAGE, 0),
+            None
+        );
+    }
+}

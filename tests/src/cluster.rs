@@ -613,15 +613,31 @@ impl ClusterSandbox {
         args: &[&str],
         env: &[(&str, &str)],
     ) -> std::process::Output {
-        Command::new(nightshift_bin())
+        self.api_process(server, args, env)
+            .output()
+            .expect("run nightshift")
+    }
+
+    /// Starts a `nightshift` API command (`watch`, `submit --wait`) against this cluster in
+    /// the background, its output piped.
+    pub fn api_command_in_background(&self, args: &[&str]) -> Child {
+        self.api_process(&self.api_url(), args, &[])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run nightshift")
+    }
+
+    fn api_process(&self, server: &str, args: &[&str], env: &[(&str, &str)]) -> Command {
+        let mut command = Command::new(nightshift_bin());
+        command
             .args(args)
             .args(["--server", server])
             .envs(env.iter().copied())
             .current_dir(self.sandbox.root.path())
             .env("NIGHTSHIFT_TOKEN", &self.api_token)
-            .env_remove("RUST_LOG")
-            .output()
-            .expect("run nightshift")
+            .env_remove("RUST_LOG");
+        command
     }
 
     /// Every process log, for failure messages.

@@ -112,6 +112,24 @@ fn wait_for_status(addr: &str, path: &str, status: u16, timeout: Duration) -> St
     panic!("{path} on {addr} never answered {status}; last: {last:?}")
 }
 
+/// What `pipe` says, collected by a thread as it comes.
+fn read_in_background(
+    mut pipe: impl std::io::Read + Send + 'static,
+) -> std::sync::Arc<std::sync::Mutex<String>> {
+    let text = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let collected = text.clone();
+    std::thread::spawn(move || {
+        let mut buffer = [0u8; 4096];
+        while let Ok(n @ 1..) = pipe.read(&mut buffer) {
+            collected
+                .lock()
+                .unwrap()
+                .push_str(&String::from_utf8_lossy(&buffer[..n]));
+        }
+    });
+    text
+}
+
 fn wait_for_log(cluster: &ClusterSandbox, needle: &str) {
     let deadline = Instant::now() + Duration::from_secs(60);
     while !cluster.logs().contains(needle) {
@@ -458,6 +476,15 @@ async fn sigterm_to_the_coordinator_leaves_its_job_to_the_next_one() {
     });
     let mut client = cluster.submit_in_background("job-coordinator-drain");
     wait_for_log(&cluster, "stage started stage=3");
+    // A scheduler following the job through the API, as `submit --wait` does after submitting:
+    // it goes on watching through the handover (it used to exit 1 with the job still running).
+    let mut watch = cluster.api_command_in_background(&["watch", "job-coordinator-drain"]);
+    let watched = read_in_background(watch.stderr.take().expect("piped stderr"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !watched.lock().unwrap().contains("running") {
+        assert!(Instant::now() < deadline, "{}", watched.lock().unwrap());
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let stopping = Instant::now();
     let status = cluster.terminate_coordinator();
     assert!(status.success(), "{status}\n{}", cluster.logs());
@@ -480,6 +507,13 @@ async fn sigterm_to_the_coordinator_leaves_its_job_to_the_next_one() {
         cluster.coordinator_log().contains("resuming"),
         "{}",
         cluster.logs()
+    );
+    let status = watch.wait().expect("watch");
+    let stderr = watched.lock().unwrap().clone();
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("lost the watch") && stderr.contains("succeeded"),
+        "{stderr}"
     );
     assert_table_matches_reference(&cluster).await;
 }

@@ -1281,29 +1281,58 @@ async fn submit(args: SubmitArgs) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// Follows `job_id` until it finishes, and exits as it did. A coordinator that restarts or
+/// cannot reach Redis for a while does not end the watch (the job goes on): the watch is
+/// opened again, as [`client::follow_again_after`] decides.
 async fn follow(api: &mut client::ApiClient, job_id: &str) -> ExitCode {
-    let mut stream = match api.watch_job(client::get(job_id)).await {
-        Ok(s) => s.into_inner(),
-        Err(status) => return rpc_error(status),
-    };
     // On a terminal: a bar per stage; otherwise one line per change, for scheduler logs.
     let terminal = std::io::stderr().is_terminal();
     let bars = StageBars::new(terminal);
-    let mut last = None;
-    loop {
-        match stream.message().await {
-            Ok(Some(job)) => {
-                if terminal {
-                    bars.on_job(&job);
-                } else {
-                    eprintln!("{}", client::describe(&job));
+    let mut last: Option<nightshift_proto::v1::Job> = None;
+    let mut lost_since = std::time::Instant::now();
+    let mut attempt = 0;
+    while last.as_ref().and_then(client::exit_code).is_none() {
+        let ended = match api.watch_job(client::get(job_id)).await {
+            Ok(stream) => {
+                let mut stream = stream.into_inner();
+                loop {
+                    match stream.message().await {
+                        Ok(Some(job)) => {
+                            if terminal {
+                                bars.on_job(&job);
+                            } else if last.as_ref() != Some(&job) {
+                                eprintln!("{}", client::describe(&job));
+                            }
+                            last = Some(job);
+                            lost_since = std::time::Instant::now();
+                            attempt = 0;
+                        }
+                        Ok(None) => break None,
+                        Err(status) => break Some(status),
+                    }
                 }
-                last = Some(job);
             }
-            Ok(None) => break,
-            Err(status) => {
+            Err(status) => Some(status),
+        };
+        if last.as_ref().and_then(client::exit_code).is_some() {
+            break;
+        }
+        let code = ended.as_ref().map(tonic::Status::code);
+        match client::follow_again_after(code, lost_since.elapsed(), attempt) {
+            Some(pause) => {
+                let why = ended
+                    .as_ref()
+                    .map_or("the coordinator closed the watch", |s| s.message());
+                eprintln!("job {job_id}: lost the watch ({why}); watching again in {pause:?}");
+                attempt += 1;
+                tokio::time::sleep(pause).await;
+            }
+            None => {
                 bars.finish();
-                return rpc_error(status);
+                return match ended {
+                    Some(status) => rpc_error(status),
+                    None => ExitCode::from(EXIT_FAILED),
+                };
             }
         }
     }
@@ -1331,10 +1360,36 @@ async fn status(api: &ApiArgs, job_id: &str) -> ExitCode {
     }
 }
 
+/// `watch`: a coordinator that does not answer yet (restarting) is waited for as [`follow`]
+/// waits for one that goes away.
 async fn watch(api: &ApiArgs, job_id: &str) -> ExitCode {
-    match api_client(api).await {
-        Ok(mut c) => follow(&mut c, job_id).await,
-        Err(code) => code,
+    let since = std::time::Instant::now();
+    let mut attempt = 0;
+    loop {
+        let token = match client::token_from_env() {
+            Ok(token) => token,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(EXIT_INVALID);
+            }
+        };
+        match client::connect(&api.server, token).await {
+            Ok(mut c) => {
+                let _ = SERVER.set(api.server.clone());
+                return follow(&mut c, job_id).await;
+            }
+            Err(e) => {
+                let unavailable = Some(tonic::Code::Unavailable);
+                let Some(pause) = client::follow_again_after(unavailable, since.elapsed(), attempt)
+                else {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(EXIT_FAILED);
+                };
+                eprintln!("job {job_id}: {e}; trying again in {pause:?}");
+                attempt += 1;
+                tokio::time::sleep(pause).await;
+            }
+        }
     }
 }
 

@@ -112,7 +112,8 @@ async fn fifty_concurrent_submits_with_one_key_make_one_job() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_mid_job_commits_nothing_and_drains_the_queue() {
-    let cluster = start(1, &[("FAILPOINTS", "worker-task-delay=return(1500)")]);
+    // The first task takes a minute: the cancel stops it rather than waiting for it.
+    let cluster = start(1, &[("FAILPOINTS", "worker-task-delay=1*return(60000)")]);
     let mut client = cluster.api_client().await;
     let request = nightshift::client::submit_request(
         cluster.sandbox.path("pipeline.toml").to_str().unwrap(),
@@ -153,6 +154,13 @@ async fn cancel_mid_job_commits_nothing_and_drains_the_queue() {
         .unwrap()
         .into_inner();
     assert_eq!(job.state, JobState::Cancelled as i32, "{job:?}");
+    assert!(
+        cluster
+            .worker_log(0)
+            .contains("the job ended while the task ran; task stopped"),
+        "{}",
+        cluster.logs()
+    );
     assert!(
         !cluster.read_table("tests.api", None)["exists"]
             .as_bool()

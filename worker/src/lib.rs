@@ -338,13 +338,21 @@ impl Worker {
             },
             task.attempt,
         ));
-        let result = futures::FutureExt::catch_unwind(run)
-            .await
-            .unwrap_or_else(|panic| {
+        // A task of a job that was cancelled or failed meanwhile stops (its output could
+        // never be committed), so the worker is free for other jobs' tasks at once.
+        let result = tokio::select! {
+            biased;
+            outcome = futures::FutureExt::catch_unwind(run) => outcome.unwrap_or_else(|panic| {
                 let message = format!("the task panicked: {}", panic_message(panic.as_ref()));
                 tracing::error!(worker = %self.id, job_id = %task.job_id, stage = task.stage_id, task = task.partition, %message);
                 failed_result(task, &self.id, message, false)
-            });
+            }),
+            () = self.until_job_ends(&task.job_id) => {
+                info!(worker = %self.id, job_id = %task.job_id, stage = task.stage_id, task = task.partition,
+                    "the job ended while the task ran; task stopped");
+                failed_result(task, &self.id, STOPPED.into(), true)
+            }
+        };
         drop(heartbeat);
         info!(
             worker = %self.id,
@@ -388,6 +396,20 @@ impl Worker {
             "failpoint worker-task-panic"
         ));
         run_task(task, &self.session, &self.id).await
+    }
+
+    /// Returns once job `job_id` has ended or is committing, as seen every
+    /// [`JOB_END_CHECK_EVERY`]; never for a job id that does not parse.
+    async fn until_job_ends(&self, job_id: &str) {
+        let Ok(job) = JobId::parse(job_id) else {
+            return std::future::pending().await;
+        };
+        loop {
+            tokio::time::sleep(JOB_END_CHECK_EVERY).await;
+            if self.job_refuses_output(&job).await {
+                return;
+            }
+        }
     }
 
     /// Whether the job has ended or is committing: a task of it is not run (it is a
@@ -451,6 +473,12 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
 /// The failure message of a task not run because its job had ended.
 const SKIPPED: &str = "skipped: the job has already ended";
 
+/// The failure message of a task stopped because its job ended while it ran.
+const STOPPED: &str = "stopped: the job ended while the task ran";
+
+/// How often a running task looks whether its job has ended (one Redis read).
+const JOB_END_CHECK_EVERY: Duration = Duration::from_secs(2);
+
 /// What a task did, for the metrics.
 fn task_figures(
     task: &v1::TaskDefinition,
@@ -463,7 +491,9 @@ fn task_figures(
         _ => StageKind::Shuffle,
     };
     let outcome = match &result.outcome {
-        Some(task_result::Outcome::Failed(f)) if f.message == SKIPPED => TaskOutcome::Skipped,
+        Some(task_result::Outcome::Failed(f)) if f.message == SKIPPED || f.message == STOPPED => {
+            TaskOutcome::Skipped
+        }
         Some(task_result::Outcome::Failed(_)) | None => TaskOutcome::Failed,
         Some(_) => TaskOutcome::Succeeded,
     };

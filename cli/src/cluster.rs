@@ -10,7 +10,7 @@ use nightshift_cluster::admin::{
 };
 use nightshift_cluster::poll::poll_delay;
 use nightshift_cluster::submission::JobSubmission;
-use nightshift_cluster::{ClusterConfig, DeadTask, RabbitQueue, RedisState};
+use nightshift_cluster::{ClusterConfig, DeadFate, DeadTask, RabbitQueue, RedisState};
 use nightshift_core::CoreError;
 use nightshift_core::ids::JobId;
 use nightshift_core::session::{SessionOptions, human_bytes, new_session};
@@ -247,50 +247,91 @@ pub async fn dead_letters(config: &ClusterConfig) -> Result<Vec<DeadLetter>, Cor
     Ok(out)
 }
 
-/// What `nightshift dlq replay` did.
+/// What `nightshift dlq replay` or `dlq purge` did.
 #[derive(Debug, Default)]
-pub struct Replayed {
-    /// Tasks moved back to the task queue.
-    pub requeued: Vec<DeadLetter>,
-    /// Tasks left in the dead-letter queue because their job has ended: workers would skip
-    /// them. Such a job is recovered by running it again under its job id.
+pub struct Settled {
+    /// Tasks moved back to the task queue (replay) or removed (purge).
+    pub done: Vec<DeadLetter>,
+    /// Selected tasks left in the dead-letter queue: by replay, those of jobs that have
+    /// ended (workers would skip them; such a job is recovered by running it again under
+    /// its job id); by purge, those of jobs not known to have ended.
     pub kept: Vec<DeadLetter>,
 }
 
-/// Moves the dead tasks of `job` (every job with `None`) back to the task queue, except
-/// those of jobs that have ended.
-pub async fn replay_dead_letters(
+/// What `dlq` does with the dead letters it was asked about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DlqAction {
+    Replay,
+    Purge,
+}
+
+/// The fate of a dead letter of `job_state` (`selected`: its job is the one asked about, or
+/// all were): a replay moves back the tasks of jobs still queued or running (or unknown to
+/// Redis), never of ended ones; a purge removes only those of ended jobs (succeeded on a
+/// rerun, failed, cancelled), which nothing would run any more.
+pub fn dead_letter_fate(action: DlqAction, selected: bool, job_ended: bool) -> DeadFate {
+    match (action, selected, job_ended) {
+        (_, false, _) => DeadFate::Keep,
+        (DlqAction::Replay, true, false) => DeadFate::Replay,
+        (DlqAction::Purge, true, true) => DeadFate::Remove,
+        _ => DeadFate::Keep,
+    }
+}
+
+/// Replays or purges the dead tasks of `job` (every job with `None`), as
+/// [`dead_letter_fate`] decides.
+pub async fn settle_dead_letters(
     config: &ClusterConfig,
     job: Option<&str>,
-) -> Result<Replayed, CoreError> {
+    action: DlqAction,
+) -> Result<Settled, CoreError> {
     let (queue, state) = dlq_connect(config).await?;
     let mut letters = Vec::new();
-    let moved = queue
-        .requeue_dead_tasks(|tasks| {
+    let settled = queue
+        .settle_dead_tasks(|tasks| {
             let tasks = tasks.to_vec();
             let letters = &mut letters;
             let state = &state;
             async move {
-                let mut replay = Vec::new();
+                let mut fates = Vec::new();
                 for task in tasks {
                     let selected = job.is_none_or(|j| j == task.job_id);
                     let letter = with_job_state(state, task).await;
-                    replay.push(selected && !letter.job_ended());
+                    fates.push(dead_letter_fate(action, selected, letter.job_ended()));
                     if selected {
                         letters.push(letter);
                     }
                 }
-                replay
+                fates
             }
         })
         .await?;
-    let mut replayed = Replayed::default();
+    let mut outcome = Settled::default();
     for letter in letters {
-        if moved.contains(&letter.task) {
-            replayed.requeued.push(letter);
+        if settled.contains(&letter.task) {
+            outcome.done.push(letter);
         } else {
-            replayed.kept.push(letter);
+            outcome.kept.push(letter);
         }
     }
-    Ok(replayed)
+    Ok(outcome)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replay_moves_live_jobs_tasks_and_purge_removes_ended_jobs_tasks() {
+        use DlqAction::{Purge, Replay};
+        assert_eq!(dead_letter_fate(Replay, true, false), DeadFate::Replay);
+        assert_eq!(dead_letter_fate(Replay, true, true), DeadFate::Keep);
+        assert_eq!(dead_letter_fate(Purge, true, true), DeadFate::Remove);
+        assert_eq!(dead_letter_fate(Purge, true, false), DeadFate::Keep);
+        for action in [Replay, Purge] {
+            for ended in [false, true] {
+                assert_eq!(dead_letter_fate(action, false, ended), DeadFate::Keep);
+            }
+        }
+    }
 }

@@ -146,9 +146,9 @@ pub fn dead_letters_text(letters: &[crate::cluster::DeadLetter]) -> String {
 }
 
 /// `nightshift dlq replay`: what moved and what stayed.
-pub fn replayed_text(replayed: &crate::cluster::Replayed) -> String {
-    let mut out = format!("requeued {} task(s)\n", replayed.requeued.len());
-    for l in &replayed.requeued {
+pub fn replayed_text(replayed: &crate::cluster::Settled) -> String {
+    let mut out = format!("requeued {} task(s)\n", replayed.done.len());
+    for l in &replayed.done {
         out.push_str(&format!(
             "  job {} stage {} task {} attempt {}\n",
             l.task.job_id, l.task.stage, l.task.partition, l.task.attempt
@@ -169,6 +169,25 @@ pub fn replayed_text(replayed: &crate::cluster::Replayed) -> String {
             .count();
         out.push_str(&format!(
             "kept {tasks} task(s) of job {job}: the job has {state}; run it again with --job-id {job}\n"
+        ));
+    }
+    out
+}
+
+/// What `nightshift dlq purge` did: the tasks removed, and those kept because their job may
+/// still want them.
+pub fn purged_text(purged: &crate::cluster::Settled) -> String {
+    let mut out = format!("removed {} task(s)\n", purged.done.len());
+    for l in &purged.done {
+        out.push_str(&format!(
+            "  job {} ({}) stage {} task {} attempt {}\n",
+            l.task.job_id, l.job_state, l.task.stage, l.task.partition, l.task.attempt
+        ));
+    }
+    for l in &purged.kept {
+        out.push_str(&format!(
+            "kept job {} stage {} task {}: the job is {}; replay it with `nightshift dlq replay {}`\n",
+            l.task.job_id, l.task.stage, l.task.partition, l.job_state, l.task.job_id
         ));
     }
     out

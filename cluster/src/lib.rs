@@ -17,5 +17,5 @@ pub mod redis_state;
 pub mod submission;
 
 pub use config::ClusterConfig;
-pub use rabbitmq::{DeadTask, RabbitQueue};
+pub use rabbitmq::{DeadFate, DeadTask, RabbitQueue};
 pub use redis_state::RedisState;

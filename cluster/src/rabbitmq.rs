@@ -433,25 +433,37 @@ impl DeadTask {
     }
 }
 
+/// What becomes of a dead-lettered task when the queue is settled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeadFate {
+    /// Left in the dead-letter queue.
+    Keep,
+    /// Moved back to the task queue with a fresh delivery count.
+    Replay,
+    /// Removed: nothing would run it (its job has ended).
+    Remove,
+}
+
 impl RabbitQueue {
     /// Every task in the dead-letter queue, left there.
     pub async fn dead_tasks(&self) -> Result<Vec<DeadTask>> {
         let mut all = Vec::new();
-        self.requeue_dead_tasks(|tasks| {
+        self.settle_dead_tasks(|tasks| {
             all = tasks.to_vec();
-            async { vec![false; all.len()] }
+            async { vec![DeadFate::Keep; all.len()] }
         })
         .await?;
         Ok(all)
     }
 
-    /// Takes every message of `<p>.dead` (unacked, on a channel of its own), asks `decide`
-    /// which to replay, moves those back to the task queue (a fresh delivery count, the job
-    /// header kept) and returns them; closing the channel returns the rest to `<p>.dead`.
-    pub async fn requeue_dead_tasks<F, Fut>(&self, decide: F) -> Result<Vec<DeadTask>>
+    /// Takes every message of `<p>.dead` (unacked, on a channel of its own) and asks
+    /// `decide` the fate of each: those to replay go back to the task queue (a fresh delivery
+    /// count, the job header kept), those to remove are acked; closing the channel returns
+    /// the rest to `<p>.dead`. Returns the tasks replayed or removed.
+    pub async fn settle_dead_tasks<F, Fut>(&self, decide: F) -> Result<Vec<DeadTask>>
     where
         F: FnOnce(&[DeadTask]) -> Fut,
-        Fut: Future<Output = Vec<bool>>,
+        Fut: Future<Output = Vec<DeadFate>>,
     {
         let link = self.link().await;
         let channel = link.connection.create_channel().await.map_err(amqp_err)?;
@@ -474,14 +486,17 @@ impl RabbitQueue {
                 messages.push((dead, delivery));
             }
             let tasks: Vec<DeadTask> = messages.iter().map(|(t, _)| t.clone()).collect();
-            let replay = decide(&tasks).await;
+            let fates = decide(&tasks).await;
             let mut moved = Vec::new();
-            for ((dead, delivery), replay) in messages.into_iter().zip(replay) {
-                if !replay {
-                    continue;
+            for ((dead, delivery), fate) in messages.into_iter().zip(fates) {
+                match fate {
+                    DeadFate::Keep => continue,
+                    DeadFate::Replay => {
+                        self.publish_with(&self.tasks_queue(), &delivery.data, Some(&dead.job_id))
+                            .await?;
+                    }
+                    DeadFate::Remove => {}
                 }
-                self.publish_with(&self.tasks_queue(), &delivery.data, Some(&dead.job_id))
-                    .await?;
                 delivery
                     .acker
                     .ack(BasicAckOptions::default())

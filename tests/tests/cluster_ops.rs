@@ -705,6 +705,24 @@ async fn dead_letters_are_listed_and_replayed_for_running_jobs_only() {
     requeued.ack().await.unwrap();
     let again = run(&["dlq", "replay", "job-poison"]);
     assert!(again.contains("requeued 0 task(s)"), "{again}");
+
+    // The failed job's task would stay listed for good: purge removes it. A task of a job
+    // not known to have ended stays.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while queue.queue_depth(&dead).await.unwrap() != 1 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let purged = run(&["dlq", "purge", "--all"]);
+    assert!(
+        purged.contains("removed 1 task(s)") && purged.contains("job job-poison (failed)"),
+        "{purged}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while queue.queue_depth(&dead).await.unwrap() != 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(queue.queue_depth(&dead).await.unwrap(), 0);
+    assert!(!run(&["dlq", "list"]).contains("job-poison"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use nightshift::client;
+use nightshift::cluster::DlqAction;
 use nightshift::embedded::{EmbeddedOptions, embedded_catalog, prepare_warehouse, run_embedded};
 use nightshift::output::{self, EXIT_FAILED, EXIT_INVALID};
 use nightshift::progress::StageBars;
@@ -270,6 +271,19 @@ enum DlqCommand {
         #[arg(required_unless_present = "all", conflicts_with = "all")]
         job_id: Option<String>,
         /// Replay the tasks of every job.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Remove dead-lettered tasks whose job has ended (succeeded on a rerun, failed or
+    /// cancelled): nothing would run them, and they would stay listed. Tasks of jobs still
+    /// queued or running, or unknown to Redis, stay (replay those).
+    Purge {
+        #[arg(long, env = "NIGHTSHIFT_CONFIG")]
+        config: PathBuf,
+        /// The job whose tasks to remove.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        job_id: Option<String>,
+        /// Remove the tasks of every ended job.
         #[arg(long)]
         all: bool,
     },
@@ -1170,7 +1184,9 @@ async fn worker(
 
 async fn dlq(command: DlqCommand) -> ExitCode {
     let config_path = match &command {
-        DlqCommand::List { config, .. } | DlqCommand::Replay { config, .. } => config.clone(),
+        DlqCommand::List { config, .. }
+        | DlqCommand::Replay { config, .. }
+        | DlqCommand::Purge { config, .. } => config.clone(),
     };
     let config = match load_cluster_config(&config_path) {
         Ok(c) => c,
@@ -1193,10 +1209,17 @@ async fn dlq(command: DlqCommand) -> ExitCode {
                 ExitCode::from(EXIT_FAILED)
             }
         },
-        DlqCommand::Replay { job_id, .. } => {
-            match nightshift::cluster::replay_dead_letters(&config, job_id.as_deref()).await {
-                Ok(replayed) => {
-                    out!("{}", output::replayed_text(&replayed));
+        DlqCommand::Replay { ref job_id, .. } | DlqCommand::Purge { ref job_id, .. } => {
+            let (action, text): (_, fn(&nightshift::cluster::Settled) -> String) =
+                if matches!(command, DlqCommand::Replay { .. }) {
+                    (DlqAction::Replay, output::replayed_text)
+                } else {
+                    (DlqAction::Purge, output::purged_text)
+                };
+            match nightshift::cluster::settle_dead_letters(&config, job_id.as_deref(), action).await
+            {
+                Ok(settled) => {
+                    out!("{}", text(&settled));
                     ExitCode::SUCCESS
                 }
                 Err(e) => {

@@ -513,9 +513,12 @@ fn truncate(
 }
 
 /// The table is written by every partition of the last stage in parallel, so a top-level
-/// merge into one partition only costs parallelism. An ORDER BY keeps its merge.
+/// merge into one partition only costs parallelism. An ORDER BY keeps its merge, and so does
+/// a merge that carries a `LIMIT` (DataFusion folds a bare `LIMIT n` into the merge's
+/// `fetch`): without it every partition kept its own `n` rows, and `LIMIT 10` over four
+/// scan tasks published 40.
 fn strip_final_coalesce(plan: Arc<dyn ExecutionPlan>) -> Arc<dyn ExecutionPlan> {
-    if plan.as_any().is::<CoalescePartitionsExec>() {
+    if plan.as_any().is::<CoalescePartitionsExec>() && plan.fetch().is_none() {
         plan.children()[0].clone()
     } else {
         plan
@@ -654,6 +657,51 @@ mod tests {
         let tight = plan_with(128 << 20).await;
         assert!(!tight.contains("mode=CollectLeft"), "{tight}");
         assert!(tight.contains("mode=Partitioned"), "{tight}");
+    }
+
+    /// `LIMIT n` over a source read in four partitions: `n` rows in all, not per partition;
+    /// without a limit the merge goes and the partitions are written in parallel.
+    #[tokio::test]
+    async fn a_bare_limit_bounds_the_whole_result_not_each_partition() {
+        let ctx = crate::session::new_session(crate::session::SessionOptions::default());
+        ctx.state_ref()
+            .write()
+            .config_mut()
+            .options_mut()
+            .execution
+            .target_partitions = 4;
+        let schema = Arc::new(Schema::new(vec![Field::new("k", DataType::Int64, true)]));
+        let part = |from: i64| {
+            vec![
+                RecordBatch::try_new(
+                    schema.clone(),
+                    vec![Arc::new(Int64Array::from_iter_values(from..from + 10))],
+                )
+                .unwrap(),
+            ]
+        };
+        let table =
+            MemTable::try_new(schema.clone(), (0..4).map(|p| part(p * 100)).collect()).unwrap();
+        ctx.register_table("t", Arc::new(table)).unwrap();
+        for (query, rows, partitions) in [
+            ("SELECT k FROM t LIMIT 10", 10, 1),
+            ("SELECT k FROM t WHERE k % 2 = 0 LIMIT 3", 3, 1),
+            ("SELECT k FROM t", 40, 4),
+        ] {
+            let physical = ctx
+                .sql(query)
+                .await
+                .unwrap()
+                .create_physical_plan()
+                .await
+                .unwrap();
+            let physical = strip_final_coalesce(physical);
+            let batches = datafusion::physical_plan::collect_partitioned(physical, ctx.task_ctx())
+                .await
+                .unwrap();
+            let total: usize = batches.iter().flatten().map(RecordBatch::num_rows).sum();
+            assert_eq!((total, batches.len()), (rows, partitions), "{query}");
+        }
     }
 
     #[tokio::test]

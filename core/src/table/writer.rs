@@ -311,6 +311,10 @@ fn refuse_unnameable_partition_values(batch: &RecordBatch, target: &TableTarget)
         let per_second = match *source.field_type {
             Type::Primitive(PrimitiveType::Timestamptz) => 1_000_000,
             Type::Primitive(PrimitiveType::TimestamptzNs) => 1_000_000_000,
+            Type::Primitive(PrimitiveType::Float | PrimitiveType::Double) => {
+                refuse_non_finite_partition_values(batch, &source.name)?;
+                continue;
+            }
             _ => continue,
         };
         let Some(column) = batch.column_by_name(&source.name) else {
@@ -342,6 +346,40 @@ fn refuse_unnameable_partition_values(batch: &RecordBatch, target: &TableTarget)
         }
     }
     Ok(())
+}
+
+/// An identity partition value of a float column must be finite: a data file's partition
+/// travels to the committer as JSON, which has no NaN or infinity, and came out as null,
+/// so the manifest named the NaN and infinite rows' files the null partition (an
+/// `overwrite_partitions` then replaced the null rows' partition with them, and readers
+/// pruned the rows away from `f = 'inf'` and `isnan(f)`).
+fn refuse_non_finite_partition_values(batch: &RecordBatch, name: &str) -> Result<()> {
+    let Some(column) = batch.column_by_name(name) else {
+        return Ok(());
+    };
+    let Ok(values) = arrow::compute::cast(column, &arrow::datatypes::DataType::Float64) else {
+        return Ok(());
+    };
+    let values = values
+        .as_any()
+        .downcast_ref::<arrow::array::Float64Array>()
+        .expect("cast to Float64");
+    match values
+        .iter()
+        .position(|v| v.is_some_and(|v| !v.is_finite()))
+    {
+        None => Ok(()),
+        Some(row) => Err(CoreError::Task {
+            message: format!(
+                "column `{name}`: the value {} cannot be an identity partition value: a \
+                 partition value must be finite (NaN and infinity cannot be written to the \
+                 table's manifests here); map it first (e.g. CASE WHEN isnan({name}) THEN \
+                 NULL ELSE {name} END) or partition by another column",
+                values.value(row)
+            ),
+            retryable: false,
+        }),
+    }
 }
 
 /// `files` written for `target`, as the JSON a task result carries.
@@ -539,6 +577,39 @@ pub fn conform_batch(batch: &RecordBatch, target: &SchemaRef) -> Result<RecordBa
 mod tests {
     use super::*;
     use datafusion::arrow::array::{Int32Array, StringArray, UInt64Array};
+
+    #[test]
+    fn a_nan_or_infinite_float_is_refused_as_an_identity_partition_value() {
+        let batch = |values: ArrayRef| {
+            let field = Field::new("f", values.data_type().clone(), true);
+            RecordBatch::try_new(Arc::new(ArrowSchema::new(vec![field])), vec![values]).unwrap()
+        };
+        let finite: ArrayRef = Arc::new(arrow::array::Float64Array::from(vec![
+            Some(1.5),
+            None,
+            Some(-0.0),
+            Some(f64::MAX),
+        ]));
+        assert!(refuse_non_finite_partition_values(&batch(finite), "f").is_ok());
+        for (values, shown) in [
+            (
+                Arc::new(arrow::array::Float64Array::from(vec![1.0, f64::NAN])) as ArrayRef,
+                "NaN",
+            ),
+            (
+                Arc::new(arrow::array::Float32Array::from(vec![f32::NEG_INFINITY])) as ArrayRef,
+                "-inf",
+            ),
+        ] {
+            let error = refuse_non_finite_partition_values(&batch(values), "f")
+                .unwrap_err()
+                .to_string();
+            assert!(
+                error.contains("column `f`") && error.contains(&format!("the value {shown} ")),
+                "{error}"
+            );
+        }
+    }
 
     #[test]
     fn a_value_the_tables_type_cannot_hold_fails_by_column_and_value() {

@@ -15,8 +15,10 @@ use datafusion::datasource::{MemTable, TableProvider};
 use datafusion::logical_expr::{Expr, TableProviderFilterPushDown, TableType};
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::prelude::{CsvReadOptions, JsonReadOptions, ParquetReadOptions, SessionContext};
+use futures::StreamExt;
 use iceberg::Catalog;
 use nightshift_spec::{ColumnContract, ResolvedSpec, SourceFormat, SourceSpec};
+use object_store::ObjectStoreExt;
 
 use crate::error::{CoreError, Result};
 use crate::not_null::{NotNullCheck, NotNullCheckExec};
@@ -595,10 +597,20 @@ async fn register_source(
             &found.other_names,
         )));
     }
+    if source.format == SourceFormat::Csv {
+        check_csv_headers(source, &found.read).await?;
+    }
     let (files, bytes) = (found.files, found.bytes);
     let raw_name = raw_table_name(&source.name);
     register_raw(ctx, source, &raw_name, &table_path, None).await?;
-    let raw_schema = ctx.table_provider(raw_name.as_str()).await?.schema();
+    let mut raw_schema = ctx.table_provider(raw_name.as_str()).await?.schema();
+    if source.format == SourceFormat::Csv
+        && let Some(text) = null_columns_as_text(&raw_schema)
+    {
+        ctx.deregister_table(raw_name.as_str())?;
+        register_raw(ctx, source, &raw_name, &table_path, Some(&text)).await?;
+        raw_schema = Arc::new(text);
+    }
     let schema = match source.format {
         SourceFormat::Parquet => {
             check_contract(source, &location, &raw_schema, contract)?;
@@ -624,6 +636,117 @@ async fn register_source(
         consumed: None,
         read: None,
     })
+}
+
+/// The longest header line compared by [`check_csv_headers`]; a longer one is not compared.
+const MAX_CSV_HEADER_BYTES: u64 = 1 << 20;
+
+/// Every file of a CSV source with a header must name the same columns, in the same order,
+/// as its first file: the reader takes the first file's header and reads every file by
+/// column position, so a file exported with its columns reordered (`price,qty,id`) put
+/// its prices in `id`, silently. The headers are read at planning (one ranged read per
+/// file, 16 at a time), so the error names both files before anything runs.
+async fn check_csv_headers(source: &SourceSpec, files: &[(Location, u64)]) -> Result<()> {
+    let has_header = source.options.get("header").is_none_or(|h| h == "true");
+    if !has_header || files.len() < 2 {
+        return Ok(());
+    }
+    let byte = |key: &str, default: u8| {
+        source
+            .options
+            .get(key)
+            .and_then(|v| v.as_bytes().first().copied())
+            .unwrap_or(default)
+    };
+    let (delimiter, quote) = (byte("delimiter", b','), byte("quote", b'"'));
+    // In name order, so the message names the same two files whatever order the listing has.
+    let mut files = files.to_vec();
+    files.sort_by_cached_key(|(location, _)| location.as_url_string());
+    let names_of = |(location, size): &(Location, u64)| {
+        let location = location.clone();
+        let size = *size;
+        async move {
+            let names = csv_header(&location, size)
+                .await
+                .and_then(|line| header_names(&line, delimiter, quote));
+            (location, names)
+        }
+    };
+    let (first, Some(expected)) = names_of(&files[0]).await else {
+        return Ok(());
+    };
+    let mut others = futures::stream::iter(&files[1..])
+        .map(names_of)
+        .buffered(16);
+    while let Some((file, names)) = others.next().await {
+        match names {
+            Some(names) if names != expected => {
+                return Err(CoreError::Source {
+                    source_name: source.name.clone(),
+                    message: format!(
+                        "{file} names its columns `{}` where {first} names them `{}`: the files of a CSV source are read by column position, so every file must name the same columns in the same order",
+                        names.join(","),
+                        expected.join(",")
+                    ),
+                });
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// The first line of the CSV file at `location` (of `size` bytes), without its line end or
+/// a byte order mark; `None` when it cannot be read or is longer than
+/// [`MAX_CSV_HEADER_BYTES`] (the reader reports such files itself).
+async fn csv_header(location: &Location, size: u64) -> Option<Vec<u8>> {
+    let (store, key) = location.store().ok()?;
+    let head = store
+        .get_range(&key, 0..size.min(MAX_CSV_HEADER_BYTES))
+        .await
+        .ok()?;
+    let end = head.iter().position(|&b| b == b'\n').unwrap_or(head.len());
+    if end == head.len() && size > MAX_CSV_HEADER_BYTES {
+        return None;
+    }
+    let line = head[..end].strip_suffix(b"\r").unwrap_or(&head[..end]);
+    let line = line.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(line);
+    Some(line.to_vec())
+}
+
+/// The column names a CSV header line gives, parsed as the reader parses it.
+fn header_names(line: &[u8], delimiter: u8, quote: u8) -> Option<Vec<String>> {
+    let format = arrow::csv::reader::Format::default()
+        .with_header(true)
+        .with_delimiter(delimiter)
+        .with_quote(quote);
+    let (schema, _) = format
+        .infer_schema(std::io::Cursor::new(line), Some(0))
+        .ok()?;
+    Some(schema.fields().iter().map(|f| f.name().clone()).collect())
+}
+
+/// `schema` with its `Null` columns read as text, if it has any. CSV schema inference types
+/// a column it saw empty in every row it sampled (the first thousand) as `Null`, and the
+/// reader then dropped the column's later values: a note on row 1,400 was published as
+/// NULL, whatever the SQL cast it to. As text, every value is read; the SQL casts it.
+fn null_columns_as_text(schema: &Schema) -> Option<Schema> {
+    if !schema
+        .fields()
+        .iter()
+        .any(|f| f.data_type() == &DataType::Null)
+    {
+        return None;
+    }
+    let fields: Vec<Field> = schema
+        .fields()
+        .iter()
+        .map(|f| match f.data_type() {
+            DataType::Null => f.as_ref().clone().with_data_type(DataType::Utf8),
+            _ => f.as_ref().clone(),
+        })
+        .collect();
+    Some(Schema::new_with_metadata(fields, schema.metadata().clone()))
 }
 
 fn check_options(source: &SourceSpec) -> Result<()> {
@@ -653,17 +776,20 @@ struct FoundFiles {
     /// Files read, and their bytes.
     files: usize,
     bytes: u64,
+    /// The files read, each with its size.
+    read: Vec<(Location, u64)>,
     /// A few names of the files there that are not read (in a sub-directory, or not ending
     /// in the extension).
     other_names: Vec<String>,
 }
 
 impl FoundFiles {
-    /// Counts `path` (of `size` bytes) if `read`.
-    fn add(&mut self, path: &str, size: u64, read: bool) {
+    /// Counts `path` (of `size` bytes, at `location`) if `read`.
+    fn add(&mut self, location: Location, path: &str, size: u64, read: bool) {
         if read {
             self.files += 1;
             self.bytes += size;
+            self.read.push((location, size));
         } else if self.other_names.len() < 3 {
             self.other_names
                 .push(path.rsplit('/').next().unwrap_or(path).to_string());
@@ -738,26 +864,29 @@ async fn find_files(location: &Location, extension: &str) -> Result<FoundFiles> 
                 )
             })?;
             for entry in paths.flatten() {
+                let name = entry.display().to_string();
                 if let Ok(meta) = std::fs::metadata(&entry)
                     && meta.is_file()
+                    && let Ok(file) = Location::parse(&name, Path::new("/"))
                 {
-                    found.add(&entry.display().to_string(), meta.len(), true);
+                    found.add(file, &name, meta.len(), true);
                 }
             }
             return Ok(found);
         }
         return match std::fs::metadata(&path) {
             Ok(meta) if meta.is_file() => {
-                found.add(&text, meta.len(), true);
+                found.add(location.clone(), &text, meta.len(), true);
                 Ok(found)
             }
             Ok(_) => {
                 let dir = location.url().path().trim_end_matches('/').to_string();
                 for (l, size) in list_objects(location).await? {
-                    let file = l.url().path();
-                    if !is_hidden(file) {
-                        let relative = file.strip_prefix(&dir).unwrap_or(file);
-                        found.add(file, size, listing_reads(relative, extension));
+                    let file = l.url().path().to_string();
+                    if !is_hidden(&file) {
+                        let relative = file.strip_prefix(&dir).unwrap_or(&file);
+                        let reads = listing_reads(relative, extension);
+                        found.add(l, &file, size, reads);
                     }
                 }
                 if found.files > 0 && !found.other_names.is_empty() {
@@ -777,12 +906,12 @@ async fn find_files(location: &Location, extension: &str) -> Result<FoundFiles> 
     let dir = location.url().path();
     let directory = dir.ends_with('/');
     for (l, size) in list_objects(location).await? {
-        let file = l.url().path();
+        let file = l.url().path().to_string();
         let read = match file.strip_prefix(dir) {
-            Some(relative) if directory => !is_hidden(file) && listing_reads(relative, extension),
+            Some(relative) if directory => !is_hidden(&file) && listing_reads(relative, extension),
             _ => file.ends_with(extension),
         };
-        found.add(file, size, read);
+        found.add(l, &file, size, read);
     }
     Ok(found)
 }
@@ -1382,6 +1511,102 @@ mod tests {
                 .to_string();
             assert!(err.contains("column `id` holds nulls"), "{sql}: {err}");
         }
+    }
+
+    /// Inference samples the first thousand rows; a column empty in all of them keeps the
+    /// values that come later (they were read as NULL).
+    #[tokio::test]
+    async fn a_csv_column_empty_in_the_rows_inference_samples_keeps_its_later_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut csv = String::from("id,note,amt\n");
+        for id in 1..=1500 {
+            let (note, amt) = match id {
+                1400 => ("hello", ""),
+                1450 => ("", "12.5"),
+                _ => ("", ""),
+            };
+            csv.push_str(&format!("{id},{note},{amt}\n"));
+        }
+        std::fs::write(dir.path().join("a.csv"), csv).unwrap();
+        let text = format!(
+            "[pipeline]\nname = \"p\"\n[[source]]\nname = \"src\"\nformat = \"csv\"\nlocation = \"{}/a.csv\"\n[transform]\nsql = \"SELECT * FROM src\"\n[target]\ntable = \"t.t\"\n",
+            dir.path().display()
+        );
+        let spec = nightshift_spec::resolve_spec_text(&text, Path::new("p.toml"), dir.path(), &[])
+            .unwrap();
+        let ctx = crate::session::new_session(crate::session::SessionOptions::default());
+        register_sources(&ctx, &spec, None).await.unwrap();
+        let batches = ctx
+            .sql("SELECT id, note, CAST(amt AS DOUBLE) AS amt FROM src WHERE note IS NOT NULL OR amt IS NOT NULL ORDER BY id")
+            .await
+            .unwrap()
+            .collect()
+            .await
+            .unwrap();
+        let shown = arrow::util::pretty::pretty_format_batches(&batches)
+            .unwrap()
+            .to_string();
+        assert!(
+            shown.contains("| 1400 | hello |      |") && shown.contains("| 1450 |       | 12.5 |"),
+            "{shown}"
+        );
+        assert_eq!(
+            batches.iter().map(|b| b.num_rows()).sum::<usize>(),
+            2,
+            "{shown}"
+        );
+    }
+
+    /// Files of one CSV source whose headers name other columns, or the same in another
+    /// order, are refused by name (the second was read by position into the first's
+    /// columns); quoting, a byte order mark and line ends do not make a header differ.
+    #[tokio::test]
+    async fn csv_files_whose_headers_differ_are_refused_naming_both() {
+        let register = |files: Vec<(&'static str, &'static str)>| async move {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::create_dir(dir.path().join("in")).unwrap();
+            for (name, text) in files {
+                std::fs::write(dir.path().join("in").join(name), text).unwrap();
+            }
+            let text = format!(
+                "[pipeline]\nname = \"p\"\n[[source]]\nname = \"src\"\nformat = \"csv\"\nlocation = \"{}/in/\"\n[transform]\nsql = \"SELECT * FROM src\"\n[target]\ntable = \"t.t\"\n",
+                dir.path().display()
+            );
+            let spec =
+                nightshift_spec::resolve_spec_text(&text, Path::new("p.toml"), dir.path(), &[])
+                    .unwrap();
+            let ctx = crate::session::new_session(crate::session::SessionOptions::default());
+            register_sources(&ctx, &spec, None)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        };
+        let error = register(vec![
+            ("a.csv", "id,qty,price\n1,5,100\n"),
+            ("b.csv", "price,qty,id\n300,7,3\n"),
+        ])
+        .await
+        .unwrap_err();
+        assert!(
+            error.contains("b.csv names its columns `price,qty,id`")
+                && error.contains("a.csv names them `id,qty,price`"),
+            "{error}"
+        );
+        assert!(
+            register(vec![
+                ("a.csv", "id,qty,price\n1,5,100\n"),
+                ("b.csv", "id,qty\n1,5\n"),
+            ])
+            .await
+            .is_err()
+        );
+        register(vec![
+            ("a.csv", "id,qty,price\n1,5,100\n"),
+            ("b.csv", "\u{feff}\"id\",qty,price\r\n2,6,200\r\n"),
+            ("c.csv", "id,qty,price"),
+        ])
+        .await
+        .unwrap();
     }
 
     #[test]

@@ -53,6 +53,7 @@ pub fn plan_schema_change(
     policy: SchemaEvolution,
 ) -> Result<Option<SchemaChange>> {
     let current = metadata.current_schema();
+    let partition_values = columns_holding_partition_values(metadata);
     let fits: Vec<(&str, Option<&Type>, Option<&Type>, Fit)> = current
         .as_struct()
         .fields()
@@ -62,6 +63,18 @@ pub fn plan_schema_change(
             let fit = match theirs {
                 Some(r) => fit_existing(&column.field_type, &r.field_type, policy),
                 None => Fit::Refused("the result lacks this column".into()),
+            };
+            let fit = match fit {
+                Fit::Widened(wider)
+                    if partition_values.contains(&column.id)
+                        && !matches!(wider, Type::Primitive(PrimitiveType::Decimal { .. })) =>
+                {
+                    Fit::Refused(format!(
+                        "its values are partition values (identity or truncate), and files written before would keep {} ones, which this version cannot replace: cast it to {} in the SQL",
+                        column.field_type, column.field_type
+                    ))
+                }
+                fit => fit,
             };
             (
                 column.name.as_str(),
@@ -140,6 +153,20 @@ pub fn plan_schema_change(
         schema,
         changes,
     }))
+}
+
+/// The columns whose values are partition values in some partition spec of the table
+/// (identity and truncate keep the column's type): widening one (`int` to `long`) left
+/// files whose partition values keep the narrow type, which iceberg-rust 0.10 cannot write
+/// again under the wide one, and an `overwrite_partitions` kept their rows beside the new.
+fn columns_holding_partition_values(metadata: &TableMetadata) -> Vec<i32> {
+    use iceberg::spec::Transform;
+    metadata
+        .partition_specs_iter()
+        .flat_map(|spec| spec.fields().iter())
+        .filter(|f| matches!(f.transform, Transform::Identity | Transform::Truncate(_)))
+        .map(|f| f.source_id)
+        .collect()
 }
 
 fn fit_existing(ours: &Type, theirs: &Type, policy: SchemaEvolution) -> Fit {
@@ -471,6 +498,68 @@ mod tests {
                 "widened id: int -> long",
                 "widened amount: decimal(10, 2) -> decimal(12, 2)",
                 "added note: string"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_column_holding_partition_values_is_not_widened_but_a_decimal_is() {
+        let columns = schema(&[
+            (1, "n", PrimitiveType::Int),
+            (2, "f", PrimitiveType::Float),
+            (3, "d", decimal(10, 2)),
+            (4, "b", PrimitiveType::Int),
+        ]);
+        let spec = UnboundPartitionSpec::builder()
+            .add_partition_field(1, "n", iceberg::spec::Transform::Identity)
+            .unwrap()
+            .add_partition_field(2, "f", iceberg::spec::Transform::Identity)
+            .unwrap()
+            .add_partition_field(3, "d", iceberg::spec::Transform::Identity)
+            .unwrap()
+            .add_partition_field(4, "b_bucket", iceberg::spec::Transform::Bucket(4))
+            .unwrap()
+            .build();
+        let table = TableMetadataBuilder::new(
+            columns,
+            spec,
+            iceberg::spec::SortOrder::unsorted_order(),
+            "memory:///t".into(),
+            FormatVersion::V2,
+            Default::default(),
+        )
+        .unwrap()
+        .build()
+        .unwrap()
+        .metadata;
+        let widen = |n, f| {
+            let result = schema(&[
+                (1, "n", n),
+                (2, "f", f),
+                (3, "d", decimal(12, 2)),
+                (4, "b", PrimitiveType::Long),
+            ]);
+            plan_schema_change("ns.t", &table, &result, SchemaEvolution::AddColumns)
+        };
+        for (n, f, refused) in [
+            (PrimitiveType::Long, PrimitiveType::Float, "n "),
+            (PrimitiveType::Int, PrimitiveType::Double, "f "),
+        ] {
+            let err = widen(n, f).unwrap_err().to_string();
+            assert!(
+                err.contains("its values are partition values") && err.contains(refused),
+                "{err}"
+            );
+        }
+        // The decimal's partition values keep their meaning; a bucket's are ints anyway.
+        let change = widen(PrimitiveType::Int, PrimitiveType::Float)
+            .unwrap()
+            .expect("a change");
+        assert_eq!(
+            change.changes,
+            [
+                "widened d: decimal(10, 2) -> decimal(12, 2)",
+                "widened b: int -> long"
             ]
         );
     }

@@ -93,10 +93,15 @@ pub async fn produce_overwrite(
     properties: HashMap<String, String>,
 ) -> Result<ProducedSnapshot> {
     let producer = Producer::new(table);
-    let partitions: HashSet<Struct> = added.iter().map(|f| f.partition().clone()).collect();
+    let partitions: HashSet<Struct> = added
+        .iter()
+        .map(|f| widened_partition(f.partition()))
+        .collect();
     let replaced = |spec_id: i32, file: &DataFile| match replace {
         Replace::All => true,
-        Replace::PartitionsOf => spec_id == added_spec_id && partitions.contains(file.partition()),
+        Replace::PartitionsOf => {
+            spec_id == added_spec_id && partitions.contains(&widened_partition(file.partition()))
+        }
         Replace::Nothing => false,
         Replace::Files(paths) | Replace::Drop(paths) | Replace::Rows(paths) => {
             paths.contains(file.file_path())
@@ -124,6 +129,60 @@ pub async fn produce_overwrite(
     producer
         .produce(added, added_spec_id, carried, (properties, operation))
         .await
+}
+
+/// `partition` with its `int` values as `long` and `float` values as `double` (exactly),
+/// the form in which a partition written before its source column was widened
+/// (`add_columns`: int to long, float to double) equals the same value written after. The
+/// manifest keeps the type a file was written with, so partition `n = 5` written as an int
+/// never equalled `n = 5` as a long, and an `overwrite_partitions` kept the old rows beside
+/// the new ones.
+fn widened_partition(partition: &Struct) -> Struct {
+    use iceberg::spec::{Literal, PrimitiveLiteral};
+    partition
+        .iter()
+        .map(|value| {
+            value.map(|literal| match literal {
+                Literal::Primitive(PrimitiveLiteral::Int(v)) => Literal::long(i64::from(*v)),
+                Literal::Primitive(PrimitiveLiteral::Float(v)) => Literal::double(f64::from(v.0)),
+                other => other.clone(),
+            })
+        })
+        .collect()
+}
+
+/// The newest of the table's schemas under which `file`'s partition values have the types
+/// the spec gives them. A file written before its partition column was widened keeps its
+/// narrow values (an `int` under what is now a `long`), which iceberg-rust cannot print
+/// under the current schema (it panics naming the partition in the snapshot summary).
+fn schema_of_partition(
+    table: &Table,
+    spec: &iceberg::spec::PartitionSpec,
+    file: &DataFile,
+) -> Option<iceberg::spec::SchemaRef> {
+    use iceberg::spec::{Literal, PrimitiveLiteral, PrimitiveType, Type};
+    let narrow_under_wide = |ty: &Type, value: Option<&Literal>| {
+        matches!(
+            (ty, value),
+            (
+                Type::Primitive(PrimitiveType::Long),
+                Some(Literal::Primitive(PrimitiveLiteral::Int(_)))
+            ) | (
+                Type::Primitive(PrimitiveType::Double),
+                Some(Literal::Primitive(PrimitiveLiteral::Float(_)))
+            )
+        )
+    };
+    let mut schemas: Vec<_> = table.metadata().schemas_iter().cloned().collect();
+    schemas.sort_by_key(|s| std::cmp::Reverse(s.schema_id()));
+    schemas.into_iter().find(|schema| {
+        spec.partition_type(schema).is_ok_and(|ty| {
+            ty.fields()
+                .iter()
+                .zip(file.partition().iter())
+                .all(|(field, value)| !narrow_under_wide(&field.field_type, value))
+        })
+    })
 }
 
 struct Producer<'a> {
@@ -329,7 +388,9 @@ impl<'a> Producer<'a> {
         for ((spec_id, _), files) in &carried.removed {
             let spec = self.partition_spec(*spec_id);
             for file in files {
-                collector.remove_file(&file.data_file, schema.clone(), spec.clone());
+                let written_with = schema_of_partition(self.table, &spec, &file.data_file)
+                    .unwrap_or_else(|| schema.clone());
+                collector.remove_file(&file.data_file, written_with, spec.clone());
             }
         }
         let mut summary = properties;
@@ -431,4 +492,42 @@ fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use iceberg::spec::Literal;
+
+    use super::*;
+
+    #[test]
+    fn a_partition_written_before_its_column_was_widened_is_the_same_partition() {
+        let before: Struct = [
+            Some(Literal::int(5)),
+            Some(Literal::float(1.5)),
+            Some(Literal::string("é")),
+            None,
+        ]
+        .into_iter()
+        .collect();
+        let after: Struct = [
+            Some(Literal::long(5)),
+            Some(Literal::double(1.5)),
+            Some(Literal::string("é")),
+            None,
+        ]
+        .into_iter()
+        .collect();
+        assert_ne!(before, after);
+        assert_eq!(widened_partition(&before), widened_partition(&after));
+        let other: Struct = [
+            Some(Literal::long(6)),
+            Some(Literal::double(1.5)),
+            None,
+            None,
+        ]
+        .into_iter()
+        .collect();
+        assert_ne!(widened_partition(&before), widened_partition(&other));
+    }
 }

@@ -114,6 +114,35 @@ pub fn merge_sql(
     )
 }
 
+/// Why a merge must not run the query `plan`: a merge evaluates its SQL more than once (the
+/// key ranges at planning, the keys to remove, the rows to insert), so rows that can differ
+/// between evaluations remove keys that are not inserted again and insert keys that were
+/// not removed. A `LIMIT` (which rows it keeps is up to the engine), and a function that is
+/// not immutable (`random()`, `uuid()`, `now()`), are refused; `None`: the plan may merge.
+pub fn nondeterministic_part(plan: &datafusion::logical_expr::LogicalPlan) -> Option<String> {
+    use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+    use datafusion::logical_expr::{Expr, LogicalPlan};
+    let mut found = None;
+    let _ = plan.apply_with_subqueries(|node| {
+        if matches!(node, LogicalPlan::Limit(_)) {
+            found = Some("LIMIT".to_string());
+            return Ok(TreeNodeRecursion::Stop);
+        }
+        node.apply_expressions(|expr| {
+            expr.apply(|e| {
+                if let Expr::ScalarFunction(f) = e
+                    && f.func.signature().volatility != Volatility::Immutable
+                {
+                    found = Some(format!("{}()", f.name()));
+                    return Ok(TreeNodeRecursion::Stop);
+                }
+                Ok(TreeNodeRecursion::Continue)
+            })
+        })
+    });
+    found
+}
+
 /// Whether `to` is a type Iceberg lets a column of `from` widen to (`int` to `long`, `float`
 /// to `double`, a decimal to more digits of the same scale).
 fn widens(from: &DataType, to: &DataType) -> bool {
@@ -194,6 +223,32 @@ mod tests {
             .iter()
             .map(|s| (s.to_string(), DataType::Utf8))
             .collect()
+    }
+
+    #[tokio::test]
+    async fn a_merge_refuses_sql_whose_rows_can_differ_between_evaluations() {
+        use datafusion::arrow::datatypes::{Field, Schema};
+        let ctx = datafusion::prelude::SessionContext::new();
+        let schema = Arc::new(Schema::new(vec![Field::new("k", DataType::Int64, true)]));
+        let table = datafusion::datasource::MemTable::try_new(schema, vec![vec![]]).unwrap();
+        ctx.register_table("t", Arc::new(table)).unwrap();
+        for (sql, part) in [
+            ("SELECT k FROM t LIMIT 5", Some("LIMIT")),
+            ("SELECT k FROM t ORDER BY k LIMIT 5", Some("LIMIT")),
+            ("SELECT k FROM t WHERE random() < 0.5", Some("random()")),
+            ("SELECT k, now() AS at FROM t", Some("now()")),
+            (
+                "SELECT k FROM t WHERE k IN (SELECT k FROM t LIMIT 1)",
+                Some("LIMIT"),
+            ),
+            (
+                "SELECT k, upper(CAST(k AS VARCHAR)) AS s FROM t WHERE k > 3 ORDER BY k",
+                None,
+            ),
+        ] {
+            let plan = ctx.sql(sql).await.unwrap().into_unoptimized_plan();
+            assert_eq!(nondeterministic_part(&plan).as_deref(), part, "{sql}");
+        }
     }
 
     #[test]

@@ -442,6 +442,14 @@ async fn merge_sql_of(
     let result = nightshift_core::planner::spec_query(session, &spec.sql)
         .await
         .map_err(|e| JobError::Invalid(CoreError::Sql(e.to_string())))?;
+    if let Some(part) = nightshift_core::merge::nondeterministic_part(result.logical_plan()) {
+        return Err(JobError::Invalid(CoreError::Target {
+            table: target.table.clone(),
+            message: format!(
+                "a merge evaluates its SQL more than once, so the SQL must give the same rows each time; {part} can give other rows each time (keys would be lost or doubled): select the changes with a WHERE, and pass times as ${{param}}s"
+            ),
+        }));
+    }
     let typed_columns: Vec<(String, datafusion::arrow::datatypes::DataType)> = result
         .schema()
         .fields()

@@ -33,8 +33,24 @@ pub const PIPELINE_PROPERTY: &str = "nightshift.pipeline";
 pub const MAINTENANCE_PROPERTY: &str = "nightshift.maintenance";
 
 /// Attempts at an overwrite swap before the job fails (each one after a conflict with
-/// another writer or an unknown outcome).
+/// another writer or an unknown outcome), and at an append once iceberg-rust's own retries
+/// (four, in lockstep with every other writer's) have conflicted.
 const MAX_SWAP_ATTEMPTS: u32 = 8;
+
+/// The pause before commit attempt `attempt + 1` after a conflict: "full jitter" up to a
+/// ceiling that doubles from 100 ms to 6.4 s, `unit` (in `[0, 1)`) picking the point, so
+/// that writers that conflicted together do not retry together.
+pub(crate) fn conflict_pause(attempt: u32, unit: f64) -> Duration {
+    let ceiling = Duration::from_millis(100 << attempt.min(6));
+    ceiling
+        .mul_f64(unit.clamp(0.0, 1.0))
+        .max(Duration::from_millis(10))
+}
+
+/// A random point in `[0, 1)` for [`conflict_pause`].
+fn random_unit() -> f64 {
+    (uuid::Uuid::new_v4().as_u64_pair().0 >> 11) as f64 / (1u64 << 53) as f64
+}
 
 /// What a job publishes.
 #[derive(Debug)]
@@ -396,34 +412,46 @@ async fn append(
     let committed_files = files.iter().map(|f| f.file_path().to_string()).collect();
     let guard =
         JobGuardCatalog::new(catalog, ident.clone(), job.clone()).with_summary(summary.clone());
-    let tx = Transaction::new(&table);
-    let tx = tx
-        .fast_append()
-        .add_data_files(files)
-        .set_snapshot_properties(summary)
-        .apply(tx)?;
-    match tx.commit(&guard).await {
-        Ok(table) => Ok(CommitOutcome {
-            snapshot_id: job_snapshot_after_commit(&table, job)?,
-            already_committed: false,
-            committed_files,
-        }),
-        Err(e) => {
-            // The guard stopped a retry (another coordinator committed the job), or the
-            // commit failed in a way that may still have landed: the history answers.
-            let Ok(table) = catalog.load_table(&ident).await else {
-                return Err(e.into());
-            };
-            match landed(&table, job, &committed_files).await? {
-                Some(outcome) => {
-                    if !outcome.already_committed {
-                        warn!(error = %e, "the commit reported an error but landed");
-                    }
-                    Ok(outcome)
-                }
-                None => Err(e.into()),
+    let mut table = table;
+    let mut attempt = 0;
+    loop {
+        let tx = Transaction::new(&table);
+        let tx = tx
+            .fast_append()
+            .add_data_files(files.clone())
+            .set_snapshot_properties(summary.clone())
+            .apply(tx)?;
+        let e = match tx.commit(&guard).await {
+            Ok(table) => {
+                return Ok(CommitOutcome {
+                    snapshot_id: job_snapshot_after_commit(&table, job)?,
+                    already_committed: false,
+                    committed_files,
+                });
             }
+            Err(e) => e,
+        };
+        // The guard stopped a retry (another coordinator committed the job), or the
+        // commit failed in a way that may still have landed: the history answers.
+        let Ok(reloaded) = catalog.load_table(&ident).await else {
+            return Err(e.into());
+        };
+        if let Some(outcome) = landed(&reloaded, job, &committed_files).await? {
+            if !outcome.already_committed {
+                warn!(error = %e, "the commit reported an error but landed");
+            }
+            return Ok(outcome);
         }
+        // Many writers appending to one table at once (a backfill's days, parallel
+        // pipelines) can outlast iceberg-rust's retries: append again on the table as it
+        // is now, after a pause of our own.
+        attempt += 1;
+        if e.kind() != iceberg::ErrorKind::CatalogCommitConflicts || attempt >= MAX_SWAP_ATTEMPTS {
+            return Err(e.into());
+        }
+        info!(attempt, error = %e, "append kept conflicting with other commits; retrying");
+        tokio::time::sleep(conflict_pause(attempt, random_unit())).await;
+        table = reloaded;
     }
 }
 
@@ -592,7 +620,7 @@ async fn overwrite(
                 break;
             }
         }
-        tokio::time::sleep(Duration::from_millis(100 << attempt.min(6))).await;
+        tokio::time::sleep(conflict_pause(attempt, random_unit())).await;
     }
     if !unknown.is_empty()
         && let Ok(table) = catalog.load_table(ident).await
@@ -683,6 +711,19 @@ fn job_snapshot_after_commit(table: &Table, job: &JobId) -> Result<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn writers_that_conflicted_together_pause_apart_within_a_doubling_ceiling() {
+        assert_eq!(conflict_pause(1, 0.5), Duration::from_millis(100));
+        assert_eq!(conflict_pause(3, 0.999_999).as_millis(), 799);
+        // The ceiling stops doubling at 6.4 s; a pause is never shorter than 10 ms.
+        assert_eq!(conflict_pause(20, 1.0), Duration::from_millis(6400));
+        assert_eq!(conflict_pause(2, 0.0), Duration::from_millis(10));
+        // Two writers with different draws pause differently.
+        assert_ne!(conflict_pause(4, 0.2), conflict_pause(4, 0.7));
+        let unit = random_unit();
+        assert!((0.0..1.0).contains(&unit), "{unit}");
+    }
 
     #[test]
     fn a_rewrite_refuses_deletes_added_since_its_read_and_a_drop_does_not() {

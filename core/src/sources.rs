@@ -624,6 +624,11 @@ async fn register_source(
             Arc::new(with_contract)
         }
     };
+    if source.format == SourceFormat::Csv
+        && let Some(marker) = source.options.get("null_value")
+    {
+        read_null_value_as_null(ctx, source, &raw_name, &table_path, &schema, marker).await?;
+    }
     register_view(ctx, source, &raw_name, &schema, contract, &location).await?;
     Ok(SourceSummary {
         name: source.name.clone(),
@@ -636,6 +641,53 @@ async fn register_source(
         consumed: None,
         read: None,
     })
+}
+
+/// Makes the raw table `raw_name` read the CSV option `null_value` (`marker`) as NULL: the
+/// files are read as text and each column is `CAST(NULLIF(column, marker) AS type)` of
+/// `schema`. DataFusion 53 uses `null_value` when it infers the types but not when it reads
+/// the rows (`CsvSource` never hands its pattern to the reader), so the marker was
+/// published as text in a string column and failed a number column that inference had
+/// typed because of it. A value that is neither the marker nor of its type fails the cast,
+/// naming the value (not the line, which only the reader knows).
+async fn read_null_value_as_null(
+    ctx: &SessionContext,
+    source: &SourceSpec,
+    raw_name: &str,
+    table_path: &str,
+    schema: &Schema,
+    marker: &str,
+) -> Result<()> {
+    use datafusion::functions::expr_fn::nullif;
+    use datafusion::logical_expr::{cast, col, lit};
+    let text = Schema::new(
+        schema
+            .fields()
+            .iter()
+            .map(|f| Field::new(f.name(), DataType::Utf8, true))
+            .collect::<Vec<_>>(),
+    );
+    let text_name = format!("{raw_name}__text");
+    ctx.deregister_table(raw_name)?;
+    register_raw(ctx, source, &text_name, table_path, Some(&text)).await?;
+    let columns: Vec<Expr> = schema
+        .fields()
+        .iter()
+        .map(|f| {
+            let value = nullif(
+                col(format!("\"{}\"", f.name().replace('"', "\"\""))),
+                lit(marker),
+            );
+            let typed = match f.data_type() {
+                DataType::Utf8 => value,
+                other => cast(value, other.clone()),
+            };
+            typed.alias(f.name())
+        })
+        .collect();
+    let view = ctx.table(text_name.as_str()).await?.select(columns)?;
+    ctx.register_table(raw_name, view.into_view())?;
+    Ok(())
 }
 
 /// The longest header line compared by [`check_csv_headers`]; a longer one is not compared.
@@ -1555,6 +1607,42 @@ mod tests {
             2,
             "{shown}"
         );
+    }
+
+    /// `null_value` is read as NULL in every column, also one its values typed as a number.
+    #[tokio::test]
+    async fn a_csv_null_value_is_read_as_null() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("a.csv"),
+            "id,name,n\n1,NA,NA\n2,x,5\n3,\"NA\",7\n",
+        )
+        .unwrap();
+        for contract in ["", "[source.schema]\nn = \"int\"\n"] {
+            let text = format!(
+                "[pipeline]\nname = \"p\"\n[[source]]\nname = \"src\"\nformat = \"csv\"\nlocation = \"{}/a.csv\"\noptions = {{ null_value = \"NA\" }}\n{contract}[transform]\nsql = \"SELECT * FROM src\"\n[target]\ntable = \"t.t\"\n",
+                dir.path().display()
+            );
+            let spec =
+                nightshift_spec::resolve_spec_text(&text, Path::new("p.toml"), dir.path(), &[])
+                    .unwrap();
+            let ctx = crate::session::new_session(crate::session::SessionOptions::default());
+            register_sources(&ctx, &spec, None).await.unwrap();
+            let frame = ctx
+                .sql("SELECT id, name, n, n + 1 AS next FROM src ORDER BY id")
+                .await
+                .unwrap();
+            let batches = frame.collect().await.unwrap();
+            let shown = arrow::util::pretty::pretty_format_batches(&batches)
+                .unwrap()
+                .to_string();
+            assert!(
+                shown.contains("| 1  |      |   |      |")
+                    && shown.contains("| 2  | x    | 5 | 6    |")
+                    && shown.contains("| 3  |      | 7 | 8    |"),
+                "{contract}\n{shown}"
+            );
+        }
     }
 
     /// Files of one CSV source whose headers name other columns, or the same in another

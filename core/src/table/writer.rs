@@ -265,6 +265,7 @@ where
             }
         }
         refuse_unnameable_partition_values(&batch, target)?;
+        refuse_decimals_past_their_precision(&batch)?;
         rows += batch.num_rows() as u64;
         checks.observe(&batch)?;
         writer.write(batch).await?;
@@ -380,6 +381,56 @@ fn refuse_non_finite_partition_values(batch: &RecordBatch, name: &str) -> Result
             retryable: false,
         }),
     }
+}
+
+/// A decimal value must fit its column's precision: DataFusion's `SUM` and arithmetic on
+/// decimals do not check it (two `decimal(38, 0)` values of 38 nines summed to a 39-digit
+/// value, and `6e19 * 2` in a `decimal(38, 18)` too), and such a value was published where
+/// Spark and Trino cannot read it (or read it as another number). The task fails naming
+/// the column, the row and the value.
+fn refuse_decimals_past_their_precision(batch: &RecordBatch) -> Result<()> {
+    use datafusion::arrow::array::AsArray;
+    use datafusion::arrow::datatypes::{DataType, Decimal128Type, DecimalType};
+    for (field, column) in batch.schema().fields().iter().zip(batch.columns()) {
+        let DataType::Decimal128(precision, scale) = field.data_type() else {
+            continue;
+        };
+        let values = column.as_primitive::<Decimal128Type>();
+        let past = values.iter().position(|v| {
+            v.is_some_and(|v| !Decimal128Type::is_valid_decimal_precision(v, *precision))
+        });
+        if let Some(row) = past {
+            return Err(CoreError::Task {
+                message: format!(
+                    "column `{}` row {}: the value {} has more digits than decimal({precision}, {scale}) holds (an overflow in the SQL, e.g. a SUM); cast to a wider decimal or round it",
+                    field.name(),
+                    row + 1,
+                    decimal_text(values.value(row), *scale)
+                ),
+                retryable: false,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// `value` of a decimal with `scale`, every digit shown (arrow's formatter cuts a value to
+/// the column's precision, which is what is wrong with it here).
+fn decimal_text(value: i128, scale: i8) -> String {
+    let digits = value.unsigned_abs().to_string();
+    let sign = if value < 0 { "-" } else { "" };
+    let Ok(scale) = usize::try_from(scale) else {
+        return format!(
+            "{sign}{digits}{}",
+            "0".repeat(usize::from(scale.unsigned_abs()))
+        );
+    };
+    if scale == 0 {
+        return format!("{sign}{digits}");
+    }
+    let digits = format!("{digits:0>width$}", width = scale + 1);
+    let (whole, fraction) = digits.split_at(digits.len() - scale);
+    format!("{sign}{whole}.{fraction}")
 }
 
 /// `files` written for `target`, as the JSON a task result carries.
@@ -577,6 +628,38 @@ pub fn conform_batch(batch: &RecordBatch, target: &SchemaRef) -> Result<RecordBa
 mod tests {
     use super::*;
     use datafusion::arrow::array::{Int32Array, StringArray, UInt64Array};
+
+    #[test]
+    fn a_decimal_past_its_precision_is_refused_naming_column_row_and_value() {
+        use datafusion::arrow::array::Decimal128Array;
+        let batch = |values: Vec<Option<i128>>| {
+            let array = Decimal128Array::from(values)
+                .with_precision_and_scale(5, 2)
+                .unwrap();
+            let field = Field::new("amount", DataType::Decimal128(5, 2), true);
+            RecordBatch::try_new(
+                Arc::new(ArrowSchema::new(vec![field])),
+                vec![Arc::new(array)],
+            )
+            .unwrap()
+        };
+        assert!(
+            refuse_decimals_past_their_precision(&batch(vec![Some(99_999), None, Some(-99_999)]))
+                .is_ok()
+        );
+        let error = refuse_decimals_past_their_precision(&batch(vec![Some(1), Some(123_456)]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains(
+                "column `amount` row 2: the value 1234.56 has more digits than decimal(5, 2)"
+            ),
+            "{error}"
+        );
+        assert_eq!(decimal_text(-5, 2), "-0.05");
+        assert_eq!(decimal_text(i128::MAX, 0), i128::MAX.to_string());
+        assert_eq!(decimal_text(12, -2), "1200");
+    }
 
     #[test]
     fn a_nan_or_infinite_float_is_refused_as_an_identity_partition_value() {

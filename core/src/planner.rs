@@ -659,17 +659,23 @@ mod tests {
         assert!(tight.contains("mode=Partitioned"), "{tight}");
     }
 
-    /// `LIMIT n` over a source read in four partitions: `n` rows in all, not per partition;
-    /// without a limit the merge goes and the partitions are written in parallel.
-    #[tokio::test]
-    async fn a_bare_limit_bounds_the_whole_result_not_each_partition() {
+    /// A session planning `partitions` partitions per stage.
+    fn session_with_partitions(partitions: usize) -> SessionContext {
         let ctx = crate::session::new_session(crate::session::SessionOptions::default());
         ctx.state_ref()
             .write()
             .config_mut()
             .options_mut()
             .execution
-            .target_partitions = 4;
+            .target_partitions = partitions;
+        ctx
+    }
+
+    /// `LIMIT n` over a source read in four partitions: `n` rows in all, not per partition;
+    /// without a limit the merge goes and the partitions are written in parallel.
+    #[tokio::test]
+    async fn a_bare_limit_bounds_the_whole_result_not_each_partition() {
+        let ctx = session_with_partitions(4);
         let schema = Arc::new(Schema::new(vec![Field::new("k", DataType::Int64, true)]));
         let part = |from: i64| {
             vec![
@@ -706,13 +712,7 @@ mod tests {
 
     #[tokio::test]
     async fn renumbered_stages_still_read_each_other() {
-        let ctx = crate::session::new_session(crate::session::SessionOptions::default());
-        ctx.state_ref()
-            .write()
-            .config_mut()
-            .options_mut()
-            .execution
-            .target_partitions = 2;
+        let ctx = session_with_partitions(2);
         let schema = Arc::new(Schema::new(vec![Field::new("k", DataType::Int64, true)]));
         let batch = RecordBatch::try_new(
             schema.clone(),

@@ -1565,6 +1565,26 @@ mod tests {
         }
     }
 
+    /// A session with the CSV source `src` at `location` (`extra`: more of its TOML, such as
+    /// options or a contract) registered as a job registers it, or the error it gives.
+    async fn with_csv_source(
+        dir: &Path,
+        location: &str,
+        extra: &str,
+    ) -> std::result::Result<SessionContext, String> {
+        let text = format!(
+            "[pipeline]\nname = \"p\"\n[[source]]\nname = \"src\"\nformat = \"csv\"\nlocation = \"{}/{location}\"\n{extra}[transform]\nsql = \"SELECT * FROM src\"\n[target]\ntable = \"t.t\"\n",
+            dir.display()
+        );
+        let spec =
+            nightshift_spec::resolve_spec_text(&text, Path::new("p.toml"), dir, &[]).unwrap();
+        let ctx = crate::session::new_session(crate::session::SessionOptions::default());
+        register_sources(&ctx, &spec, None)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(ctx)
+    }
+
     /// Inference samples the first thousand rows; a column empty in all of them keeps the
     /// values that come later (they were read as NULL).
     #[tokio::test]
@@ -1580,14 +1600,7 @@ mod tests {
             csv.push_str(&format!("{id},{note},{amt}\n"));
         }
         std::fs::write(dir.path().join("a.csv"), csv).unwrap();
-        let text = format!(
-            "[pipeline]\nname = \"p\"\n[[source]]\nname = \"src\"\nformat = \"csv\"\nlocation = \"{}/a.csv\"\n[transform]\nsql = \"SELECT * FROM src\"\n[target]\ntable = \"t.t\"\n",
-            dir.path().display()
-        );
-        let spec = nightshift_spec::resolve_spec_text(&text, Path::new("p.toml"), dir.path(), &[])
-            .unwrap();
-        let ctx = crate::session::new_session(crate::session::SessionOptions::default());
-        register_sources(&ctx, &spec, None).await.unwrap();
+        let ctx = with_csv_source(dir.path(), "a.csv", "").await.unwrap();
         let batches = ctx
             .sql("SELECT id, note, CAST(amt AS DOUBLE) AS amt FROM src WHERE note IS NOT NULL OR amt IS NOT NULL ORDER BY id")
             .await
@@ -1619,15 +1632,8 @@ mod tests {
         )
         .unwrap();
         for contract in ["", "[source.schema]\nn = \"int\"\n"] {
-            let text = format!(
-                "[pipeline]\nname = \"p\"\n[[source]]\nname = \"src\"\nformat = \"csv\"\nlocation = \"{}/a.csv\"\noptions = {{ null_value = \"NA\" }}\n{contract}[transform]\nsql = \"SELECT * FROM src\"\n[target]\ntable = \"t.t\"\n",
-                dir.path().display()
-            );
-            let spec =
-                nightshift_spec::resolve_spec_text(&text, Path::new("p.toml"), dir.path(), &[])
-                    .unwrap();
-            let ctx = crate::session::new_session(crate::session::SessionOptions::default());
-            register_sources(&ctx, &spec, None).await.unwrap();
+            let extra = format!("options = {{ null_value = \"NA\" }}\n{contract}");
+            let ctx = with_csv_source(dir.path(), "a.csv", &extra).await.unwrap();
             let frame = ctx
                 .sql("SELECT id, name, n, n + 1 AS next FROM src ORDER BY id")
                 .await
@@ -1656,18 +1662,7 @@ mod tests {
             for (name, text) in files {
                 std::fs::write(dir.path().join("in").join(name), text).unwrap();
             }
-            let text = format!(
-                "[pipeline]\nname = \"p\"\n[[source]]\nname = \"src\"\nformat = \"csv\"\nlocation = \"{}/in/\"\n[transform]\nsql = \"SELECT * FROM src\"\n[target]\ntable = \"t.t\"\n",
-                dir.path().display()
-            );
-            let spec =
-                nightshift_spec::resolve_spec_text(&text, Path::new("p.toml"), dir.path(), &[])
-                    .unwrap();
-            let ctx = crate::session::new_session(crate::session::SessionOptions::default());
-            register_sources(&ctx, &spec, None)
-                .await
-                .map(|_| ())
-                .map_err(|e| e.to_string())
+            with_csv_source(dir.path(), "in/", "").await.map(|_| ())
         };
         let error = register(vec![
             ("a.csv", "id,qty,price\n1,5,100\n"),

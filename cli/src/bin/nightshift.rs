@@ -265,28 +265,29 @@ enum DlqCommand {
     /// a job that has ended (it failed when its task was dead-lettered) stay: run that job
     /// again under its job id instead.
     Replay {
-        #[arg(long, env = "NIGHTSHIFT_CONFIG")]
-        config: PathBuf,
-        /// The job whose tasks to replay.
-        #[arg(required_unless_present = "all", conflicts_with = "all")]
-        job_id: Option<String>,
-        /// Replay the tasks of every job.
-        #[arg(long)]
-        all: bool,
+        #[command(flatten)]
+        tasks: DeadTasksOf,
     },
     /// Remove dead-lettered tasks whose job has ended (succeeded on a rerun, failed or
     /// cancelled): nothing would run them, and they would stay listed. Tasks of jobs still
     /// queued or running, or unknown to Redis, stay (replay those).
     Purge {
-        #[arg(long, env = "NIGHTSHIFT_CONFIG")]
-        config: PathBuf,
-        /// The job whose tasks to remove.
-        #[arg(required_unless_present = "all", conflicts_with = "all")]
-        job_id: Option<String>,
-        /// Remove the tasks of every ended job.
-        #[arg(long)]
-        all: bool,
+        #[command(flatten)]
+        tasks: DeadTasksOf,
     },
+}
+
+/// Which dead-lettered tasks `dlq replay` and `dlq purge` take: one job's, or every job's.
+#[derive(Args)]
+struct DeadTasksOf {
+    #[arg(long, env = "NIGHTSHIFT_CONFIG")]
+    config: PathBuf,
+    /// The job whose tasks to take.
+    #[arg(required_unless_present = "all", conflicts_with = "all")]
+    job_id: Option<String>,
+    /// Take the tasks of every job.
+    #[arg(long)]
+    all: bool,
 }
 
 #[derive(Args)]
@@ -1185,8 +1186,12 @@ async fn worker(
 async fn dlq(command: DlqCommand) -> ExitCode {
     let config_path = match &command {
         DlqCommand::List { config, .. }
-        | DlqCommand::Replay { config, .. }
-        | DlqCommand::Purge { config, .. } => config.clone(),
+        | DlqCommand::Replay {
+            tasks: DeadTasksOf { config, .. },
+        }
+        | DlqCommand::Purge {
+            tasks: DeadTasksOf { config, .. },
+        } => config.clone(),
     };
     let config = match load_cluster_config(&config_path) {
         Ok(c) => c,
@@ -1209,14 +1214,15 @@ async fn dlq(command: DlqCommand) -> ExitCode {
                 ExitCode::from(EXIT_FAILED)
             }
         },
-        DlqCommand::Replay { ref job_id, .. } | DlqCommand::Purge { ref job_id, .. } => {
+        DlqCommand::Replay { ref tasks } | DlqCommand::Purge { ref tasks } => {
             let (action, text): (_, fn(&nightshift::cluster::Settled) -> String) =
                 if matches!(command, DlqCommand::Replay { .. }) {
                     (DlqAction::Replay, output::replayed_text)
                 } else {
                     (DlqAction::Purge, output::purged_text)
                 };
-            match nightshift::cluster::settle_dead_letters(&config, job_id.as_deref(), action).await
+            match nightshift::cluster::settle_dead_letters(&config, tasks.job_id.as_deref(), action)
+                .await
             {
                 Ok(settled) => {
                     out!("{}", text(&settled));

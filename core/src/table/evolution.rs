@@ -426,9 +426,13 @@ mod tests {
     }
 
     fn metadata(table: Schema) -> TableMetadata {
+        partitioned(table, UnboundPartitionSpec::builder().build())
+    }
+
+    fn partitioned(table: Schema, spec: UnboundPartitionSpec) -> TableMetadata {
         TableMetadataBuilder::new(
             table,
-            UnboundPartitionSpec::builder().build(),
+            spec,
             iceberg::spec::SortOrder::unsorted_order(),
             "memory:///t".into(),
             FormatVersion::V2,
@@ -520,18 +524,7 @@ mod tests {
             .add_partition_field(4, "b_bucket", iceberg::spec::Transform::Bucket(4))
             .unwrap()
             .build();
-        let table = TableMetadataBuilder::new(
-            columns,
-            spec,
-            iceberg::spec::SortOrder::unsorted_order(),
-            "memory:///t".into(),
-            FormatVersion::V2,
-            Default::default(),
-        )
-        .unwrap()
-        .build()
-        .unwrap()
-        .metadata;
+        let table = partitioned(columns, spec);
         let widen = |n, f| {
             let result = schema(&[
                 (1, "n", n),

@@ -699,18 +699,11 @@ const MAX_CSV_HEADER_BYTES: u64 = 1 << 20;
 /// its prices in `id`, silently. The headers are read at planning (one ranged read per
 /// file, 16 at a time), so the error names both files before anything runs.
 async fn check_csv_headers(source: &SourceSpec, files: &[(Location, u64)]) -> Result<()> {
-    let has_header = source.options.get("header").is_none_or(|h| h == "true");
-    if !has_header || files.len() < 2 {
+    if !csv_has_header(source)? || files.len() < 2 {
         return Ok(());
     }
-    let byte = |key: &str, default: u8| {
-        source
-            .options
-            .get(key)
-            .and_then(|v| v.as_bytes().first().copied())
-            .unwrap_or(default)
-    };
-    let (delimiter, quote) = (byte("delimiter", b','), byte("quote", b'"'));
+    let delimiter = csv_byte_option(source, "delimiter")?.unwrap_or(b',');
+    let quote = csv_byte_option(source, "quote")?.unwrap_or(b'"');
     // In name order, so the message names the same two files whatever order the listing has.
     let mut files = files.to_vec();
     files.sort_by_cached_key(|(location, _)| location.as_url_string());
@@ -746,6 +739,32 @@ async fn check_csv_headers(source: &SourceSpec, files: &[(Location, u64)]) -> Re
         }
     }
     Ok(())
+}
+
+/// A one-byte CSV option (`delimiter`, `quote`, `escape`): one character, or `\t`; the
+/// reader and the header check read it alike.
+fn csv_byte_option(source: &SourceSpec, key: &str) -> Result<Option<u8>> {
+    match source.options.get(key) {
+        None => Ok(None),
+        Some(v) if v.len() == 1 => Ok(Some(v.as_bytes()[0])),
+        Some(v) if v == "\\t" => Ok(Some(b'\t')),
+        Some(v) => Err(CoreError::Source {
+            source_name: source.name.clone(),
+            message: format!("csv option `{key}` must be one character, got `{v}`"),
+        }),
+    }
+}
+
+/// Whether a CSV source's files start with a header (option `header`, default true).
+fn csv_has_header(source: &SourceSpec) -> Result<bool> {
+    match source.options.get("header").map(String::as_str) {
+        None | Some("true") => Ok(true),
+        Some("false") => Ok(false),
+        Some(other) => Err(CoreError::Source {
+            source_name: source.name.clone(),
+            message: format!("csv option `header` must be true or false, got `{other}`"),
+        }),
+    }
 }
 
 /// The first line of the CSV file at `location` (of `size` bytes), without its line end or
@@ -1011,29 +1030,8 @@ async fn register_raw(
             register_listing(ctx, raw_name, table_path, options, None).await
         }
         SourceFormat::Csv => {
-            let byte_option = |key: &str| -> Result<Option<u8>> {
-                match source.options.get(key) {
-                    None => Ok(None),
-                    Some(v) if v.len() == 1 => Ok(Some(v.as_bytes()[0])),
-                    Some(v) if v == "\\t" => Ok(Some(b'\t')),
-                    Some(v) => Err(CoreError::Source {
-                        source_name: source.name.clone(),
-                        message: format!("csv option `{key}` must be one character, got `{v}`"),
-                    }),
-                }
-            };
-            let header = match source.options.get("header").map(String::as_str) {
-                None | Some("true") => true,
-                Some("false") => false,
-                Some(other) => {
-                    return Err(CoreError::Source {
-                        source_name: source.name.clone(),
-                        message: format!(
-                            "csv option `header` must be true or false, got `{other}`"
-                        ),
-                    });
-                }
-            };
+            let byte_option = |key: &str| csv_byte_option(source, key);
+            let header = csv_has_header(source)?;
             let mut options = CsvReadOptions::new()
                 .has_header(header)
                 // Keeps each CSV file in one task, so line numbers in errors are the file's.

@@ -339,7 +339,10 @@ impl Worker {
             task.attempt,
         ));
         // A task of a job that was cancelled or failed meanwhile stops (its output could
-        // never be committed), so the worker is free for other jobs' tasks at once.
+        // never be committed), so the worker is free for other jobs' tasks at once. Nothing
+        // is deleted here: what the stopped attempt wrote is named as its own attempt's
+        // (`names`), and only the job's late sweep removes it, deleting job-named files no
+        // snapshot's manifest entry names, so no committed file can go.
         let result = tokio::select! {
             biased;
             outcome = futures::FutureExt::catch_unwind(run) => outcome.unwrap_or_else(|panic| {

@@ -20,6 +20,7 @@
 pub mod access;
 pub mod bounded_functions;
 pub mod broadcast_scans;
+pub mod checked_integers;
 pub mod checks;
 pub mod codec;
 pub mod error;

@@ -171,6 +171,7 @@ pub fn new_session(options: SessionOptions) -> SessionContext {
         .build();
     let ctx = SessionContext::new_with_state(state);
     crate::bounded_functions::register(&ctx);
+    crate::checked_integers::register(&ctx);
     ctx.register_udf(ScalarUDF::new_from_impl(RequireNotNull::new()));
     ctx.register_udf(ScalarUDF::new_from_impl(
         crate::merge::RequireUniqueKey::default(),

@@ -618,6 +618,9 @@ async fn register_source(
         }
         _ if contract.is_empty() => raw_schema,
         _ => {
+            if source.format == SourceFormat::Json {
+                check_json_integers(source, &location, &table_path, &raw_schema, contract)?;
+            }
             let with_contract = apply_contract(source, &location, &raw_schema, contract)?;
             ctx.deregister_table(raw_name.as_str())?;
             register_raw(ctx, source, &raw_name, &table_path, Some(&with_contract)).await?;
@@ -1058,7 +1061,13 @@ async fn register_raw(
             register_listing(ctx, raw_name, table_path, options, schema).await
         }
         SourceFormat::Json => {
-            let mut options = JsonReadOptions::default().file_extension(extension);
+            // Types are inferred from every record of every file: arrow-json's default, the
+            // first 1000 records of the first file, typed `price` bigint when its first
+            // values were whole, and a later `19.99` was then read as 19 (the integer
+            // reader truncates a fraction), and keys first seen later were dropped.
+            let mut options = JsonReadOptions::default()
+                .file_extension(extension)
+                .schema_infer_max_records(usize::MAX);
             if let Some(schema) = schema {
                 options = options.schema(schema);
             }
@@ -1225,6 +1234,64 @@ fn find_json_type_conflict(table_path: &str) -> Option<String> {
         }
     }
     None
+}
+
+/// A JSON column the contract declares an integer must hold whole numbers: the reader
+/// truncates `1.7` into an integer column, silently. `inferred` is the type every record
+/// gives the column; a fraction anywhere made it a float.
+fn check_json_integers(
+    source: &SourceSpec,
+    location: &Location,
+    table_path: &str,
+    inferred: &Schema,
+    contract: &[ColumnContract],
+) -> Result<()> {
+    for column in contract {
+        let Ok(field) = inferred.field_with_name(&column.name) else {
+            continue;
+        };
+        if !json_fraction_would_truncate(field.data_type(), &column.data_type) {
+            continue;
+        }
+        let first = find_json_fraction(table_path, &column.name)
+            .map(|at| format!(" ({at})"))
+            .unwrap_or_default();
+        return Err(contract_error(
+            source,
+            location,
+            &column.name,
+            format!(
+                "the contract says `{}` but the data holds numbers with a fraction{first},                  which an integer column would truncate; declare it `double` or                  `decimal(p, s)`",
+                column.declared
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Whether JSON numbers inferred as `inferred` lose their fraction read as `declared`.
+fn json_fraction_would_truncate(inferred: &DataType, declared: &DataType) -> bool {
+    declared.is_integer() && inferred.is_floating()
+}
+
+/// The first local file and line under `table_path` whose `column` is a number with a
+/// fraction, and the number.
+fn find_json_fraction(table_path: &str, column: &str) -> Option<String> {
+    use std::io::BufRead;
+    local_files(table_path).into_iter().find_map(|path| {
+        let file = crate::access::open_local(&path).ok()?;
+        std::io::BufReader::new(file)
+            .lines()
+            .enumerate()
+            .find_map(|(index, line)| {
+                let value: serde_json::Value = serde_json::from_str(&line.ok()?).ok()?;
+                let number = value.get(column)?.as_number()?;
+                let whole = number.as_i64().is_some()
+                    || number.as_u64().is_some()
+                    || number.as_f64().is_some_and(|f| f.fract() == 0.0);
+                (!whole).then(|| format!("{} line {}: {number}", path.display(), index + 1))
+            })
+    })
 }
 
 /// An exact-match pattern for a CSV `null_value`.
@@ -1570,8 +1637,18 @@ mod tests {
         location: &str,
         extra: &str,
     ) -> std::result::Result<SessionContext, String> {
+        with_source(dir, "csv", location, extra).await
+    }
+
+    /// A session with the source `src` of `format` at `location` (`extra` as above).
+    async fn with_source(
+        dir: &Path,
+        format: &str,
+        location: &str,
+        extra: &str,
+    ) -> std::result::Result<SessionContext, String> {
         let text = format!(
-            "[pipeline]\nname = \"p\"\n[[source]]\nname = \"src\"\nformat = \"csv\"\nlocation = \"{}/{location}\"\n{extra}[transform]\nsql = \"SELECT * FROM src\"\n[target]\ntable = \"t.t\"\n",
+            "[pipeline]\nname = \"p\"\n[[source]]\nname = \"src\"\nformat = \"{format}\"\nlocation = \"{}/{location}\"\n{extra}[transform]\nsql = \"SELECT * FROM src\"\n[target]\ntable = \"t.t\"\n",
             dir.display()
         );
         let spec =
@@ -1618,6 +1695,92 @@ mod tests {
             2,
             "{shown}"
         );
+    }
+
+    /// Whole prices for 1,500 records, then `19.99`; a key first seen at record 1,200.
+    fn json_with_a_late_fraction(dir: &Path) {
+        let mut json = String::new();
+        for id in 1..=1500 {
+            let price = if id == 1400 {
+                "19.99".to_string()
+            } else {
+                id.to_string()
+            };
+            let note = if id == 1200 {
+                ", \"note\": \"late\""
+            } else {
+                ""
+            };
+            json.push_str(&format!("{{\"id\": {id}, \"price\": {price}{note}}}\n"));
+        }
+        std::fs::write(dir.join("a.json"), json).unwrap();
+    }
+
+    /// JSON types come from every record: a fraction after the first thousand was read
+    /// truncated (`19`) into a column inferred bigint, and a late key was dropped.
+    #[tokio::test]
+    async fn json_types_are_inferred_from_every_record() {
+        let dir = tempfile::tempdir().unwrap();
+        json_with_a_late_fraction(dir.path());
+        let ctx = with_source(dir.path(), "json", "a.json", "").await.unwrap();
+        let batches = ctx
+            .sql("SELECT CAST(price AS VARCHAR) AS p, note FROM src WHERE id IN (1200, 1400) ORDER BY id")
+            .await
+            .unwrap()
+            .collect()
+            .await
+            .unwrap();
+        let shown = arrow::util::pretty::pretty_format_batches(&batches)
+            .unwrap()
+            .to_string();
+        assert!(shown.contains("19.99"), "{shown}");
+        assert!(shown.contains("late"), "{shown}");
+    }
+
+    /// A contract `int` over JSON numbers with a fraction fails naming the file, line and
+    /// number; whole numbers written `1e3` are integers.
+    #[tokio::test]
+    async fn a_json_fraction_under_an_integer_contract_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        json_with_a_late_fraction(dir.path());
+        let contract = "[source.schema]\nprice = \"bigint\"\n";
+        let err = with_source(dir.path(), "json", "a.json", contract)
+            .await
+            .err()
+            .expect("a fraction under an integer contract");
+        assert!(err.contains("price"), "{err}");
+        assert!(err.contains("a.json line 1400: 19.99"), "{err}");
+        assert!(json_fraction_would_truncate(
+            &DataType::Float64,
+            &DataType::Int32
+        ));
+        assert!(!json_fraction_would_truncate(
+            &DataType::Int64,
+            &DataType::Int32
+        ));
+        assert!(!json_fraction_would_truncate(
+            &DataType::Float64,
+            &DataType::Decimal128(10, 2)
+        ));
+        std::fs::write(
+            dir.path().join("a.json"),
+            "{\"id\": 1, \"price\": 7}\n{\"id\": 2, \"price\": 8}\n",
+        )
+        .unwrap();
+        let ctx = with_source(dir.path(), "json", "a.json", contract)
+            .await
+            .unwrap();
+        let batches = ctx
+            .sql("SELECT SUM(price) FROM src")
+            .await
+            .unwrap()
+            .collect()
+            .await
+            .unwrap();
+        let shown = arrow::util::pretty::pretty_format_batches(&batches)
+            .unwrap()
+            .to_string();
+        assert!(shown.contains("15"), "{shown}");
     }
 
     /// `null_value` is read as NULL in every column, also one its values typed as a number.

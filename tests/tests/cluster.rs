@@ -10,7 +10,7 @@ use nightshift_tests::cluster::{
 use nightshift_tests::{RefSource, snapshot_count};
 
 const SQL: &str = "SELECT o.o_orderdate AS order_date, c.c_mktsegment AS segment, COUNT(*) AS orders, \
-     SUM(o.o_totalprice) AS total FROM orders o JOIN customer c ON c.c_custkey = o.o_custkey \
+     SUM(o.o_totalprice) AS total, SUM(o.o_custkey) AS custkeys FROM orders o JOIN customer c ON c.c_custkey = o.o_custkey \
      WHERE o.o_orderdate < DATE '1993-01-01' GROUP BY o.o_orderdate, c.c_mktsegment";
 
 fn spec(data: &std::path::Path) -> String {

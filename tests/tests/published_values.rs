@@ -156,3 +156,42 @@ fn a_merge_of_rows_that_differ_between_evaluations_is_refused() {
     assert_eq!(published.len(), 100);
     assert!(published.iter().all(|r| r["v"] == "old"));
 }
+
+/// An integer `SUM` past bigint fails naming the sum (it wrapped: 400 × 2^62 published 0),
+/// as does integer arithmetic past its type, with nothing committed; sums that fit are
+/// exact, also when partial sums on the way pass bigint, and `i64::MIN` itself fits.
+#[test]
+fn integer_overflow_fails_the_run_and_what_fits_is_exact() {
+    let sandbox = Sandbox::new();
+    let quarter = 1_i64 << 62;
+    for i in 0..400 {
+        let w = if i < 200 { quarter } else { -quarter };
+        sandbox.write(
+            &format!("big/part-{i:03}.csv"),
+            format!("id,v,w\n{i},{quarter},{w}\n"),
+        );
+    }
+    let sum = "SELECT 1 AS id, SUM(v) AS total FROM src";
+    let (code, stderr) = run(&sandbox, &spec("big/", "", sum, ""));
+    assert_ne!(code, Some(0), "{stderr}");
+    assert!(
+        stderr.contains("integer overflow") && stderr.contains("sum(src.v)"),
+        "{stderr}"
+    );
+    let product = "SELECT id, v * 4 AS v4 FROM src";
+    let (code, stderr) = run(&sandbox, &spec("big/", "", product, ""));
+    assert_ne!(code, Some(0), "{stderr}");
+    assert!(
+        stderr.contains("integer overflow") && stderr.contains("4611686018427387904 * 4"),
+        "{stderr}"
+    );
+    assert!(!table_exists(&sandbox));
+
+    let fits = "SELECT 1 AS id, SUM(w) AS total, SUM(v / 1024) AS s, MIN(w - v) AS lo FROM src";
+    let (code, stderr) = run(&sandbox, &spec("big/", "", fits, ""));
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(
+        rows(&sandbox),
+        vec![serde_json::json!({"id": 1, "total": 0, "s": 400_i64 << 52, "lo": i64::MIN})]
+    );
+}

@@ -224,7 +224,38 @@ async fn give_up_on_submission(state: &Arc<RedisState>, job_id: &str, redeliveri
     store_outcome(state, job_id, Err(&error)).await;
 }
 
+/// Records as failed a job whose submission no longer passes admission when a coordinator
+/// takes it (a source swapped for a link out of the allowed locations after the API
+/// admitted it). Its report alone left it `queued` for good in `GetJob` and `status`. A job
+/// that has already ended keeps its state ([`refusal_ends_the_job`]).
+async fn fail_job_refused_at_start(state: &RedisState, job: &JobId, error: &JobError) {
+    let recorded = match state.job_state(job).await {
+        Ok(recorded) => recorded.map(|(s, _)| s),
+        Err(e) => {
+            warn!(job_id = %job, error = %e, "cannot read the state of a refused job");
+            return;
+        }
+    };
+    if !refusal_ends_the_job(recorded) {
+        return;
+    }
+    if let Err(e) = state
+        .set_job_state(job, JobState::Failed, &error.to_string())
+        .await
+    {
+        warn!(job_id = %job, error = %e, "cannot record the refused job as failed");
+    }
+}
+
+/// Whether a refusal at the start of a run ends a job `recorded` in that state: not one that
+/// has ended already (a submission delivered again after its job committed keeps
+/// `succeeded`, as nothing after a landed commit may report the job as failed).
+pub fn refusal_ends_the_job(recorded: Option<JobState>) -> bool {
+    !recorded.is_some_and(JobState::is_terminal)
+}
+
 /// Counts a job's end in the metrics and stores its outcome (the report clients wait for).
+/// A failure is not stored over the report of a job that succeeded.
 async fn store_outcome(
     state: &RedisState,
     job_id: &str,
@@ -236,9 +267,19 @@ async fn store_outcome(
         _ => json["kind"].as_str().unwrap_or("failed"),
     };
     nightshift_core::metrics::job_finished(finished);
-    if let Ok(job) = JobId::parse(job_id)
-        && let Err(e) = state.set_report(&job, &json.to_string()).await
+    let Ok(job) = JobId::parse(job_id) else {
+        return;
+    };
+    if outcome.is_err()
+        && let Ok(Some((JobState::Succeeded, _))) = state.job_state(&job).await
     {
+        warn!(
+            job_id,
+            "a later delivery of a job that succeeded failed; its report is kept"
+        );
+        return;
+    }
+    if let Err(e) = state.set_report(&job, &json.to_string()).await {
         warn!(job_id, error = %e, "cannot store the job outcome");
     }
 }
@@ -256,9 +297,14 @@ async fn run_submission(
         "coordinator-abort-while-admitting",
         |_| std::process::abort()
     );
-    let spec = crate::admission::admit(&submission, access)
-        .await
-        .map_err(|refusal| JobError::Invalid(refusal.into()))?;
+    let spec = match crate::admission::admit(&submission, access).await {
+        Ok(spec) => spec,
+        Err(refusal) => {
+            let error = JobError::Invalid(refusal.into());
+            fail_job_refused_at_start(state, &job_id, &error).await;
+            return Err(error);
+        }
+    };
     let options = JobOptions::new(job_id, 1);
     info!(job_id = %options.job_id, pipeline = %spec.spec.pipeline.name, "job accepted");
     // Progress goes to Redis from one writer task, latest value first, so a slow write never
@@ -418,5 +464,20 @@ mod tests {
         }
         assert!(stopped_too_often(4));
         assert!(stopped_too_often(40));
+    }
+
+    #[test]
+    fn a_refusal_at_the_start_of_a_run_ends_only_a_job_that_has_not_ended() {
+        for open in [
+            None,
+            Some(JobState::Queued),
+            Some(JobState::Running),
+            Some(JobState::Committing),
+        ] {
+            assert!(refusal_ends_the_job(open), "{open:?}");
+        }
+        for ended in [JobState::Succeeded, JobState::Failed, JobState::Cancelled] {
+            assert!(!refusal_ends_the_job(Some(ended)), "{ended:?}");
+        }
     }
 }

@@ -420,10 +420,54 @@ async fn a_source_swapped_for_a_link_after_admission_is_not_read() {
     for job_id in &jobs {
         let job = finished(&mut client, job_id, &cluster).await;
         assert_eq!(job.state, JobState::Failed as i32, "{job:?}");
+        // A coordinator that takes the job after the swap refuses it at admission; one that
+        // took it before, when the scan opens the file.
         assert!(
-            job.error.contains("leads out of the allowed location"),
+            job.error.contains("leads out of the allowed location")
+                || job.error.contains("which is outside the allowed locations"),
             "{job:?}"
         );
         assert_eq!(job.rows, 0, "{job:?}");
     }
+}
+
+/// A job still queued when its source is swapped for a link out of the allowed directory is
+/// refused when a coordinator takes it, and ends `failed`: it stayed `queued` for good, its
+/// refusal only in its report. One job at a time (`--max-jobs 1`), so the second is taken
+/// only after the first ends, and the first only ends once a worker starts, after the swap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_job_whose_source_is_swapped_out_fails_when_taken() {
+    let mut cluster = start(0, &[]);
+    cluster.kill_coordinator();
+    cluster.coordinator_args = vec!["--max-jobs".into(), "1".into()];
+    cluster.start_coordinator();
+    let data = cluster.sandbox.path("data");
+    let outside = cluster.sandbox.path("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::write(outside.join("secret.csv"), "id,name\n99,secret\n").unwrap();
+    std::fs::write(data.join("later.csv"), "id,name\n6,six\n").unwrap();
+    let d = data.display().to_string();
+    let mut client = cluster.api_client().await;
+    let mut submit = async |location: String, table: &str| {
+        client
+            .submit_job(inline(csv_spec(&location, table)))
+            .await
+            .unwrap_or_else(|s| panic!("{location}: {s:?}"))
+            .into_inner()
+            .job_id
+    };
+    let first = submit(format!("{d}/lines/"), "tests.first").await;
+    let queued = submit(format!("{d}/later.csv"), "tests.queued").await;
+    std::fs::remove_file(data.join("later.csv")).unwrap();
+    std::os::unix::fs::symlink(outside.join("secret.csv"), data.join("later.csv")).unwrap();
+    cluster.start_worker();
+    succeeded(&mut client, &first, &cluster).await;
+    let job = finished(&mut client, &queued, &cluster).await;
+    assert_eq!(job.state, JobState::Failed as i32, "{job:?}");
+    assert!(
+        job.error.contains("outside the allowed locations")
+            || job.error.contains("leads out of the allowed location"),
+        "{job:?}"
+    );
+    assert_eq!(job.rows, 0, "{job:?}");
 }

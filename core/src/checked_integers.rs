@@ -14,7 +14,8 @@
 //!   are decimals. Other types go to DataFusion's sum unchanged.
 //!
 //! Both are registered by name, so a worker decoding a stage plan finds the same functions.
-//! Unary minus, `abs` and integer casts are left as DataFusion has them.
+//! A unary minus of an integer is `0 - x`, checked the same way. `abs` of the smallest
+//! integer, and the predicates of row `[[check]]`s (compiled outside a query), still wrap.
 
 use std::any::Any;
 use std::sync::Arc;
@@ -203,8 +204,25 @@ fn checked_plan(plan: LogicalPlan) -> Result<Transformed<LogicalPlan>> {
     })
 }
 
-/// `e` with an integer `+`, `-` or `*` at its root made a checked call.
+/// `e` with an integer `+`, `-`, `*` or unary `-` at its root made a checked call.
 fn checked_expr(e: Expr, schema: &DFSchema) -> Result<Transformed<Expr>> {
+    if let Expr::Negative(inner) = &e {
+        return match inner.get_type(schema) {
+            // `-x` is `0 - x`, which overflows for the smallest value as `-x` does.
+            Ok(t) if t.is_signed_integer() => {
+                let Expr::Negative(inner) = e else {
+                    unreachable!("matched above")
+                };
+                let zero = Expr::Literal(ScalarValue::new_zero(&t)?, None);
+                Ok(Transformed::yes(checked_call(
+                    IntegerOp::Subtract,
+                    zero,
+                    *inner,
+                )))
+            }
+            _ => Ok(Transformed::no(e)),
+        };
+    }
     let Expr::BinaryExpr(BinaryExpr { left, op, right }) = &e else {
         return Ok(Transformed::no(e));
     };
@@ -220,10 +238,13 @@ fn checked_expr(e: Expr, schema: &DFSchema) -> Result<Transformed<Expr>> {
     let Expr::BinaryExpr(BinaryExpr { left, right, .. }) = e else {
         unreachable!("matched above")
     };
+    Ok(Transformed::yes(checked_call(op, *left, *right)))
+}
+
+/// `left <op> right` as a call of the checked function.
+fn checked_call(op: IntegerOp, left: Expr, right: Expr) -> Expr {
     let function = Arc::new(ScalarUDF::new_from_impl(CheckedArithmetic::new(op)));
-    Ok(Transformed::yes(Expr::ScalarFunction(
-        ScalarFunction::new_udf(function, vec![*left, *right]),
-    )))
+    Expr::ScalarFunction(ScalarFunction::new_udf(function, vec![left, right]))
 }
 
 /// The type an integer sum is kept in until its end.
@@ -613,6 +634,7 @@ mod tests {
             "SELECT -v - 2 * g FROM t",
             "SELECT v * 2 FROM t",
             "SELECT CAST(v / 4294967296 AS INT) * CAST(v / 4294967296 AS INT) FROM t",
+            "SELECT -(-v - g) FROM t",
         ] {
             let err = run(&ctx, sql).await.unwrap_err().to_string();
             assert!(err.contains("integer overflow"), "{sql}: {err}");

@@ -611,6 +611,11 @@ async fn register_source(
         register_raw(ctx, source, &raw_name, &table_path, Some(&text)).await?;
         raw_schema = Arc::new(text);
     }
+    if let Some(utc) = timestamps_in_utc(&raw_schema) {
+        ctx.deregister_table(raw_name.as_str())?;
+        register_raw(ctx, source, &raw_name, &table_path, Some(&utc)).await?;
+        raw_schema = Arc::new(utc);
+    }
     let schema = match source.format {
         SourceFormat::Parquet => {
             check_contract(source, &location, &raw_schema, contract)?;
@@ -823,6 +828,39 @@ fn null_columns_as_text(schema: &Schema) -> Option<Schema> {
     Some(Schema::new_with_metadata(fields, schema.metadata().clone()))
 }
 
+/// `schema` with each timestamp column zoned other than UTC read in UTC (`None`: there is
+/// none). The instants are the same; only the zone DataFusion computes in changes. A
+/// Parquet column annotated `America/New_York` made `CAST(t AS DATE)`, `date_trunc` and
+/// `extract(hour ...)` answer in New York time, while the table stores the instant (an
+/// Iceberg `timestamptz` is UTC) and files the row by its UTC day: the same instant
+/// exported with another zone published another date, silently.
+fn timestamps_in_utc(schema: &Schema) -> Option<Schema> {
+    let zoned = |t: &DataType| matches!(t, DataType::Timestamp(_, Some(tz)) if !is_utc(tz));
+    if !schema.fields().iter().any(|f| zoned(f.data_type())) {
+        return None;
+    }
+    let fields: Vec<Field> = schema
+        .fields()
+        .iter()
+        .map(|f| match f.data_type() {
+            DataType::Timestamp(unit, Some(tz)) if !is_utc(tz) => f
+                .as_ref()
+                .clone()
+                .with_data_type(DataType::Timestamp(*unit, Some("UTC".into()))),
+            _ => f.as_ref().clone(),
+        })
+        .collect();
+    Some(Schema::new_with_metadata(fields, schema.metadata().clone()))
+}
+
+/// Whether the zone `tz` is UTC by one of its names.
+fn is_utc(tz: &str) -> bool {
+    matches!(
+        tz,
+        "UTC" | "utc" | "Z" | "+00:00" | "+0000" | "+00" | "Etc/UTC" | "Etc/UCT" | "UCT"
+    )
+}
+
 fn check_options(source: &SourceSpec) -> Result<()> {
     let allowed = match source.format {
         SourceFormat::Csv => CSV_OPTIONS,
@@ -1030,7 +1068,7 @@ async fn register_raw(
     let registered = match source.format {
         SourceFormat::Parquet => {
             let options = ParquetReadOptions::default().file_extension(extension);
-            register_listing(ctx, raw_name, table_path, options, None).await
+            register_listing(ctx, raw_name, table_path, options, schema).await
         }
         SourceFormat::Csv => {
             let byte_option = |key: &str| csv_byte_option(source, key);
@@ -1695,6 +1733,49 @@ mod tests {
             2,
             "{shown}"
         );
+    }
+
+    /// One instant, 2024-03-02 03:00 UTC, in a Parquet column annotated New York time: the
+    /// date, day and hour the SQL derives from it are UTC's, as the table stores it (they
+    /// were New York's: 2024-03-01 and hour 22).
+    #[tokio::test]
+    async fn a_zoned_parquet_timestamp_is_computed_in_utc() {
+        use datafusion::arrow::array::TimestampMicrosecondArray;
+        use datafusion::arrow::record_batch::RecordBatch;
+        assert!(is_utc("+00:00") && !is_utc("America/New_York") && !is_utc("+01:00"));
+        let dir = tempfile::tempdir().unwrap();
+        let instant = 1_709_348_400_000_000_i64; // 2024-03-02T03:00:00Z
+        let zoned =
+            TimestampMicrosecondArray::from(vec![instant]).with_timezone("America/New_York");
+        let schema = Arc::new(Schema::new(vec![Field::new(
+            "t",
+            datafusion::arrow::array::Array::data_type(&zoned).clone(),
+            true,
+        )]));
+        let batch = RecordBatch::try_new(schema.clone(), vec![Arc::new(zoned)]).unwrap();
+        let file = std::fs::File::create(dir.path().join("a.parquet")).unwrap();
+        let mut writer = parquet::arrow::ArrowWriter::try_new(file, schema, None).unwrap();
+        writer.write(&batch).unwrap();
+        writer.close().unwrap();
+        let ctx = with_source(dir.path(), "parquet", "a.parquet", "")
+            .await
+            .unwrap();
+        let batches = ctx
+            .sql("SELECT CAST(CAST(t AS DATE) AS VARCHAR) AS d, CAST(extract(hour FROM t) AS INT) AS h, \
+                  CAST(t AS VARCHAR) AS v FROM src")
+            .await
+            .unwrap()
+            .collect()
+            .await
+            .unwrap();
+        let shown = arrow::util::pretty::pretty_format_batches(&batches)
+            .unwrap()
+            .to_string();
+        assert!(
+            shown.contains("2024-03-02") && shown.contains("| 3 "),
+            "{shown}"
+        );
+        assert!(shown.contains("03:00:00"), "the instant is kept: {shown}");
     }
 
     /// Whole prices for 1,500 records, then `19.99`; a key first seen at record 1,200.

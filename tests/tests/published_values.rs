@@ -195,3 +195,33 @@ fn integer_overflow_fails_the_run_and_what_fits_is_exact() {
         vec![serde_json::json!({"id": 1, "total": 0, "s": 400_i64 << 52, "lo": i64::MIN})]
     );
 }
+
+/// A timestamp in the last second of a day before 1970 is filed under its own day (iceberg-rust
+/// filed `1969-12-30 23:59:59.5` under 1969-12-31), so a reader's filter on the day, which
+/// prunes by partition, finds it; and an `overwrite_partitions` of the next day keeps it.
+#[test]
+fn a_timestamp_before_1970_is_filed_under_its_own_day() {
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "data/a.csv",
+        "id,ts\n1,1969-12-30T23:59:59.5\n2,1969-12-30T12:00:00\n3,1969-12-31T00:00:00\n4,1955-06-01T23:59:59.25\n",
+    );
+    let sql = "SELECT id, CAST(ts AS TIMESTAMP) AS ts FROM src";
+    let partitioned = "mode = \"overwrite_partitions\"\npartition_by = [\"day(ts)\"]";
+    let (code, stderr) = run(&sandbox, &spec("data/a.csv", "", sql, partitioned));
+    assert_eq!(code, Some(0), "{stderr}");
+    let found_by_day = |sandbox: &Sandbox| -> Vec<i64> {
+        sandbox.with_pyiceberg_table(
+            "ns.t",
+            "days = [('1969-12-30', '1969-12-31'), ('1969-12-31', '1970-01-01'), ('1955-06-01', '1955-06-02')]\n\
+             json.dump([t.scan(row_filter=f\"ts >= '{a}T00:00:00' and ts < '{b}T00:00:00'\").to_arrow().num_rows for a, b in days], sys.stdout)",
+        )
+    };
+    assert_eq!(found_by_day(&sandbox), vec![2, 1, 1]);
+
+    // Rerun 1969-12-31 alone: the day before keeps both its rows.
+    sandbox.write("data/a.csv", "id,ts\n3,1969-12-31T00:00:00\n");
+    let (code, stderr) = run(&sandbox, &spec("data/a.csv", "", sql, partitioned));
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(found_by_day(&sandbox), vec![2, 1, 1]);
+}

@@ -13,6 +13,7 @@ pub mod maintain;
 mod open_files;
 pub mod overwrite;
 pub mod parquet_settings;
+mod partition_values;
 pub mod references;
 pub mod rejects;
 pub mod retention;

@@ -9,7 +9,9 @@ use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::execution::TaskContext;
 use datafusion::physical_plan::ExecutionPlan;
 use futures::StreamExt;
-use iceberg::arrow::{FieldMatchMode, RecordBatchPartitionSplitter, schema_to_arrow_schema};
+use iceberg::arrow::{FieldMatchMode, schema_to_arrow_schema};
+
+use super::partition_values::PartitionSplitter;
 use iceberg::spec::{
     DataFile, DataFileFormat, FormatVersion, PartitionSpec, Schema, serialize_data_file_to_json,
 };
@@ -80,7 +82,7 @@ pub(crate) enum PartitionedWriter {
     Unpartitioned(Box<UnpartitionedWriter<Builder>>),
     Fanout(
         Box<OpenFiles>,
-        Box<RecordBatchPartitionSplitter>,
+        Box<PartitionSplitter>,
         /// The partition fields' source columns, by name: a batch of unsorted input is
         /// ordered by them first (input clustered by them is already).
         Option<Vec<String>>,
@@ -472,10 +474,7 @@ pub(crate) fn new_writer(
     Ok(if target.spec.is_unpartitioned() {
         PartitionedWriter::Unpartitioned(Box::new(UnpartitionedWriter::new(builder)))
     } else {
-        let splitter = RecordBatchPartitionSplitter::try_new_with_computed_values(
-            target.schema.clone(),
-            target.spec.clone(),
-        )?;
+        let splitter = PartitionSplitter::try_new(target.schema.clone(), target.spec.clone())?;
         let sources = target
             .spec
             .fields()

@@ -20,10 +20,12 @@
 use std::any::Any;
 use std::sync::Arc;
 
-use datafusion::arrow::array::{Array, ArrayRef, BooleanArray, Datum};
+use datafusion::arrow::array::{Array, ArrayRef, AsArray, BooleanArray, Datum};
 use datafusion::arrow::compute::kernels::numeric;
 use datafusion::arrow::compute::{CastOptions, cast, cast_with_options};
-use datafusion::arrow::datatypes::{DataType, Field, FieldRef};
+use datafusion::arrow::datatypes::{
+    DataType, Decimal128Type, Field, FieldRef, Int64Type, UInt64Type,
+};
 use datafusion::arrow::error::ArrowError;
 use datafusion::common::config::ConfigOptions;
 use datafusion::common::tree_node::{Transformed, TreeNode};
@@ -383,9 +385,29 @@ impl AggregateUDFImpl for CheckedSum {
     }
 }
 
-/// `values` as [`WIDE`], for the inner sum.
+/// `values` as [`WIDE`], for the inner sum. The sum's inputs are `bigint` or unsigned
+/// `bigint` (its signature coerces narrower integers), widened value by value; arrow's
+/// cast would multiply each by 10^0 with an overflow check.
 fn widened(values: &[ArrayRef]) -> Result<Vec<ArrayRef>> {
-    values.iter().map(|v| Ok(cast(v, &WIDE)?)).collect()
+    values
+        .iter()
+        .map(|v| {
+            let wide: ArrayRef = match v.data_type() {
+                DataType::Int64 => Arc::new(
+                    v.as_primitive::<Int64Type>()
+                        .unary::<_, Decimal128Type>(i128::from)
+                        .with_precision_and_scale(38, 0)?,
+                ),
+                DataType::UInt64 => Arc::new(
+                    v.as_primitive::<UInt64Type>()
+                        .unary::<_, Decimal128Type>(i128::from)
+                        .with_precision_and_scale(38, 0)?,
+                ),
+                _ => cast(v, &WIDE)?,
+            };
+            Ok(wide)
+        })
+        .collect()
 }
 
 /// The sums in `wide` as `output`, failing on the first that does not fit, naming the
@@ -395,7 +417,18 @@ fn narrowed(wide: &ArrayRef, output: &DataType, name: &str) -> Result<ArrayRef> 
         safe: false,
         ..Default::default()
     };
-    cast_with_options(wide, output, &strict).or_else(|_| {
+    let fits = match output {
+        DataType::Int64 => wide
+            .as_primitive::<Decimal128Type>()
+            .try_unary::<_, Int64Type, _>(|v| i64::try_from(v).map_err(|_| overflow()))
+            .map(|a| Arc::new(a) as ArrayRef),
+        DataType::UInt64 => wide
+            .as_primitive::<Decimal128Type>()
+            .try_unary::<_, UInt64Type, _>(|v| u64::try_from(v).map_err(|_| overflow()))
+            .map(|a| Arc::new(a) as ArrayRef),
+        _ => cast_with_options(wide, output, &strict),
+    };
+    fits.or_else(|_| {
         let safe = cast(wide, output)?;
         let first = (0..wide.len())
             .find(|&i| wide.is_valid(i) && safe.is_null(i))
@@ -407,6 +440,10 @@ fn narrowed(wide: &ArrayRef, output: &DataType, name: &str) -> Result<ArrayRef> 
              decimal (CAST(x AS DECIMAL(38, 0))) instead"
         )
     })
+}
+
+fn overflow() -> ArrowError {
+    ArrowError::ComputeError("the sum does not fit".into())
 }
 
 /// An accumulator for an integer sum: the inner one sums decimals, the end is narrowed.

@@ -293,22 +293,12 @@ impl AggregateUDFImpl for CheckedSum {
     }
 
     fn accumulator(&self, args: AccumulatorArgs) -> Result<Box<dyn Accumulator>> {
-        let output = args.return_field.data_type().clone();
-        if !is_integer_sum(&output) {
+        if !is_integer_sum(args.return_field.data_type()) {
             return self.inner.accumulator(args);
         }
-        let fields = wide_fields(args.expr_fields.len());
-        let name = args.name.to_string();
-        let inner = self.inner.accumulator(AccumulatorArgs {
-            return_field: wide_result(args.return_field.name()),
-            expr_fields: &fields,
-            ..args
-        })?;
-        Ok(Box::new(CheckedSumAccumulator {
-            inner,
-            output,
-            name,
-        }))
+        Ok(Box::new(Checked::made_wide(args, |wide| {
+            self.inner.accumulator(wide)
+        })?))
     }
 
     fn state_fields(&self, args: StateFieldsArgs) -> Result<Vec<FieldRef>> {
@@ -331,41 +321,21 @@ impl AggregateUDFImpl for CheckedSum {
         &self,
         args: AccumulatorArgs,
     ) -> Result<Box<dyn GroupsAccumulator>> {
-        let output = args.return_field.data_type().clone();
-        if !is_integer_sum(&output) {
+        if !is_integer_sum(args.return_field.data_type()) {
             return self.inner.create_groups_accumulator(args);
         }
-        let fields = wide_fields(args.expr_fields.len());
-        let name = args.name.to_string();
-        let inner = self.inner.create_groups_accumulator(AccumulatorArgs {
-            return_field: wide_result(args.return_field.name()),
-            expr_fields: &fields,
-            ..args
-        })?;
-        Ok(Box::new(CheckedSumGroups {
-            inner,
-            output,
-            name,
-        }))
+        Ok(Box::new(Checked::made_wide(args, |wide| {
+            self.inner.create_groups_accumulator(wide)
+        })?))
     }
 
     fn create_sliding_accumulator(&self, args: AccumulatorArgs) -> Result<Box<dyn Accumulator>> {
-        let output = args.return_field.data_type().clone();
-        if !is_integer_sum(&output) {
+        if !is_integer_sum(args.return_field.data_type()) {
             return self.inner.create_sliding_accumulator(args);
         }
-        let fields = wide_fields(args.expr_fields.len());
-        let name = args.name.to_string();
-        let inner = self.inner.create_sliding_accumulator(AccumulatorArgs {
-            return_field: wide_result(args.return_field.name()),
-            expr_fields: &fields,
-            ..args
-        })?;
-        Ok(Box::new(CheckedSumAccumulator {
-            inner,
-            output,
-            name,
-        }))
+        Ok(Box::new(Checked::made_wide(args, |wide| {
+            self.inner.create_sliding_accumulator(wide)
+        })?))
     }
 
     fn reverse_expr(&self) -> ReversedUDAF {
@@ -446,15 +416,40 @@ fn overflow() -> ArrowError {
     ArrowError::ComputeError("the sum does not fit".into())
 }
 
-/// An accumulator for an integer sum: the inner one sums decimals, the end is narrowed.
+/// An accumulator of an integer sum (`Box<dyn Accumulator>` or `Box<dyn
+/// GroupsAccumulator>`): the inner one sums decimals, the end is narrowed to `output`.
 #[derive(Debug)]
-struct CheckedSumAccumulator {
-    inner: Box<dyn Accumulator>,
+struct Checked<A> {
+    inner: A,
     output: DataType,
+    /// The aggregate as the plan shows it (`sum(orders.amount)`), for the error.
     name: String,
 }
 
-impl Accumulator for CheckedSumAccumulator {
+impl<A> Checked<A> {
+    /// Makes the inner accumulator with `make` (one of the inner sum's constructors) from
+    /// `args` with the input and the result as [`WIDE`].
+    fn made_wide(
+        args: AccumulatorArgs,
+        make: impl FnOnce(AccumulatorArgs) -> Result<A>,
+    ) -> Result<Self> {
+        let output = args.return_field.data_type().clone();
+        let name = args.name.to_string();
+        let fields = wide_fields(args.expr_fields.len());
+        let inner = make(AccumulatorArgs {
+            return_field: wide_result(args.return_field.name()),
+            expr_fields: &fields,
+            ..args
+        })?;
+        Ok(Checked {
+            inner,
+            output,
+            name,
+        })
+    }
+}
+
+impl Accumulator for Checked<Box<dyn Accumulator>> {
     fn update_batch(&mut self, values: &[ArrayRef]) -> Result<()> {
         self.inner.update_batch(&widened(values)?)
     }
@@ -485,14 +480,7 @@ impl Accumulator for CheckedSumAccumulator {
     }
 }
 
-/// The grouped form of [`CheckedSumAccumulator`].
-struct CheckedSumGroups {
-    inner: Box<dyn GroupsAccumulator>,
-    output: DataType,
-    name: String,
-}
-
-impl GroupsAccumulator for CheckedSumGroups {
+impl GroupsAccumulator for Checked<Box<dyn GroupsAccumulator>> {
     fn update_batch(
         &mut self,
         values: &[ArrayRef],

@@ -14,8 +14,9 @@
 //!   are decimals. Other types go to DataFusion's sum unchanged.
 //!
 //! Both are registered by name, so a worker decoding a stage plan finds the same functions.
-//! A unary minus of an integer is `0 - x`, checked the same way. `abs` of the smallest
-//! integer, and the predicates of row `[[check]]`s (compiled outside a query), still wrap.
+//! A unary minus of an integer is `0 - x`, checked the same way; the predicates of row
+//! `[[check]]`s, compiled outside a query, go through [`checked`]. `abs` of the smallest
+//! integer still wraps.
 
 use std::any::Any;
 use std::sync::Arc;
@@ -204,6 +205,17 @@ fn checked_plan(plan: LogicalPlan) -> Result<Transformed<LogicalPlan>> {
             rewritten
         })
     })
+}
+
+/// `expr` (over `schema`'s columns) type-coerced and with its integer arithmetic checked,
+/// for an expression compiled outside a query: a row `[[check]]`'s predicate
+/// (`checks::compile_row_checks`), which no analyzer rule sees.
+pub fn checked(expr: Expr, schema: &DFSchema) -> Result<Expr> {
+    use datafusion::logical_expr::simplify::SimplifyContext;
+    use datafusion::optimizer::simplify_expressions::ExprSimplifier;
+    let context = SimplifyContext::default().with_schema(Arc::new(schema.clone()));
+    let coerced = ExprSimplifier::new(context).coerce(expr, schema)?;
+    Ok(coerced.transform_up(|e| checked_expr(e, schema))?.data)
 }
 
 /// `e` with an integer `+`, `-`, `*` or unary `-` at its root made a checked call.
@@ -669,6 +681,32 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("9223372036854775807 + 1"), "{err}");
+    }
+
+    /// A row check's predicate, compiled outside a query, is checked too.
+    #[test]
+    fn an_expression_compiled_outside_a_query_is_checked() {
+        let ctx = SessionContext::new();
+        let schema = Schema::new(vec![Field::new("v", DataType::Int32, true)]);
+        let df_schema = DFSchema::try_from(schema.clone()).unwrap();
+        let batch = RecordBatch::try_new(
+            Arc::new(schema),
+            vec![Arc::new(datafusion::arrow::array::Int32Array::from(vec![
+                i32::MAX,
+            ]))],
+        )
+        .unwrap();
+        let compiled = |sql: &str| {
+            let expr = ctx.parse_sql_expr(sql, &df_schema).unwrap();
+            let expr = checked(expr, &df_schema).unwrap();
+            ctx.create_physical_expr(expr, &df_schema).unwrap()
+        };
+        let err = compiled("v * v > 0").evaluate(&batch).unwrap_err();
+        assert!(err.to_string().contains("integer overflow"), "{err}");
+        // An int and a bigint literal are coerced first, then added as bigints: it fits.
+        let fits = compiled("v + 1 > 0").evaluate(&batch).unwrap();
+        let fits = fits.into_array(1).unwrap();
+        assert!(fits.as_boolean().value(0));
     }
 
     #[tokio::test]

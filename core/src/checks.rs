@@ -137,6 +137,7 @@ pub(crate) fn compile_row_checks<'c>(
         .map(|check| {
             let compiled = ctx
                 .parse_sql_expr(&check.predicate_sql, &df_schema)
+                .and_then(|expr| crate::checked_integers::checked(expr, &df_schema))
                 .and_then(|expr| ctx.create_physical_expr(expr, &df_schema));
             let predicate = compiled.map_err(|e| CoreError::Target {
                 table: "result".to_string(),

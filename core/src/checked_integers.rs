@@ -578,6 +578,17 @@ mod tests {
         ctx.sql(sql).await?.collect().await
     }
 
+    /// The error `sql` fails with in `ctx`, which must be an integer overflow.
+    async fn overflow(ctx: &SessionContext, sql: &str) -> String {
+        let err = run(ctx, sql)
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{sql} passed"))
+            .to_string();
+        assert!(err.contains("integer overflow"), "{sql}: {err}");
+        err
+    }
+
     async fn single_i64(ctx: &SessionContext, sql: &str) -> Result<Option<i64>> {
         let batches = run(ctx, sql).await?;
         let column = batches[0].column(0);
@@ -606,14 +617,9 @@ mod tests {
     async fn an_integer_sum_past_its_type_fails_naming_the_sum() {
         let big = i64::MAX / 2 + 1;
         let ctx = context_with(vec![Some(big), Some(1)], vec![1, 1]);
-        let err = single_i64(&ctx, "SELECT SUM(v) FROM t").await.unwrap_err();
-        let message = err.to_string();
-        assert!(message.contains("integer overflow"), "{message}");
+        let message = overflow(&ctx, "SELECT SUM(v) FROM t").await;
         assert!(message.contains("sum(t.v)"), "{message}");
-        let err = run(&ctx, "SELECT g, SUM(v) AS total FROM t GROUP BY g")
-            .await
-            .unwrap_err();
-        assert!(err.to_string().contains("integer overflow"), "{err}");
+        overflow(&ctx, "SELECT g, SUM(v) AS total FROM t GROUP BY g").await;
     }
 
     #[tokio::test]
@@ -650,17 +656,12 @@ mod tests {
     #[tokio::test]
     async fn window_and_distinct_sums_are_checked() {
         let ctx = context_with(vec![Some(i64::MAX), Some(1)], vec![1, 2]);
-        let err = run(
+        overflow(
             &ctx,
             "SELECT SUM(v) OVER (ORDER BY g ROWS BETWEEN 1 PRECEDING AND CURRENT ROW) FROM t",
         )
-        .await
-        .unwrap_err();
-        assert!(err.to_string().contains("integer overflow"), "{err}");
-        let err = single_i64(&ctx, "SELECT SUM(DISTINCT v) FROM t")
-            .await
-            .unwrap_err();
-        assert!(err.to_string().contains("integer overflow"), "{err}");
+        .await;
+        overflow(&ctx, "SELECT SUM(DISTINCT v) FROM t").await;
     }
 
     #[tokio::test]
@@ -673,13 +674,9 @@ mod tests {
             "SELECT CAST(v / 4294967296 AS INT) * CAST(v / 4294967296 AS INT) FROM t",
             "SELECT -(-v - g) FROM t",
         ] {
-            let err = run(&ctx, sql).await.unwrap_err().to_string();
-            assert!(err.contains("integer overflow"), "{sql}: {err}");
+            overflow(&ctx, sql).await;
         }
-        let err = run(&ctx, "SELECT v + g FROM t")
-            .await
-            .unwrap_err()
-            .to_string();
+        let err = overflow(&ctx, "SELECT v + g FROM t").await;
         assert!(err.contains("9223372036854775807 + 1"), "{err}");
     }
 

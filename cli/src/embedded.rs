@@ -59,9 +59,12 @@ pub fn prepare_warehouse(dir: &Path) -> Result<Location, CoreError> {
     let path = location.local_path().expect("a parsed local path");
     std::fs::create_dir_all(&path)
         .map_err(|e| CoreError::io(format!("cannot create warehouse {}", path.display()), e))?;
-    let probe = path.join(".nightshift-write-test");
-    std::fs::write(&probe, b"")
-        .and_then(|_| std::fs::remove_file(&probe))
+    // A probe file of its own (deleted when dropped): runs started together into one
+    // warehouse shared one name, and one run's removal failed the other's with "not
+    // writable: No such file or directory".
+    tempfile::Builder::new()
+        .prefix(".nightshift-write-test-")
+        .tempfile_in(&path)
         .map_err(|e| CoreError::io(format!("warehouse {} is not writable", path.display()), e))?;
     Ok(location)
 }

@@ -14,6 +14,7 @@ use chrono::{Duration as Days, NaiveDate};
 use futures::StreamExt;
 use nightshift_coordinator::JobOptions;
 use nightshift_core::ids::JobId;
+use nightshift_core::table::backfill_values::BACKFILL_JOB_PREFIX;
 use nightshift_proto::v1::Job;
 use nightshift_spec::{ResolvedSpec, WriteMode, load_spec};
 
@@ -104,8 +105,8 @@ pub fn value_job_id(
     value: &str,
 ) -> Result<JobId, String> {
     let raw = match run {
-        Some(run) => format!("backfill-{pipeline}-{run}-{key}-{value}"),
-        None => format!("backfill-{pipeline}-{key}-{value}"),
+        Some(run) => format!("{BACKFILL_JOB_PREFIX}{pipeline}-{run}-{key}-{value}"),
+        None => format!("{BACKFILL_JOB_PREFIX}{pipeline}-{key}-{value}"),
     };
     let clean: String = raw
         .chars()
@@ -120,9 +121,14 @@ pub fn value_job_id(
     JobId::parse(&clean)
 }
 
-/// Whether a backfill of `spec` makes sense: each value must add to the table, not replace it.
-pub fn check_mode(spec: &ResolvedSpec) -> Result<(), String> {
+/// Whether a backfill of `spec` makes sense: each value must add to the table, not replace
+/// it; and a redo (`run_id`) must replace what the values committed before, not add to it.
+pub fn check_mode(spec: &ResolvedSpec, run_id: Option<&str>) -> Result<(), String> {
     match spec.spec.target.mode {
+        WriteMode::Append if run_id.is_some() => Err(format!(
+            "--run-id redoes values committed before, and [target] mode = \"append\" would add their rows to `{}` a second time beside the first; a redo needs a target that replaces them: mode = \"overwrite_partitions\" (each value replaces its partitions) or \"merge\" (keys replace rows). Without --run-id, a backfill skips the values already committed and runs the rest",
+            spec.spec.target.table
+        )),
         WriteMode::Append | WriteMode::OverwritePartitions | WriteMode::Merge => Ok(()),
         WriteMode::Overwrite => Err(format!(
             "[target] mode = \"overwrite\" replaces the whole table on every run, so a backfill of `{}` would leave only its last value; use mode = \"overwrite_partitions\" (each value replaces its own partitions) or \"append\"",
@@ -482,6 +488,36 @@ mod tests {
                 .unwrap_err()
                 .contains("--step")
         );
+    }
+
+    #[test]
+    fn a_redo_must_replace_what_it_redoes() {
+        let spec = |mode: &str| {
+            let text = format!(
+                "[pipeline]\nname = \"p\"\n[[source]]\nname = \"s\"\nformat = \"csv\"\nlocation = \"s.csv\"\n\
+                 [transform]\nsql = \"SELECT * FROM s\"\n[target]\ntable = \"ns.t\"\nmode = \"{mode}\"\n{}",
+                match mode {
+                    "merge" => "merge_keys = [\"k\"]\n",
+                    "overwrite_partitions" => "partition_by = [\"k\"]\n",
+                    _ => "",
+                }
+            );
+            nightshift_spec::resolve_spec_text(
+                &text,
+                std::path::Path::new("p.toml"),
+                std::path::Path::new("."),
+                &[],
+            )
+            .unwrap()
+        };
+        let append = spec("append");
+        assert!(check_mode(&append, None).is_ok());
+        let err = check_mode(&append, Some("fix-1")).unwrap_err();
+        assert!(err.contains("a second time"), "{err}");
+        for mode in ["overwrite_partitions", "merge"] {
+            assert!(check_mode(&spec(mode), Some("fix-1")).is_ok(), "{mode}");
+        }
+        assert!(check_mode(&spec("overwrite"), None).is_err());
     }
 
     #[test]

@@ -37,6 +37,12 @@ pub fn snapshot_summary(
         PIPELINE_PROPERTY.to_string(),
         spec.spec.pipeline.name.clone(),
     );
+    if !spec.spec.pipeline.previous_names.is_empty() {
+        summary.insert(
+            nightshift_core::incremental::PREVIOUS_NAMES_PROPERTY.to_string(),
+            spec.spec.pipeline.previous_names.join("\n"),
+        );
+    }
     summary.insert(CODE_DIGEST_PROPERTY.to_string(), spec.code_digest.clone());
     if let Some(commit) = &spec.git_commit {
         summary.insert(GIT_COMMIT_PROPERTY.to_string(), commit.clone());

@@ -16,7 +16,7 @@
 //! Both are registered by name, so a worker decoding a stage plan finds the same functions.
 //! A unary minus of an integer is `0 - x`, checked the same way; the predicates of row
 //! `[[check]]`s, compiled outside a query, go through [`checked`]. `abs` of the smallest
-//! integer still wraps.
+//! integer is refused by arrow's own kernel ("Int64Array overflow on abs(...)").
 
 use std::any::Any;
 use std::sync::Arc;
@@ -678,6 +678,8 @@ mod tests {
         }
         let err = overflow(&ctx, "SELECT v + g FROM t").await;
         assert!(err.contains("9223372036854775807 + 1"), "{err}");
+        let err = run(&ctx, "SELECT abs(-v - g) FROM t").await.unwrap_err();
+        assert!(err.to_string().contains("overflow on abs"), "{err}");
     }
 
     /// A row check's predicate, compiled outside a query, is checked too.

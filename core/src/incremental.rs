@@ -21,6 +21,25 @@ pub const CONSUMED_PREFIX: &str = "nightshift.consumed.";
 /// a first run): what the target's history must still say when the commit lands.
 pub const CONSUMED_AFTER_PREFIX: &str = "nightshift.consumed-after.";
 
+/// Summary key of the names the pipeline had before (`[pipeline] previous_names`), one per
+/// line: their records are its own.
+pub const PREVIOUS_NAMES_PROPERTY: &str = "nightshift.previous-names";
+
+/// The names whose records a commit with `summary` counts as its pipeline's: its pipeline's
+/// name, then the names it had before.
+pub fn pipeline_names(summary: &HashMap<String, String>) -> Vec<&str> {
+    let previous = summary
+        .get(PREVIOUS_NAMES_PROPERTY)
+        .map(|names| names.lines().collect::<Vec<_>>())
+        .unwrap_or_default();
+    summary
+        .get(PIPELINE_PROPERTY)
+        .map(String::as_str)
+        .into_iter()
+        .chain(previous)
+        .collect()
+}
+
 /// The summary key recording how far `table` (as the spec names it) was consumed.
 pub fn consumed_key(table: &str) -> String {
     format!("{CONSUMED_PREFIX}{table}")
@@ -56,10 +75,11 @@ pub fn overtaken<'a>(
     target_history: impl IntoIterator<Item = &'a HashMap<String, String>> + Clone,
 ) -> Option<String> {
     let pipeline = summary.get(PIPELINE_PROPERTY)?;
+    let names = pipeline_names(summary);
     summary.iter().find_map(|(key, after)| {
         let table = key.strip_prefix(CONSUMED_AFTER_PREFIX)?;
         let expected = after.parse::<i64>().ok();
-        let now = last_consumed(target_history.clone(), pipeline, table);
+        let now = last_consumed(target_history.clone(), &names, table);
         (now != expected).then(|| {
             format!(
                 "another run of pipeline `{pipeline}` consumed `{table}` up to snapshot {} while this job ran (it read from {after}); publishing would count those rows twice: run the job again",
@@ -70,18 +90,46 @@ pub fn overtaken<'a>(
 }
 
 /// The source snapshot this pipeline's last committed run consumed `table` up to: the
-/// record in the newest snapshot (of `target_history`, newest first) made by `pipeline`
-/// that has one. Snapshots of other pipelines or of maintenance are passed over.
+/// record in the newest snapshot (of `target_history`, newest first) made under one of the
+/// pipeline's `names` (its name, then the names it had before) that has one. Snapshots of
+/// other pipelines or of maintenance are passed over.
 pub fn last_consumed<'a>(
     target_history: impl IntoIterator<Item = &'a HashMap<String, String>>,
-    pipeline: &str,
+    names: &[&str],
     table: &str,
 ) -> Option<i64> {
     let key = consumed_key(table);
     target_history
         .into_iter()
-        .filter(|summary| summary.get(PIPELINE_PROPERTY).map(String::as_str) == Some(pipeline))
+        .filter(|summary| {
+            summary
+                .get(PIPELINE_PROPERTY)
+                .is_some_and(|p| names.contains(&p.as_str()))
+        })
         .find_map(|summary| summary.get(&key)?.parse().ok())
+}
+
+/// Why a pipeline known by `names` that never consumed `table` into this target must not
+/// read it whole: another pipeline did (the newest such record, in `target_history` newest
+/// first), and a pipeline renamed without saying so would read every row it already
+/// published again. `None` when this pipeline has a record, or no other has.
+pub fn consumed_under_another_name<'a>(
+    target_history: impl IntoIterator<Item = &'a HashMap<String, String>> + Clone,
+    names: &[&str],
+    table: &str,
+) -> Option<String> {
+    if last_consumed(target_history.clone(), names, table).is_some() {
+        return None;
+    }
+    let key = consumed_key(table);
+    let (other, upto) = target_history.into_iter().find_map(|summary| {
+        let upto = summary.get(&key)?;
+        Some((summary.get(PIPELINE_PROPERTY)?, upto))
+    })?;
+    let name = names.first().copied().unwrap_or_default();
+    Some(format!(
+        "pipeline `{name}` has not consumed `{table}` into this target before, but pipeline `{other}` has (up to snapshot {upto}): a first run reads all of `{table}`, and would publish again every row `{other}` published. If `{name}` is `{other}` renamed, add previous_names = [\"{other}\"] under [pipeline], and it goes on from snapshot {upto}; if it is another pipeline, give it a target of its own"
+    ))
 }
 
 /// The snapshots of `history` (newest first, as `(id, summary)`) that snapshot expiry must
@@ -246,14 +294,65 @@ mod tests {
             summary("daily", Some(("raw.events", 41))),
         ];
         assert_eq!(
-            last_consumed(&newest_first, "daily", "raw.events"),
+            last_consumed(&newest_first, &["daily"], "raw.events"),
             Some(42)
         );
-        assert_eq!(last_consumed(&newest_first, "daily", "raw.users"), Some(7));
+        assert_eq!(
+            last_consumed(&newest_first, &["daily"], "raw.users"),
+            Some(7)
+        );
         // A table whose name shares a prefix with a recorded one is not it.
-        assert_eq!(last_consumed(&newest_first, "daily", "raw.event"), None);
-        assert_eq!(last_consumed(&newest_first, "weekly", "raw.events"), None);
-        assert_eq!(last_consumed(&[], "daily", "raw.events"), None);
+        assert_eq!(last_consumed(&newest_first, &["daily"], "raw.event"), None);
+        assert_eq!(
+            last_consumed(&newest_first, &["weekly"], "raw.events"),
+            None
+        );
+        assert_eq!(last_consumed(&[], &["daily"], "raw.events"), None);
+    }
+
+    #[test]
+    fn a_renamed_pipeline_goes_on_from_its_old_names_record_or_is_refused() {
+        let newest_first = [
+            summary("old", Some(("raw.events", 42))),
+            summary("old", Some(("raw.events", 41))),
+        ];
+        // Renamed without saying so: no record of its own, and reading all would publish
+        // old's rows again.
+        let refused = consumed_under_another_name(&newest_first, &["new"], "raw.events");
+        assert!(
+            refused
+                .as_deref()
+                .is_some_and(|why| why.contains("previous_names = [\"old\"]")
+                    && why.contains("up to snapshot 42")),
+            "{refused:?}"
+        );
+        // Said: old's record is its own.
+        let names = ["new", "old"];
+        assert_eq!(last_consumed(&newest_first, &names, "raw.events"), Some(42));
+        assert_eq!(
+            consumed_under_another_name(&newest_first, &names, "raw.events"),
+            None
+        );
+        // Its own record after the rename is newer than old's.
+        let renamed = [
+            summary("new", Some(("raw.events", 50))),
+            summary("old", Some(("raw.events", 42))),
+        ];
+        assert_eq!(last_consumed(&renamed, &names, "raw.events"), Some(50));
+        // Another source, or a target nobody consumed into: a first run.
+        assert_eq!(
+            consumed_under_another_name(&newest_first, &["new"], "raw.users"),
+            None
+        );
+        assert_eq!(
+            consumed_under_another_name(&[], &["new"], "raw.events"),
+            None
+        );
+        // The names a commit counts as its own travel in its summary.
+        let mut with_names = summary("new", None);
+        with_names.insert(PREVIOUS_NAMES_PROPERTY.into(), "old\nolder".into());
+        assert_eq!(pipeline_names(&with_names), ["new", "old", "older"]);
+        assert_eq!(pipeline_names(&summary("new", None)), ["new"]);
     }
 
     #[test]

@@ -68,9 +68,16 @@ pub fn merge_sql(
             }
         })
         .collect();
+    let typed_changes = match target_columns {
+        Some(table) => format!(
+            "SELECT {} FROM ({changes_sql}) __nightshift_r",
+            in_table_types(columns, table).join(", ")
+        ),
+        None => changes_sql.to_string(),
+    };
     let changes = format!(
         "__nightshift_counted AS (SELECT *, COUNT(*) OVER (PARTITION BY {key_list}) AS __nightshift_n, \
-         CONCAT_WS(', ', {key_text}) AS __nightshift_key FROM ({changes_sql}) __nightshift_c), \
+         CONCAT_WS(', ', {key_text}) AS __nightshift_key FROM ({typed_changes}) __nightshift_c), \
          __nightshift_changes AS (SELECT {checked} FROM __nightshift_counted \
          WHERE {REQUIRE_UNIQUE_KEY_UDF}(__nightshift_n, __nightshift_key))",
         checked = checked.join(", ")
@@ -112,6 +119,36 @@ pub fn merge_sql(
         "WITH {changes} SELECT {current} FROM {TARGET_VIEW} __nightshift_t WHERE NOT EXISTS \
          (SELECT 1 FROM __nightshift_changes __nightshift_m WHERE {matched}) UNION ALL {inserted}"
     )
+}
+
+/// The result's columns as the table stores them: a column the table holds with another
+/// type (a `timestamp` in nanoseconds for a table's microseconds, an `int` for a `bigint`)
+/// is cast to the table's type, so keys are compared, and checked for duplicates, as the
+/// rows will be stored. Compared in the result's own type, two keys equal to the microsecond
+/// both landed, and a changed row missed its stored one. A column the result widens keeps
+/// the result's type (the table's rows are widened instead); so does a nested one. Which
+/// casts are allowed at all is the target's schema check's decision, made before.
+fn in_table_types(columns: &[(String, DataType)], table: &[(String, DataType)]) -> Vec<String> {
+    columns
+        .iter()
+        .map(
+            |(c, data_type)| match table.iter().find(|(name, _)| name == c) {
+                Some((_, table_type))
+                    if table_type != data_type
+                        && !widens(table_type, data_type)
+                        && !table_type.is_nested()
+                        && !data_type.is_nested() =>
+                {
+                    format!(
+                        "arrow_cast({q}, '{}') AS {q}",
+                        table_type.to_string().replace('\'', "''"),
+                        q = quote(c)
+                    )
+                }
+                _ => quote(c),
+            },
+        )
+        .collect()
 }
 
 /// Why a merge must not run the query `plan`: a merge evaluates its SQL more than once (the
@@ -308,6 +345,80 @@ mod tests {
             ),
             "{sql}"
         );
+    }
+
+    /// Runs the merge of `changes` into `table` (each one column `k` and a column `v`).
+    async fn merged(
+        table: datafusion::arrow::array::RecordBatch,
+        changes: datafusion::arrow::array::RecordBatch,
+    ) -> datafusion::error::Result<Vec<String>> {
+        let ctx = crate::session::checking_session();
+        let schema_of = |b: &datafusion::arrow::array::RecordBatch| {
+            b.schema()
+                .fields()
+                .iter()
+                .map(|f| (f.name().clone(), f.data_type().clone()))
+                .collect::<Vec<_>>()
+        };
+        let (table_columns, change_columns) = (schema_of(&table), schema_of(&changes));
+        ctx.register_batch(TARGET_VIEW, table)?;
+        ctx.register_batch("changes", changes)?;
+        let sql = merge_sql(
+            "SELECT k, v FROM changes",
+            &change_columns,
+            &cols(&["k"]),
+            None,
+            Some(&table_columns),
+        );
+        let batches = ctx
+            .sql(&format!("{sql} ORDER BY v"))
+            .await?
+            .collect()
+            .await?;
+        let shown = datafusion::arrow::util::pretty::pretty_format_batches(&batches)?;
+        Ok(shown.to_string().lines().map(str::to_string).collect())
+    }
+
+    #[tokio::test]
+    async fn keys_are_compared_in_the_tables_types() {
+        use datafusion::arrow::array::{
+            Int32Array, Int64Array, RecordBatch, TimestampMicrosecondArray,
+            TimestampNanosecondArray,
+        };
+        let batch = |k: Arc<dyn Array>, v: &[i64]| {
+            RecordBatch::try_from_iter([
+                ("k", k),
+                (
+                    "v",
+                    Arc::new(Int64Array::from(v.to_vec())) as Arc<dyn Array>,
+                ),
+            ])
+            .unwrap()
+        };
+        // Two keys in nanoseconds equal to the microsecond the table stores: one key twice.
+        let table = batch(Arc::new(TimestampMicrosecondArray::from(vec![5])), &[1]);
+        let changes = batch(
+            Arc::new(TimestampNanosecondArray::from(vec![7_000, 7_001])),
+            &[2, 3],
+        );
+        let err = merged(table, changes).await.unwrap_err().to_string();
+        assert!(
+            err.contains("holds key (1970-01-01T00:00:00.000007) in 2 rows"),
+            "{err}"
+        );
+        // A changed row in nanoseconds replaces its stored row.
+        let table = batch(Arc::new(TimestampMicrosecondArray::from(vec![7])), &[1]);
+        let changes = batch(Arc::new(TimestampNanosecondArray::from(vec![7_000])), &[2]);
+        let rows = merged(table, changes).await.unwrap();
+        assert_eq!(rows.len(), 5, "{rows:?}");
+        assert!(rows[3].contains("| 2 "), "{rows:?}");
+        // An int key into a bigint table.
+        let table = batch(Arc::new(Int64Array::from(vec![7, 8])), &[1, 2]);
+        let changes = batch(Arc::new(Int32Array::from(vec![7])), &[3]);
+        let rows = merged(table, changes).await.unwrap();
+        assert_eq!(rows.len(), 6, "{rows:?}");
+        assert!(rows[3].contains("| 8 | 2 |"), "{rows:?}");
+        assert!(rows[4].contains("| 7 | 3 |"), "{rows:?}");
     }
 
     #[test]

@@ -59,6 +59,10 @@ pub fn may_hold(
         .iter()
         .zip(changes)
         .all(|((lower, upper), (min, max))| {
+            // Iceberg's bounds leave NaN out: a file holding a NaN key may have any bounds.
+            if is_nan(min) || is_nan(max) {
+                return true;
+            }
             // Disjoint when the file ends before the changes start, or starts after they end.
             let ends_before = upper
                 .as_ref()
@@ -70,6 +74,15 @@ pub fn may_hold(
                 .is_some_and(|o| o == Ordering::Less);
             !(ends_before || starts_after)
         })
+}
+
+fn is_nan(value: &ScalarValue) -> bool {
+    match value {
+        ScalarValue::Float16(Some(v)) => v.is_nan(),
+        ScalarValue::Float32(Some(v)) => v.is_nan(),
+        ScalarValue::Float64(Some(v)) => v.is_nan(),
+        _ => false,
+    }
 }
 
 /// The live files of `table`'s current snapshot a merge must rewrite (see the module docs),
@@ -138,6 +151,21 @@ mod tests {
         assert!(may_hold(&[file(1, 10)], &changes));
         assert!(may_hold(&[file(20, 30)], &changes));
         assert!(may_hold(&[file(25, 25)], &changes), "touching ends overlap");
+        // A NaN key among the changes may be in any file: bounds leave NaN out.
+        let double = |v: f64| Some(ScalarValue::Float64(Some(v)));
+        let nan = ScalarValue::Float64(Some(f64::NAN));
+        let doubles = (double(1.0), double(5.0));
+        for changes in [
+            [(nan.clone(), nan.clone())],
+            [(ScalarValue::Float64(Some(7.0)), nan.clone())],
+        ] {
+            assert!(may_hold(std::slice::from_ref(&doubles), &changes));
+        }
+        let far = [(
+            ScalarValue::Float64(Some(7.0)),
+            ScalarValue::Float64(Some(9.0)),
+        )];
+        assert!(!may_hold(&[doubles], &far));
         assert!(!may_hold(&[file(26, 40)], &changes));
         assert!(!may_hold(&[file(1, 4)], &changes));
         // Two keys: disjoint on either one is enough to leave the file alone.

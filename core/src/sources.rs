@@ -88,10 +88,22 @@ pub async fn register_sources(
         let summary = match source.format {
             SourceFormat::Iceberg => {
                 let read = if source.incremental {
+                    let names = spec.spec.pipeline.names();
+                    let table = source.table.as_deref().unwrap_or_default();
+                    if let Some(why) = crate::incremental::consumed_under_another_name(
+                        &target_history,
+                        &names,
+                        table,
+                    ) {
+                        return Err(CoreError::Source {
+                            source_name: source.name.clone(),
+                            message: why,
+                        });
+                    }
                     IcebergRead::Since(crate::incremental::last_consumed(
                         &target_history,
-                        &spec.spec.pipeline.name,
-                        source.table.as_deref().unwrap_or_default(),
+                        &names,
+                        table,
                     ))
                 } else {
                     IcebergRead::Current

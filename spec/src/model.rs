@@ -46,6 +46,20 @@ pub struct PipelineSection {
     pub description: Option<String>,
     #[serde(default)]
     pub owner: Option<String>,
+    /// Names the pipeline had before a rename: what an incremental source consumed under
+    /// them is its own (without, a renamed pipeline's next run is refused rather than read
+    /// its sources whole again).
+    #[serde(default)]
+    pub previous_names: Vec<String>,
+}
+
+impl PipelineSection {
+    /// Its name, then the names it had before.
+    pub fn names(&self) -> Vec<&str> {
+        std::iter::once(self.name.as_str())
+            .chain(self.previous_names.iter().map(String::as_str))
+            .collect()
+    }
 }
 
 /// Source file formats.
@@ -240,7 +254,10 @@ const SECTION_KEYS: &[(&str, &[&str])] = &[
             "maintenance",
         ],
     ),
-    ("pipeline", &["name", "description", "owner"]),
+    (
+        "pipeline",
+        &["name", "description", "owner", "previous_names"],
+    ),
     (
         "source",
         &[
@@ -385,6 +402,19 @@ pub(crate) fn check(spec: &Spec, path: &Path) -> Result<(), SpecError> {
         return Err(SpecError::invalid(
             path,
             "[pipeline] name holds a control character (a line break, a tab): it is one line of text in logs and snapshot summaries",
+        ));
+    }
+    if let Some(bad) = spec
+        .pipeline
+        .previous_names
+        .iter()
+        .find(|n| n.trim().is_empty() || n.chars().any(char::is_control))
+    {
+        return Err(SpecError::invalid(
+            path,
+            format!(
+                "[pipeline] previous_names holds {bad:?}: each is a name the pipeline had, one line of text"
+            ),
         ));
     }
     if let Some(partitions) = spec.execution.shuffle_partitions

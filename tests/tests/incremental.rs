@@ -202,6 +202,52 @@ fn upstream_appends_are_consumed_exactly_once_across_failures_and_reruns() {
     assert_eq!(read["duckdb"]["rows"], 10, "{read:#}");
 }
 
+#[test]
+fn a_renamed_pipeline_goes_on_where_it_stood_once_it_says_its_old_name() {
+    let sandbox = Sandbox::new();
+    sandbox.write("data/batch_1.csv", "id,payload\n1,a\n2,b\n");
+    sandbox.write("data/batch_2.csv", "id,payload\n3,c\n");
+    sandbox.write("data/batch_3.csv", "id,payload\n4,d\n");
+    sandbox.write("loader.toml", loader("append"));
+    sandbox.write("consumer.toml", consumer(None));
+    load(&sandbox, 1);
+    let (code, out) = consume(&sandbox, &[]);
+    assert_eq!(code, 0, "{out}");
+    load(&sandbox, 2);
+
+    // Renamed: its first run under the new name would read all of raw.events again.
+    let renamed = consumer(None).replace("name = \"curate\"", "name = \"curate events ✓\"");
+    sandbox.write("consumer.toml", &renamed);
+    let (code, out) = consume(&sandbox, &[]);
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains("pipeline `curate` has (up to snapshot")
+            && out.contains("previous_names = [\"curate\"]"),
+        "{out}"
+    );
+    assert_eq!(downstream_ids(&sandbox), [1, 2]);
+
+    // Saying its old name, it reads what was appended since, and goes on under the new one.
+    sandbox.write(
+        "consumer.toml",
+        renamed.replace(
+            "name = \"curate events ✓\"",
+            "name = \"curate events ✓\"\nprevious_names = [\"curate\"]",
+        ),
+    );
+    let (code, out) = consume(&sandbox, &[]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(downstream_ids(&sandbox), [1, 2, 3]);
+    load(&sandbox, 3);
+    let (code, out) = consume(&sandbox, &[]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(downstream_ids(&sandbox), [1, 2, 3, 4]);
+    assert_eq!(
+        summaries(&sandbox)[0]["nightshift.pipeline"],
+        "curate events ✓"
+    );
+}
+
 /// `nightshift maintain TABLE ARGS` succeeds.
 fn maintain(sandbox: &Sandbox, table: &str, args: &[&str]) -> Value {
     let out = sandbox.cli(&[&["maintain", table, "--output", "json"], args].concat());

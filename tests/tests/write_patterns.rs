@@ -259,6 +259,40 @@ async fn backfill_commits_one_snapshot_per_day_and_resumes() {
     assert!(days.values().all(|d| *d == (5, 30)), "{days:?}");
     assert_eq!(snapshot_count(&read), 20);
 
+    // A redo of an append target would add every row again beside the first: refused.
+    sandbox.spec(&spec("append").replace("tests.daily", "tests.appended"));
+    let refused = backfill(&["--run-id", "fix-2"]);
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("a second time beside the first"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+
+    // Partitions coarser than the values: each day would replace the month before it.
+    sandbox.spec(
+        &spec("overwrite_partitions")
+            .replace("tests.daily", "tests.monthly")
+            .replace("day(event_date)", "month(event_date)")
+            .replace(
+                "BETWEEN DATE '${from}' AND DATE '${to}'",
+                "= DATE '${from}'",
+            ),
+    );
+    let refused = backfill(&[]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_ne!(refused.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("from=2024-01-01: committed")
+            && stderr.contains(
+                "backfill value from=2024-01-02 would replace rows committed by value from=2024-01-01 (job backfill-daily-from-2024-01-01)"
+            ),
+        "{stderr}"
+    );
+    let read = sandbox.read_table("tests.monthly", None);
+    assert_eq!(snapshot_count(&read), 1, "{read:#}");
+    assert_eq!(read["pyiceberg"]["rows"], 5, "{read:#}");
+
     // A full overwrite is refused: each day would replace the one before.
     sandbox.spec(&spec("overwrite"));
     let refused = sandbox.cli(&[
@@ -914,6 +948,98 @@ async fn merge_updates_inserts_and_deletes_by_key() {
         .expect_err("no keys")
         .to_string();
     assert!(err.contains("merge_keys"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_merge_compares_keys_as_the_table_stores_them() {
+    let sandbox = Sandbox::new();
+    sandbox.spec(&merge_spec("merge_keys = [\"id\"]"));
+    sandbox.write("data/changes.csv", "id,v,op\n7,70,U\n8,80,U\n");
+    sandbox
+        .run(2, Some(2), Some("typed-1"))
+        .await
+        .expect("first merge");
+    // A string key '007' is not compared as text with the stored bigint 7 (which kept 7
+    // and added '007' as a second key 7): refused as an append's string would be.
+    let typed = |id: &str, v: &str| {
+        merge_spec("merge_keys = [\"id\"]")
+            .replace("id = \"bigint\"", &format!("id = \"{id}\""))
+            .replace("v = \"bigint\"", &format!("v = \"{v}\""))
+    };
+    sandbox.spec(&typed("varchar", "bigint"));
+    sandbox.write("data/changes.csv", "id,v,op\n007,71,U\n");
+    let err = sandbox
+        .run(2, Some(2), Some("typed-2"))
+        .await
+        .expect_err("a string key")
+        .to_string();
+    assert!(
+        err.contains("id") && err.contains("CAST it in the SQL"),
+        "{err}"
+    );
+    // A double 7.9 is not stored in the bigint column as 7.
+    sandbox.spec(&typed("bigint", "double"));
+    sandbox.write("data/changes.csv", "id,v,op\n7,7.9,U\n");
+    let err = sandbox
+        .run(2, Some(2), Some("typed-3"))
+        .await
+        .expect_err("a double value")
+        .to_string();
+    assert!(err.contains("CAST it in the SQL"), "{err}");
+    // An int key replaces its stored bigint row.
+    sandbox.spec(&typed("int", "int"));
+    sandbox.write("data/changes.csv", "id,v,op\n7,72,U\n");
+    sandbox
+        .run(2, Some(2), Some("typed-4"))
+        .await
+        .expect("an int key");
+    assert_eq!(
+        ids_and_values(&sandbox, "tests.accounts"),
+        [(7, 72), (8, 80)]
+    );
+
+    // Timestamps in nanoseconds (a SQL CAST gives them) equal to the microsecond the table
+    // stores are one key.
+    sandbox.spec(
+        &merge_spec("merge_keys = [\"at\"]")
+            .replace("id = \"bigint\"", "at = \"varchar\"")
+            .replace(
+                "SELECT id, v, op",
+                "SELECT CAST(at AS TIMESTAMP) AS at, v, op",
+            )
+            .replace("tests.accounts", "tests.by_time"),
+    );
+    sandbox.write(
+        "data/changes.csv",
+        "at,v,op\n2024-01-01T00:00:00.000007,1,U\n",
+    );
+    sandbox
+        .run(2, Some(2), Some("time-1"))
+        .await
+        .expect("first merge");
+    sandbox.write(
+        "data/changes.csv",
+        "at,v,op\n2024-01-01T00:00:00.000008001,2,U\n2024-01-01T00:00:00.000008002,3,U\n",
+    );
+    let err = sandbox
+        .run(2, Some(2), Some("time-2"))
+        .await
+        .expect_err("one key twice")
+        .to_string();
+    assert!(
+        err.contains("2024-01-01T00:00:00.000008) in 2 rows"),
+        "{err}"
+    );
+    sandbox.write(
+        "data/changes.csv",
+        "at,v,op\n2024-01-01T00:00:00.000007001,4,U\n",
+    );
+    sandbox
+        .run(2, Some(2), Some("time-3"))
+        .await
+        .expect("a changed row");
+    let read = sandbox.read_table("tests.by_time", None);
+    assert_eq!(read["pyiceberg"]["rows"], 1, "{read:#}");
 }
 
 /// The data files of `table`'s current snapshot, by PyIceberg.

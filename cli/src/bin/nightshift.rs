@@ -91,8 +91,11 @@ enum Command {
     /// running the same backfill again skips the values already committed and resumes where
     /// a stopped or failed one ended. After a failure no further value starts. To redo
     /// values committed before (a backfill after a bug fix), give the backfill a new
-    /// --run-id: its values get new job ids. The target must add to the table (mode
-    /// "append" or "overwrite_partitions"). Each value's outcome is printed on stderr as it
+    /// --run-id: its values get new job ids, and replace what the values committed before
+    /// (so a redo needs mode "overwrite_partitions" or "merge"; an "append" target is
+    /// refused). The target must add to the table: mode "append", "overwrite_partitions"
+    /// (each value must own its partitions: a value replacing rows another value of the
+    /// backfill committed fails) or "merge". Each value's outcome is printed on stderr as it
     /// ends, the table of all on stdout at the end. Exit codes as for run.
     ///
     ///   nightshift backfill pipeline.toml --param-range run_date=2024-01-01..2024-01-31 --run-id fix-1
@@ -752,7 +755,7 @@ async fn backfill(args: BackfillArgs) -> ExitCode {
             return ExitCode::from(EXIT_INVALID);
         }
     };
-    if let Err(e) = check_mode(&first) {
+    if let Err(e) = check_mode(&first, args.run_id.as_deref()) {
         eprintln!("error: {e}");
         return ExitCode::from(EXIT_INVALID);
     }

@@ -484,6 +484,16 @@ async fn merge_sql_of(
         }
         None => None,
     };
+    if let (Some(_), Some(catalog)) = (&target_read, catalog) {
+        // The changes are compared with the table's rows key by key, so they must fit the
+        // table's columns as an append's rows must; checked after the merge, a string
+        // '007' was compared as text with the stored bigint 7 (and added beside it), and a
+        // double 7.9 was stored as 7.
+        let ident = parse_table_ident(&target.table)?;
+        if let Some(existing) = load_if_exists(catalog, &ident).await? {
+            check_target(spec, result.schema().inner(), Some(&existing))?;
+        }
+    }
     let target_columns = match target_read {
         Some(_) => Some(
             session

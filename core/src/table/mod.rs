@@ -1,6 +1,7 @@
 //! The Iceberg side: the catalog, table creation from a result schema, data-file writing on
 //! workers and the one-snapshot-per-job commit on the coordinator.
 
+pub mod backfill_values;
 pub mod catalog;
 pub mod commit;
 pub mod compact;

@@ -108,6 +108,9 @@ pub async fn produce_overwrite(
         }
     };
     let carried = producer.carry(replaced).await?;
+    if replace == Replace::PartitionsOf {
+        refuse_replacing_another_backfill_value(table, &carried, &properties)?;
+    }
     if let Replace::Files(paths) | Replace::Drop(paths) | Replace::Rows(paths) = replace {
         let found = carried.removed.values().map(Vec::len).sum::<usize>();
         if found != paths.len() {
@@ -129,6 +132,27 @@ pub async fn produce_overwrite(
     producer
         .produce(added, added_spec_id, carried, (properties, operation))
         .await
+}
+
+/// Fails when a partition overwrite by a backfill value would remove rows another value of
+/// the backfill committed ([`super::backfill_values`]): the first such file's commit is named.
+fn refuse_replacing_another_backfill_value(
+    table: &Table,
+    carried: &Carried,
+    ours: &HashMap<String, String>,
+) -> Result<()> {
+    let metadata = table.metadata();
+    let other = carried.removed.values().flatten().find_map(|file| {
+        let theirs = metadata.snapshot_by_id(file.snapshot_id)?.summary();
+        super::backfill_values::replaces_another_value(ours, &theirs.additional_properties)
+    });
+    match other {
+        Some(other) => Err(crate::error::CoreError::Target {
+            table: table.identifier().to_string(),
+            message: super::backfill_values::refusal(&other),
+        }),
+        None => Ok(()),
+    }
 }
 
 /// `partition` with its `int` values as `long` and `float` values as `double` (exactly),

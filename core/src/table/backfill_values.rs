@@ -1,0 +1,128 @@
+//! A backfill's values must each own the partitions they overwrite.
+//!
+//! `nightshift backfill` runs one job per value of a parameter, and with
+//! `mode = "overwrite_partitions"` each job replaces the partitions its rows fall in. When the
+//! partitions are coarser than the values (a daily backfill into `month(ts)` or `bucket`
+//! partitions), each value replaced the one before it, and only the last value's rows stayed,
+//! with every job reported committed. So a backfill value's commit that would remove rows
+//! committed by another value of a backfill of the same pipeline is refused
+//! ([`replaces_another_value`]). A redo of the same value (a new `--run-id`) replaces its own
+//! rows, as meant; a run that is not a backfill's is not judged (a nightly job may recompute
+//! a month to date on purpose).
+
+use std::collections::HashMap;
+
+use super::commit::{JOB_ID_PROPERTY, PIPELINE_PROPERTY};
+
+/// How every job id `nightshift backfill` gives its values begins.
+pub const BACKFILL_JOB_PREFIX: &str = "backfill-";
+const PARAM_PREFIX: &str = "nightshift.param.";
+
+/// Another backfill value whose rows a commit would replace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OtherValue {
+    /// The parameters that differ, as `key=value`, ours and theirs.
+    pub ours: String,
+    pub theirs: String,
+    /// The job that committed the other value.
+    pub job: String,
+}
+
+/// Whether the commit whose summary is `ours` must not remove rows added by the commit
+/// whose summary is `theirs`: both are values of backfills of one pipeline, and a parameter
+/// both were given differs. `None`: it may.
+pub fn replaces_another_value(
+    ours: &HashMap<String, String>,
+    theirs: &HashMap<String, String>,
+) -> Option<OtherValue> {
+    let backfill_job = |summary: &HashMap<String, String>| {
+        summary
+            .get(JOB_ID_PROPERTY)
+            .filter(|job| job.starts_with(BACKFILL_JOB_PREFIX))
+            .cloned()
+    };
+    let (_, job) = (backfill_job(ours)?, backfill_job(theirs)?);
+    if ours.get(PIPELINE_PROPERTY)? != theirs.get(PIPELINE_PROPERTY)? {
+        return None;
+    }
+    let mut differing: Vec<(&str, &String, &String)> = ours
+        .iter()
+        .filter_map(|(key, value)| {
+            let name = key.strip_prefix(PARAM_PREFIX)?;
+            let other = theirs.get(key)?;
+            (other != value).then_some((name, value, other))
+        })
+        .collect();
+    if differing.is_empty() {
+        return None;
+    }
+    differing.sort();
+    let shown = |pick: fn(&(&str, &String, &String)) -> String| {
+        differing.iter().map(pick).collect::<Vec<_>>().join(" ")
+    };
+    Some(OtherValue {
+        ours: shown(|(name, ours, _)| format!("{name}={ours}")),
+        theirs: shown(|(name, _, theirs)| format!("{name}={theirs}")),
+        job,
+    })
+}
+
+/// The refusal of a backfill value's `overwrite_partitions` commit that would replace
+/// `other`'s rows (see [`replaces_another_value`]).
+pub fn refusal(other: &OtherValue) -> String {
+    format!(
+        "backfill value {} would replace rows committed by value {} (job {}) of a backfill of the same pipeline: mode = \"overwrite_partitions\" replaces whole partitions, and these partitions hold more than one value's rows (a daily backfill into month() or bucket() partitions), so only the last value's rows would stay. Partition the table so each value owns its partitions (day(ts) for a daily backfill), or use mode = \"merge\" with merge_keys. Nothing was committed",
+        other.ours, other.theirs, other.job
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn summary(job: &str, pipeline: &str, params: &[(&str, &str)]) -> HashMap<String, String> {
+        let mut s = HashMap::from([
+            (JOB_ID_PROPERTY.to_string(), job.to_string()),
+            (PIPELINE_PROPERTY.to_string(), pipeline.to_string()),
+        ]);
+        for (k, v) in params {
+            s.insert(format!("{PARAM_PREFIX}{k}"), v.to_string());
+        }
+        s
+    }
+
+    #[test]
+    fn a_backfill_value_may_not_replace_another_values_rows() {
+        let day2 = summary("backfill-p-d-2024-01-02", "p", &[("d", "2024-01-02")]);
+        let day1 = summary("backfill-p-d-2024-01-01", "p", &[("d", "2024-01-01")]);
+        let other = replaces_another_value(&day2, &day1).unwrap();
+        assert_eq!(
+            refusal(&other).split(" of a backfill").next(),
+            Some(
+                "backfill value d=2024-01-02 would replace rows committed by value d=2024-01-01 (job backfill-p-d-2024-01-01)"
+            )
+        );
+        // A redo of the same value under a run id replaces its own rows.
+        let redo = summary("backfill-p-fix-d-2024-01-01", "p", &[("d", "2024-01-01")]);
+        assert_eq!(replaces_another_value(&redo, &day1), None);
+        // ... but not another value's.
+        assert!(replaces_another_value(&redo, &day2).is_some());
+        // A parameter only one of them was given decides nothing.
+        let more = summary(
+            "backfill-p-d-2024-01-01",
+            "p",
+            &[("d", "2024-01-01"), ("env", "prod")],
+        );
+        assert_eq!(replaces_another_value(&more, &day1), None);
+        // Only the parameters that differ are named.
+        let ranged = |d: &str| summary(&format!("backfill-p-d-{d}"), "p", &[("d", d), ("to", "x")]);
+        let other = replaces_another_value(&ranged("2"), &ranged("1")).unwrap();
+        assert_eq!((other.ours.as_str(), other.theirs.as_str()), ("d=2", "d=1"));
+        // Another pipeline's rows, or a run that is not a backfill's, are not judged.
+        let other = summary("backfill-q-d-2024-01-01", "q", &[("d", "2024-01-01")]);
+        assert_eq!(replaces_another_value(&day2, &other), None);
+        let nightly = summary("nightly-2024-01-01", "p", &[("d", "2024-01-01")]);
+        assert_eq!(replaces_another_value(&day2, &nightly), None);
+        assert_eq!(replaces_another_value(&nightly, &day2), None);
+    }
+}

@@ -623,6 +623,14 @@ async fn register_source(
         register_raw(ctx, source, &raw_name, &table_path, Some(&text)).await?;
         raw_schema = Arc::new(text);
     }
+    if source.format == SourceFormat::Csv
+        && let Some(text) =
+            leading_zeros_as_text(ctx, source, &table_path, &raw_schema, contract).await?
+    {
+        ctx.deregister_table(raw_name.as_str())?;
+        register_raw(ctx, source, &raw_name, &table_path, Some(&text)).await?;
+        raw_schema = Arc::new(text);
+    }
     if let Some(utc) = timestamps_in_utc(&raw_schema) {
         ctx.deregister_table(raw_name.as_str())?;
         register_raw(ctx, source, &raw_name, &table_path, Some(&utc)).await?;
@@ -838,6 +846,80 @@ fn null_columns_as_text(schema: &Schema) -> Option<Schema> {
         })
         .collect();
     Some(Schema::new_with_metadata(fields, schema.metadata().clone()))
+}
+
+/// `schema` with each integer column inference typed (one the contract does not declare)
+/// read as text when one of its values has a leading zero (`007`, `-01`), as DuckDB's CSV
+/// reader types such a column: as an integer, the zip code `00501` and the id `007` were
+/// published as 501 and 7, silently. Every row is looked at (inference sees the first
+/// thousand), reading the files once more while planning; a contract avoids it. `None`:
+/// no column changes.
+async fn leading_zeros_as_text(
+    ctx: &SessionContext,
+    source: &SourceSpec,
+    table_path: &str,
+    schema: &Schema,
+    contract: &[ColumnContract],
+) -> Result<Option<Schema>> {
+    use datafusion::arrow::array::{Array, AsArray};
+    let inferred_integers: Vec<&str> = schema
+        .fields()
+        .iter()
+        .filter(|f| f.data_type().is_integer() && !contract.iter().any(|c| &c.name == f.name()))
+        .map(|f| f.name().as_str())
+        .collect();
+    if inferred_integers.is_empty() {
+        return Ok(None);
+    }
+    let text = Schema::new(
+        schema
+            .fields()
+            .iter()
+            .map(|f| Field::new(f.name(), DataType::Utf8, true))
+            .collect::<Vec<_>>(),
+    );
+    let text_name = format!("{}__zeros", raw_table_name(&source.name));
+    register_raw(ctx, source, &text_name, table_path, Some(&text)).await?;
+    let quoted = |c: &str| format!("\"{}\"", c.replace('"', "\"\""));
+    let probes: Vec<String> = inferred_integers
+        .iter()
+        .map(|c| format!("bool_or(regexp_like({}, '^\\s*[+-]?0[0-9]'))", quoted(c)))
+        .collect();
+    let query = format!("SELECT {} FROM {}", probes.join(", "), quoted(&text_name));
+    let found = async { ctx.sql(&query).await?.collect().await }.await;
+    ctx.deregister_table(text_name.as_str())?;
+    let found = found?;
+    let Some(row) = found.first().filter(|b| b.num_rows() == 1) else {
+        return Ok(None);
+    };
+    let as_text: Vec<&str> = inferred_integers
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| {
+            let column = row.column(*i).as_boolean();
+            column.is_valid(0) && column.value(0)
+        })
+        .map(|(_, c)| *c)
+        .collect();
+    if as_text.is_empty() {
+        return Ok(None);
+    }
+    tracing::info!(source = %source.name, columns = %as_text.join(", "), "integer columns with leading zeros are read as text");
+    let fields: Vec<Field> = schema
+        .fields()
+        .iter()
+        .map(|f| {
+            if as_text.contains(&f.name().as_str()) {
+                f.as_ref().clone().with_data_type(DataType::Utf8)
+            } else {
+                f.as_ref().clone()
+            }
+        })
+        .collect();
+    Ok(Some(Schema::new_with_metadata(
+        fields,
+        schema.metadata().clone(),
+    )))
 }
 
 /// `schema` with each timestamp column zoned other than UTC read in UTC (`None`: there is
@@ -1741,6 +1823,48 @@ mod tests {
         );
         let header_and_rows = shown.lines().filter(|l| l.starts_with("| ")).count();
         assert_eq!(header_and_rows, 1 + 2, "{shown}");
+    }
+
+    /// An integer column with a leading zero anywhere (past the rows inference samples) is
+    /// text, as DuckDB reads it; one without, or one the contract types, stays an integer.
+    #[tokio::test]
+    async fn a_csv_column_with_leading_zeros_keeps_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut csv = String::from("zip,id,n\n");
+        for row in 1..=1500 {
+            let zip = if row == 1450 {
+                "00501".to_string()
+            } else {
+                (10000 + row).to_string()
+            };
+            csv.push_str(&format!("{zip},{row:03},{row}\n"));
+        }
+        std::fs::write(dir.path().join("a.csv"), csv).unwrap();
+        let ctx = with_csv_source(dir.path(), "a.csv", "").await.unwrap();
+        let rows = shown(
+            &ctx,
+            "SELECT zip, id, n FROM src WHERE n IN (7, 1450) ORDER BY n",
+        )
+        .await;
+        assert!(
+            rows.contains("| 10007 | 007  | 7    |") && rows.contains("| 00501 | 1450 | 1450 |"),
+            "{rows}"
+        );
+        let typed = shown(
+            &ctx,
+            "SELECT arrow_typeof(zip), arrow_typeof(id), arrow_typeof(n) FROM src LIMIT 1",
+        )
+        .await;
+        assert!(
+            typed.contains("| Utf8 ") && typed.contains("| Int64 "),
+            "{typed}"
+        );
+        // A contract's integer is the user's word.
+        let ctx = with_csv_source(dir.path(), "a.csv", "[source.schema]\nid = \"bigint\"\n")
+            .await
+            .unwrap();
+        let rows = shown(&ctx, "SELECT id FROM src WHERE n = 7").await;
+        assert!(rows.contains("| 7  |"), "{rows}");
     }
 
     /// One instant, 2024-03-02 03:00 UTC, in a Parquet column annotated New York time: the

@@ -108,17 +108,7 @@ pub fn value_job_id(
         Some(run) => format!("{BACKFILL_JOB_PREFIX}{pipeline}-{run}-{key}-{value}"),
         None => format!("{BACKFILL_JOB_PREFIX}{pipeline}-{key}-{value}"),
     };
-    let clean: String = raw
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    JobId::parse(&clean)
+    JobId::parse(&nightshift_core::table::backfill_values::job_id_text(&raw))
 }
 
 /// Whether a backfill of `spec` makes sense: each value must add to the table, not replace

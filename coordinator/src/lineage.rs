@@ -155,6 +155,7 @@ mod tests {
             snapshot_id,
             consumed: None,
             read: None,
+            nothing_new: false,
         }
     }
 

@@ -313,6 +313,7 @@ mod tests {
             snapshot_id: None,
             consumed: None,
             read: None,
+            nothing_new: false,
         }
     }
 

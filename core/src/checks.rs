@@ -11,7 +11,7 @@
 use std::sync::Arc;
 
 use arrow::array::{Array, BooleanArray, RecordBatch, UInt32Array};
-use arrow::datatypes::SchemaRef;
+use arrow::datatypes::{DataType, Schema, SchemaRef};
 use datafusion::common::{DFSchema, DataFusionError};
 use datafusion::physical_expr::PhysicalExpr;
 use datafusion::prelude::SessionContext;
@@ -23,19 +23,55 @@ use crate::error::{CoreError, Result};
 /// Failing rows a task keeps per check as samples, and the report keeps per check.
 pub const SAMPLES: usize = 5;
 
-/// The row-level checks of `checks`, as the writing tasks receive them.
-pub fn row_checks(checks: &[CheckSpec]) -> Vec<v1::RowCheck> {
-    checks
-        .iter()
-        .filter(|c| c.on_result())
-        .filter_map(|c| {
-            c.row_predicate().map(|predicate_sql| v1::RowCheck {
-                name: c.name.clone(),
+/// The row-level checks of `checks`, as the writing tasks receive them, for result rows of
+/// `schema`. Fails when a check on the result does not fit its columns' types
+/// ([`CheckSpec::typed_row_predicate`], [`CheckSpec::check_types`]).
+pub fn row_checks(checks: &[CheckSpec], schema: &Schema) -> Result<Vec<v1::RowCheck>> {
+    let type_of = types_of(schema);
+    let mut row_checks = Vec::new();
+    for check in checks.iter().filter(|c| c.on_result()) {
+        let predicate =
+            check
+                .typed_row_predicate(&type_of)
+                .map_err(|message| CoreError::Target {
+                    table: "result".to_string(),
+                    message,
+                })?;
+        if let Some(predicate_sql) = predicate {
+            row_checks.push(v1::RowCheck {
+                name: check.name.clone(),
                 predicate_sql,
-                quarantine: c.quarantines(),
-            })
+                quarantine: check.quarantines(),
+            });
+        }
+    }
+    Ok(row_checks)
+}
+
+/// The type of a column of `schema` by name.
+fn types_of(schema: &Schema) -> impl Fn(&str) -> Option<DataType> + '_ {
+    |column| {
+        schema
+            .field_with_name(column)
+            .ok()
+            .map(|f| f.data_type().clone())
+    }
+}
+
+/// The query a check on a source runs, typed by the source as `ctx` registered it
+/// ([`CheckSpec::typed_source_query`]); `None` when the check has none.
+pub async fn source_check_query(ctx: &SessionContext, check: &CheckSpec) -> Result<Option<String>> {
+    let schema = match ctx.table_provider(check.on.as_str()).await {
+        Ok(provider) => provider.schema(),
+        // Not registered: the query's planning names the missing source.
+        Err(_) => return Ok(check.source_query(&check.on)),
+    };
+    check
+        .typed_source_query(&check.on, &types_of(&schema))
+        .map_err(|message| CoreError::Target {
+            table: check.on.clone(),
+            message,
         })
-        .collect()
 }
 
 /// Counts, as batches go by, the rows that fail each check.
@@ -214,11 +250,12 @@ pub async fn run_source_checks(
     catalog: Option<&dyn iceberg::Catalog>,
     execute: bool,
 ) -> Result<Vec<v1::CheckOutcome>> {
-    let queries: Vec<(&CheckSpec, String)> = checks
-        .iter()
-        .filter(|c| !c.on_result())
-        .filter_map(|c| c.source_query(&c.on).map(|q| (c, q)))
-        .collect();
+    let mut queries: Vec<(&CheckSpec, String)> = Vec::new();
+    for check in checks.iter().filter(|c| !c.on_result()) {
+        if let Some(query) = source_check_query(ctx, check).await? {
+            queries.push((check, query));
+        }
+    }
     run_check_queries(ctx, &queries, catalog, execute).await
 }
 
@@ -603,7 +640,11 @@ min = 10
     fn tasks_count_failing_rows_and_the_coordinator_judges() {
         let checks = spec_checks(CHECKS);
         let data = batch();
-        let mut counter = RowCheckCounter::new(&row_checks(&checks), &data.schema()).unwrap();
+        let mut counter = RowCheckCounter::new(
+            &row_checks(&checks, &data.schema()).unwrap(),
+            &data.schema(),
+        )
+        .unwrap();
         // Two tasks' worth of the same rows.
         counter.observe(&data).unwrap();
         counter.observe(&data).unwrap();
@@ -752,10 +793,13 @@ min = 10
     fn a_check_naming_a_missing_column_is_refused_by_name() {
         let checks =
             spec_checks("[[check]]\nname = \"c\"\ntype = \"not_null\"\ncolumns = [\"nope\"]\n");
-        let err = RowCheckCounter::new(&row_checks(&checks), &batch().schema())
-            .err()
-            .unwrap()
-            .to_string();
+        let err = RowCheckCounter::new(
+            &row_checks(&checks, &batch().schema()).unwrap(),
+            &batch().schema(),
+        )
+        .err()
+        .unwrap()
+        .to_string();
         assert!(
             err.contains("[[check]] `c`") && err.contains("nope"),
             "{err}"

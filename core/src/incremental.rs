@@ -109,26 +109,37 @@ pub fn last_consumed<'a>(
         .find_map(|summary| summary.get(&key)?.parse().ok())
 }
 
-/// Why a pipeline known by `names` that never consumed `table` into this target must not
-/// read it whole: another pipeline did (the newest such record, in `target_history` newest
-/// first), and a pipeline renamed without saying so would read every row it already
-/// published again. `None` when this pipeline has a record, or no other has.
+/// Why a pipeline known by `names` must not read `table` from its own record: the newest
+/// record of `table` in this target (`target_history`, newest first) is another pipeline's.
+/// Without a record of its own, a first run would read `table` whole and publish again every
+/// row the other published (a rename not said); with an older one, it would read on from
+/// there and publish again what the other published since (a rename reverted, or the old
+/// spec left scheduled). `None` when the newest record is under one of `names`, or there is
+/// none.
 pub fn consumed_under_another_name<'a>(
     target_history: impl IntoIterator<Item = &'a HashMap<String, String>> + Clone,
     names: &[&str],
     table: &str,
 ) -> Option<String> {
-    if last_consumed(target_history.clone(), names, table).is_some() {
-        return None;
-    }
     let key = consumed_key(table);
-    let (other, upto) = target_history.into_iter().find_map(|summary| {
+    let (other, upto) = target_history.clone().into_iter().find_map(|summary| {
         let upto = summary.get(&key)?;
         Some((summary.get(PIPELINE_PROPERTY)?, upto))
     })?;
+    if names.contains(&other.as_str()) {
+        return None;
+    }
     let name = names.first().copied().unwrap_or_default();
+    let what_it_would_do = match last_consumed(target_history, names, table) {
+        None => format!(
+            "pipeline `{name}` has not consumed `{table}` into this target before, but pipeline `{other}` has (up to snapshot {upto}): a first run reads all of `{table}`, and would publish again every row `{other}` published"
+        ),
+        Some(own) => format!(
+            "pipeline `{other}` consumed `{table}` into this target (up to snapshot {upto}) after pipeline `{name}` last did (up to snapshot {own}): reading on from snapshot {own} would publish again what `{other}` published"
+        ),
+    };
     Some(format!(
-        "pipeline `{name}` has not consumed `{table}` into this target before, but pipeline `{other}` has (up to snapshot {upto}): a first run reads all of `{table}`, and would publish again every row `{other}` published. If `{name}` is `{other}` renamed, add previous_names = [\"{other}\"] under [pipeline], and it goes on from snapshot {upto}; if it is another pipeline, give it a target of its own"
+        "{what_it_would_do}. If `{name}` is `{other}` renamed (or renamed back), add previous_names = [\"{other}\"] under [pipeline], and it goes on from snapshot {upto}; if it is another pipeline, give it a target of its own"
     ))
 }
 
@@ -339,6 +350,23 @@ mod tests {
             summary("old", Some(("raw.events", 42))),
         ];
         assert_eq!(last_consumed(&renamed, &names, "raw.events"), Some(50));
+        // Renamed back without saying so: the old name's own record is older than what
+        // the other name consumed since.
+        let reverted = consumed_under_another_name(&renamed, &["old"], "raw.events");
+        assert!(
+            reverted.as_deref().is_some_and(|why| why
+                .contains("after pipeline `old` last did (up to snapshot 42)")
+                && why.contains("previous_names = [\"new\"]")),
+            "{reverted:?}"
+        );
+        assert_eq!(
+            consumed_under_another_name(&renamed, &["old", "new"], "raw.events"),
+            None
+        );
+        assert_eq!(
+            last_consumed(&renamed, &["old", "new"], "raw.events"),
+            Some(50)
+        );
         // Another source, or a target nobody consumed into: a first run.
         assert_eq!(
             consumed_under_another_name(&newest_first, &["new"], "raw.users"),

@@ -41,6 +41,17 @@ pub struct SourceSummary {
     pub consumed: Option<crate::incremental::Consumption>,
     /// For an incremental source: what it read, in words (`appended since snapshot N: ...`).
     pub read: Option<String>,
+    /// For an incremental source: nothing was appended since the last run.
+    pub nothing_new: bool,
+}
+
+/// Whether a job of `sources` has nothing to do: it reads incremental sources, and none has
+/// anything new. Its SQL would still give rows (an aggregate's `(0, NULL)`, or what other
+/// sources hold), published every night nothing came; a run with nothing new commits
+/// nothing.
+pub fn nothing_new_upstream(sources: &[SourceSummary]) -> bool {
+    let mut incremental = sources.iter().filter(|s| s.consumed.is_some()).peekable();
+    incremental.peek().is_some() && incremental.all(|s| s.nothing_new)
 }
 
 /// How much of an Iceberg source a job reads.
@@ -344,6 +355,8 @@ async fn register_iceberg(
                 snapshots.len()
             )),
         },
+        nothing_new: matches!(read, IcebergRead::Since(_))
+            && range == crate::incremental::Range::Nothing,
     })
 }
 
@@ -668,6 +681,7 @@ async fn register_source(
         snapshot_id: None,
         consumed: None,
         read: None,
+        nothing_new: false,
     })
 }
 
@@ -1823,6 +1837,36 @@ mod tests {
         );
         let header_and_rows = shown.lines().filter(|l| l.starts_with("| ")).count();
         assert_eq!(header_and_rows, 1 + 2, "{shown}");
+    }
+
+    #[test]
+    fn a_job_whose_incremental_sources_hold_nothing_new_has_nothing_to_do() {
+        let source = |incremental: bool, nothing_new: bool| SourceSummary {
+            name: "s".into(),
+            format: SourceFormat::Iceberg,
+            location: String::new(),
+            files: 0,
+            bytes: 0,
+            schema: Arc::new(Schema::empty()),
+            snapshot_id: Some(1),
+            consumed: incremental.then(|| crate::incremental::Consumption {
+                table: "raw.events".into(),
+                after: Some(1),
+                upto: 1,
+            }),
+            read: None,
+            nothing_new,
+        };
+        assert!(nothing_new_upstream(&[
+            source(true, true),
+            source(false, false)
+        ]));
+        assert!(!nothing_new_upstream(&[
+            source(true, true),
+            source(true, false)
+        ]));
+        assert!(!nothing_new_upstream(&[source(false, false)]));
+        assert!(!nothing_new_upstream(&[]));
     }
 
     /// An integer column with a leading zero anywhere (past the rows inference samples) is

@@ -18,6 +18,7 @@
 
 use std::path::Path;
 
+use arrow_schema::DataType;
 use serde::Deserialize;
 
 use crate::error::SpecError;
@@ -209,6 +210,73 @@ impl CheckSpec {
         })
     }
 
+    /// [`Self::row_predicate`] for columns whose types `type_of` gives (`None`: not known).
+    /// A `range` bound must be of its column's kind: a quoted `"10"` on a number column, or a
+    /// number on a text column, compared as text (100 and 5 passed `"10"..."50"`), and a
+    /// number on a date column was taken as days since 1970; such a bound is an error
+    /// naming the check, bound and column. A float column's NaN fails the range: in the
+    /// total order arrow compares by, a NaN sorted above or below every number by its sign
+    /// bit, so it passed one bound and failed the other.
+    pub fn typed_row_predicate(
+        &self,
+        type_of: &dyn Fn(&str) -> Option<DataType>,
+    ) -> Result<Option<String>, String> {
+        self.check_types(type_of)?;
+        if self.kind != CheckKind::Range {
+            return Ok(self.row_predicate());
+        }
+        let mut parts = Vec::new();
+        for column in &self.columns {
+            let quoted = quote_identifier(column);
+            let data_type = type_of(column);
+            for (key, bound, op) in [("min", &self.min, ">="), ("max", &self.max, "<=")] {
+                let Some(bound) = bound else { continue };
+                if let Some(data_type) = &data_type {
+                    range_bound_fits(data_type, bound).map_err(|why| {
+                        format!(
+                            "[[check]] `{}`: {key} = {bound} on column `{column}` ({data_type}): {why}",
+                            self.name
+                        )
+                    })?;
+                }
+                parts.push(format!("{quoted} {op} {}", literal(bound)));
+            }
+            if data_type.as_ref().is_some_and(DataType::is_floating) {
+                parts.push(format!("NOT isnan({quoted})"));
+            }
+        }
+        Ok(Some(parts.join(" AND ")))
+    }
+
+    /// Whether the check's columns are of a kind it can judge: a `freshness` column must be
+    /// a date, a timestamp or text holding them (an integer was cast as epoch seconds, so
+    /// epoch milliseconds were always fresh, in the year 58000).
+    pub fn check_types(&self, type_of: &dyn Fn(&str) -> Option<DataType>) -> Result<(), String> {
+        if self.kind != CheckKind::Freshness {
+            return Ok(());
+        }
+        for column in &self.columns {
+            match type_of(column) {
+                Some(
+                    DataType::Date32
+                    | DataType::Date64
+                    | DataType::Timestamp(_, _)
+                    | DataType::Utf8
+                    | DataType::LargeUtf8
+                    | DataType::Utf8View,
+                )
+                | None => {}
+                Some(other) => {
+                    return Err(format!(
+                        "[[check]] `{}`: freshness needs a date or timestamp column, and `{column}` is {other} (an epoch number's unit is not known): convert it in the SQL, e.g. to_timestamp_millis(`{column}`)",
+                        self.name
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// True for a check on the rows the job publishes (not on a source).
     pub fn on_result(&self) -> bool {
         self.on == RESULT
@@ -237,6 +305,23 @@ impl CheckSpec {
             )),
             (_, Some(predicate)) => Some(format!("SELECT * FROM {from} WHERE NOT ({predicate})")),
             (_, None) => self.set_query_over(&from),
+        }
+    }
+
+    /// [`Self::source_query`] with the source's column types (see
+    /// [`Self::typed_row_predicate`]).
+    pub fn typed_source_query(
+        &self,
+        table: &str,
+        type_of: &dyn Fn(&str) -> Option<DataType>,
+    ) -> Result<Option<String>, String> {
+        self.check_types(type_of)?;
+        match (self.kind, self.typed_row_predicate(type_of)?) {
+            (CheckKind::RowCount, _) | (_, None) => Ok(self.source_query(table)),
+            (_, Some(predicate)) => Ok(Some(format!(
+                "SELECT * FROM {} WHERE NOT ({predicate})",
+                quote_identifier(table)
+            ))),
         }
     }
 
@@ -353,6 +438,26 @@ fn literal(value: &toml::Value) -> String {
     }
 }
 
+/// Why `bound` cannot bound a column of `data_type` (`Ok`: it can, or the type is not one
+/// this judges).
+fn range_bound_fits(data_type: &DataType, bound: &toml::Value) -> Result<(), &'static str> {
+    use toml::Value;
+    let number = matches!(bound, Value::Integer(_) | Value::Float(_));
+    let text = matches!(bound, Value::String(_));
+    match data_type {
+        t if t.is_numeric() && !number => Err(
+            "a number column is bounded by a number: write it unquoted (quoted, 100 and 5 compared as text would pass \"10\"...\"50\")",
+        ),
+        DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View if !text => Err(
+            "a text column compares as text ('100' is below '50'): quote the bound to compare text, or CAST the column to a number in the SQL",
+        ),
+        DataType::Date32 | DataType::Date64 | DataType::Timestamp(_, _) if !text => {
+            Err("a date or timestamp is bounded by a quoted date: max = \"2025-12-31\"")
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Every check well-formed: a unique name, on the result, the keys its type needs.
 pub(crate) fn check_checks(
     checks: &[CheckSpec],
@@ -428,6 +533,27 @@ pub(crate) fn check_checks(
                 check.kind.name()
             )));
         }
+        if check.kind == CheckKind::Regex
+            && let Some(pattern) = &check.pattern
+            && let Err(e) = regex::Regex::new(pattern)
+        {
+            return Err(invalid(format!(
+                "pattern {pattern:?} is not a regular expression: {e}"
+            )));
+        }
+        if check.kind == CheckKind::RowCount
+            && let Some((key, bound)) = [("min", &check.min), ("max", &check.max)]
+                .into_iter()
+                .find_map(|(key, b)| {
+                    b.as_ref()
+                        .filter(|b| b.as_integer().is_none_or(|n| n < 0))
+                        .map(|b| (key, b))
+                })
+        {
+            return Err(invalid(format!(
+                "type = \"row_count\": {key} = {bound} is not a whole number of rows (write {key} = 1000, unquoted)"
+            )));
+        }
         let needs = match check.kind {
             CheckKind::AcceptedValues if check.values.is_empty() => Some("values = [...]"),
             CheckKind::Range if check.min.is_none() && check.max.is_none() => {
@@ -482,6 +608,70 @@ mod tests {
 
     fn check(toml_text: &str) -> CheckSpec {
         toml::from_str(toml_text).unwrap()
+    }
+
+    #[test]
+    fn range_bounds_fit_their_columns_and_nan_fails_a_range() {
+        use arrow_schema::TimeUnit;
+        let types = |column: &str| match column {
+            "n" => Some(DataType::Int64),
+            "r" => Some(DataType::Float64),
+            "s" => Some(DataType::Utf8),
+            "d" => Some(DataType::Date32),
+            "t" => Some(DataType::Timestamp(TimeUnit::Microsecond, None)),
+            "e" => Some(DataType::Int64),
+            _ => None,
+        };
+        let range = |column: &str, bounds: &str| {
+            check(&format!(
+                "name = \"a\"\ntype = \"range\"\ncolumns = [\"{column}\"]\n{bounds}"
+            ))
+            .typed_row_predicate(&types)
+        };
+        for (column, bounds, says) in [
+            (
+                "n",
+                "min = \"10\"\nmax = 50",
+                "min = \"10\" on column `n` (Int64): a number column",
+            ),
+            ("r", "max = \"1.5\"", "max = \"1.5\" on column `r`"),
+            ("s", "max = 50", "a text column compares as text"),
+            ("d", "max = 20251231", "bounded by a quoted date"),
+            ("t", "min = 0", "bounded by a quoted date"),
+        ] {
+            let err = range(column, bounds).unwrap_err();
+            assert!(
+                err.contains("[[check]] `a`: ") && err.contains(says),
+                "{err}"
+            );
+        }
+        assert_eq!(
+            range("n", "min = 10\nmax = 50").unwrap().as_deref(),
+            Some("\"n\" >= 10 AND \"n\" <= 50")
+        );
+        assert_eq!(
+            range("r", "max = 1").unwrap().as_deref(),
+            Some("\"r\" <= 1 AND NOT isnan(\"r\")")
+        );
+        assert!(range("s", "min = \"A\"\nmax = \"M\"").is_ok());
+        assert!(range("d", "min = \"2024-01-01\"").is_ok());
+        // A column whose type is not known is left to the query's planning.
+        assert!(range("unknown", "min = \"10\"").is_ok());
+        // Freshness needs a date or a timestamp: an integer's epoch unit is not known.
+        let fresh = |column: &str| {
+            check(&format!(
+                "name = \"f\"\ntype = \"freshness\"\ncolumns = [\"{column}\"]\nmax_age = \"2h\""
+            ))
+            .check_types(&types)
+        };
+        assert!(fresh("e").unwrap_err().contains("to_timestamp_millis(`e`)"));
+        for column in ["t", "d", "s", "unknown"] {
+            assert!(fresh(column).is_ok(), "{column}");
+        }
+        let on_source = check(
+            "name = \"f\"\non = \"src\"\ntype = \"freshness\"\ncolumns = [\"e\"]\nmax_age = \"2h\"",
+        );
+        assert!(on_source.typed_source_query("src", &types).is_err());
     }
 
     #[test]
@@ -643,6 +833,18 @@ mod tests {
             (
                 "name = \"a\"\ntype = \"row_count\"\ncolumns = [\"n\"]\nmin = 1",
                 "takes no columns",
+            ),
+            (
+                "name = \"a\"\ntype = \"regex\"\ncolumns = [\"n\"]\npattern = \"([a-z\"",
+                "`a`: pattern \"([a-z\" is not a regular expression",
+            ),
+            (
+                "name = \"a\"\ntype = \"row_count\"\nmin = \"1000\"\nmax = 5000",
+                "min = \"1000\" is not a whole number of rows",
+            ),
+            (
+                "name = \"a\"\ntype = \"row_count\"\nmin = 1\nmax = 20.0",
+                "max = 20.0 is not a whole number of rows",
             ),
             (
                 "name = \"a\"\ntype = \"accepted_values\"\ncolumns = [\"n\"]",

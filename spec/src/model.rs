@@ -385,6 +385,17 @@ pub(crate) fn substitute(
             "[target] delete_when",
         )?);
     }
+    // A check's query and its reference table as the SQL is: `${param}` in them was left as
+    // text, so a check comparing with '${run_date}' passed on every row.
+    for check in &mut spec.check {
+        let ctx = format!("[[check]] `{}`", check.name);
+        if let Some(sql) = &check.sql {
+            check.sql = Some(substitute_params(sql, params, &ctx)?);
+        }
+        if let Some(to) = &check.to {
+            check.to = Some(substitute_params(to, params, &ctx)?);
+        }
+    }
     Ok(spec)
 }
 
@@ -485,6 +496,25 @@ pub(crate) fn check(spec: &Spec, path: &Path) -> Result<(), SpecError> {
             path,
             format!(
                 "source `{}`: on_source_rewrite applies to incremental = true sources only",
+                source.name
+            ),
+        ));
+    }
+    if spec.target.mode == WriteMode::OverwritePartitions && spec.target.partition_by.is_empty() {
+        return Err(SpecError::invalid(
+            path,
+            "[target] mode = \"overwrite_partitions\" replaces the partitions the result has rows in, and without partition_by the table is one partition: every run would replace the whole table; add partition_by = [\"day(ts)\"], or say mode = \"overwrite\"",
+        ));
+    }
+    if let Some(source) = spec.source.iter().find(|s| s.incremental)
+        && spec.target.mode == WriteMode::Overwrite
+    {
+        return Err(SpecError::invalid(
+            path,
+            format!(
+                "source `{}`: incremental = true reads only the rows new since the last run, and \
+                 mode = \"overwrite\" would replace the table with those rows alone; use \
+                 mode = \"append\" or \"merge\", or read the source whole",
                 source.name
             ),
         ));
@@ -682,6 +712,52 @@ table = "ns.t"
         assert!(err.contains("source `up`: incremental = true"), "{err}");
         assert!(err.contains("mode = \"merge\""), "{err}");
         assert!(checked(&spec("append")).is_ok());
+        // A full overwrite would keep only the new rows.
+        let err = checked(&spec("overwrite")).unwrap_err().to_string();
+        assert!(
+            err.contains("replace the table with those rows alone"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn parameters_are_substituted_in_check_queries() {
+        let text = format!(
+            "{MINIMAL}\n[params]\nday = \"2024-01-01\"\nrefs = \"ns.days\"\n\
+             [[check]]\nname = \"c\"\ntype = \"sql\"\nsql = \"SELECT * FROM result WHERE d <> '${{day}}'\"\n\
+             [[check]]\nname = \"r\"\ntype = \"relationship\"\ncolumns = [\"d\"]\nto = \"${{refs}}\"\n"
+        );
+        let spec =
+            crate::resolve_spec_text(&text, Path::new("p.toml"), Path::new("."), &[]).unwrap();
+        assert_eq!(
+            spec.spec.check[0].sql.as_deref(),
+            Some("SELECT * FROM result WHERE d <> '2024-01-01'")
+        );
+        assert_eq!(spec.spec.check[1].to.as_deref(), Some("ns.days"));
+    }
+
+    #[test]
+    fn a_partition_overwrite_needs_partitions() {
+        let spec = |partition_by: &str| {
+            MINIMAL.replace(
+                "[target]\ntable = \"ns.t\"",
+                &format!(
+                    "[target]\ntable = \"ns.t\"\nmode = \"overwrite_partitions\"\n{partition_by}"
+                ),
+            )
+        };
+        let checked = |text: &str| {
+            check(
+                &parse(text, Path::new("p.toml")).unwrap(),
+                Path::new("p.toml"),
+            )
+        };
+        let err = checked(&spec("")).unwrap_err().to_string();
+        assert!(
+            err.contains("without partition_by the table is one partition"),
+            "{err}"
+        );
+        assert!(checked(&spec("partition_by = [\"d\"]")).is_ok());
     }
 
     #[test]

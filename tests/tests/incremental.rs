@@ -202,6 +202,29 @@ fn upstream_appends_are_consumed_exactly_once_across_failures_and_reruns() {
     assert_eq!(read["duckdb"]["rows"], 10, "{read:#}");
 }
 
+/// An aggregate over nothing new still gives a row (`0`, NULL): the run commits nothing.
+#[test]
+fn an_aggregate_over_nothing_new_commits_nothing() {
+    let sandbox = Sandbox::new();
+    sandbox.write("data/batch_1.csv", "id,payload\n1,a\n2,b\n");
+    sandbox.write("loader.toml", loader("append"));
+    sandbox.write(
+        "consumer.toml",
+        consumer(None).replace(
+            "SELECT id, upper(payload) AS payload FROM events",
+            "SELECT count(*) AS n, max(id) AS top FROM events",
+        ),
+    );
+    load(&sandbox, 1);
+    for _ in 0..2 {
+        let (code, out) = consume(&sandbox, &[]);
+        assert_eq!(code, 0, "{out}");
+    }
+    let read = sandbox.read_table(DOWNSTREAM, None);
+    assert_eq!(snapshot_count(&read), 1, "{read:#}");
+    assert_eq!(read["pyiceberg"]["rows"], 1, "{read:#}");
+}
+
 #[test]
 fn a_renamed_pipeline_goes_on_where_it_stood_once_it_says_its_old_name() {
     let sandbox = Sandbox::new();

@@ -194,13 +194,16 @@ fn openlineage_events_start_and_end_each_run_and_the_client_accepts_them() {
             r#"[pipeline]
 name = "örders"
 
+[params]
+api_token = "tkn-SECRET-123"
+
 [[source]]
 name = "orders"
 format = "csv"
 location = "data/orders.csv"
 
 [transform]
-sql = "SELECT id, amount FROM orders"
+sql = "SELECT id, amount FROM orders WHERE '${{api_token}}' <> ''"
 
 [target]
 table = "tests.orders"
@@ -229,6 +232,13 @@ severity = "{severity}"
     sandbox.spec(&spec("error"));
     assert_eq!(run("ol-2").status.code(), Some(1));
 
+    // The events leave for another server: a secret-named parameter's value in the SQL is
+    // masked, as on the report page.
+    let raw = std::fs::read_to_string(&events).unwrap();
+    assert!(
+        !raw.contains("tkn-SECRET-123") && raw.contains("'***' <> ''"),
+        "{raw}"
+    );
     let seen = openlineage_events(&sandbox, &events);
     let kinds: Vec<(&str, &str)> = seen
         .as_array()

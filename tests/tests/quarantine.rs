@@ -223,6 +223,44 @@ fn a_crash_between_the_two_commits_is_finished_by_the_rerun() {
     assert_eq!(leftovers(&sandbox), Vec::<String>::new());
 }
 
+/// A job whose every row was set aside commits only its rejects. Its rerun on changed input
+/// set other rows aside, which were reported but dropped (the job id's rejects are
+/// committed once): it is refused, and a rerun on the same input goes on.
+#[test]
+fn a_rerun_that_sets_other_rows_aside_than_its_committed_rejects_is_refused() {
+    let sandbox = Sandbox::new();
+    let all_bad = "id,status,balance,email\n7,frozen,1,x@example.com\n8,open,-2,ÿ@example.com\n";
+    let data = sandbox.write("data/accounts.csv", all_bad);
+    sandbox.spec(&spec(&data, "id, status, balance, email", ""));
+    let (code, report, err) = run(&sandbox, "all-aside", None);
+    assert_eq!(code, Some(0), "{report:#}\n{err}");
+    assert_eq!(report["rejected_rows"], 2, "{report:#}");
+    assert_eq!(rows(&sandbox.read_table(REJECTS, None)), (2, 2));
+
+    sandbox.write(
+        "data/accounts.csv",
+        "id,status,balance,email\n7,open,1,x@example.com\n8,open,-2,ÿ@example.com\n",
+    );
+    let (code, report, err) = run(&sandbox, "all-aside", None);
+    assert_eq!(code, Some(2), "{report:#}\n{err}");
+    assert!(
+        err.contains("set 2 rows aside in `tests.accounts__rejects`")
+            && err.contains("this run sets 1 aside")
+            && err.contains("new job id"),
+        "{err}"
+    );
+    let rejects = sandbox.read_table(REJECTS, None);
+    assert_eq!(snapshot_count(&rejects), 1, "{rejects:#}");
+    assert_eq!(rows(&rejects), (2, 2), "{rejects:#}");
+
+    // Under its own job id the corrected input lands, its one bad row set aside.
+    let (code, report, err) = run(&sandbox, "all-aside-fixed", None);
+    assert_eq!(code, Some(0), "{report:#}\n{err}");
+    assert_eq!(rows(&sandbox.read_table(TABLE, None)), (1, 1));
+    assert_eq!(rows(&sandbox.read_table(REJECTS, None)), (3, 3));
+    assert!(leftovers(&sandbox).is_empty(), "{:?}", leftovers(&sandbox));
+}
+
 #[test]
 fn quarantine_is_refused_where_it_cannot_set_rows_aside() {
     let sandbox = Sandbox::new();

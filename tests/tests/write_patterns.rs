@@ -309,6 +309,44 @@ async fn backfill_commits_one_snapshot_per_day_and_resumes() {
     );
 }
 
+/// A backfill's job ids name the pipeline: resumed after a rename, it finds the values
+/// committed under the old name (an append target got them twice).
+#[test]
+fn a_backfill_resumed_after_a_rename_skips_what_it_committed() {
+    let sandbox = Sandbox::new();
+    write_events(&sandbox, 3, 2, 1);
+    let daily = spec("append").replace(
+        "BETWEEN DATE '${from}' AND DATE '${to}'",
+        "= DATE '${from}'",
+    );
+    sandbox.spec(&daily);
+    let backfill = |last: &str| {
+        let out = sandbox.cli(&[
+            "backfill",
+            "pipeline.toml",
+            "--param-range",
+            &format!("from=2024-01-01..{last}"),
+        ]);
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(out.status.success(), "{stderr}");
+        stderr
+    };
+    backfill("2024-01-02");
+    sandbox.spec(&daily.replace(
+        "name = \"daily\"",
+        "name = \"daily events\"\nprevious_names = [\"daily\"]",
+    ));
+    let stderr = backfill("2024-01-03");
+    assert!(
+        stderr.contains("from=2024-01-01: skipped")
+            && stderr.contains("from=2024-01-03: committed"),
+        "{stderr}"
+    );
+    let (days, _) = per_day(&sandbox);
+    assert!(days.values().all(|d| d.0 == 2), "{days:?}");
+    assert_eq!(days.len(), 3, "{days:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn maintain_expires_snapshots_and_removes_only_old_unreferenced_files() {
     let sandbox = Sandbox::new();

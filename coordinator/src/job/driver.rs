@@ -197,11 +197,15 @@ impl<'a> JobRun<'a> {
             | nightshift_core::table::CatalogConfig::Rest { name, .. } => name.as_str(),
         };
         let ended = kind != EventType::Start;
+        // The event leaves for another server: the SQL holds secret-named parameters'
+        // values, as the report page's does, and they are masked as there.
+        let sql = self.masked(&self.spec.sql);
+        let error = error.map(|e| self.masked(e));
         let facts = RunFacts {
             namespace: sink.namespace(),
             job_id: self.job().as_str(),
             pipeline: &self.spec.spec.pipeline.name,
-            sql: &self.spec.sql,
+            sql: &sql,
             catalog,
             table: &self.spec.spec.target.table,
             inputs: &self.inputs,
@@ -212,7 +216,7 @@ impl<'a> JobRun<'a> {
                 checks: &self.report.checks,
                 check_specs: &self.spec.spec.check,
             }),
-            error,
+            error: error.as_deref(),
         };
         let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
         sink.emit(&run_event(kind, &facts, &now)).await;
@@ -278,6 +282,32 @@ impl<'a> JobRun<'a> {
                     committed_files: Default::default(),
                 }));
             }
+            // A backfill value committed before the pipeline was renamed: its job id named
+            // the old name. Running it again would publish its rows twice.
+            let pipeline = &self.spec.spec.pipeline;
+            if let Some((old_id, snapshot_id)) =
+                nightshift_core::table::backfill_values::under_previous_names(
+                    self.job().as_str(),
+                    &pipeline.name,
+                    &pipeline.previous_names,
+                )
+                .into_iter()
+                .find_map(|id| {
+                    let snapshot = find_job_snapshot(&table, &JobId::parse(&id).ok()?)?;
+                    Some((id, snapshot))
+                })
+            {
+                info!(
+                    snapshot_id,
+                    old_id,
+                    "job was committed before under the pipeline's previous name; nothing to do"
+                );
+                return Ok(Ended::Committed(CommitOutcome {
+                    snapshot_id,
+                    already_committed: true,
+                    committed_files: Default::default(),
+                }));
+            }
             // Committed, and its snapshot expired since: done as well (its files stay
             // referenced by the snapshots after it, so the cleanup keeps them).
             use nightshift_core::table::maintain::{EXPIRED_JOBS_PROPERTY, expired_job_snapshot};
@@ -308,6 +338,10 @@ impl<'a> JobRun<'a> {
         let merge = planned.merge;
         let compaction = planned.compaction;
         self.inputs = planned.sources;
+        if nightshift_core::sources::nothing_new_upstream(&self.inputs) {
+            info!("no incremental source has anything new since the last run; nothing to do");
+            return Ok(Ended::Empty);
+        }
         self.output_schema = Some(job_plan.output_schema.clone());
         self.emit_lineage(EventType::Start, None).await;
         self.report.stages = job_plan.stages.len();
@@ -385,7 +419,7 @@ impl<'a> JobRun<'a> {
         let mut output = table_output(
             &table,
             schema_change.as_ref().map(|c| &c.schema),
-            nightshift_core::checks::row_checks(&self.spec.spec.check),
+            nightshift_core::checks::row_checks(&self.spec.spec.check, &job_plan.output_schema)?,
         )?;
         output.rejects = self
             .ensure_rejects(catalog.as_ref(), &job_plan.output_schema)
@@ -436,7 +470,7 @@ impl<'a> JobRun<'a> {
                 .chain(&set_outcomes)
                 .chain(&source_outcomes),
             self.report.rows,
-            nightshift_core::table::previous_run_rows(&table, &self.spec.spec.pipeline.name),
+            nightshift_core::table::previous_run_rows(&table, &self.spec.spec.pipeline.names()),
         );
         // A compaction changes files, never rows: one that wrote other than what it read
         // commits nothing (its files are swept like any failed job's).
@@ -553,6 +587,27 @@ impl<'a> JobRun<'a> {
         let Some(rejects) = &mut self.rejects else {
             return Ok(());
         };
+        let table = catalog.load_table(&rejects.ident).await?;
+        let earlier = find_job_snapshot(&table, &job).map(|snapshot| {
+            let rows = table
+                .metadata()
+                .snapshot_by_id(snapshot)
+                .and_then(|s| s.summary().additional_properties.get("added-records"))
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+            (snapshot, rows)
+        });
+        if let Some(why) = nightshift_core::table::rejects::earlier_rejects_differ(
+            job.as_str(),
+            &rejects.ident.to_string(),
+            earlier,
+            self.report.rejected_rows,
+        ) {
+            return Err(CoreError::Target {
+                table: self.spec.spec.target.table.clone(),
+                message: why,
+            });
+        }
         let summary = HashMap::from([
             (
                 nightshift_core::table::PIPELINE_PROPERTY.to_string(),
@@ -699,16 +754,23 @@ impl<'a> JobRun<'a> {
         }
     }
 
-    /// The run as the report page draws it. The values of secret-named parameters, which the
-    /// SQL and so the plan and errors may hold, are masked.
-    fn record(&mut self, state: JobState, error: &str) -> RunRecord {
+    /// `text` (the SQL, a plan, an error) redacted, with the values of secret-named
+    /// parameters masked.
+    fn masked(&self, text: &str) -> String {
         use nightshift_core::redact::{is_secret_name, mask_values, redact};
         let secrets: Vec<&str> = (self.spec.params.iter())
             .filter(|(name, _)| is_secret_name(name))
             .map(|(_, value)| value.as_str())
             .collect();
-        let mask = |text: &str| mask_values(&redact(text), &secrets).into_owned();
+        mask_values(&redact(text), &secrets).into_owned()
+    }
+
+    /// The run as the report page draws it. The values of secret-named parameters, which the
+    /// SQL and so the plan and errors may hold, are masked.
+    fn record(&mut self, state: JobState, error: &str) -> RunRecord {
         let mut stages = std::mem::take(&mut self.stage_summaries);
+        let timeline = std::mem::take(&mut self.timeline);
+        let mask = |text: &str| self.masked(text);
         stages.sort_by_key(|s| s.stage);
         for stage in &mut stages {
             for operator in &mut stage.operators {
@@ -721,7 +783,7 @@ impl<'a> JobRun<'a> {
             started_at_ms: self.started_at_ms,
             report: self.report.clone(),
             stages,
-            timeline: std::mem::take(&mut self.timeline),
+            timeline,
             lineage: crate::lineage::snapshot_summary(self.spec, &self.inputs, &self.report.checks)
                 .into_iter()
                 .collect(),

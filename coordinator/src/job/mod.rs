@@ -383,7 +383,10 @@ async fn check_against_result(
     catalog: Option<&dyn iceberg::Catalog>,
 ) -> Result<(), JobError> {
     // A check naming a column the result lacks.
-    RowCheckCounter::new(&checks::row_checks(&spec.spec.check), output_schema)?;
+    RowCheckCounter::new(
+        &checks::row_checks(&spec.spec.check, output_schema)?,
+        output_schema,
+    )?;
     // A `unique` or `sql` check whose query does not run: tried on no rows.
     checks::run_set_checks(&spec.spec.check, &[], output_schema, catalog).await?;
     // Checks on sources are planned here (a missing column is a spec error); a job runs

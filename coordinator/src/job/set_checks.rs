@@ -64,7 +64,8 @@ impl SetCheckRun<'_> {
     ) -> Result<Ran, JobError> {
         let mut ran = Ran::default();
         for check in checks.iter().filter(|c| !c.on_result()) {
-            let Some(query) = check.source_query(&check.on) else {
+            let Some(query) = nightshift_core::checks::source_check_query(session, check).await?
+            else {
                 continue;
             };
             self.run_query(session, check, &query, catalog, timeline, &mut ran)

@@ -18,6 +18,45 @@ use super::commit::{JOB_ID_PROPERTY, PIPELINE_PROPERTY};
 pub const BACKFILL_JOB_PREFIX: &str = "backfill-";
 const PARAM_PREFIX: &str = "nightshift.param.";
 
+/// `raw` with the characters a job id cannot hold replaced by `_`, as a backfill value's
+/// job id is made (`backfill-<pipeline>[-<run>]-<key>-<value>`).
+pub fn job_id_text(raw: &str) -> String {
+    raw.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// The parameter a backfill value's job ranges over: the one whose `-<key>-<value>` ends its
+/// job id (`None` when none does, e.g. not a backfill's job).
+fn backfill_key(summary: &HashMap<String, String>) -> Option<&str> {
+    let job = summary.get(JOB_ID_PROPERTY)?;
+    summary.iter().find_map(|(key, value)| {
+        let name = key.strip_prefix(PARAM_PREFIX)?;
+        job.ends_with(&job_id_text(&format!("-{name}-{value}")))
+            .then_some(name)
+    })
+}
+
+/// The job ids a backfill value's job `job` had under the pipeline's `previous` names (its
+/// id names the pipeline): a backfill resumed after a rename finds the values committed
+/// before it by these.
+pub fn under_previous_names(job: &str, name: &str, previous: &[String]) -> Vec<String> {
+    let ours = job_id_text(&format!("{BACKFILL_JOB_PREFIX}{name}-"));
+    let Some(rest) = job.strip_prefix(&ours) else {
+        return Vec::new();
+    };
+    previous
+        .iter()
+        .map(|old| job_id_text(&format!("{BACKFILL_JOB_PREFIX}{old}-{rest}")))
+        .collect()
+}
+
 /// Another backfill value whose rows a commit would replace.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OtherValue {
@@ -42,14 +81,21 @@ pub fn replaces_another_value(
             .cloned()
     };
     let (_, job) = (backfill_job(ours)?, backfill_job(theirs)?);
-    if ours.get(PIPELINE_PROPERTY)? != theirs.get(PIPELINE_PROPERTY)? {
+    let their_pipeline = theirs.get(PIPELINE_PROPERTY)?;
+    if !crate::incremental::pipeline_names(ours).contains(&their_pipeline.as_str()) {
         return None;
     }
+    // The value is the ranged parameter's: a redo whose other parameters changed (the fix)
+    // replaces its own value's rows.
+    let key = backfill_key(ours);
     let mut differing: Vec<(&str, &String, &String)> = ours
         .iter()
-        .filter_map(|(key, value)| {
-            let name = key.strip_prefix(PARAM_PREFIX)?;
-            let other = theirs.get(key)?;
+        .filter_map(|(k, value)| {
+            let name = k.strip_prefix(PARAM_PREFIX)?;
+            if key.is_some_and(|key| key != name) {
+                return None;
+            }
+            let other = theirs.get(k)?;
             (other != value).then_some((name, value, other))
         })
         .collect();
@@ -92,6 +138,24 @@ mod tests {
     }
 
     #[test]
+    fn a_value_committed_under_a_previous_name_is_found_by_its_old_id() {
+        let previous = ["daily revenue".to_string(), "old".to_string()];
+        assert_eq!(
+            under_previous_names(
+                "backfill-new_name-run_date-2024-01-01",
+                "new name",
+                &previous
+            ),
+            [
+                "backfill-daily_revenue-run_date-2024-01-01",
+                "backfill-old-run_date-2024-01-01"
+            ]
+        );
+        assert!(under_previous_names("nightly-1", "new name", &previous).is_empty());
+        assert!(under_previous_names("backfill-other-d-1", "new name", &previous).is_empty());
+    }
+
+    #[test]
     fn a_backfill_value_may_not_replace_another_values_rows() {
         let day2 = summary("backfill-p-d-2024-01-02", "p", &[("d", "2024-01-02")]);
         let day1 = summary("backfill-p-d-2024-01-01", "p", &[("d", "2024-01-01")]);
@@ -114,10 +178,29 @@ mod tests {
             &[("d", "2024-01-01"), ("env", "prod")],
         );
         assert_eq!(replaces_another_value(&more, &day1), None);
-        // Only the parameters that differ are named.
-        let ranged = |d: &str| summary(&format!("backfill-p-d-{d}"), "p", &[("d", d), ("to", "x")]);
-        let other = replaces_another_value(&ranged("2"), &ranged("1")).unwrap();
+        // Only the ranged parameter is the value: a redo whose other parameter changed
+        // replaces its own value's rows, and only the value is named.
+        let ranged = |job: &str, d: &str, to: &str| summary(job, "p", &[("d", d), ("to", to)]);
+        let other = replaces_another_value(
+            &ranged("backfill-p-d-2", "2", "x"),
+            &ranged("backfill-p-d-1", "1", "x"),
+        )
+        .unwrap();
         assert_eq!((other.ours.as_str(), other.theirs.as_str()), ("d=2", "d=1"));
+        assert_eq!(
+            replaces_another_value(
+                &ranged("backfill-p-fix-d-1", "1", "y"),
+                &ranged("backfill-p-d-1", "1", "x")
+            ),
+            None
+        );
+        // A value of the pipeline under a name it had before is its own.
+        let mut renamed = summary("backfill-q-d-2024-01-02", "q", &[("d", "2024-01-02")]);
+        renamed.insert(
+            crate::incremental::PREVIOUS_NAMES_PROPERTY.into(),
+            "p".into(),
+        );
+        assert!(replaces_another_value(&renamed, &day1).is_some());
         // Another pipeline's rows, or a run that is not a backfill's, are not judged.
         let other = summary("backfill-q-d-2024-01-01", "q", &[("d", "2024-01-01")]);
         assert_eq!(replaces_another_value(&day2, &other), None);

@@ -251,16 +251,17 @@ pub(crate) fn history_summaries(table: &Table) -> Vec<HashMap<String, String>> {
         .collect()
 }
 
-/// The rows the newest snapshot of `pipeline` in the table's current history added, if there
-/// is one: what `row_count`'s `max_change` compares a run with.
-pub fn previous_run_rows(table: &Table, pipeline: &str) -> Option<u64> {
+/// The rows the newest snapshot of the pipeline (under one of its `names`: its name, then
+/// the names it had before) in the table's current history added, if there is one: what
+/// `row_count`'s `max_change` compares a run with.
+pub fn previous_run_rows(table: &Table, names: &[&str]) -> Option<u64> {
     current_history(table)
         .iter()
         .map(|s| &s.summary().additional_properties)
         .find(|summary| {
             summary
                 .get(PIPELINE_PROPERTY)
-                .is_some_and(|p| p == pipeline)
+                .is_some_and(|p| names.contains(&p.as_str()))
         })
         .map(|summary| {
             summary

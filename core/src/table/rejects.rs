@@ -258,9 +258,45 @@ impl Quarantine {
     }
 }
 
+/// Why a job must not go on to its commits when the rejects table already holds rows it set
+/// aside (`earlier`: that snapshot and its row count) and this attempt sets `now` rows
+/// aside: the rejects of a job id are committed once, so this attempt's would be dropped
+/// while reported set aside (an attempt whose every row was quarantined commits only the
+/// rejects; its rerun on corrected input lost the rows still rejected). The same count is
+/// taken for the same rows: a rerun after a crash between the two commits goes on. `None`:
+/// it may go on.
+pub fn earlier_rejects_differ(
+    job: &str,
+    rejects_table: &str,
+    earlier: Option<(i64, u64)>,
+    now: u64,
+) -> Option<String> {
+    let (snapshot, rows) = earlier?;
+    (rows != now).then(|| {
+        format!(
+            "an earlier run of job `{job}` set {rows} rows aside in `{rejects_table}` (snapshot {snapshot}), and this run sets {now} aside: its input or code changed since. A job id's rejects are committed once, so this run's would be lost; run it under a new job id (run --job-id; for a backfill, a new --run-id)"
+        )
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_rerun_whose_rejects_differ_from_the_committed_ones_stops() {
+        assert_eq!(earlier_rejects_differ("j", "ns.t__rejects", None, 3), None);
+        assert_eq!(
+            earlier_rejects_differ("j", "ns.t__rejects", Some((7, 3)), 3),
+            None
+        );
+        let why = earlier_rejects_differ("j", "ns.t__rejects", Some((7, 2)), 1).unwrap();
+        assert!(
+            why.contains("set 2 rows aside in `ns.t__rejects` (snapshot 7), and this run sets 1"),
+            "{why}"
+        );
+        assert!(earlier_rejects_differ("j", "r", Some((7, 2)), 0).is_some());
+    }
 
     #[tokio::test]
     async fn a_row_goes_aside_once_for_the_first_check_it_fails() {

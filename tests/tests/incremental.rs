@@ -84,6 +84,23 @@ fn run(sandbox: &Sandbox, spec: &str, args: &[&str], env: &[(&str, &str)]) -> (i
     )
 }
 
+/// A sandbox with the upstream batches `data/batch_<n>.csv` (from 1), the loader appending
+/// them and the consumer of `consumer_sql` (`None`: the usual one).
+fn with_batches(batches: &[&str], consumer_sql: Option<&str>) -> Sandbox {
+    let sandbox = Sandbox::new();
+    for (n, rows) in batches.iter().enumerate() {
+        sandbox.write(&format!("data/batch_{}.csv", n + 1), *rows);
+    }
+    sandbox.write("loader.toml", loader("append"));
+    let spec = consumer(None);
+    let spec = match consumer_sql {
+        Some(sql) => spec.replace("SELECT id, upper(payload) AS payload FROM events", sql),
+        None => spec,
+    };
+    sandbox.write("consumer.toml", spec);
+    sandbox
+}
+
 fn load(sandbox: &Sandbox, batch: u32) {
     let (code, out) = run(
         sandbox,
@@ -135,13 +152,15 @@ fn summaries(sandbox: &Sandbox) -> Vec<Value> {
 
 #[test]
 fn upstream_appends_are_consumed_exactly_once_across_failures_and_reruns() {
-    let sandbox = Sandbox::new();
-    sandbox.write("data/batch_1.csv", "id,payload\n1,ä\n2,b\n3,c\n");
-    sandbox.write("data/batch_2.csv", "id,payload\n4,d\n5,é\n");
-    sandbox.write("data/batch_3.csv", "id,payload\n6,f\n7,g\n8,h\n");
-    sandbox.write("data/batch_4.csv", "id,payload\n9,i\n10,j\n");
-    sandbox.write("loader.toml", loader("append"));
-    sandbox.write("consumer.toml", consumer(None));
+    let sandbox = with_batches(
+        &[
+            "id,payload\n1,ä\n2,b\n3,c\n",
+            "id,payload\n4,d\n5,é\n",
+            "id,payload\n6,f\n7,g\n8,h\n",
+            "id,payload\n9,i\n10,j\n",
+        ],
+        None,
+    );
 
     // Two upstream appends, then the first run: everything so far.
     load(&sandbox, 1);
@@ -205,15 +224,9 @@ fn upstream_appends_are_consumed_exactly_once_across_failures_and_reruns() {
 /// An aggregate over nothing new still gives a row (`0`, NULL): the run commits nothing.
 #[test]
 fn an_aggregate_over_nothing_new_commits_nothing() {
-    let sandbox = Sandbox::new();
-    sandbox.write("data/batch_1.csv", "id,payload\n1,a\n2,b\n");
-    sandbox.write("loader.toml", loader("append"));
-    sandbox.write(
-        "consumer.toml",
-        consumer(None).replace(
-            "SELECT id, upper(payload) AS payload FROM events",
-            "SELECT count(*) AS n, max(id) AS top FROM events",
-        ),
+    let sandbox = with_batches(
+        &["id,payload\n1,a\n2,b\n"],
+        Some("SELECT count(*) AS n, max(id) AS top FROM events"),
     );
     load(&sandbox, 1);
     for _ in 0..2 {
@@ -227,12 +240,14 @@ fn an_aggregate_over_nothing_new_commits_nothing() {
 
 #[test]
 fn a_renamed_pipeline_goes_on_where_it_stood_once_it_says_its_old_name() {
-    let sandbox = Sandbox::new();
-    sandbox.write("data/batch_1.csv", "id,payload\n1,a\n2,b\n");
-    sandbox.write("data/batch_2.csv", "id,payload\n3,c\n");
-    sandbox.write("data/batch_3.csv", "id,payload\n4,d\n");
-    sandbox.write("loader.toml", loader("append"));
-    sandbox.write("consumer.toml", consumer(None));
+    let sandbox = with_batches(
+        &[
+            "id,payload\n1,a\n2,b\n",
+            "id,payload\n3,c\n",
+            "id,payload\n4,d\n",
+        ],
+        None,
+    );
     load(&sandbox, 1);
     let (code, out) = consume(&sandbox, &[]);
     assert_eq!(code, 0, "{out}");

@@ -627,7 +627,11 @@ async fn register_source(
     }
     let (files, bytes) = (found.files, found.bytes);
     let raw_name = raw_table_name(&source.name);
-    register_raw(ctx, source, &raw_name, &table_path, None).await?;
+    let declared = match source.format {
+        SourceFormat::Csv => declared_csv_schema(source, &found.read, contract).await?,
+        _ => None,
+    };
+    register_raw(ctx, source, &raw_name, &table_path, declared.as_ref()).await?;
     let mut raw_schema = ctx.table_provider(raw_name.as_str()).await?.schema();
     if source.format == SourceFormat::Csv
         && let Some(text) = null_columns_as_text(&raw_schema)
@@ -825,6 +829,43 @@ async fn csv_header(location: &Location, size: u64) -> Option<Vec<u8>> {
     let line = head[..end].strip_suffix(b"\r").unwrap_or(&head[..end]);
     let line = line.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(line);
     Some(line.to_vec())
+}
+
+/// The schema a CSV source's contract declares for every column its first file's header
+/// names, in the header's order; `None` when the contract leaves a column out (its type is
+/// inferred) or the files have no header. Inference merged each file's own types, so a
+/// directory whose one night's amounts were whole (`bigint`) and the next's were not
+/// (`double`) was refused, contract or not, and a bad value in a declared column failed as
+/// "Fail to merge schema" without its file or line; read as declared, the reader names them.
+async fn declared_csv_schema(
+    source: &SourceSpec,
+    files: &[(Location, u64)],
+    contract: &[ColumnContract],
+) -> Result<Option<Schema>> {
+    if contract.is_empty() || !csv_has_header(source)? {
+        return Ok(None);
+    }
+    let mut files = files.to_vec();
+    files.sort_by_cached_key(|(location, _)| location.as_url_string());
+    let Some((first, size)) = files.first() else {
+        return Ok(None);
+    };
+    let delimiter = csv_byte_option(source, "delimiter")?.unwrap_or(b',');
+    let quote = csv_byte_option(source, "quote")?.unwrap_or(b'"');
+    let Some(names) = csv_header(first, *size)
+        .await
+        .and_then(|line| header_names(&line, delimiter, quote))
+    else {
+        return Ok(None);
+    };
+    let fields: Option<Vec<Field>> = names
+        .iter()
+        .map(|name| {
+            let column = contract.iter().find(|c| &c.name == name)?;
+            Some(Field::new(name, column.data_type.clone(), true))
+        })
+        .collect();
+    Ok(fields.map(Schema::new))
 }
 
 /// The column names a CSV header line gives, parsed as the reader parses it.
@@ -1867,6 +1908,32 @@ mod tests {
         ]));
         assert!(!nothing_new_upstream(&[source(false, false)]));
         assert!(!nothing_new_upstream(&[]));
+    }
+
+    /// A directory whose files infer other types (whole amounts one night, fractions the
+    /// next) is read as the contract declares; a bad value is named by the reader.
+    #[tokio::test]
+    async fn a_csv_directory_is_read_as_its_contract_declares() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("d")).unwrap();
+        std::fs::write(dir.path().join("d/a.csv"), "id,amount\n1,10\n2,20\n").unwrap();
+        std::fs::write(dir.path().join("d/b.csv"), "id,amount\n3,10.5\n").unwrap();
+        let contract = "[source.schema]\nid = \"bigint\"\namount = \"double\"\n";
+        let ctx = with_csv_source(dir.path(), "d/", contract).await.unwrap();
+        let total = shown(&ctx, "SELECT sum(amount) AS total FROM src").await;
+        assert!(total.contains("| 40.5  |"), "{total}");
+        std::fs::write(dir.path().join("d/b.csv"), "id,amount\n3,10.5\n4,abc\n").unwrap();
+        let ctx = with_csv_source(dir.path(), "d/", contract).await.unwrap();
+        let err = ctx
+            .sql("SELECT sum(amount) FROM src")
+            .await
+            .unwrap()
+            .collect()
+            .await
+            .unwrap_err()
+            .to_string();
+        // The value and its type (a job's task adds the file).
+        assert!(err.contains("'abc' as type 'Float64'"), "{err}");
     }
 
     /// An integer column with a leading zero anywhere (past the rows inference samples) is

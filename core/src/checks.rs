@@ -471,10 +471,14 @@ pub fn judge<'a>(
                     check.columns.join(", "),
                     check.to.as_deref().unwrap_or_default()
                 ),
-                CheckKind::Freshness => format!(
-                    "the newest {} is {}older than {}",
+                CheckKind::Freshness if failed == 0 => format!(
+                    "the newest {} is not older than {}",
                     check.columns.join(", "),
-                    if failed == 0 { "not " } else { "" },
+                    check.max_age.as_deref().unwrap_or_default()
+                ),
+                CheckKind::Freshness => format!(
+                    "the newest {} is older than {}, or no row has one (all NULL)",
+                    check.columns.join(", "),
                     check.max_age.as_deref().unwrap_or_default()
                 ),
                 _ if check.quarantines() => format!(
@@ -576,6 +580,50 @@ mod tests {
     use super::*;
     use arrow::array::{Int64Array, StringArray};
     use arrow::datatypes::{DataType, Field, Schema};
+
+    /// Freshness finds no newest value in rows that are all NULL (it passed, "not older"); an
+    /// empty result, and a fresh value, pass.
+    #[tokio::test]
+    async fn freshness_fails_rows_whose_every_value_is_null() {
+        use arrow::array::TimestampMicrosecondArray;
+        let check = &spec_checks(
+            "[[check]]\nname = \"f\"\ntype = \"freshness\"\ncolumns = [\"at\"]\nmax_age = \"36h\"\n",
+        )[0];
+        let query = check.set_query().unwrap();
+        let now = chrono::Utc::now().timestamp_micros();
+        let failures = |values: Vec<Option<i64>>| {
+            let query = query.clone();
+            async move {
+                let schema = Arc::new(Schema::new(vec![Field::new(
+                    "at",
+                    DataType::Timestamp(arrow::datatypes::TimeUnit::Microsecond, None),
+                    true,
+                )]));
+                let batch = RecordBatch::try_new(
+                    schema,
+                    vec![Arc::new(TimestampMicrosecondArray::from(values))],
+                )
+                .unwrap();
+                let ctx = SessionContext::new();
+                ctx.register_batch("result", batch).unwrap();
+                let rows: usize = ctx
+                    .sql(&query)
+                    .await
+                    .unwrap()
+                    .collect()
+                    .await
+                    .unwrap()
+                    .iter()
+                    .map(RecordBatch::num_rows)
+                    .sum();
+                rows
+            }
+        };
+        assert_eq!(failures(vec![None, None]).await, 1);
+        assert_eq!(failures(vec![None, Some(now)]).await, 0);
+        assert_eq!(failures(vec![Some(now - 48 * 3_600_000_000)]).await, 1);
+        assert_eq!(failures(vec![]).await, 0);
+    }
 
     fn spec_checks(text: &str) -> Vec<CheckSpec> {
         #[derive(serde::Deserialize)]

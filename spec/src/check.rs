@@ -365,9 +365,12 @@ impl CheckSpec {
             CheckKind::Freshness => {
                 let column = quote_identifier(self.columns.first()?);
                 let interval = parse_age(self.max_age.as_deref()?)?;
+                // Rows whose every value is NULL have no newest value: a column upstream
+                // stopped filling is what the check is for (it passed, "not older").
                 Some(format!(
                     "SELECT MAX({column}) AS newest FROM {table} \
-                     HAVING CAST(MAX({column}) AS TIMESTAMP) < CAST(now() AS TIMESTAMP) - INTERVAL '{interval}'"
+                     HAVING COUNT(*) > 0 AND (MAX({column}) IS NULL \
+                     OR CAST(MAX({column}) AS TIMESTAMP) < CAST(now() AS TIMESTAMP) - INTERVAL '{interval}')"
                 ))
             }
             _ => None,
@@ -752,7 +755,8 @@ mod tests {
             fresh.set_query().as_deref(),
             Some(
                 "SELECT MAX(\"at\") AS newest FROM result \
-                 HAVING CAST(MAX(\"at\") AS TIMESTAMP) < CAST(now() AS TIMESTAMP) - INTERVAL '36 hours'"
+                 HAVING COUNT(*) > 0 AND (MAX(\"at\") IS NULL \
+                 OR CAST(MAX(\"at\") AS TIMESTAMP) < CAST(now() AS TIMESTAMP) - INTERVAL '36 hours')"
             )
         );
         let related = check(

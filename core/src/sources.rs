@@ -706,13 +706,7 @@ async fn read_null_value_as_null(
 ) -> Result<()> {
     use datafusion::functions::expr_fn::nullif;
     use datafusion::logical_expr::{cast, col, lit};
-    let text = Schema::new(
-        schema
-            .fields()
-            .iter()
-            .map(|f| Field::new(f.name(), DataType::Utf8, true))
-            .collect::<Vec<_>>(),
-    );
+    let text = as_text(schema);
     let text_name = format!("{raw_name}__text");
     ctx.deregister_table(raw_name)?;
     register_raw(ctx, source, &text_name, table_path, Some(&text)).await?;
@@ -734,6 +728,17 @@ async fn read_null_value_as_null(
     let view = ctx.table(text_name.as_str()).await?.select(columns)?;
     ctx.register_table(raw_name, view.into_view())?;
     Ok(())
+}
+
+/// `schema`'s columns, each read as text (the CSV reader then reads every value as written).
+fn as_text(schema: &Schema) -> Schema {
+    Schema::new(
+        schema
+            .fields()
+            .iter()
+            .map(|f| Field::new(f.name(), DataType::Utf8, true))
+            .collect::<Vec<_>>(),
+    )
 }
 
 /// The longest header line compared by [`check_csv_headers`]; a longer one is not compared.
@@ -926,13 +931,7 @@ async fn leading_zeros_as_text(
     if inferred_integers.is_empty() {
         return Ok(None);
     }
-    let text = Schema::new(
-        schema
-            .fields()
-            .iter()
-            .map(|f| Field::new(f.name(), DataType::Utf8, true))
-            .collect::<Vec<_>>(),
-    );
+    let text = as_text(schema);
     let text_name = format!("{}__zeros", raw_table_name(&source.name));
     register_raw(ctx, source, &text_name, table_path, Some(&text)).await?;
     let quoted = |c: &str| format!("\"{}\"", c.replace('"', "\"\""));

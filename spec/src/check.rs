@@ -191,17 +191,8 @@ impl CheckSpec {
                     .join(", ");
                 each(&|c| format!("{c} IN ({values})"))
             }
-            CheckKind::Range => each(&|c| {
-                let bounds = [
-                    self.min.as_ref().map(|m| format!("{c} >= {}", literal(m))),
-                    self.max.as_ref().map(|m| format!("{c} <= {}", literal(m))),
-                ];
-                bounds
-                    .into_iter()
-                    .flatten()
-                    .collect::<Vec<_>>()
-                    .join(" AND ")
-            }),
+            // No type is known: nothing to refuse, nothing to add for NaN.
+            CheckKind::Range => return self.range_predicate(&|_| None).ok(),
             CheckKind::Regex => {
                 let pattern = quote_string(self.pattern.as_deref().unwrap_or_default());
                 each(&|c| format!("regexp_like(CAST({c} AS VARCHAR), {pattern})"))
@@ -222,9 +213,18 @@ impl CheckSpec {
         type_of: &dyn Fn(&str) -> Option<DataType>,
     ) -> Result<Option<String>, String> {
         self.check_types(type_of)?;
-        if self.kind != CheckKind::Range {
-            return Ok(self.row_predicate());
+        match self.kind {
+            CheckKind::Range => self.range_predicate(type_of).map(Some),
+            _ => Ok(self.row_predicate()),
         }
+    }
+
+    /// A `range` check's predicate over columns of the types `type_of` gives (see
+    /// [`Self::typed_row_predicate`]).
+    fn range_predicate(
+        &self,
+        type_of: &dyn Fn(&str) -> Option<DataType>,
+    ) -> Result<String, String> {
         let mut parts = Vec::new();
         for column in &self.columns {
             let quoted = quote_identifier(column);
@@ -245,7 +245,7 @@ impl CheckSpec {
                 parts.push(format!("NOT isnan({quoted})"));
             }
         }
-        Ok(Some(parts.join(" AND ")))
+        Ok(parts.join(" AND "))
     }
 
     /// Whether the check's columns are of a kind it can judge: a `freshness` column must be
@@ -315,7 +315,6 @@ impl CheckSpec {
         table: &str,
         type_of: &dyn Fn(&str) -> Option<DataType>,
     ) -> Result<Option<String>, String> {
-        self.check_types(type_of)?;
         match (self.kind, self.typed_row_predicate(type_of)?) {
             (CheckKind::RowCount, _) | (_, None) => Ok(self.source_query(table)),
             (_, Some(predicate)) => Ok(Some(format!(

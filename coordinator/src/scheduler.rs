@@ -375,6 +375,19 @@ impl StageTracker {
             .collect()
     }
 
+    /// The target's partitions of the rows the final stage's winning attempts set aside,
+    /// each once.
+    pub fn set_aside_partitions(&self) -> Vec<String> {
+        let partitions: std::collections::BTreeSet<String> = self
+            .final_winners()
+            .flat_map(|r| match &r.outcome {
+                Some(Outcome::Files(f)) => f.set_aside_partitions_json.clone(),
+                _ => Vec::new(),
+            })
+            .collect();
+        partitions.into_iter().collect()
+    }
+
     /// What the final stage's winning attempts of a check's query returned: the rows
     /// counted and the first few samples.
     pub fn final_returned(&self, samples: usize) -> (u64, Vec<String>) {

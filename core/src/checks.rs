@@ -549,13 +549,19 @@ pub fn blocking(results: &[CheckResult]) -> Vec<&CheckResult> {
 
 /// Why a run must not commit although no check blocks it: an overwrite (`mode`) whose every
 /// row (`rejected` of them, `rows` left) a check quarantined would replace the table's rows
-/// with none. `None`: it may commit.
+/// with none, and an `overwrite_partitions` every partition it loaded (a partition's rows
+/// set aside are replaced as its published ones are). `None`: it may commit.
 pub fn quarantine_would_empty(mode: WriteMode, rows: u64, rejected: u64) -> Option<String> {
-    (mode == WriteMode::Overwrite && rows == 0 && rejected > 0).then(|| {
+    let emptied = match mode {
+        WriteMode::Overwrite => "the table",
+        WriteMode::OverwritePartitions => "every partition it loaded",
+        _ => return None,
+    };
+    (rows == 0 && rejected > 0).then(|| {
         format!(
             "checks quarantined every one of the {rejected} row(s) this run produced; an \
-             overwrite would leave the table empty, so nothing was committed, to the table or to \
-             its rejects table: fix the input and run again"
+             overwrite would leave {emptied} empty, so nothing was committed, to the table or \
+             to its rejects table: fix the input and run again"
         )
     })
 }
@@ -737,11 +743,17 @@ min = 10
         assert_eq!(quarantine_would_empty(WriteMode::Overwrite, 1, 3), None);
         // Nothing quarantined: an empty overwrite is what the input says.
         assert_eq!(quarantine_would_empty(WriteMode::Overwrite, 0, 0), None);
-        for mode in [
-            WriteMode::Append,
-            WriteMode::OverwritePartitions,
-            WriteMode::Merge,
-        ] {
+        // Every partition a partition overwrite loaded would be emptied.
+        let refused = quarantine_would_empty(WriteMode::OverwritePartitions, 0, 3).unwrap();
+        assert!(
+            refused.contains("every partition it loaded empty"),
+            "{refused}"
+        );
+        assert_eq!(
+            quarantine_would_empty(WriteMode::OverwritePartitions, 1, 3),
+            None
+        );
+        for mode in [WriteMode::Append, WriteMode::Merge] {
             assert_eq!(quarantine_would_empty(mode, 0, 3), None);
         }
     }

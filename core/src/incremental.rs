@@ -79,7 +79,15 @@ pub fn overtaken<'a>(
     summary.iter().find_map(|(key, after)| {
         let table = key.strip_prefix(CONSUMED_AFTER_PREFIX)?;
         let expected = after.parse::<i64>().ok();
-        let now = last_consumed(target_history.clone(), &names, table);
+        // Read on from a record under the table's old name (renamed upstream): that record
+        // must still be the newest of its name.
+        let now = last_consumed(target_history.clone(), &names, table).or_else(|| {
+            expected.filter(|expected| {
+                records_of_other_tables(target_history.clone(), &names, table)
+                    .iter()
+                    .any(|(_, upto)| upto == expected)
+            })
+        });
         (now != expected).then(|| {
             format!(
                 "another run of pipeline `{pipeline}` consumed `{table}` up to snapshot {} while this job ran (it read from {after}); publishing would count those rows twice: run the job again",
@@ -107,6 +115,53 @@ pub fn last_consumed<'a>(
                 .is_some_and(|p| names.contains(&p.as_str()))
         })
         .find_map(|summary| summary.get(&key)?.parse().ok())
+}
+
+/// The newest record of each table other than `table` that a run of the pipeline known by
+/// `names` made in this target (`target_history`, newest first), newest first: where `table`
+/// stands when it is one of them renamed upstream ([`record_before_rename`]).
+pub fn records_of_other_tables<'a>(
+    target_history: impl IntoIterator<Item = &'a HashMap<String, String>>,
+    names: &[&str],
+    table: &str,
+) -> Vec<(String, i64)> {
+    let mut records: Vec<(String, i64)> = Vec::new();
+    for summary in target_history.into_iter().filter(|summary| {
+        summary
+            .get(PIPELINE_PROPERTY)
+            .is_some_and(|p| names.contains(&p.as_str()))
+    }) {
+        for (key, upto) in summary {
+            let Some(other) = key.strip_prefix(CONSUMED_PREFIX) else {
+                continue;
+            };
+            if other != table
+                && !records.iter().any(|(seen, _)| seen == other)
+                && let Ok(upto) = upto.parse()
+            {
+                records.push((other.to_string(), upto));
+            }
+        }
+    }
+    records
+}
+
+/// The record, among the pipeline's records of other table names (`records`, newest first),
+/// made for the table whose history is `history` (newest first) under the name it had before
+/// a rename upstream: its snapshot is in that history, or is the one the oldest snapshot left
+/// was committed on (expired since). Snapshot ids are random 63-bit numbers, so another table
+/// shares none; a table renamed keeps its history. Without it, a source renamed upstream (and
+/// in the spec) was read whole again, and an append target got every row twice.
+pub fn record_before_rename<'r>(
+    records: &'r [(String, i64)],
+    history: &[Upstream],
+) -> Option<&'r (String, i64)> {
+    records.iter().find(|(_, upto)| {
+        history.iter().any(|s| s.snapshot_id == *upto)
+            || history
+                .last()
+                .is_some_and(|oldest| oldest.parent_id == Some(*upto))
+    })
 }
 
 /// Why a pipeline known by `names` must not read `table` from its own record: the newest
@@ -381,6 +436,59 @@ mod tests {
         with_names.insert(PREVIOUS_NAMES_PROPERTY.into(), "old\nolder".into());
         assert_eq!(pipeline_names(&with_names), ["new", "old", "older"]);
         assert_eq!(pipeline_names(&summary("new", None)), ["new"]);
+    }
+
+    #[test]
+    fn a_table_renamed_upstream_is_read_on_from_its_old_names_record() {
+        let target = [
+            summary("daily", Some(("raw.events", 20))),
+            summary("other", Some(("raw.clicks", 31))),
+            summary("daily", Some(("raw.events", 10))),
+            summary("daily", Some(("raw.orders", 40))),
+        ];
+        // No record of `raw.events_v2`: the newest of each other table of this pipeline.
+        let records = records_of_other_tables(&target, &["daily"], "raw.events_v2");
+        assert_eq!(
+            records,
+            [
+                ("raw.events".to_string(), 20),
+                ("raw.orders".to_string(), 40)
+            ]
+        );
+        // The renamed table's history holds snapshot 20: it is `raw.events` renamed.
+        let renamed = history(&[(22, "append"), (20, "append"), (10, "append")]);
+        assert_eq!(
+            record_before_rename(&records, &renamed),
+            Some(&("raw.events".to_string(), 20))
+        );
+        // So does one whose snapshot 20 expired, the oldest left committed on it.
+        let expired = after_expired(20, &[(22, "append")]);
+        assert_eq!(
+            record_before_rename(&records, &expired).map(|r| r.1),
+            Some(20)
+        );
+        // Another table (none of its snapshots recorded) is read whole, as a first run.
+        let another = history(&[(52, "append"), (51, "append")]);
+        assert_eq!(record_before_rename(&records, &another), None);
+        assert_eq!(record_before_rename(&[], &renamed), None);
+
+        // Its commit records `raw.events_v2` read after 20, and lands while 20 is still the
+        // newest record of the old name; another run that consumed further refuses it.
+        let mut commit = summary("daily", None);
+        commit.extend(
+            Consumption {
+                table: "raw.events_v2".into(),
+                after: Some(20),
+                upto: 22,
+            }
+            .summary(),
+        );
+        assert_eq!(overtaken(&commit, &target), None);
+        let mut moved_on = target.to_vec();
+        moved_on.insert(0, summary("daily", Some(("raw.events", 21))));
+        assert!(overtaken(&commit, &moved_on).is_some());
+        moved_on[0] = summary("daily", Some(("raw.events_v2", 22)));
+        assert!(overtaken(&commit, &moved_on).is_some());
     }
 
     #[test]

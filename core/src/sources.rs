@@ -60,8 +60,9 @@ enum IcebergRead<'a> {
     /// Its current snapshot, whole.
     Current,
     /// What was appended since the snapshot this pipeline's last run consumed (`None`: no
-    /// run did yet).
-    Since(Option<i64>),
+    /// run did yet under this table name; then its records of other tables, `(table,
+    /// snapshot)`, are looked at in case the table had one of those names before).
+    Since(Option<i64>, &'a [(String, i64)]),
     /// These data files of it (and their bytes): the ones a merge rewrites.
     Files(&'a [String], u64),
 }
@@ -98,6 +99,7 @@ pub async fn register_sources(
             .unwrap_or(&[]);
         let summary = match source.format {
             SourceFormat::Iceberg => {
+                let other_records: Vec<(String, i64)>;
                 let read = if source.incremental {
                     let names = spec.spec.pipeline.names();
                     let table = source.table.as_deref().unwrap_or_default();
@@ -111,11 +113,17 @@ pub async fn register_sources(
                             message: why,
                         });
                     }
-                    IcebergRead::Since(crate::incremental::last_consumed(
-                        &target_history,
-                        &names,
-                        table,
-                    ))
+                    let consumed =
+                        crate::incremental::last_consumed(&target_history, &names, table);
+                    other_records = match consumed {
+                        Some(_) => Vec::new(),
+                        None => crate::incremental::records_of_other_tables(
+                            &target_history,
+                            &names,
+                            table,
+                        ),
+                    };
+                    IcebergRead::Since(consumed, &other_records)
                 } else {
                     IcebergRead::Current
                 };
@@ -277,11 +285,23 @@ async fn register_iceberg(
     ));
     let location = Location::parse(table.metadata().location(), Path::new("/"))?;
     check_contract(source, &location, &schema, contract)?;
-    let range = match read {
-        IcebergRead::Current | IcebergRead::Files(..) => {
-            crate::incremental::Range::Everything { why: String::new() }
-        }
-        IcebergRead::Since(consumed) => crate::incremental::range_to_read(
+    // For an incremental source: the snapshot it was consumed up to, under this name or the
+    // one the table had before a rename.
+    let since = match read {
+        IcebergRead::Current | IcebergRead::Files(..) => None,
+        IcebergRead::Since(Some(consumed), _) => Some(Some(consumed)),
+        IcebergRead::Since(None, other_records) => Some(
+            crate::incremental::record_before_rename(other_records, &upstream_history(&table))
+                .map(|(old_name, upto)| {
+                    tracing::info!(source = %source.name, table = name, old_name = %old_name, upto,
+                        "incremental source: read on from the record made under the table's old name");
+                    *upto
+                }),
+        ),
+    };
+    let range = match since {
+        None => crate::incremental::Range::Everything { why: String::new() },
+        Some(consumed) => crate::incremental::range_to_read(
             consumed,
             &upstream_history(&table),
             source.on_source_rewrite,
@@ -303,7 +323,7 @@ async fn register_iceberg(
         UpstreamError::Iceberg(e) => source_err(e.to_string()),
     })?;
     let (paths, bytes) = (upstream.plain.as_slice(), upstream.bytes);
-    if let IcebergRead::Since(after) = read {
+    if let Some(after) = since {
         tracing::info!(source = %source.name, table = name, ?after, ?range, files = paths.len(), bytes, "incremental source");
     }
     let raw_name = raw_table_name(&source.name);
@@ -329,21 +349,18 @@ async fn register_iceberg(
         bytes,
         schema,
         snapshot_id: table.metadata().current_snapshot_id(),
-        consumed: match read {
-            IcebergRead::Since(after) => {
-                table
-                    .metadata()
-                    .current_snapshot_id()
-                    .map(|upto| crate::incremental::Consumption {
-                        table: name.to_string(),
-                        after,
-                        upto,
-                    })
-            }
-            IcebergRead::Current | IcebergRead::Files(..) => None,
-        },
-        read: match (read, &range) {
-            (IcebergRead::Current | IcebergRead::Files(..), _) => None,
+        consumed: since.and_then(|after| {
+            table
+                .metadata()
+                .current_snapshot_id()
+                .map(|upto| crate::incremental::Consumption {
+                    table: name.to_string(),
+                    after,
+                    upto,
+                })
+        }),
+        read: match (since, &range) {
+            (None, _) => None,
             (_, crate::incremental::Range::Everything { why }) => {
                 Some(format!("the whole table: {why}"))
             }
@@ -355,8 +372,7 @@ async fn register_iceberg(
                 snapshots.len()
             )),
         },
-        nothing_new: matches!(read, IcebergRead::Since(_))
-            && range == crate::incremental::Range::Nothing,
+        nothing_new: since.is_some() && range == crate::incremental::Range::Nothing,
     })
 }
 

@@ -138,6 +138,7 @@ async fn execute(
                         checks: written.checks,
                         reject_files_json: written.reject_files_json,
                         rejected_rows: written.rejected_rows,
+                        set_aside_partitions_json: written.set_aside_partitions_json,
                     }),
                 ))
             }

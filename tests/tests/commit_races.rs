@@ -127,6 +127,7 @@ impl Racing {
                         merge_files: None,
                         summary: Default::default(),
                         schema_change: None,
+                        set_aside_partitions_json: &[],
                     };
                     commit_job_snapshot(catalog.as_ref(), &config, &ident, commit).await
                 })
@@ -291,6 +292,7 @@ async fn files_are_committed_with_the_partition_spec_they_were_written_with() {
         merge_files: None,
         summary: Default::default(),
         schema_change: None,
+        set_aside_partitions_json: &[],
     };
     commit_job_snapshot(
         racing.catalog.as_ref(),
@@ -327,6 +329,7 @@ async fn a_merge_lands_only_on_the_snapshot_it_read() {
         merge_files: None,
         summary: Default::default(),
         schema_change: None,
+        set_aside_partitions_json: &[],
     };
     let err = commit_job_snapshot(
         racing.catalog.as_ref(),

@@ -286,6 +286,61 @@ fn a_renamed_pipeline_goes_on_where_it_stood_once_it_says_its_old_name() {
     );
 }
 
+/// An upstream table renamed (and the spec with it) is read on from the record made under
+/// its old name, found by its snapshot: it was read whole again, and every row it held
+/// landed downstream twice.
+#[test]
+fn a_table_renamed_upstream_is_read_on_from_where_it_stood() {
+    let sandbox = with_batches(
+        &[
+            "id,payload\n1,a\n2,b\n",
+            "id,payload\n3,c\n",
+            "id,payload\n4,d\n",
+        ],
+        None,
+    );
+    load(&sandbox, 1);
+    let (code, out) = consume(&sandbox, &[]);
+    assert_eq!(code, 0, "{out}");
+    load(&sandbox, 2);
+
+    let renamed = "raw.events_v2";
+    let script = "import sys\n\
+        from pyiceberg.catalog import load_catalog\n\
+        c = load_catalog('nightshift', type='sql', uri='sqlite:///' + sys.argv[1] + '/catalog.db', warehouse=sys.argv[1])\n\
+        c.rename_table(sys.argv[2], sys.argv[3])";
+    let out = Command::new(python())
+        .args(["-c", script])
+        .arg(sandbox.warehouse())
+        .args([UPSTREAM, renamed])
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let to_renamed =
+        |spec: String| spec.replace(&format!("\"{UPSTREAM}\""), &format!("\"{renamed}\""));
+    sandbox.write("consumer.toml", to_renamed(consumer(None)));
+    sandbox.write("loader.toml", to_renamed(loader("append")));
+
+    let (code, out) = consume(&sandbox, &[]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(downstream_ids(&sandbox), [1, 2, 3]);
+    // It read on after the snapshot its last run consumed under the old name.
+    let history = summaries(&sandbox);
+    assert_eq!(
+        history[0][format!("nightshift.consumed-after.{renamed}")],
+        history[1]["nightshift.consumed.raw.events"],
+        "{history:#?}"
+    );
+    load(&sandbox, 3);
+    let (code, out) = consume(&sandbox, &[]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(downstream_ids(&sandbox), [1, 2, 3, 4]);
+}
+
 /// `nightshift maintain TABLE ARGS` succeeds.
 fn maintain(sandbox: &Sandbox, table: &str, args: &[&str]) -> Value {
     let out = sandbox.cli(&[&["maintain", table, "--output", "json"], args].concat());

@@ -357,3 +357,55 @@ fn an_overwrite_of_only_quarantined_rows_keeps_the_table() {
     assert_eq!(snapshot_count(&sandbox.read_table(REJECTS, None)), 1);
     assert!(leftovers(&sandbox).is_empty(), "{:?}", leftovers(&sandbox));
 }
+
+/// `overwrite_partitions` replaces the partitions of the rows it set aside too: a partition
+/// whose new rows all went to the rejects table kept its old rows beside the other
+/// partitions' new ones (the table mixed two loads, exit 0). A run whose every row is set
+/// aside is refused, as an overwrite's is.
+#[test]
+fn a_partition_overwrite_replaces_the_partitions_of_the_rows_set_aside() {
+    let sandbox = Sandbox::new();
+    let data = sandbox.write("data/accounts.csv", ACCOUNTS);
+    let by_status = spec(&data, "id, status, balance, email", "").replace(
+        "schema_evolution = \"add_columns\"",
+        "schema_evolution = \"add_columns\"\nmode = \"overwrite_partitions\"\npartition_by = [\"status\"]",
+    );
+    sandbox.spec(&by_status);
+    let (code, report, err) = run(&sandbox, "by-status-1", None);
+    assert_eq!(code, Some(0), "{report:#}\n{err}");
+    // open: 1, 2, 5; closed: 3 (6 is set aside).
+    assert_eq!(report["rows"], 4, "{report:#}");
+
+    // The next load: 1 again for `open`, and `closed`'s one row set aside.
+    sandbox.write(
+        "data/accounts.csv",
+        "id,status,balance,email\n1,open,11,a@example.com\n9,closed,-5,ç@example.com\n",
+    );
+    let (code, report, err) = run(&sandbox, "by-status-2", None);
+    assert_eq!(code, Some(0), "{report:#}\n{err}");
+    assert_eq!(
+        (&report["rows"], &report["rejected_rows"]),
+        (&1.into(), &1.into())
+    );
+    let target = sandbox.read_table(TABLE, None);
+    assert_eq!(rows(&target), (1, 1), "{target:#}");
+    for reader in ["pyiceberg", "duckdb"] {
+        assert_eq!(
+            first_rows(&target[reader]),
+            [r#"[1, "open", 11, "a@example.com"]"#],
+            "{reader}: {target:#}"
+        );
+    }
+
+    // Every row set aside: refused, both tables as they were.
+    sandbox.write(
+        "data/accounts.csv",
+        "id,status,balance,email\n1,open,-1,a@example.com\n",
+    );
+    let (code, _, err) = run(&sandbox, "by-status-3", None);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("every partition it loaded empty"), "{err}");
+    assert_eq!(rows(&sandbox.read_table(TABLE, None)), (1, 1));
+    assert_eq!(snapshot_count(&sandbox.read_table(REJECTS, None)), 2);
+    assert!(leftovers(&sandbox).is_empty(), "{:?}", leftovers(&sandbox));
+}

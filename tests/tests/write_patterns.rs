@@ -293,6 +293,61 @@ async fn backfill_commits_one_snapshot_per_day_and_resumes() {
     assert_eq!(snapshot_count(&read), 1, "{read:#}");
     assert_eq!(read["pyiceberg"]["rows"], 5, "{read:#}");
 
+    // Once the snapshot that added the first value's file has expired, its file's name
+    // still says whose rows it holds: the next value is refused again (it replaced the
+    // month, and only the last value's rows stayed). Another pipeline's append first, so
+    // that expiry has a newer snapshot to keep.
+    let monthly = |mode: &str| {
+        spec(mode)
+            .replace("tests.daily", "tests.monthly")
+            .replace("day(event_date)", "month(event_date)")
+            .replace(
+                "BETWEEN DATE '${from}' AND DATE '${to}'",
+                "= DATE '${from}'",
+            )
+    };
+    sandbox.spec(&monthly("append").replace("name = \"daily\"", "name = \"late\""));
+    let late = sandbox.cli(&["run", "pipeline.toml", "--param", "from=2024-01-05"]);
+    assert!(
+        late.status.success(),
+        "{}",
+        String::from_utf8_lossy(&late.stderr)
+    );
+    let expired = sandbox.cli(&[
+        "maintain",
+        "tests.monthly",
+        "--expire-older-than",
+        "0s",
+        "--keep-last",
+        "1",
+    ]);
+    assert!(
+        expired.status.success(),
+        "{}",
+        String::from_utf8_lossy(&expired.stderr)
+    );
+    sandbox.spec(&monthly("overwrite_partitions"));
+    let refused = sandbox.cli(&[
+        "backfill",
+        "pipeline.toml",
+        "--param-range",
+        "from=2024-01-02..2024-01-02",
+    ]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_ne!(refused.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains(
+            "backfill value from=2024-01-02 would replace rows committed by value from=2024-01-01 (job backfill-daily-from-2024-01-01)"
+        ),
+        "{stderr}"
+    );
+    let read = sandbox.read_table("tests.monthly", None);
+    assert_eq!(
+        (snapshot_count(&read), &read["pyiceberg"]["rows"]),
+        (1, &10.into()),
+        "{read:#}"
+    );
+
     // A full overwrite is refused: each day would replace the one before.
     sandbox.spec(&spec("overwrite"));
     let refused = sandbox.cli(&[

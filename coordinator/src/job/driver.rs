@@ -530,7 +530,7 @@ impl<'a> JobRun<'a> {
             .commit(
                 catalog.as_ref(),
                 &ident,
-                &files,
+                (&files, &stages.tracker.set_aside_partitions()),
                 (written_with, schema_change.as_ref()),
                 &merge,
             )
@@ -627,6 +627,7 @@ impl<'a> JobRun<'a> {
             merge_files: None,
             summary,
             schema_change: rejects.change.as_ref(),
+            set_aside_partitions_json: &[],
         };
         let outcome =
             commit_job_snapshot(catalog, &self.env.catalog, &rejects.ident, commit).await?;
@@ -652,7 +653,7 @@ impl<'a> JobRun<'a> {
         &self,
         catalog: &dyn Catalog,
         ident: &TableIdent,
-        files: &[String],
+        (files, set_aside_partitions): (&[String], &[String]),
         (written_with, schema_change): (WrittenWith, Option<&SchemaChange>),
         merge: &super::MergeRead,
     ) -> Result<Option<CommitOutcome>, CoreError> {
@@ -673,6 +674,7 @@ impl<'a> JobRun<'a> {
             merge_files: merge.files.as_ref(),
             summary,
             schema_change,
+            set_aside_partitions_json: set_aside_partitions,
         };
         let started = Instant::now();
         let outcome = commit_job_snapshot(catalog, &self.env.catalog, ident, commit).await;

@@ -113,6 +113,34 @@ pub fn replaces_another_value(
     })
 }
 
+/// [`replaces_another_value`] for a file whose commit expired: judged by the job id its name
+/// carries (`their_job`). A backfill value's job id ends with `-<key>-<value>`, so a file of
+/// a backfill job of the pipeline (under one of its names) whose id does not end with ours
+/// is another value's. Without it, expiry of the snapshot that added a value's file let
+/// another value replace its partitions.
+pub fn replaces_another_values_file(
+    ours: &HashMap<String, String>,
+    their_job: &str,
+) -> Option<OtherValue> {
+    ours.get(JOB_ID_PROPERTY)
+        .filter(|job| job.starts_with(BACKFILL_JOB_PREFIX))?;
+    let key = backfill_key(ours)?;
+    let value = ours.get(&format!("{PARAM_PREFIX}{key}"))?;
+    let of_the_pipeline = crate::incremental::pipeline_names(ours)
+        .iter()
+        .any(|name| their_job.starts_with(&job_id_text(&format!("{BACKFILL_JOB_PREFIX}{name}-"))));
+    let same_value = their_job.ends_with(&job_id_text(&format!("-{key}-{value}")));
+    // Their value as their job id spells it (`_` for what an id cannot hold).
+    let theirs = their_job
+        .rsplit_once(&job_id_text(&format!("-{key}-")))
+        .map_or("?", |(_, value)| value);
+    (of_the_pipeline && !same_value).then(|| OtherValue {
+        ours: format!("{key}={value}"),
+        theirs: format!("{key}={theirs}"),
+        job: their_job.to_string(),
+    })
+}
+
 /// The refusal of a backfill value's `overwrite_partitions` commit that would replace
 /// `other`'s rows (see [`replaces_another_value`]).
 pub fn refusal(other: &OtherValue) -> String {
@@ -153,6 +181,59 @@ mod tests {
         );
         assert!(under_previous_names("nightly-1", "new name", &previous).is_empty());
         assert!(under_previous_names("backfill-other-d-1", "new name", &previous).is_empty());
+    }
+
+    #[test]
+    fn a_file_whose_commit_expired_is_judged_by_the_job_its_name_carries() {
+        let day2 = summary("backfill-p-d-2024-01-02", "p", &[("d", "2024-01-02")]);
+        let other = replaces_another_values_file(&day2, "backfill-p-d-2024-01-01").unwrap();
+        assert_eq!(
+            (
+                other.ours.as_str(),
+                other.theirs.as_str(),
+                other.job.as_str()
+            ),
+            ("d=2024-01-02", "d=2024-01-01", "backfill-p-d-2024-01-01")
+        );
+        // A redo's file, or the first run's file of the value a redo replaces, is its own.
+        assert_eq!(
+            replaces_another_values_file(&day2, "backfill-p-fix-d-2024-01-02"),
+            None
+        );
+        let redo = summary("backfill-p-fix-d-2024-01-02", "p", &[("d", "2024-01-02")]);
+        assert_eq!(
+            replaces_another_values_file(&redo, "backfill-p-d-2024-01-02"),
+            None
+        );
+        assert!(replaces_another_values_file(&redo, "backfill-p-d-2024-01-03").is_some());
+        // Values spelled with characters an id cannot hold compare as the id spells them.
+        let spaced = summary("backfill-p-d-a_b", "p", &[("d", "a b")]);
+        assert_eq!(
+            replaces_another_values_file(&spaced, "backfill-p-d-a_b"),
+            None
+        );
+        // Under a name the pipeline had before, a value is its own pipeline's.
+        let mut renamed = summary("backfill-q-d-2024-01-02", "q", &[("d", "2024-01-02")]);
+        renamed.insert(
+            crate::incremental::PREVIOUS_NAMES_PROPERTY.into(),
+            "p".into(),
+        );
+        assert!(replaces_another_values_file(&renamed, "backfill-p-d-2024-01-01").is_some());
+        // Another pipeline's file, a job that is not a backfill's, or a commit that is not a
+        // backfill value's, are not judged.
+        assert_eq!(
+            replaces_another_values_file(&day2, "backfill-pq-d-2024-01-01"),
+            None
+        );
+        assert_eq!(
+            replaces_another_values_file(&day2, "nightly-2024-01-01"),
+            None
+        );
+        let nightly = summary("nightly-2024-01-02", "p", &[("d", "2024-01-02")]);
+        assert_eq!(
+            replaces_another_values_file(&nightly, "backfill-p-d-2024-01-01"),
+            None
+        );
     }
 
     #[test]

@@ -9,7 +9,10 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use iceberg::spec::{DataFile, ManifestStatus, deserialize_data_file_from_json};
+use iceberg::spec::{
+    DataFile, Literal, ManifestStatus, PartitionSpecRef, SchemaRef, Struct, StructType, Type,
+    deserialize_data_file_from_json,
+};
 use iceberg::table::Table;
 use iceberg::transaction::{ApplyTransactionAction, Transaction};
 use iceberg::{Catalog, TableIdent};
@@ -73,6 +76,11 @@ pub struct JobCommit<'a> {
     /// The evolved schema the files were written with, added in the same commit
     /// (`schema_evolution = "add_columns"`); `None` when the table's schema serves.
     pub schema_change: Option<&'a SchemaChange>,
+    /// For [`WriteMode::OverwritePartitions`]: the partitions (of the spec the files were
+    /// written with, as the workers serialized them) of the rows a check set aside. They are
+    /// replaced as the files' partitions are, so a partition whose new rows all went to the
+    /// rejects table keeps none of its old rows.
+    pub set_aside_partitions_json: &'a [String],
 }
 
 /// Which schema and partition spec data files were written with.
@@ -144,24 +152,28 @@ pub async fn commit_job_snapshot(
         merge_files,
         mut summary,
         schema_change,
+        set_aside_partitions_json,
     } = commit;
     let table = catalog.load_table(ident).await?;
     if let Some(outcome) = committed_before(&table, job).await? {
         return Ok(Some(outcome));
     }
     refuse_if_overtaken(&table, &summary)?;
-    let files = decode_data_files(&table, data_files_json, written_with, schema_change)?;
+    let layout = written_layout(&table, written_with, schema_change)?;
+    let files = decode_data_files(&layout, data_files_json)?;
+    let set_aside = decode_partitions(&table, &layout.2, set_aside_partitions_json)?;
     ensure_files_exist(&table, job, &files).await?;
     summary.insert(JOB_ID_PROPERTY.to_string(), job.to_string());
     let nothing_to_replace = table.metadata().current_snapshot().is_none();
-    // An empty result appends nothing and replaces no partition; an empty full overwrite
-    // empties the table, unless there is nothing to empty.
-    let replaces_all = match mode {
+    // An empty result appends nothing and replaces no partition, unless rows set aside fall
+    // in one; an empty full overwrite empties the table, unless there is nothing to empty.
+    let replaces_rows = match mode {
         WriteMode::Overwrite => true,
+        WriteMode::OverwritePartitions => !set_aside.is_empty(),
         WriteMode::Merge => merge_files.is_none_or(|files| !files.is_empty()),
         _ => false,
     };
-    if files.is_empty() && (!replaces_all || nothing_to_replace) {
+    if files.is_empty() && (!replaces_rows || nothing_to_replace) {
         return Ok(None);
     }
     match mode {
@@ -201,7 +213,7 @@ pub async fn commit_job_snapshot(
         | WriteMode::Merge => {
             let replace = match (mode, merge_files) {
                 (WriteMode::Append, _) => Replace::Nothing,
-                (WriteMode::OverwritePartitions, _) => Replace::PartitionsOf,
+                (WriteMode::OverwritePartitions, _) => Replace::PartitionsOf(&set_aside),
                 (WriteMode::Merge, Some(files)) => Replace::Rows(files),
                 (WriteMode::Overwrite | WriteMode::Merge | WriteMode::Compact, _) => Replace::All,
             };
@@ -373,31 +385,68 @@ async fn ensure_files_exist(table: &Table, job: &JobId, files: &[DataFile]) -> R
     }
 }
 
-fn decode_data_files(
+/// The schema and partition spec (with its partition type) a job's files were written with.
+fn written_layout(
     table: &Table,
-    data_files_json: &[String],
     written_with: WrittenWith,
     schema_change: Option<&SchemaChange>,
-) -> Result<Vec<DataFile>> {
+) -> Result<(SchemaRef, PartitionSpecRef, StructType)> {
     let metadata = table.metadata();
     let missing = |what: &str, id: i32| CoreError::Target {
         table: table.identifier().to_string(),
         message: format!("the {what} {id} the job wrote with is no longer in the table"),
     };
     let schema = match schema_change {
-        Some(change) => &std::sync::Arc::new(change.schema.clone()),
+        Some(change) => std::sync::Arc::new(change.schema.clone()),
         None => metadata
             .schema_by_id(written_with.schema_id)
-            .ok_or_else(|| missing("schema", written_with.schema_id))?,
+            .ok_or_else(|| missing("schema", written_with.schema_id))?
+            .clone(),
     };
     let spec = metadata
         .partition_spec_by_id(written_with.partition_spec_id)
-        .ok_or_else(|| missing("partition spec", written_with.partition_spec_id))?;
-    let partition_type = spec.partition_type(schema)?;
+        .ok_or_else(|| missing("partition spec", written_with.partition_spec_id))?
+        .clone();
+    let partition_type = spec.partition_type(&schema)?;
+    Ok((schema, spec, partition_type))
+}
+
+/// The job's data files, as the workers serialized them with `layout`.
+fn decode_data_files(
+    (schema, spec, partition_type): &(SchemaRef, PartitionSpecRef, StructType),
+    data_files_json: &[String],
+) -> Result<Vec<DataFile>> {
     Ok(data_files_json
         .iter()
-        .map(|json| deserialize_data_file_from_json(json, spec.spec_id(), &partition_type, schema))
+        .map(|json| deserialize_data_file_from_json(json, spec.spec_id(), partition_type, schema))
         .collect::<iceberg::Result<Vec<DataFile>>>()?)
+}
+
+/// Partition values of `partition_type` as the workers serialized them (a JSON object keyed
+/// by partition field id).
+fn decode_partitions(
+    table: &Table,
+    partition_type: &StructType,
+    partitions_json: &[String],
+) -> Result<Vec<Struct>> {
+    let bad = |json: &str, why: String| CoreError::Target {
+        table: table.identifier().to_string(),
+        message: format!(
+            "a task reported the partition {json}, which is not one of the table's: {why}"
+        ),
+    };
+    let of_type = Type::Struct(partition_type.clone());
+    partitions_json
+        .iter()
+        .map(|json| {
+            let value = serde_json::from_str(json).map_err(|e| bad(json, e.to_string()))?;
+            match Literal::try_from_json(value, &of_type) {
+                Ok(Some(Literal::Struct(partition))) => Ok(partition),
+                Ok(_) => Err(bad(json, "not a struct".to_string())),
+                Err(e) => Err(bad(json, e.to_string())),
+            }
+        })
+        .collect()
 }
 
 /// iceberg-rust's fast append. Its commit reloads and re-applies on conflicts; the guard makes
@@ -665,7 +714,7 @@ pub async fn commit_file_change(
     mut summary: HashMap<String, String>,
 ) -> Result<CommitOutcome> {
     let table = catalog.load_table(ident).await?;
-    let files = decode_data_files(&table, files_json, written_with, None)?;
+    let files = decode_data_files(&written_layout(&table, written_with, None)?, files_json)?;
     summary.insert(JOB_ID_PROPERTY.to_string(), job.to_string());
     let target = OverwriteTarget::file_change(
         (config, ident),

@@ -52,8 +52,10 @@ struct LiveFile {
 pub enum Replace<'a> {
     /// Every one: the added files become the table's whole content.
     All,
-    /// Those in a partition (of the added files' spec) that an added file falls in.
-    PartitionsOf,
+    /// Those in a partition (of the added files' spec) that an added file falls in, or that
+    /// is one of these (the partitions of rows a check set aside, replaced as if they had
+    /// had files).
+    PartitionsOf(&'a [Struct]),
     /// None: the snapshot appends (for an append that also changes the schema).
     Nothing,
     /// These data files (by path), rewritten into the added ones with the same rows: a
@@ -93,13 +95,19 @@ pub async fn produce_overwrite(
     properties: HashMap<String, String>,
 ) -> Result<ProducedSnapshot> {
     let producer = Producer::new(table);
+    let also_replaced: &[Struct] = match replace {
+        Replace::PartitionsOf(also) => also,
+        _ => &[],
+    };
     let partitions: HashSet<Struct> = added
         .iter()
-        .map(|f| widened_partition(f.partition()))
+        .map(|f| f.partition())
+        .chain(also_replaced)
+        .map(widened_partition)
         .collect();
     let replaced = |spec_id: i32, file: &DataFile| match replace {
         Replace::All => true,
-        Replace::PartitionsOf => {
+        Replace::PartitionsOf(_) => {
             spec_id == added_spec_id && partitions.contains(&widened_partition(file.partition()))
         }
         Replace::Nothing => false,
@@ -108,7 +116,7 @@ pub async fn produce_overwrite(
         }
     };
     let carried = producer.carry(replaced).await?;
-    if replace == Replace::PartitionsOf {
+    if let Replace::PartitionsOf(_) = replace {
         refuse_replacing_another_backfill_value(table, &carried, &properties)?;
     }
     if let Replace::Files(paths) | Replace::Drop(paths) | Replace::Rows(paths) = replace {
@@ -136,6 +144,7 @@ pub async fn produce_overwrite(
 
 /// Fails when a partition overwrite by a backfill value would remove rows another value of
 /// the backfill committed ([`super::backfill_values`]): the first such file's commit is named.
+/// A file whose commit expired is judged by the job its name carries.
 fn refuse_replacing_another_backfill_value(
     table: &Table,
     carried: &Carried,
@@ -143,8 +152,19 @@ fn refuse_replacing_another_backfill_value(
 ) -> Result<()> {
     let metadata = table.metadata();
     let other = carried.removed.values().flatten().find_map(|file| {
-        let theirs = metadata.snapshot_by_id(file.snapshot_id)?.summary();
-        super::backfill_values::replaces_another_value(ours, &theirs.additional_properties)
+        match metadata.snapshot_by_id(file.snapshot_id) {
+            Some(theirs) => super::backfill_values::replaces_another_value(
+                ours,
+                &theirs.summary().additional_properties,
+            ),
+            None => {
+                let written = names::parse_data_file_name(file.data_file.file_path())?;
+                super::backfill_values::replaces_another_values_file(
+                    ours,
+                    written.attempt.job.as_str(),
+                )
+            }
+        }
     });
     match other {
         Some(other) => Err(crate::error::CoreError::Target {

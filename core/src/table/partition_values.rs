@@ -68,17 +68,9 @@ impl PartitionSplitter {
         &self,
         batch: &RecordBatch,
     ) -> iceberg::Result<Vec<(PartitionKey, RecordBatch)>> {
-        let values = self.with_days_floored(self.calculator.calculate(batch)?, batch)?;
-        let literals = arrow_struct_to_literal(&values, self.calculator.partition_type())?;
         let mut order: Vec<Struct> = Vec::new();
         let mut rows: HashMap<Struct, Vec<u32>> = HashMap::new();
-        for (row, literal) in literals.into_iter().enumerate() {
-            let Some(Literal::Struct(key)) = literal else {
-                return Err(Error::new(
-                    ErrorKind::DataInvalid,
-                    "Partition value is not a struct literal or is null",
-                ));
-            };
+        for (row, key) in self.partition_of_each_row(batch)?.into_iter().enumerate() {
             rows.entry(key.clone())
                 .or_insert_with(|| {
                     order.push(key);
@@ -96,6 +88,33 @@ impl PartitionSplitter {
                 Ok((key, part))
             })
             .collect()
+    }
+
+    /// The partition value of each row of `batch`.
+    pub(crate) fn partition_of_each_row(
+        &self,
+        batch: &RecordBatch,
+    ) -> iceberg::Result<Vec<Struct>> {
+        let values = self.with_days_floored(self.calculator.calculate(batch)?, batch)?;
+        arrow_struct_to_literal(&values, self.calculator.partition_type())?
+            .into_iter()
+            .map(|literal| match literal {
+                Some(Literal::Struct(key)) => Ok(key),
+                _ => Err(Error::new(
+                    ErrorKind::DataInvalid,
+                    "Partition value is not a struct literal or is null",
+                )),
+            })
+            .collect()
+    }
+
+    /// The partition values as JSON of the table's partition type (Iceberg's single-value
+    /// serialization of a struct, as a manifest's partition is written in JSON).
+    pub(crate) fn partition_json(&self, key: &Struct) -> iceberg::Result<String> {
+        let partition_type = Type::Struct(self.calculator.partition_type().clone());
+        Ok(Literal::Struct(key.clone())
+            .try_into_json(&partition_type)?
+            .to_string())
     }
 
     /// `values` (iceberg-rust's) with each timestamp `day` field recomputed by flooring.

@@ -9,7 +9,7 @@
 //! others go on to the target's writer. The coordinator commits both tables' files, the rejects
 //! first (see `ARCHITECTURE.md`, "Quarantine").
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use datafusion::arrow::array::{ArrayRef, BooleanArray, RecordBatch, StringArray};
@@ -25,6 +25,7 @@ use nightshift_spec::{
 
 use super::evolution::SchemaChange;
 use super::layout::{TargetLayout, ensure_target};
+use super::partition_values::PartitionSplitter;
 use super::writer::{PartitionedWriter, TableTarget, conform_batch, new_writer, serialized};
 use crate::checks::{Counted, arrow_error, compile_row_checks};
 use crate::error::{CoreError, Result};
@@ -102,6 +103,10 @@ pub struct Quarantine {
     writer: PartitionedWriter,
     target: TableTarget,
     rows: u64,
+    /// The target's partitions of the rows set aside, when the target is partitioned: an
+    /// `overwrite_partitions` commit replaces them too (else a partition whose new rows all
+    /// went aside kept its old rows beside the other partitions' new ones).
+    set_aside_partitions: Option<(PartitionSplitter, BTreeSet<String>)>,
 }
 
 struct Quarantining {
@@ -115,16 +120,22 @@ pub struct RejectsWritten {
     pub rows: u64,
     /// Rows set aside by each quarantining check (a row counts for the first it fails).
     pub checks: Vec<v1::CheckOutcome>,
+    /// The target's partitions of the rows set aside (JSON of the partition struct), none
+    /// for an unpartitioned target.
+    pub partitions_json: Vec<String>,
 }
 
 impl Quarantine {
     /// The quarantine of a task writing rows of `rows_schema` with `checks`, or `None` when
-    /// no check quarantines. Its files are named `<file_prefix>-<n>.parquet`.
-    pub fn new(
+    /// no check quarantines. Its files are named `<file_prefix>-<n>.parquet`. With
+    /// `target_partitions` (the target's partitioning) it records the partitions of the rows
+    /// it sets aside.
+    pub(crate) fn new(
         checks: &[v1::RowCheck],
         rows_schema: &SchemaRef,
         out: Option<&v1::RejectsOutput>,
         file_prefix: &str,
+        target_partitions: Option<PartitionSplitter>,
     ) -> Result<Option<Self>> {
         let quarantining: Vec<v1::RowCheck> =
             checks.iter().filter(|c| c.quarantine).cloned().collect();
@@ -166,6 +177,7 @@ impl Quarantine {
             writer,
             target,
             rows: 0,
+            set_aside_partitions: target_partitions.map(|splitter| (splitter, BTreeSet::new())),
         }))
     }
 
@@ -201,6 +213,11 @@ impl Quarantine {
         first_failed: &[Option<usize>],
     ) -> Result<()> {
         let rows = filter_record_batch(batch, rejected).map_err(arrow_error)?;
+        if let Some((splitter, partitions)) = &mut self.set_aside_partitions {
+            for key in splitter.partition_of_each_row(&rows)? {
+                partitions.insert(splitter.partition_json(&key)?);
+            }
+        }
         let failed_checks: Vec<&Quarantining> = first_failed
             .iter()
             .flatten()
@@ -254,6 +271,10 @@ impl Quarantine {
                 .into_iter()
                 .map(|c| c.counted.outcome())
                 .collect(),
+            partitions_json: self
+                .set_aside_partitions
+                .map(|(_, partitions)| partitions.into_iter().collect())
+                .unwrap_or_default(),
         })
     }
 }
@@ -325,7 +346,7 @@ mod tests {
             check("small", "n < 10", true),
             check("counted", "n <> 5", false),
         ];
-        let mut quarantine = Quarantine::new(&checks, &rows, Some(&out), "j-s1-p0-a1-x")
+        let mut quarantine = Quarantine::new(&checks, &rows, Some(&out), "j-s1-p0-a1-x", None)
             .unwrap()
             .unwrap();
         let batch = RecordBatch::try_new(

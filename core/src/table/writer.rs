@@ -41,6 +41,8 @@ pub struct TableWriteSummary {
     /// Data files of the rejects table (rows set aside by quarantining checks).
     pub reject_files_json: Vec<String>,
     pub rejected_rows: u64,
+    /// The target's partitions of the rows set aside (see `FilesWritten`).
+    pub set_aside_partitions_json: Vec<String>,
 }
 
 /// Decoded table description from a task.
@@ -240,11 +242,19 @@ async fn write_to_target<E>(
 where
     CoreError: From<E>,
 {
+    let target_partitions = match target.spec.is_unpartitioned() {
+        true => None,
+        false => Some(PartitionSplitter::try_new(
+            target.schema.clone(),
+            target.spec.clone(),
+        )?),
+    };
     let mut quarantine = Quarantine::new(
         &out.checks,
         &target.arrow_schema,
         out.rejects.as_ref(),
         &file_prefix,
+        target_partitions,
     )?;
     let mut writer = new_writer(target, out, file_prefix, layout)?;
     let counted: Vec<_> = out
@@ -280,12 +290,16 @@ where
         Some(quarantine) => Some(quarantine.finish().await?),
         None => None,
     };
-    let (reject_files_json, rejected_rows) = match rejects {
+    let (reject_files_json, rejected_rows, set_aside_partitions_json) = match rejects {
         Some(rejects) => {
             outcomes.extend(rejects.checks);
-            (rejects.data_files_json, rejects.rows)
+            (
+                rejects.data_files_json,
+                rejects.rows,
+                rejects.partitions_json,
+            )
         }
-        None => (Vec::new(), 0),
+        None => (Vec::new(), 0, Vec::new()),
     };
     Ok(TableWriteSummary {
         data_files_json,
@@ -294,6 +308,7 @@ where
         checks: outcomes,
         reject_files_json,
         rejected_rows,
+        set_aside_partitions_json,
     })
 }
 

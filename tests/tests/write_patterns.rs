@@ -1423,3 +1423,73 @@ fn appends_started_together_each_land_once() {
     assert_eq!(days, expected, "{read:#}");
     assert_eq!(snapshot_count(&read), 10, "{read:#}");
 }
+
+/// After another engine changed the table's partition spec (month to day), a partition
+/// overwrite of a day the old month files may hold is refused: it kept their old rows of
+/// that day beside the new ones (each row twice, exit 0). A day they cannot hold, by their
+/// bounds, is replaced as usual.
+#[test]
+fn a_partition_overwrite_over_files_of_an_earlier_spec_is_refused_where_they_may_hold_its_rows() {
+    let sandbox = Sandbox::new();
+    write_events(&sandbox, 6, 5, 1);
+    let monthly = spec("overwrite_partitions").replace("day(event_date)", "month(event_date)");
+    sandbox.spec(&monthly);
+    let run = |from: &str, to: &str| {
+        sandbox.cli(&[
+            "run",
+            "pipeline.toml",
+            "--param",
+            &format!("from={from}"),
+            "--param",
+            &format!("to={to}"),
+        ])
+    };
+    let first = run("2024-01-01", "2024-01-02");
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+
+    let evolved: serde_json::Value = nightshift_tests::python_json(
+        "import sys, json\n\
+         from pyiceberg.catalog.sql import SqlCatalog\n\
+         from pyiceberg.transforms import DayTransform\n\
+         w = sys.argv[1]\n\
+         t = SqlCatalog('nightshift', uri=f'sqlite:///{w}/catalog.db', warehouse=w).load_table(sys.argv[2])\n\
+         with t.update_spec() as u:\n\
+         \x20   u.remove_field(t.spec().fields[0].name)\n\
+         \x20   u.add_field('event_date', DayTransform(), 'event_date_day')\n\
+         json.dump(str(t.refresh().spec()), sys.stdout)\n",
+        &[&sandbox.warehouse().display().to_string(), TABLE],
+    );
+    assert!(
+        evolved.as_str().is_some_and(|s| s.contains("day")),
+        "{evolved}"
+    );
+    sandbox.spec(&spec("overwrite_partitions"));
+
+    // January 2nd is in the month file: refused, the table as it was.
+    let refused = run("2024-01-02", "2024-01-02");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("written under an earlier partition spec of the table")
+            && stderr.contains("Nothing was committed"),
+        "{stderr}"
+    );
+    let (days, read) = per_day(&sandbox);
+    assert_eq!(days.values().map(|d| d.0).sum::<u64>(), 10, "{days:?}");
+    assert_eq!(snapshot_count(&read), 1, "{read:#}");
+
+    // January 5th and 6th cannot be in it: written under the new spec, beside it.
+    let later = run("2024-01-05", "2024-01-06");
+    assert!(
+        later.status.success(),
+        "{}",
+        String::from_utf8_lossy(&later.stderr)
+    );
+    let (days, _) = per_day(&sandbox);
+    assert_eq!(days.len(), 4, "{days:?}");
+    assert!(days.values().all(|d| *d == (5, 15)), "{days:?}");
+}

@@ -5,6 +5,7 @@ pub mod backfill_values;
 pub mod catalog;
 pub mod commit;
 pub mod compact;
+pub mod earlier_specs;
 pub mod evolution;
 pub mod files;
 pub mod job_guard;

@@ -105,11 +105,26 @@ pub async fn produce_overwrite(
         .chain(also_replaced)
         .map(widened_partition)
         .collect();
+    let added_spec = table
+        .metadata()
+        .partition_spec_by_id(added_spec_id)
+        .cloned();
+    // A file of an earlier spec that may hold rows of a replaced partition (the first met).
+    let earlier_spec_file: std::sync::Mutex<Option<(String, i32)>> = Default::default();
     let replaced = |spec_id: i32, file: &DataFile| match replace {
         Replace::All => true,
-        Replace::PartitionsOf(_) => {
-            spec_id == added_spec_id && partitions.contains(&widened_partition(file.partition()))
+        Replace::PartitionsOf(_) if spec_id != added_spec_id => {
+            let mut met = earlier_spec_file.lock().expect("earlier spec file lock");
+            if met.is_none()
+                && added_spec.as_ref().is_none_or(|spec| {
+                    super::earlier_specs::may_hold_rows_of(file, spec, &partitions)
+                })
+            {
+                *met = Some((file.file_path().to_string(), spec_id));
+            }
+            false
         }
+        Replace::PartitionsOf(_) => partitions.contains(&widened_partition(file.partition())),
         Replace::Nothing => false,
         Replace::Files(paths) | Replace::Drop(paths) | Replace::Rows(paths) => {
             paths.contains(file.file_path())
@@ -117,6 +132,28 @@ pub async fn produce_overwrite(
     };
     let carried = producer.carry(replaced).await?;
     if let Replace::PartitionsOf(_) = replace {
+        let met = earlier_spec_file
+            .lock()
+            .expect("earlier spec file lock")
+            .take();
+        if let Some((file, spec_id)) = met {
+            let metadata = table.metadata();
+            let (Some(file_spec), Some(spec)) = (
+                metadata.partition_spec_by_id(spec_id),
+                metadata.partition_spec_by_id(added_spec_id),
+            ) else {
+                return Err(crate::error::CoreError::Target {
+                    table: table.identifier().to_string(),
+                    message: format!(
+                        "partition spec {spec_id} or {added_spec_id} is not in the table"
+                    ),
+                });
+            };
+            return Err(crate::error::CoreError::Target {
+                table: table.identifier().to_string(),
+                message: super::earlier_specs::refusal(&file, file_spec, spec),
+            });
+        }
         refuse_replacing_another_backfill_value(table, &carried, &properties)?;
     }
     if let Replace::Files(paths) | Replace::Drop(paths) | Replace::Rows(paths) = replace {

@@ -638,15 +638,16 @@ async fn register_source(
             &found.other_names,
         )));
     }
-    if source.format == SourceFormat::Csv {
-        check_csv_headers(source, &found.read).await?;
-    }
-    let (files, bytes) = (found.files, found.bytes);
-    let raw_name = raw_table_name(&source.name);
     let declared = match source.format {
-        SourceFormat::Csv => declared_csv_schema(source, &found.read, contract).await?,
+        SourceFormat::Csv => {
+            let header = first_csv_header(source, &found.read).await?;
+            check_csv_headers(source, &found.read, header.as_ref()).await?;
+            header.and_then(|(_, names)| declared_csv_schema(&names, contract))
+        }
         _ => None,
     };
+    let (files, bytes) = (found.files, found.bytes);
+    let raw_name = raw_table_name(&source.name);
     register_raw(ctx, source, &raw_name, &table_path, declared.as_ref()).await?;
     let mut raw_schema = ctx.table_provider(raw_name.as_str()).await?.schema();
     if source.format == SourceFormat::Csv
@@ -760,39 +761,83 @@ fn as_text(schema: &Schema) -> Schema {
 /// The longest header line compared by [`check_csv_headers`]; a longer one is not compared.
 const MAX_CSV_HEADER_BYTES: u64 = 1 << 20;
 
-/// Every file of a CSV source with a header must name the same columns, in the same order,
-/// as its first file: the reader takes the first file's header and reads every file by
-/// column position, so a file exported with its columns reordered (`price,qty,id`) put
-/// its prices in `id`, silently. The headers are read at planning (one ranged read per
-/// file, 16 at a time), so the error names both files before anything runs.
-async fn check_csv_headers(source: &SourceSpec, files: &[(Location, u64)]) -> Result<()> {
-    if !csv_has_header(source)? || files.len() < 2 {
-        return Ok(());
-    }
-    let delimiter = csv_byte_option(source, "delimiter")?.unwrap_or(b',');
-    let quote = csv_byte_option(source, "quote")?.unwrap_or(b'"');
-    // In name order, so the message names the same two files whatever order the listing has.
+/// A CSV source's files in name order, so that "the first file" (whose header the reader
+/// takes) and the files a message names are the same whatever order the listing has.
+fn in_name_order(files: &[(Location, u64)]) -> Vec<(Location, u64)> {
     let mut files = files.to_vec();
     files.sort_by_cached_key(|(location, _)| location.as_url_string());
-    let names_of = |(location, size): &(Location, u64)| {
-        let location = location.clone();
-        let size = *size;
-        async move {
-            let names = csv_header(&location, size)
-                .await
-                .and_then(|line| header_names(&line, delimiter, quote));
-            (location, names)
-        }
+    files
+}
+
+/// The delimiter and quote a CSV source's files are read with.
+fn csv_delimiter_and_quote(source: &SourceSpec) -> Result<(u8, u8)> {
+    Ok((
+        csv_byte_option(source, "delimiter")?.unwrap_or(b','),
+        csv_byte_option(source, "quote")?.unwrap_or(b'"'),
+    ))
+}
+
+/// The column names the header of the CSV file at `location` (of `size` bytes) gives,
+/// parsed as the reader parses it; `None` when it cannot be read.
+async fn csv_header_names(
+    location: Location,
+    size: u64,
+    (delimiter, quote): (u8, u8),
+) -> Option<Vec<String>> {
+    csv_header(&location, size)
+        .await
+        .and_then(|line| header_names(&line, delimiter, quote))
+}
+
+/// The first file of a CSV source with a header (in name order) and the column names its
+/// header gives: what the reader names the columns by. `None` without a header or when it
+/// cannot be read (the reader reports that file itself).
+async fn first_csv_header(
+    source: &SourceSpec,
+    files: &[(Location, u64)],
+) -> Result<Option<(Location, Vec<String>)>> {
+    if !csv_has_header(source)? {
+        return Ok(None);
+    }
+    let Some(first) = in_name_order(files).into_iter().next() else {
+        return Ok(None);
     };
-    let (first, Some(expected)) = names_of(&files[0]).await else {
+    let (location, size) = first;
+    Ok(
+        csv_header_names(location.clone(), size, csv_delimiter_and_quote(source)?)
+            .await
+            .map(|names| (location, names)),
+    )
+}
+
+/// Every file of a CSV source with a header must name the same columns, in the same order,
+/// as its first file (`first`, from [`first_csv_header`]): the reader takes the first
+/// file's header and reads every file by column position, so a file exported with its
+/// columns reordered (`price,qty,id`) put its prices in `id`, silently. The headers are read
+/// at planning (one ranged read per file, 16 at a time), so the error names both files
+/// before anything runs.
+async fn check_csv_headers(
+    source: &SourceSpec,
+    files: &[(Location, u64)],
+    first: Option<&(Location, Vec<String>)>,
+) -> Result<()> {
+    let Some((first, expected)) = first else {
         return Ok(());
     };
-    let mut others = futures::stream::iter(&files[1..])
-        .map(names_of)
+    let format = csv_delimiter_and_quote(source)?;
+    let others: Vec<(Location, u64)> = in_name_order(files)
+        .into_iter()
+        .filter(|(location, _)| location != first)
+        .collect();
+    let mut others = futures::stream::iter(others)
+        .map(|(location, size)| async move {
+            let names = csv_header_names(location.clone(), size, format).await;
+            (location, names)
+        })
         .buffered(16);
     while let Some((file, names)) = others.next().await {
         match names {
-            Some(names) if names != expected => {
+            Some(names) if &names != expected => {
                 return Err(CoreError::Source {
                     source_name: source.name.clone(),
                     message: format!(
@@ -853,32 +898,15 @@ async fn csv_header(location: &Location, size: u64) -> Option<Vec<u8>> {
 }
 
 /// The schema a CSV source's contract declares for every column its first file's header
-/// names, in the header's order; `None` when the contract leaves a column out (its type is
-/// inferred) or the files have no header. Inference merged each file's own types, so a
-/// directory whose one night's amounts were whole (`bigint`) and the next's were not
-/// (`double`) was refused, contract or not, and a bad value in a declared column failed as
-/// "Fail to merge schema" without its file or line; read as declared, the reader names them.
-async fn declared_csv_schema(
-    source: &SourceSpec,
-    files: &[(Location, u64)],
-    contract: &[ColumnContract],
-) -> Result<Option<Schema>> {
-    if contract.is_empty() || !csv_has_header(source)? {
-        return Ok(None);
+/// names (`names`, in the header's order); `None` when the contract leaves a column out
+/// (its type is inferred). Inference merged each file's own types, so a directory whose
+/// one night's amounts were whole (`bigint`) and the next's were not (`double`) was
+/// refused, contract or not, and a bad value in a declared column failed as "Fail to merge
+/// schema" without its file or line; read as declared, the reader names them.
+fn declared_csv_schema(names: &[String], contract: &[ColumnContract]) -> Option<Schema> {
+    if contract.is_empty() {
+        return None;
     }
-    let mut files = files.to_vec();
-    files.sort_by_cached_key(|(location, _)| location.as_url_string());
-    let Some((first, size)) = files.first() else {
-        return Ok(None);
-    };
-    let delimiter = csv_byte_option(source, "delimiter")?.unwrap_or(b',');
-    let quote = csv_byte_option(source, "quote")?.unwrap_or(b'"');
-    let Some(names) = csv_header(first, *size)
-        .await
-        .and_then(|line| header_names(&line, delimiter, quote))
-    else {
-        return Ok(None);
-    };
     let fields: Option<Vec<Field>> = names
         .iter()
         .map(|name| {
@@ -886,7 +914,7 @@ async fn declared_csv_schema(
             Some(Field::new(name, column.data_type.clone(), true))
         })
         .collect();
-    Ok(fields.map(Schema::new))
+    fields.map(Schema::new)
 }
 
 /// The column names a CSV header line gives, parsed as the reader parses it.

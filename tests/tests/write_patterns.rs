@@ -1493,3 +1493,75 @@ fn a_partition_overwrite_over_files_of_an_earlier_spec_is_refused_where_they_may
     assert_eq!(days.len(), 4, "{days:?}");
     assert!(days.values().all(|d| *d == (5, 15)), "{days:?}");
 }
+
+/// Orphan removal through a stale copy of the catalog (a copied or restored `catalog.db`
+/// still names the same table location) is refused: it took the files the live catalog
+/// committed since the copy for orphans and deleted them, its newest metadata file with
+/// them, and no reader could open the table any more.
+#[test]
+fn orphan_removal_through_a_stale_copy_of_the_catalog_is_refused() {
+    let sandbox = Sandbox::new();
+    write_events(&sandbox, 2, 5, 1);
+    sandbox.spec(&spec("append"));
+    let run = |day: &str| {
+        let out = sandbox.cli(&[
+            "run",
+            "pipeline.toml",
+            "--param",
+            &format!("from={day}"),
+            "--param",
+            &format!("to={day}"),
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run("2024-01-01");
+    let stale = sandbox.path("stale");
+    std::fs::create_dir_all(&stale).unwrap();
+    std::fs::copy(
+        sandbox.warehouse().join("catalog.db"),
+        stale.join("catalog.db"),
+    )
+    .unwrap();
+    run("2024-01-02");
+    // Every file of the table two days old, past the orphan age.
+    let two_days_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(2 * 86_400);
+    let mut dirs = vec![sandbox.warehouse().join("tests")];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(dir).unwrap().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else {
+                std::fs::File::options()
+                    .write(true)
+                    .open(&path)
+                    .unwrap()
+                    .set_modified(two_days_ago)
+                    .unwrap();
+            }
+        }
+    }
+
+    let refused = sandbox.cli(&[
+        "maintain",
+        TABLE,
+        "--warehouse",
+        &stale.display().to_string(),
+        "--remove-orphans-older-than",
+        "1d",
+    ]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("a metadata file newer than the one this catalog has")
+            && stderr.contains("Nothing was deleted"),
+        "{stderr}"
+    );
+    let (days, _) = per_day(&sandbox);
+    assert_eq!(days.len(), 2, "{days:?}");
+    assert!(days.values().all(|d| *d == (5, 15)), "{days:?}");
+}

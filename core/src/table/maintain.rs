@@ -121,6 +121,17 @@ pub fn expired_jobs_value(existing: Option<&str>, expired: &[(String, i64)]) -> 
     entries[skip..].join(" ")
 }
 
+/// Expired jobs (job id, snapshot id) ordered by when their snapshots were committed,
+/// `(sequence number, created at ms)`, oldest first, as [`expired_jobs_value`] keeps the
+/// newest. The table's snapshots come in no order: expiring more than the bound at once
+/// forgot jobs at random, whose reruns then appended their rows again.
+fn oldest_first(mut jobs: Vec<((i64, i64), String, i64)>) -> Vec<(String, i64)> {
+    jobs.sort_unstable();
+    jobs.into_iter()
+        .map(|(_, job, snapshot)| (job, snapshot))
+        .collect()
+}
+
 /// The snapshot `job` committed, if [`EXPIRED_JOBS_PROPERTY`]'s `value` records it.
 pub fn expired_job_snapshot(value: Option<&str>, job: &str) -> Option<i64> {
     value?
@@ -168,18 +179,24 @@ pub async fn expire_snapshots(
         }
         // The jobs of the expired snapshots stay known in the same swap: their reruns
         // are done, not appended again.
-        let expired_jobs: Vec<(String, i64)> = table
-            .metadata()
-            .snapshots()
-            .filter(|s| doomed.contains(&s.snapshot_id()))
-            .filter_map(|s| {
-                let job = s
-                    .summary()
-                    .additional_properties
-                    .get(super::JOB_ID_PROPERTY)?;
-                Some((job.clone(), s.snapshot_id()))
-            })
-            .collect();
+        let expired_jobs = oldest_first(
+            table
+                .metadata()
+                .snapshots()
+                .filter(|s| doomed.contains(&s.snapshot_id()))
+                .filter_map(|s| {
+                    let job = s
+                        .summary()
+                        .additional_properties
+                        .get(super::JOB_ID_PROPERTY)?;
+                    Some((
+                        (s.sequence_number(), s.timestamp_ms()),
+                        job.clone(),
+                        s.snapshot_id(),
+                    ))
+                })
+                .collect(),
+        );
         let mut updates = vec![TableUpdate::RemoveSnapshots {
             snapshot_ids: doomed.clone(),
         }];
@@ -248,6 +265,7 @@ pub async fn find_orphans(
         metadata_files.insert(file_name(current).to_string());
     }
     let cutoff = std::time::SystemTime::now() - older_than;
+    let current = table.metadata_location().map(file_name).unwrap_or_default();
     let mut orphans = Vec::new();
     for (location, meta) in listed {
         let path = location.url().path().to_string();
@@ -255,6 +273,14 @@ pub async fn find_orphans(
             continue;
         }
         let name = file_name(&path);
+        if !metadata_files.contains(name) && is_newer_metadata(name, current) {
+            return Err(CoreError::Target {
+                table: ident.to_string(),
+                message: format!(
+                    "the table's location holds {path}, a metadata file newer than the one this catalog has ({current}): another catalog (a copy or a restore of this one) commits to the same files, and what it committed would look orphaned from here. Nothing was deleted; remove orphans through the catalog that writes the table (if none does, a writer died between writing that file and its commit: delete that one file and run again)"
+                ),
+            });
+        }
         let modified: std::time::SystemTime = meta.last_modified.into();
         let kept = references.references(&path)
             || metadata_files.contains(name)
@@ -304,6 +330,18 @@ pub async fn remove_orphans(
     Ok(orphans.iter().map(|l| l.to_string()).collect())
 }
 
+/// Whether `name` is a table metadata file (`<version>-<uuid>.metadata.json`) of a higher
+/// version than `current`, the catalog's: a copy or restore of the catalog points at the
+/// same location as the catalog still committing to it, and orphan removal through the
+/// stale one deleted the other's newer data, manifests and metadata (its table unreadable).
+fn is_newer_metadata(name: &str, current: &str) -> bool {
+    let version = |name: &str| -> Option<u64> {
+        let stem = name.strip_suffix(".metadata.json")?;
+        stem.split_once('-')?.0.parse().ok()
+    };
+    matches!((version(name), version(current)), (Some(found), Some(ours)) if found > ours)
+}
+
 fn file_name(path: &str) -> &str {
     path.rsplit('/').next().unwrap_or(path)
 }
@@ -339,6 +377,47 @@ mod tests {
         assert_eq!(expired_job_snapshot(Some(&value), "j149"), Some(149));
         assert_eq!(expired_job_snapshot(Some(&value), "j50"), Some(50));
         assert_eq!(expired_job_snapshot(Some(&value), "j49"), None);
+    }
+
+    #[test]
+    fn expired_jobs_are_ordered_by_commit_so_the_newest_are_remembered() {
+        // 110 jobs expired at once, in the order a hash map gives them.
+        let mut jobs: Vec<((i64, i64), String, i64)> = (1..=110)
+            .map(|n| ((n, 1_000 + n), format!("job-{n}"), 7_000 + n))
+            .collect();
+        jobs.sort_by_key(|(_, job, _)| job.chars().rev().collect::<String>());
+        let ordered = oldest_first(jobs);
+        assert_eq!(ordered[0], ("job-1".to_string(), 7_001));
+        let value = expired_jobs_value(None, &ordered);
+        assert_eq!(expired_job_snapshot(Some(&value), "job-110"), Some(7_110));
+        assert_eq!(expired_job_snapshot(Some(&value), "job-11"), Some(7_011));
+        assert_eq!(expired_job_snapshot(Some(&value), "job-10"), None);
+        // Equal sequence numbers (format v1) fall back on the time.
+        let v1 = oldest_first(vec![
+            ((0, 9), "late".into(), 2),
+            ((0, 3), "early".into(), 1),
+        ]);
+        assert_eq!(v1[0].0, "early");
+    }
+
+    #[test]
+    fn a_metadata_file_newer_than_the_catalogs_is_another_writers() {
+        let ours = "00007-5c1e0000-0000-0000-0000-000000000000.metadata.json";
+        assert!(is_newer_metadata(
+            "00008-9a2b0000-0000-0000-0000-000000000000.metadata.json",
+            ours
+        ));
+        assert!(is_newer_metadata("00100-x.metadata.json", ours));
+        assert!(!is_newer_metadata("00007-other.metadata.json", ours));
+        assert!(!is_newer_metadata("00003-old.metadata.json", ours));
+        // Data files, manifests and names of another form say nothing.
+        assert!(!is_newer_metadata("00009-0-abc.parquet", ours));
+        assert!(!is_newer_metadata("snap-1-1-abc.avro", ours));
+        assert!(!is_newer_metadata("v9.metadata.json", ours));
+        assert!(!is_newer_metadata(
+            "00009-x.metadata.json",
+            "v3.metadata.json"
+        ));
     }
 
     #[test]

@@ -238,8 +238,9 @@ fn an_aggregate_over_nothing_new_commits_nothing() {
     assert_eq!(read["pyiceberg"]["rows"], 1, "{read:#}");
 }
 
-#[test]
-fn a_renamed_pipeline_goes_on_where_it_stood_once_it_says_its_old_name() {
+/// Three upstream batches of ids 1-2, 3 and 4: the first loaded and consumed, the second
+/// loaded since.
+fn consumed_once_then_loaded_again() -> Sandbox {
     let sandbox = with_batches(
         &[
             "id,payload\n1,a\n2,b\n",
@@ -252,6 +253,12 @@ fn a_renamed_pipeline_goes_on_where_it_stood_once_it_says_its_old_name() {
     let (code, out) = consume(&sandbox, &[]);
     assert_eq!(code, 0, "{out}");
     load(&sandbox, 2);
+    sandbox
+}
+
+#[test]
+fn a_renamed_pipeline_goes_on_where_it_stood_once_it_says_its_old_name() {
+    let sandbox = consumed_once_then_loaded_again();
 
     // Renamed: its first run under the new name would read all of raw.events again.
     let renamed = consumer(None).replace("name = \"curate\"", "name = \"curate events ✓\"");
@@ -291,18 +298,7 @@ fn a_renamed_pipeline_goes_on_where_it_stood_once_it_says_its_old_name() {
 /// landed downstream twice.
 #[test]
 fn a_table_renamed_upstream_is_read_on_from_where_it_stood() {
-    let sandbox = with_batches(
-        &[
-            "id,payload\n1,a\n2,b\n",
-            "id,payload\n3,c\n",
-            "id,payload\n4,d\n",
-        ],
-        None,
-    );
-    load(&sandbox, 1);
-    let (code, out) = consume(&sandbox, &[]);
-    assert_eq!(code, 0, "{out}");
-    load(&sandbox, 2);
+    let sandbox = consumed_once_then_loaded_again();
 
     let renamed = "raw.events_v2";
     let script = "import sys\n\

@@ -287,11 +287,15 @@ async fn register_iceberg(
     check_contract(source, &location, &schema, contract)?;
     // For an incremental source: the snapshot it was consumed up to, under this name or the
     // one the table had before a rename.
+    let history = match read {
+        IcebergRead::Since(..) => upstream_history(&table),
+        IcebergRead::Current | IcebergRead::Files(..) => Vec::new(),
+    };
     let since = match read {
         IcebergRead::Current | IcebergRead::Files(..) => None,
         IcebergRead::Since(Some(consumed), _) => Some(Some(consumed)),
         IcebergRead::Since(None, other_records) => Some(
-            crate::incremental::record_before_rename(other_records, &upstream_history(&table))
+            crate::incremental::record_before_rename(other_records, &history)
                 .map(|(old_name, upto)| {
                     tracing::info!(source = %source.name, table = name, old_name = %old_name, upto,
                         "incremental source: read on from the record made under the table's old name");
@@ -301,12 +305,10 @@ async fn register_iceberg(
     };
     let range = match since {
         None => crate::incremental::Range::Everything { why: String::new() },
-        Some(consumed) => crate::incremental::range_to_read(
-            consumed,
-            &upstream_history(&table),
-            source.on_source_rewrite,
-        )
-        .map_err(|e| source_err(format!("incremental read of `{name}`: {e}")))?,
+        Some(consumed) => {
+            crate::incremental::range_to_read(consumed, &history, source.on_source_rewrite)
+                .map_err(|e| source_err(format!("incremental read of `{name}`: {e}")))?
+        }
     };
     let upstream = match (&range, read) {
         (_, IcebergRead::Files(files, _)) => current_files(&table, Some(files)).await,

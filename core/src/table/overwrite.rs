@@ -137,10 +137,9 @@ pub async fn produce_overwrite(
             .expect("earlier spec file lock")
             .take();
         if let Some((file, spec_id)) = met {
-            let metadata = table.metadata();
             let (Some(file_spec), Some(spec)) = (
-                metadata.partition_spec_by_id(spec_id),
-                metadata.partition_spec_by_id(added_spec_id),
+                table.metadata().partition_spec_by_id(spec_id),
+                added_spec.as_ref(),
             ) else {
                 return Err(crate::error::CoreError::Target {
                     table: table.identifier().to_string(),

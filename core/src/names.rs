@@ -132,6 +132,35 @@ pub fn compaction_file_prefix() -> String {
     maintenance_id("compact")
 }
 
+/// Whether `file` (a bare file name) is one a compaction wrote:
+/// `compact-<32 hex digits>-g<n>-<nnnnn>.parquet`.
+pub fn is_compaction_file_name(file: &str) -> bool {
+    let Some(rest) = file
+        .strip_suffix(".parquet")
+        .and_then(|stem| stem.strip_prefix("compact-"))
+    else {
+        return false;
+    };
+    let Some((hex, rest)) = rest.split_at_checked(32) else {
+        return false;
+    };
+    let Some((group, sequence)) = rest.strip_prefix("-g").and_then(|r| r.split_once('-')) else {
+        return false;
+    };
+    hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        && parse_number(group).is_some()
+        && parse_number(sequence).is_some()
+}
+
+/// Whether `job` is the id of a compaction run as a cluster job (`compact-job-<32 hex>`,
+/// `maintain --cluster --compact`): its files are named after it like a job's, and hold
+/// the rows of the jobs whose files it rewrote.
+pub fn is_compaction_job(job: &str) -> bool {
+    job.strip_prefix("compact-job-").is_some_and(|hex| {
+        hex.len() == 32 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    })
+}
+
 /// The job id a maintenance commit is tagged with (`<kind>-<32 hex digits>`), by which a
 /// commit whose answer was lost is found in the history.
 pub fn maintenance_id(kind: &str) -> String {
@@ -216,6 +245,8 @@ mod tests {
             for group in [0, 7, 12345] {
                 let name = format!("data/day=2024-01-01/{prefix}-g{group}-00000.parquet");
                 assert_eq!(parse_data_file_name(&name), None, "{name}");
+                let file = name.rsplit('/').next().unwrap();
+                assert!(is_compaction_file_name(file), "{file}");
             }
         }
     }

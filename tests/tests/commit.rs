@@ -77,6 +77,12 @@ async fn same_job_id_commits_once() {
         .expect("second run");
     assert!(again.already_committed, "{again:?}");
     assert_eq!(again.snapshot_id, first.snapshot_id);
+    // It reports what the commit it found put in the table, not the nothing it did.
+    assert_eq!(
+        (again.rows, again.files, again.bytes),
+        (60, first.files, first.bytes),
+        "{again:?}"
+    );
     assert_eq!(
         sandbox.warehouse_files(),
         files,

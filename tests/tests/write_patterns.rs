@@ -348,6 +348,48 @@ async fn backfill_commits_one_snapshot_per_day_and_resumes() {
         "{read:#}"
     );
 
+    // A compaction rewrites the first value's file with the other pipeline's under its own
+    // name; the footer's list of jobs still says whose rows it holds (the value went through
+    // and replaced the month).
+    let compacted = sandbox.cli(&["maintain", "tests.monthly", "--compact"]);
+    let out = String::from_utf8_lossy(&compacted.stdout);
+    assert!(
+        compacted.status.success() && out.contains("compacted 2 small file(s)"),
+        "{out}{}",
+        String::from_utf8_lossy(&compacted.stderr)
+    );
+    let refused = sandbox.cli(&[
+        "backfill",
+        "pipeline.toml",
+        "--param-range",
+        "from=2024-01-02..2024-01-02",
+    ]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_ne!(refused.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains(
+            "backfill value from=2024-01-02 would replace rows committed by value from=2024-01-01 (job backfill-daily-from-2024-01-01)"
+        ),
+        "{stderr}"
+    );
+    // A redo of the first value replaces its own rows and the other pipeline's in the file
+    // the compaction wrote: that pipeline is no backfill of this one.
+    let redo = sandbox.cli(&[
+        "backfill",
+        "pipeline.toml",
+        "--param-range",
+        "from=2024-01-01..2024-01-01",
+        "--run-id",
+        "redo",
+    ]);
+    assert!(
+        redo.status.success(),
+        "{}",
+        String::from_utf8_lossy(&redo.stderr)
+    );
+    let read = sandbox.read_table("tests.monthly", None);
+    assert_eq!(read["pyiceberg"]["rows"], 5, "{read:#}");
+
     // A full overwrite is refused: each day would replace the one before.
     sandbox.spec(&spec("overwrite"));
     let refused = sandbox.cli(&[
@@ -1280,12 +1322,42 @@ fn compaction_on_a_cluster_runs_as_a_job_on_the_workers() {
     assert_eq!(last["summary"]["nightshift.maintenance"], "compact");
     assert_eq!(last["summary"]["deleted-data-files"], small.to_string());
     assert_eq!(last["summary"]["total-data-files"], "2", "{last:#}");
+    // Each day's file lists in its footer the jobs whose rows it holds (each load wrote both
+    // days), so a backfill value's overwrite still knows them.
+    let compacted: Vec<String> = cluster
+        .sandbox
+        .data_files()
+        .into_iter()
+        .filter(|f| f.contains("compact-job-"))
+        .collect();
+    assert_eq!(compacted.len(), 2, "{compacted:?}");
+    for file in &compacted {
+        assert_eq!(
+            rows_of_jobs_in_footer(&cluster.sandbox.warehouse().join(file)).as_deref(),
+            Some("[\"load-1\",\"load-2\",\"load-3\"]"),
+            "{file}"
+        );
+    }
 
     // Nothing is left to compact: no job is submitted.
     let again = maintain();
     assert_eq!(again["compacted"]["partitions"], 0, "{again:#}");
     assert_eq!(again["compacted"]["snapshot_id"], Value::Null);
     assert_eq!(snapshot_count(&cluster.read_table(TABLE, None)), 4);
+}
+
+/// The list of jobs a compaction's data file at `path` gives in its Parquet footer.
+fn rows_of_jobs_in_footer(path: &std::path::Path) -> Option<String> {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    let reader = SerializedFileReader::new(std::fs::File::open(path).unwrap()).unwrap();
+    reader
+        .metadata()
+        .file_metadata()
+        .key_value_metadata()?
+        .iter()
+        .find(|kv| kv.key == "nightshift.rows-of-jobs")?
+        .value
+        .clone()
 }
 
 /// A job whose snapshot a rollback took out of the table is not reported done again: its

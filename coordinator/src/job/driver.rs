@@ -276,6 +276,7 @@ impl<'a> JobRun<'a> {
                     }));
                 }
                 info!(snapshot_id, "job was committed before; nothing to do");
+                self.report.counts_of_earlier_commit(&summary);
                 return Ok(Ended::Committed(CommitOutcome {
                     snapshot_id,
                     already_committed: true,
@@ -302,6 +303,10 @@ impl<'a> JobRun<'a> {
                     old_id,
                     "job was committed before under the pipeline's previous name; nothing to do"
                 );
+                if let Some(earlier) = table.metadata().snapshot_by_id(snapshot_id) {
+                    self.report
+                        .counts_of_earlier_commit(&earlier.summary().additional_properties);
+                }
                 return Ok(Ended::Committed(CommitOutcome {
                     snapshot_id,
                     already_committed: true,
@@ -426,6 +431,10 @@ impl<'a> JobRun<'a> {
             .await?;
         if let Some(compaction) = &compaction {
             output.target_file_size_bytes = compaction.target_file_bytes;
+            output.parquet_properties.insert(
+                nightshift_core::table::provenance::ROWS_OF_JOBS_BY_PARTITION.to_string(),
+                compaction.footers.clone(),
+            );
         }
         let mut stages = StageRunner::new(
             self.env,

@@ -12,6 +12,7 @@ pub mod record;
 mod set_checks;
 mod stages;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -178,6 +179,24 @@ pub struct JobReport {
     pub rejects_snapshot_id: Option<i64>,
 }
 
+impl JobReport {
+    /// The rows, files and bytes the earlier run that committed this job added, from its
+    /// snapshot's `summary`: a run that finds its job committed does nothing, and reports
+    /// what that commit put in the table (a run resumed after its coordinator died mid-commit
+    /// reported 0 rows although the rows were there).
+    pub fn counts_of_earlier_commit(&mut self, summary: &HashMap<String, String>) {
+        let count = |key: &str| {
+            summary
+                .get(key)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        self.rows = count("added-records");
+        self.files = count("added-data-files") as usize;
+        self.bytes = count("added-files-size");
+    }
+}
+
 /// Why a job failed. Nothing was committed.
 #[derive(Debug, thiserror::Error)]
 pub enum JobError {
@@ -280,12 +299,15 @@ pub(crate) struct MergeRead {
 }
 
 /// What a compaction job rewrites, besides the files and snapshot in its [`MergeRead`].
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct CompactionInput {
     /// The rows the rewritten files hold, by their manifests: the job writes exactly these.
     pub rows: u64,
     /// The size the written files aim for.
     pub target_file_bytes: u64,
+    /// Per partition, the jobs whose rows its rewritten files hold: the footers of the
+    /// files written ([`nightshift_core::table::provenance`]).
+    pub footers: String,
 }
 
 /// Whether planning may read data: to run the checks on sources and to find a merge's key
@@ -425,6 +447,7 @@ async fn compaction_input(
     let input = CompactionInput {
         rows: chosen.rows(),
         target_file_bytes: chosen.target_file_bytes,
+        footers: nightshift_core::table::provenance::footers_of_groups(&chosen.groups).await?,
     };
     let read = MergeRead {
         base: Some(chosen.read_at),

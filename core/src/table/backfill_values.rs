@@ -43,6 +43,13 @@ fn backfill_key(summary: &HashMap<String, String>) -> Option<&str> {
     })
 }
 
+/// Whether the commit whose summary is `ours` is a backfill value's (its job id is one
+/// `nightshift backfill` gives).
+pub fn is_backfill_value(ours: &HashMap<String, String>) -> bool {
+    ours.get(JOB_ID_PROPERTY)
+        .is_some_and(|job| job.starts_with(BACKFILL_JOB_PREFIX))
+}
+
 /// The job ids a backfill value's job `job` had under the pipeline's `previous` names (its
 /// id names the pipeline): a backfill resumed after a rename finds the values committed
 /// before it by these.
@@ -122,8 +129,9 @@ pub fn replaces_another_values_file(
     ours: &HashMap<String, String>,
     their_job: &str,
 ) -> Option<OtherValue> {
-    ours.get(JOB_ID_PROPERTY)
-        .filter(|job| job.starts_with(BACKFILL_JOB_PREFIX))?;
+    if !is_backfill_value(ours) {
+        return None;
+    }
     let key = backfill_key(ours)?;
     let value = ours.get(&format!("{PARAM_PREFIX}{key}"))?;
     let of_the_pipeline = crate::incremental::pipeline_names(ours)

@@ -242,6 +242,12 @@ pub async fn compact(
         .map_err(|e| CoreError::Protocol(format!("compaction id: {e}")))?;
     let mut out = table_output(&table, None, Vec::new())?;
     out.target_file_size_bytes = target;
+    // Each file's footer lists the jobs whose rows its partition's input files held, so a
+    // backfill value's overwrite still knows another value's rows once they are compacted.
+    out.parquet_properties.insert(
+        super::provenance::ROWS_OF_JOBS_BY_PARTITION.to_string(),
+        super::provenance::footers_of_groups(groups).await?,
+    );
     let mut written: Vec<String> = Vec::new();
     let replaced = plan.replaced();
     let rewrite = async {

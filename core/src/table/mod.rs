@@ -16,6 +16,7 @@ mod open_files;
 pub mod overwrite;
 pub mod parquet_settings;
 mod partition_values;
+pub mod provenance;
 pub mod references;
 pub mod rejects;
 pub mod retention;

@@ -119,6 +119,9 @@ struct OpenFile {
 /// A task's open data files, one per table partition, closed by [`files_to_close`].
 pub(crate) struct OpenFiles {
     builder: Builder,
+    /// Builders for some partitions' files instead of `builder`, by the partition's `{:?}`
+    /// (a compaction's, whose footers list whose rows each partition holds).
+    by_partition: HashMap<String, Builder>,
     open: HashMap<Struct, OpenFile>,
     closed: Vec<DataFile>,
     clustered: bool,
@@ -131,7 +134,7 @@ impl OpenFiles {
     /// Files for `builder`'s table whose memory counts against `pool` as `consumer`.
     /// `clustered`: the rows arrive partition after partition.
     pub(crate) fn new(
-        builder: Builder,
+        (builder, by_partition): (Builder, HashMap<String, Builder>),
         limits: RowGroupLimits,
         clustered: bool,
         pool: &Arc<dyn MemoryPool>,
@@ -139,6 +142,7 @@ impl OpenFiles {
     ) -> Self {
         OpenFiles {
             builder,
+            by_partition,
             open: HashMap::new(),
             closed: Vec::new(),
             clustered,
@@ -171,7 +175,14 @@ impl OpenFiles {
                 // writer the builder makes shares one file counter (`<attempt prefix>-<n>`),
                 // and the prefix is this task attempt's own, so no file another attempt,
                 // job or snapshot holds is written over (nothing here deletes a file).
-                let writer = self.builder.build(Some(key.clone())).await?;
+                let builder = if self.by_partition.is_empty() {
+                    &self.builder
+                } else {
+                    self.by_partition
+                        .get(&format!("{:?}", key.data()))
+                        .unwrap_or(&self.builder)
+                };
+                let writer = builder.build(Some(key.clone())).await?;
                 let use_ = FileUse {
                     last_slice: self.slice,
                     resident: OPEN_FILE_BYTES,

@@ -153,7 +153,7 @@ pub async fn produce_overwrite(
                 message: super::earlier_specs::refusal(&file, file_spec, spec),
             });
         }
-        refuse_replacing_another_backfill_value(table, &carried, &properties)?;
+        refuse_replacing_another_backfill_value(table, &carried, &properties).await?;
     }
     if let Replace::Files(paths) | Replace::Drop(paths) | Replace::Rows(paths) = replace {
         let found = carried.removed.values().map(Vec::len).sum::<usize>();
@@ -180,28 +180,38 @@ pub async fn produce_overwrite(
 
 /// Fails when a partition overwrite by a backfill value would remove rows another value of
 /// the backfill committed ([`super::backfill_values`]): the first such file's commit is named.
-/// A file whose commit expired is judged by the job its name carries.
-fn refuse_replacing_another_backfill_value(
+/// A file whose commit expired is judged by the job its name carries, a compaction's file by
+/// the jobs its footer lists ([`super::provenance`]).
+async fn refuse_replacing_another_backfill_value(
     table: &Table,
     carried: &Carried,
     ours: &HashMap<String, String>,
 ) -> Result<()> {
+    use super::backfill_values::{replaces_another_value, replaces_another_values_file};
+    use super::provenance::{Writer, jobs_in_footer, writer_of};
+    if !super::backfill_values::is_backfill_value(ours) {
+        return Ok(());
+    }
     let metadata = table.metadata();
-    let other = carried.removed.values().flatten().find_map(|file| {
-        match metadata.snapshot_by_id(file.snapshot_id) {
-            Some(theirs) => super::backfill_values::replaces_another_value(
-                ours,
-                &theirs.summary().additional_properties,
-            ),
-            None => {
-                let written = names::parse_data_file_name(file.data_file.file_path())?;
-                super::backfill_values::replaces_another_values_file(
-                    ours,
-                    written.attempt.job.as_str(),
-                )
+    let mut other = None;
+    for file in carried.removed.values().flatten() {
+        let path = file.data_file.file_path();
+        other = match (writer_of(path), metadata.snapshot_by_id(file.snapshot_id)) {
+            (Writer::Compaction, _) => jobs_in_footer(path)
+                .await?
+                .unwrap_or_default()
+                .iter()
+                .find_map(|job| replaces_another_values_file(ours, job)),
+            (_, Some(theirs)) => {
+                replaces_another_value(ours, &theirs.summary().additional_properties)
             }
+            (Writer::Job(job), None) => replaces_another_values_file(ours, &job),
+            (Writer::Foreign, None) => None,
+        };
+        if other.is_some() {
+            break;
         }
-    });
+    }
     match other {
         Some(other) => Err(crate::error::CoreError::Target {
             table: table.identifier().to_string(),

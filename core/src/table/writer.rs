@@ -21,6 +21,7 @@ use iceberg::writer::file_writer::location_generator::DefaultFileNameGenerator;
 use iceberg::writer::file_writer::rolling_writer::RollingFileWriterBuilder;
 use iceberg::writer::partitioning::unpartitioned_writer::UnpartitionedWriter;
 use nightshift_proto::v1::TableOutput;
+use parquet::file::properties::WriterProperties;
 
 use super::files::PartitionPathGenerator;
 use super::open_files::{OpenFiles, RowGroupLimits};
@@ -473,19 +474,32 @@ pub(crate) fn new_writer(
             }
         })?;
     let row_groups = RowGroupLimits::of(&props);
-    let parquet = ParquetWriterBuilder::new_with_match_mode(
-        props,
-        target.schema.clone(),
-        FieldMatchMode::Name,
-    );
-    let rolling = RollingFileWriterBuilder::new(
-        parquet,
-        out.target_file_size_bytes.max(1 << 20) as usize,
-        crate::storage::iceberg_file_io(&out.data_location),
-        PartitionPathGenerator::new(out.data_location.clone()),
-        DefaultFileNameGenerator::new(file_prefix, None, DataFileFormat::Parquet),
-    );
-    let builder = DataFileWriterBuilder::new(rolling);
+    // Every builder shares one file counter (the generator's clones do), so no two files
+    // of the task get one name.
+    let file_io = crate::storage::iceberg_file_io(&out.data_location);
+    let file_names = DefaultFileNameGenerator::new(file_prefix, None, DataFileFormat::Parquet);
+    let builder_with = |props: WriterProperties| {
+        let parquet = ParquetWriterBuilder::new_with_match_mode(
+            props,
+            target.schema.clone(),
+            FieldMatchMode::Name,
+        );
+        DataFileWriterBuilder::new(RollingFileWriterBuilder::new(
+            parquet,
+            out.target_file_size_bytes.max(1 << 20) as usize,
+            file_io.clone(),
+            PartitionPathGenerator::new(out.data_location.clone()),
+            file_names.clone(),
+        ))
+    };
+    let by_partition = super::provenance::footers_by_partition(&out.parquet_properties)
+        .into_iter()
+        .map(|(partition, footer)| {
+            let props = super::provenance::with_footer(props.clone(), footer);
+            (partition, builder_with(props))
+        })
+        .collect();
+    let builder = builder_with(props);
     Ok(if target.spec.is_unpartitioned() {
         PartitionedWriter::Unpartitioned(Box::new(UnpartitionedWriter::new(builder)))
     } else {
@@ -498,7 +512,7 @@ pub(crate) fn new_writer(
             .map(str::to_string)
             .collect();
         let files = OpenFiles::new(
-            builder,
+            (builder, by_partition),
             row_groups,
             layout.clustered,
             &layout.pool,

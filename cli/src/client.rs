@@ -261,17 +261,21 @@ pub const FOLLOW_THROUGH_OUTAGE: std::time::Duration = std::time::Duration::from
 /// Whether, and after how long, to watch a job again that has not finished when its watch
 /// ended: `code` is the error that ended it (`None`: the server closed the stream, as a
 /// coordinator shutting down does), `lost_for` how long no update has come, `attempt` the
-/// retries so far. Errors the server means (the job is unknown, the token refused) end
-/// the watch; an unreachable or restarting coordinator is waited for, up to
-/// [`FOLLOW_THROUGH_OUTAGE`].
+/// retries so far, `seen` whether the job was seen before. Errors the server means (the
+/// job is unknown, the token refused) end the watch; an unreachable or restarting
+/// coordinator is waited for, up to [`FOLLOW_THROUGH_OUTAGE`]. So is a job seen before and
+/// now unknown: a Redis restarted without its data lost the job's record, and the job goes
+/// on (its coordinator records it again as it moves on or ends).
 pub fn follow_again_after(
     code: Option<tonic::Code>,
+    seen: bool,
     lost_for: std::time::Duration,
     attempt: u32,
 ) -> Option<std::time::Duration> {
     use tonic::Code;
     let transient = match code {
         None => true,
+        Some(Code::NotFound) => seen,
         Some(
             Code::Unavailable
             | Code::Unknown
@@ -300,7 +304,9 @@ mod follow_tests {
     #[test]
     fn a_restarting_coordinator_is_waited_for_with_a_growing_pause() {
         let pauses: Vec<_> = (0..8)
-            .map(|attempt| follow_again_after(Some(Code::Unavailable), Duration::ZERO, attempt))
+            .map(|attempt| {
+                follow_again_after(Some(Code::Unavailable), true, Duration::ZERO, attempt)
+            })
             .collect();
         assert_eq!(pauses[0], Some(Duration::from_millis(250)));
         assert_eq!(pauses[1], Some(Duration::from_millis(500)));
@@ -308,7 +314,7 @@ mod follow_tests {
         assert_eq!(pauses[7], Some(Duration::from_secs(5)));
         // A stream closed by a coordinator shutting down, or cut below gRPC.
         for code in [None, Some(Code::Unknown), Some(Code::Internal)] {
-            assert!(follow_again_after(code, Duration::from_secs(60), 3).is_some());
+            assert!(follow_again_after(code, false, Duration::from_secs(60), 3).is_some());
         }
     }
 
@@ -320,11 +326,33 @@ mod follow_tests {
             Code::PermissionDenied,
             Code::InvalidArgument,
         ] {
-            assert_eq!(follow_again_after(Some(code), Duration::ZERO, 0), None);
+            assert_eq!(
+                follow_again_after(Some(code), false, Duration::ZERO, 0),
+                None
+            );
         }
         assert_eq!(
-            follow_again_after(Some(Code::Unavailable), FOLLOW_THROUGH_OUTAGE, 0),
+            follow_again_after(Some(Code::Unavailable), true, FOLLOW_THROUGH_OUTAGE, 0),
             None
         );
+    }
+
+    #[test]
+    fn a_job_seen_before_and_now_unknown_is_waited_for() {
+        // Redis restarted without its data: the record comes back as the job moves on.
+        assert_eq!(
+            follow_again_after(Some(Code::NotFound), true, Duration::ZERO, 0),
+            Some(Duration::from_millis(250))
+        );
+        assert_eq!(
+            follow_again_after(Some(Code::NotFound), true, FOLLOW_THROUGH_OUTAGE, 0),
+            None
+        );
+        for code in [Code::Unauthenticated, Code::PermissionDenied] {
+            assert_eq!(
+                follow_again_after(Some(code), true, Duration::ZERO, 0),
+                None
+            );
+        }
     }
 }

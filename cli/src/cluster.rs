@@ -129,9 +129,21 @@ pub async fn submit_and_wait(
             .map(|spec| spec.spec.target.table);
     let started = tokio::time::Instant::now();
     let mut catalog_read_at = started;
+    let mut redis_failing = false;
     loop {
-        if let Some(outcome) = stored_outcome(&state, job_id).await? {
-            return Ok(outcome);
+        // A Redis that restarts fails a read or two (the client reconnects): the job goes
+        // on meanwhile, so the wait does too, and the table's history answers should the
+        // outcome be lost with Redis's data.
+        match stored_outcome(&state, job_id).await {
+            Ok(Some(outcome)) => return Ok(outcome),
+            Ok(None) => redis_failing = false,
+            Err(CoreError::Transport(e)) => {
+                if !redis_failing {
+                    tracing::warn!(error = %e, "cannot read the job's outcome from Redis; waiting on");
+                }
+                redis_failing = true;
+            }
+            Err(e) => return Err(e),
         }
         // Redis holds the outcome only as a hint: should it be lost (a flushed or replaced
         // Redis), the table's history still tells whether the job committed.
@@ -145,7 +157,7 @@ pub async fn submit_and_wait(
                 let grace = tokio::time::Instant::now() + REPORT_AFTER_COMMIT;
                 while tokio::time::Instant::now() < grace {
                     tokio::time::sleep(Duration::from_millis(100)).await;
-                    if let Some(outcome) = stored_outcome(&state, job_id).await? {
+                    if let Ok(Some(outcome)) = stored_outcome(&state, job_id).await {
                         return Ok(outcome);
                     }
                 }

@@ -44,6 +44,18 @@ fn amqp_err(e: lapin::Error) -> CoreError {
     CoreError::Transport(format!("rabbitmq: {e}"))
 }
 
+/// Whether the broker answered that the queue does not exist (`NOT_FOUND`, which also
+/// closes the channel). A job's result queue is deleted when the job ends: a coordinator
+/// that lost its job to another while frozen meets this, and trying again cannot help.
+fn is_missing_queue(e: &lapin::Error) -> bool {
+    use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+    matches!(
+        e.kind(),
+        lapin::ErrorKind::ProtocolError(amqp)
+            if matches!(amqp.kind(), AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND))
+    )
+}
+
 /// Header naming the job of a task message; dead letters are routed by it.
 const JOB_HEADER: &str = "nightshift-job";
 
@@ -274,12 +286,21 @@ impl RabbitQueue {
                 };
                 match consume(&link, queue, prefetch, self.config.prefetch.max(1)).await {
                     Ok(consumer) => *slot = Some((link.generation, consumer)),
+                    Err(e) if is_missing_queue(&e) => {
+                        // The refusal closed the channel the other consumers share: they
+                        // get a new one; this queue is not asked for again.
+                        warn!(error = %e, queue, "the queue no longer exists");
+                        self.reconnect(link.generation).await?;
+                        return Err(CoreError::Transport(format!(
+                            "rabbitmq: queue `{queue}` no longer exists (a job's result queue is deleted when the job ends)"
+                        )));
+                    }
                     Err(e) if !link.consume.status().connected() => {
                         warn!(error = %e, queue, "consume failed; reconnecting");
                         self.reconnect(link.generation).await?;
                         continue;
                     }
-                    Err(e) => return Err(e),
+                    Err(e) => return Err(amqp_err(e)),
                 }
             }
             let (generation, consumer) = slot.as_mut().expect("created above");
@@ -653,12 +674,11 @@ async fn consume(
     queue: &str,
     prefetch: u16,
     default_prefetch: u16,
-) -> Result<Consumer> {
+) -> std::result::Result<Consumer, lapin::Error> {
     if prefetch != default_prefetch {
         link.consume
             .basic_qos(prefetch, BasicQosOptions::default())
-            .await
-            .map_err(amqp_err)?;
+            .await?;
     }
     let consumer = link
         .consume
@@ -668,13 +688,11 @@ async fn consume(
             BasicConsumeOptions::default(),
             FieldTable::default(),
         )
-        .await
-        .map_err(amqp_err)?;
+        .await?;
     if prefetch != default_prefetch {
         link.consume
             .basic_qos(default_prefetch, BasicQosOptions::default())
-            .await
-            .map_err(amqp_err)?;
+            .await?;
     }
     Ok(consumer)
 }

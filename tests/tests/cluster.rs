@@ -85,6 +85,7 @@ async fn coordinator_and_three_workers_commit_one_snapshot() {
     let again = cluster.submit("job-a", &[]);
     assert_eq!(again["already_committed"], true, "{again}");
     assert_eq!(again["snapshot_id"], outcome["snapshot_id"]);
+    assert_eq!(again["rows"], outcome["rows"], "{again}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -498,4 +499,30 @@ async fn a_result_for_an_ended_job_is_returned_not_lost() {
         matches!(err, nightshift_core::CoreError::Unroutable { .. }),
         "{err}"
     );
+
+    // A coordinator that lost the job while frozen asks for the deleted queue's results: it
+    // is told the queue is gone (it reconnected about 20 times a second, for good, and
+    // took no more jobs), and its other queues go on working.
+    let frozen = nightshift_cluster::RabbitQueue::connect(&config.rabbitmq)
+        .await
+        .unwrap();
+    let asked = tokio::time::timeout(Duration::from_secs(20), frozen.next_result(&job))
+        .await
+        .expect("an answer, not reconnecting for good");
+    let err = asked.err().expect("the queue is gone").to_string();
+    assert!(err.contains("no longer exists"), "{err}");
+    let other = nightshift_core::ids::JobId::parse("ended-job-2").unwrap();
+    frozen.open_results(&other).await.unwrap();
+    frozen
+        .publish_result(&other, bytes::Bytes::from_static(b"r3"))
+        .await
+        .unwrap();
+    let delivery = tokio::time::timeout(Duration::from_secs(20), frozen.next_result(&other))
+        .await
+        .expect("a result")
+        .unwrap()
+        .expect("a delivery");
+    assert_eq!(delivery.payload(), b"r3");
+    delivery.ack().await.unwrap();
+    frozen.close_results(&other).await.unwrap();
 }

@@ -1308,15 +1308,18 @@ async fn submit(args: SubmitArgs) -> ExitCode {
         }
     }
     if args.wait {
-        return follow(&mut api, &response.job_id).await;
+        // The coordinator just answered for it: a job unknown later lost its record.
+        return follow(&mut api, &response.job_id, true).await;
     }
     ExitCode::SUCCESS
 }
 
 /// Follows `job_id` until it finishes, and exits as it did. A coordinator that restarts or
 /// cannot reach Redis for a while does not end the watch (the job goes on): the watch is
-/// opened again, as [`client::follow_again_after`] decides.
-async fn follow(api: &mut client::ApiClient, job_id: &str) -> ExitCode {
+/// opened again, as [`client::follow_again_after`] decides. `known`: the coordinator has
+/// just answered for the job (a submission), so a later "no such job" means its record
+/// was lost, not that there is none.
+async fn follow(api: &mut client::ApiClient, job_id: &str, known: bool) -> ExitCode {
     // On a terminal: a bar per stage; otherwise one line per change, for scheduler logs.
     let terminal = std::io::stderr().is_terminal();
     let bars = StageBars::new(terminal);
@@ -1350,7 +1353,8 @@ async fn follow(api: &mut client::ApiClient, job_id: &str) -> ExitCode {
             break;
         }
         let code = ended.as_ref().map(tonic::Status::code);
-        match client::follow_again_after(code, lost_since.elapsed(), attempt) {
+        let seen = known || last.is_some();
+        match client::follow_again_after(code, seen, lost_since.elapsed(), attempt) {
             Some(pause) => {
                 let why = ended
                     .as_ref()
@@ -1408,11 +1412,12 @@ async fn watch(api: &ApiArgs, job_id: &str) -> ExitCode {
         match client::connect(&api.server, token).await {
             Ok(mut c) => {
                 let _ = SERVER.set(api.server.clone());
-                return follow(&mut c, job_id).await;
+                return follow(&mut c, job_id, false).await;
             }
             Err(e) => {
                 let unavailable = Some(tonic::Code::Unavailable);
-                let Some(pause) = client::follow_again_after(unavailable, since.elapsed(), attempt)
+                let Some(pause) =
+                    client::follow_again_after(unavailable, false, since.elapsed(), attempt)
                 else {
                     eprintln!("error: {e}");
                     return ExitCode::from(EXIT_FAILED);

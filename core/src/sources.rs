@@ -967,7 +967,7 @@ async fn leading_zeros_as_text(
     schema: &Schema,
     contract: &[ColumnContract],
 ) -> Result<Option<Schema>> {
-    use datafusion::arrow::array::{Array, AsArray};
+    use datafusion::arrow::array::AsArray;
     let inferred_integers: Vec<&str> = schema
         .fields()
         .iter()
@@ -980,26 +980,47 @@ async fn leading_zeros_as_text(
     let text = as_text(schema);
     let text_name = format!("{}__zeros", raw_table_name(&source.name));
     register_raw(ctx, source, &text_name, table_path, Some(&text)).await?;
-    let quoted = |c: &str| format!("\"{}\"", c.replace('"', "\"\""));
-    let probes: Vec<String> = inferred_integers
-        .iter()
-        .map(|c| format!("bool_or(regexp_like({}, '^\\s*[+-]?0[0-9]'))", quoted(c)))
-        .collect();
-    let query = format!("SELECT {} FROM {}", probes.join(", "), quoted(&text_name));
-    let found = async { ctx.sql(&query).await?.collect().await }.await;
+    // The columns' text scanned here, not by a query of `regexp_like`: planning that query
+    // and compiling its pattern were about half of the job API's time per submission of a
+    // CSV source (see load-tests/README.md). The scan stops once every column has one.
+    let found = async {
+        let mut zeros = vec![false; inferred_integers.len()];
+        // The table's own scan, without a query's optimizer passes: it only reads.
+        let provider = ctx.table_provider(text_name.as_str()).await?;
+        let columns: Vec<usize> = inferred_integers
+            .iter()
+            .map(|c| text.index_of(c))
+            .collect::<std::result::Result<_, _>>()?;
+        let scan = provider
+            .scan(&ctx.state(), Some(&columns), &[], None)
+            .await?;
+        let mut batches = datafusion::physical_plan::execute_stream(scan, ctx.task_ctx())?;
+        while let Some(batch) = batches.next().await {
+            let batch = batch?;
+            for (seen, column) in zeros.iter_mut().zip(batch.columns()) {
+                // Read as `Utf8` (the schema says so); the cast only guards another string type.
+                let text = datafusion::arrow::compute::cast(column, &DataType::Utf8)?;
+                *seen = *seen
+                    || text
+                        .as_string::<i32>()
+                        .iter()
+                        .flatten()
+                        .any(has_leading_zero);
+            }
+            if zeros.iter().all(|z| *z) {
+                break;
+            }
+        }
+        Ok::<_, datafusion::error::DataFusionError>(zeros)
+    }
+    .await;
     ctx.deregister_table(text_name.as_str())?;
-    let found = found?;
-    let Some(row) = found.first().filter(|b| b.num_rows() == 1) else {
-        return Ok(None);
-    };
+    let zeros = found?;
     let as_text: Vec<&str> = inferred_integers
         .iter()
-        .enumerate()
-        .filter(|(i, _)| {
-            let column = row.column(*i).as_boolean();
-            column.is_valid(0) && column.value(0)
-        })
-        .map(|(_, c)| *c)
+        .zip(&zeros)
+        .filter(|(_, zero)| **zero)
+        .map(|(c, _)| *c)
         .collect();
     if as_text.is_empty() {
         return Ok(None);
@@ -1020,6 +1041,15 @@ async fn leading_zeros_as_text(
         fields,
         schema.metadata().clone(),
     )))
+}
+
+/// Whether an integer's text has a leading zero, as DuckDB's CSV reader judges it: after
+/// any white space and a sign, a `0` followed by a digit (`007`, ` -01`; not `0`, `0.5`).
+fn has_leading_zero(text: &str) -> bool {
+    let digits = text.trim_start();
+    let digits = digits.strip_prefix(['+', '-']).unwrap_or(digits);
+    let mut bytes = digits.bytes();
+    bytes.next() == Some(b'0') && bytes.next().is_some_and(|b| b.is_ascii_digit())
 }
 
 /// `schema` with each timestamp column zoned other than UTC read in UTC (`None`: there is
@@ -1792,6 +1822,18 @@ fn with_checked_columns(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_leading_zero_is_a_zero_before_another_digit() {
+        for zero in ["007", "00501", " -01", "+00", "\t0123", "\u{a0}09", "01x"] {
+            assert!(has_leading_zero(zero), "{zero:?}");
+        }
+        for none in [
+            "0", "-0", "0.5", "10", " 1", "", "+", "-", "0-1", "--01", "+-01", "x01", "1 01",
+        ] {
+            assert!(!has_leading_zero(none), "{none:?}");
+        }
+    }
 
     #[test]
     fn a_directory_is_read_by_its_files_and_key_value_directories_with_the_extension() {

@@ -327,20 +327,24 @@ async fn backfill_commits_one_snapshot_per_day_and_resumes() {
         String::from_utf8_lossy(&expired.stderr)
     );
     sandbox.spec(&monthly("overwrite_partitions"));
-    let refused = sandbox.cli(&[
-        "backfill",
-        "pipeline.toml",
-        "--param-range",
-        "from=2024-01-02..2024-01-02",
-    ]);
-    let stderr = String::from_utf8_lossy(&refused.stderr);
-    assert_ne!(refused.status.code(), Some(0), "{stderr}");
-    assert!(
-        stderr.contains(
-            "backfill value from=2024-01-02 would replace rows committed by value from=2024-01-01 (job backfill-daily-from-2024-01-01)"
-        ),
-        "{stderr}"
-    );
+    // The second value alone, refused: it would replace the first value's rows.
+    let second_value_is_refused = || {
+        let refused = sandbox.cli(&[
+            "backfill",
+            "pipeline.toml",
+            "--param-range",
+            "from=2024-01-02..2024-01-02",
+        ]);
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert_ne!(refused.status.code(), Some(0), "{stderr}");
+        assert!(
+            stderr.contains(
+                "backfill value from=2024-01-02 would replace rows committed by value from=2024-01-01 (job backfill-daily-from-2024-01-01)"
+            ),
+            "{stderr}"
+        );
+    };
+    second_value_is_refused();
     let read = sandbox.read_table("tests.monthly", None);
     assert_eq!(
         (snapshot_count(&read), &read["pyiceberg"]["rows"]),
@@ -358,20 +362,7 @@ async fn backfill_commits_one_snapshot_per_day_and_resumes() {
         "{out}{}",
         String::from_utf8_lossy(&compacted.stderr)
     );
-    let refused = sandbox.cli(&[
-        "backfill",
-        "pipeline.toml",
-        "--param-range",
-        "from=2024-01-02..2024-01-02",
-    ]);
-    let stderr = String::from_utf8_lossy(&refused.stderr);
-    assert_ne!(refused.status.code(), Some(0), "{stderr}");
-    assert!(
-        stderr.contains(
-            "backfill value from=2024-01-02 would replace rows committed by value from=2024-01-01 (job backfill-daily-from-2024-01-01)"
-        ),
-        "{stderr}"
-    );
+    second_value_is_refused();
     // A redo of the first value replaces its own rows and the other pipeline's in the file
     // the compaction wrote: that pipeline is no backfill of this one.
     let redo = sandbox.cli(&[

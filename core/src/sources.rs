@@ -650,7 +650,15 @@ async fn register_source(
     };
     let (files, bytes) = (found.files, found.bytes);
     let raw_name = raw_table_name(&source.name);
-    register_raw(ctx, source, &raw_name, &table_path, declared.as_ref()).await?;
+    match register_raw(ctx, source, &raw_name, &table_path, declared.as_ref()).await {
+        Err(e) if source.format == SourceFormat::Parquet && is_merge_refusal(&e) => {
+            let widened = widened_parquet_schema(ctx, &found.read)
+                .await?
+                .map_err(source_err)?;
+            register_raw(ctx, source, &raw_name, &table_path, Some(&widened)).await?;
+        }
+        registered => registered?,
+    }
     let mut raw_schema = ctx.table_provider(raw_name.as_str()).await?.schema();
     if source.format == SourceFormat::Csv
         && let Some(text) = null_columns_as_text(&raw_schema)
@@ -917,6 +925,92 @@ fn declared_csv_schema(names: &[String], contract: &[ColumnContract]) -> Option<
         })
         .collect();
     fields.map(Schema::new)
+}
+
+/// Whether schema inference refused to merge two files' types for one column (DataFusion
+/// names no file).
+fn is_merge_refusal(error: &CoreError) -> bool {
+    error.to_string().contains("Fail to merge schema")
+}
+
+/// The schema of a Parquet source whose files give a column integers of different widths
+/// (Spark's `int` one night, pandas' `int64` the next) or `float` and `double`: each file's
+/// schema is inferred as DataFusion infers a source's, and the files' types merged by
+/// [`widest_type`], as DuckDB reads them. The reader casts each file's column to it. Any
+/// other difference is refused naming both files (the inner `Err`).
+async fn widened_parquet_schema(
+    ctx: &SessionContext,
+    files: &[(Location, u64)],
+) -> Result<std::result::Result<Schema, String>> {
+    let listing = ParquetReadOptions::default()
+        .to_listing_options(&ctx.copied_config(), ctx.copied_table_options());
+    let state = ctx.state();
+    // In name order, as DataFusion infers, so a refusal names the same files every time.
+    let mut files: Vec<&Location> = files.iter().map(|(location, _)| location).collect();
+    files.sort_by_key(|location| location.to_string());
+    // Each column's type so far, and the file that gave it.
+    let mut merged: Vec<(Field, &Location)> = Vec::new();
+    for location in files {
+        let (store, path) = location.store()?;
+        let meta = store.head(&path).await?;
+        let schema = listing.format.infer_schema(&state, &store, &[meta]).await?;
+        for field in schema.fields() {
+            let Some((seen, first)) = merged.iter_mut().find(|(f, _)| f.name() == field.name())
+            else {
+                merged.push((field.as_ref().clone(), location));
+                continue;
+            };
+            let Some(widest) = widest_type(seen.data_type(), field.data_type()) else {
+                return Ok(Err(format!(
+                    "column `{}` is {} in {first} but {} in {location}; a source's files must agree on each column's type (integers of different widths are read as the widest, float and double as double)",
+                    field.name(),
+                    seen.data_type(),
+                    field.data_type()
+                )));
+            };
+            if &widest != seen.data_type() {
+                *first = location;
+            }
+            let nullable = seen.is_nullable() || field.is_nullable();
+            *seen = seen.clone().with_data_type(widest).with_nullable(nullable);
+        }
+    }
+    Ok(Ok(Schema::new(
+        merged.into_iter().map(|(f, _)| f).collect::<Vec<_>>(),
+    )))
+}
+
+/// The type that holds every value of both `a` and `b`, when the one only widens the
+/// other: integers of different widths (signed, or an unsigned one narrower than the
+/// signed), `float` and `double`. `None`: another difference.
+fn widest_type(a: &DataType, b: &DataType) -> Option<DataType> {
+    use DataType::*;
+    // (signed, bits) of an integer type.
+    let integer = |t: &DataType| match t {
+        Int8 => Some((true, 8)),
+        Int16 => Some((true, 16)),
+        Int32 => Some((true, 32)),
+        Int64 => Some((true, 64)),
+        UInt8 => Some((false, 8)),
+        UInt16 => Some((false, 16)),
+        UInt32 => Some((false, 32)),
+        UInt64 => Some((false, 64)),
+        _ => None,
+    };
+    if a == b {
+        return Some(a.clone());
+    }
+    if matches!((a, b), (Float32 | Float64, Float32 | Float64)) {
+        return Some(Float64);
+    }
+    let ((a_signed, a_bits), (b_signed, b_bits)) = (integer(a)?, integer(b)?);
+    let wider = if a_bits >= b_bits { a } else { b };
+    match (a_signed, b_signed) {
+        (x, y) if x == y => Some(wider.clone()),
+        // One signed, one unsigned: the signed one, if it is the wider.
+        (true, false) => (a_bits > b_bits).then(|| a.clone()),
+        _ => (b_bits > a_bits).then(|| b.clone()),
+    }
 }
 
 /// The column names a CSV header line gives, parsed as the reader parses it.
@@ -1824,6 +1918,34 @@ mod tests {
     use super::*;
 
     #[test]
+    fn integer_widths_and_float_precisions_widen_and_nothing_else_does() {
+        use DataType::*;
+        for (a, b, widest) in [
+            (Int32, Int64, Int64),
+            (Int64, Int8, Int64),
+            (UInt8, UInt32, UInt32),
+            (UInt32, Int64, Int64),
+            (Int16, UInt8, Int16),
+            (Float32, Float64, Float64),
+            (Utf8, Utf8, Utf8),
+        ] {
+            assert_eq!(widest_type(&a, &b), Some(widest.clone()), "{a} {b}");
+            assert_eq!(widest_type(&b, &a), Some(widest), "{b} {a}");
+        }
+        for (a, b) in [
+            (Int64, UInt64),
+            (Int32, UInt32),
+            (Int64, Float64),
+            (Int32, Utf8),
+            (Utf8, Utf8View),
+            (Date32, Int32),
+        ] {
+            assert_eq!(widest_type(&a, &b), None, "{a} {b}");
+            assert_eq!(widest_type(&b, &a), None, "{b} {a}");
+        }
+    }
+
+    #[test]
     fn a_leading_zero_is_a_zero_before_another_digit() {
         for zero in ["007", "00501", " -01", "+00", "\t0123", "\u{a0}09", "01x"] {
             assert!(has_leading_zero(zero), "{zero:?}");
@@ -2101,6 +2223,67 @@ mod tests {
             "{shown}"
         );
         assert!(shown.contains("03:00:00"), "the instant is kept: {shown}");
+    }
+
+    /// A Parquet directory written by two engines: `n` as INT32 one night and INT64 the
+    /// next, `x` as float and double. Read as the widest (it was refused, naming no file);
+    /// a column that is text in one file and a number in the other is refused naming both.
+    #[tokio::test]
+    async fn a_parquet_directory_of_int32_and_int64_files_is_read_as_int64() {
+        use datafusion::arrow::array::{
+            ArrayRef, Float32Array, Float64Array, Int32Array, Int64Array, StringArray,
+        };
+        use datafusion::arrow::record_batch::RecordBatch;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("d")).unwrap();
+        let write = |name: &str, columns: Vec<(&str, ArrayRef)>| {
+            let batch = RecordBatch::try_from_iter(columns).unwrap();
+            let file = std::fs::File::create(dir.path().join("d").join(name)).unwrap();
+            let mut writer =
+                parquet::arrow::ArrowWriter::try_new(file, batch.schema(), None).unwrap();
+            writer.write(&batch).unwrap();
+            writer.close().unwrap();
+        };
+        write(
+            "night-1.parquet",
+            vec![
+                ("n", Arc::new(Int32Array::from(vec![1, 2])) as ArrayRef),
+                (
+                    "x",
+                    Arc::new(Float32Array::from(vec![0.5, 1.5])) as ArrayRef,
+                ),
+            ],
+        );
+        write(
+            "night-2.parquet",
+            vec![
+                (
+                    "n",
+                    Arc::new(Int64Array::from(vec![5_000_000_000])) as ArrayRef,
+                ),
+                ("x", Arc::new(Float64Array::from(vec![2.25])) as ArrayRef),
+            ],
+        );
+        let ctx = with_source(dir.path(), "parquet", "d/", "").await.unwrap();
+        let rows = shown(
+            &ctx,
+            "SELECT SUM(n) AS n, SUM(x) AS x, arrow_typeof(MAX(n)) AS t FROM src",
+        )
+        .await;
+        assert!(rows.contains("| 5000000003 | 4.25 | Int64 |"), "{rows}");
+        write(
+            "night-3.parquet",
+            vec![("n", Arc::new(StringArray::from(vec!["seven"])) as ArrayRef)],
+        );
+        let Err(err) = with_source(dir.path(), "parquet", "d/", "").await else {
+            panic!("text and integers in one column were read");
+        };
+        assert!(
+            err.contains("column `n` is Int64 in ")
+                && err.contains("night-2.parquet but Utf8")
+                && err.contains("night-3.parquet"),
+            "{err}"
+        );
     }
 
     /// Whole prices for 1,500 records, then `19.99`; a key first seen at record 1,200.

@@ -33,6 +33,16 @@ pub struct MaintenanceReport {
     pub expired_snapshots: Vec<i64>,
     pub files_deleted_by_expiry: usize,
     pub orphans: Vec<String>,
+    /// Whether expiry and orphan removal were asked for: the text reports only what was.
+    #[serde(skip)]
+    pub asked: Asked,
+}
+
+/// Which of the operations that report even when they did nothing were asked for.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Asked {
+    pub expiry: bool,
+    pub orphans: bool,
 }
 
 /// Runs `work` on `table`: partition retention first (nothing to compact there), then
@@ -50,6 +60,10 @@ pub async fn maintain(
     let mut report = MaintenanceReport {
         table: table.to_string(),
         dry_run: work.dry_run,
+        asked: Asked {
+            expiry: work.expire.is_some(),
+            orphans: work.orphans_older_than.is_some(),
+        },
         ..Default::default()
     };
     if let Some(age) = work.drop_partitions_older_than {
@@ -221,31 +235,38 @@ pub fn report_text(report: &MaintenanceReport) -> String {
         "expired"
     };
     let mut out = format!(
-        "table {}\n{}{}  {verb} {} snapshot(s){}\n",
+        "table {}\n{}{}",
         report.table,
         dropped.unwrap_or_default(),
         compacted.unwrap_or_default(),
-        report.expired_snapshots.len(),
-        if report.dry_run {
-            String::new()
-        } else {
-            format!(
-                ", deleting {} file(s) only they referenced",
-                report.files_deleted_by_expiry
-            )
-        }
     );
-    let verb = if report.dry_run {
-        "would remove"
-    } else {
-        "removed"
-    };
-    out.push_str(&format!(
-        "  {verb} {} orphan file(s)\n",
-        report.orphans.len()
-    ));
-    for orphan in &report.orphans {
-        out.push_str(&format!("    {orphan}\n"));
+    if report.asked.expiry {
+        out.push_str(&format!(
+            "  {verb} {} snapshot(s){}\n",
+            report.expired_snapshots.len(),
+            if report.dry_run {
+                String::new()
+            } else {
+                format!(
+                    ", deleting {} file(s) only they referenced",
+                    report.files_deleted_by_expiry
+                )
+            }
+        ));
+    }
+    if report.asked.orphans {
+        let verb = if report.dry_run {
+            "would remove"
+        } else {
+            "removed"
+        };
+        out.push_str(&format!(
+            "  {verb} {} orphan file(s)\n",
+            report.orphans.len()
+        ));
+        for orphan in &report.orphans {
+            out.push_str(&format!("    {orphan}\n"));
+        }
     }
     out
 }
@@ -253,6 +274,33 @@ pub fn report_text(report: &MaintenanceReport) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_text_reports_only_what_was_asked() {
+        let compacted = MaintenanceReport {
+            table: "t.t".into(),
+            compacted: Some(Compacted::default()),
+            ..Default::default()
+        };
+        let text = report_text(&compacted);
+        assert!(text.contains("compacted 0 small file(s)"), "{text}");
+        assert!(
+            !text.contains("expired") && !text.contains("orphan"),
+            "{text}"
+        );
+        let everything = MaintenanceReport {
+            asked: Asked {
+                expiry: true,
+                orphans: true,
+            },
+            ..compacted
+        };
+        let text = report_text(&everything);
+        assert!(
+            text.contains("expired 0 snapshot(s)") && text.contains("removed 0 orphan file(s)"),
+            "{text}"
+        );
+    }
 
     #[test]
     fn the_compaction_spec_is_a_valid_compact_spec() {

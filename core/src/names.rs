@@ -27,8 +27,16 @@ pub fn new_nonce() -> String {
 }
 
 fn is_nonce(s: &str) -> bool {
-    s.len() == NONCE_LEN && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    is_lower_hex(s, NONCE_LEN)
 }
+
+/// Whether `s` is `len` lowercase hex digits (a nonce, or a maintenance id's uuid).
+fn is_lower_hex(s: &str, len: usize) -> bool {
+    s.len() == len && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// Hex digits in a maintenance id (`uuid::Uuid::simple`).
+const MAINTENANCE_HEX_LEN: usize = 32;
 
 /// Digits only, no sign, no leading `+`, fits a `u32`.
 fn parse_number(s: &str) -> Option<u32> {
@@ -141,13 +149,13 @@ pub fn is_compaction_file_name(file: &str) -> bool {
     else {
         return false;
     };
-    let Some((hex, rest)) = rest.split_at_checked(32) else {
+    let Some((hex, rest)) = rest.split_at_checked(MAINTENANCE_HEX_LEN) else {
         return false;
     };
     let Some((group, sequence)) = rest.strip_prefix("-g").and_then(|r| r.split_once('-')) else {
         return false;
     };
-    hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    is_lower_hex(hex, MAINTENANCE_HEX_LEN)
         && parse_number(group).is_some()
         && parse_number(sequence).is_some()
 }
@@ -156,9 +164,8 @@ pub fn is_compaction_file_name(file: &str) -> bool {
 /// `maintain --cluster --compact`): its files are named after it like a job's, and hold
 /// the rows of the jobs whose files it rewrote.
 pub fn is_compaction_job(job: &str) -> bool {
-    job.strip_prefix("compact-job-").is_some_and(|hex| {
-        hex.len() == 32 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-    })
+    job.strip_prefix("compact-job-")
+        .is_some_and(|hex| is_lower_hex(hex, MAINTENANCE_HEX_LEN))
 }
 
 /// The job id a maintenance commit is tagged with (`<kind>-<32 hex digits>`), by which a

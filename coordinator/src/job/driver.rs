@@ -598,12 +598,12 @@ impl<'a> JobRun<'a> {
         };
         let table = catalog.load_table(&rejects.ident).await?;
         let earlier = find_job_snapshot(&table, &job).map(|snapshot| {
-            let rows = table
-                .metadata()
-                .snapshot_by_id(snapshot)
-                .and_then(|s| s.summary().additional_properties.get("added-records"))
-                .and_then(|n| n.parse().ok())
-                .unwrap_or(0);
+            let rows = table.metadata().snapshot_by_id(snapshot).map_or(0, |s| {
+                nightshift_core::table::commit::summary_count(
+                    &s.summary().additional_properties,
+                    "added-records",
+                )
+            });
             (snapshot, rows)
         });
         if let Some(why) = nightshift_core::table::rejects::earlier_rejects_differ(

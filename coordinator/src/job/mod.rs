@@ -185,15 +185,10 @@ impl JobReport {
     /// what that commit put in the table (a run resumed after its coordinator died mid-commit
     /// reported 0 rows although the rows were there).
     pub fn counts_of_earlier_commit(&mut self, summary: &HashMap<String, String>) {
-        let count = |key: &str| {
-            summary
-                .get(key)
-                .and_then(|v| v.parse::<u64>().ok())
-                .unwrap_or(0)
-        };
-        self.rows = count("added-records");
-        self.files = count("added-data-files") as usize;
-        self.bytes = count("added-files-size");
+        use nightshift_core::table::commit::summary_count;
+        self.rows = summary_count(summary, "added-records");
+        self.files = summary_count(summary, "added-data-files") as usize;
+        self.bytes = summary_count(summary, "added-files-size");
     }
 }
 

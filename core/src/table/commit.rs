@@ -263,6 +263,12 @@ pub(crate) fn history_summaries(table: &Table) -> Vec<HashMap<String, String>> {
         .collect()
 }
 
+/// A count a snapshot's `summary` gives under `key` (`added-records`, `added-data-files`,
+/// `added-files-size`), 0 when it gives none.
+pub fn summary_count(summary: &HashMap<String, String>, key: &str) -> u64 {
+    summary.get(key).and_then(|n| n.parse().ok()).unwrap_or(0)
+}
+
 /// The rows the newest snapshot of the pipeline (under one of its `names`: its name, then
 /// the names it had before) in the table's current history added, if there is one: what
 /// `row_count`'s `max_change` compares a run with.
@@ -275,12 +281,7 @@ pub fn previous_run_rows(table: &Table, names: &[&str]) -> Option<u64> {
                 .get(PIPELINE_PROPERTY)
                 .is_some_and(|p| names.contains(&p.as_str()))
         })
-        .map(|summary| {
-            summary
-                .get("added-records")
-                .and_then(|n| n.parse().ok())
-                .unwrap_or(0)
-        })
+        .map(|summary| summary_count(summary, "added-records"))
 }
 
 /// Fails a commit whose incremental sources another run of the pipeline consumed since the

@@ -924,6 +924,29 @@ mod refusal_tests {
     use super::*;
 
     #[test]
+    fn only_not_found_is_a_missing_queue() {
+        use lapin::protocol::{AMQPError, AMQPErrorKind, AMQPHardError, AMQPSoftError};
+        let refused = |kind: AMQPErrorKind| {
+            lapin::Error::from(lapin::ErrorKind::ProtocolError(AMQPError::new(
+                kind,
+                "refused".into(),
+            )))
+        };
+        assert!(is_missing_queue(&refused(AMQPSoftError::NOTFOUND.into())));
+        // Other refusals, and a lost connection, are not: those are retried.
+        assert!(!is_missing_queue(&refused(
+            AMQPSoftError::ACCESSREFUSED.into()
+        )));
+        assert!(!is_missing_queue(&refused(
+            AMQPHardError::CONNECTIONFORCED.into()
+        )));
+        let lost = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        assert!(!is_missing_queue(&lapin::Error::from(
+            lapin::ErrorKind::IOError(std::sync::Arc::new(lost))
+        )));
+    }
+
+    #[test]
     fn a_refused_message_is_sent_again_six_times_over_about_three_seconds() {
         let waits: Vec<Duration> = (0..).map_while(retry_refused_after).collect();
         assert_eq!(waits.len(), 6);

@@ -188,7 +188,7 @@ async fn refuse_replacing_another_backfill_value(
     ours: &HashMap<String, String>,
 ) -> Result<()> {
     use super::backfill_values::{replaces_another_value, replaces_another_values_file};
-    use super::provenance::{Writer, jobs_in_footer, writer_of};
+    use super::provenance::{Judged, jobs_in_footer, judged_by, writer_of};
     if !super::backfill_values::is_backfill_value(ours) {
         return Ok(());
     }
@@ -196,17 +196,18 @@ async fn refuse_replacing_another_backfill_value(
     let mut other = None;
     for file in carried.removed.values().flatten() {
         let path = file.data_file.file_path();
-        other = match (writer_of(path), metadata.snapshot_by_id(file.snapshot_id)) {
-            (Writer::Compaction, _) => jobs_in_footer(path)
+        let theirs = metadata.snapshot_by_id(file.snapshot_id);
+        other = match judged_by(writer_of(path), theirs.is_some()) {
+            Judged::ByFooter => jobs_in_footer(path)
                 .await?
                 .unwrap_or_default()
                 .iter()
                 .find_map(|job| replaces_another_values_file(ours, job)),
-            (_, Some(theirs)) => {
+            Judged::BySnapshot => theirs.and_then(|theirs| {
                 replaces_another_value(ours, &theirs.summary().additional_properties)
-            }
-            (Writer::Job(job), None) => replaces_another_values_file(ours, &job),
-            (Writer::Foreign, None) => None,
+            }),
+            Judged::ByName(job) => replaces_another_values_file(ours, &job),
+            Judged::Not => None,
         };
         if other.is_some() {
             break;

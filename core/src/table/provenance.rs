@@ -100,6 +100,31 @@ pub fn writer_of(path: &str) -> Writer {
     }
 }
 
+/// How the check that a backfill value owns its partitions learns whose rows a file it
+/// would replace holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Judged {
+    /// By the jobs its footer lists: a compaction's file (its snapshot names no job).
+    ByFooter,
+    /// By the summary of the snapshot that added it.
+    BySnapshot,
+    /// By the job its name carries: a job's file whose snapshot expired.
+    ByName(String),
+    /// Not at all: another engine's file whose snapshot expired (no job of ours).
+    Not,
+}
+
+/// How a file written by `writer` is judged, `snapshot_kept` whether the snapshot that
+/// added it is still in the table.
+pub fn judged_by(writer: Writer, snapshot_kept: bool) -> Judged {
+    match (writer, snapshot_kept) {
+        (Writer::Compaction, _) => Judged::ByFooter,
+        (_, true) => Judged::BySnapshot,
+        (Writer::Job(job), false) => Judged::ByName(job),
+        (Writer::Foreign, false) => Judged::Not,
+    }
+}
+
 /// The footer value of a file holding the rows of `jobs`.
 pub fn encode_jobs(jobs: &BTreeSet<String>) -> String {
     serde_json::to_string(jobs).expect("a set of strings serializes")
@@ -193,6 +218,21 @@ mod tests {
         ] {
             assert_eq!(writer_of(foreign), Writer::Foreign, "{foreign}");
         }
+    }
+
+    #[test]
+    fn a_compacted_file_is_judged_by_its_footer_even_while_its_snapshot_is_kept() {
+        let job = || Writer::Job("backfill-daily-from-2024-01-01".to_string());
+        for kept in [true, false] {
+            assert_eq!(judged_by(Writer::Compaction, kept), Judged::ByFooter);
+        }
+        assert_eq!(judged_by(job(), true), Judged::BySnapshot);
+        assert_eq!(judged_by(Writer::Foreign, true), Judged::BySnapshot);
+        assert_eq!(
+            judged_by(job(), false),
+            Judged::ByName("backfill-daily-from-2024-01-01".to_string())
+        );
+        assert_eq!(judged_by(Writer::Foreign, false), Judged::Not);
     }
 
     #[test]

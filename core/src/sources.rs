@@ -651,8 +651,8 @@ async fn register_source(
     let (files, bytes) = (found.files, found.bytes);
     let raw_name = raw_table_name(&source.name);
     match register_raw(ctx, source, &raw_name, &table_path, declared.as_ref()).await {
-        Err(e) if source.format == SourceFormat::Parquet && is_merge_refusal(&e) => {
-            let widened = widened_parquet_schema(ctx, &found.read)
+        Err(e) if source.format != SourceFormat::Json && is_merge_refusal(&e) => {
+            let widened = widened_schema(ctx, source, &table_path, &found.read)
                 .await?
                 .map_err(source_err)?;
             register_raw(ctx, source, &raw_name, &table_path, Some(&widened)).await?;
@@ -933,17 +933,32 @@ fn is_merge_refusal(error: &CoreError) -> bool {
     error.to_string().contains("Fail to merge schema")
 }
 
-/// The schema of a Parquet source whose files give a column integers of different widths
-/// (Spark's `int` one night, pandas' `int64` the next) or `float` and `double`: each file's
-/// schema is inferred as DataFusion infers a source's, and the files' types merged by
-/// [`widest_type`], as DuckDB reads them. The reader casts each file's column to it. Any
-/// other difference is refused naming both files (the inner `Err`).
-async fn widened_parquet_schema(
+/// The schema of a source whose files infer different types for a column that one type
+/// holds: a Parquet directory of integers of different widths (Spark's `int` one night,
+/// pandas' `int64` the next) or `float` and `double` ([`widest_type`], as DuckDB reads
+/// them); a CSV directory of whole amounts one night and `10.5` the next
+/// ([`widest_csv_type`]: `double`, as one file holding both is inferred). Each file's
+/// schema is inferred as DataFusion infers a source's, and the types merged; the reader
+/// reads each file's column as the merged type. Any other difference is refused naming both
+/// files (the inner `Err`).
+async fn widened_schema(
     ctx: &SessionContext,
+    source: &SourceSpec,
+    table_path: &str,
     files: &[(Location, u64)],
 ) -> Result<std::result::Result<Schema, String>> {
-    let listing = ParquetReadOptions::default()
-        .to_listing_options(&ctx.copied_config(), ctx.copied_table_options());
+    type Widen = fn(&DataType, &DataType) -> Option<DataType>;
+    let (widen, rule): (Widen, &str) = match source.format {
+        SourceFormat::Csv => (
+            widest_csv_type,
+            "whole numbers and decimals are read as double",
+        ),
+        _ => (
+            widest_type,
+            "integers of different widths are read as the widest, float and double as double",
+        ),
+    };
+    let listing = raw_listing_options(ctx, source, table_path)?;
     let state = ctx.state();
     // In name order, as DataFusion infers, so a refusal names the same files every time.
     let mut files: Vec<&Location> = files.iter().map(|(location, _)| location).collect();
@@ -960,9 +975,9 @@ async fn widened_parquet_schema(
                 merged.push((field.as_ref().clone(), location));
                 continue;
             };
-            let Some(widest) = widest_type(seen.data_type(), field.data_type()) else {
+            let Some(widest) = widen(seen.data_type(), field.data_type()) else {
                 return Ok(Err(format!(
-                    "column `{}` is {} in {first} but {} in {location}; a source's files must agree on each column's type (integers of different widths are read as the widest, float and double as double)",
+                    "column `{}` is {} in {first} but {} in {location}; a source's files must agree on each column's type ({rule})",
                     field.name(),
                     seen.data_type(),
                     field.data_type()
@@ -997,8 +1012,11 @@ fn widest_type(a: &DataType, b: &DataType) -> Option<DataType> {
         UInt64 => Some((false, 64)),
         _ => None,
     };
-    if a == b {
+    if a == b || *b == Null {
         return Some(a.clone());
+    }
+    if *a == Null {
+        return Some(b.clone());
     }
     if matches!((a, b), (Float32 | Float64, Float32 | Float64)) {
         return Some(Float64);
@@ -1010,6 +1028,19 @@ fn widest_type(a: &DataType, b: &DataType) -> Option<DataType> {
         // One signed, one unsigned: the signed one, if it is the wider.
         (true, false) => (a_bits > b_bits).then(|| a.clone()),
         _ => (b_bits > a_bits).then(|| b.clone()),
+    }
+}
+
+/// The type that holds both of two CSV files' inferred types for a column: [`widest_type`],
+/// or `double` for whole numbers in one file and decimals in the other, as inference types
+/// a column of one file holding both. Any other difference (text and numbers, dates and
+/// numbers) is `None`: most likely a file of another layout, refused rather than read as
+/// text.
+fn widest_csv_type(a: &DataType, b: &DataType) -> Option<DataType> {
+    use DataType::*;
+    match (a, b) {
+        (Int64, Float64) | (Float64, Int64) => Some(Float64),
+        _ => widest_type(a, b),
     }
 }
 
@@ -1381,56 +1412,8 @@ async fn register_raw(
     table_path: &str,
     schema: Option<&Schema>,
 ) -> Result<()> {
-    // The extension `find_files` counted the source's files by.
-    let extension = file_extension(source, table_path, default_extension(source.format));
-    let registered = match source.format {
-        SourceFormat::Parquet => {
-            let options = ParquetReadOptions::default().file_extension(extension);
-            register_listing(ctx, raw_name, table_path, options, schema).await
-        }
-        SourceFormat::Csv => {
-            let byte_option = |key: &str| csv_byte_option(source, key);
-            let header = csv_has_header(source)?;
-            let mut options = CsvReadOptions::new()
-                .has_header(header)
-                // Keeps each CSV file in one task, so line numbers in errors are the file's.
-                .newlines_in_values(true)
-                .file_extension(extension)
-                .null_regex(
-                    source
-                        .options
-                        .get("null_value")
-                        .map(|v| null_value_regex(v)),
-                );
-            if let Some(d) = byte_option("delimiter")? {
-                options = options.delimiter(d);
-            }
-            if let Some(q) = byte_option("quote")? {
-                options = options.quote(q);
-            }
-            if let Some(e) = byte_option("escape")? {
-                options = options.escape(e);
-            }
-            if let Some(schema) = schema {
-                options = options.schema(schema);
-            }
-            register_listing(ctx, raw_name, table_path, options, schema).await
-        }
-        SourceFormat::Json => {
-            // Types are inferred from every record of every file: arrow-json's default, the
-            // first 1000 records of the first file, typed `price` bigint when its first
-            // values were whole, and a later `19.99` was then read as 19 (the integer
-            // reader truncates a fraction), and keys first seen later were dropped.
-            let mut options = JsonReadOptions::default()
-                .file_extension(extension)
-                .schema_infer_max_records(usize::MAX);
-            if let Some(schema) = schema {
-                options = options.schema(schema);
-            }
-            register_listing(ctx, raw_name, table_path, options, schema).await
-        }
-        SourceFormat::Iceberg => unreachable!("iceberg sources are registered by register_iceberg"),
-    };
+    let listing = raw_listing_options(ctx, source, table_path)?;
+    let registered = register_listing(ctx, raw_name, table_path, listing, schema).await;
     registered.map_err(|e| {
         let message = match source.format {
             SourceFormat::Parquet => find_bad_parquet(table_path),
@@ -1452,19 +1435,68 @@ async fn register_raw(
     })
 }
 
-/// Registers the files at `table_path` as the table `name`, read with `options` and of
+/// How the raw table of `source` (files at `table_path`) reads its files: the format and
+/// its options (a CSV source's delimiter, quote, header and null marker), and the extension
+/// [`find_files`] counted the files by.
+fn raw_listing_options(
+    ctx: &SessionContext,
+    source: &SourceSpec,
+    table_path: &str,
+) -> Result<ListingOptions> {
+    let extension = file_extension(source, table_path, default_extension(source.format));
+    let (config, table_options) = (ctx.copied_config(), ctx.copied_table_options());
+    Ok(match source.format {
+        SourceFormat::Parquet => ParquetReadOptions::default()
+            .file_extension(extension)
+            .to_listing_options(&config, table_options),
+        SourceFormat::Csv => {
+            let byte_option = |key: &str| csv_byte_option(source, key);
+            let mut options = CsvReadOptions::new()
+                .has_header(csv_has_header(source)?)
+                // Keeps each CSV file in one task, so line numbers in errors are the file's.
+                .newlines_in_values(true)
+                .file_extension(extension)
+                .null_regex(
+                    source
+                        .options
+                        .get("null_value")
+                        .map(|v| null_value_regex(v)),
+                );
+            if let Some(d) = byte_option("delimiter")? {
+                options = options.delimiter(d);
+            }
+            if let Some(q) = byte_option("quote")? {
+                options = options.quote(q);
+            }
+            if let Some(e) = byte_option("escape")? {
+                options = options.escape(e);
+            }
+            options.to_listing_options(&config, table_options)
+        }
+        // Types are inferred from every record of every file: arrow-json's default, the
+        // first 1000 records of the first file, typed `price` bigint when its first values
+        // were whole, and a later `19.99` was then read as 19 (the integer reader truncates
+        // a fraction), and keys first seen later were dropped.
+        SourceFormat::Json => JsonReadOptions::default()
+            .file_extension(extension)
+            .schema_infer_max_records(usize::MAX)
+            .to_listing_options(&config, table_options),
+        SourceFormat::Iceberg => unreachable!("iceberg sources are registered by register_iceberg"),
+    })
+}
+
+/// Registers the files at `table_path` as the table `name`, read with `listing` and of
 /// `schema` (inferred when `None`), as `SessionContext::register_csv` and its siblings do,
 /// except that a directory's hidden files (named `.*` or `_*`: an upload in progress, a
 /// writer's marker) are not read, as Spark and Hive skip them and as [`find_files`]
 /// counts.
-async fn register_listing<'a>(
+async fn register_listing(
     ctx: &SessionContext,
     name: &str,
     table_path: &str,
-    options: impl ReadOptions<'a>,
+    listing: ListingOptions,
     schema: Option<&Schema>,
 ) -> datafusion::error::Result<()> {
-    let listing = options.to_listing_options(&ctx.copied_config(), ctx.copied_table_options());
     let url = visible_files(
         ListingTableUrl::parse(table_path)?,
         table_path,
@@ -1928,6 +1960,9 @@ mod tests {
             (Int16, UInt8, Int16),
             (Float32, Float64, Float64),
             (Utf8, Utf8, Utf8),
+            // A column with no value in one file (pyarrow's `null`, CSV's empty column).
+            (Null, Int32, Int32),
+            (Null, Utf8, Utf8),
         ] {
             assert_eq!(widest_type(&a, &b), Some(widest.clone()), "{a} {b}");
             assert_eq!(widest_type(&b, &a), Some(widest), "{b} {a}");
@@ -1942,6 +1977,33 @@ mod tests {
         ] {
             assert_eq!(widest_type(&a, &b), None, "{a} {b}");
             assert_eq!(widest_type(&b, &a), None, "{b} {a}");
+        }
+    }
+
+    /// CSV inference types a column `bigint`, `double`, `date`, `timestamp`, `boolean` or
+    /// text; only whole numbers and decimals widen (to `double`), as within one file.
+    #[test]
+    fn csv_whole_numbers_and_decimals_widen_to_double_and_nothing_else_does() {
+        use DataType::*;
+        let timestamp = Timestamp(TimeUnit::Second, None);
+        for (a, b, widest) in [
+            (Int64, Float64, Float64),
+            (Int64, Int64, Int64),
+            (Null, Float64, Float64),
+        ] {
+            assert_eq!(widest_csv_type(&a, &b), Some(widest.clone()), "{a} {b}");
+            assert_eq!(widest_csv_type(&b, &a), Some(widest), "{b} {a}");
+        }
+        for (a, b) in [
+            (Int64, Utf8),
+            (Float64, Utf8),
+            (Date32, Utf8),
+            (Date32, timestamp.clone()),
+            (Int64, timestamp),
+            (Boolean, Int64),
+        ] {
+            assert_eq!(widest_csv_type(&a, &b), None, "{a} {b}");
+            assert_eq!(widest_csv_type(&b, &a), None, "{b} {a}");
         }
     }
 
@@ -2143,6 +2205,34 @@ mod tests {
             .to_string();
         // The value and its type (a job's task adds the file).
         assert!(err.contains("'abc' as type 'Float64'"), "{err}");
+    }
+
+    /// Without a contract, a directory of whole amounts one night and `10.5` the next is read
+    /// as `double` (it was refused with "Fail to merge schema", naming no file); a file whose
+    /// amounts are text is refused naming the column and both files.
+    #[tokio::test]
+    async fn a_csv_directory_of_whole_and_decimal_amounts_is_read_as_double() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("d")).unwrap();
+        std::fs::write(dir.path().join("d/a.csv"), "id,amount\n1,10\n2,20\n").unwrap();
+        std::fs::write(dir.path().join("d/b.csv"), "id,amount\n3,10.5\n").unwrap();
+        let ctx = with_csv_source(dir.path(), "d/", "").await.unwrap();
+        let total = shown(
+            &ctx,
+            "SELECT sum(amount) AS total, arrow_typeof(max(amount)) AS t, sum(id) AS ids FROM src",
+        )
+        .await;
+        assert!(total.contains("| 40.5  | Float64 | 6   |"), "{total}");
+        std::fs::write(dir.path().join("d/c.csv"), "id,amount\n4,n/a\n").unwrap();
+        let Err(err) = with_csv_source(dir.path(), "d/", "").await else {
+            panic!("text and numbers in one column were read");
+        };
+        assert!(
+            err.contains("column `amount` is Float64 in ")
+                && err.contains("b.csv but Utf8 in ")
+                && err.contains("c.csv"),
+            "{err}"
+        );
     }
 
     /// An integer column with a leading zero anywhere (past the rows inference samples) is

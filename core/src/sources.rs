@@ -696,10 +696,15 @@ async fn register_source(
             Arc::new(with_contract)
         }
     };
-    if source.format == SourceFormat::Csv
-        && let Some(marker) = source.options.get("null_value")
-    {
-        read_null_value_as_null(ctx, source, &raw_name, &table_path, &schema, marker).await?;
+    if source.format == SourceFormat::Csv {
+        match source.options.get("null_value") {
+            // Reads text and casts it, which rounds a decimal.
+            Some(marker) => {
+                read_null_value_as_null(ctx, source, &raw_name, &table_path, &schema, marker)
+                    .await?
+            }
+            None => read_decimals_rounded(ctx, source, &raw_name, &table_path, &schema).await?,
+        }
     }
     register_view(ctx, source, &raw_name, &schema, contract, &location).await?;
     Ok(SourceSummary {
@@ -755,6 +760,66 @@ async fn read_null_value_as_null(
     let view = ctx.table(text_name.as_str()).await?.select(columns)?;
     ctx.register_table(raw_name, view.into_view())?;
     Ok(())
+}
+
+/// Makes the raw table `raw_name` round a CSV value with more decimal places than its
+/// contract's `decimal(p, s)` (`12.345` under `decimal(15, 2)`: 12.35), as a SQL `CAST`,
+/// DuckDB and Spark do; the CSV reader drops the extra places (12.34). The files are read
+/// one place finer ([`decimals_one_place_finer`]) and each such column cast to its declared
+/// type. One place is enough: dropping the places after it cannot carry a value across the
+/// half-way point of the last declared place. Too many whole digits still fail in the
+/// reader, which names the file and record.
+async fn read_decimals_rounded(
+    ctx: &SessionContext,
+    source: &SourceSpec,
+    raw_name: &str,
+    table_path: &str,
+    schema: &Schema,
+) -> Result<()> {
+    use datafusion::logical_expr::{cast, ident};
+    let Some(finer) = decimals_one_place_finer(schema) else {
+        return Ok(());
+    };
+    let finer_name = format!("{raw_name}__finer");
+    ctx.deregister_table(raw_name)?;
+    register_raw(ctx, source, &finer_name, table_path, Some(&finer)).await?;
+    let columns: Vec<Expr> = schema
+        .fields()
+        .iter()
+        .zip(finer.fields())
+        .map(|(declared, read)| {
+            let column = ident(declared.name());
+            match declared.data_type() == read.data_type() {
+                true => column,
+                false => cast(column, declared.data_type().clone()).alias(declared.name()),
+            }
+        })
+        .collect();
+    let view = ctx.table(finer_name.as_str()).await?.select(columns)?;
+    ctx.register_table(raw_name, view.into_view())?;
+    Ok(())
+}
+
+/// `schema` with each `decimal(p, s)` read as `decimal(p + 1, s + 1)` (the same whole
+/// digits, one more place), or `None` when it has no decimal that can be (`p` = 38, the
+/// most a 128-bit decimal holds, keeps the reader's rounding toward zero).
+fn decimals_one_place_finer(schema: &Schema) -> Option<Schema> {
+    let mut finer = false;
+    let fields: Vec<Field> = schema
+        .fields()
+        .iter()
+        .map(|field| match field.data_type() {
+            DataType::Decimal128(p, s) if *p < 38 => {
+                finer = true;
+                field
+                    .as_ref()
+                    .clone()
+                    .with_data_type(DataType::Decimal128(p + 1, s + 1))
+            }
+            _ => field.as_ref().clone(),
+        })
+        .collect();
+    finer.then(|| Schema::new(fields))
 }
 
 /// `schema`'s columns, each read as text (the CSV reader then reads every value as written).
@@ -2008,6 +2073,38 @@ mod tests {
     }
 
     #[test]
+    fn decimals_are_read_one_place_finer_with_the_same_whole_digits() {
+        use DataType::*;
+        let schema = Schema::new(vec![
+            Field::new("amount", Decimal128(15, 2), false),
+            Field::new("id", Int64, true),
+            Field::new("whole", Decimal128(10, 0), true),
+            Field::new("widest", Decimal128(38, 4), true),
+        ]);
+        let finer = decimals_one_place_finer(&schema).unwrap();
+        let types: Vec<_> = finer
+            .fields()
+            .iter()
+            .map(|f| f.data_type().clone())
+            .collect();
+        assert_eq!(
+            types,
+            [
+                Decimal128(16, 3),
+                Int64,
+                Decimal128(11, 1),
+                Decimal128(38, 4)
+            ]
+        );
+        assert!(!finer.field(0).is_nullable());
+        let none = Schema::new(vec![
+            Field::new("id", Int64, true),
+            Field::new("widest", Decimal128(38, 4), true),
+        ]);
+        assert_eq!(decimals_one_place_finer(&none), None);
+    }
+
+    #[test]
     fn a_leading_zero_is_a_zero_before_another_digit() {
         for zero in ["007", "00501", " -01", "+00", "\t0123", "\u{a0}09", "01x"] {
             assert!(has_leading_zero(zero), "{zero:?}");
@@ -2205,6 +2302,54 @@ mod tests {
             .to_string();
         // The value and its type (a job's task adds the file).
         assert!(err.contains("'abc' as type 'Float64'"), "{err}");
+    }
+
+    /// A value with more places than its `decimal(p, s)` contract is rounded, half away from
+    /// zero, as a SQL `CAST` rounds it (the reader truncated: 1.239 was published as 1.23);
+    /// too many whole digits still fail naming the record.
+    #[tokio::test]
+    async fn a_csv_decimal_with_more_places_than_its_contract_is_rounded() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("a.csv"),
+            "id,amount\n1,1.239\n2,-1.235\n3,-1.2349\n4,7\n",
+        )
+        .unwrap();
+        let contract = "[source.schema]\nid = \"bigint\"\namount = \"decimal(10, 2)\"\n";
+        let ctx = with_csv_source(dir.path(), "a.csv", contract)
+            .await
+            .unwrap();
+        let rows = shown(&ctx, "SELECT id, amount FROM src ORDER BY id").await;
+        for row in [
+            "| 1  | 1.24   |",
+            "| 2  | -1.24  |",
+            "| 3  | -1.23  |",
+            "| 4  | 7.00   |",
+        ] {
+            assert!(rows.contains(row), "{row} in {rows}");
+        }
+        let typed = shown(&ctx, "SELECT arrow_typeof(amount) AS t FROM src LIMIT 1").await;
+        assert!(typed.contains("Decimal128(10, 2)"), "{typed}");
+        // Rounded past the declared precision: the cast names the value it would make.
+        let failed = |csv: &'static str| {
+            std::fs::write(dir.path().join("a.csv"), csv).unwrap();
+            async {
+                let ctx = with_csv_source(dir.path(), "a.csv", contract)
+                    .await
+                    .unwrap();
+                let read = ctx.sql("SELECT amount FROM src").await.unwrap().collect();
+                read.await.unwrap_err().to_string()
+            }
+        };
+        let err = failed("id,amount\n1,1.5\n5,99999999.995\n").await;
+        assert!(err.contains("100000000.00 is too large"), "{err}");
+        // Too many whole digits: the reader's error, naming the value (a job's task adds
+        // the file).
+        let err = failed("id,amount\n1,1.5\n2,123456789.5\n").await;
+        assert!(
+            err.contains("parse decimal overflow (123456789.5)"),
+            "{err}"
+        );
     }
 
     /// Without a contract, a directory of whole amounts one night and `10.5` the next is read

@@ -394,6 +394,48 @@ impl CheckSpec {
     }
 }
 
+/// A key `check` sets that its type does not read (`min` on a `unique` check, `pattern` on
+/// a `range`), with the types that read it: the check would pass without it, and the
+/// author meant something else.
+fn key_it_ignores(check: &CheckSpec) -> Option<(&'static str, &'static [CheckKind])> {
+    use CheckKind::*;
+    let set: [(&str, bool, &[CheckKind]); 9] = [
+        ("values", !check.values.is_empty(), &[AcceptedValues]),
+        ("min", check.min.is_some(), &[Range, RowCount]),
+        ("max", check.max.is_some(), &[Range, RowCount]),
+        ("pattern", check.pattern.is_some(), &[Regex]),
+        ("sql", check.sql.is_some(), &[Sql]),
+        ("max_age", check.max_age.is_some(), &[Freshness]),
+        ("to", check.to.is_some(), &[Relationship]),
+        ("to_columns", !check.to_columns.is_empty(), &[Relationship]),
+        ("max_change", check.max_change.is_some(), &[RowCount]),
+    ];
+    set.into_iter()
+        .find(|(_, is_set, kinds)| *is_set && !kinds.contains(&check.kind))
+        .map(|(key, _, kinds)| (key, kinds))
+}
+
+/// Whether bounds `min` and `max` are the wrong way round: both numbers with `min` the
+/// larger, or both text of one shape (the same length, digits in the same places: two dates,
+/// two timestamps written alike, two codes) with `min` after `max`. Text of different shapes
+/// (`2024-01-01` and `2024-01-01 12:00`) is not judged here.
+fn bounds_reversed(min: &toml::Value, max: &toml::Value) -> bool {
+    use toml::Value;
+    let number = |v: &Value| match v {
+        Value::Integer(n) => Some(*n as f64),
+        Value::Float(f) => Some(*f),
+        _ => None,
+    };
+    if let (Some(min), Some(max)) = (number(min), number(max)) {
+        return min > max;
+    }
+    let (Value::String(min), Value::String(max)) = (min, max) else {
+        return false;
+    };
+    let shape = |s: &str| s.bytes().map(|b| b.is_ascii_digit()).collect::<Vec<_>>();
+    min.len() == max.len() && shape(min) == shape(max) && min > max
+}
+
 /// `90m`, `36h`, `2d` (or `s`) as a SQL interval (`36 hours`); `None` if malformed.
 fn parse_age(text: &str) -> Option<String> {
     let text = text.trim();
@@ -523,16 +565,22 @@ pub(crate) fn check_checks(
                 }
             )));
         }
-        if check.max_change.is_some() && check.kind != CheckKind::RowCount {
+        if let Some((key, kinds)) = key_it_ignores(check) {
             return Err(invalid(format!(
-                "max_change = ... belongs to type = \"row_count\", not type = \"{}\"",
+                "{key} = ... belongs to type = {}, not type = \"{}\" (which would ignore it)",
+                kinds
+                    .iter()
+                    .map(|k| format!("\"{}\"", k.name()))
+                    .collect::<Vec<_>>()
+                    .join(" or "),
                 check.kind.name()
             )));
         }
-        if check.sql.is_some() && check.kind != CheckKind::Sql {
+        if let (Some(min), Some(max)) = (&check.min, &check.max)
+            && bounds_reversed(min, max)
+        {
             return Err(invalid(format!(
-                "sql = ... belongs to type = \"sql\", not type = \"{}\"",
-                check.kind.name()
+                "min = {min} is above max = {max}: no value could pass"
             )));
         }
         if check.kind == CheckKind::Regex
@@ -674,6 +722,27 @@ mod tests {
             "name = \"f\"\non = \"src\"\ntype = \"freshness\"\ncolumns = [\"e\"]\nmax_age = \"2h\"",
         );
         assert!(on_source.typed_source_query("src", &types).is_err());
+    }
+
+    #[test]
+    fn bounds_are_reversed_when_min_is_past_max_of_the_same_kind() {
+        use toml::Value;
+        let text = |s: &str| Value::String(s.to_string());
+        for (min, max, reversed) in [
+            (Value::Integer(10), Value::Integer(5), true),
+            (Value::Integer(5), Value::Integer(5), false),
+            (Value::Float(0.5), Value::Integer(1), false),
+            (Value::Integer(2), Value::Float(1.5), true),
+            (text("2025-12-31"), text("2025-01-01"), true),
+            (text("2025-01-01"), text("2025-12-31"), false),
+            (text("M"), text("A"), true),
+            // Other shapes, other kinds: not judged.
+            (text("2025-01-02"), text("2025-01-01 12:00"), false),
+            (text("9"), text("10"), false),
+            (Value::Integer(10), text("5"), false),
+        ] {
+            assert_eq!(bounds_reversed(&min, &max), reversed, "{min} {max}");
+        }
     }
 
     #[test]
@@ -824,6 +893,30 @@ mod tests {
             (
                 "name = \"a\"\ntype = \"not_null\"\ncolumns = [\"n\"]\nsql = \"SELECT 1\"",
                 "sql = ... belongs to type = \"sql\"",
+            ),
+            (
+                "name = \"a\"\ntype = \"unique\"\ncolumns = [\"n\"]\nmin = 0",
+                "min = ... belongs to type = \"range\" or \"row_count\", not type = \"unique\"",
+            ),
+            (
+                "name = \"a\"\ntype = \"range\"\ncolumns = [\"n\"]\nmin = 0\npattern = \"x\"",
+                "pattern = ... belongs to type = \"regex\"",
+            ),
+            (
+                "name = \"a\"\ntype = \"not_null\"\ncolumns = [\"n\"]\nmax_age = \"1d\"",
+                "max_age = ... belongs to type = \"freshness\"",
+            ),
+            (
+                "name = \"a\"\ntype = \"range\"\ncolumns = [\"n\"]\nmin = 10\nmax = 5.5",
+                "min = 10 is above max = 5.5: no value could pass",
+            ),
+            (
+                "name = \"a\"\ntype = \"range\"\ncolumns = [\"d\"]\nmin = \"2025-12-31\"\nmax = \"2025-01-01\"",
+                "min = \"2025-12-31\" is above max = \"2025-01-01\"",
+            ),
+            (
+                "name = \"a\"\ntype = \"row_count\"\nmin = 100\nmax = 10",
+                "min = 100 is above max = 10",
             ),
             (
                 "name = \"a\"\non = \"ordres\"\ntype = \"not_null\"\ncolumns = [\"n\"]",

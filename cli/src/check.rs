@@ -117,19 +117,7 @@ pub async fn check_pipeline(spec: Result<ResolvedSpec, String>, sample_dir: &Pat
         }
     };
     let check_cases = |results: &[nightshift_core::checks::CheckResult]| -> Vec<Case> {
-        results
-            .iter()
-            .map(|r| Case {
-                name: format!("check {}", r.name),
-                passed: r.passed,
-                severity: r.severity.clone(),
-                message: if r.samples.is_empty() {
-                    r.detail.clone()
-                } else {
-                    format!("{}; e.g. {}", r.detail, r.samples.join(", "))
-                },
-            })
-            .collect()
+        results.iter().map(check_case).collect()
     };
     match outcome {
         Ok(report) => {
@@ -187,6 +175,29 @@ fn sample_of(dir: &Path, name: &str, format: SourceFormat) -> Option<PathBuf> {
         .map(|ext| dir.join(format!("{name}.{ext}")))
         .find(|file| file.is_file())
         .and_then(|file| std::path::absolute(file).ok())
+}
+
+/// The case of a judged `[[check]]`. One that set rows aside (`on_fail = "quarantine"`)
+/// warns, whatever its severity: the run publishes the other rows, so it is not a failure;
+/// its message says so.
+fn check_case(result: &nightshift_core::checks::CheckResult) -> Case {
+    let detail = match result.quarantined && !result.passed {
+        true => format!("quarantined: {}", result.detail),
+        false => result.detail.clone(),
+    };
+    Case {
+        name: format!("check {}", result.name),
+        passed: result.passed,
+        severity: match result.quarantined {
+            true => "warn".to_string(),
+            false => result.severity.clone(),
+        },
+        message: if result.samples.is_empty() {
+            detail
+        } else {
+            format!("{detail}; e.g. {}", result.samples.join(", "))
+        },
+    }
 }
 
 /// The cases for people: a line each, the failures' messages under them, a count.
@@ -275,6 +286,29 @@ mod tests {
             severity: severity.into(),
             message: message.into(),
         }
+    }
+
+    #[test]
+    fn a_check_that_set_rows_aside_warns_and_does_not_fail_the_run() {
+        let result = |quarantined| nightshift_core::checks::CheckResult {
+            name: "known_status".into(),
+            severity: "error".into(),
+            passed: false,
+            failed_rows: 1,
+            detail: "1 rows set aside".into(),
+            samples: vec!["{\"status\":\"x\"}".into()],
+            quarantined,
+        };
+        let set_aside = check_case(&result(true));
+        assert!(!set_aside.fails_the_run(), "{set_aside:?}");
+        assert_eq!(set_aside.severity, "warn");
+        assert_eq!(
+            set_aside.message,
+            "quarantined: 1 rows set aside; e.g. {\"status\":\"x\"}"
+        );
+        let failed = check_case(&result(false));
+        assert!(failed.fails_the_run(), "{failed:?}");
+        assert_eq!(failed.message, "1 rows set aside; e.g. {\"status\":\"x\"}");
     }
 
     #[test]

@@ -8,7 +8,8 @@
 //! - `nightshift.consumed.<table>` and `nightshift.consumed-after.<table>`: for an incremental
 //!   source, the snapshots consumed (the next run reads what came after; the commit lands only
 //!   on a history that still ends at `after`; see `nightshift_core::incremental`);
-//! - `nightshift.check.<name>`: `passed` or `failed (<severity>): <detail>`.
+//! - `nightshift.check.<name>`: `passed`, `quarantined: <detail>` (rows set aside, the
+//!   others published) or `failed (<severity>): <detail>`.
 //!
 //! `nightshift.job-id` is added by the commit itself (it is what makes the commit
 //! idempotent). `nightshift history TABLE` reads them back.
@@ -66,14 +67,19 @@ pub fn snapshot_summary(
         }
     }
     for check in checks {
-        let verdict = if check.passed {
-            "passed".to_string()
-        } else {
-            format!("failed ({}): {}", check.severity, check.detail)
-        };
-        summary.insert(format!("nightshift.check.{}", check.name), verdict);
+        summary.insert(format!("nightshift.check.{}", check.name), verdict(check));
     }
     summary
+}
+
+/// How a snapshot summary states `check`'s outcome: a quarantine is not a failure (the job
+/// published the rows that passed), whatever its severity.
+fn verdict(check: &CheckResult) -> String {
+    match (check.passed, check.quarantined) {
+        (true, _) => "passed".to_string(),
+        (false, true) => format!("quarantined: {}", check.detail),
+        (false, false) => format!("failed ({}): {}", check.severity, check.detail),
+    }
 }
 
 /// Why the snapshot that holds a job's id (its `summary`) was not made by `spec`: another
@@ -214,6 +220,29 @@ mod tests {
             "failed (warn): 0 rows written, at least 1 rows expected"
         );
         assert!(!snapshot_summary(&spec("SELECT 1"), &[], &[]).contains_key(GIT_COMMIT_PROPERTY));
+    }
+
+    #[test]
+    fn a_quarantine_is_stated_as_such_whatever_its_severity() {
+        let check = |passed, quarantined| CheckResult {
+            name: "known_status".into(),
+            severity: "error".into(),
+            passed,
+            failed_rows: 1,
+            detail: "1 rows set aside".into(),
+            samples: Vec::new(),
+            quarantined,
+        };
+        assert_eq!(verdict(&check(true, false)), "passed");
+        assert_eq!(verdict(&check(true, true)), "passed");
+        assert_eq!(
+            verdict(&check(false, true)),
+            "quarantined: 1 rows set aside"
+        );
+        assert_eq!(
+            verdict(&check(false, false)),
+            "failed (error): 1 rows set aside"
+        );
     }
 
     #[test]

@@ -511,7 +511,14 @@ impl<'a> JobRun<'a> {
             }));
         }
         for warned in self.report.checks.iter().filter(|c| !c.passed) {
-            tracing::warn!(check = %warned.name, detail = %warned.detail, "check failed (warn): publishing anyway");
+            match warned.quarantined {
+                true => {
+                    tracing::warn!(check = %warned.name, detail = %warned.detail, "check quarantined rows: publishing the others")
+                }
+                false => {
+                    tracing::warn!(check = %warned.name, detail = %warned.detail, "check failed (warn): publishing anyway")
+                }
+            }
         }
         self.report.bytes = stages.tracker.final_bytes();
         self.report.files = files.len();

@@ -239,7 +239,10 @@ impl CheckSpec {
                         )
                     })?;
                 }
-                parts.push(format!("{quoted} {op} {}", literal(bound)));
+                parts.push(format!(
+                    "{quoted} {op} {}",
+                    typed_bound(bound, data_type.as_ref())
+                ));
             }
             if data_type.as_ref().is_some_and(DataType::is_floating) {
                 parts.push(format!("NOT isnan({quoted})"));
@@ -482,6 +485,18 @@ fn literal(value: &toml::Value) -> String {
     }
 }
 
+/// `bound` as SQL, in the column's type when that is a `real`: compared as a `double`, the
+/// column's 0.3 (stored as 0.300000011920929) is above `max = 0.3`.
+fn typed_bound(bound: &toml::Value, data_type: Option<&DataType>) -> String {
+    let number = matches!(bound, toml::Value::Integer(_) | toml::Value::Float(_));
+    match data_type {
+        Some(DataType::Float16 | DataType::Float32) if number => {
+            format!("CAST({} AS REAL)", literal(bound))
+        }
+        _ => literal(bound),
+    }
+}
+
 /// Why `bound` cannot bound a column of `data_type` (`Ok`: it can, or the type is not one
 /// this judges).
 fn range_bound_fits(data_type: &DataType, bound: &toml::Value) -> Result<(), &'static str> {
@@ -666,6 +681,7 @@ mod tests {
         let types = |column: &str| match column {
             "n" => Some(DataType::Int64),
             "r" => Some(DataType::Float64),
+            "f" => Some(DataType::Float32),
             "s" => Some(DataType::Utf8),
             "d" => Some(DataType::Date32),
             "t" => Some(DataType::Timestamp(TimeUnit::Microsecond, None)),
@@ -702,6 +718,11 @@ mod tests {
         assert_eq!(
             range("r", "max = 1").unwrap().as_deref(),
             Some("\"r\" <= 1 AND NOT isnan(\"r\")")
+        );
+        // A `real` compares with its bound in its own precision.
+        assert_eq!(
+            range("f", "max = 0.3").unwrap().as_deref(),
+            Some("\"f\" <= CAST(0.3 AS REAL) AND NOT isnan(\"f\")")
         );
         assert!(range("s", "min = \"A\"\nmax = \"M\"").is_ok());
         assert!(range("d", "min = \"2024-01-01\"").is_ok());

@@ -300,6 +300,15 @@ fn quarantine_is_refused_where_it_cannot_set_rows_aside() {
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("`__reason`"), "{err}");
     assert_eq!(snapshot_count(&sandbox.read_table(TABLE, None)), 0);
+    // `validate` finds it too (it passed).
+    sandbox.spec(&spec(&data, "id, status, balance, email, 1 AS __check", ""));
+    let out = sandbox.cli(&["validate", "pipeline.toml"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("the result has a column `__check`, which the rejects table keeps"),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

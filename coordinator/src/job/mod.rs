@@ -710,6 +710,10 @@ fn check_target(
     existing: Option<&Table>,
 ) -> Result<Vec<String>, JobError> {
     let table = &spec.spec.target.table;
+    if spec.spec.check.iter().any(|c| c.quarantines()) {
+        // A result column the rejects table keeps for itself (`__check`, ...).
+        nightshift_core::table::rejects_schema(output_schema, &format!("{table}__rejects"))?;
+    }
     let Some(existing) = existing else {
         target_layout(table, output_schema, &spec.partition_by)?;
         return Ok(Vec::new());

@@ -2017,7 +2017,7 @@ mod tests {
     #[test]
     fn integer_widths_and_float_precisions_widen_and_nothing_else_does() {
         use DataType::*;
-        for (a, b, widest) in [
+        let merged = [
             (Int32, Int64, Int64),
             (Int64, Int8, Int64),
             (UInt8, UInt32, UInt32),
@@ -2028,20 +2028,32 @@ mod tests {
             // A column with no value in one file (pyarrow's `null`, CSV's empty column).
             (Null, Int32, Int32),
             (Null, Utf8, Utf8),
-        ] {
-            assert_eq!(widest_type(&a, &b), Some(widest.clone()), "{a} {b}");
-            assert_eq!(widest_type(&b, &a), Some(widest), "{b} {a}");
-        }
-        for (a, b) in [
+        ];
+        let refused = [
             (Int64, UInt64),
             (Int32, UInt32),
             (Int64, Float64),
             (Int32, Utf8),
             (Utf8, Utf8View),
             (Date32, Int32),
-        ] {
-            assert_eq!(widest_type(&a, &b), None, "{a} {b}");
-            assert_eq!(widest_type(&b, &a), None, "{b} {a}");
+        ];
+        assert_merges_either_way(widest_type, &merged, &refused);
+    }
+
+    /// That `widen` merges each pair of `merged` into its third type and refuses each pair
+    /// of `refused`, whichever file comes first.
+    fn assert_merges_either_way(
+        widen: fn(&DataType, &DataType) -> Option<DataType>,
+        merged: &[(DataType, DataType, DataType)],
+        refused: &[(DataType, DataType)],
+    ) {
+        for (a, b, widest) in merged {
+            assert_eq!(widen(a, b).as_ref(), Some(widest), "{a} {b}");
+            assert_eq!(widen(b, a).as_ref(), Some(widest), "{b} {a}");
+        }
+        for (a, b) in refused {
+            assert_eq!(widen(a, b), None, "{a} {b}");
+            assert_eq!(widen(b, a), None, "{b} {a}");
         }
     }
 
@@ -2051,25 +2063,20 @@ mod tests {
     fn csv_whole_numbers_and_decimals_widen_to_double_and_nothing_else_does() {
         use DataType::*;
         let timestamp = Timestamp(TimeUnit::Second, None);
-        for (a, b, widest) in [
+        let merged = [
             (Int64, Float64, Float64),
             (Int64, Int64, Int64),
             (Null, Float64, Float64),
-        ] {
-            assert_eq!(widest_csv_type(&a, &b), Some(widest.clone()), "{a} {b}");
-            assert_eq!(widest_csv_type(&b, &a), Some(widest), "{b} {a}");
-        }
-        for (a, b) in [
+        ];
+        let refused = [
             (Int64, Utf8),
             (Float64, Utf8),
             (Date32, Utf8),
             (Date32, timestamp.clone()),
             (Int64, timestamp),
             (Boolean, Int64),
-        ] {
-            assert_eq!(widest_csv_type(&a, &b), None, "{a} {b}");
-            assert_eq!(widest_csv_type(&b, &a), None, "{b} {a}");
-        }
+        ];
+        assert_merges_either_way(widest_csv_type, &merged, &refused);
     }
 
     #[test]
@@ -2306,7 +2313,7 @@ mod tests {
 
     /// A value with more places than its `decimal(p, s)` contract is rounded, half away from
     /// zero, as a SQL `CAST` rounds it (the reader truncated: 1.239 was published as 1.23);
-    /// too many whole digits still fail naming the record.
+    /// too many whole digits still fail in the reader, naming the value.
     #[tokio::test]
     async fn a_csv_decimal_with_more_places_than_its_contract_is_rounded() {
         let dir = tempfile::tempdir().unwrap();

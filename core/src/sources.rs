@@ -737,19 +737,12 @@ async fn read_null_value_as_null(
     marker: &str,
 ) -> Result<()> {
     use datafusion::functions::expr_fn::nullif;
-    use datafusion::logical_expr::{cast, col, lit};
-    let text = as_text(schema);
-    let text_name = format!("{raw_name}__text");
-    ctx.deregister_table(raw_name)?;
-    register_raw(ctx, source, &text_name, table_path, Some(&text)).await?;
+    use datafusion::logical_expr::{cast, ident, lit};
     let columns: Vec<Expr> = schema
         .fields()
         .iter()
         .map(|f| {
-            let value = nullif(
-                col(format!("\"{}\"", f.name().replace('"', "\"\""))),
-                lit(marker),
-            );
+            let value = nullif(ident(f.name()), lit(marker));
             let typed = match f.data_type() {
                 DataType::Utf8 => value,
                 other => cast(value, other.clone()),
@@ -757,7 +750,33 @@ async fn read_null_value_as_null(
             typed.alias(f.name())
         })
         .collect();
-    let view = ctx.table(text_name.as_str()).await?.select(columns)?;
+    let text_name = format!("{raw_name}__text");
+    let text = as_text(schema);
+    register_view_of_reread(
+        ctx,
+        source,
+        raw_name,
+        table_path,
+        (&text_name, &text),
+        columns,
+    )
+    .await
+}
+
+/// Replaces the raw table `raw_name` by a view of `columns` over its files read again as the
+/// table `read` names, of the schema it gives: the one step of [`read_null_value_as_null`] (text, then the marker as NULL)
+/// and [`read_decimals_rounded`] (one place finer, then the declared decimal).
+async fn register_view_of_reread(
+    ctx: &SessionContext,
+    source: &SourceSpec,
+    raw_name: &str,
+    table_path: &str,
+    (read_name, read_schema): (&str, &Schema),
+    columns: Vec<Expr>,
+) -> Result<()> {
+    ctx.deregister_table(raw_name)?;
+    register_raw(ctx, source, read_name, table_path, Some(read_schema)).await?;
+    let view = ctx.table(read_name).await?.select(columns)?;
     ctx.register_table(raw_name, view.into_view())?;
     Ok(())
 }
@@ -768,7 +787,7 @@ async fn read_null_value_as_null(
 /// one place finer ([`decimals_one_place_finer`]) and each such column cast to its declared
 /// type. One place is enough: dropping the places after it cannot carry a value across the
 /// half-way point of the last declared place. Too many whole digits still fail in the
-/// reader, which names the file and record.
+/// reader, which names the value (a job's task adds the file).
 async fn read_decimals_rounded(
     ctx: &SessionContext,
     source: &SourceSpec,
@@ -780,9 +799,6 @@ async fn read_decimals_rounded(
     let Some(finer) = decimals_one_place_finer(schema) else {
         return Ok(());
     };
-    let finer_name = format!("{raw_name}__finer");
-    ctx.deregister_table(raw_name)?;
-    register_raw(ctx, source, &finer_name, table_path, Some(&finer)).await?;
     let columns: Vec<Expr> = schema
         .fields()
         .iter()
@@ -795,9 +811,16 @@ async fn read_decimals_rounded(
             }
         })
         .collect();
-    let view = ctx.table(finer_name.as_str()).await?.select(columns)?;
-    ctx.register_table(raw_name, view.into_view())?;
-    Ok(())
+    let finer_name = format!("{raw_name}__finer");
+    register_view_of_reread(
+        ctx,
+        source,
+        raw_name,
+        table_path,
+        (&finer_name, &finer),
+        columns,
+    )
+    .await
 }
 
 /// `schema` with each `decimal(p, s)` read as `decimal(p + 1, s + 1)` (the same whole

@@ -260,6 +260,107 @@ async fn changes_the_policy_does_not_allow_are_refused_side_by_side_and_nothing_
     assert_eq!(now["rows"], 1);
 }
 
+/// A first run killed after creating the table (here: aborted just before its commit) leaves
+/// it with no snapshot and the schema of that run's code. The fixed spec's run, whose result
+/// retypes one column, renames another and drops a third, replaces that schema in its own
+/// commit, under `schema_evolution = "none"`; it was refused, the empty table's schema
+/// being one only another engine could change.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_table_a_killed_first_run_left_empty_takes_the_fixed_specs_schema() {
+    let sandbox = Sandbox::new();
+    sandbox.write("data/day.csv", "id,amount,note\n1,10.50,x\n2,20.25,ÿ\n");
+    sandbox.spec(&spec(
+        &[("id", "int"), ("amount", "string"), ("note", "string")],
+        "id, amount, note",
+        "append",
+        "none",
+    ));
+    let killed = std::process::Command::new(nightshift_tests::nightshift_bin())
+        .args([
+            "run",
+            "pipeline.toml",
+            "--job-id",
+            "first-1",
+            "--warehouse",
+            "warehouse",
+        ])
+        .current_dir(sandbox.path(""))
+        .env("FAILPOINTS", "coordinator-between-commits=return")
+        .output()
+        .expect("run nightshift");
+    assert!(!killed.status.success());
+    let s = schemas(&sandbox);
+    assert_eq!(
+        s["schemas"]["0"],
+        serde_json::json!(["id:int", "amount:string", "note:string"]),
+        "{s:#}"
+    );
+    assert_eq!(s["snapshot_schemas"], serde_json::json!([]), "{s:#}");
+
+    sandbox.spec(&spec(
+        &[
+            ("id", "bigint"),
+            ("amount", "decimal(10, 2)"),
+            ("note", "string"),
+        ],
+        "id, amount AS amount_eur",
+        "append",
+        "none",
+    ));
+    let validate = sandbox.cli(&["validate", "pipeline.toml", "--warehouse", "warehouse"]);
+    let shown = String::from_utf8_lossy(&validate.stdout);
+    assert!(
+        validate.status.success(),
+        "{shown}{}",
+        String::from_utf8_lossy(&validate.stderr)
+    );
+    for line in [
+        "the table has no snapshot yet: its schema is replaced",
+        "retyped id: int -> long",
+        "added amount_eur: decimal(10, 2)",
+        "dropped amount: string",
+        "dropped note: string",
+    ] {
+        assert!(shown.contains(line), "validate shows `{line}`:\n{shown}");
+    }
+    let report = sandbox.run(2, None, None).await.expect("the fixed run");
+    assert_eq!(report.rows, 2);
+    let s = schemas(&sandbox);
+    let current = s["current"].to_string();
+    assert_eq!(
+        s["schemas"][&current],
+        serde_json::json!(["id:long", "amount_eur:decimal(10, 2)"]),
+        "{s:#}"
+    );
+    assert_eq!(
+        s["snapshot_schemas"],
+        serde_json::json!([s["current"]]),
+        "{s:#}"
+    );
+    // The killed run's files stay unreferenced (for a rerun of its job id or orphan
+    // removal), so the readers are compared here without `rows`'s check of them.
+    let read = sandbox.read_table(TABLE, None);
+    assert_eq!(snapshot_count(&read), 1);
+    assert_eq!(read["pyiceberg"]["rows"], 2, "{read:#}");
+    assert_eq!(
+        read["pyiceberg"]["checksum"], read["duckdb"]["checksum"],
+        "{read:#}"
+    );
+
+    // Now that the table holds rows, the same kind of change is refused again.
+    sandbox.spec(&spec(
+        &[("id", "bigint"), ("amount", "string"), ("note", "string")],
+        "id, note",
+        "append",
+        "none",
+    ));
+    let err = sandbox.run(1, None, None).await.unwrap_err().to_string();
+    assert!(
+        err.contains("REFUSED: the result lacks this column"),
+        "{err}"
+    );
+}
+
 /// Builds `raw.people` with PyIceberg in the sandbox's warehouse: two rows, then a column
 /// added and `id` widened from int to long, then a third row; with `rename`, `name` is then
 /// renamed `full_name` and a fourth row appended.

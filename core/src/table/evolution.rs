@@ -27,6 +27,10 @@ pub struct SchemaChange {
     pub schema: Schema,
     /// What changed, one line each (`added note: string`, `widened qty: int -> long`).
     pub changes: Vec<String>,
+    /// The table has no snapshot (a first run created it and stopped before its commit): the
+    /// schema is replaced, columns retyped and dropped as the result has them, and the
+    /// change only lands on a table that still has no snapshot.
+    pub replaces_empty: bool,
 }
 
 /// How one column of the result stands against the table's column of that name.
@@ -100,6 +104,12 @@ pub fn plan_schema_change(
                 }),
         )
         .collect();
+    let changes_table = fits
+        .iter()
+        .any(|(.., fit)| matches!(fit, Fit::Refused(_) | Fit::Widened(_) | Fit::Added));
+    if changes_table && metadata.snapshots().len() == 0 {
+        return replacement_of_empty(table, metadata, result).map(Some);
+    }
     if fits.iter().any(|(.., fit)| matches!(fit, Fit::Refused(_))) {
         return Err(CoreError::Target {
             table: table.to_string(),
@@ -152,7 +162,77 @@ pub fn plan_schema_change(
         base_last_column_id: metadata.last_column_id(),
         schema,
         changes,
+        replaces_empty: false,
     }))
+}
+
+/// The schema a table with no snapshot takes for `result`, whatever the spec's
+/// `schema_evolution`: no file was ever committed to it, so none can read a column wrongly.
+/// (A first run that stopped after creating the table left it, with the schema of that
+/// run's code; a fixed spec's run had to match it.) The columns are the result's, in its
+/// order. One of a table column's name keeps that column's field id (its partition fields
+/// refer to it) with the result's type, unless the types are nested and differ (then it
+/// gets fresh ids, as a new column does).
+fn replacement_of_empty(
+    table: &str,
+    metadata: &TableMetadata,
+    result: &Schema,
+) -> Result<SchemaChange> {
+    let current = metadata.current_schema();
+    let mut next_id = metadata.last_column_id();
+    let mut fields: Vec<NestedFieldRef> = Vec::new();
+    let mut changes =
+        vec!["the table has no snapshot yet: its schema is replaced by the result's".to_string()];
+    for column in result.as_struct().fields() {
+        let name = column.name.as_str();
+        let theirs = column.field_type.as_ref();
+        match current.field_by_name(name) {
+            Some(ours) if same_shape(&ours.field_type, theirs) => fields.push(ours.clone()),
+            Some(ours) if theirs.is_primitive() && ours.field_type.is_primitive() => {
+                fields.push(Arc::new(NestedField::optional(
+                    ours.id,
+                    name,
+                    theirs.clone(),
+                )));
+                changes.push(format!("retyped {name}: {} -> {theirs}", ours.field_type));
+            }
+            ours => {
+                next_id += 1;
+                let id = next_id;
+                let ty = renumbered(theirs, &mut next_id);
+                fields.push(Arc::new(NestedField::optional(id, name, ty.clone())));
+                changes.push(match ours {
+                    Some(ours) => format!("retyped {name}: {} -> {ty}", ours.field_type),
+                    None => format!("added {name}: {ty}"),
+                });
+            }
+        }
+    }
+    for column in current.as_struct().fields() {
+        if result.field_by_name(&column.name).is_none() {
+            changes.push(format!("dropped {}: {}", column.name, column.field_type));
+        }
+    }
+    let kept: Vec<i32> = current
+        .identifier_field_ids()
+        .filter(|id| fields.iter().any(|f| f.id == *id))
+        .collect();
+    let schema = Schema::builder()
+        .with_schema_id(current.schema_id())
+        .with_fields(fields)
+        .with_identifier_field_ids(kept)
+        .build()
+        .map_err(|e| CoreError::Target {
+            table: table.to_string(),
+            message: format!("cannot replace the schema of the table, which has no snapshot: {e}"),
+        })?;
+    Ok(SchemaChange {
+        base_schema_id: current.schema_id(),
+        base_last_column_id: metadata.last_column_id(),
+        schema,
+        changes,
+        replaces_empty: true,
+    })
 }
 
 /// The columns whose values are partition values in some partition spec of the table
@@ -350,6 +430,12 @@ pub fn schema_updates(
     if same_schema(metadata.current_schema(), &change.schema) {
         return Ok(None);
     }
+    if change.replaces_empty && metadata.snapshots().len() > 0 {
+        return Err(
+            "another run committed to the table while this one replaced its schema (the table had no snapshot when the job planned): run the job again"
+                .into(),
+        );
+    }
     if metadata.current_schema_id() != change.base_schema_id
         || metadata.last_column_id() != change.base_last_column_id
     {
@@ -373,7 +459,18 @@ pub fn schema_updates(
             TableRequirement::LastAssignedFieldIdMatch {
                 last_assigned_field_id: change.base_last_column_id,
             },
-        ],
+        ]
+        .into_iter()
+        // A replaced schema may retype and drop columns: it must land before any rows do.
+        .chain(
+            change
+                .replaces_empty
+                .then(|| TableRequirement::RefSnapshotIdMatch {
+                    r#ref: iceberg::spec::MAIN_BRANCH.to_string(),
+                    snapshot_id: None,
+                }),
+        )
+        .collect(),
     )))
 }
 
@@ -425,11 +522,18 @@ mod tests {
             .unwrap()
     }
 
+    /// An unpartitioned table with `table`'s columns and a snapshot.
     fn metadata(table: Schema) -> TableMetadata {
         partitioned(table, UnboundPartitionSpec::builder().build())
     }
 
+    /// A table partitioned by `spec` with a snapshot.
     fn partitioned(table: Schema, spec: UnboundPartitionSpec) -> TableMetadata {
+        with_a_snapshot(never_committed(table, spec))
+    }
+
+    /// A table created and never committed to.
+    fn never_committed(table: Schema, spec: UnboundPartitionSpec) -> TableMetadata {
         TableMetadataBuilder::new(
             table,
             spec,
@@ -442,6 +546,112 @@ mod tests {
         .build()
         .unwrap()
         .metadata
+    }
+
+    fn with_a_snapshot(metadata: TableMetadata) -> TableMetadata {
+        let snapshot = iceberg::spec::Snapshot::builder()
+            .with_snapshot_id(1)
+            .with_sequence_number(1)
+            .with_timestamp_ms(metadata.last_updated_ms() + 1)
+            .with_manifest_list("memory:///t/metadata/snap-1.avro")
+            .with_summary(iceberg::spec::Summary {
+                operation: iceberg::spec::Operation::Append,
+                additional_properties: Default::default(),
+            })
+            .with_schema_id(metadata.current_schema_id())
+            .build();
+        metadata
+            .into_builder(None)
+            .set_branch_snapshot(snapshot, iceberg::spec::MAIN_BRANCH)
+            .unwrap()
+            .build()
+            .unwrap()
+            .metadata
+    }
+
+    fn columns(change: &SchemaChange) -> Vec<(i32, String, String)> {
+        change
+            .schema
+            .as_struct()
+            .fields()
+            .iter()
+            .map(|f| (f.id, f.name.clone(), f.field_type.to_string()))
+            .collect()
+    }
+
+    /// A first run that stopped after creating the table left it with no snapshot and its
+    /// code's schema: the fixed spec's result replaces it (retyped, renamed, dropped), where
+    /// a table holding rows refuses the same result. The replacement lands only on a table
+    /// that still has no snapshot.
+    #[test]
+    fn a_table_with_no_snapshot_takes_the_results_schema() {
+        let spec = UnboundPartitionSpec::builder()
+            .add_partition_field(1, "day", iceberg::spec::Transform::Identity)
+            .unwrap()
+            .build();
+        let table_columns = || {
+            schema(&[
+                (1, "day", PrimitiveType::String),
+                (2, "amount", decimal(10, 2)),
+                (3, "old_name", PrimitiveType::Int),
+            ])
+        };
+        let result = schema(&[
+            (1, "day", PrimitiveType::Date),
+            (2, "amount", decimal(10, 2)),
+            (3, "new_name", PrimitiveType::Long),
+        ]);
+        let empty = never_committed(table_columns(), spec.clone());
+        for policy in [SchemaEvolution::None, SchemaEvolution::AddColumns] {
+            let change = plan_schema_change("ns.t", &empty, &result, policy)
+                .unwrap()
+                .expect("a replacement");
+            assert!(change.replaces_empty);
+            assert_eq!(
+                columns(&change),
+                [
+                    (1, "day".into(), "date".into()),
+                    (2, "amount".into(), "decimal(10, 2)".into()),
+                    (4, "new_name".into(), "long".into()),
+                ]
+            );
+            assert_eq!(
+                change.changes,
+                [
+                    "the table has no snapshot yet: its schema is replaced by the result's",
+                    "retyped day: string -> date",
+                    "added new_name: long",
+                    "dropped old_name: int",
+                ]
+            );
+            let (updates, requirements) =
+                schema_updates(&empty, &change).unwrap().expect("updates");
+            assert_eq!(updates.len(), 2);
+            assert!(
+                requirements.contains(&TableRequirement::RefSnapshotIdMatch {
+                    r#ref: "main".into(),
+                    snapshot_id: None,
+                })
+            );
+            // Another run committed meanwhile: the replacement must not land on its rows.
+            let err = schema_updates(&with_a_snapshot(empty.clone()), &change).unwrap_err();
+            assert!(err.contains("another run committed to the table"), "{err}");
+        }
+        let holding_rows = partitioned(table_columns(), spec);
+        let err = plan_schema_change("ns.t", &holding_rows, &result, SchemaEvolution::None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("REFUSED"), "{err}");
+        // A result that fits an empty table as it is changes nothing.
+        let fits = schema(&[
+            (1, "day", PrimitiveType::String),
+            (2, "amount", decimal(10, 2)),
+            (3, "old_name", PrimitiveType::Int),
+        ]);
+        assert_eq!(
+            plan_schema_change("ns.t", &empty, &fits, SchemaEvolution::None).unwrap(),
+            None
+        );
     }
 
     fn decimal(precision: u32, scale: u32) -> PrimitiveType {

@@ -247,8 +247,14 @@ pub fn check_compatible(
         .map(|f| (f.column.clone(), to_iceberg(f.transform)))
         .collect();
     if existing != requested {
+        let empty = if table.metadata().snapshots().len() == 0 {
+            // Its schema would be replaced (`plan_schema_change`); its partitioning is not.
+            "; the table has no snapshot yet (a first run that stopped before its commit created it): drop it (PyIceberg: `catalog.drop_table`) and run again"
+        } else {
+            ""
+        };
         return Err(target_err(format!(
-            "the table is partitioned by {} but the spec asks for {}",
+            "the table is partitioned by {} but the spec asks for {}{empty}",
             describe_partitioning(&existing),
             describe_partitioning(&requested)
         )));

@@ -24,6 +24,7 @@ pub mod checked_integers;
 pub mod checks;
 pub mod codec;
 pub mod error;
+pub mod file_inspections;
 pub mod iceberg_scan;
 pub mod ids;
 pub mod incremental;

@@ -21,8 +21,11 @@ use nightshift_spec::{ColumnContract, ResolvedSpec, SourceFormat, SourceSpec};
 use object_store::ObjectStoreExt;
 
 use crate::error::{CoreError, Result};
+use crate::file_inspections::{
+    FileVersion, Inspection, inspection_key, local_tag, remember, remembered,
+};
 use crate::not_null::{NotNullCheck, NotNullCheckExec};
-use crate::storage::{Location, list_objects};
+use crate::storage::{Location, list_objects_meta};
 
 /// What was found for one source.
 #[derive(Debug, Clone)]
@@ -650,7 +653,21 @@ async fn register_source(
     };
     let (files, bytes) = (found.files, found.bytes);
     let raw_name = raw_table_name(&source.name);
-    match register_raw(ctx, source, &raw_name, &table_path, declared.as_ref()).await {
+    // Inferred from these files before, read the same way: not inferred again.
+    let inferred_key = match declared {
+        Some(_) => None,
+        None => inspection_key(
+            "inferred schema",
+            &format_reading(&raw_listing_options(ctx, source, &table_path)?),
+            &found.versions,
+        ),
+    };
+    let inferred = match remembered(inferred_key).await {
+        Some(Inspection::Schema(schema)) => Some(schema.as_ref().clone()),
+        _ => None,
+    };
+    let known = declared.as_ref().or(inferred.as_ref());
+    match register_raw(ctx, source, &raw_name, &table_path, known).await {
         Err(e) if source.format != SourceFormat::Json && is_merge_refusal(&e) => {
             let widened = widened_schema(ctx, source, &table_path, &found.read)
                 .await?
@@ -660,6 +677,9 @@ async fn register_source(
         registered => registered?,
     }
     let mut raw_schema = ctx.table_provider(raw_name.as_str()).await?.schema();
+    if known.is_none() {
+        remember(inferred_key, Inspection::Schema(raw_schema.clone())).await;
+    }
     if source.format == SourceFormat::Csv
         && let Some(text) = null_columns_as_text(&raw_schema)
     {
@@ -668,8 +688,15 @@ async fn register_source(
         raw_schema = Arc::new(text);
     }
     if source.format == SourceFormat::Csv
-        && let Some(text) =
-            leading_zeros_as_text(ctx, source, &table_path, &raw_schema, contract).await?
+        && let Some(text) = leading_zeros_as_text(
+            ctx,
+            source,
+            &table_path,
+            &found.versions,
+            &raw_schema,
+            contract,
+        )
+        .await?
     {
         ctx.deregister_table(raw_name.as_str())?;
         register_raw(ctx, source, &raw_name, &table_path, Some(&text)).await?;
@@ -1171,16 +1198,17 @@ fn null_columns_as_text(schema: &Schema) -> Option<Schema> {
 /// read as text when one of its values has a leading zero (`007`, `-01`), as DuckDB's CSV
 /// reader types such a column: as an integer, the zip code `00501` and the id `007` were
 /// published as 501 and 7, silently. Every row is looked at (inference sees the first
-/// thousand), reading the files once more while planning; a contract avoids it. `None`:
-/// no column changes.
+/// thousand), reading the files once more while planning, unless this process looked at
+/// the same versions of the files before (`files`; [`crate::file_inspections`]); a contract
+/// avoids it. `None`: no column changes.
 async fn leading_zeros_as_text(
     ctx: &SessionContext,
     source: &SourceSpec,
     table_path: &str,
+    files: &[FileVersion],
     schema: &Schema,
     contract: &[ColumnContract],
 ) -> Result<Option<Schema>> {
-    use datafusion::arrow::array::AsArray;
     let inferred_integers: Vec<&str> = schema
         .fields()
         .iter()
@@ -1190,6 +1218,60 @@ async fn leading_zeros_as_text(
     if inferred_integers.is_empty() {
         return Ok(None);
     }
+    let listing = raw_listing_options(ctx, source, table_path)?;
+    let key = inspection_key(
+        "leading zeros",
+        &format!("{} {inferred_integers:?}", format_reading(&listing)),
+        files,
+    );
+    let zeros = match remembered(key).await {
+        Some(Inspection::LeadingZeros(zeros)) => zeros,
+        _ => {
+            let zeros: Arc<[bool]> =
+                probe_leading_zeros(ctx, source, table_path, schema, &inferred_integers)
+                    .await?
+                    .into();
+            remember(key, Inspection::LeadingZeros(zeros.clone())).await;
+            zeros
+        }
+    };
+    let as_text: Vec<&str> = inferred_integers
+        .iter()
+        .zip(zeros.iter())
+        .filter(|(_, zero)| **zero)
+        .map(|(c, _)| *c)
+        .collect();
+    if as_text.is_empty() {
+        return Ok(None);
+    }
+    tracing::info!(source = %source.name, columns = %as_text.join(", "), "integer columns with leading zeros are read as text");
+    let fields: Vec<Field> = schema
+        .fields()
+        .iter()
+        .map(|f| {
+            if as_text.contains(&f.name().as_str()) {
+                f.as_ref().clone().with_data_type(DataType::Utf8)
+            } else {
+                f.as_ref().clone()
+            }
+        })
+        .collect();
+    Ok(Some(Schema::new_with_metadata(
+        fields,
+        schema.metadata().clone(),
+    )))
+}
+
+/// For each of `inferred_integers` (columns of `schema`, the raw table's), whether a value's
+/// text has a leading zero: the files at `table_path` read as text.
+async fn probe_leading_zeros(
+    ctx: &SessionContext,
+    source: &SourceSpec,
+    table_path: &str,
+    schema: &Schema,
+    inferred_integers: &[&str],
+) -> Result<Vec<bool>> {
+    use datafusion::arrow::array::AsArray;
     let text = as_text(schema);
     let text_name = format!("{}__zeros", raw_table_name(&source.name));
     register_raw(ctx, source, &text_name, table_path, Some(&text)).await?;
@@ -1228,32 +1310,7 @@ async fn leading_zeros_as_text(
     }
     .await;
     ctx.deregister_table(text_name.as_str())?;
-    let zeros = found?;
-    let as_text: Vec<&str> = inferred_integers
-        .iter()
-        .zip(&zeros)
-        .filter(|(_, zero)| **zero)
-        .map(|(c, _)| *c)
-        .collect();
-    if as_text.is_empty() {
-        return Ok(None);
-    }
-    tracing::info!(source = %source.name, columns = %as_text.join(", "), "integer columns with leading zeros are read as text");
-    let fields: Vec<Field> = schema
-        .fields()
-        .iter()
-        .map(|f| {
-            if as_text.contains(&f.name().as_str()) {
-                f.as_ref().clone().with_data_type(DataType::Utf8)
-            } else {
-                f.as_ref().clone()
-            }
-        })
-        .collect();
-    Ok(Some(Schema::new_with_metadata(
-        fields,
-        schema.metadata().clone(),
-    )))
+    Ok(found?)
 }
 
 /// Whether an integer's text has a leading zero, as DuckDB's CSV reader judges it: after
@@ -1327,17 +1384,24 @@ struct FoundFiles {
     bytes: u64,
     /// The files read, each with its size.
     read: Vec<(Location, u64)>,
+    /// The files read, each as the store reports it.
+    versions: Vec<FileVersion>,
     /// A few names of the files there that are not read (in a sub-directory, or not ending
     /// in the extension).
     other_names: Vec<String>,
 }
 
 impl FoundFiles {
-    /// Counts `path` (of `size` bytes, at `location`) if `read`.
-    fn add(&mut self, location: Location, path: &str, size: u64, read: bool) {
+    /// Counts `path` (of `size` bytes, at `location`, tagged `tag` by its store) if `read`.
+    fn add(&mut self, location: Location, path: &str, size: u64, tag: Option<String>, read: bool) {
         if read {
             self.files += 1;
             self.bytes += size;
+            self.versions.push(FileVersion {
+                path: location.to_string(),
+                size,
+                tag,
+            });
             self.read.push((location, size));
         } else if self.other_names.len() < 3 {
             self.other_names
@@ -1418,24 +1482,24 @@ async fn find_files(location: &Location, extension: &str) -> Result<FoundFiles> 
                     && meta.is_file()
                     && let Ok(file) = Location::parse(&name, Path::new("/"))
                 {
-                    found.add(file, &name, meta.len(), true);
+                    found.add(file, &name, meta.len(), local_tag(&meta), true);
                 }
             }
             return Ok(found);
         }
         return match std::fs::metadata(&path) {
             Ok(meta) if meta.is_file() => {
-                found.add(location.clone(), &text, meta.len(), true);
+                found.add(location.clone(), &text, meta.len(), local_tag(&meta), true);
                 Ok(found)
             }
             Ok(_) => {
                 let dir = location.url().path().trim_end_matches('/').to_string();
-                for (l, size) in list_objects(location).await? {
+                for (l, meta) in list_objects_meta(location).await? {
                     let file = l.url().path().to_string();
                     if !is_hidden(&file) {
                         let relative = file.strip_prefix(&dir).unwrap_or(&file);
                         let reads = listing_reads(relative, extension);
-                        found.add(l, &file, size, reads);
+                        found.add(l, &file, meta.size, meta.e_tag, reads);
                     }
                 }
                 if found.files > 0 && !found.other_names.is_empty() {
@@ -1454,13 +1518,13 @@ async fn find_files(location: &Location, extension: &str) -> Result<FoundFiles> 
     // A remote directory is read as a local one is ([`visible_files`]).
     let dir = location.url().path();
     let directory = dir.ends_with('/');
-    for (l, size) in list_objects(location).await? {
+    for (l, meta) in list_objects_meta(location).await? {
         let file = l.url().path().to_string();
         let read = match file.strip_prefix(dir) {
             Some(relative) if directory => !is_hidden(&file) && listing_reads(relative, extension),
             _ => file.ends_with(extension),
         };
-        found.add(l, &file, size, read);
+        found.add(l, &file, meta.size, meta.e_tag, read);
     }
     Ok(found)
 }
@@ -1571,6 +1635,15 @@ fn raw_listing_options(
             .to_listing_options(&config, table_options),
         SourceFormat::Iceberg => unreachable!("iceberg sources are registered by register_iceberg"),
     })
+}
+
+/// How `listing` reads a file, in words: the format with its options (a CSV file's
+/// delimiter, quote, header, null marker, the rows inference samples; a Parquet file's
+/// reading of its types) and the extension. What a session plans with it (the partitions
+/// it splits the files into, statistics) is left out: sessions that plan differently read a
+/// file alike.
+fn format_reading(listing: &ListingOptions) -> String {
+    format!("{:?} {}", listing.format, listing.file_extension)
 }
 
 /// Registers the files at `table_path` as the table `name`, read with `listing` and of
@@ -2450,6 +2523,40 @@ mod tests {
             .unwrap();
         let rows = shown(&ctx, "SELECT id FROM src WHERE n = 7").await;
         assert!(rows.contains("| 7  |"), "{rows}");
+    }
+
+    /// What inspecting a source's files decided is remembered for those versions of the
+    /// files, and they are inspected again once they change. The middle step proves the
+    /// remembering: a rewrite that restores the file's modification time (same inode, same
+    /// size) is one its store could not tell either, and the type decided before stays.
+    #[tokio::test]
+    async fn a_csv_source_is_inspected_again_when_its_files_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.csv");
+        let type_of_id = async |dir: &Path| {
+            let ctx = with_csv_source(dir, "a.csv", "").await.unwrap();
+            shown(
+                &ctx,
+                "SELECT arrow_typeof(id) AS t, id FROM src ORDER BY id LIMIT 1",
+            )
+            .await
+        };
+        std::fs::write(&path, "id\n17\n25\n").unwrap();
+        let first = type_of_id(dir.path()).await;
+        assert!(first.contains("| Int64 | 17 |"), "{first}");
+
+        let modified = std::fs::metadata(&path).unwrap().modified().unwrap();
+        std::fs::write(&path, "id\n17\n05\n").unwrap();
+        let file = std::fs::File::options().write(true).open(&path).unwrap();
+        file.set_modified(modified).unwrap();
+        drop(file);
+        let unseen = type_of_id(dir.path()).await;
+        assert!(unseen.contains("| Int64 | 5  |"), "{unseen}");
+
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        std::fs::write(&path, "id\n17\n05\n").unwrap();
+        let seen = type_of_id(dir.path()).await;
+        assert!(seen.contains("| Utf8 | 05 |"), "{seen}");
     }
 
     /// One instant, 2024-03-02 03:00 UTC, in a Parquet column annotated New York time: the

@@ -147,6 +147,14 @@ pub fn target_layout(
                 .to_string(),
         });
     }
+    if let Some((a, b)) = names_differing_only_in_case(result_schema) {
+        return Err(CoreError::Target {
+            table: name.to_string(),
+            message: format!(
+                "the result's columns `{a}` and `{b}` differ only in case: readers that ignore case (Spark, Trino, DuckDB) would see two columns of one name; rename one in the SQL"
+            ),
+        });
+    }
     let schema = iceberg_schema_for(name, result_schema)?;
     let spec = unbound_partition_spec(name, &schema, partition_by)?;
     spec.clone()
@@ -159,6 +167,19 @@ pub fn target_layout(
             ),
         })?;
     Ok((schema, spec))
+}
+
+/// The first two columns of `schema` whose names are equal but for case (`amount`,
+/// `Amount`).
+fn names_differing_only_in_case(schema: &ArrowSchema) -> Option<(&str, &str)> {
+    let mut seen: HashMap<String, &str> = HashMap::new();
+    for field in schema.fields() {
+        let name = field.name().as_str();
+        if let Some(first) = seen.insert(name.to_lowercase(), name) {
+            return Some((first, name));
+        }
+    }
+    None
 }
 
 fn unbound_partition_spec(
@@ -286,5 +307,32 @@ mod tests {
             err.contains("t.empty") && err.contains("no columns"),
             "{err}"
         );
+    }
+
+    /// A table of `amount` and `Amount` is two columns to Iceberg and one name to readers
+    /// that ignore case; it was created, and `add_columns` added the second.
+    #[test]
+    fn result_columns_differing_only_in_case_make_no_table() {
+        use datafusion::arrow::datatypes::{DataType, Field};
+        let schema = |names: &[&str]| {
+            ArrowSchema::new(
+                names
+                    .iter()
+                    .map(|n| Field::new(*n, DataType::Int64, true))
+                    .collect::<Vec<_>>(),
+            )
+        };
+        let err = target_layout(
+            "t.cased",
+            &schema(&["id", "amount", "Ämount", "AMOUNT"]),
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("`amount` and `AMOUNT` differ only in case"),
+            "{err}"
+        );
+        assert!(target_layout("t.cased", &schema(&["id", "amount", "Ämount"]), &[]).is_ok());
     }
 }

@@ -53,6 +53,21 @@ fn schemas(sandbox: &Sandbox) -> Value {
     nightshift_tests::python_json(&script, &[])
 }
 
+/// `nightshift validate` of the sandbox's spec passes and shows each of `lines` (the schema
+/// changes a run would make).
+fn assert_validate_shows(sandbox: &Sandbox, lines: &[&str]) {
+    let validate = sandbox.cli(&["validate", "pipeline.toml", "--warehouse", "warehouse"]);
+    let shown = String::from_utf8_lossy(&validate.stdout);
+    assert!(
+        validate.status.success(),
+        "{shown}{}",
+        String::from_utf8_lossy(&validate.stderr)
+    );
+    for line in lines {
+        assert!(shown.contains(line), "validate shows `{line}`:\n{shown}");
+    }
+}
+
 /// The rows each reader sees, sorted, as `[columns, rows]`; PyIceberg and DuckDB must agree.
 fn rows(sandbox: &Sandbox) -> (Value, Value) {
     let read = sandbox.read_table_with(TABLE, None, &["--every-snapshot", "--references"]);
@@ -99,20 +114,14 @@ async fn add_columns_adds_and_widens_in_the_runs_own_commit() {
         "add_columns",
     );
     sandbox.spec(&evolving);
-    let validate = sandbox.cli(&["validate", "pipeline.toml", "--warehouse", "warehouse"]);
-    let shown = String::from_utf8_lossy(&validate.stdout);
-    assert!(
-        validate.status.success(),
-        "{shown}{}",
-        String::from_utf8_lossy(&validate.stderr)
+    assert_validate_shows(
+        &sandbox,
+        &[
+            "widened id: int -> long",
+            "widened amount: decimal(10, 2) -> decimal(12, 2)",
+            "added note: string",
+        ],
     );
-    for line in [
-        "widened id: int -> long",
-        "widened amount: decimal(10, 2) -> decimal(12, 2)",
-        "added note: string",
-    ] {
-        assert!(shown.contains(line), "validate shows `{line}`:\n{shown}");
-    }
     let report = sandbox.run(2, None, None).await.expect("evolving run");
     assert_eq!(report.rows, 2);
 
@@ -307,22 +316,16 @@ async fn a_table_a_killed_first_run_left_empty_takes_the_fixed_specs_schema() {
         "append",
         "none",
     ));
-    let validate = sandbox.cli(&["validate", "pipeline.toml", "--warehouse", "warehouse"]);
-    let shown = String::from_utf8_lossy(&validate.stdout);
-    assert!(
-        validate.status.success(),
-        "{shown}{}",
-        String::from_utf8_lossy(&validate.stderr)
+    assert_validate_shows(
+        &sandbox,
+        &[
+            "the table has no snapshot yet: its schema is replaced",
+            "retyped id: int -> long",
+            "added amount_eur: decimal(10, 2)",
+            "dropped amount: string",
+            "dropped note: string",
+        ],
     );
-    for line in [
-        "the table has no snapshot yet: its schema is replaced",
-        "retyped id: int -> long",
-        "added amount_eur: decimal(10, 2)",
-        "dropped amount: string",
-        "dropped note: string",
-    ] {
-        assert!(shown.contains(line), "validate shows `{line}`:\n{shown}");
-    }
     let report = sandbox.run(2, None, None).await.expect("the fixed run");
     assert_eq!(report.rows, 2);
     let s = schemas(&sandbox);

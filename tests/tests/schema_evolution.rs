@@ -320,7 +320,7 @@ async fn a_table_a_killed_first_run_left_empty_takes_the_fixed_specs_schema() {
         &sandbox,
         &[
             "the table has no snapshot yet: its schema is replaced",
-            "retyped id: int -> long",
+            "widened id: int -> long",
             "added amount_eur: decimal(10, 2)",
             "dropped amount: string",
             "dropped note: string",

@@ -170,15 +170,22 @@ pub fn plan_schema_change(
 /// `schema_evolution`: no file was ever committed to it, so none can read a column wrongly.
 /// (A first run that stopped after creating the table left it, with the schema of that
 /// run's code; a fixed spec's run had to match it.) The columns are the result's, in its
-/// order. One of a table column's name keeps that column's field id (its partition fields
-/// refer to it) with the result's type, unless the types are nested and differ (then it
-/// gets fresh ids, as a new column does).
+/// order. A column of a table column's name keeps that column's field id when its type is
+/// the same or one Iceberg widens it to; otherwise it gets a fresh id, as a new column does.
+/// So a file written for the old schema (by a run of the old code committing after this
+/// one) still reads right: a retyped column is absent from it (NULL), never read as another
+/// type. A column the partition spec takes its values from cannot get a fresh id (the spec
+/// names it by id): retyping one is refused, to drop the empty table.
 fn replacement_of_empty(
     table: &str,
     metadata: &TableMetadata,
     result: &Schema,
 ) -> Result<SchemaChange> {
     let current = metadata.current_schema();
+    let partitioning: Vec<i32> = metadata
+        .partition_specs_iter()
+        .flat_map(|spec| spec.fields().iter().map(|f| f.source_id))
+        .collect();
     let mut next_id = metadata.last_column_id();
     let mut fields: Vec<NestedFieldRef> = Vec::new();
     let mut changes =
@@ -188,13 +195,22 @@ fn replacement_of_empty(
         let theirs = column.field_type.as_ref();
         match current.field_by_name(name) {
             Some(ours) if same_shape(&ours.field_type, theirs) => fields.push(ours.clone()),
-            Some(ours) if theirs.is_primitive() && ours.field_type.is_primitive() => {
+            Some(ours) if widens(&ours.field_type, theirs) => {
                 fields.push(Arc::new(NestedField::optional(
                     ours.id,
                     name,
                     theirs.clone(),
                 )));
-                changes.push(format!("retyped {name}: {} -> {theirs}", ours.field_type));
+                changes.push(format!("widened {name}: {} -> {theirs}", ours.field_type));
+            }
+            Some(ours) if partitioning.contains(&ours.id) => {
+                return Err(CoreError::Target {
+                    table: table.to_string(),
+                    message: format!(
+                        "the table has no snapshot yet (a first run that stopped before its commit created it), but its column `{name}` partitions it and cannot change from {} to {theirs}: drop the table (PyIceberg: `catalog.drop_table`) and run again",
+                        ours.field_type
+                    ),
+                });
             }
             ours => {
                 next_id += 1;
@@ -580,9 +596,11 @@ mod tests {
     }
 
     /// A first run that stopped after creating the table left it with no snapshot and its
-    /// code's schema: the fixed spec's result replaces it (retyped, renamed, dropped), where
-    /// a table holding rows refuses the same result. The replacement lands only on a table
-    /// that still has no snapshot.
+    /// code's schema: the fixed spec's result replaces it (widened, retyped, renamed,
+    /// dropped), where a table holding rows refuses the same result. A retyped column gets a
+    /// fresh id, so a file of the old schema committed later reads it as absent, not as
+    /// another type; a partition column cannot take one. The replacement lands only on a
+    /// table that still has no snapshot.
     #[test]
     fn a_table_with_no_snapshot_takes_the_results_schema() {
         let spec = UnboundPartitionSpec::builder()
@@ -594,12 +612,14 @@ mod tests {
                 (1, "day", PrimitiveType::String),
                 (2, "amount", decimal(10, 2)),
                 (3, "old_name", PrimitiveType::Int),
+                (4, "qty", PrimitiveType::Int),
             ])
         };
         let result = schema(&[
-            (1, "day", PrimitiveType::Date),
-            (2, "amount", decimal(10, 2)),
+            (1, "day", PrimitiveType::String),
+            (2, "amount", decimal(12, 2)),
             (3, "new_name", PrimitiveType::Long),
+            (4, "qty", PrimitiveType::String),
         ]);
         let empty = never_committed(table_columns(), spec.clone());
         for policy in [SchemaEvolution::None, SchemaEvolution::AddColumns] {
@@ -610,17 +630,19 @@ mod tests {
             assert_eq!(
                 columns(&change),
                 [
-                    (1, "day".into(), "date".into()),
-                    (2, "amount".into(), "decimal(10, 2)".into()),
-                    (4, "new_name".into(), "long".into()),
+                    (1, "day".into(), "string".into()),
+                    (2, "amount".into(), "decimal(12, 2)".into()),
+                    (5, "new_name".into(), "long".into()),
+                    (6, "qty".into(), "string".into()),
                 ]
             );
             assert_eq!(
                 change.changes,
                 [
                     "the table has no snapshot yet: its schema is replaced by the result's",
-                    "retyped day: string -> date",
+                    "widened amount: decimal(10, 2) -> decimal(12, 2)",
                     "added new_name: long",
+                    "retyped qty: int -> string",
                     "dropped old_name: int",
                 ]
             );
@@ -637,6 +659,17 @@ mod tests {
             let err = schema_updates(&with_a_snapshot(empty.clone()), &change).unwrap_err();
             assert!(err.contains("another run committed to the table"), "{err}");
         }
+        let retyped_partition = schema(&[
+            (1, "day", PrimitiveType::Date),
+            (2, "amount", decimal(10, 2)),
+        ]);
+        let err = plan_schema_change("ns.t", &empty, &retyped_partition, SchemaEvolution::None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("column `day` partitions it and cannot change from string to date"),
+            "{err}"
+        );
         let holding_rows = partitioned(table_columns(), spec);
         let err = plan_schema_change("ns.t", &holding_rows, &result, SchemaEvolution::None)
             .unwrap_err()
@@ -647,6 +680,7 @@ mod tests {
             (1, "day", PrimitiveType::String),
             (2, "amount", decimal(10, 2)),
             (3, "old_name", PrimitiveType::Int),
+            (4, "qty", PrimitiveType::Int),
         ]);
         assert_eq!(
             plan_schema_change("ns.t", &empty, &fits, SchemaEvolution::None).unwrap(),

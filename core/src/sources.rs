@@ -654,13 +654,10 @@ async fn register_source(
     let (files, bytes) = (found.files, found.bytes);
     let raw_name = raw_table_name(&source.name);
     // Inferred from these files before, read the same way: not inferred again.
+    let reading = format_reading(&raw_listing_options(ctx, source, &table_path)?);
     let inferred_key = match declared {
         Some(_) => None,
-        None => inspection_key(
-            "inferred schema",
-            &format_reading(&raw_listing_options(ctx, source, &table_path)?),
-            &found.versions,
-        ),
+        None => inspection_key("inferred schema", &reading, &found.versions),
     };
     let inferred = match remembered(inferred_key).await {
         Some(Inspection::Schema(schema)) => Some(schema.as_ref().clone()),
@@ -692,7 +689,7 @@ async fn register_source(
             ctx,
             source,
             &table_path,
-            &found.versions,
+            (&reading, &found.versions),
             &raw_schema,
             contract,
         )
@@ -791,8 +788,9 @@ async fn read_null_value_as_null(
 }
 
 /// Replaces the raw table `raw_name` by a view of `columns` over its files read again as the
-/// table `read` names, of the schema it gives: the one step of [`read_null_value_as_null`] (text, then the marker as NULL)
-/// and [`read_decimals_rounded`] (one place finer, then the declared decimal).
+/// table `read` names, of the schema it gives: the one step of [`read_null_value_as_null`]
+/// (text, then the marker as NULL) and [`read_decimals_rounded`] (one place finer, then the
+/// declared decimal).
 async fn register_view_of_reread(
     ctx: &SessionContext,
     source: &SourceSpec,
@@ -1199,13 +1197,13 @@ fn null_columns_as_text(schema: &Schema) -> Option<Schema> {
 /// reader types such a column: as an integer, the zip code `00501` and the id `007` were
 /// published as 501 and 7, silently. Every row is looked at (inference sees the first
 /// thousand), reading the files once more while planning, unless this process looked at
-/// the same versions of the files before (`files`; [`crate::file_inspections`]); a contract
-/// avoids it. `None`: no column changes.
+/// the same versions of the files (`files`), read the same way (`reading`), before
+/// ([`crate::file_inspections`]); a contract avoids it. `None`: no column changes.
 async fn leading_zeros_as_text(
     ctx: &SessionContext,
     source: &SourceSpec,
     table_path: &str,
-    files: &[FileVersion],
+    (reading, files): (&str, &[FileVersion]),
     schema: &Schema,
     contract: &[ColumnContract],
 ) -> Result<Option<Schema>> {
@@ -1218,10 +1216,9 @@ async fn leading_zeros_as_text(
     if inferred_integers.is_empty() {
         return Ok(None);
     }
-    let listing = raw_listing_options(ctx, source, table_path)?;
     let key = inspection_key(
         "leading zeros",
-        &format!("{} {inferred_integers:?}", format_reading(&listing)),
+        &format!("{reading} {inferred_integers:?}"),
         files,
     );
     let zeros = match remembered(key).await {

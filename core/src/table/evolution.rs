@@ -138,12 +138,9 @@ pub fn plan_schema_change(
                 ));
             }
             Fit::Added => {
-                let ty = theirs.expect("a result column");
-                next_id += 1;
-                let id = next_id;
-                let ty = renumbered(ty, &mut next_id);
-                fields.push(Arc::new(NestedField::optional(id, *name, ty.clone())));
-                changes.push(format!("added {name}: {ty}"));
+                let column = new_column(name, theirs.expect("a result column"), &mut next_id);
+                changes.push(format!("added {name}: {}", column.field_type));
+                fields.push(column);
             }
             _ => fields.push(current.field_by_name(name).expect("a table column").clone()),
         }
@@ -207,20 +204,20 @@ fn replacement_of_empty(
                 return Err(CoreError::Target {
                     table: table.to_string(),
                     message: format!(
-                        "the table has no snapshot yet (a first run that stopped before its commit created it), but its column `{name}` partitions it and cannot change from {} to {theirs}: drop the table (PyIceberg: `catalog.drop_table`) and run again",
-                        ours.field_type
+                        "its column `{name}` partitions it and cannot change from {} to {theirs}{}",
+                        ours.field_type,
+                        super::layout::NO_SNAPSHOT_YET
                     ),
                 });
             }
             ours => {
-                next_id += 1;
-                let id = next_id;
-                let ty = renumbered(theirs, &mut next_id);
-                fields.push(Arc::new(NestedField::optional(id, name, ty.clone())));
+                let column = new_column(name, theirs, &mut next_id);
+                let ty = &column.field_type;
                 changes.push(match ours {
                     Some(ours) => format!("retyped {name}: {} -> {ty}", ours.field_type),
                     None => format!("added {name}: {ty}"),
                 });
+                fields.push(column);
             }
         }
     }
@@ -325,6 +322,15 @@ fn same_shape(a: &Type, b: &Type) -> bool {
         }
         _ => false,
     }
+}
+
+/// A new optional column `name` of `ty`, with a fresh field id and fresh ids for its nested
+/// fields, counting on from `next_id`.
+fn new_column(name: &str, ty: &Type, next_id: &mut i32) -> NestedFieldRef {
+    *next_id += 1;
+    let id = *next_id;
+    let ty = renumbered(ty, next_id);
+    Arc::new(NestedField::optional(id, name, ty))
 }
 
 /// `ty` with fresh field ids for its nested fields, counting on from `next_id`.

@@ -235,6 +235,9 @@ pub(crate) fn from_iceberg(t: Transform) -> Option<PartitionTransform> {
     })
 }
 
+/// Said of a table with no snapshot that a run cannot change as it asks: how to get past it.
+pub(super) const NO_SNAPSHOT_YET: &str = "; the table has no snapshot yet (a first run that stopped before its commit created it): drop it (PyIceberg: `catalog.drop_table`) and run again";
+
 /// An existing table must have the partitioning the spec asks for, and every result column
 /// with a type it can hold, unless `evolution` allows the schema change the result needs
 /// (returned).
@@ -268,9 +271,9 @@ pub fn check_compatible(
         .map(|f| (f.column.clone(), to_iceberg(f.transform)))
         .collect();
     if existing != requested {
+        // Its schema would be replaced (`plan_schema_change`); its partitioning is not.
         let empty = if table.metadata().snapshots().len() == 0 {
-            // Its schema would be replaced (`plan_schema_change`); its partitioning is not.
-            "; the table has no snapshot yet (a first run that stopped before its commit created it): drop it (PyIceberg: `catalog.drop_table`) and run again"
+            NO_SNAPSHOT_YET
         } else {
             ""
         };

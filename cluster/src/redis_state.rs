@@ -2,8 +2,10 @@
 //!
 //! Keys (all under the configured prefix):
 //! - `<p>:job:<id>` hash: `state`, `detail`, `report` (JSON of the final report), `published`
-//!   once its submission is on the queue;
-//! - `<p>:idem:<key>`: what an idempotency key is bound to (job, request digest, time);
+//!   once its submission is on the queue, `pipeline`, `submitted_at`, `digest` (the request's)
+//!   and `client`, the named API client that submitted it (absent: the shared namespace);
+//! - `<p>:idem:<key>`: what an idempotency key of the shared namespace is bound to (job,
+//!   request digest, time); `<p>:idem@<client>:<key>` the same for a named client's key;
 //! - `<p>:out:<id>` hash: `<stage>:<partition>` → the winning `TaskResult` (set with HSETNX,
 //!   so the first result of a task wins even with two coordinators or duplicate results);
 //! - `<p>:att:<id>` hash: `<stage>:<partition>` → the last attempt number handed out (HINCRBY);
@@ -27,6 +29,27 @@ use nightshift_core::transport::{JobState, StateStore};
 use redis::AsyncCommands;
 use redis::aio::ConnectionManager;
 use tracing::{info, warn};
+
+/// The field of a job's record naming the API client that submitted it.
+pub const OWNER_FIELD: &str = "client";
+
+/// What a job's record says about its submission.
+#[derive(Debug, Clone, Copy)]
+pub struct Submitted<'a> {
+    pub pipeline: &'a str,
+    /// The named API client that submitted it; `None`: the shared namespace.
+    pub owner: Option<&'a str>,
+}
+
+/// The Redis key holding an idempotency key's binding: one namespace for the shared
+/// clients, one per named client. A shared key is never a named client's (`idem:` against
+/// `idem@`), whatever characters it holds.
+fn idempotency_key_name(prefix: &str, owner: Option<&str>, key: &str) -> String {
+    match owner {
+        None => format!("{prefix}:idem:{key}"),
+        Some(owner) => format!("{prefix}:idem@{owner}:{key}"),
+    }
+}
 
 use crate::config::redact_url;
 
@@ -142,10 +165,15 @@ impl RedisState {
     /// Binds an idempotency key to `binding` (what the job API stores: the job and the
     /// request's digest) unless it is bound already. Returns the earlier binding, or `None`
     /// when this call bound the key.
-    pub async fn bind_idempotency_key(&self, key: &str, binding: &str) -> Result<Option<String>> {
+    pub async fn bind_idempotency_key(
+        &self,
+        owner: Option<&str>,
+        key: &str,
+        binding: &str,
+    ) -> Result<Option<String>> {
         let mut conn = self.conn.clone();
         redis::cmd("SET")
-            .arg(self.idempotency_key(key))
+            .arg(idempotency_key_name(&self.prefix, owner, key))
             .arg(binding)
             .arg("NX")
             .arg("GET")
@@ -156,8 +184,13 @@ impl RedisState {
 
     /// Frees an idempotency key if it is still bound to `binding` (a submission that could
     /// not be queued), so the client's retry starts afresh.
-    pub async fn unbind_idempotency_key(&self, key: &str, binding: &str) -> Result<()> {
-        self.delete_if_holds(&self.idempotency_key(key), binding)
+    pub async fn unbind_idempotency_key(
+        &self,
+        owner: Option<&str>,
+        key: &str,
+        binding: &str,
+    ) -> Result<()> {
+        self.delete_if_holds(&idempotency_key_name(&self.prefix, owner, key), binding)
             .await
     }
 
@@ -176,10 +209,6 @@ impl RedisState {
             .await
             .map_err(redis_err)?;
         Ok(())
-    }
-
-    fn idempotency_key(&self, key: &str) -> String {
-        format!("{}:idem:{key}", self.prefix)
     }
 
     /// Records that the job's submission reached the submission queue.
@@ -207,26 +236,42 @@ impl RedisState {
     pub async fn register_job(
         &self,
         job: &JobId,
-        pipeline: &str,
+        submitted: &Submitted<'_>,
         submitted_at_ms: i64,
         digest: &str,
     ) -> Result<()> {
         let mut conn = self.conn.clone();
-        redis::pipe()
-            .atomic()
+        let mut pipe = redis::pipe();
+        pipe.atomic()
             .hset_multiple(
                 self.job_key(job),
                 &[
-                    ("pipeline", pipeline.to_string()),
+                    ("pipeline", submitted.pipeline.to_string()),
                     ("submitted_at", submitted_at_ms.to_string()),
                     ("state", JobState::Queued.as_str().to_string()),
                     ("digest", digest.to_string()),
                 ],
             )
-            .zadd(self.jobs_key(), job.as_str(), submitted_at_ms)
-            .query_async::<()>(&mut conn)
-            .await
-            .map_err(redis_err)
+            .zadd(self.jobs_key(), job.as_str(), submitted_at_ms);
+        // A rerun under the same id is the submitter's now.
+        match submitted.owner {
+            Some(owner) => pipe.hset(self.job_key(job), OWNER_FIELD, owner),
+            None => pipe.hdel(self.job_key(job), OWNER_FIELD),
+        };
+        pipe.query_async::<()>(&mut conn).await.map_err(redis_err)
+    }
+
+    /// Writes again who submitted `job` and its pipeline, where the job's record may have
+    /// been lost (Redis flushed or restarted) and written again by state changes alone: the
+    /// owner decides which API callers see the job.
+    pub async fn keep_submitter(&self, job: &JobId, submitted: &Submitted<'_>) -> Result<()> {
+        let mut conn = self.conn.clone();
+        let mut pipe = redis::pipe();
+        pipe.hset_nx(self.job_key(job), "pipeline", submitted.pipeline);
+        if let Some(owner) = submitted.owner {
+            pipe.hset(self.job_key(job), OWNER_FIELD, owner);
+        }
+        pipe.query_async::<()>(&mut conn).await.map_err(redis_err)
     }
 
     /// Tasks done and total, for progress reports.
@@ -518,5 +563,28 @@ impl StateStore for RedisState {
             .await
             .map_err(redis_err)?;
         Ok(value.and_then(|v| v.split(':').next().and_then(|a| a.parse().ok())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_named_client_binds_keys_in_its_own_namespace() {
+        assert_eq!(idempotency_key_name("p", None, "k"), "p:idem:k");
+        assert_eq!(
+            idempotency_key_name("p", Some("alice"), "k"),
+            "p:idem@alice:k"
+        );
+        // A shared key spelling out a namespace is still the shared namespace's.
+        assert_ne!(
+            idempotency_key_name("p", None, "@alice:k"),
+            idempotency_key_name("p", Some("alice"), "k")
+        );
+        assert_ne!(
+            idempotency_key_name("p", Some("alice"), "k"),
+            idempotency_key_name("p", Some("alice2"), "k")
+        );
     }
 }

@@ -18,6 +18,10 @@ pub struct JobSubmission {
     /// part of what the request asks for.
     #[serde(default)]
     pub git_commit: Option<String>,
+    /// The named API client that submitted it (`None`: the shared namespace), recorded as
+    /// the job's owner; not part of what the request asks for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client: Option<String>,
 }
 
 impl JobSubmission {
@@ -47,6 +51,7 @@ impl JobSubmission {
             files,
             params,
             git_commit: nightshift_spec::git_commit_of(&spec_dir),
+            client: None,
         })
     }
 
@@ -70,11 +75,16 @@ impl JobSubmission {
 /// names no job id: the same key and request always give the same id. The key's binding in
 /// Redis answers a retry while it lives; when it is gone (Redis flushed or restarted, the
 /// binding expired), the retry still runs under the first one's id, which the table's
-/// history knows as committed, so the rows are not written twice.
-pub fn keyed_job_id(key: &str, digest: &str) -> nightshift_core::ids::JobId {
+/// history knows as committed, so the rows are not written twice. A named client's keys
+/// (`owner`) are its own: the same key and request from two clients are two jobs. The shared
+/// namespace's ids are derived as they were before clients had names.
+pub fn keyed_job_id(owner: Option<&str>, key: &str, digest: &str) -> nightshift_core::ids::JobId {
     use sha2::{Digest, Sha256};
-    let pair = serde_json::json!([key, digest]).to_string();
-    let hash = hex::encode(Sha256::digest(pair.as_bytes()));
+    let hashed = match owner {
+        None => serde_json::json!([key, digest]),
+        Some(owner) => serde_json::json!([owner, key, digest]),
+    };
+    let hash = hex::encode(Sha256::digest(hashed.to_string().as_bytes()));
     nightshift_core::ids::JobId::parse(&format!("keyed-{}", &hash[..32]))
         .expect("hex digits make a job id")
 }
@@ -85,13 +95,36 @@ mod tests {
 
     #[test]
     fn a_key_and_request_give_one_job_id() {
-        let first = keyed_job_id("nightly-2024-01-01", "d1");
-        assert_eq!(first, keyed_job_id("nightly-2024-01-01", "d1"));
+        let first = keyed_job_id(None, "nightly-2024-01-01", "d1");
+        assert_eq!(first, keyed_job_id(None, "nightly-2024-01-01", "d1"));
         assert_eq!(first.as_str().len(), "keyed-".len() + 32);
-        assert_ne!(first, keyed_job_id("nightly-2024-01-01", "d2"));
-        assert_ne!(first, keyed_job_id("nightly-2024-01-0", "d1"));
+        // The shared namespace keeps the ids it derived before clients had names.
+        assert_eq!(first.as_str(), "keyed-0594213b266cf1b4ebc610f49cfd0301");
+        assert_ne!(first, keyed_job_id(None, "nightly-2024-01-01", "d2"));
+        assert_ne!(first, keyed_job_id(None, "nightly-2024-01-0", "d1"));
         // No key and digest run together into another's.
-        assert_ne!(keyed_job_id("a\nb", "c"), keyed_job_id("a", "b\nc"));
+        assert_ne!(
+            keyed_job_id(None, "a\nb", "c"),
+            keyed_job_id(None, "a", "b\nc")
+        );
+    }
+
+    #[test]
+    fn a_named_clients_keys_are_its_own() {
+        let shared = keyed_job_id(None, "nightly", "d1");
+        let alice = keyed_job_id(Some("alice"), "nightly", "d1");
+        assert_eq!(alice, keyed_job_id(Some("alice"), "nightly", "d1"));
+        assert_ne!(alice, shared);
+        assert_ne!(alice, keyed_job_id(Some("bob"), "nightly", "d1"));
+        // Names and keys do not run together.
+        assert_ne!(
+            keyed_job_id(Some("a"), "b", "d1"),
+            keyed_job_id(Some("a\",\"b"), "", "d1")
+        );
+        assert_ne!(
+            keyed_job_id(Some("alice"), "x", "d1"),
+            keyed_job_id(None, "alice", "d1")
+        );
     }
 
     fn submission(spec: &str, files: &[(&str, &str)], params: &[(&str, &str)]) -> JobSubmission {
@@ -107,6 +140,7 @@ mod tests {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             git_commit: None,
+            client: None,
         }
     }
 
@@ -116,6 +150,7 @@ mod tests {
         let mut same = submission("s", &[("t.sql", "q")], &[("b", "2"), ("a", "1")]);
         same.job_id = "other".into();
         same.git_commit = Some("abc".into());
+        same.client = Some("alice".into());
         assert_eq!(a.request_digest(), same.request_digest());
         for different in [
             submission("s2", &[("t.sql", "q")], &[("a", "1"), ("b", "2")]),

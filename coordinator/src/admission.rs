@@ -176,6 +176,7 @@ mod tests {
                 .collect(),
             params: Vec::new(),
             git_commit: None,
+            client: None,
         }
     }
 

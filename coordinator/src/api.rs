@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use futures::Stream;
 use nightshift_cluster::poll::poll_delay;
+use nightshift_cluster::redis_state::{OWNER_FIELD, Submitted};
 use nightshift_cluster::submission::JobSubmission;
 use nightshift_cluster::{RabbitQueue, RedisState};
 use nightshift_core::access::AccessPolicy;
@@ -26,6 +27,7 @@ use tonic::{Code, Request, Response, Status};
 use tracing::{info, warn};
 
 use crate::admission::{RecentTables, Refusal, admit};
+use crate::clients::{Caller, Token};
 use crate::idempotency::{
     ChosenIdDecision, KeyBinding, KeyDecision, decide, decide_chosen_id, needs_republish,
 };
@@ -83,8 +85,12 @@ impl JobApi {
         submission: &JobSubmission,
         pipeline: &str,
     ) -> Result<(), Status> {
+        let submitted = Submitted {
+            pipeline,
+            owner: submission.client.as_deref(),
+        };
         self.state
-            .register_job(job, pipeline, now_ms(), &submission.request_digest())
+            .register_job(job, &submitted, now_ms(), &submission.request_digest())
             .await
             .map_err(unavailable)?;
         let submission = JobSubmission {
@@ -131,14 +137,30 @@ impl JobApi {
         Ok(())
     }
 
-    async fn job(&self, id: &str) -> Result<Job, Status> {
+    /// Job `id` as `caller` may see it: another client's job is answered as no job at all.
+    async fn job(&self, caller: &Caller, id: &str) -> Result<Job, Status> {
         let job = JobId::parse(id).map_err(|e| refuse(Code::InvalidArgument, e))?;
         let record = self.state.job_record(&job).await.map_err(unavailable)?;
-        if record.is_empty() {
+        if !is_visible(caller, &record) {
             return Err(refuse(Code::NotFound, format!("no job {id}")));
         }
         Ok(job_from_record(id, &record))
     }
+}
+
+/// Whether `record` is a job (not empty) that `caller` may see.
+fn is_visible(caller: &Caller, record: &HashMap<String, String>) -> bool {
+    !record.is_empty() && caller.may_see(record.get(OWNER_FIELD).map(String::as_str))
+}
+
+/// The caller the token interceptor found. A request that did not pass through it is
+/// refused rather than taken for the shared namespace.
+fn caller_of<T>(request: &Request<T>) -> Result<Caller, Status> {
+    request
+        .extensions()
+        .get::<Caller>()
+        .cloned()
+        .ok_or_else(|| Status::internal("the request was not authenticated"))
 }
 
 /// Every error the API returns that carries a message not written here is built here and
@@ -228,6 +250,7 @@ impl JobService for JobApi {
         &self,
         request: Request<SubmitJobRequest>,
     ) -> Result<Response<SubmitJobResponse>, Status> {
+        let caller = caller_of(&request)?;
         let mut request = request.into_inner();
         if !request.spec_uri.is_empty() {
             if !request.spec.is_empty() || !request.files.is_empty() {
@@ -260,6 +283,7 @@ impl JobService for JobApi {
             files: request.files.into_iter().collect(),
             params: request.params.into_iter().collect(),
             git_commit: Some(request.git_commit).filter(|c| !c.is_empty()),
+            client: caller.owner().map(String::from),
         };
         let spec = admit(&submission, &self.access)
             .await
@@ -287,7 +311,9 @@ impl JobService for JobApi {
             (None, true) => JobId::generate(),
             // Derived, not drawn: a retry the key's binding no longer answers (Redis was
             // flushed) runs under the same id, which the table knows as committed.
-            (None, false) => nightshift_cluster::submission::keyed_job_id(&key, &digest),
+            (None, false) => {
+                nightshift_cluster::submission::keyed_job_id(caller.owner(), &key, &digest)
+            }
         };
         let pipeline = &spec.spec.pipeline.name;
         let binding = KeyBinding {
@@ -297,6 +323,14 @@ impl JobService for JobApi {
         };
         if chosen.is_some() {
             let record = self.state.job_record(&job).await.map_err(unavailable)?;
+            if !record.is_empty() && !is_visible(&caller, &record) {
+                // Job ids are one namespace (a table knows its commits by id); say nothing
+                // about the other client's job.
+                return Err(refuse(
+                    Code::AlreadyExists,
+                    format!("job id `{job}` is taken by another client; choose another id"),
+                ));
+            }
             match decide_chosen_id(&record, &binding.digest) {
                 ChosenIdDecision::Submit => {
                     // A rerun: the outcome of the run before is not this one's.
@@ -323,7 +357,7 @@ impl JobService for JobApi {
         if !key.is_empty() {
             let earlier = self
                 .state
-                .bind_idempotency_key(&key, &bound_as)
+                .bind_idempotency_key(caller.owner(), &key, &bound_as)
                 .await
                 .map_err(unavailable)?
                 .map(|text| KeyBinding::decode(&text));
@@ -352,7 +386,10 @@ impl JobService for JobApi {
         if let Err(e) = self.queue_job(&job, &submission, pipeline).await {
             // Nothing was queued: free the key, so the client's retry starts afresh.
             if !key.is_empty()
-                && let Err(unbind) = self.state.unbind_idempotency_key(&key, &bound_as).await
+                && let Err(unbind) = self
+                    .state
+                    .unbind_idempotency_key(caller.owner(), &key, &bound_as)
+                    .await
             {
                 warn!(error = %unbind, "cannot free the idempotency key of an unqueued job");
             }
@@ -366,7 +403,10 @@ impl JobService for JobApi {
     }
 
     async fn get_job(&self, request: Request<GetJobRequest>) -> Result<Response<Job>, Status> {
-        Ok(Response::new(self.job(&request.into_inner().job_id).await?))
+        let caller = caller_of(&request)?;
+        Ok(Response::new(
+            self.job(&caller, &request.into_inner().job_id).await?,
+        ))
     }
 
     type WatchJobStream = JobStream;
@@ -375,16 +415,18 @@ impl JobService for JobApi {
         &self,
         request: Request<GetJobRequest>,
     ) -> Result<Response<Self::WatchJobStream>, Status> {
+        let caller = caller_of(&request)?;
         let id = request.into_inner().job_id;
-        let first = self.job(&id).await?;
+        let first = self.job(&caller, &id).await?;
         let api = self.clone();
-        let stream = async_stream_of_changes(api, id, first);
+        let stream = async_stream_of_changes(api, caller, id, first);
         Ok(Response::new(Box::pin(stream)))
     }
 
     async fn cancel_job(&self, request: Request<GetJobRequest>) -> Result<Response<Job>, Status> {
+        let caller = caller_of(&request)?;
         let id = request.into_inner().job_id;
-        let job = self.job(&id).await?;
+        let job = self.job(&caller, &id).await?;
         if !is_terminal(&job) {
             let job_id = JobId::parse(&id).map_err(|e| refuse(Code::InvalidArgument, e))?;
             self.state
@@ -393,13 +435,14 @@ impl JobService for JobApi {
                 .map_err(unavailable)?;
             info!(job_id = %id, "cancel requested");
         }
-        Ok(Response::new(self.job(&id).await?))
+        Ok(Response::new(self.job(&caller, &id).await?))
     }
 
     async fn list_jobs(
         &self,
         request: Request<ListJobsRequest>,
     ) -> Result<Response<ListJobsResponse>, Status> {
+        let caller = caller_of(&request)?;
         let request = request.into_inner();
         let page_size = if request.page_size == 0 {
             50
@@ -428,7 +471,15 @@ impl JobService for JobApi {
             }
             for id in ids {
                 offset += 1;
-                let job = self.job(&id).await?;
+                let Ok(job_id) = JobId::parse(&id) else {
+                    continue;
+                };
+                let record = self.state.job_record(&job_id).await.map_err(unavailable)?;
+                // Another client's jobs, and one forgotten since it was listed, are not there.
+                if !is_visible(&caller, &record) {
+                    continue;
+                }
+                let job = job_from_record(&id, &record);
                 let pipeline_ok = request.pipeline.is_empty() || job.pipeline == request.pipeline;
                 let state_ok = request.state == 0 || job.state == request.state;
                 if pipeline_ok && state_ok {
@@ -456,6 +507,7 @@ impl JobService for JobApi {
 /// The job each time it changes (read again after [`poll_delay`]), ending with its final state.
 fn async_stream_of_changes(
     api: JobApi,
+    caller: Caller,
     id: String,
     first: Job,
 ) -> impl Stream<Item = Result<Job, Status>> {
@@ -464,6 +516,7 @@ fn async_stream_of_changes(
         move |(pending, last, done)| {
             let id = id.clone();
             let api = api.clone();
+            let caller = caller.clone();
             async move {
                 if done {
                     return None;
@@ -478,7 +531,7 @@ fn async_stream_of_changes(
                         return Some((Ok(job.clone()), (None, Some(job), end)));
                     }
                     tokio::time::sleep(poll_delay(started.elapsed())).await;
-                    match api.job(&id).await {
+                    match api.job(&caller, &id).await {
                         Ok(job) => current = Some(job),
                         Err(status) => return Some((Err(status), (None, last, true))),
                     }
@@ -488,24 +541,30 @@ fn async_stream_of_changes(
     )
 }
 
-/// Checks `authorization: Bearer <token>` against the configured tokens in constant time.
+/// Checks `authorization: Bearer <token>` against the configured tokens in constant time,
+/// and says which [`Caller`] the token makes.
 #[derive(Clone)]
 pub struct TokenAuth {
-    tokens: Arc<Vec<String>>,
+    tokens: Arc<Vec<Token>>,
 }
 
 impl TokenAuth {
-    pub fn new(tokens: Vec<String>) -> Self {
+    pub fn new(tokens: Vec<Token>) -> Self {
         TokenAuth {
-            tokens: Arc::new(tokens.into_iter().filter(|t| !t.is_empty()).collect()),
+            tokens: Arc::new(
+                tokens
+                    .into_iter()
+                    .filter(|t| !t.secret.is_empty())
+                    .collect(),
+            ),
         }
     }
 
-    fn check(&self, request: &Request<()>) -> Result<(), Status> {
+    fn check(&self, request: &Request<()>) -> Result<Caller, Status> {
         // No token configured: the API is served without authentication (`--no-auth`; the
-        // coordinator refuses to start with no tokens otherwise), as `admits_http` does.
+        // coordinator refuses to start with no tokens otherwise), as `http_caller` does.
         if self.tokens.is_empty() {
-            return Ok(());
+            return Ok(Caller::Shared);
         }
         let presented = request
             .metadata()
@@ -515,27 +574,30 @@ impl TokenAuth {
             // Constant messages: nothing in them to redact (and the redactor would mask the
             // word after "bearer").
             .ok_or_else(|| Status::unauthenticated("missing bearer token: set NIGHTSHIFT_TOKEN"))?;
-        if self.accepts(presented) {
-            Ok(())
-        } else {
-            Err(Status::unauthenticated("invalid bearer token"))
+        self.caller(presented)
+            .ok_or_else(|| Status::unauthenticated("invalid bearer token"))
+    }
+
+    /// The caller `presented` makes, if it is one of the tokens. Every token is compared
+    /// (in constant time), so the time taken does not tell which one matched.
+    fn caller(&self, presented: &str) -> Option<Caller> {
+        let mut found = None;
+        for token in self.tokens.iter() {
+            if constant_time_eq(token.secret.as_bytes(), presented.as_bytes()) {
+                found = Some(token.caller.clone());
+            }
         }
+        found
     }
 
-    /// True when `presented` is one of the tokens (compared in constant time).
-    fn accepts(&self, presented: &str) -> bool {
-        self.tokens
-            .iter()
-            .any(|t| constant_time_eq(t.as_bytes(), presented.as_bytes()))
-    }
-
-    /// Whether an HTTP request with this `authorization` header may read job reports: any
-    /// request when no token is configured, else one bearing a configured token.
-    pub fn admits_http(&self, authorization: Option<&str>) -> bool {
-        self.tokens.is_empty()
-            || authorization
-                .and_then(|v| v.strip_prefix("Bearer "))
-                .is_some_and(|presented| self.accepts(presented))
+    /// Who an HTTP request with this `authorization` header reads job reports as: the
+    /// shared namespace when no token is configured, else the caller of a configured token
+    /// (`None`: not let in).
+    pub fn http_caller(&self, authorization: Option<&str>) -> Option<Caller> {
+        if self.tokens.is_empty() {
+            return Some(Caller::Shared);
+        }
+        self.caller(authorization?.strip_prefix("Bearer ")?)
     }
 }
 
@@ -601,8 +663,9 @@ pub async fn bind_api(
     let reflection_v1alpha = reflection().build_v1alpha()?;
     let service = tonic::service::interceptor::InterceptedService::new(
         JobServiceServer::new(api).max_decoding_message_size(MAX_SUBMISSION_BYTES + 64 * 1024),
-        move |request: Request<()>| {
-            auth.check(&request)?;
+        move |mut request: Request<()>| {
+            let caller = auth.check(&request)?;
+            request.extensions_mut().insert(caller);
             Ok(request)
         },
     );
@@ -628,24 +691,15 @@ pub async fn bind_api(
     )))
 }
 
-/// The bearer tokens of a tokens file: one per line, trimmed; blank lines and lines
-/// starting with `#` (a revoked token commented out) are not tokens.
-pub fn tokens_in_file(text: &str) -> Vec<String> {
-    text.lines()
-        .map(str::trim)
-        .filter(|t| !t.is_empty() && !t.starts_with('#'))
-        .map(String::from)
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_tokens_file_holds_one_token_per_line_and_comments_are_none() {
-        let text = "tok-alice\n  tok-bob  \n\n# tok-revoked\n   #tok-old\n";
-        assert_eq!(tokens_in_file(text), ["tok-alice", "tok-bob"]);
+    fn token(secret: &str, caller: Caller) -> Token {
+        Token {
+            secret: secret.into(),
+            caller,
+        }
     }
 
     #[test]
@@ -660,15 +714,34 @@ mod tests {
             request
         };
         let open = TokenAuth::new(vec![]);
-        assert!(open.check(&bearing(None)).is_ok());
-        assert!(open.check(&bearing(Some("anything"))).is_ok());
-        let guarded = TokenAuth::new(vec!["tok-a".into()]);
-        assert!(guarded.check(&bearing(Some("tok-a"))).is_ok());
+        assert_eq!(open.check(&bearing(None)).unwrap(), Caller::Shared);
+        assert_eq!(
+            open.check(&bearing(Some("anything"))).unwrap(),
+            Caller::Shared
+        );
+        let alice = Caller::Client("alice".into());
+        let guarded = TokenAuth::new(vec![
+            token("tok-a", Caller::Shared),
+            token("tok-alice", alice.clone()),
+        ]);
+        assert_eq!(
+            guarded.check(&bearing(Some("tok-a"))).unwrap(),
+            Caller::Shared
+        );
+        assert_eq!(guarded.check(&bearing(Some("tok-alice"))).unwrap(), alice);
         assert!(guarded.check(&bearing(Some("tok-b"))).is_err());
+        assert!(guarded.check(&bearing(Some("tok-alic"))).is_err());
         assert!(guarded.check(&bearing(None)).is_err());
+        assert_eq!(
+            guarded.http_caller(Some("Bearer tok-alice")),
+            Some(alice.clone())
+        );
+        assert_eq!(guarded.http_caller(Some("tok-alice")), None);
+        assert_eq!(guarded.http_caller(None), None);
+        assert_eq!(open.http_caller(None), Some(Caller::Shared));
         // An empty token in the list never lets an empty bearer in.
         assert!(
-            TokenAuth::new(vec!["".into(), "tok-a".into()])
+            TokenAuth::new(vec![token("", Caller::Shared), token("tok-a", alice)])
                 .check(&bearing(Some("")))
                 .is_err()
         );

@@ -9,14 +9,15 @@
 //! - [`admission`] admits a submission (spec from what it carries, access policy, canonical
 //!   locations), the same for the job API and the submission queue.
 //! - [`api`] serves the gRPC job API ([`api_metrics`] counts its calls, [`api_limits`] keeps
-//!   one size limit, [`idempotency`] decides what a key answers); [`spec_ref`] reads specs
-//!   submitted by reference.
+//!   one size limit, [`idempotency`] decides what a key answers, [`clients`] who calls and
+//!   which jobs they see); [`spec_ref`] reads specs submitted by reference.
 
 pub mod admission;
 pub mod api;
 pub mod api_limits;
 pub mod api_metrics;
 pub mod cleanup;
+pub mod clients;
 pub mod idempotency;
 pub mod job;
 pub mod lineage;

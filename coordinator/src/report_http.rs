@@ -14,8 +14,10 @@ use nightshift_core::ids::JobId;
 use tracing::warn;
 
 use crate::api::TokenAuth;
+use crate::clients::Caller;
 use crate::job::record::RunRecord;
 use crate::report_page::{render, render_progress};
+use nightshift_cluster::redis_state::OWNER_FIELD;
 
 #[derive(Clone)]
 struct Reports {
@@ -38,18 +40,18 @@ async fn job_report(
     let authorization = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    if !reports.auth.admits_http(authorization) {
+    let Some(caller) = reports.auth.http_caller(authorization) else {
         return (
             StatusCode::UNAUTHORIZED,
             [(header::WWW_AUTHENTICATE, "Bearer")],
             "a job report needs the job API's bearer token\n",
         )
             .into_response();
-    }
+    };
     let Ok(job) = JobId::parse(&job) else {
         return (StatusCode::BAD_REQUEST, "not a job id\n").into_response();
     };
-    match page(&reports.state, &job).await {
+    match page(&reports.state, &caller, &job).await {
         Ok(Some(html)) => {
             ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], html).into_response()
         }
@@ -65,16 +67,21 @@ async fn job_report(
     }
 }
 
-/// The page of `job`: its report once it ended, its progress before; `None` if unknown.
-async fn page(state: &RedisState, job: &JobId) -> nightshift_core::Result<Option<String>> {
-    if let Some(json) = state.run_record(job).await?
-        && let Ok(record) = serde_json::from_str::<RunRecord>(&json)
+/// The page of `job`: its report once it ended, its progress before; `None` if unknown, or
+/// another client's.
+async fn page(
+    state: &RedisState,
+    caller: &Caller,
+    job: &JobId,
+) -> nightshift_core::Result<Option<String>> {
+    let fields = state.job_record(job).await?;
+    if fields.is_empty() || !caller.may_see(fields.get(OWNER_FIELD).map(String::as_str)) {
+        return Ok(None);
+    }
+    if let Some(json) = fields.get("run_record")
+        && let Ok(record) = serde_json::from_str::<RunRecord>(json)
     {
         return Ok(Some(render(&record)));
-    }
-    let fields = state.job_record(job).await?;
-    if fields.is_empty() {
-        return Ok(None);
     }
     let stages: Vec<crate::StageCount> = fields
         .get("stages")

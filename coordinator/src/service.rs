@@ -32,8 +32,8 @@ type RunningJobs = HashMap<String, Vec<Box<dyn Delivery>>>;
 /// Where and how the job API listens.
 pub struct ApiOptions {
     pub listen: std::net::SocketAddr,
-    /// Accepted bearer tokens; empty disables authentication.
-    pub tokens: Vec<String>,
+    /// Accepted bearer tokens and the callers they make; empty disables authentication.
+    pub tokens: Vec<crate::clients::Token>,
     pub tls: Option<crate::api::TlsFiles>,
 }
 
@@ -307,6 +307,11 @@ async fn run_submission(
     };
     let options = JobOptions::new(job_id, 1);
     info!(job_id = %options.job_id, pipeline = %spec.spec.pipeline.name, "job accepted");
+    let submitted = nightshift_cluster::redis_state::Submitted {
+        pipeline: &spec.spec.pipeline.name,
+        owner: submission.client.as_deref(),
+    };
+    keep_submitter(state, &options.job_id, &submitted).await;
     // Progress goes to Redis from one writer task, latest value first, so a slow write never
     // holds up the job and writes never land out of order.
     let (progress_tx, mut progress_rx) = tokio::sync::watch::channel(None::<Progress>);
@@ -364,7 +369,21 @@ async fn run_submission(
             Err(e) => warn!(error = %e, "cannot serialize the job's report record"),
         }
     }
+    keep_submitter(state, &options.job_id, &submitted).await;
     result
+}
+
+/// Writes the job's owner and pipeline into its record again, in case Redis lost the record
+/// and state changes wrote it anew without them (then the job was the shared namespace's
+/// to see, and not its owner's, until this). A job whose record cannot be written still runs.
+async fn keep_submitter(
+    state: &RedisState,
+    job: &JobId,
+    submitted: &nightshift_cluster::redis_state::Submitted<'_>,
+) {
+    if let Err(e) = state.keep_submitter(job, submitted).await {
+        warn!(job_id = %job, error = %e, "cannot record who submitted the job");
+    }
 }
 
 /// Completes with the reason when the job API server ends; never without one.

@@ -106,6 +106,8 @@ pub struct ClusterSandbox {
     /// The coordinator's job API and its bearer token.
     pub api_addr: String,
     pub api_token: String,
+    /// More `NIGHTSHIFT_API_TOKENS` entries (`CLIENT TOKEN [operator]`), from the next start.
+    pub more_api_tokens: Vec<String>,
     /// Extra `nightshift coordinator` arguments (e.g. TLS files), used from the next start.
     pub coordinator_args: Vec<String>,
     /// The AMQP URL the processes use (this sandbox's vhost, or a private node).
@@ -207,6 +209,7 @@ impl ClusterSandbox {
             coordinator_starts: 0,
             api_addr: format!("127.0.0.1:{}", free_port()),
             api_token: format!("token-{}", uuid_like()),
+            more_api_tokens: Vec::new(),
             coordinator_args: Vec::new(),
             rabbitmq_url: rabbitmq_url.clone(),
             vhost,
@@ -239,8 +242,12 @@ impl ClusterSandbox {
         self.coordinator_starts += 1;
         let log = format!("coordinator-{}.log", self.coordinator_starts);
         let addr = self.api_addr.clone();
-        self.env
-            .push(("NIGHTSHIFT_API_TOKENS".into(), self.api_token.clone()));
+        let tokens = std::iter::once(&self.api_token)
+            .chain(&self.more_api_tokens)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(",");
+        self.env.push(("NIGHTSHIFT_API_TOKENS".into(), tokens));
         let mut args = vec!["coordinator", "--listen", &addr];
         args.extend(self.coordinator_args.iter().map(String::as_str));
         self.coordinator = Some(self.spawn(&args, &log));
@@ -573,9 +580,14 @@ impl ClusterSandbox {
 
     /// A client of the job API with the right token, once the API answers.
     pub async fn api_client(&self) -> nightshift::client::ApiClient {
+        self.api_client_bearing(&self.api_token).await
+    }
+
+    /// A client of the job API bearing `token`, once the API answers.
+    pub async fn api_client_bearing(&self, token: &str) -> nightshift::client::ApiClient {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            match nightshift::client::connect(&self.api_url(), Some(self.api_token.clone())).await {
+            match nightshift::client::connect(&self.api_url(), Some(token.to_string())).await {
                 Ok(client) => return client,
                 Err(e) => assert!(
                     Instant::now() < deadline,

@@ -471,3 +471,129 @@ async fn a_queued_job_whose_source_is_swapped_out_fails_when_taken() {
     );
     assert_eq!(job.rows, 0, "{job:?}");
 }
+
+/// The ids `client` lists (the first page of up to 500).
+async fn listed(client: &mut nightshift::client::ApiClient) -> std::collections::BTreeSet<String> {
+    client
+        .list_jobs(nightshift_proto::v1::ListJobsRequest {
+            page_size: 500,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs
+        .into_iter()
+        .map(|j| j.job_id)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_named_client_sees_cancels_and_keys_only_its_own_jobs() {
+    let mut cluster = start(0, &[("NIGHTSHIFT_METRICS_LISTEN", "127.0.0.1:0")]);
+    // Two clients whose names share a prefix, an operator, and the unnamed token.
+    let secret = |who: &str| format!("tok-{who}-{}", cluster.prefix);
+    let (alice_token, alice2_token, ops_token) = (secret("alice"), secret("alice2"), secret("ops"));
+    cluster.kill_coordinator();
+    cluster.more_api_tokens = vec![
+        format!("alice {alice_token}"),
+        format!("alice2 {alice2_token}"),
+        format!("ops {ops_token} operator"),
+    ];
+    cluster.start_coordinator();
+    cluster.start_worker();
+    let mut shared = cluster.api_client().await;
+    let mut alice = cluster.api_client_bearing(&alice_token).await;
+    let mut alice2 = cluster.api_client_bearing(&alice2_token).await;
+    let mut ops = cluster.api_client_bearing(&ops_token).await;
+    let lines = format!("{}/lines/", cluster.sandbox.path("data").display());
+    let keyed = |key: &str| SubmitJobRequest {
+        spec: csv_spec(&lines, "tests.clients"),
+        idempotency_key: key.to_string(),
+        ..Default::default()
+    };
+
+    // The same key and request from three namespaces: three jobs.
+    let mut jobs = Vec::new();
+    for client in [&mut alice, &mut alice2, &mut shared] {
+        let submitted = client
+            .submit_job(keyed("nightly"))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(submitted.created, "{submitted:?}");
+        jobs.push(submitted.job_id);
+    }
+    let (a, a2, s) = (jobs[0].clone(), jobs[1].clone(), jobs[2].clone());
+    assert!(a != a2 && a != s && a2 != s, "{jobs:?}");
+    // A retry within a namespace still answers with its job.
+    let again = alice
+        .submit_job(keyed("nightly"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((again.job_id.as_str(), again.created), (a.as_str(), false));
+
+    // Another client's job is no job: get, watch and cancel say so in the same words.
+    for (client, theirs) in [(&mut alice2, &a), (&mut shared, &a), (&mut alice, &a2)] {
+        let get = || GetJobRequest {
+            job_id: theirs.clone(),
+        };
+        let got = client.get_job(get()).await.unwrap_err();
+        assert_eq!(got.code(), tonic::Code::NotFound, "{got:?}");
+        assert_eq!(got.message(), format!("no job {theirs}"));
+        let watched = client.watch_job(get()).await.unwrap_err();
+        assert_eq!(watched.code(), tonic::Code::NotFound, "{watched:?}");
+        let cancelled = client.cancel_job(get()).await.unwrap_err();
+        assert_eq!(cancelled.code(), tonic::Code::NotFound, "{cancelled:?}");
+    }
+    let everyone: std::collections::BTreeSet<String> = jobs.iter().cloned().collect();
+    assert_eq!(listed(&mut alice).await, [a.clone()].into());
+    assert_eq!(listed(&mut alice2).await, [a2.clone()].into());
+    assert_eq!(listed(&mut shared).await, [s.clone()].into());
+    assert_eq!(listed(&mut ops).await, everyone);
+
+    // A chosen id another client's job holds is refused without a word about that job.
+    let taken = alice2
+        .submit_job(SubmitJobRequest {
+            job_id: a.clone(),
+            ..keyed("")
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(taken.code(), tonic::Code::AlreadyExists, "{taken:?}");
+    assert_eq!(
+        taken.message(),
+        format!("job id `{a}` is taken by another client; choose another id")
+    );
+
+    // The report page: the owner's and the operator's token, never another client's.
+    let admin = cluster
+        .admin_addr(&cluster.coordinator_log_name(), Duration::from_secs(60))
+        .expect("the coordinator's admin endpoint");
+    let page = |token: &str| {
+        let bearer = format!("Bearer {token}");
+        nightshift_tests::cluster::http_get_with(
+            &admin,
+            &format!("/jobs/{a}/report"),
+            &[("Authorization", bearer.as_str())],
+        )
+        .unwrap()
+        .0
+    };
+    assert_eq!(page(&alice_token), 200);
+    assert_eq!(page(&ops_token), 200);
+    assert_eq!(page(&alice2_token), 404);
+    assert_eq!(page(&cluster.api_token), 404);
+
+    // The operator cancels the shared namespace's job; alice's runs to the end as hers.
+    let cancelled = ops
+        .cancel_job(GetJobRequest { job_id: s.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(cancelled.job_id, s);
+    let job = succeeded(&mut alice, &a, &cluster).await;
+    assert_eq!(job.rows, 2, "{job:?}");
+    assert_eq!(listed(&mut alice).await, [a.clone()].into());
+}

@@ -159,9 +159,12 @@ enum Command {
         /// Serve the gRPC job API (JobService, health, reflection) on this address.
         #[arg(long, env = "NIGHTSHIFT_LISTEN", value_name = "ADDR")]
         listen: Option<std::net::SocketAddr>,
-        /// File with the API's bearer tokens, one per line (e.g. a mounted Kubernetes Secret);
-        /// blank lines and lines starting with `#` are not tokens.
-        /// NIGHTSHIFT_API_TOKENS (comma-separated) also works.
+        /// File with the API's bearer tokens, one per line (e.g. a mounted Kubernetes Secret):
+        /// `TOKEN` (the shared namespace: such tokens see each other's jobs), `CLIENT TOKEN`
+        /// (client CLIENT sees, lists and cancels only its own jobs; its idempotency keys are
+        /// its own) or `CLIENT TOKEN operator` (sees and cancels every job). Blank lines and
+        /// lines starting with `#` are not tokens. NIGHTSHIFT_API_TOKENS (entries separated
+        /// by commas) also works.
         #[arg(long, value_name = "FILE")]
         tokens_file: Option<PathBuf>,
         /// Serve the API without authentication (local testing only).
@@ -1121,21 +1124,28 @@ async fn coordinator(
     let api = match listen {
         None => None,
         Some(listen) => {
-            let mut tokens: Vec<String> = std::env::var("NIGHTSHIFT_API_TOKENS")
-                .unwrap_or_default()
-                .split(',')
-                .map(|t| t.trim().to_string())
-                .filter(|t| !t.is_empty())
-                .collect();
-            if let Some(file) = &tokens_file {
-                match std::fs::read_to_string(file) {
-                    Ok(text) => tokens.extend(nightshift_coordinator::api::tokens_in_file(&text)),
+            let env = std::env::var("NIGHTSHIFT_API_TOKENS").unwrap_or_default();
+            let file = match &tokens_file {
+                None => None,
+                Some(file) => match std::fs::read_to_string(file) {
+                    Ok(text) => Some((file.display().to_string(), text)),
                     Err(e) => {
                         eprintln!("error: cannot read {}: {e}", file.display());
                         return ExitCode::from(EXIT_INVALID);
                     }
+                },
+            };
+            let tokens = match nightshift_coordinator::clients::configured_tokens(
+                &env,
+                file.as_ref()
+                    .map(|(path, text)| (path.as_str(), text.as_str())),
+            ) {
+                Ok(tokens) => tokens,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(EXIT_INVALID);
                 }
-            }
+            };
             if tokens.is_empty() && !no_auth {
                 eprintln!(
                     "error: the job API needs bearer tokens (--tokens-file or NIGHTSHIFT_API_TOKENS); \

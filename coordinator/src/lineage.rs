@@ -17,7 +17,7 @@
 use std::collections::HashMap;
 
 use nightshift_core::checks::CheckResult;
-use nightshift_core::redact::{MASK, is_secret_name};
+use nightshift_core::redact::{MASK, is_secret_name, redact};
 use nightshift_core::sources::SourceSummary;
 use nightshift_core::table::PIPELINE_PROPERTY;
 use nightshift_spec::ResolvedSpec;
@@ -49,9 +49,10 @@ pub fn snapshot_summary(
         summary.insert(GIT_COMMIT_PROPERTY.to_string(), commit.clone());
     }
     for (k, v) in &spec.params {
-        // Whoever reads the table reads its snapshot summaries.
-        let value = if is_secret_name(k) { MASK } else { v.as_str() };
-        summary.insert(format!("nightshift.param.{k}"), value.to_string());
+        summary.insert(
+            format!("nightshift.param.{k}"),
+            param_as_recorded(k, v).into_owned(),
+        );
     }
     for input in inputs {
         let mut read = format!("files={} bytes={}", input.files, input.bytes);
@@ -82,6 +83,18 @@ fn verdict(check: &CheckResult) -> String {
     }
 }
 
+/// Parameter `name`'s `value` as a snapshot summary (and so the report page) states it:
+/// whoever reads the table reads its summaries. A secret-named parameter is masked whole;
+/// any other is redacted like a log line, so a URL's password or a bearer token in a value
+/// is masked whatever the parameter is called.
+fn param_as_recorded<'a>(name: &str, value: &'a str) -> std::borrow::Cow<'a, str> {
+    if is_secret_name(name) {
+        std::borrow::Cow::Borrowed(MASK)
+    } else {
+        redact(value)
+    }
+}
+
 /// Why the snapshot that holds a job's id (its `summary`) was not made by `spec`: another
 /// pipeline, other code, or other parameters under the same job id. `None` when it was
 /// this spec's: the job is done, a rerun does nothing. A property the snapshot lacks is no
@@ -103,10 +116,16 @@ pub fn committed_by_another(
     let mut params: Vec<_> = spec.params.iter().collect();
     params.sort();
     for (name, value) in params {
-        if !is_secret_name(name) && differs(&format!("nightshift.param.{name}"), value) {
+        if is_secret_name(name) {
+            continue;
+        }
+        let key = format!("nightshift.param.{name}");
+        let recorded = param_as_recorded(name, value);
+        // A snapshot made before values were redacted holds the value as it was.
+        if differs(&key, &recorded) && differs(&key, value) {
             return Some(format!(
-                "with {name} = `{}`, not `{value}`",
-                summary[&format!("nightshift.param.{name}")]
+                "with {name} = `{}`, not `{recorded}`",
+                redact(&summary[&key])
             ));
         }
     }
@@ -140,6 +159,60 @@ mod tests {
         let mut masked = summary;
         masked.insert("nightshift.param.api_token".into(), "***".into());
         assert_eq!(committed_by_another(&ours, &masked), None);
+    }
+
+    #[test]
+    fn a_password_or_token_in_any_parameters_value_is_masked_in_the_summary() {
+        let ours = with_params(&[
+            ("source_url", "postgres://etl:hunter2@db:5432/sales"),
+            ("auth_header", "Bearer abc.DEF-123"),
+            ("day", "2024-01-01"),
+        ]);
+        let summary = snapshot_summary(&ours, &[], &[]);
+        assert_eq!(
+            summary["nightshift.param.source_url"],
+            "postgres://etl:***@db:5432/sales"
+        );
+        assert_eq!(summary["nightshift.param.auth_header"], "Bearer ***");
+        assert_eq!(summary["nightshift.param.day"], "2024-01-01");
+        assert!(!format!("{summary:?}").contains("hunter2"));
+        // The same request is recognised in its own snapshot, and in one written before
+        // values were redacted.
+        assert_eq!(committed_by_another(&ours, &summary), None);
+        let mut before = summary.clone();
+        before.insert(
+            "nightshift.param.source_url".into(),
+            "postgres://etl:hunter2@db:5432/sales".into(),
+        );
+        assert_eq!(committed_by_another(&ours, &before), None);
+        // Another host is another request; the refusal does not quote either password.
+        let other = with_params(&[
+            ("source_url", "postgres://etl:hunter3@replica:5432/sales"),
+            ("auth_header", "Bearer abc.DEF-123"),
+            ("day", "2024-01-01"),
+        ]);
+        let why = committed_by_another(&other, &before).unwrap();
+        assert!(
+            why.contains("source_url") && why.contains("replica"),
+            "{why}"
+        );
+        assert!(!why.contains("hunter"), "{why}");
+    }
+
+    fn with_params(params: &[(&str, &str)]) -> ResolvedSpec {
+        let declared: String = params
+            .iter()
+            .map(|(k, _)| format!("{k} = \"x\"\n"))
+            .collect();
+        let text = format!(
+            "[pipeline]\nname = \"p\"\n[params]\n{declared}[transform]\nsql = \"SELECT 1\"\n[target]\ntable = \"a.b\"\n"
+        );
+        let given: Vec<(String, String)> = params
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        nightshift_spec::resolve_spec_text(&text, Path::new("p.toml"), Path::new("/"), &given)
+            .unwrap()
     }
     use std::sync::Arc;
 

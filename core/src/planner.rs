@@ -187,14 +187,15 @@ pub async fn plan_job(
     options: &PlanOptions,
 ) -> Result<JobPlan> {
     configure_planning(ctx, options.mode)?;
-    let df = spec_query(ctx, sql)
-        .await
-        .map_err(|e| CoreError::Sql(crate::task::clean_message(&e.to_string())))?;
+    let df = match spec_query(ctx, sql).await {
+        Ok(df) => df,
+        Err(e) => return Err(sql_error(ctx, e).await),
+    };
     let output_schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
-    let physical = df
-        .create_physical_plan()
-        .await
-        .map_err(|e| CoreError::Sql(crate::task::clean_message(&e.to_string())))?;
+    let physical = match df.create_physical_plan().await {
+        Ok(physical) => physical,
+        Err(e) => return Err(sql_error(ctx, e).await),
+    };
     let physical = strip_final_coalesce(physical);
     let physical = distribute_by_partition(ctx, physical, &options.partition_by)?;
     let physical = cluster_by_partition(ctx, physical, &options.partition_by)?;
@@ -235,12 +236,76 @@ pub async fn spec_query(
 /// (names and types resolved, nothing optimized or planned to run). Only queries are
 /// accepted, as by [`plan_job`].
 pub async fn output_schema(ctx: &SessionContext, sql: &str) -> Result<SchemaRef> {
-    let sql_error = |e: DataFusionError| CoreError::Sql(crate::task::clean_message(&e.to_string()));
     check_expression_depth(sql)?;
     let state = ctx.state();
-    let plan = state.create_logical_plan(sql).await.map_err(sql_error)?;
-    queries_only().verify_plan(&plan).map_err(sql_error)?;
+    let plan = match state.create_logical_plan(sql).await {
+        Ok(plan) => plan,
+        Err(e) => return Err(sql_error(ctx, e).await),
+    };
+    queries_only()
+        .verify_plan(&plan)
+        .map_err(|e| CoreError::Sql(crate::task::clean_message(&e.to_string())))?;
     Ok(Arc::new(plan.schema().as_arrow().clone()))
+}
+
+/// `e`, an error planning a spec's SQL against `ctx`, as the user reads it: DataFusion's
+/// words, and where it names a column that no table has because an unquoted name is
+/// lowercased (`OrderID` read as `orderid`), the column it surely meant, quoted.
+async fn sql_error(ctx: &SessionContext, e: DataFusionError) -> CoreError {
+    let message = crate::task::clean_message(&e.to_string());
+    let Some(missing) = missing_field(&message) else {
+        return CoreError::Sql(message);
+    };
+    let columns = registered_columns(ctx).await;
+    match case_hint(missing, &columns) {
+        Some(hint) => CoreError::Sql(format!("{message} {hint}")),
+        None => CoreError::Sql(message),
+    }
+}
+
+/// The column DataFusion's "No field named x" names (as it resolved it: lowercased
+/// unless quoted).
+fn missing_field(message: &str) -> Option<&str> {
+    let rest = message.split("No field named ").nth(1)?;
+    let token = rest.split(' ').next()?.trim_end_matches('.');
+    // A qualified name (`orders.orderid`) names the column last.
+    let name = token.rsplit('.').next()?;
+    (!name.is_empty()).then_some(name)
+}
+
+/// Advice for `missing`, if some tables' columns (`(table, column)`) spell it in other case.
+fn case_hint(missing: &str, columns: &[(String, String)]) -> Option<String> {
+    let (table, column) = columns
+        .iter()
+        .find(|(_, c)| c != missing && c.to_lowercase() == missing.to_lowercase())?;
+    Some(format!(
+        "Column names are case-sensitive and an unquoted name is read in lower case: write \"{column}\" (a column of `{table}`) in double quotes."
+    ))
+}
+
+/// Every column of the tables a spec's SQL can name in `ctx` (its sources, not the raw
+/// tables behind them), as `(table, column)`.
+async fn registered_columns(ctx: &SessionContext) -> Vec<(String, String)> {
+    let state = ctx.state();
+    let options = state.config_options();
+    let Some(schema) = ctx
+        .catalog(&options.catalog.default_catalog)
+        .and_then(|c| c.schema(&options.catalog.default_schema))
+    else {
+        return Vec::new();
+    };
+    let mut columns = Vec::new();
+    for table in schema.table_names() {
+        if table.starts_with("__") {
+            continue;
+        }
+        if let Ok(Some(provider)) = schema.table(&table).await {
+            for field in provider.schema().fields() {
+                columns.push((table.clone(), field.name().clone()));
+            }
+        }
+    }
+    columns
 }
 
 /// Moves the broadcast threshold (a spec's `broadcast_join_threshold_bytes`, stored under
@@ -528,6 +593,30 @@ fn strip_final_coalesce(plan: Arc<dyn ExecutionPlan>) -> Arc<dyn ExecutionPlan> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_column_named_in_other_case_is_pointed_at_quoted() {
+        let message = "No field named orderid. Did you mean 'orders.a.b'?.";
+        assert_eq!(missing_field(message), Some("orderid"));
+        assert_eq!(missing_field("Schema error: No field named x"), Some("x"));
+        assert_eq!(
+            missing_field("No field named orders.orderid. Valid fields are x."),
+            Some("orderid")
+        );
+        assert_eq!(missing_field("table 'x' not found"), None);
+        let columns: Vec<(String, String)> = [("orders", "OrderID"), ("orders", "a.b")]
+            .iter()
+            .map(|(t, c)| (t.to_string(), c.to_string()))
+            .collect();
+        let hint = case_hint("orderid", &columns).unwrap();
+        assert!(
+            hint.contains("write \"OrderID\" (a column of `orders`)"),
+            "{hint}"
+        );
+        // A name no column spells in any case, or spells exactly, gets no hint.
+        assert_eq!(case_hint("amount", &columns), None);
+        assert_eq!(case_hint("OrderID", &columns), None);
+    }
     use datafusion::arrow::array::{Int64Array, RecordBatch};
     use datafusion::arrow::datatypes::{Field, Schema};
     use datafusion::datasource::MemTable;

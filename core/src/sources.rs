@@ -635,6 +635,7 @@ async fn register_source(
     let found = find_files(&location, extension)
         .await
         .map_err(|e| source_err(format!("cannot list {location}: {e}")))?;
+    check_case_mismatched(&found, &location, extension).map_err(source_err)?;
     if found.files == 0 {
         return Err(source_err(no_files_message(
             &location,
@@ -646,6 +647,11 @@ async fn register_source(
     let declared = match source.format {
         SourceFormat::Csv => {
             let header = first_csv_header(source, &found.read).await?;
+            if let Some((file, names)) = &header
+                && let Some(problem) = header_name_problem(names)
+            {
+                return Err(source_err(format!("the header of {file}: {problem}")));
+            }
             check_csv_headers(source, &found.read, header.as_ref()).await?;
             header.and_then(|(_, names)| declared_csv_schema(&names, contract))
         }
@@ -931,6 +937,34 @@ async fn first_csv_header(
             .await
             .map(|names| (location, names)),
     )
+}
+
+/// What makes a CSV header's `names` unfit to be columns: a name given twice (the reader
+/// failed with "incorrect number of fields", naming no file), or none at all (a trailing
+/// delimiter made a column named ``). Columns are counted from 1, as a spreadsheet does.
+fn header_name_problem(names: &[String]) -> Option<String> {
+    if let Some(i) = names.iter().position(|n| n.trim().is_empty()) {
+        return Some(format!(
+            "column {} has no name{}: name it, or remove the delimiter that makes it",
+            i + 1,
+            if i + 1 == names.len() {
+                " (a delimiter at the end of the line?)"
+            } else {
+                ""
+            }
+        ));
+    }
+    let mut seen: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    for (i, name) in names.iter().enumerate() {
+        if let Some(first) = seen.insert(name.as_str(), i) {
+            return Some(format!(
+                "columns {} and {} are both named `{name}`: give each column its own name",
+                first + 1,
+                i + 1
+            ));
+        }
+    }
+    None
 }
 
 /// Every file of a CSV source with a header must name the same columns, in the same order,
@@ -1386,9 +1420,21 @@ struct FoundFiles {
     /// A few names of the files there that are not read (in a sub-directory, or not ending
     /// in the extension).
     other_names: Vec<String>,
+    /// A few files directly in the directory whose names end in the extension but for case
+    /// (`FEB.CSV` beside `jan.csv`): surely data, and refused rather than left out.
+    case_mismatched: Vec<String>,
 }
 
 impl FoundFiles {
+    /// Notes the file at `relative` (below the directory) if it is not read only because its
+    /// extension differs from `extension` in case.
+    fn note_case_mismatch(&mut self, relative: &str, extension: &str) {
+        if self.case_mismatched.len() < 3 && differs_from_read_in_case_only(relative, extension) {
+            self.case_mismatched
+                .push(relative.trim_start_matches('/').to_string());
+        }
+    }
+
     /// Counts `path` (of `size` bytes, at `location`, tagged `tag` by its store) if `read`.
     fn add(&mut self, location: Location, path: &str, size: u64, tag: Option<String>, read: bool) {
         if read {
@@ -1405,6 +1451,36 @@ impl FoundFiles {
                 .push(path.rsplit('/').next().unwrap_or(path).to_string());
         }
     }
+}
+
+/// Whether the file at `relative` would be read but for the case of its extension.
+fn differs_from_read_in_case_only(relative: &str, extension: &str) -> bool {
+    !extension.is_empty()
+        && !listing_reads(relative, extension)
+        && listing_reads(
+            &relative.to_ascii_lowercase(),
+            &extension.to_ascii_lowercase(),
+        )
+}
+
+/// Refuses a directory holding files whose extension differs from the one read only in
+/// case: they were left out with a warning, and the job published without their rows.
+fn check_case_mismatched(
+    found: &FoundFiles,
+    location: &Location,
+    extension: &str,
+) -> std::result::Result<(), String> {
+    if found.case_mismatched.is_empty() {
+        return Ok(());
+    }
+    let (them, their) = match found.case_mismatched.len() {
+        1 => ("it", "its"),
+        _ => ("them", "their"),
+    };
+    Err(format!(
+        "{location} holds {} ending in `{extension}` but for case, which the reader would leave out: rename {them}, or read {them} as a source of {their} own with options.file_extension set to {their} extension",
+        found.case_mismatched.join(", "),
+    ))
 }
 
 /// The extension a directory's files are read by when the source names none (the reader's,
@@ -1496,6 +1572,7 @@ async fn find_files(location: &Location, extension: &str) -> Result<FoundFiles> 
                     if !is_hidden(&file) {
                         let relative = file.strip_prefix(&dir).unwrap_or(&file);
                         let reads = listing_reads(relative, extension);
+                        found.note_case_mismatch(relative, extension);
                         found.add(l, &file, meta.size, meta.e_tag, reads);
                     }
                 }
@@ -1518,7 +1595,11 @@ async fn find_files(location: &Location, extension: &str) -> Result<FoundFiles> 
     for (l, meta) in list_objects_meta(location).await? {
         let file = l.url().path().to_string();
         let read = match file.strip_prefix(dir) {
-            Some(relative) if directory => !is_hidden(&file) && listing_reads(relative, extension),
+            Some(relative) if directory && !is_hidden(&file) => {
+                found.note_case_mismatch(relative, extension);
+                listing_reads(relative, extension)
+            }
+            Some(_) if directory => false,
             _ => file.ends_with(extension),
         };
         found.add(l, &file, meta.size, meta.e_tag, read);
@@ -2231,6 +2312,53 @@ mod tests {
             assert!(!listing_reads(skipped, ".csv"), "{skipped}");
         }
         assert!(listing_reads("A.CSV", ""));
+    }
+
+    #[test]
+    fn a_header_naming_a_column_twice_or_not_at_all_is_refused() {
+        let names = |text: &str| -> Vec<String> { text.split(',').map(String::from).collect() };
+        assert_eq!(header_name_problem(&names("id,name,amount")), None);
+        assert_eq!(
+            header_name_problem(&names("id,name,id")).unwrap(),
+            "columns 1 and 3 are both named `id`: give each column its own name"
+        );
+        // Only case differs: two columns, which the result check refuses if both are kept.
+        assert_eq!(header_name_problem(&names("id,ID")), None);
+        assert_eq!(
+            header_name_problem(&names("id,name,")).unwrap(),
+            "column 3 has no name (a delimiter at the end of the line?): name it, or remove the delimiter that makes it"
+        );
+        assert!(
+            header_name_problem(&names("id, ,x"))
+                .unwrap()
+                .starts_with("column 2 has no name:")
+        );
+    }
+
+    #[test]
+    fn a_file_left_out_only_for_its_extensions_case_is_refused_naming_it() {
+        for mismatched in ["FEB.CSV", "feb.Csv", "day=2024-01-01/MAR.CSV"] {
+            assert!(
+                differs_from_read_in_case_only(mismatched, ".csv"),
+                "{mismatched}"
+            );
+        }
+        for other in ["feb.csv", "sub/FEB.CSV", "notes.txt", "FEB.CSV.gz"] {
+            assert!(!differs_from_read_in_case_only(other, ".csv"), "{other}");
+        }
+        assert!(!differs_from_read_in_case_only("FEB.CSV", ""));
+        let mut found = FoundFiles::default();
+        for name in ["jan.csv", "/FEB.CSV", "readme.txt"] {
+            found.note_case_mismatch(name, ".csv");
+        }
+        let location = Location::parse("/data/sales/", Path::new("/")).unwrap();
+        let err = check_case_mismatched(&found, &location, ".csv").unwrap_err();
+        assert!(
+            err.contains("/data/sales holds FEB.CSV ending in `.csv` but for case")
+                && err.contains("rename it"),
+            "{err}"
+        );
+        assert!(check_case_mismatched(&FoundFiles::default(), &location, ".csv").is_ok());
     }
 
     #[test]

@@ -416,3 +416,71 @@ async fn a_value_too_large_to_make_fails_by_function_name() {
         .await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_csv_header_naming_a_column_twice_or_not_at_all_names_the_file_and_columns() {
+    let (sandbox, before) = with_committed_table().await;
+    // The reader failed with "incorrect number of fields for line 1", naming no file.
+    sandbox.write("data/good.csv", "id,city,id\n1,Zürich,10.50\n");
+    assert_fails_cleanly(
+        &sandbox,
+        &before,
+        &["good.csv", "columns 1 and 3 are both named `id`"],
+    )
+    .await;
+    // A delimiter at the end of the header published a column named "".
+    sandbox.spec(&spec("data/good.csv", "csv", "", "SELECT * FROM src", ""));
+    sandbox.write("data/good.csv", "id,city,amount,\r\n1,Zürich,10.50,\r\n");
+    assert_fails_cleanly(&sandbox, &before, &["good.csv", "column 4 has no name"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_whose_extension_differs_only_in_case_is_not_left_out_silently() {
+    let (sandbox, before) = with_committed_table().await;
+    sandbox.write("data/months/jan.csv", GOOD_CSV);
+    sandbox.write("data/months/FEB.CSV", GOOD_CSV);
+    sandbox.write("data/months/notes.txt", "not data\n");
+    sandbox.spec(&spec(
+        "data/months/",
+        "csv",
+        "[source.schema]\nid = \"bigint not null\"\namount = \"decimal(10, 2)\"",
+        "SELECT * FROM src",
+        "",
+    ));
+    assert_fails_cleanly(
+        &sandbox,
+        &before,
+        &["holds FEB.CSV ending in `.csv` but for case", "rename it"],
+    )
+    .await;
+    // Renamed, both months are read.
+    std::fs::rename(
+        sandbox.path("data/months/FEB.CSV"),
+        sandbox.path("data/months/feb.csv"),
+    )
+    .unwrap();
+    let report = sandbox.run(2, Some(2), None).await.expect("both months");
+    assert_eq!(report.rows, 6);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mixed_case_column_named_unquoted_is_pointed_at_quoted() {
+    let (sandbox, before) = with_committed_table().await;
+    sandbox.write("data/good.csv", "OrderID,a.b,Amount\n1,x,10.50\n");
+    sandbox.spec(&spec(
+        "data/good.csv",
+        "csv",
+        "",
+        "SELECT OrderID, Amount FROM src",
+        "",
+    ));
+    assert_fails_cleanly(
+        &sandbox,
+        &before,
+        &[
+            "transform SQL",
+            "write \"OrderID\" (a column of `src`) in double quotes",
+        ],
+    )
+    .await;
+}

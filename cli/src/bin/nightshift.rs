@@ -693,9 +693,25 @@ fn job_options(args: &CommonArgs, job_id: JobId, workers: usize) -> JobOptions {
 }
 
 async fn run(args: RunArgs) -> ExitCode {
-    let spec = match load(&args.common) {
+    // Refused before a job exists: with `--output json` the JSON says so too, as for a job
+    // that failed (a script reading stdout gets an object, not nothing).
+    let refused = |error: nightshift_core::CoreError, shown: &dyn std::fmt::Display| {
+        let error = JobError::Invalid(error);
+        if matches!(args.output, OutputFormat::Json) {
+            outln!(
+                "{}",
+                output::error_json(args.job_id.as_deref().unwrap_or_default(), &error)
+            );
+        }
+        eprintln!("error: {shown}");
+        ExitCode::from(output::exit_code(&error))
+    };
+    let spec = match load_spec(&args.common.pipeline, &args.common.params) {
         Ok(spec) => spec,
-        Err(code) => return code,
+        Err(e) => {
+            let shown = e.to_string();
+            return refused(nightshift_core::CoreError::Spec(e), &shown);
+        }
     };
     let job_id = match args
         .job_id
@@ -704,10 +720,7 @@ async fn run(args: RunArgs) -> ExitCode {
         .unwrap_or_else(|| Ok(JobId::generate()))
     {
         Ok(id) => id,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(EXIT_INVALID);
-        }
+        Err(e) => return refused(nightshift_core::CoreError::Protocol(e.clone()), &e),
     };
     if let Some(config) = &args.cluster {
         return run_on_cluster(config, &args, &job_id).await;
@@ -948,14 +961,33 @@ fn table_catalog(
             .install()
             .map(|(catalog, _)| catalog)
             .map_err(|e| e.to_string()),
-        None => prepare_warehouse(warehouse)
-            .and_then(|w| embedded_catalog(&w))
-            .map_err(|e| e.to_string()),
+        // A command that reads tables does not make a catalog where none is: a mistyped
+        // `--warehouse`, or the wrong working directory, left an empty one behind.
+        None => match existing_catalog_db(warehouse) {
+            Err(message) => Err(message),
+            Ok(_) => prepare_warehouse(warehouse)
+                .and_then(|w| embedded_catalog(&w))
+                .map_err(|e| e.to_string()),
+        },
     };
     catalog.map_err(|e| {
         eprintln!("error: {e}");
         ExitCode::from(EXIT_INVALID)
     })
+}
+
+/// The embedded catalog of `warehouse`, if there is one; else why not, naming the path.
+fn existing_catalog_db(warehouse: &std::path::Path) -> Result<std::path::PathBuf, String> {
+    let db = warehouse.join("catalog.db");
+    if db.is_file() {
+        return Ok(db);
+    }
+    let shown = std::path::absolute(&db).unwrap_or(db);
+    Err(format!(
+        "no catalog at {}: no pipeline has run into warehouse {} (--warehouse; a relative one is read from the working directory)",
+        shown.display(),
+        warehouse.display()
+    ))
 }
 
 async fn check(args: CheckArgs) -> ExitCode {

@@ -231,6 +231,41 @@ impl From<CoreError> for JobError {
     }
 }
 
+/// `e`, with a note where it is an error in the SQL and a parameter's value holds a quote:
+/// `${name}` is pasted into the SQL as text, so `O'Brien` inside `'${owner}'` ends the
+/// string early, and the parser's line and column are of the SQL after substitution.
+fn with_quoted_params_noted(
+    e: CoreError,
+    params: &std::collections::BTreeMap<String, String>,
+) -> CoreError {
+    match e {
+        CoreError::Sql(message) => match quoted_params_note(params) {
+            Some(note) => CoreError::Sql(format!("{message} ({note})")),
+            None => CoreError::Sql(message),
+        },
+        other => other,
+    }
+}
+
+/// The note [`with_quoted_params_noted`] adds, if any parameter's value holds a quote.
+fn quoted_params_note(params: &std::collections::BTreeMap<String, String>) -> Option<String> {
+    let quoted: Vec<String> = params
+        .iter()
+        .filter(|(_, value)| value.contains(['\'', '"']))
+        .map(|(name, value)| {
+            let shown = nightshift_core::redact::redact(value);
+            format!("{name} = `{shown}`")
+        })
+        .collect();
+    if quoted.is_empty() {
+        return None;
+    }
+    Some(format!(
+        "parameters are pasted into the SQL as text before it is read, and {} holds a quote: inside '...' write a quote twice (--param \"owner=O''Brien\"); the line and column above are of the SQL after substitution",
+        quoted.join(", ")
+    ))
+}
+
 /// A job's outcome as one JSON object: `{"status": "succeeded", ...report}` or
 /// `{"status": "failed", "job_id", "kind", "error"}`. The CLI prints it and the cluster
 /// coordinator stores it for `nightshift run --cluster`.
@@ -334,7 +369,8 @@ async fn plan(
         &prepared.sql,
         &plan_options,
     )
-    .await?;
+    .await
+    .map_err(|e| with_quoted_params_noted(e, &spec.params))?;
     check_against_result(spec, &plan.output_schema, &prepared.session, catalog).await?;
     Ok(Planned {
         plan,
@@ -694,7 +730,9 @@ pub async fn check_submission(
         PlanReads::Nothing,
     )
     .await?;
-    let output_schema = output_schema(&prepared.session, &prepared.sql).await?;
+    let output_schema = output_schema(&prepared.session, &prepared.sql)
+        .await
+        .map_err(|e| with_quoted_params_noted(e, &spec.params))?;
     check_against_result(spec, &output_schema, &prepared.session, Some(catalog)).await?;
     let ident = parse_table_ident(&spec.spec.target.table)?;
     let existing = recent.existing(catalog, &ident).await?;
@@ -728,4 +766,42 @@ fn check_target(
         spec.spec.target.schema_evolution,
     )?;
     Ok(change.map(|c| c.changes).unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sql_error_notes_the_parameters_whose_values_hold_a_quote() {
+        let params = |pairs: &[(&str, &str)]| -> std::collections::BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let quoted = params(&[("owner", "O'Brien"), ("day", "2024-01-01")]);
+        let noted = with_quoted_params_noted(CoreError::Sql("Unterminated string".into()), &quoted);
+        let text = noted.to_string();
+        assert!(
+            text.starts_with("transform SQL: Unterminated string (parameters are pasted")
+                && text.contains("owner = `O'Brien` holds a quote")
+                && !text.contains("day ="),
+            "{text}"
+        );
+        // No quote in any value, or another kind of error: as it was.
+        let plain = params(&[("day", "2024-01-01")]);
+        let text = with_quoted_params_noted(CoreError::Sql("x".into()), &plain).to_string();
+        assert_eq!(text, "transform SQL: x");
+        let other = CoreError::Transport("y".into());
+        assert!(
+            !with_quoted_params_noted(other, &quoted)
+                .to_string()
+                .contains("pasted")
+        );
+        // A value holding a password is shown redacted.
+        let secret = params(&[("url", "postgres://u:pa'ss@h/db")]);
+        let text = quoted_params_note(&secret).unwrap();
+        assert!(!text.contains("pa'ss"), "{text}");
+    }
 }

@@ -51,14 +51,42 @@ pub fn partition_path(key: &PartitionKey) -> String {
             let value = field
                 .transform
                 .to_human_string(&field_type.field_type, key.data()[i].as_ref());
-            format!(
+            bounded_segment(format!(
                 "{}={}",
                 escape_path_segment(&field.name),
                 escape_path_segment(&value)
-            )
+            ))
         })
         .collect::<Vec<_>>()
         .join("/")
+}
+
+/// The longest partition directory name written whole. File systems take at most 255 bytes
+/// in a name; a long text value escaped (a 48-character Chinese address is 432 bytes) failed
+/// the task with "File name too long".
+const MAX_SEGMENT_BYTES: usize = 200;
+
+/// How much of an over-long directory name is kept before its digest.
+const KEPT_SEGMENT_BYTES: usize = 160;
+
+/// `segment` (an escaped `<field>=<value>`) as a directory name of at most
+/// [`MAX_SEGMENT_BYTES`]: a longer one keeps its first bytes and ends in `~` and 16 hex
+/// digits of its SHA-256, so two values sharing a long prefix stay apart. Escaping never
+/// leaves a raw `~`, so a shortened name is never another value's whole one. Readers take
+/// partition values from the manifests, never from paths.
+fn bounded_segment(segment: String) -> String {
+    use sha2::{Digest, Sha256};
+    if segment.len() <= MAX_SEGMENT_BYTES {
+        return segment;
+    }
+    // The escaped text is ASCII; do not cut inside a `%XX` escape.
+    let mut cut = KEPT_SEGMENT_BYTES;
+    while let Some(p) = segment[..cut].rfind('%').filter(|p| p + 3 > cut) {
+        cut = p;
+    }
+    let digest = Sha256::digest(segment.as_bytes());
+    let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    format!("{}~{hex}", &segment[..cut])
 }
 
 /// Places data files at `<data location>/<partition_path>/<file>`.
@@ -242,5 +270,51 @@ mod tests {
             generator.generate_location(None, "f.parquet"),
             "/wh/p/t/data/f.parquet"
         );
+    }
+
+    #[test]
+    fn a_long_value_makes_a_short_directory_name_of_its_own() {
+        let generator = PartitionPathGenerator::new("/wh/p/t/data".into());
+        let day = Some(Literal::date(19_723));
+        let segment = |value: &str| {
+            let location = generator.generate_location(
+                Some(&key(vec![Some(Literal::string(value)), day.clone()])),
+                "f.parquet",
+            );
+            location
+                .strip_prefix("/wh/p/t/data/")
+                .unwrap()
+                .split('/')
+                .next()
+                .unwrap()
+                .to_string()
+        };
+        // 54 characters of an address: 470 bytes escaped, where a name holds 255.
+        let address = "北京市朝阳区建国门外大街一号国贸大厦A座写字楼二十八层".repeat(2);
+        let long = segment(&address);
+        assert!(long.len() <= MAX_SEGMENT_BYTES, "{long}");
+        assert!(long.starts_with("k=%E5%8C%97%E4%BA%AC"), "{long}");
+        // Cut between escapes, never inside one, and then the digest.
+        let (kept, digest) = long.rsplit_once('~').unwrap();
+        assert_eq!(digest.len(), 16);
+        assert!(
+            !kept.ends_with('%') && kept.rsplit('%').next().unwrap().len() >= 2,
+            "{kept}"
+        );
+        // Two values that share the kept prefix are two directories.
+        assert_ne!(
+            segment(&format!("{address}x")),
+            segment(&format!("{address}y"))
+        );
+        assert_eq!(segment(&address), long);
+        // A value that fits is written whole, as before.
+        assert_eq!(segment("short"), "k=short");
+        let exactly = "a".repeat(MAX_SEGMENT_BYTES - 2);
+        assert_eq!(segment(&exactly), format!("k={exactly}"));
+        assert_ne!(segment(&format!("{exactly}a")), format!("k={exactly}a"));
+        assert!(is_table_file(
+            "/wh/p/t",
+            &format!("/wh/p/t/data/{long}/ts_day=2024-01-01/f.parquet")
+        ));
     }
 }

@@ -148,11 +148,18 @@ pub fn target_layout(
         });
     }
     if let Some((a, b)) = names_differing_only_in_case(result_schema) {
+        let message = if a == b {
+            format!(
+                "the result has two columns named `{a}` (from two tables, as `SELECT x.{a}, y.{a}` gives): give one an alias in the SQL (`y.{a} AS other_{a}`)"
+            )
+        } else {
+            format!(
+                "the result's columns `{a}` and `{b}` differ only in case: readers that ignore case (Spark, Trino, DuckDB) would see two columns of one name; rename one in the SQL"
+            )
+        };
         return Err(CoreError::Target {
             table: name.to_string(),
-            message: format!(
-                "the result's columns `{a}` and `{b}` differ only in case: readers that ignore case (Spark, Trino, DuckDB) would see two columns of one name; rename one in the SQL"
-            ),
+            message,
         });
     }
     let schema = iceberg_schema_for(name, result_schema)?;
@@ -337,5 +344,13 @@ mod tests {
             "{err}"
         );
         assert!(target_layout("t.cased", &schema(&["id", "amount", "Ämount"]), &[]).is_ok());
+        // The same name twice (a join's `SELECT a.id, b.id`) is not a matter of case.
+        let err = target_layout("t.joined", &schema(&["id", "v", "id"]), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("the result has two columns named `id`") && !err.contains("case"),
+            "{err}"
+        );
     }
 }

@@ -87,7 +87,7 @@ pub async fn cluster_record(config: &ClusterConfig, which: &Which) -> Result<Run
     let job = match which {
         Which::Job(job) => job.clone(),
         Which::Last => state
-            .list_jobs(0, 1)
+            .list_jobs(None, 0, 1)
             .await
             .map_err(|e| e.to_string())?
             .into_iter()

@@ -4,6 +4,8 @@
 //! - `<p>:job:<id>` hash: `state`, `detail`, `report` (JSON of the final report), `published`
 //!   once its submission is on the queue, `pipeline`, `submitted_at`, `digest` (the request's)
 //!   and `client`, the named API client that submitted it (absent: the shared namespace);
+//! - `<p>:jobs` sorted set of every job id by submission time; `<p>:jobs@<client>` those a
+//!   named client submitted;
 //! - `<p>:idem:<key>`: what an idempotency key of the shared namespace is bound to (job,
 //!   request digest, time); `<p>:idem@<client>:<key>` the same for a named client's key;
 //! - `<p>:out:<id>` hash: `<stage>:<partition>` → the winning `TaskResult` (set with HSETNX,
@@ -39,6 +41,14 @@ pub struct Submitted<'a> {
     pub pipeline: &'a str,
     /// The named API client that submitted it; `None`: the shared namespace.
     pub owner: Option<&'a str>,
+}
+
+/// The `ZREVRANGE` bounds of `count` entries from `offset`, saturated: a page token of 2^64
+/// overflowed the sum.
+fn list_range(offset: usize, count: usize) -> (isize, isize) {
+    let start = isize::try_from(offset).unwrap_or(isize::MAX);
+    let count = isize::try_from(count).unwrap_or(isize::MAX);
+    (start, start.saturating_add(count).saturating_sub(1))
 }
 
 /// The Redis key holding an idempotency key's binding: one namespace for the shared
@@ -162,6 +172,11 @@ impl RedisState {
         format!("{}:jobs", self.prefix)
     }
 
+    /// The jobs a named client submitted (besides their place in [`Self::jobs_key`]).
+    fn jobs_key_of(&self, owner: &str) -> String {
+        format!("{}:jobs@{owner}", self.prefix)
+    }
+
     /// Binds an idempotency key to `binding` (what the job API stores: the job and the
     /// request's digest) unless it is bound already. Returns the earlier binding, or `None`
     /// when this call bound the key.
@@ -219,16 +234,17 @@ impl RedisState {
             .map_err(redis_err)
     }
 
-    /// Removes a job that was registered but never queued.
-    pub async fn forget_job(&self, job: &JobId) -> Result<()> {
+    /// Removes a job that was registered (for `owner`) but never queued.
+    pub async fn forget_job(&self, job: &JobId, owner: Option<&str>) -> Result<()> {
         let mut conn = self.conn.clone();
-        redis::pipe()
-            .atomic()
+        let mut pipe = redis::pipe();
+        pipe.atomic()
             .del(self.job_key(job))
-            .zrem(self.jobs_key(), job.as_str())
-            .query_async::<()>(&mut conn)
-            .await
-            .map_err(redis_err)
+            .zrem(self.jobs_key(), job.as_str());
+        if let Some(owner) = owner {
+            pipe.zrem(self.jobs_key_of(owner), job.as_str());
+        }
+        pipe.query_async::<()>(&mut conn).await.map_err(redis_err)
     }
 
     /// Records a submitted job (state `queued`) in the job list, with the digest of the
@@ -255,7 +271,11 @@ impl RedisState {
             .zadd(self.jobs_key(), job.as_str(), submitted_at_ms);
         // A rerun under the same id is the submitter's now.
         match submitted.owner {
-            Some(owner) => pipe.hset(self.job_key(job), OWNER_FIELD, owner),
+            Some(owner) => pipe.hset(self.job_key(job), OWNER_FIELD, owner).zadd(
+                self.jobs_key_of(owner),
+                job.as_str(),
+                submitted_at_ms,
+            ),
             None => pipe.hdel(self.job_key(job), OWNER_FIELD),
         };
         pipe.query_async::<()>(&mut conn).await.map_err(redis_err)
@@ -305,16 +325,22 @@ impl RedisState {
         conn.hgetall(self.job_key(job)).await.map_err(redis_err)
     }
 
-    /// Job ids, newest first, from `offset`.
-    pub async fn list_jobs(&self, offset: usize, count: usize) -> Result<Vec<String>> {
+    /// Job ids, newest first, from `offset`: every job's, or (`owner`) those a named
+    /// client submitted, so that its pages neither count nor read through other clients'
+    /// jobs.
+    pub async fn list_jobs(
+        &self,
+        owner: Option<&str>,
+        offset: usize,
+        count: usize,
+    ) -> Result<Vec<String>> {
         let mut conn = self.conn.clone();
-        conn.zrevrange(
-            self.jobs_key(),
-            offset as isize,
-            (offset + count) as isize - 1,
-        )
-        .await
-        .map_err(redis_err)
+        let key = match owner {
+            None => self.jobs_key(),
+            Some(owner) => self.jobs_key_of(owner),
+        };
+        let (start, stop) = list_range(offset, count);
+        conn.zrevrange(key, start, stop).await.map_err(redis_err)
     }
 
     /// Stores what the job's report page draws (its `RunRecord`, as JSON).
@@ -569,6 +595,18 @@ impl StateStore for RedisState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_page_range_never_overflows() {
+        assert_eq!(list_range(0, 50), (0, 49));
+        assert_eq!(list_range(100, 1), (100, 100));
+        // Past every list: an empty range, not an overflow.
+        assert_eq!(list_range(usize::MAX, 50), (isize::MAX, isize::MAX - 1));
+        assert_eq!(
+            list_range(isize::MAX as usize - 10, 500),
+            (isize::MAX - 10, isize::MAX - 1)
+        );
+    }
 
     #[test]
     fn each_named_client_binds_keys_in_its_own_namespace() {

@@ -38,6 +38,9 @@ use crate::spec_ref::{SpecRefError, read_spec};
 /// over it gets `RESOURCE_EXHAUSTED`, whether the handler or the transport notices.
 pub const MAX_SUBMISSION_BYTES: usize = 1 << 20;
 
+/// Longest idempotency key accepted: it is a Redis key and is quoted in refusals.
+pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 512;
+
 /// The JobService implementation.
 #[derive(Clone)]
 pub struct JobApi {
@@ -110,7 +113,7 @@ impl JobApi {
         }
         .await;
         if let Err(e) = published {
-            if let Err(forget) = self.state.forget_job(job).await {
+            if let Err(forget) = self.state.forget_job(job, submitted.owner).await {
                 warn!(job_id = %job, error = %forget, "cannot forget an unqueued job");
             }
             return Err(unavailable(format!("cannot queue the job: {e}")));
@@ -145,6 +148,15 @@ impl JobApi {
             return Err(refuse(Code::NotFound, format!("no job {id}")));
         }
         Ok(job_from_record(id, &record))
+    }
+}
+
+/// Which job list `caller`'s pages go through: a named client's own (its page tokens count
+/// only its jobs, and a page is not read through thousands of others'), else every job's.
+fn own_list(caller: &Caller) -> Option<&str> {
+    match caller {
+        Caller::Client(name) => Some(name),
+        Caller::Shared | Caller::Operator(_) => None,
     }
 }
 
@@ -305,6 +317,15 @@ impl JobService for JobApi {
             Err(e) => return Err(refuse(Code::Unavailable, e)),
         }
         let key = request.idempotency_key;
+        if key.len() > MAX_IDEMPOTENCY_KEY_BYTES {
+            return Err(refuse(
+                Code::InvalidArgument,
+                format!(
+                    "the idempotency key is {} bytes; at most {MAX_IDEMPOTENCY_KEY_BYTES} are accepted",
+                    key.len()
+                ),
+            ));
+        }
         let digest = submission.request_digest();
         let job = match (&chosen, key.is_empty()) {
             (Some(chosen), _) => chosen.clone(),
@@ -321,16 +342,23 @@ impl JobService for JobApi {
             digest,
             bound_at_ms: now_ms(),
         };
+        // A chosen id, or the one a key derives, may already be another client's job (a
+        // client can choose any id). Job ids are one namespace (a table knows its commits
+        // by id): refuse, and say nothing about that job.
+        let record = match (&chosen, key.is_empty()) {
+            (None, true) => HashMap::new(),
+            _ => self.state.job_record(&job).await.map_err(unavailable)?,
+        };
+        if !record.is_empty() && !is_visible(&caller, &record) {
+            let message = match &chosen {
+                Some(_) => format!("job id `{job}` is taken by another client; choose another id"),
+                None => format!(
+                    "job id `{job}`, which idempotency key `{key}` gives this request, is taken by another client; use another key"
+                ),
+            };
+            return Err(refuse(Code::AlreadyExists, message));
+        }
         if chosen.is_some() {
-            let record = self.state.job_record(&job).await.map_err(unavailable)?;
-            if !record.is_empty() && !is_visible(&caller, &record) {
-                // Job ids are one namespace (a table knows its commits by id); say nothing
-                // about the other client's job.
-                return Err(refuse(
-                    Code::AlreadyExists,
-                    format!("job id `{job}` is taken by another client; choose another id"),
-                ));
-            }
             match decide_chosen_id(&record, &binding.digest) {
                 ChosenIdDecision::Submit => {
                     // A rerun: the outcome of the run before is not this one's.
@@ -462,7 +490,7 @@ impl JobService for JobApi {
         loop {
             let ids = self
                 .state
-                .list_jobs(offset, page_size)
+                .list_jobs(own_list(&caller), offset, page_size)
                 .await
                 .map_err(unavailable)?;
             if ids.is_empty() {

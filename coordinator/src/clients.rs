@@ -68,6 +68,8 @@ pub enum TokenError {
     TooManyWords { at: String },
     #[error("{at}: this token is configured twice")]
     Repeated { at: String },
+    #[error("{at}: a token is printable ASCII (it travels in an HTTP header), not this one")]
+    NotAscii { at: String },
 }
 
 /// The token an entry configures (`None` for a blank entry or a `#` comment): `TOKEN`,
@@ -96,6 +98,9 @@ pub fn parse_token_entry(entry: &str, at: &str) -> Result<Option<Token>, TokenEr
         [_, _, _] => return Err(TokenError::BadRole { at: at.to_string() }),
         _ => return Err(TokenError::TooManyWords { at: at.to_string() }),
     };
+    if !secret.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(TokenError::NotAscii { at: at.to_string() });
+    }
     Ok(Some(Token {
         secret: secret.to_string(),
         caller,
@@ -193,6 +198,12 @@ mod tests {
         assert!(err.contains("not `al/ice`"), "{err}");
         assert!(!err.contains("tok-4"), "{err}");
         assert!(parse("élise tok-5").is_err());
+        // A header cannot carry it: it loaded, and no call could ever present it.
+        let err = parse("uni tök-ü").unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "line 1: a token is printable ASCII (it travels in an HTTP header), not this one"
+        );
         assert!(parse(&format!("{} tok-6", "a".repeat(65))).is_err());
     }
 

@@ -552,6 +552,32 @@ async fn a_named_client_sees_cancels_and_keys_only_its_own_jobs() {
     assert_eq!(listed(&mut alice2).await, [a2.clone()].into());
     assert_eq!(listed(&mut shared).await, [s.clone()].into());
     assert_eq!(listed(&mut ops).await, everyone);
+    // A named client's pages count its own jobs only: the token says nothing of others'.
+    let page = |token: &str| nightshift_proto::v1::ListJobsRequest {
+        page_size: 1,
+        page_token: token.to_string(),
+        ..Default::default()
+    };
+    let first = alice.list_jobs(page("")).await.unwrap().into_inner();
+    assert_eq!(first.jobs.len(), 1);
+    assert_eq!(first.next_page_token, "1");
+    let beyond = alice
+        .list_jobs(page("18446744073709551615"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(beyond.jobs.is_empty() && beyond.next_page_token.is_empty());
+    let long_key = alice.submit_job(keyed(&"k".repeat(600))).await.unwrap_err();
+    assert_eq!(
+        long_key.code(),
+        tonic::Code::InvalidArgument,
+        "{long_key:?}"
+    );
+    assert!(
+        !long_key.message().contains("kkkk"),
+        "{}",
+        long_key.message()
+    );
 
     // A chosen id another client's job holds is refused without a word about that job.
     let taken = alice2
@@ -565,6 +591,42 @@ async fn a_named_client_sees_cancels_and_keys_only_its_own_jobs() {
     assert_eq!(
         taken.message(),
         format!("job id `{a}` is taken by another client; choose another id")
+    );
+
+    // Nor can a client take, by choosing it, the id another's key will derive: the key's
+    // owner is refused (the id is the table's name for a commit) instead of its job being
+    // taken for the other's.
+    let later = keyed("later");
+    let derived = nightshift_cluster::submission::keyed_job_id(
+        Some("alice"),
+        "later",
+        &nightshift_cluster::submission::JobSubmission {
+            job_id: String::new(),
+            spec: later.spec.clone(),
+            files: Default::default(),
+            params: Vec::new(),
+            git_commit: None,
+            client: None,
+        }
+        .request_digest(),
+    )
+    .to_string();
+    let claimed = alice2
+        .submit_job(SubmitJobRequest {
+            job_id: derived.clone(),
+            ..keyed("")
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(claimed.job_id, derived);
+    let refused = alice.submit_job(later).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::AlreadyExists, "{refused:?}");
+    assert_eq!(
+        refused.message(),
+        format!(
+            "job id `{derived}`, which idempotency key `later` gives this request, is taken by another client; use another key"
+        )
     );
 
     // The report page: the owner's and the operator's token, never another client's.

@@ -68,6 +68,9 @@ pub async fn run_task(
         }
         Err((e, inputs, columns)) => {
             let mut message = name_csv_column(&clean_message(&e.to_string()), &columns);
+            if let Some(line) = json_text_field_line(&message, &inputs) {
+                message = format!("{message}; {line}");
+            }
             if !inputs.is_empty() {
                 message = format!("{message} (reading {})", inputs.join(", "));
             }
@@ -320,6 +323,44 @@ fn name_csv_column(message: &str, columns: &[String]) -> String {
     )
 }
 
+/// Arrow's JSON reader fails a text column at a record holding a number or a boolean there
+/// ("whilst decoding field 'id': expected string got 1") and names no line: inference made
+/// the column text because other records hold text. Says which line of which input holds
+/// the first such value, and what to do. Reads the task's local JSON inputs only on this
+/// failure; `None` when the message is another or no line is found.
+fn json_text_field_line(message: &str, inputs: &[String]) -> Option<String> {
+    let field = message
+        .split("whilst decoding field '")
+        .nth(1)?
+        .split("': expected string got ")
+        .next()?;
+    if !message.contains(&format!("'{field}': expected string got ")) {
+        return None;
+    }
+    inputs.iter().find_map(|input| {
+        let path = input.split(" bytes ").next()?;
+        let file = crate::access::open_local(std::path::Path::new(path)).ok()?;
+        let (line, value) = first_non_text_value(std::io::BufReader::new(file), field)?;
+        Some(format!(
+            "{path} line {line}: `{field}` holds {value} where the column is text (other records hold text there): a JSON field must hold one kind of value; write it as text (\"{value}\"), or give numbers a field of their own"
+        ))
+    })
+}
+
+/// The first line (1-based) of newline-delimited JSON whose `field` holds a number or a
+/// boolean, and that value.
+fn first_non_text_value(reader: impl std::io::BufRead, field: &str) -> Option<(usize, String)> {
+    reader.lines().enumerate().find_map(|(i, line)| {
+        let value: serde_json::Value = serde_json::from_str(&line.ok()?).ok()?;
+        match value.get(field)? {
+            v @ (serde_json::Value::Number(_) | serde_json::Value::Bool(_)) => {
+                Some((i + 1, v.to_string()))
+            }
+            _ => None,
+        }
+    })
+}
+
 /// Strips DataFusion's nested "External error: Execution error:" prefixes and the trailing
 /// backtrace hint so a message reads as one sentence.
 pub fn clean_message(message: &str) -> String {
@@ -351,4 +392,42 @@ pub fn clean_message(message: &str) -> String {
         .unwrap_or(text)
         .trim()
         .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_json_number_in_a_text_column_is_found_by_line() {
+        let lines = "{\"id\": \"a\"}\n\n{\"id\": null}\n{\"other\": 1}\n{\"id\": 17, \"x\": 1}\n{\"id\": true}\n";
+        assert_eq!(
+            first_non_text_value(lines.as_bytes(), "id"),
+            Some((5, "17".to_string()))
+        );
+        assert_eq!(
+            first_non_text_value(lines.as_bytes(), "x"),
+            Some((5, "1".into()))
+        );
+        assert_eq!(
+            first_non_text_value("{\"id\": \"a\"}\n".as_bytes(), "id"),
+            None
+        );
+
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("d.json");
+        std::fs::write(&file, "{\"id\": \"X-1\"}\n{\"id\": 2}\n").unwrap();
+        let inputs = [format!("{} bytes 0..30", file.display())];
+        let message = "Json error: whilst decoding field 'id': expected string got 2";
+        let line = json_text_field_line(message, &inputs).unwrap();
+        assert!(
+            line.starts_with(&format!(
+                "{} line 2: `id` holds 2 where the column is text",
+                file.display()
+            )),
+            "{line}"
+        );
+        assert_eq!(json_text_field_line("Csv error: something", &inputs), None);
+        assert_eq!(json_text_field_line(message, &[]), None);
+    }
 }

@@ -484,3 +484,32 @@ async fn a_mixed_case_column_named_unquoted_is_pointed_at_quoted() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_json_number_in_a_column_inferred_as_text_is_named_by_line() {
+    let sandbox = Sandbox::new();
+    let mut records: String = (1..=5)
+        .map(|i| format!("{{\"id\": \"X-{i}\", \"v\": {i}}}\n"))
+        .collect();
+    records.push_str("{\"id\": 6, \"v\": 6}\n");
+    sandbox.write("data/mixed.json", &records);
+    sandbox.spec(
+        &spec("data/mixed.json", "json", "", "SELECT * FROM src", "")
+            .replace("tests.t", "tests.json_mixed"),
+    );
+    let err = sandbox
+        .run(2, Some(2), None)
+        .await
+        .expect_err("a number in a text column")
+        .to_string();
+    assert!(
+        err.contains("mixed.json line 6: `id` holds 6 where the column is text"),
+        "{err}"
+    );
+    assert!(
+        sandbox
+            .warehouse_files()
+            .iter()
+            .all(|f| !f.ends_with(".parquet"))
+    );
+}

@@ -370,6 +370,14 @@ impl JobService for JobApi {
                         created: false,
                     }));
                 }
+                ChosenIdDecision::Ending { state } => {
+                    return Err(refuse(
+                        Code::FailedPrecondition,
+                        format!(
+                            "job `{job}` is still ending (state {state}, its run stopping its tasks and cleaning up); submit it again once it has ended (failed or cancelled)"
+                        ),
+                    ));
+                }
                 ChosenIdDecision::Conflict { state } => {
                     return Err(refuse(
                         Code::AlreadyExists,

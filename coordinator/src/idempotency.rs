@@ -85,6 +85,10 @@ pub enum ChosenIdDecision {
     Existing,
     /// Queued, running or succeeded with another request (`state`).
     Conflict { state: String },
+    /// Failed, cancelled or asked to cancel, but still ending (`state`): its run is stopping
+    /// its tasks and has not stored its outcome. A rerun queued now joined that run on its
+    /// coordinator (or was answered with it) and ended with it, never run.
+    Ending { state: String },
 }
 
 /// The decision for a request with `digest` naming a job id whose record is `record` (empty
@@ -92,6 +96,14 @@ pub enum ChosenIdDecision {
 /// its id is the normal way to finish it, with the same spec or a fixed one.
 pub fn decide_chosen_id(record: &HashMap<String, String>, digest: &str) -> ChosenIdDecision {
     let state = record.get("state").map(String::as_str).unwrap_or_default();
+    // The outcome (`report`) is stored once the run has ended, cleanup done.
+    let ending = !record.contains_key("report")
+        && (record.contains_key("cancel") || matches!(state, "failed" | "cancelled"));
+    if ending {
+        return ChosenIdDecision::Ending {
+            state: state.to_string(),
+        };
+    }
     match state {
         "" | "failed" | "cancelled" => ChosenIdDecision::Submit,
         _ => match record.get("digest") {
@@ -146,15 +158,38 @@ mod tests {
             decide_chosen_id(&record("", ""), "d"),
             ChosenIdDecision::Submit
         );
+        let with_outcome = |state: &str, digest: &str| {
+            let mut record = record(state, digest);
+            record.insert("report".into(), format!("{{\"status\":\"{state}\"}}"));
+            record
+        };
         for ended in ["failed", "cancelled"] {
-            // Rerun, with the same request or a fixed one.
+            // Rerun, with the same request or a fixed one, once the run has ended.
             assert_eq!(
-                decide_chosen_id(&record(ended, "d"), "d"),
+                decide_chosen_id(&with_outcome(ended, "d"), "d"),
                 ChosenIdDecision::Submit
             );
             assert_eq!(
-                decide_chosen_id(&record(ended, "d"), "e"),
+                decide_chosen_id(&with_outcome(ended, "d"), "e"),
                 ChosenIdDecision::Submit
+            );
+            // Not while it is still ending: the rerun would join that run and end with it.
+            assert_eq!(
+                decide_chosen_id(&record(ended, "d"), "d"),
+                ChosenIdDecision::Ending {
+                    state: ended.to_string()
+                }
+            );
+        }
+        // Asked to cancel and not yet ended: ending too, whatever its state says yet.
+        for alive in ["queued", "running"] {
+            let mut cancelled = record(alive, "d");
+            cancelled.insert("cancel".into(), "1".into());
+            assert_eq!(
+                decide_chosen_id(&cancelled, "d"),
+                ChosenIdDecision::Ending {
+                    state: alive.to_string()
+                }
             );
         }
         for alive in ["queued", "running", "committing", "succeeded"] {

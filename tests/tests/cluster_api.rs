@@ -138,6 +138,26 @@ async fn cancel_mid_job_commits_nothing_and_drains_the_queue() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // Submitted again under its id while the cancelled run is still ending: refused (it
+    // used to join that run, or be answered with it, and end cancelled, never run).
+    let mut early = nightshift::client::submit_request(
+        cluster.sandbox.path("pipeline.toml").to_str().unwrap(),
+        vec![],
+        None,
+    )
+    .unwrap();
+    early.job_id = job_id.clone();
+    let refused = client.submit_job(early).await.unwrap_err();
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{refused:?}"
+    );
+    assert!(
+        refused.message().contains("is still ending"),
+        "{}",
+        refused.message()
+    );
     let watch = cluster.api_command(&["watch", &job_id]);
     assert_eq!(
         watch.status.code(),

@@ -32,6 +32,8 @@ use redis::AsyncCommands;
 use redis::aio::ConnectionManager;
 use tracing::{info, warn};
 
+use crate::config::redact_url;
+
 /// The field of a job's record naming the API client that submitted it.
 pub const OWNER_FIELD: &str = "client";
 
@@ -60,8 +62,6 @@ fn idempotency_key_name(prefix: &str, owner: Option<&str>, key: &str) -> String 
         Some(owner) => format!("{prefix}:idem@{owner}:{key}"),
     }
 }
-
-use crate::config::redact_url;
 
 /// How long a process keeps trying to reach Redis when it starts.
 const CONNECT_FOR: Duration = Duration::from_secs(120);

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use futures::Stream;
 use nightshift_cluster::poll::poll_delay;
-use nightshift_cluster::redis_state::{OWNER_FIELD, Submitted};
+use nightshift_cluster::redis_state::Submitted;
 use nightshift_cluster::submission::JobSubmission;
 use nightshift_cluster::{RabbitQueue, RedisState};
 use nightshift_core::access::AccessPolicy;
@@ -144,7 +144,7 @@ impl JobApi {
     async fn job(&self, caller: &Caller, id: &str) -> Result<Job, Status> {
         let job = JobId::parse(id).map_err(|e| refuse(Code::InvalidArgument, e))?;
         let record = self.state.job_record(&job).await.map_err(unavailable)?;
-        if !is_visible(caller, &record) {
+        if !caller.may_see_record(&record) {
             return Err(refuse(Code::NotFound, format!("no job {id}")));
         }
         Ok(job_from_record(id, &record))
@@ -158,11 +158,6 @@ fn own_list(caller: &Caller) -> Option<&str> {
         Caller::Client(name) => Some(name),
         Caller::Shared | Caller::Operator(_) => None,
     }
-}
-
-/// Whether `record` is a job (not empty) that `caller` may see.
-fn is_visible(caller: &Caller, record: &HashMap<String, String>) -> bool {
-    !record.is_empty() && caller.may_see(record.get(OWNER_FIELD).map(String::as_str))
 }
 
 /// The caller the token interceptor found. A request that did not pass through it is
@@ -349,7 +344,7 @@ impl JobService for JobApi {
             (None, true) => HashMap::new(),
             _ => self.state.job_record(&job).await.map_err(unavailable)?,
         };
-        if !record.is_empty() && !is_visible(&caller, &record) {
+        if !record.is_empty() && !caller.may_see_record(&record) {
             let message = match &chosen {
                 Some(_) => format!("job id `{job}` is taken by another client; choose another id"),
                 None => format!(
@@ -512,7 +507,7 @@ impl JobService for JobApi {
                 };
                 let record = self.state.job_record(&job_id).await.map_err(unavailable)?;
                 // Another client's jobs, and one forgotten since it was listed, are not there.
-                if !is_visible(&caller, &record) {
+                if !caller.may_see_record(&record) {
                     continue;
                 }
                 let job = job_from_record(&id, &record);

@@ -16,7 +16,9 @@
 //! namespace (an Iceberg table knows the jobs it committed by id), so a chosen id another
 //! client's job holds is refused without saying anything about that job.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+
+use nightshift_cluster::redis_state::OWNER_FIELD;
 
 /// The caller of a job API request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,6 +49,12 @@ impl Caller {
             Caller::Shared => owner.is_none(),
             Caller::Client(name) => owner == Some(name.as_str()),
         }
+    }
+
+    /// Whether `record` (a job's Redis record, empty when there is none) is a job this
+    /// caller may see.
+    pub fn may_see_record(&self, record: &HashMap<String, String>) -> bool {
+        !record.is_empty() && self.may_see(record.get(OWNER_FIELD).map(String::as_str))
     }
 }
 
@@ -164,6 +172,18 @@ mod tests {
         assert_eq!(alice.owner(), Some("alice"));
         assert_eq!(ops.owner(), Some("ops"));
         assert_eq!(Caller::Shared.owner(), None);
+        // A record: its `client` field, none for the shared namespace; no record, no job.
+        let record = |owner: Option<&str>| -> HashMap<String, String> {
+            let mut record = HashMap::from([("state".to_string(), "queued".to_string())]);
+            if let Some(owner) = owner {
+                record.insert(OWNER_FIELD.to_string(), owner.to_string());
+            }
+            record
+        };
+        assert!(alice.may_see_record(&record(Some("alice"))));
+        assert!(!alice.may_see_record(&record(None)));
+        assert!(Caller::Shared.may_see_record(&record(None)));
+        assert!(!ops.may_see_record(&HashMap::new()));
     }
 
     #[test]

@@ -17,7 +17,6 @@ use crate::api::TokenAuth;
 use crate::clients::Caller;
 use crate::job::record::RunRecord;
 use crate::report_page::{render, render_progress};
-use nightshift_cluster::redis_state::OWNER_FIELD;
 
 #[derive(Clone)]
 struct Reports {
@@ -75,7 +74,7 @@ async fn page(
     job: &JobId,
 ) -> nightshift_core::Result<Option<String>> {
     let fields = state.job_record(job).await?;
-    if fields.is_empty() || !caller.may_see(fields.get(OWNER_FIELD).map(String::as_str)) {
+    if !caller.may_see_record(&fields) {
         return Ok(None);
     }
     if let Some(json) = fields.get("run_record")

@@ -138,16 +138,20 @@ async fn cancel_mid_job_commits_nothing_and_drains_the_queue() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    // Submitted again under its id while the cancelled run is still ending: refused (it
-    // used to join that run, or be answered with it, and end cancelled, never run).
-    let mut early = nightshift::client::submit_request(
-        cluster.sandbox.path("pipeline.toml").to_str().unwrap(),
-        vec![],
-        None,
-    )
-    .unwrap();
-    early.job_id = job_id.clone();
-    let refused = client.submit_job(early).await.unwrap_err();
+    // The same pipeline submitted again under the cancelled job's id.
+    let resubmitted = || {
+        let mut again = nightshift::client::submit_request(
+            cluster.sandbox.path("pipeline.toml").to_str().unwrap(),
+            vec![],
+            None,
+        )
+        .unwrap();
+        again.job_id = job_id.clone();
+        again
+    };
+    // While the cancelled run is still ending: refused (it used to join that run, or be
+    // answered with it, and end cancelled, never run).
+    let refused = client.submit_job(resubmitted()).await.unwrap_err();
     assert_eq!(
         refused.code(),
         tonic::Code::FailedPrecondition,
@@ -206,15 +210,9 @@ async fn cancel_mid_job_commits_nothing_and_drains_the_queue() {
     }
     assert_eq!(queued(), Some(0), "tasks left in {tasks_queue}");
 
-    // Submitted again under its id, the cancelled job runs (the cancel was the last run's).
-    let mut again = nightshift::client::submit_request(
-        cluster.sandbox.path("pipeline.toml").to_str().unwrap(),
-        vec![],
-        None,
-    )
-    .unwrap();
-    again.job_id = job_id.clone();
-    client.submit_job(again).await.unwrap();
+    // Submitted again under its id once ended, the cancelled job runs (the cancel was the
+    // last run's).
+    client.submit_job(resubmitted()).await.unwrap();
     let watch = cluster.api_command(&["watch", &job_id]);
     assert_eq!(
         watch.status.code(),

@@ -1394,48 +1394,124 @@ async fn a_rerun_of_a_rolled_back_job_says_its_rows_are_gone() {
 }
 
 /// A job whose snapshot expiry removed is still done: its rerun commits nothing (it used to
-/// append its rows a second time, the history no longer naming it).
+/// append its rows a second time, the history no longer naming it). So it stays past the
+/// newest jobs the table's properties hold (it used to be forgotten after 100), through
+/// orphan removal, and through a later expiry that writes the list anew.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rerun_after_its_snapshot_expired_appends_nothing() {
+    use nightshift_core::table::expired_jobs::MAX_INLINE;
     let sandbox = Sandbox::new();
     sandbox.spec(&spec("append"));
     write_events(&sandbox, 1, 3, 1);
     let day = [("from", "2024-01-01"), ("to", "2024-01-01")];
-    for job in ["day-1", "day-1-late"] {
-        sandbox
-            .run_with(2, Some(2), Some(job), &day)
-            .await
-            .expect(job);
+    let run = |job: String| {
+        let sandbox = &sandbox;
+        async move {
+            sandbox
+                .run_with(2, Some(2), Some(&job), &day)
+                .await
+                .expect(&job)
+        }
+    };
+    // Later jobs' ids start with the first's.
+    let later: Vec<String> = (0..=MAX_INLINE).map(|n| format!("day-1-{n}")).collect();
+    for job in std::iter::once("day-1".to_string()).chain(later.iter().cloned()) {
+        run(job).await;
     }
-    let out = sandbox.cli(&[
-        "maintain",
-        TABLE,
-        "--expire-older-than",
-        "0s",
-        "--keep-last",
-        "1",
-        "--output",
-        "json",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let maintain = |args: &[&str]| {
+        let mut all = vec!["maintain", TABLE, "--output", "json"];
+        all.extend_from_slice(args);
+        let out = sandbox.cli(&all);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()
+    };
+    let expire = ["--expire-older-than", "0s", "--keep-last", "1"];
+    let expired = maintain(&expire);
+    assert_eq!(
+        expired["expired_snapshots"].as_array().map(Vec::len),
+        Some(MAX_INLINE + 1)
     );
-    let expired: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = 3 * (MAX_INLINE + 2);
+    let rerun_commits_nothing = |when: &'static str| {
+        let run = &run;
+        let sandbox = &sandbox;
+        let later = &later;
+        async move {
+            for job in ["day-1", "day-1-0", later.last().unwrap().as_str()] {
+                let again = run(job.to_string()).await;
+                assert!(again.already_committed, "{job} {when}: {again:?}");
+            }
+            let read = sandbox.read_table(TABLE, None);
+            assert_eq!(read["pyiceberg"]["rows"], rows, "{when}: {read:#}");
+            assert_eq!(read["duckdb"]["rows"], rows, "{when}: {read:#}");
+        }
+    };
+    rerun_commits_nothing("after expiry").await;
+
+    // Orphan removal keeps the list the table names, however old.
+    let metadata = sandbox.warehouse().join("tests/daily/metadata");
+    let lists = || -> Vec<std::path::PathBuf> {
+        let mut lists: Vec<_> = std::fs::read_dir(&metadata)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.to_string_lossy().contains("nightshift-expired-jobs-"))
+            .collect();
+        lists.sort();
+        lists
+    };
+    let age_metadata = || {
+        let two_days_ago =
+            std::time::SystemTime::now() - std::time::Duration::from_secs(2 * 86_400);
+        for entry in std::fs::read_dir(&metadata).unwrap() {
+            std::fs::File::options()
+                .write(true)
+                .open(entry.unwrap().path())
+                .unwrap()
+                .set_modified(two_days_ago)
+                .unwrap();
+        }
+    };
+    let first_list = lists();
+    assert_eq!(first_list.len(), 1, "{first_list:?}");
+    age_metadata();
+    maintain(&["--remove-orphans-older-than", "1d"]);
+    assert_eq!(lists(), first_list);
+    rerun_commits_nothing("after orphan removal").await;
+
+    // Another expiry writes a new list holding the old one's jobs; the old one is then an
+    // orphan like any unreferenced file.
+    run("day-2".to_string()).await;
+    let rows = rows + 3;
+    let expired = maintain(&expire);
     assert_eq!(
         expired["expired_snapshots"].as_array().map(Vec::len),
         Some(1)
     );
-    let again = sandbox
-        .run_with(2, Some(2), Some("day-1"), &day)
-        .await
-        .expect("rerun");
-    assert!(again.already_committed, "{again:?}");
+    assert_eq!(lists().len(), 2);
+    age_metadata();
+    maintain(&["--remove-orphans-older-than", "1d"]);
+    let second_list = lists();
+    assert_eq!(second_list.len(), 1);
+    assert_ne!(second_list, first_list);
+    let listed = std::fs::read_to_string(&second_list[0]).unwrap();
+    assert_eq!(listed.lines().count(), MAX_INLINE + 2, "{listed}");
+    for job in ["day-1", "day-1-0", "day-2"] {
+        let again = run(job.to_string()).await;
+        assert!(again.already_committed, "{job}: {again:?}");
+    }
     let read = sandbox.read_table(TABLE, None);
-    assert_eq!(read["pyiceberg"]["rows"], 6, "{read:#}");
-    assert_eq!(read["duckdb"]["rows"], 6, "{read:#}");
+    assert_eq!(read["pyiceberg"]["rows"], rows, "{read:#}");
     assert_eq!(snapshot_count(&read), 1, "{read:#}");
+
+    // Another engine's orphan removal deletes the list (no Iceberg metadata names it): new
+    // jobs still run, and the newest expired ones are still known from the properties.
+    std::fs::remove_file(&second_list[0]).unwrap();
+    assert!(!run("day-3".to_string()).await.already_committed);
+    assert!(run("day-1-19".to_string()).await.already_committed);
 }
 
 /// Nine runs appending to one table at once (a scheduler starting a backfill's days, or

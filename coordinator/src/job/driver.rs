@@ -315,11 +315,8 @@ impl<'a> JobRun<'a> {
             }
             // Committed, and its snapshot expired since: done as well (its files stay
             // referenced by the snapshots after it, so the cleanup keeps them).
-            use nightshift_core::table::maintain::{EXPIRED_JOBS_PROPERTY, expired_job_snapshot};
-            let expired = table.metadata().properties().get(EXPIRED_JOBS_PROPERTY);
-            if let Some(snapshot_id) =
-                expired_job_snapshot(expired.map(String::as_str), self.job().as_str())
-            {
+            use nightshift_core::table::expired_jobs::expired_job_snapshot;
+            if let Some(snapshot_id) = expired_job_snapshot(&table, self.job().as_str()).await? {
                 info!(
                     snapshot_id,
                     "job was committed before (its snapshot has expired); nothing to do"

@@ -16,6 +16,7 @@ use iceberg::{Catalog, TableIdent, TableRequirement, TableUpdate};
 use tracing::{info, warn};
 
 use super::catalog::CatalogConfig;
+use super::expired_jobs;
 use super::references::TableReferences;
 use super::swap::{SwapError, swap_table_metadata};
 use crate::error::{CoreError, Result};
@@ -95,50 +96,15 @@ fn referenced_by_refs(metadata: &TableMetadata) -> HashSet<i64> {
     ids
 }
 
-/// Table property recording the jobs whose snapshots expiry removed, newest last, as
-/// `<job id>:<snapshot id>` separated by spaces: a rerun of such a job is still done, not a
-/// second commit of its rows (the history no longer names it).
-pub const EXPIRED_JOBS_PROPERTY: &str = "nightshift.expired-jobs";
-
-/// The most jobs [`EXPIRED_JOBS_PROPERTY`] remembers (the newest; each adds up to 150 bytes
-/// to every metadata file of the table).
-pub const MAX_EXPIRED_JOBS: usize = 100;
-
-/// [`EXPIRED_JOBS_PROPERTY`]'s new value: `existing` and then `expired` (job id, snapshot
-/// id), the newest [`MAX_EXPIRED_JOBS`] kept.
-pub fn expired_jobs_value(existing: Option<&str>, expired: &[(String, i64)]) -> String {
-    let mut entries: Vec<String> = existing
-        .unwrap_or_default()
-        .split_whitespace()
-        .map(str::to_string)
-        .collect();
-    entries.extend(
-        expired
-            .iter()
-            .map(|(job, snapshot)| format!("{job}:{snapshot}")),
-    );
-    let skip = entries.len().saturating_sub(MAX_EXPIRED_JOBS);
-    entries[skip..].join(" ")
-}
-
 /// Expired jobs (job id, snapshot id) ordered by when their snapshots were committed,
-/// `(sequence number, created at ms)`, oldest first, as [`expired_jobs_value`] keeps the
-/// newest. The table's snapshots come in no order: expiring more than the bound at once
+/// `(sequence number, created at ms)`, oldest first, as [`expired_jobs::inline_value`]
+/// keeps the newest. The table's snapshots come in no order: expiring more than the bound at once
 /// forgot jobs at random, whose reruns then appended their rows again.
 fn oldest_first(mut jobs: Vec<((i64, i64), String, i64)>) -> Vec<(String, i64)> {
     jobs.sort_unstable();
     jobs.into_iter()
         .map(|(_, job, snapshot)| (job, snapshot))
         .collect()
-}
-
-/// The snapshot `job` committed, if [`EXPIRED_JOBS_PROPERTY`]'s `value` records it.
-pub fn expired_job_snapshot(value: Option<&str>, job: &str) -> Option<i64> {
-    value?
-        .split_whitespace()
-        .filter_map(|entry| entry.rsplit_once(':'))
-        .find(|(id, _)| *id == job)
-        .and_then(|(_, snapshot)| snapshot.parse().ok())
 }
 
 /// What an expiry did.
@@ -201,14 +167,7 @@ pub async fn expire_snapshots(
             snapshot_ids: doomed.clone(),
         }];
         if !expired_jobs.is_empty() {
-            let existing = table.metadata().properties().get(EXPIRED_JOBS_PROPERTY);
-            updates.push(TableUpdate::SetProperties {
-                updates: [(
-                    EXPIRED_JOBS_PROPERTY.to_string(),
-                    expired_jobs_value(existing.map(String::as_str), &expired_jobs),
-                )]
-                .into(),
-            });
+            updates.push(remember_expired_jobs(&table, &expired_jobs).await?);
         }
         match swap_table_metadata(config, &table, updates, requirements).await {
             Ok(()) => {
@@ -234,6 +193,39 @@ pub async fn expire_snapshots(
     Err(CoreError::Target {
         table: ident.to_string(),
         message: "snapshot expiry kept conflicting with other commits".into(),
+    })
+}
+
+/// The update that records `expired` (oldest first) as [`expired_jobs`] describes: a new
+/// file listing every expired job, written before the swap that names it (if the swap
+/// fails, the file is an orphan), and the inline list of the newest.
+async fn remember_expired_jobs(
+    table: &iceberg::table::Table,
+    expired: &[expired_jobs::ExpiredJob],
+) -> Result<TableUpdate> {
+    let inline = table
+        .metadata()
+        .properties()
+        .get(expired_jobs::INLINE_PROPERTY)
+        .map(String::as_str);
+    let previous = expired_jobs::read_current_file(table)
+        .await?
+        .unwrap_or_default();
+    let file = expired_jobs::new_file_location(table.metadata().location());
+    expired_jobs::write_file(
+        &file,
+        expired_jobs::file_contents(&previous, inline, expired),
+    )
+    .await?;
+    Ok(TableUpdate::SetProperties {
+        updates: [
+            (
+                expired_jobs::INLINE_PROPERTY.to_string(),
+                expired_jobs::inline_value(inline, expired),
+            ),
+            (expired_jobs::FILE_PROPERTY.to_string(), file),
+        ]
+        .into(),
     })
 }
 
@@ -266,6 +258,7 @@ pub async fn find_orphans(
     }
     let cutoff = std::time::SystemTime::now() - older_than;
     let current = table.metadata_location().map(file_name).unwrap_or_default();
+    let expired_jobs_file = expired_jobs::current_file_name(&table);
     let mut orphans = Vec::new();
     for (location, meta) in listed {
         let path = location.url().path().to_string();
@@ -285,6 +278,7 @@ pub async fn find_orphans(
         let kept = references.references(&path)
             || metadata_files.contains(name)
             || name == "version-hint.text"
+            || Some(name) == expired_jobs_file
             || modified >= cutoff;
         if !kept {
             orphans.push(location);
@@ -359,39 +353,24 @@ mod tests {
     const DAY: i64 = 86_400_000;
 
     #[test]
-    fn expired_jobs_are_remembered_newest_last_up_to_the_bound() {
-        let value = expired_jobs_value(None, &[("a".into(), 1), ("backfill-p-d-1".into(), 2)]);
-        assert_eq!(value, "a:1 backfill-p-d-1:2");
-        assert_eq!(expired_job_snapshot(Some(&value), "a"), Some(1));
-        assert_eq!(
-            expired_job_snapshot(Some(&value), "backfill-p-d-1"),
-            Some(2)
-        );
-        // Ids that share a prefix are not each other.
-        assert_eq!(expired_job_snapshot(Some(&value), "backfill-p-d"), None);
-        assert_eq!(expired_job_snapshot(None, "a"), None);
-        let many: Vec<(String, i64)> = (0..150).map(|i| (format!("j{i}"), i)).collect();
-        let value = expired_jobs_value(Some(&value), &many);
-        assert_eq!(value.split(' ').count(), MAX_EXPIRED_JOBS);
-        assert_eq!(expired_job_snapshot(Some(&value), "a"), None);
-        assert_eq!(expired_job_snapshot(Some(&value), "j149"), Some(149));
-        assert_eq!(expired_job_snapshot(Some(&value), "j50"), Some(50));
-        assert_eq!(expired_job_snapshot(Some(&value), "j49"), None);
-    }
-
-    #[test]
     fn expired_jobs_are_ordered_by_commit_so_the_newest_are_remembered() {
-        // 110 jobs expired at once, in the order a hash map gives them.
-        let mut jobs: Vec<((i64, i64), String, i64)> = (1..=110)
+        // 30 jobs expired at once, in the order a hash map gives them.
+        let mut jobs: Vec<((i64, i64), String, i64)> = (1..=30)
             .map(|n| ((n, 1_000 + n), format!("job-{n}"), 7_000 + n))
             .collect();
         jobs.sort_by_key(|(_, job, _)| job.chars().rev().collect::<String>());
         let ordered = oldest_first(jobs);
         assert_eq!(ordered[0], ("job-1".to_string(), 7_001));
-        let value = expired_jobs_value(None, &ordered);
-        assert_eq!(expired_job_snapshot(Some(&value), "job-110"), Some(7_110));
-        assert_eq!(expired_job_snapshot(Some(&value), "job-11"), Some(7_011));
-        assert_eq!(expired_job_snapshot(Some(&value), "job-10"), None);
+        let value = expired_jobs::inline_value(None, &ordered);
+        assert_eq!(expired_jobs::MAX_INLINE, 20);
+        assert_eq!(expired_jobs::snapshot_in(&value, "job-30"), Some(7_030));
+        assert_eq!(expired_jobs::snapshot_in(&value, "job-11"), Some(7_011));
+        assert_eq!(expired_jobs::snapshot_in(&value, "job-10"), None);
+        // The file lists them all, in the order they were committed.
+        let file = expired_jobs::file_contents("", None, &ordered);
+        assert_eq!(file.lines().count(), 30);
+        assert_eq!(file.lines().next(), Some("job-1:7001"));
+        assert_eq!(file.lines().last(), Some("job-30:7030"));
         // Equal sequence numbers (format v1) fall back on the time.
         let v1 = oldest_first(vec![
             ((0, 9), "late".into(), 2),

@@ -7,6 +7,7 @@ pub mod commit;
 pub mod compact;
 pub mod earlier_specs;
 pub mod evolution;
+pub mod expired_jobs;
 pub mod files;
 pub mod job_guard;
 pub mod layout;

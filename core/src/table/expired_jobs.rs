@@ -1,0 +1,219 @@
+//! The jobs whose snapshots expiry removed, remembered so that a rerun of one is done and not
+//! a second commit of its rows (the table's history no longer names it).
+//!
+//! Expiry records them in the same catalog swap that removes their snapshots, twice:
+//! - [`INLINE_PROPERTY`]: the newest [`MAX_INLINE`] as `<job id>:<snapshot id>` separated by
+//!   spaces, read without any I/O (each entry adds up to 150 bytes to every metadata file of
+//!   the table, so it stays short);
+//! - [`FILE_PROPERTY`]: the path of a text file in the table's `metadata` directory listing
+//!   every expired job, oldest first, one `<job id>:<snapshot id>` per line. Each expiry
+//!   writes a new file (the previous file's list, then the newly expired jobs) under a new
+//!   name ([`new_file_location`]), so a file the property names is never changed. Orphan
+//!   removal keeps the file the current property names, and removes earlier ones as it does
+//!   any unreferenced file.
+//!
+//! Before the file, the inline list was all there was, and it held 100: a rerun of a job
+//! expired before those appended its rows again.
+
+use iceberg::table::Table;
+use object_store::{ObjectStoreExt, PutPayload};
+use tracing::warn;
+
+use crate::error::{CoreError, Result};
+use crate::storage::Location;
+
+/// Table property holding the newest expired jobs, `<job id>:<snapshot id>` separated by
+/// spaces, newest last.
+pub const INLINE_PROPERTY: &str = "nightshift.expired-jobs";
+
+/// The most jobs [`INLINE_PROPERTY`] holds (the newest).
+pub const MAX_INLINE: usize = 20;
+
+/// Table property naming the file that lists every expired job.
+pub const FILE_PROPERTY: &str = "nightshift.expired-jobs-file";
+
+/// The start of the file's name, in the table's `metadata` directory.
+const FILE_PREFIX: &str = "nightshift-expired-jobs-";
+
+/// One expired job: its id and the snapshot it committed.
+pub type ExpiredJob = (String, i64);
+
+/// [`INLINE_PROPERTY`]'s new value: `existing` and then `expired`, the newest [`MAX_INLINE`]
+/// kept.
+pub fn inline_value(existing: Option<&str>, expired: &[ExpiredJob]) -> String {
+    let mut entries: Vec<String> = existing
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(str::to_string)
+        .collect();
+    entries.extend(expired.iter().map(entry));
+    let skip = entries.len().saturating_sub(MAX_INLINE);
+    entries[skip..].join(" ")
+}
+
+/// The new file's contents: the previous file's entries, then those of the inline list that
+/// it lacks (a table expired by a version that kept only the inline list), then `expired`;
+/// each job once, in that order.
+pub fn file_contents(previous: &str, inline: Option<&str>, expired: &[ExpiredJob]) -> String {
+    let mut seen = std::collections::HashSet::new();
+    let mut out = String::new();
+    let listed = previous
+        .split_whitespace()
+        .chain(inline.unwrap_or_default().split_whitespace())
+        .map(str::to_string)
+        .chain(expired.iter().map(entry));
+    for line in listed {
+        let job = line.rsplit_once(':').map_or(line.as_str(), |(job, _)| job);
+        if seen.insert(job.to_string()) {
+            out.push_str(&line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+fn entry((job, snapshot): &ExpiredJob) -> String {
+    format!("{job}:{snapshot}")
+}
+
+/// The snapshot `job` committed, if `list` (an inline value or a file's contents) names it.
+/// Job ids hold no `:` or white space, so ids that share a prefix are never each other.
+pub fn snapshot_in(list: &str, job: &str) -> Option<i64> {
+    list.split_whitespace()
+        .filter_map(|entry| entry.rsplit_once(':'))
+        .find(|(id, _)| *id == job)
+        .and_then(|(_, snapshot)| snapshot.parse().ok())
+}
+
+/// Where an expiry writes its new file, below the table's location `table_location`.
+pub fn new_file_location(table_location: &str) -> String {
+    format!(
+        "{}/metadata/{FILE_PREFIX}{}.txt",
+        table_location.trim_end_matches('/'),
+        uuid::Uuid::new_v4().simple()
+    )
+}
+
+/// The file name of the list the table's properties name, which orphan removal keeps.
+pub fn current_file_name(table: &Table) -> Option<&str> {
+    let path = table.metadata().properties().get(FILE_PROPERTY)?;
+    Some(path.rsplit('/').next().unwrap_or(path))
+}
+
+/// The contents of the list the table's properties name: `None` when they name none, or
+/// when the file is gone (another engine's orphan removal deletes it: it is referenced by
+/// no Iceberg metadata), which is logged.
+pub async fn read_current_file(table: &Table) -> Result<Option<String>> {
+    let Some(path) = table.metadata().properties().get(FILE_PROPERTY) else {
+        return Ok(None);
+    };
+    let (store, key) = Location::parse(path, std::path::Path::new("/"))?.store()?;
+    match store.get(&key).await {
+        Ok(got) => {
+            let bytes = got.bytes().await.map_err(CoreError::ObjectStore)?;
+            Ok(Some(String::from_utf8_lossy(&bytes).into_owned()))
+        }
+        Err(object_store::Error::NotFound { .. }) => {
+            warn!(
+                table = %table.identifier(),
+                file = %path,
+                "the list of expired jobs is gone; only the newest {MAX_INLINE} are known (a rerun of an older one would commit again)"
+            );
+            Ok(None)
+        }
+        Err(e) => Err(CoreError::ObjectStore(e)),
+    }
+}
+
+/// Writes a list's `contents` at `path`.
+pub async fn write_file(path: &str, contents: String) -> Result<()> {
+    let (store, key) = Location::parse(path, std::path::Path::new("/"))?.store()?;
+    store
+        .put(&key, PutPayload::from(contents.into_bytes()))
+        .await
+        .map_err(CoreError::ObjectStore)?;
+    Ok(())
+}
+
+/// The snapshot `job` committed, if expiry removed it from `table`: from the inline list,
+/// else from the file.
+pub async fn expired_job_snapshot(table: &Table, job: &str) -> Result<Option<i64>> {
+    let inline = table.metadata().properties().get(INLINE_PROPERTY);
+    if let Some(snapshot) = inline.and_then(|list| snapshot_in(list, job)) {
+        return Ok(Some(snapshot));
+    }
+    Ok(read_current_file(table)
+        .await?
+        .and_then(|list| snapshot_in(&list, job)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn jobs(range: std::ops::Range<i64>) -> Vec<ExpiredJob> {
+        range.map(|i| (format!("job-{i}"), i)).collect()
+    }
+
+    #[test]
+    fn the_inline_list_keeps_the_newest_up_to_its_bound() {
+        let value = inline_value(None, &[("a".into(), 1), ("backfill-p-d-1".into(), 2)]);
+        assert_eq!(value, "a:1 backfill-p-d-1:2");
+        assert_eq!(snapshot_in(&value, "a"), Some(1));
+        assert_eq!(snapshot_in(&value, "backfill-p-d-1"), Some(2));
+        // Ids that share a prefix are not each other.
+        assert_eq!(snapshot_in(&value, "backfill-p-d"), None);
+        assert_eq!(snapshot_in(&value, "backfill-p-d-10"), None);
+
+        let value = inline_value(Some(&value), &jobs(0..MAX_INLINE as i64));
+        assert_eq!(value.split(' ').count(), MAX_INLINE);
+        assert_eq!(snapshot_in(&value, "a"), None, "the oldest went");
+        assert_eq!(snapshot_in(&value, "job-0"), Some(0));
+    }
+
+    #[test]
+    fn the_file_keeps_every_expired_job_once_oldest_first() {
+        let first = file_contents("", None, &jobs(0..3));
+        assert_eq!(first, "job-0:0\njob-1:1\njob-2:2\n");
+        // Far past the inline bound: the file forgets none.
+        let many = file_contents(&first, None, &jobs(3..1000));
+        assert_eq!(many.lines().count(), 1000);
+        for job in ["job-0", "job-1", "job-999"] {
+            assert!(snapshot_in(&many, job).is_some(), "{job}");
+        }
+        assert_eq!(snapshot_in(&many, "job-1000"), None);
+        // The inline list is a copy of the newest; it adds nothing twice.
+        let inline = inline_value(None, &jobs(990..1000));
+        let again = file_contents(&many, Some(&inline), &jobs(1000..1001));
+        assert_eq!(again.lines().count(), 1001);
+        assert_eq!(again.lines().last(), Some("job-1000:1000"));
+    }
+
+    #[test]
+    fn a_table_expired_before_the_file_keeps_its_inline_jobs_in_the_first_file() {
+        // An earlier version kept up to 100 inline and no file.
+        let first = file_contents("", Some("old-a:7 old-b:8"), &jobs(0..1));
+        assert_eq!(first, "old-a:7\nold-b:8\njob-0:0\n");
+    }
+
+    #[test]
+    fn each_expiry_writes_a_new_file_in_the_tables_metadata() {
+        let a = new_file_location("s3://bucket/wh/db/t/");
+        let b = new_file_location("s3://bucket/wh/db/t");
+        assert_ne!(a, b);
+        for path in [&a, &b] {
+            assert!(
+                path.starts_with("s3://bucket/wh/db/t/metadata/nightshift-expired-jobs-"),
+                "{path}"
+            );
+            assert!(path.ends_with(".txt"), "{path}");
+            assert!(
+                super::super::files::is_table_file(
+                    "/wh/db/t",
+                    path.strip_prefix("s3://bucket").unwrap()
+                ),
+                "{path}"
+            );
+        }
+    }
+}

@@ -171,6 +171,11 @@ def main():
     parser.add_argument("--references", action="store_true")
     parser.add_argument("--rollback-to", type=int)
     parser.add_argument("--set-current", type=int)
+    parser.add_argument(
+        "--expire-all-but-current",
+        action="store_true",
+        help="expire every other snapshot with PyIceberg first (another engine's expiry)",
+    )
     args = parser.parse_args()
     catalog = open_catalog(args)
     out = {"exists": catalog.table_exists(args.table)}
@@ -181,6 +186,11 @@ def main():
             table = catalog.load_table(args.table)
         if args.set_current is not None:
             table.manage_snapshots().set_current_snapshot(args.set_current).commit()
+            table = catalog.load_table(args.table)
+        if args.expire_all_but_current:
+            current = table.metadata.current_snapshot_id
+            others = [s.snapshot_id for s in table.metadata.snapshots if s.snapshot_id != current]
+            table.maintenance.expire_snapshots().by_ids(others).commit()
             table = catalog.load_table(args.table)
         out["pyiceberg"], out["snapshots"] = read_pyiceberg(table)
         out["duckdb"] = read_duckdb(table, args) if out["snapshots"] else None

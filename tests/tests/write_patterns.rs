@@ -1514,6 +1514,54 @@ async fn a_rerun_after_its_snapshot_expired_appends_nothing() {
     assert!(run("day-1-19".to_string()).await.already_committed);
 }
 
+/// Another engine's expiry records no job: a rerun of a job it expired, whose files are
+/// still in the table, commits nothing (it appended its rows again). Jobs our own expiry
+/// took stay known from our record; a new job still appends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rerun_after_another_engine_expired_its_snapshot_appends_nothing() {
+    let sandbox = Sandbox::new();
+    sandbox.spec(&spec("append"));
+    write_events(&sandbox, 1, 3, 1);
+    let day = [("from", "2024-01-01"), ("to", "2024-01-01")];
+    let run = |job: &'static str| {
+        let sandbox = &sandbox;
+        async move {
+            sandbox
+                .run_with(2, Some(2), Some(job), &day)
+                .await
+                .expect(job)
+        }
+    };
+    for job in ["ours-1", "theirs-1", "theirs-10", "kept"] {
+        run(job).await;
+    }
+    let expired = sandbox.cli(&[
+        "maintain",
+        TABLE,
+        "--expire-older-than",
+        "0s",
+        "--keep-last",
+        "3",
+    ]);
+    assert!(
+        expired.status.success(),
+        "{}",
+        String::from_utf8_lossy(&expired.stderr)
+    );
+    let read = sandbox.read_table_with(TABLE, None, &["--expire-all-but-current"]);
+    assert_eq!(snapshot_count(&read), 1, "{read:#}");
+    assert_eq!(read["pyiceberg"]["rows"], 12, "{read:#}");
+    // `theirs-1`'s id is a prefix of `theirs-10`'s, whose files are also in the table.
+    for job in ["ours-1", "theirs-1", "theirs-10", "kept"] {
+        let again = run(job).await;
+        assert!(again.already_committed, "{job}: {again:?}");
+    }
+    assert!(!run("new").await.already_committed);
+    let read = sandbox.read_table(TABLE, None);
+    assert_eq!(read["pyiceberg"]["rows"], 15, "{read:#}");
+    assert_eq!(read["duckdb"]["rows"], 15, "{read:#}");
+}
+
 /// Nine runs appending to one table at once (a scheduler starting a backfill's days, or
 /// pipelines feeding one table, together): each lands its rows once. One of ten used to fail
 /// with a raw `CatalogCommitConflicts` once iceberg-rust's four retries, taken in lockstep by

@@ -14,11 +14,20 @@
 //!
 //! Before the file, the inline list was all there was, and it held 100: a rerun of a job
 //! expired before those appended its rows again.
+//!
+//! Another engine's expiry records nothing. Where the history was cut (a snapshot's parent
+//! is gone) other than where our expiries cut it ([`CUTS_PROPERTY`]), a job not in the
+//! record counts as committed when a live data file of the table is named after it (as
+//! every data file a job writes is): its rows are still there, and a rerun would add them
+//! again.
+
+use std::collections::{BTreeSet, HashSet};
 
 use iceberg::table::Table;
 use object_store::{ObjectStoreExt, PutPayload};
 use tracing::warn;
 
+use super::provenance::Writer;
 use crate::error::{CoreError, Result};
 use crate::storage::Location;
 
@@ -31,6 +40,14 @@ pub const MAX_INLINE: usize = 20;
 
 /// Table property naming the file that lists every expired job.
 pub const FILE_PROPERTY: &str = "nightshift.expired-jobs-file";
+
+/// Table property holding where our expiries cut the history: the ids of the expired
+/// snapshots that remaining ones were committed on, separated by spaces, and `elsewhere`
+/// once a cut not made by us was seen (its jobs are not in the record).
+pub const CUTS_PROPERTY: &str = "nightshift.expired-cuts";
+
+/// The word [`CUTS_PROPERTY`] holds once the history was cut by someone else.
+const ELSEWHERE: &str = "elsewhere";
 
 /// The start of the file's name, in the table's `metadata` directory.
 const FILE_PREFIX: &str = "nightshift-expired-jobs-";
@@ -136,15 +153,130 @@ pub async fn write_file(path: &str, contents: String) -> Result<()> {
 }
 
 /// The snapshot `job` committed, if expiry removed it from `table`: from the inline list,
-/// else from the file.
+/// else from the file, else (when the history was cut where our expiries did not cut it)
+/// the snapshot that added a live data file named after the job.
 pub async fn expired_job_snapshot(table: &Table, job: &str) -> Result<Option<i64>> {
     let inline = table.metadata().properties().get(INLINE_PROPERTY);
     if let Some(snapshot) = inline.and_then(|list| snapshot_in(list, job)) {
         return Ok(Some(snapshot));
     }
-    Ok(read_current_file(table)
+    if let Some(snapshot) = read_current_file(table)
         .await?
-        .and_then(|list| snapshot_in(&list, job)))
+        .and_then(|list| snapshot_in(&list, job))
+    {
+        return Ok(Some(snapshot));
+    }
+    if !cut_elsewhere(table) {
+        return Ok(None);
+    }
+    let Some(current) = table.metadata().current_snapshot() else {
+        return Ok(None);
+    };
+    let live = super::live::live_entries(table, current).await?;
+    Ok(live
+        .iter()
+        .filter(|l| l.entry.content_type() == iceberg::spec::DataContentType::Data)
+        .find(|l| super::provenance::writer_of(l.entry.file_path()) == Writer::Job(job.into()))
+        .map(|l| l.entry.snapshot_id().unwrap_or_default()))
+}
+
+/// Where a table's history has holes: snapshots committed on a snapshot that is gone
+/// (`parents`: the ids of the gone ones; Java's expiry keeps a child's parent id, PyIceberg's
+/// clears it), and the sequence numbers (from 1 to the table's last) no snapshot has
+/// (`sequences`, as inclusive ranges: every commit to a format v2 table takes the next
+/// number, so a missing one is a removed snapshot).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Gaps {
+    pub parents: BTreeSet<i64>,
+    pub sequences: Vec<(i64, i64)>,
+}
+
+/// The [`Gaps`] of a history of `snapshots` (id, parent id, sequence number) whose last
+/// sequence number is `last_sequence`. A format v1 table numbers nothing (all 0): only its
+/// parents tell.
+pub fn gaps(snapshots: &[(i64, Option<i64>, i64)], last_sequence: i64) -> Gaps {
+    let ids: HashSet<i64> = snapshots.iter().map(|(id, _, _)| *id).collect();
+    let parents = snapshots
+        .iter()
+        .filter_map(|(_, parent, _)| *parent)
+        .filter(|parent| !ids.contains(parent))
+        .collect();
+    let mut numbers: Vec<i64> = snapshots
+        .iter()
+        .map(|(_, _, seq)| *seq)
+        .filter(|seq| *seq > 0)
+        .collect();
+    numbers.sort_unstable();
+    numbers.dedup();
+    let mut sequences = Vec::new();
+    let mut next = 1;
+    for n in numbers
+        .into_iter()
+        .chain(std::iter::once(last_sequence + 1))
+    {
+        if n > next {
+            sequences.push((next, n - 1));
+        }
+        next = next.max(n + 1);
+    }
+    Gaps { parents, sequences }
+}
+
+/// [`CUTS_PROPERTY`]'s value recording `gaps` as ours (`p<id>`, `s<first>-<last>`), and
+/// `elsewhere` when the table already had gaps not ours.
+pub fn gaps_value(gaps: &Gaps, elsewhere: bool) -> String {
+    let parents = gaps.parents.iter().map(|p| format!("p{p}"));
+    let sequences = gaps.sequences.iter().map(|(a, b)| format!("s{a}-{b}"));
+    let mut words: Vec<String> = parents.chain(sequences).collect();
+    if elsewhere {
+        words.push(ELSEWHERE.to_string());
+    }
+    words.join(" ")
+}
+
+/// Whether `now` has a gap that `recorded` (a [`CUTS_PROPERTY`] value, from our last
+/// expiry) does not hold, or `recorded` says there was one. A gap that grew since (another
+/// engine expired a snapshot beside ours) is held by no recorded range.
+pub fn gaps_elsewhere(recorded: Option<&str>, now: &Gaps) -> bool {
+    let words: Vec<&str> = recorded.unwrap_or_default().split_whitespace().collect();
+    let parents: HashSet<i64> = words
+        .iter()
+        .filter_map(|w| w.strip_prefix('p')?.parse().ok())
+        .collect();
+    let ranges: Vec<(i64, i64)> = words
+        .iter()
+        .filter_map(|w| {
+            let (a, b) = w.strip_prefix('s')?.split_once('-')?;
+            Some((a.parse().ok()?, b.parse().ok()?))
+        })
+        .collect();
+    words.contains(&ELSEWHERE)
+        || now.parents.iter().any(|p| !parents.contains(p))
+        || now
+            .sequences
+            .iter()
+            .any(|(a, b)| !ranges.iter().any(|(c, d)| c <= a && b <= d))
+}
+
+fn table_gaps(table: &Table, without: &[i64]) -> Gaps {
+    let snapshots: Vec<(i64, Option<i64>, i64)> = table
+        .metadata()
+        .snapshots()
+        .filter(|s| !without.contains(&s.snapshot_id()))
+        .map(|s| (s.snapshot_id(), s.parent_snapshot_id(), s.sequence_number()))
+        .collect();
+    gaps(&snapshots, table.metadata().last_sequence_number())
+}
+
+/// Whether `table`'s history has gaps no expiry of ours made.
+pub fn cut_elsewhere(table: &Table) -> bool {
+    let recorded = table.metadata().properties().get(CUTS_PROPERTY);
+    gaps_elsewhere(recorded.map(String::as_str), &table_gaps(table, &[]))
+}
+
+/// The [`CUTS_PROPERTY`] value an expiry of `doomed` on `table` sets.
+pub fn cuts_after_expiry(table: &Table, doomed: &[i64]) -> String {
+    gaps_value(&table_gaps(table, doomed), cut_elsewhere(table))
 }
 
 #[cfg(test)]
@@ -194,6 +326,61 @@ mod tests {
         // An earlier version kept up to 100 inline and no file.
         let first = file_contents("", Some("old-a:7 old-b:8"), &jobs(0..1));
         assert_eq!(first, "old-a:7\nold-b:8\njob-0:0\n");
+    }
+
+    #[test]
+    fn gaps_in_the_history_are_found_by_parent_and_by_sequence_number() {
+        // 1 <- 2 <- 3, and 2 <- 4 (a branch), numbered 1 to 4.
+        let whole = [
+            (1, None, 1),
+            (2, Some(1), 2),
+            (3, Some(2), 3),
+            (4, Some(2), 4),
+        ];
+        assert_eq!(gaps(&whole, 4), Gaps::default());
+        // 1 and 2 gone, their children keeping their parent ids (Java's expiry).
+        let java = gaps(&[(3, Some(2), 3), (4, Some(2), 4)], 4);
+        assert_eq!(java.parents, BTreeSet::from([2]));
+        assert_eq!(java.sequences, vec![(1, 2)]);
+        // The same, the ids cleared (PyIceberg's expiry): the numbers still tell.
+        let pyiceberg = gaps(&[(3, None, 3), (4, None, 4)], 4);
+        assert!(pyiceberg.parents.is_empty());
+        assert_eq!(pyiceberg.sequences, vec![(1, 2)]);
+        // Holes in the middle and at the end (the newest snapshot removed after a rollback).
+        let holes = gaps(&[(1, None, 1), (4, Some(3), 4)], 6);
+        assert_eq!(holes.sequences, vec![(2, 3), (5, 6)]);
+        // Format v1 numbers nothing.
+        assert_eq!(gaps(&[(1, None, 0), (2, Some(1), 0)], 0), Gaps::default());
+    }
+
+    #[test]
+    fn only_gaps_our_expiry_recorded_are_ours() {
+        let ours = gaps(&[(3, Some(2), 3), (4, Some(3), 4)], 4);
+        let recorded = gaps_value(&ours, false);
+        assert_eq!(recorded, "p2 s1-2");
+        assert!(!gaps_elsewhere(Some(&recorded), &ours));
+        assert!(!gaps_elsewhere(None, &Gaps::default()));
+        assert!(gaps_elsewhere(None, &ours), "a gap and no record");
+        // New snapshots after our expiry leave no new gap.
+        let later = gaps(&[(3, Some(2), 3), (4, Some(3), 4), (5, Some(4), 5)], 5);
+        assert!(!gaps_elsewhere(Some(&recorded), &later));
+        // Another engine then removed 3 (clearing 4's parent id): our gap grew.
+        let theirs = gaps(&[(4, None, 4), (5, Some(4), 5)], 5);
+        assert_eq!(theirs.sequences, vec![(1, 3)]);
+        assert!(gaps_elsewhere(Some(&recorded), &theirs));
+        // ... or kept the parent id: a parent we did not record.
+        assert!(gaps_elsewhere(
+            Some(&recorded),
+            &gaps(&[(4, Some(3), 4)], 4)
+        ));
+        // Ids that share digits are not each other.
+        let one = gaps(&[(5, Some(2), 5)], 5);
+        assert!(gaps_elsewhere(Some("p21 s1-4"), &one));
+        // Once seen, gaps not ours stay known through our later expiries: the jobs they
+        // took are in no record.
+        let sticky = gaps_value(&one, true);
+        assert!(sticky.ends_with("elsewhere"));
+        assert!(gaps_elsewhere(Some(&sticky), &one));
     }
 
     #[test]

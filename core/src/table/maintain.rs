@@ -169,6 +169,13 @@ pub async fn expire_snapshots(
         if !expired_jobs.is_empty() {
             updates.push(remember_expired_jobs(&table, &expired_jobs).await?);
         }
+        updates.push(TableUpdate::SetProperties {
+            updates: [(
+                expired_jobs::CUTS_PROPERTY.to_string(),
+                expired_jobs::cuts_after_expiry(&table, &doomed),
+            )]
+            .into(),
+        });
         match swap_table_metadata(config, &table, updates, requirements).await {
             Ok(()) => {
                 let after = TableReferences::load_live(&catalog.load_table(ident).await?).await?;

@@ -407,6 +407,18 @@ impl ClusterSandbox {
         })
     }
 
+    /// Runs `nightshift ARGS` with the environment the cluster's processes have (the
+    /// storage's credentials), e.g. `maintain TABLE --cluster CONFIG`.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(nightshift_bin())
+            .args(args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .current_dir(self.sandbox.root.path())
+            .env_remove("RUST_LOG")
+            .output()
+            .expect("run nightshift")
+    }
+
     /// Starts `nightshift run --cluster` in the background.
     pub fn submit_in_background(&self, job_id: &str) -> Child {
         Command::new(nightshift_bin())

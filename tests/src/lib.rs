@@ -207,6 +207,17 @@ impl Sandbox {
             .output()
             .expect("run nightshift")
     }
+
+    /// `nightshift maintain TABLE --output json ARGS`, which must succeed: its JSON report.
+    pub fn maintain(&self, table: &str, args: &[&str]) -> Value {
+        let out = self.cli(&[&["maintain", table, "--output", "json"], args].concat());
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("maintenance json")
+    }
 }
 
 pub(crate) fn collect_files(root: &Path, dir: &Path, out: &mut Vec<String>) {

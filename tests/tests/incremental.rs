@@ -337,17 +337,6 @@ fn a_table_renamed_upstream_is_read_on_from_where_it_stood() {
     assert_eq!(downstream_ids(&sandbox), [1, 2, 3, 4]);
 }
 
-/// `nightshift maintain TABLE ARGS` succeeds.
-fn maintain(sandbox: &Sandbox, table: &str, args: &[&str]) -> Value {
-    let out = sandbox.cli(&[&["maintain", table, "--output", "json"], args].concat());
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("maintenance json")
-}
-
 /// Compaction upstream changes its files, not its rows: a consumer reads each appended row
 /// once, before and after (it used to fail every later run: "rewrote the source").
 /// Compaction and expiry of the consumer's own target keep its record of what it consumed
@@ -377,7 +366,7 @@ fn compaction_and_expiry_upstream_and_downstream_keep_each_row_once() {
 
     // Appended, then compacted (the append's file rewritten), then consumed.
     load(&sandbox, 3);
-    let compacted = maintain(&sandbox, UPSTREAM, &["--compact"]);
+    let compacted = sandbox.maintain(UPSTREAM, &["--compact"]);
     assert_eq!(
         compacted["compacted"]["files_rewritten"], 3,
         "{compacted:#}"
@@ -390,7 +379,7 @@ fn compaction_and_expiry_upstream_and_downstream_keep_each_row_once() {
     load(&sandbox, 4);
     let (code, out) = consume(&sandbox, &[]);
     assert_eq!(code, 0, "{out}");
-    maintain(&sandbox, UPSTREAM, &["--compact"]);
+    sandbox.maintain(UPSTREAM, &["--compact"]);
     let (code, out) = consume(&sandbox, &[]);
     assert_eq!(code, 0, "{out}");
     assert_eq!(downstream_ids(&sandbox), (1..=10).collect::<Vec<_>>());
@@ -399,7 +388,7 @@ fn compaction_and_expiry_upstream_and_downstream_keep_each_row_once() {
     // Downstream compacted, and every snapshot expired that expiry may take: the newest
     // one with the consumer's record stays, so the next run reads the fifth batch alone.
     let expiry = ["--compact", "--expire-older-than", "0s", "--keep-last", "1"];
-    let maintained = maintain(&sandbox, DOWNSTREAM, &expiry);
+    let maintained = sandbox.maintain(DOWNSTREAM, &expiry);
     assert_eq!(
         maintained["expired_snapshots"].as_array().map(Vec::len),
         Some(2),
@@ -434,7 +423,7 @@ fn an_upstream_expiry_of_the_consumed_snapshot_is_read_on_from() {
     assert_eq!(code, 0, "{out}");
     load(&sandbox, 2);
     let expiry = ["--expire-older-than", "0s", "--keep-last", "1"];
-    let expired = maintain(&sandbox, UPSTREAM, &expiry);
+    let expired = sandbox.maintain(UPSTREAM, &expiry);
     assert_eq!(
         expired["expired_snapshots"].as_array().map(Vec::len),
         Some(1),
@@ -447,7 +436,7 @@ fn an_upstream_expiry_of_the_consumed_snapshot_is_read_on_from() {
     // Two loads, and both the consumed snapshot and the one after it expired.
     load(&sandbox, 3);
     load(&sandbox, 4);
-    maintain(&sandbox, UPSTREAM, &expiry);
+    sandbox.maintain(UPSTREAM, &expiry);
     let (code, out) = consume(&sandbox, &[]);
     assert_ne!(code, 0, "{out}");
     assert!(

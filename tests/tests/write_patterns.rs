@@ -470,17 +470,7 @@ async fn maintain_expires_snapshots_and_removes_only_old_unreferenced_files() {
         .set_modified(day_ago)
         .unwrap();
 
-    let maintain = |args: &[&str]| {
-        let mut all = vec!["maintain", TABLE, "--output", "json"];
-        all.extend_from_slice(args);
-        let out = sandbox.cli(&all);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice::<Value>(&out.stdout).unwrap()
-    };
+    let maintain = |args: &[&str]| sandbox.maintain(TABLE, args);
     let refused = sandbox.cli(&["maintain", TABLE, "--remove-orphans-older-than", "1h"]);
     assert!(!refused.status.success());
     let refusal = String::from_utf8_lossy(&refused.stderr);
@@ -1418,17 +1408,7 @@ async fn a_rerun_after_its_snapshot_expired_appends_nothing() {
     for job in std::iter::once("day-1".to_string()).chain(later.iter().cloned()) {
         run(job).await;
     }
-    let maintain = |args: &[&str]| {
-        let mut all = vec!["maintain", TABLE, "--output", "json"];
-        all.extend_from_slice(args);
-        let out = sandbox.cli(&all);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice::<Value>(&out.stdout).unwrap()
-    };
+    let maintain = |args: &[&str]| sandbox.maintain(TABLE, args);
     let expire = ["--expire-older-than", "0s", "--keep-last", "1"];
     let expired = maintain(&expire);
     assert_eq!(
@@ -1535,19 +1515,7 @@ async fn a_rerun_after_another_engine_expired_its_snapshot_appends_nothing() {
     for job in ["ours-1", "theirs-1", "theirs-10", "kept"] {
         run(job).await;
     }
-    let expired = sandbox.cli(&[
-        "maintain",
-        TABLE,
-        "--expire-older-than",
-        "0s",
-        "--keep-last",
-        "3",
-    ]);
-    assert!(
-        expired.status.success(),
-        "{}",
-        String::from_utf8_lossy(&expired.stderr)
-    );
+    sandbox.maintain(TABLE, &["--expire-older-than", "0s", "--keep-last", "3"]);
     let read = sandbox.read_table_with(TABLE, None, &["--expire-all-but-current"]);
     assert_eq!(snapshot_count(&read), 1, "{read:#}");
     assert_eq!(read["pyiceberg"]["rows"], 12, "{read:#}");

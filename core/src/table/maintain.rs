@@ -166,16 +166,22 @@ pub async fn expire_snapshots(
         let mut updates = vec![TableUpdate::RemoveSnapshots {
             snapshot_ids: doomed.clone(),
         }];
-        if !expired_jobs.is_empty() {
-            updates.push(remember_expired_jobs(&table, &expired_jobs).await?);
+        let listed = expired_jobs.is_empty() || {
+            let (update, listed) = remember_expired_jobs(&table, &expired_jobs).await?;
+            updates.push(update);
+            listed
+        };
+        // Gaps whose jobs are not all listed stay unexplained: a rerun of one of them looks
+        // for its files in the table.
+        if listed {
+            updates.push(TableUpdate::SetProperties {
+                updates: [(
+                    expired_jobs::CUTS_PROPERTY.to_string(),
+                    expired_jobs::cuts_after_expiry(&table, &doomed),
+                )]
+                .into(),
+            });
         }
-        updates.push(TableUpdate::SetProperties {
-            updates: [(
-                expired_jobs::CUTS_PROPERTY.to_string(),
-                expired_jobs::cuts_after_expiry(&table, &doomed),
-            )]
-            .into(),
-        });
         match swap_table_metadata(config, &table, updates, requirements).await {
             Ok(()) => {
                 let after = TableReferences::load_live(&catalog.load_table(ident).await?).await?;
@@ -205,11 +211,14 @@ pub async fn expire_snapshots(
 
 /// The update that records `expired` (oldest first) as [`expired_jobs`] describes: a new
 /// file listing every expired job, written before the swap that names it (if the swap
-/// fails, the file is an orphan), and the inline list of the newest.
+/// fails, the file is an orphan), and the inline list of the newest; and whether the file
+/// was written. A store that refuses the file (an S3 table bucket takes only Iceberg's own
+/// objects in a table's metadata) gets the inline list alone, and the property keeps
+/// naming the last list written.
 async fn remember_expired_jobs(
     table: &iceberg::table::Table,
     expired: &[expired_jobs::ExpiredJob],
-) -> Result<TableUpdate> {
+) -> Result<(TableUpdate, bool)> {
     let inline = table
         .metadata()
         .properties()
@@ -219,21 +228,36 @@ async fn remember_expired_jobs(
         .await?
         .unwrap_or_default();
     let file = expired_jobs::new_file_location(table.metadata().location());
-    expired_jobs::write_file(
+    let written = expired_jobs::write_file(
         &file,
         expired_jobs::file_contents(&previous, inline, expired),
     )
-    .await?;
-    Ok(TableUpdate::SetProperties {
-        updates: [
-            (
-                expired_jobs::INLINE_PROPERTY.to_string(),
-                expired_jobs::inline_value(inline, expired),
-            ),
-            (expired_jobs::FILE_PROPERTY.to_string(), file),
-        ]
-        .into(),
-    })
+    .await;
+    let mut updates = vec![(
+        expired_jobs::INLINE_PROPERTY.to_string(),
+        expired_jobs::inline_value(inline, expired),
+    )];
+    let listed = match written {
+        Ok(()) => {
+            updates.push((expired_jobs::FILE_PROPERTY.to_string(), file));
+            true
+        }
+        Err(e) => {
+            warn!(
+                table = %table.identifier(),
+                error = %e,
+                "cannot write the list of expired jobs; the newest {} stay in the table's properties, and a rerun of an older one looks for its files in the table",
+                expired_jobs::MAX_INLINE
+            );
+            false
+        }
+    };
+    Ok((
+        TableUpdate::SetProperties {
+            updates: updates.into_iter().collect(),
+        },
+        listed,
+    ))
 }
 
 /// Files of `table`'s own layout ([`super::files::is_table_file`]: not another table's nested

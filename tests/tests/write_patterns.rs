@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 
+use nightshift_coordinator::JobReport;
 use nightshift_tests::{Sandbox, snapshot_count, unread, unreferenced};
 use serde_json::Value;
 
@@ -313,18 +314,9 @@ async fn backfill_commits_one_snapshot_per_day_and_resumes() {
         "{}",
         String::from_utf8_lossy(&late.stderr)
     );
-    let expired = sandbox.cli(&[
-        "maintain",
+    sandbox.maintain(
         "tests.monthly",
-        "--expire-older-than",
-        "0s",
-        "--keep-last",
-        "1",
-    ]);
-    assert!(
-        expired.status.success(),
-        "{}",
-        String::from_utf8_lossy(&expired.stderr)
+        &["--expire-older-than", "0s", "--keep-last", "1"],
     );
     sandbox.spec(&monthly("overwrite_partitions"));
     // The second value alone, refused: it would replace the first value's rows.
@@ -1383,6 +1375,23 @@ async fn a_rerun_of_a_rolled_back_job_says_its_rows_are_gone() {
     assert_eq!(read["duckdb"]["rows"], 6, "{read:#}");
 }
 
+/// A sandbox whose spec appends one day of events (three rows a run).
+fn appending_one_day() -> Sandbox {
+    let sandbox = Sandbox::new();
+    sandbox.spec(&spec("append"));
+    write_events(&sandbox, 1, 3, 1);
+    sandbox
+}
+
+/// Runs [`appending_one_day`]'s day as `job`, which must succeed.
+async fn append_the_day(sandbox: &Sandbox, job: &str) -> JobReport {
+    let day = [("from", "2024-01-01"), ("to", "2024-01-01")];
+    sandbox
+        .run_with(2, Some(2), Some(job), &day)
+        .await
+        .expect(job)
+}
+
 /// A job whose snapshot expiry removed is still done: its rerun commits nothing (it used to
 /// append its rows a second time, the history no longer naming it). So it stays past the
 /// newest jobs the table's properties hold (it used to be forgotten after 100), through
@@ -1390,18 +1399,10 @@ async fn a_rerun_of_a_rolled_back_job_says_its_rows_are_gone() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rerun_after_its_snapshot_expired_appends_nothing() {
     use nightshift_core::table::expired_jobs::MAX_INLINE;
-    let sandbox = Sandbox::new();
-    sandbox.spec(&spec("append"));
-    write_events(&sandbox, 1, 3, 1);
-    let day = [("from", "2024-01-01"), ("to", "2024-01-01")];
+    let sandbox = appending_one_day();
     let run = |job: String| {
         let sandbox = &sandbox;
-        async move {
-            sandbox
-                .run_with(2, Some(2), Some(&job), &day)
-                .await
-                .expect(&job)
-        }
+        async move { append_the_day(sandbox, &job).await }
     };
     // Later jobs' ids start with the first's.
     let later: Vec<String> = (0..=MAX_INLINE).map(|n| format!("day-1-{n}")).collect();
@@ -1488,10 +1489,14 @@ async fn a_rerun_after_its_snapshot_expired_appends_nothing() {
     assert_eq!(snapshot_count(&read), 1, "{read:#}");
 
     // Another engine's orphan removal deletes the list (no Iceberg metadata names it): new
-    // jobs still run, and the newest expired ones are still known from the properties.
+    // jobs still run, the newest expired ones are still known from the properties, and an
+    // older one by its data files, still in the table.
     std::fs::remove_file(&second_list[0]).unwrap();
     assert!(!run("day-3".to_string()).await.already_committed);
-    assert!(run("day-1-19".to_string()).await.already_committed);
+    for job in ["day-1-19", "day-1"] {
+        let again = run(job.to_string()).await;
+        assert!(again.already_committed, "{job} without the list: {again:?}");
+    }
 }
 
 /// Another engine's expiry records no job: a rerun of a job it expired, whose files are
@@ -1499,19 +1504,8 @@ async fn a_rerun_after_its_snapshot_expired_appends_nothing() {
 /// took stay known from our record; a new job still appends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rerun_after_another_engine_expired_its_snapshot_appends_nothing() {
-    let sandbox = Sandbox::new();
-    sandbox.spec(&spec("append"));
-    write_events(&sandbox, 1, 3, 1);
-    let day = [("from", "2024-01-01"), ("to", "2024-01-01")];
-    let run = |job: &'static str| {
-        let sandbox = &sandbox;
-        async move {
-            sandbox
-                .run_with(2, Some(2), Some(job), &day)
-                .await
-                .expect(job)
-        }
-    };
+    let sandbox = appending_one_day();
+    let run = |job: &'static str| append_the_day(&sandbox, job);
     for job in ["ours-1", "theirs-1", "theirs-10", "kept"] {
         run(job).await;
     }

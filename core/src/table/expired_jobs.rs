@@ -15,11 +15,12 @@
 //! Before the file, the inline list was all there was, and it held 100: a rerun of a job
 //! expired before those appended its rows again.
 //!
-//! Another engine's expiry records nothing. Where the history was cut (a snapshot's parent
-//! is gone) other than where our expiries cut it ([`CUTS_PROPERTY`]), a job not in the
-//! record counts as committed when a live data file of the table is named after it (as
-//! every data file a job writes is): its rows are still there, and a rerun would add them
-//! again.
+//! Another engine's expiry records nothing. Where the history has gaps ([`Gaps`]: a parent
+//! or a sequence number gone) other than where our expiries made them ([`CUTS_PROPERTY`]),
+//! or where the list the table names is gone (another engine's orphan removal deletes it:
+//! no Iceberg metadata names it), a job not in the record counts as committed when a live
+//! data file of the table is named after it (as every data file a job writes is): its rows
+//! are still there, and a rerun would add them again.
 
 use std::collections::{BTreeSet, HashSet};
 
@@ -41,9 +42,9 @@ pub const MAX_INLINE: usize = 20;
 /// Table property naming the file that lists every expired job.
 pub const FILE_PROPERTY: &str = "nightshift.expired-jobs-file";
 
-/// Table property holding where our expiries cut the history: the ids of the expired
-/// snapshots that remaining ones were committed on, separated by spaces, and `elsewhere`
-/// once a cut not made by us was seen (its jobs are not in the record).
+/// Table property holding the [`Gaps`] our last expiry left ([`gaps_value`]: `p<parent id>`
+/// and `s<first>-<last>` sequence ranges, separated by spaces), and `elsewhere` once gaps
+/// not made by us were seen (their jobs are not in the record).
 pub const CUTS_PROPERTY: &str = "nightshift.expired-cuts";
 
 /// The word [`CUTS_PROPERTY`] holds once the history was cut by someone else.
@@ -72,7 +73,7 @@ pub fn inline_value(existing: Option<&str>, expired: &[ExpiredJob]) -> String {
 /// it lacks (a table expired by a version that kept only the inline list), then `expired`;
 /// each job once, in that order.
 pub fn file_contents(previous: &str, inline: Option<&str>, expired: &[ExpiredJob]) -> String {
-    let mut seen = std::collections::HashSet::new();
+    let mut seen = HashSet::new();
     let mut out = String::new();
     let listed = previous
         .split_whitespace()
@@ -117,26 +118,48 @@ pub fn current_file_name(table: &Table) -> Option<&str> {
     Some(path.rsplit('/').next().unwrap_or(path))
 }
 
-/// The contents of the list the table's properties name: `None` when they name none, or
-/// when the file is gone (another engine's orphan removal deletes it: it is referenced by
-/// no Iceberg metadata), which is logged.
-pub async fn read_current_file(table: &Table) -> Result<Option<String>> {
+/// The list of expired jobs a table's properties name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CurrentList {
+    /// None is named (no expiry of ours listed jobs, or the store refused every list).
+    Unnamed,
+    /// Named, and the file is gone (another engine's orphan removal deletes it: no Iceberg
+    /// metadata names it): the jobs only it held are known by their files alone.
+    Gone,
+    /// The file's contents.
+    Read(String),
+}
+
+impl CurrentList {
+    /// The list's text, empty when there is none.
+    pub fn text(&self) -> &str {
+        match self {
+            CurrentList::Read(text) => text,
+            CurrentList::Unnamed | CurrentList::Gone => "",
+        }
+    }
+}
+
+/// Reads the list the table's properties name; a gone one is logged.
+pub async fn read_current_file(table: &Table) -> Result<CurrentList> {
     let Some(path) = table.metadata().properties().get(FILE_PROPERTY) else {
-        return Ok(None);
+        return Ok(CurrentList::Unnamed);
     };
     let (store, key) = Location::parse(path, std::path::Path::new("/"))?.store()?;
     match store.get(&key).await {
         Ok(got) => {
             let bytes = got.bytes().await.map_err(CoreError::ObjectStore)?;
-            Ok(Some(String::from_utf8_lossy(&bytes).into_owned()))
+            Ok(CurrentList::Read(
+                String::from_utf8_lossy(&bytes).into_owned(),
+            ))
         }
         Err(object_store::Error::NotFound { .. }) => {
             warn!(
                 table = %table.identifier(),
                 file = %path,
-                "the list of expired jobs is gone; only the newest {MAX_INLINE} are known (a rerun of an older one would commit again)"
+                "the list of expired jobs is gone; a job older than the newest {MAX_INLINE} expired counts as committed only while its data files are in the table"
             );
-            Ok(None)
+            Ok(CurrentList::Gone)
         }
         Err(e) => Err(CoreError::ObjectStore(e)),
     }
@@ -153,20 +176,18 @@ pub async fn write_file(path: &str, contents: String) -> Result<()> {
 }
 
 /// The snapshot `job` committed, if expiry removed it from `table`: from the inline list,
-/// else from the file, else (when the history was cut where our expiries did not cut it)
-/// the snapshot that added a live data file named after the job.
+/// else from the file, else (when the history has gaps our expiries did not make, or the
+/// file is gone) the snapshot that added a live data file named after the job.
 pub async fn expired_job_snapshot(table: &Table, job: &str) -> Result<Option<i64>> {
     let inline = table.metadata().properties().get(INLINE_PROPERTY);
     if let Some(snapshot) = inline.and_then(|list| snapshot_in(list, job)) {
         return Ok(Some(snapshot));
     }
-    if let Some(snapshot) = read_current_file(table)
-        .await?
-        .and_then(|list| snapshot_in(&list, job))
-    {
+    let list = read_current_file(table).await?;
+    if let Some(snapshot) = snapshot_in(list.text(), job) {
         return Ok(Some(snapshot));
     }
-    if !cut_elsewhere(table) {
+    if list != CurrentList::Gone && !cut_elsewhere(table) {
         return Ok(None);
     }
     let Some(current) = table.metadata().current_snapshot() else {
@@ -274,9 +295,18 @@ pub fn cut_elsewhere(table: &Table) -> bool {
     gaps_elsewhere(recorded.map(String::as_str), &table_gaps(table, &[]))
 }
 
-/// The [`CUTS_PROPERTY`] value an expiry of `doomed` on `table` sets.
-pub fn cuts_after_expiry(table: &Table, doomed: &[i64]) -> String {
-    gaps_value(&table_gaps(table, doomed), cut_elsewhere(table))
+/// Whether an expiry that wrote its new list (`written`) or not, over `previous`, leaves
+/// expired jobs in no list: the store refused the new list, or the previous one was gone
+/// (its jobs are not in the new one). Their gaps then count as not ours, so a rerun of one
+/// of those jobs looks for its files.
+pub fn loses_jobs(written: bool, previous: &CurrentList) -> bool {
+    !written || *previous == CurrentList::Gone
+}
+
+/// The [`CUTS_PROPERTY`] value an expiry of `doomed` on `table` sets; `lost`: it left jobs
+/// in no list ([`loses_jobs`]).
+pub fn cuts_after_expiry(table: &Table, doomed: &[i64], lost: bool) -> String {
+    gaps_value(&table_gaps(table, doomed), lost || cut_elsewhere(table))
 }
 
 #[cfg(test)]
@@ -381,6 +411,22 @@ mod tests {
         let sticky = gaps_value(&one, true);
         assert!(sticky.ends_with("elsewhere"));
         assert!(gaps_elsewhere(Some(&sticky), &one));
+    }
+
+    #[test]
+    fn jobs_in_no_list_leave_their_gaps_unexplained() {
+        let read = CurrentList::Read("a:1\n".into());
+        assert!(!loses_jobs(true, &read));
+        assert!(!loses_jobs(true, &CurrentList::Unnamed));
+        // The store refused the new list, or the previous one is gone.
+        assert!(loses_jobs(false, &read));
+        assert!(loses_jobs(true, &CurrentList::Gone));
+        assert_eq!(CurrentList::Gone.text(), "");
+        assert_eq!(read.text(), "a:1\n");
+        // Such an expiry's gaps are recorded as seen elsewhere, for good.
+        let ours = gaps(&[(3, Some(2), 3)], 3);
+        let recorded = gaps_value(&ours, loses_jobs(false, &read));
+        assert!(gaps_elsewhere(Some(&recorded), &ours));
     }
 
     #[test]

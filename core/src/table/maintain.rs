@@ -166,22 +166,18 @@ pub async fn expire_snapshots(
         let mut updates = vec![TableUpdate::RemoveSnapshots {
             snapshot_ids: doomed.clone(),
         }];
-        let listed = expired_jobs.is_empty() || {
-            let (update, listed) = remember_expired_jobs(&table, &expired_jobs).await?;
+        let lost = !expired_jobs.is_empty() && {
+            let (update, lost) = remember_expired_jobs(&table, &expired_jobs).await?;
             updates.push(update);
-            listed
+            lost
         };
-        // Gaps whose jobs are not all listed stay unexplained: a rerun of one of them looks
-        // for its files in the table.
-        if listed {
-            updates.push(TableUpdate::SetProperties {
-                updates: [(
-                    expired_jobs::CUTS_PROPERTY.to_string(),
-                    expired_jobs::cuts_after_expiry(&table, &doomed),
-                )]
-                .into(),
-            });
-        }
+        updates.push(TableUpdate::SetProperties {
+            updates: [(
+                expired_jobs::CUTS_PROPERTY.to_string(),
+                expired_jobs::cuts_after_expiry(&table, &doomed, lost),
+            )]
+            .into(),
+        });
         match swap_table_metadata(config, &table, updates, requirements).await {
             Ok(()) => {
                 let after = TableReferences::load_live(&catalog.load_table(ident).await?).await?;
@@ -211,10 +207,10 @@ pub async fn expire_snapshots(
 
 /// The update that records `expired` (oldest first) as [`expired_jobs`] describes: a new
 /// file listing every expired job, written before the swap that names it (if the swap
-/// fails, the file is an orphan), and the inline list of the newest; and whether the file
-/// was written. A store that refuses the file (an S3 table bucket takes only Iceberg's own
-/// objects in a table's metadata) gets the inline list alone, and the property keeps
-/// naming the last list written.
+/// fails, the file is an orphan), and the inline list of the newest; and whether jobs are
+/// in no list ([`expired_jobs::loses_jobs`]). A store that refuses the file (an S3 table
+/// bucket takes only Iceberg's own objects in a table's metadata) gets the inline list
+/// alone, and the property keeps naming the last list written.
 async fn remember_expired_jobs(
     table: &iceberg::table::Table,
     expired: &[expired_jobs::ExpiredJob],
@@ -224,24 +220,20 @@ async fn remember_expired_jobs(
         .properties()
         .get(expired_jobs::INLINE_PROPERTY)
         .map(String::as_str);
-    let previous = expired_jobs::read_current_file(table)
-        .await?
-        .unwrap_or_default();
+    let previous = expired_jobs::read_current_file(table).await?;
     let file = expired_jobs::new_file_location(table.metadata().location());
     let written = expired_jobs::write_file(
         &file,
-        expired_jobs::file_contents(&previous, inline, expired),
+        expired_jobs::file_contents(previous.text(), inline, expired),
     )
     .await;
     let mut updates = vec![(
         expired_jobs::INLINE_PROPERTY.to_string(),
         expired_jobs::inline_value(inline, expired),
     )];
-    let listed = match written {
-        Ok(()) => {
-            updates.push((expired_jobs::FILE_PROPERTY.to_string(), file));
-            true
-        }
+    let lost = expired_jobs::loses_jobs(written.is_ok(), &previous);
+    match written {
+        Ok(()) => updates.push((expired_jobs::FILE_PROPERTY.to_string(), file)),
         Err(e) => {
             warn!(
                 table = %table.identifier(),
@@ -249,14 +241,13 @@ async fn remember_expired_jobs(
                 "cannot write the list of expired jobs; the newest {} stay in the table's properties, and a rerun of an older one looks for its files in the table",
                 expired_jobs::MAX_INLINE
             );
-            false
         }
-    };
+    }
     Ok((
         TableUpdate::SetProperties {
             updates: updates.into_iter().collect(),
         },
-        listed,
+        lost,
     ))
 }
 
